@@ -1,0 +1,78 @@
+"""Delivery agents: what the queue manager hands over, and what comes back.
+
+The queue manager decides *when* (engine.qmgr); an agent only carries one message's recipients
+for one next hop and reports a result per recipient. The class of a failure is the retry
+decision: a transient one defers, a permanent one bounces (as slimta's relay errors).
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Status = Literal["sent", "deferred", "bounced"]
+
+
+@dataclass(frozen=True)
+class NextHop:
+    """Where a recipient goes. ``mx_lookup`` is False for Postfix's ``[host]:port`` form."""
+
+    transport: str  # "smtp" (issue 5 adds lmtp, local, pipe, error, discard)
+    host: str  # a domain to look up MX for, or a host name / IP literal
+    port: int = 25
+    mx_lookup: bool = True
+
+    @property
+    def destination(self) -> str:
+        """The queue manager's per-destination key (transport + next hop), as in Postfix."""
+        host = self.host if self.mx_lookup else f"[{self.host}]"
+        return f"{self.transport}:{host}:{self.port}"
+
+
+class DeliveryError(Exception):
+    """A failure that applies to every recipient of the attempt."""
+
+    def __init__(self, dsn: str, text: str, relay: str = "none") -> None:
+        super().__init__(text)
+        self.dsn = dsn
+        self.text = text
+        self.relay = relay
+
+
+class TransientFailure(DeliveryError):
+    """4xx, connection failure, timeout, DNS SERVFAIL: the recipients are deferred."""
+
+
+class PermanentFailure(DeliveryError):
+    """5xx, null MX, NXDOMAIN: the recipients bounce."""
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """One recipient's outcome. ``reply`` is what goes in ``status=… (reply)`` in the log."""
+
+    recipient: str
+    status: Status
+    dsn: str
+    reply: str
+    relay: str = "none"
+
+
+@dataclass
+class DeliveryRequest:
+    """One message, some of its recipients, one next hop."""
+
+    queue_id: str
+    sender: str
+    recipients: list[str]
+    content: bytes
+    nexthop: NextHop
+    body_8bit: bool = False
+
+
+@dataclass
+class DeliveryOutcome:
+    """Per-recipient results plus timings for Postfix's ``delays=a/b/c/d`` (c and d here)."""
+
+    results: list[RecipientResult]
+    connect_seconds: float = 0.0  # c: DNS, connect, greeting, EHLO (and TLS later)
+    transfer_seconds: float = 0.0  # d: MAIL … end of DATA
+    notes: list[str] = field(default_factory=list)
