@@ -1,0 +1,493 @@
+"""engine.config: TOML loading, Postfix-style values, errors naming file:line: key."""
+
+import dataclasses
+import ipaddress
+import tomllib
+from pathlib import Path
+from textwrap import dedent
+
+import pytest
+
+from engine import config as config_module
+from engine.config import (
+    Config,
+    ConfigError,
+    Listener,
+    load_config,
+    parse_dns_server,
+    parse_duration,
+    parse_nexthop,
+)
+
+net = ipaddress.ip_network
+
+EXAMPLE = """\
+myhostname = "mx1.example.test"
+queue_directory = "/var/spool/tern"
+mynetworks = ["127.0.0.0/8", "::1/128"]
+relay_domains = ["example.org"]
+relayhost = "[127.0.0.1]:10026"      # [host]:port = no MX lookup, as in Postfix
+message_size_limit = 10240000
+maillog_file = "/var/log/tern.log"    # default: stderr
+[transport_maps]
+"example.net" = "smtp:[127.0.0.1]:10027"
+[[listen]]
+address = "127.0.0.1:10025"
+service = "smtp"
+"""
+
+# Sets every key Config has (but config_file); test_full_file_sets_every_field keeps it so.
+FULL = """\
+myhostname = "MX1.Example.Test"
+mydomain = "example.test"
+mydestination = ["$myhostname", "localhost", "$mydomain"]
+queue_directory = "/var/spool/tern"
+mynetworks = "127.0.0.0/8, [::1]/128 10.1.2.3/8"
+relay_domains = "example.org example.com"
+relayhost = "smarthost.example.test:587"
+maillog_file = "/var/log/tern.log"
+smtpd_banner = "$myhostname ESMTP"
+message_size_limit = 1000
+smtpd_recipient_limit = 10
+line_length_limit = 1000
+smtpd_timeout = "1m"
+minimal_backoff_time = "10m"
+maximal_backoff_time = "1h"
+queue_run_delay = 60
+maximal_queue_lifetime = "2d"
+default_destination_concurrency_limit = 5
+default_destination_recipient_limit = 7
+queue_commit_window = 0
+queue_map_size = 1048576
+smtp_helo_name = "out.example.test"
+smtp_connect_timeout = "10s"
+smtp_helo_timeout = "1m"
+smtp_mail_timeout = "1m"
+smtp_rcpt_timeout = "1m"
+smtp_data_init_timeout = "1m"
+smtp_data_xfer_timeout = "1m"
+smtp_data_done_timeout = "1w"
+smtp_quit_timeout = 1.5
+dns_servers = ["192.0.2.53", "192.0.2.54:5353", "[2001:db8::53]:53", "2001:db8::54"]
+dns_timeout = 2.5
+
+[transport_maps]
+"Example.NET" = "smtp:[127.0.0.1]:10027"
+".example.net" = "relay:mx.example.net:2525"
+"example.com" = "smtp:"
+"*" = "smtp:[::1]:25"
+
+[[listen]]
+address = "[::1]:2525"
+
+[[listen]]
+address = "localhost:0"
+service = "smtp"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tern.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(tmp_path: Path, text: str) -> tuple[ConfigError, str]:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return info.value, str(path)
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def test_example_file_loads(tmp_path):
+    path = write(tmp_path, EXAMPLE)
+    config = load_config(path)
+    assert config.config_file == str(path)
+    assert config.myhostname == "mx1.example.test"
+    assert config.queue_directory == Path("/var/spool/tern")
+    assert config.mynetworks == (net("127.0.0.0/8"), net("::1/128"))
+    assert config.relay_domains == ("example.org",)
+    assert config.relayhost == "[127.0.0.1]:10026"
+    assert parse_nexthop(config.relayhost) == ("127.0.0.1", 10026, False)
+    assert config.message_size_limit == 10240000
+    assert config.maillog_file == "/var/log/tern.log"
+    assert config.transport_maps == {"example.net": "smtp:[127.0.0.1]:10027"}
+    assert config.listen == (Listener(host="127.0.0.1", port=10025, service="smtp"),)
+    # everything else keeps its default
+    assert config.smtpd_timeout == 300.0
+    assert config.mydestination == ("$myhostname", "localhost")
+
+
+def test_str_and_pathlike_give_the_same_config(tmp_path):
+    path = write(tmp_path, EXAMPLE)
+    assert load_config(str(path)) == load_config(path)
+
+
+def test_embedded_defaults():
+    config = load_config()
+    assert config == load_config(None) == Config()
+    assert config.config_file == ""
+    assert config.listen == (Listener(host="127.0.0.1", port=2525, service="smtp"),)
+    assert config.mynetworks == (net("127.0.0.0/8"), net("::1/128"))
+    # not an open relay: no relay domains, only loopback clients may relay
+    assert config.relay_domains == ()
+    assert not any(ipaddress.ip_address("192.0.2.1") in n for n in config.mynetworks)
+    assert config.relayhost == ""
+    assert config.transport_maps == {}
+    assert config.message_size_limit == 10240000
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    path = write(tmp_path, "# nothing set\n")
+    assert load_config(path) == dataclasses.replace(Config(), config_file=str(path))
+
+
+def test_tern_home_sets_default_queue_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("TERN_HOME", str(tmp_path / "home"))
+    assert load_config().queue_directory == tmp_path / "home" / "spool"
+    assert load_config(write(tmp_path, "")).queue_directory == tmp_path / "home" / "spool"
+    monkeypatch.delenv("TERN_HOME")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert load_config().queue_directory == tmp_path / "data" / "tern" / "spool"
+
+
+def test_full_file_sets_every_field(tmp_path):
+    settable = {f.name for f in dataclasses.fields(Config)} - {"config_file"}
+    assert set(tomllib.loads(FULL)) == settable
+    config = load_config(write(tmp_path, FULL))
+    defaults = Config()
+    for name in settable:
+        assert getattr(config, name) != getattr(defaults, name), name
+    assert config.myhostname == "mx1.example.test"
+    assert config.mynetworks == (net("127.0.0.0/8"), net("::1/128"), net("10.0.0.0/8"))
+    assert config.relay_domains == ("example.org", "example.com")
+    assert config.smtpd_timeout == 60.0
+    assert config.maximal_queue_lifetime == 2 * 86400.0
+    assert config.queue_commit_window == 0.0
+    assert config.smtp_quit_timeout == 1.5
+    assert config.smtp_data_done_timeout == 7 * 86400.0
+    assert config.dns_servers[1] == "192.0.2.54:5353"
+    assert config.transport_maps == {
+        "example.net": "smtp:[127.0.0.1]:10027",
+        ".example.net": "relay:mx.example.net:2525",
+        "example.com": "smtp:",
+        "*": "smtp:[::1]:25",
+    }
+    assert config.listen == (
+        Listener(host="::1", port=2525, service="smtp"),
+        Listener(host="localhost", port=0, service="smtp"),
+    )
+
+
+def test_float_fields_are_durations(tmp_path):
+    floats = [f.name for f in dataclasses.fields(Config) if f.type is float]
+    suffixes = ("_time", "_timeout", "_delay", "_window", "_lifetime")
+    assert floats and all(name.endswith(suffixes) for name in floats)
+    config = load_config(write(tmp_path, "".join(f'{name} = "2m"\n' for name in floats)))
+    assert all(getattr(config, name) == 120.0 for name in floats)
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("mydestination", '"localhost"', ("localhost",)),
+        ("mydestination", '"$myhostname, localhost  example.com"',
+         ("$myhostname", "localhost", "example.com")),
+        ("relay_domains", '"Example.ORG"', ("example.org",)),
+        ("relay_domains", "[]", ()),
+        ("mynetworks", '"10.0.0.0/8"', (net("10.0.0.0/8"),)),
+        ("mynetworks", '["192.0.2.7", "[2001:db8::]/32"]',
+         (net("192.0.2.7/32"), net("2001:db8::/32"))),
+        ("dns_servers", '"192.0.2.53, 192.0.2.54"', ("192.0.2.53", "192.0.2.54")),
+    ],
+)  # fmt: skip
+def test_list_forms(tmp_path, key, value, expected):
+    assert getattr(load_config(write(tmp_path, f"{key} = {value}\n")), key) == expected
+
+
+def test_listen_services_are_easy_to_extend(tmp_path, monkeypatch):
+    text = '[[listen]]\naddress = "127.0.0.1:587"\nservice = "submission"\n'
+    with pytest.raises(ConfigError, match="submission"):
+        load_config(write(tmp_path, text))
+    monkeypatch.setattr(config_module, "LISTEN_SERVICES", frozenset({"smtp", "submission"}))
+    assert load_config(write(tmp_path, text)).listen == (Listener("127.0.0.1", 587, "submission"),)
+
+
+# -- parse_duration ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, seconds",
+    [
+        ("300s", 300.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("2d", 172800.0),
+        ("1w", 604800.0),
+        ("1.5h", 5400.0),
+        ("0.002s", 0.002),
+        ("120", 120.0),
+        (" 7s ", 7.0),
+        ("0", 0.0),
+        (45, 45.0),
+        (0.5, 0.5),
+        (0, 0.0),
+    ],
+)
+def test_parse_duration(value, seconds):
+    assert parse_duration(value) == pytest.approx(seconds)
+    assert isinstance(parse_duration(value), float)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [-1, -0.5, "-5s", "-1", "5x", "5M", "s", "", "1 h", "1e3", "ten", "5m30s", True, None, [5],
+     float("inf"), float("nan"), "9" * 400, 10**400],
+)  # fmt: skip
+def test_parse_duration_rejects(value):
+    with pytest.raises(ValueError):
+        parse_duration(value)
+
+
+# -- parse_nexthop / parse_dns_server ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("", ("", None, True)),
+        ("example.com", ("example.com", None, True)),
+        ("MX.Example.com:2525", ("mx.example.com", 2525, True)),
+        ("[mail.example.com]", ("mail.example.com", None, False)),
+        ("[127.0.0.1]", ("127.0.0.1", None, False)),
+        ("[127.0.0.1]:10026", ("127.0.0.1", 10026, False)),
+        ("[::1]:25", ("::1", 25, False)),
+        ("[2001:DB8::1]", ("2001:db8::1", None, False)),
+        ("[ipv6:2001:db8::1]:25", ("2001:db8::1", 25, False)),
+    ],
+)
+def test_parse_nexthop(value, expected):
+    assert parse_nexthop(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["[127.0.0.1", "127.0.0.1]", "[]", "[]:25", "host:", "host:0", "host:65536", "host:smtp",
+     "host:-1", "[host]:", "[host]:25:26", "::1", "192.0.2.1", "192.0.2.1:25", "bad_host",
+     "a b", "host.", "-host", "[ipv6:192.0.2.1]", "[a]b", "example.com,other.example", None],
+)  # fmt: skip
+def test_parse_nexthop_rejects(value):
+    with pytest.raises(ValueError):
+        parse_nexthop(value)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("192.0.2.53", ("192.0.2.53", 53)),
+        ("192.0.2.53:5353", ("192.0.2.53", 5353)),
+        ("2001:db8::53", ("2001:db8::53", 53)),
+        ("[2001:db8::53]:5353", ("2001:db8::53", 5353)),
+        ("[192.0.2.53]", ("192.0.2.53", 53)),
+    ],
+)
+def test_parse_dns_server(value, expected):
+    assert parse_dns_server(value) == expected
+
+
+@pytest.mark.parametrize("value", ["dns.example", "192.0.2.53:", "192.0.2.53:0", "[::1]:x", ""])
+def test_parse_dns_server_rejects(value):
+    with pytest.raises(ValueError):
+        parse_dns_server(value)
+
+
+# -- errors: file:line: key ----------------------------------------------------------------------
+
+ERRORS = [
+    # (id, file text, line, key as named, part of the message)
+    ("unknown top-level key", 'myhostname = "mx.example.test"\n\nmynetwork = ["10.0.0.0/8"]\n',
+     3, "mynetwork", 'unknown key "mynetwork" (did you mean "mynetworks"?)'),
+    ("unknown table", 'myhostname = "mx.example.test"\n[smtpd]\ntimeout = 5\n',
+     2, "smtpd", 'unknown key "smtpd"'),
+    ("config_file is not settable", '\nconfig_file = "/x"\n', 2, "config_file", "unknown key"),
+    ("unknown key in [[listen]]",
+     '[[listen]]\naddress = "127.0.0.1:25"\n[[listen]]\naddress = "127.0.0.1:26"\nadress = "x"\n',
+     5, "listen.adress", 'unknown key "listen.adress" (did you mean "address"?)'),
+    # int
+    ("int: string", "\nsmtpd_recipient_limit = \"100\"\n", 2, "smtpd_recipient_limit",
+     'expected an integer, got "100"'),
+    ("int: float", "smtpd_recipient_limit = 10.5\n", 1, "smtpd_recipient_limit",
+     "expected an integer, got 10.5"),
+    ("int: bool", "\n\ndefault_destination_concurrency_limit = true\n", 3,
+     "default_destination_concurrency_limit", "expected an integer, got true"),
+    ("int: zero", "message_size_limit = 0\n", 1, "message_size_limit", "of at least 1, got 0"),
+    ("int: below minimum", "line_length_limit = 100\n", 1, "line_length_limit", "at least 512"),
+    # durations
+    ("duration: junk", 'smtpd_timeout = "soon"\n', 1, "smtpd_timeout", "expected a duration"),
+    ("duration: negative", "queue_run_delay = -5\n", 1, "queue_run_delay", "not negative"),
+    ("duration: negative string", 'dns_timeout = "-1m"\n', 1, "dns_timeout", "not negative"),
+    ("duration: zero", 'smtp_connect_timeout = "0s"\n', 1, "smtp_connect_timeout",
+     "greater than 0"),
+    ("duration: bool", "maximal_queue_lifetime = false\n", 1, "maximal_queue_lifetime",
+     "got false"),
+    ("duration: array", "minimal_backoff_time = [1]\n", 1, "minimal_backoff_time",
+     "got an array"),
+    ("backoff order", 'minimal_backoff_time = "1h"\nmaximal_backoff_time = "10m"\n', 2,
+     "maximal_backoff_time", "less than minimal_backoff_time"),
+    # strings
+    ("string: int", "\nmaillog_file = 5\n", 2, "maillog_file",
+     "expected a string, got 5"),
+    ("string: control characters", 'smtpd_banner = "a\\r\\nb"\n', 1, "smtpd_banner",
+     "control characters"),
+    ("string: empty banner", 'smtpd_banner = ""\n', 1, "smtpd_banner", "non-empty"),
+    ("myhostname: not a host name", 'myhostname = "not a host!"\n', 1, "myhostname",
+     'expected a host name such as mx1.example.com, got "not a host!"'),
+    ("myhostname: an address", 'myhostname = "192.0.2.1"\n', 1, "myhostname",
+     "expected a host name"),
+    ("myhostname: table", "[myhostname]\n", 1, "myhostname", "got a table"),
+    ("mydomain: bad", 'mydomain = "-bad-.example"\n', 1, "mydomain", "expected a host name"),
+    ("smtp_helo_name: bad", 'smtp_helo_name = "two words"\n', 1, "smtp_helo_name",
+     "expected a host name"),
+    ("smtp_helo_name: unknown variable", 'smtp_helo_name = "$myorigin"\n', 1, "smtp_helo_name",
+     "$myhostname"),
+    # Path
+    ("path: relative", 'queue_directory = "spool"\n', 1, "queue_directory",
+     'expected an absolute path, got "spool"'),
+    ("path: int", "queue_directory = 5\n", 1, "queue_directory", "expected a string, got 5"),
+    # lists
+    ("list: int", "relay_domains = 5\n", 1, "relay_domains",
+     "expected an array of domains (or one string), got 5"),
+    ("list: non-string entry", 'relay_domains = ["example.org", 7]\n', 1, "relay_domains",
+     "got an entry 7"),
+    ("list: bad domain in string", 'relay_domains = "example.org, bad_domain"\n', 1,
+     "relay_domains", 'bad entry "bad_domain"'),
+    ("list: unknown variable", 'mydestination = ["$myhostname", "$myorigin"]\n', 1,
+     "mydestination", 'bad entry "$myorigin"'),
+    ("mynetworks: bad entry in multi-line array",
+     'mynetworks = [\n  "127.0.0.0/8",  # loopback\n  "10.0.0.0/8",\n  "10.0.0.0/33",\n]\n',
+     4, "mynetworks", 'bad entry "10.0.0.0/33"'),
+    ("mynetworks: junk", 'mynetworks = "127.0.0.0/8 localhost"\n', 1, "mynetworks",
+     'bad entry "localhost"'),
+    ("dns_servers: name", 'dns_servers = [\n"192.0.2.53",\n"resolver.example"]\n', 3,
+     "dns_servers", 'bad entry "resolver.example"'),
+    # relayhost
+    ("relayhost: unclosed bracket", 'relayhost = "[127.0.0.1"\n', 1, "relayhost",
+     'expected "[host]" or "[host]:port"'),
+    ("relayhost: bare address", 'relayhost = "192.0.2.1:25"\n', 1, "relayhost", "brackets"),
+    ("relayhost: port", 'relayhost = "mx.example.com:99999"\n', 1, "relayhost",
+     "port 99999 out of range"),
+    # transport_maps
+    ("transport_maps: bad next hop",
+     'myhostname = "mx.example.test"\n[transport_maps]\n"example.org" = "smtp:"\n'
+     '"example.net" = "smtp:[127.0.0.1]:port"\n', 4, 'transport_maps."example.net"',
+     "bad next hop"),
+    ("transport_maps: bad transport name", '[transport_maps]\n"example.net" = "sm tp:host"\n', 2,
+     'transport_maps."example.net"', 'bad transport name "sm tp"'),
+    ("transport_maps: no colon", '[transport_maps]\n"example.net" = "smtp"\n', 2,
+     'transport_maps."example.net"', 'expected "transport:nexthop", got "smtp"'),
+    ("transport_maps: empty transport", '[transport_maps]\nlocalhost = ":[::1]"\n', 2,
+     "transport_maps.localhost", "bad transport name"),
+    ("transport_maps: not a string", '[transport_maps]\n\n"example.net" = 5\n', 3,
+     'transport_maps."example.net"', "got 5"),
+    ("transport_maps: bad domain", '[transport_maps]\n"exa mple" = "smtp:"\n', 2,
+     'transport_maps."exa mple"', "expected a domain"),
+    ("transport_maps: dotted key", 'myhostname = "a.example"\ntransport_maps.x = "smtp:[x"\n',
+     2, "transport_maps.x", "bad next hop"),
+    ("transport_maps: same domain twice", '[transport_maps]\n"a.example" = "smtp:"\n'
+     '"A.example" = "smtp:"\n', 3, 'transport_maps."A.example"', "listed twice"),
+    ("transport_maps: not a table", 'transport_maps = "smtp:x"\n', 1, "transport_maps",
+     "expected a table"),
+    # [[listen]]
+    ("listen: no port", '[[listen]]\naddress = "127.0.0.1"\n', 2, "listen.address",
+     'expected "host:port" or "[ipv6]:port", got "127.0.0.1"'),
+    ("listen: unbracketed IPv6", '[[listen]]\naddress = "::1:25"\n', 2, "listen.address",
+     "[::1]:25"),
+    ("listen: bad port", '[[listen]]\nservice = "smtp"\naddress = "127.0.0.1:http"\n', 3,
+     "listen.address", 'bad port "http"'),
+    ("listen: bad host", '[[listen]]\naddress = "bad host:25"\n', 2, "listen.address",
+     'bad host "bad host"'),
+    ("listen: bad IPv6", '[[listen]]\naddress = "[127.0.0.1]:25"\n', 2, "listen.address",
+     "bad IPv6 address"),
+    ("listen: bad service",
+     '[[listen]]\naddress = "127.0.0.1:25"\nservice = "smtp"\n# [[listen]] service = "x"\n'
+     '[[listen]]\naddress = "127.0.0.1:110"\nservice = "pop3"\n', 7, "listen.service",
+     'expected one of "smtp", got "pop3"'),
+    ("listen: missing address", '[[listen]]\naddress = "127.0.0.1:25"\n\n[[listen]]\n'
+     'service = "smtp"\n', 4, "listen", 'missing "address"'),
+    ("listen: duplicate", '[[listen]]\naddress = "127.0.0.1:25"\n[[listen]]\n'
+     'address = "127.0.0.1:25"\n', 4, "listen.address", "already in [[listen]] #1"),
+    ("listen: not tables", 'listen = "127.0.0.1:25"\n', 1, "listen",
+     "expected [[listen]] tables"),
+    ("listen: inline table", '\nlisten = [{ address = "127.0.0.1" }]\n', 2, "listen.address",
+     "got \"127.0.0.1\""),
+    ("listen: empty", "\nlisten = []\n", 2, "listen", "at least one [[listen]]"),
+    # TOML syntax
+    ("syntax: missing value", 'myhostname = "a.example"\n\nmessage_size_limit = \n', 3, "",
+     "TOML syntax error: Invalid value"),
+    ("syntax: duplicate key", 'message_size_limit = 1\nmessage_size_limit = 2\n', 2, "",
+     "TOML syntax error: Cannot overwrite a value"),
+    ("syntax: unterminated string", 'myhostname = "a.example"\nrelayhost = "x\n', 2, "",
+     "TOML syntax error"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "text, line, key, fragment", [case[1:] for case in ERRORS], ids=[case[0] for case in ERRORS]
+)
+def test_errors_name_file_line_and_key(tmp_path, text, line, key, fragment):
+    error, path = config_error(tmp_path, text)
+    message = str(error)
+    assert message.startswith(f"{path}:{line}: "), message
+    assert key in message
+    assert fragment in message
+    assert "\n" not in message
+    assert (error.file, error.line) == (path, line)
+
+
+def test_error_message_format(tmp_path):
+    error, path = config_error(tmp_path, '\nmessage_size_limit = "ten"\n')
+    assert str(error) == f'{path}:2: message_size_limit: expected a size in bytes, got "ten"'
+    assert error.key == "message_size_limit"
+    error, path = config_error(tmp_path, 'myhostname = "a.example"\n\nmynetwork = []\n')
+    assert str(error) == f'{path}:3: unknown key "mynetwork" (did you mean "mynetworks"?)'
+    error, path = config_error(tmp_path, "a = 1\nb = \n")
+    assert str(error) == f"{path}:2: TOML syntax error: Invalid value (column 5)"
+
+
+def test_line_numbers_skip_decoys(tmp_path):
+    """Keys named in comments, multi-line strings and arrays, or other tables are not mistaken
+    for the key itself."""
+    text = dedent('''\
+        # message_size_limit = 1 (a comment)
+        smtpd_banner = """$myhostname \\
+            message_size_limit = 2 ESMTP"""
+        mydestination = [
+            "localhost",  # message_size_limit = 3
+            'message-size-limit.example',
+        ]
+        'message_size_limit' = "many"
+        [transport_maps]
+        "message_size_limit.example" = "smtp:"
+        ''')
+    error, path = config_error(tmp_path, text)
+    expected = f'{path}:8: message_size_limit: expected a size in bytes, got "many"'
+    assert str(error) == expected
+
+
+def test_unreadable_file(tmp_path):
+    path = tmp_path / "missing.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: cannot read: ")
+    assert info.value.line is None
+
+
+def test_not_utf8(tmp_path):
+    path = tmp_path / "tern.toml"
+    path.write_bytes(b'myhostname = "a.example"\nsmtpd_banner = "caf\xe9"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}:2: not UTF-8 text"
