@@ -1,0 +1,142 @@
+"""cleanup: turns one accepted transaction into a queued message as its content streams in.
+
+Adds ``Received:`` (RFC 5321 §4.4) at the top and ``Message-ID:`` / ``Date:`` at the end of the
+header section when the client left them out, as Postfix's cleanup does; enforces
+message_size_limit while bytes arrive (past it, content is dropped, not buffered). Trusts its
+caller for the envelope; the content is client data and only its header lines are inspected.
+Never does network I/O.
+"""
+
+import re
+import time
+from dataclasses import dataclass, field
+from email.utils import format_datetime, formatdate
+from datetime import datetime
+
+from engine.spool import Envelope, QueuedMessage, Recipient
+
+#: A header field line or a folded continuation (RFC 5322 §2.2, §3.2.2), ending in LF.
+_HEADER_LINE = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+[ \t]*:|[ \t])[^\n]*\n")
+_MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
+_DATE = re.compile(rb"^date[ \t]*:", re.IGNORECASE | re.MULTILINE)
+HEADER_SIZE_LIMIT = 102400  # Postfix's header_size_limit: past it, the rest is body
+
+
+@dataclass
+class Origin:
+    """Who handed us the message: what the Received: header and the logs say about it."""
+
+    client_name: str = "unknown"
+    client_ip: str = ""
+    helo: str | None = None
+    protocol: str = "SMTP"  # SMTP / ESMTP (later ESMTPS, ESMTPA …)
+
+    @property
+    def client(self) -> str:
+        return f"{self.client_name}[{self.client_ip}]"
+
+
+def received_header(origin: Origin, hostname: str, queue_id: str, recipients: list[str],
+                    when: float) -> bytes:
+    """RFC 5321 §4.4 trace field, in Postfix's layout."""
+    stamp = formatdate(when, localtime=True)
+    lines = [
+        f"Received: from {origin.helo or origin.client_name} "
+        f"({origin.client_name} [{origin.client_ip}])",
+        f"\tby {hostname} (Tern) with {origin.protocol} id {queue_id}",
+    ]
+    if len(recipients) == 1:
+        lines.append(f"\tfor <{recipients[0]}>; {stamp}")
+    else:
+        lines[-1] += f"; {stamp}"
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
+
+
+@dataclass
+class MessageBuilder:
+    """One message in the making. ``write`` each chunk, then ``finish``."""
+
+    queue_id: str
+    sender: str
+    recipients: list[str]
+    origin: Origin
+    hostname: str
+    size_limit: int
+    body_8bit: bool = False
+    clock: object = time.time
+    size: int = 0
+    too_big: bool = False
+    message_id: str = ""
+    _chunks: list[bytes] = field(default_factory=list)
+    _head: bytearray | None = field(default_factory=bytearray)  # None once headers are done
+    _head_scanned: int = 0
+
+    def __post_init__(self) -> None:
+        self._started = self.clock()
+        self._chunks.append(
+            received_header(self.origin, self.hostname, self.queue_id, self.recipients,
+                            self._started))
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.too_big or (self.size_limit and self.size > self.size_limit):
+            self.too_big = True
+            self._chunks.clear()
+            self._head = None
+            return
+        if self._head is None:
+            self._chunks.append(chunk)
+            return
+        self._head += chunk
+        self._scan_headers(final=False)
+
+    def finish(self) -> QueuedMessage:
+        if self._head is not None:
+            self._scan_headers(final=True)
+        arrival = self.clock()
+        envelope = Envelope(
+            queue_id=self.queue_id,
+            sender=self.sender,
+            recipients=[Recipient(address=r, next_attempt=arrival) for r in self.recipients],
+            arrival=arrival,
+            size=sum(len(c) for c in self._chunks),
+            client=self.origin.client,
+            message_id=self.message_id,
+            body_8bit=self.body_8bit,
+        )
+        return QueuedMessage(envelope=envelope, content=self._chunks)
+
+    def _scan_headers(self, *, final: bool) -> None:
+        """Find where the header section ends; once found, add what is missing there."""
+        head = self._head
+        pos = self._head_scanned
+        while (match := _HEADER_LINE.match(head, pos)) is not None:
+            pos = match.end()
+        self._head_scanned = pos
+        line_complete = head.find(b"\n", pos) >= 0
+        if not (final or line_complete or len(head) > HEADER_SIZE_LIMIT):
+            return  # the line at pos may still become a header
+        headers, rest = bytes(head[:pos]), bytes(head[pos:])
+        self._head = None
+        if headers and not headers.endswith(b"\r\n"):
+            headers = headers[:-1] + b"\r\n"
+        self._chunks.append(headers)
+        self._chunks.append(self._missing_headers(headers))
+        if rest and not rest.startswith((b"\r\n", b"\n")):
+            self._chunks.append(b"\r\n")  # a body line came first: separate it from the headers
+        if rest:
+            self._chunks.append(rest)
+
+    def _missing_headers(self, headers: bytes) -> bytes:
+        added = []
+        found = _MESSAGE_ID.search(headers)
+        if found:
+            self.message_id = found.group(1).decode("utf-8", "replace").strip()
+        else:
+            stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(self._started))
+            self.message_id = f"<{stamp}.{self.queue_id}@{self.hostname}>"
+            added.append(f"Message-Id: {self.message_id}\r\n")
+        if _DATE.search(headers) is None:
+            when = datetime.fromtimestamp(self._started).astimezone()
+            added.append(f"Date: {format_datetime(when)}\r\n")
+        return "".join(added).encode()

@@ -1,0 +1,46 @@
+"""Relay control: may this client send to this recipient? (Postfix's reject_unauth_destination)
+
+A client in mynetworks may send anywhere; any other client only to relay_domains and the local
+domains (mydestination). Pure: the caller brings the client address and the configuration.
+"""
+
+import ipaddress
+
+from engine.config import Config
+from engine.smtp.grammar import domain_of
+from engine.smtp.replies import Reply, relay_denied
+
+
+def client_is_trusted(client_ip: str, config: Config) -> bool:
+    """permit_mynetworks: is the client address inside one of mynetworks?"""
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in config.mynetworks)
+
+
+def domain_is_ours(domain: str, config: Config) -> bool:
+    """A local domain, or one we relay for (a listed domain matches its subdomains too,
+    as Postfix's parent_domain_matches_subdomains default does for relay_domains)."""
+    local = config.local_domains
+    if domain in local:
+        return True
+    for relay in config.relay_domains:
+        relay = relay.lower().lstrip(".")
+        if domain == relay or domain.endswith("." + relay):
+            return True
+    return False
+
+
+def check_relay(client_ip: str, recipient: str, config: Config) -> Reply | None:
+    """None to permit, or the reply refusing the recipient."""
+    if client_is_trusted(client_ip, config):
+        return None
+    if recipient.lower() == "postmaster":
+        return None
+    if "@" in recipient and domain_is_ours(domain_of(recipient), config):
+        return None
+    return relay_denied(recipient)

@@ -1,0 +1,80 @@
+"""``tern serve``: wires the stages together on one uvloop event loop and runs until signalled.
+
+smtpd listeners → cleanup → spool (LMDB shard) → qmgr → delivery agents. SIGTERM/SIGINT stop
+intake first, let sessions finish committing, flush the spool, then stop deliveries (their
+recipients stay queued). Trusts the validated Config.
+"""
+
+import asyncio
+import functools
+import signal
+from pathlib import Path
+
+from engine import __version__
+from engine.config import Config
+from engine.delivery import smtp as smtp_delivery
+from engine.dns import Resolver
+from engine.log import Maillog
+from engine.qmgr.manager import QueueManager
+from engine.smtp import replies
+from engine.smtpd.session import SmtpdContext, SmtpdProtocol
+from engine.spool.lmdb_spool import LmdbSpool
+from engine.spool.queue_id import QueueIdGenerator
+
+SHUTDOWN_GRACE = 10.0  # seconds sessions get to finish a commit before being cut
+
+
+def shard_path(config: Config, shard: int = 0) -> Path:
+    return Path(config.queue_directory) / f"shard{shard}"
+
+
+async def serve(config: Config, *, ready: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    loop = asyncio.get_running_loop()
+    maillog = Maillog(config.myhostname, config.maillog_file)
+    spool = LmdbSpool(shard_path(config), map_size=config.queue_map_size,
+                      commit_window=config.queue_commit_window)
+    resolver = Resolver(config)
+    agents = {"smtp": functools.partial(smtp_delivery.deliver, config=config, resolver=resolver)}
+    qmgr = QueueManager(spool, config, maillog, agents)
+    await qmgr.start()
+    context = SmtpdContext(config=config, spool=spool, maillog=maillog,
+                           new_queue_id=QueueIdGenerator(0), on_queued=qmgr.notify_new)
+    servers = []
+    for listener in config.listen:
+        servers.append(await loop.create_server(
+            lambda: SmtpdProtocol(context), listener.host, listener.port,
+            reuse_address=True, backlog=1024))
+    stop = stop or asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass  # not the main thread (tests run serve() in a thread)
+    where = ", ".join(f"{item.host}:{item.port}" for item in config.listen)
+    maillog.line("master", f"daemon started -- version {__version__}, configuration "
+                           f"{config.config_file or '(embedded defaults)'}, listening on {where}")
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+
+    maillog.line("master", "terminating on signal")
+    for item in servers:
+        item.close()
+    deadline = loop.time() + SHUTDOWN_GRACE
+    while any(session._committing for session in context.sessions) and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    for session in list(context.sessions):
+        session.close_with(replies.SHUTTING_DOWN)
+    await spool.drain()
+    await qmgr.stop()
+    await spool.drain()
+    spool.close()
+    maillog.close()
+
+
+def run(config: Config) -> None:
+    """Run the server on uvloop until SIGTERM/SIGINT."""
+    import uvloop
+
+    uvloop.run(serve(config))

@@ -1,0 +1,78 @@
+"""SMTP replies: the value type and every fixed reply the server sends, in one table.
+
+Texts and codes follow Postfix's smtpd so that administrators, log parsers and test suites that
+know Postfix recognize them. Enhanced status codes (RFC 3463) lead every text.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply. ``text`` may hold several lines separated by newlines (multi-line reply)."""
+
+    code: int
+    text: str
+
+    def encode(self) -> bytes:
+        lines = self.text.split("\n")
+        last = len(lines) - 1
+        return "".join(
+            f"{self.code}{' ' if i == last else '-'}{line}\r\n" for i, line in enumerate(lines)
+        ).encode("utf-8", "surrogateescape")
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+    @property
+    def is_error(self) -> bool:
+        return self.code >= 400
+
+
+OK = Reply(250, "2.0.0 Ok")
+SENDER_OK = Reply(250, "2.1.0 Ok")
+RECIPIENT_OK = Reply(250, "2.1.5 Ok")
+START_DATA = Reply(354, "End data with <CR><LF>.<CR><LF>")
+BYE = Reply(221, "2.0.0 Bye")
+VRFY_NO_DISCLOSURE = Reply(252, "2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
+HELP = Reply(214, "2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
+
+# 5.5.x: command syntax and sequence (RFC 5321 §4.2.4, Postfix smtpd wording)
+BAD_SYNTAX = Reply(500, "5.5.2 Error: bad syntax")
+LINE_TOO_LONG = Reply(500, "5.5.2 Error: line too long")
+NOT_RECOGNIZED = Reply(502, "5.5.2 Error: command not recognized")
+NEED_MAIL = Reply(503, "5.5.1 Error: need MAIL command")
+NEED_RCPT = Reply(503, "5.5.1 Error: need RCPT command")
+NESTED_MAIL = Reply(503, "5.5.1 Error: nested MAIL command")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1 Error: no valid recipients")
+EHLO_SYNTAX = Reply(501, "5.5.4 Syntax: EHLO hostname")
+HELO_SYNTAX = Reply(501, "5.5.4 Syntax: HELO hostname")
+MAIL_SYNTAX = Reply(501, "5.5.4 Syntax: MAIL FROM:<address>")
+RCPT_SYNTAX = Reply(501, "5.5.4 Syntax: RCPT TO:<address>")
+VRFY_SYNTAX = Reply(501, "5.5.4 Syntax: VRFY address")
+NO_ARGUMENTS = Reply(501, "5.5.4 Syntax: command takes no arguments")
+BAD_SENDER = Reply(501, "5.1.7 Bad sender address syntax")
+BAD_RECIPIENT = Reply(501, "5.1.3 Bad recipient address syntax")
+BAD_BODY = Reply(501, "5.5.4 Bad BODY keyword value")
+BAD_SIZE = Reply(501, "5.5.4 Bad SIZE keyword value")
+UNICODE_NOT_DECLARED = Reply(553, "5.6.7 Must declare SMTPUTF8 to send unicode address")
+
+# limits
+TOO_BIG = Reply(552, "5.3.4 Message size exceeds fixed limit")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3 Error: too many recipients")
+TIMEOUT = Reply(421, "4.4.2 Error: timeout exceeded")
+SHUTTING_DOWN = Reply(421, "4.3.2 Service shutting down, closing transmission channel")
+SPOOL_FULL = Reply(452, "4.3.1 Insufficient system storage")
+SPOOL_ERROR = Reply(451, "4.3.0 Error: queue file write error")
+
+
+def unsupported_option(name: str) -> Reply:
+    return Reply(555, f"5.5.4 Unsupported option: {name}")
+
+
+def relay_denied(recipient: str) -> Reply:
+    return Reply(554, f"5.7.1 <{recipient}>: Relay access denied")
+
+
+def queued(queue_id: str) -> Reply:
+    return Reply(250, f"2.0.0 Ok: queued as {queue_id}")

@@ -1,0 +1,355 @@
+"""The SMTP server dialogue (RFC 5321) as a sans-I/O state machine.
+
+``receive_data(bytes)`` → ``next_event()`` → ``accept()`` / ``reject(reply)`` → ``data_to_send()``.
+No sockets, no awaits, no clock. Trusts nothing from the client; decisions that need the world
+(relay control, spool commit) are returned as request events and the session waits, input
+buffered, until the application answers: that is what keeps pipelined replies in order.
+"""
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from engine import speedups
+from engine.smtp import replies
+from engine.smtp.grammar import GrammarError, parse_mail_from, parse_rcpt_to, split_command
+from engine.smtp.reader import LineTooLong
+from engine.smtp.replies import Reply
+
+# ---------------------------------------------------------------------------------------------
+# Events. Requests (Helo, MailFrom, RcptTo, Data, MessageEnd) must be answered with accept() or
+# reject(); MessageChunk, Reset and Closed are notices.
+
+
+@dataclass(frozen=True, slots=True)
+class Helo:
+    name: str
+    extended: bool  # EHLO rather than HELO
+
+
+@dataclass(frozen=True, slots=True)
+class MailFrom:
+    sender: str  # "" for the null sender <>
+    params: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RcptTo:
+    recipient: str
+    params: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class MessageChunk:
+    data: bytes  # unstuffed payload, CRLF line ends kept
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEnd:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """The open transaction (if any) was abandoned: RSET, HELO/EHLO, or a rejected message."""
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    during: str  # the last command, for Postfix's "lost connection after DATA"
+    quit: bool
+
+
+Event = Helo | MailFrom | RcptTo | Data | MessageChunk | MessageEnd | Reset | Closed
+
+# ---------------------------------------------------------------------------------------------
+# States and the sequencing table: everything that decides which command may come when.
+
+
+class State(Enum):
+    IDLE = "idle"  # no transaction (greeted or not: HELO is optional, as in Postfix)
+    MAIL = "mail"  # MAIL accepted, no recipient yet
+    RCPT = "rcpt"  # at least one recipient accepted
+    DATA = "data"  # receiving message content
+    CLOSED = "closed"
+
+
+#: (state, verb) pairs refused for their place in the dialogue, with Postfix's replies.
+SEQUENCE_ERRORS: dict[tuple[State, str], Reply] = {
+    (State.IDLE, "RCPT"): replies.NEED_MAIL,
+    (State.IDLE, "DATA"): replies.NEED_RCPT,
+    (State.MAIL, "MAIL"): replies.NESTED_MAIL,
+    (State.RCPT, "MAIL"): replies.NESTED_MAIL,
+    (State.MAIL, "DATA"): replies.NO_VALID_RECIPIENTS,
+}
+
+#: The state a request moves to when the application accepts it, and the default reply.
+ON_ACCEPT: dict[type, tuple[State | None, Reply | None]] = {
+    Helo: (State.IDLE, None),  # reply built from the extensions
+    MailFrom: (State.MAIL, replies.SENDER_OK),
+    RcptTo: (State.RCPT, replies.RECIPIENT_OK),
+    Data: (State.DATA, replies.START_DATA),
+    MessageEnd: (State.IDLE, replies.OK),
+}
+
+#: The state a request falls back to when refused (None: stay where it was).
+ON_REJECT: dict[type, State | None] = {
+    Helo: None,
+    MailFrom: None,
+    RcptTo: None,
+    Data: None,
+    MessageEnd: State.IDLE,
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the dialogue needs to know of the configuration."""
+
+    hostname: str
+    banner: str
+    message_size_limit: int = 10240000
+    recipient_limit: int = 1000
+    line_length_limit: int = 2048
+
+
+class ServerSession:
+    """One client's SMTP dialogue, from greeting to QUIT or lost connection."""
+
+    def __init__(self, settings: Settings, reader_class: type | None = None) -> None:
+        self.settings = settings
+        self.state = State.IDLE
+        self.helo_name: str | None = None
+        self.extended = False  # the client said EHLO
+        self.last_command = "CONNECT"
+        self.command_counts: dict[str, int] = {}
+        self._reader = (reader_class or speedups.Reader)(settings.line_length_limit)
+        self._out: list[bytes] = [Reply(220, settings.banner).encode()]
+        self._pending: Event | None = None
+        self._ready: list[Event] = []  # events produced but not yet returned
+        self._recipients = 0
+        self._eof = False
+        self._closed_reported = False
+
+    # -- I/O side ---------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the client; ``b""`` means the client closed its side."""
+        if data:
+            self._reader.feed(data)
+        else:
+            self._eof = True
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    @property
+    def awaiting_answer(self) -> bool:
+        return self._pending is not None
+
+    def send_reply(self, reply: Reply) -> None:
+        """Queue a reply the application originates (timeouts, shutdown)."""
+        self._out.append(reply.encode())
+        if reply.code == 421:
+            self.state = State.CLOSED
+
+    # -- events -----------------------------------------------------------------------------
+
+    def next_event(self) -> Event | None:
+        """The next event, or None when more input (or an answer to a request) is needed."""
+        while True:
+            if self._ready:
+                event = self._ready.pop(0)
+                if type(event) in ON_ACCEPT:
+                    self._pending = event
+                return event
+            if self._pending is not None:
+                return None
+            if self.state is State.CLOSED:
+                return self._closed_event(quit=self.last_command == "QUIT")
+            if self.state is State.DATA:
+                chunk, ended = self._reader.read_data()
+                if chunk:
+                    self._ready.append(MessageChunk(chunk))
+                if ended:
+                    self._ready.append(MessageEnd())
+                if self._ready:
+                    continue
+                return self._closed_event(quit=False) if self._eof else None
+            try:
+                line = self._reader.read_line()
+            except LineTooLong:
+                self._out.append(replies.LINE_TOO_LONG.encode())
+                continue
+            if line is None:
+                return self._closed_event(quit=False) if self._eof else None
+            self._command(line)
+
+    def accept(self, reply: Reply | None = None) -> None:
+        """Grant the pending request; ``reply`` overrides the default text (e.g. queue ID)."""
+        event = self._take_pending()
+        next_state, default = ON_ACCEPT[type(event)]
+        if isinstance(event, Helo):
+            self._reset_transaction()
+            self.helo_name, self.extended = event.name, event.extended
+            default = self._helo_reply(event.extended)
+        elif isinstance(event, RcptTo):
+            self._recipients += 1
+        elif isinstance(event, Data):
+            self._reader.start_data()
+        elif isinstance(event, MessageEnd):
+            self._recipients = 0
+        self.state = next_state
+        self._out.append((reply or default).encode())
+
+    def reject(self, reply: Reply) -> None:
+        """Refuse the pending request with a 4xx/5xx reply."""
+        if not reply.is_error:
+            raise ValueError(f"reject() needs a 4xx/5xx reply, got {reply}")
+        event = self._take_pending()
+        fallback = ON_REJECT[type(event)]
+        if fallback is not None:
+            self.state = fallback
+            self._recipients = 0
+        self._out.append(reply.encode())
+        if reply.code == 421:
+            self.state = State.CLOSED
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _take_pending(self) -> Event:
+        event = self._pending
+        if event is None:
+            raise RuntimeError("no request is waiting for an answer")
+        self._pending = None
+        return event
+
+    def _closed_event(self, *, quit: bool) -> Closed | None:
+        if self._closed_reported:
+            return None
+        self._closed_reported = True
+        during = self.last_command
+        self.state = State.CLOSED
+        return Closed(during=during, quit=quit)
+
+    def _command(self, line: bytes) -> None:
+        verb, arg = split_command(line)
+        if not verb:
+            self._out.append(replies.BAD_SYNTAX.encode())
+            return
+        handler = _HANDLERS.get(verb)
+        if handler is None:
+            self.last_command = "UNKNOWN"
+            self._count("unknown")
+            self._out.append(replies.NOT_RECOGNIZED.encode())
+            return
+        self.last_command = verb
+        self._count(verb.lower())
+        sequence_error = SEQUENCE_ERRORS.get((self.state, verb))
+        if sequence_error is not None:
+            self._out.append(sequence_error.encode())
+            return
+        try:
+            result = handler(self, arg)
+        except GrammarError as error:
+            self._out.append(error.reply.encode())
+            return
+        if isinstance(result, Reply):
+            self._out.append(result.encode())
+        elif result is not None:
+            self._ready.append(result)
+
+    def _count(self, name: str) -> None:
+        self.command_counts[name] = self.command_counts.get(name, 0) + 1
+
+    def _reset_transaction(self) -> None:
+        if self.state in (State.MAIL, State.RCPT):
+            self._ready.insert(0, Reset())
+        self.state = State.IDLE
+        self._recipients = 0
+
+    def _helo_reply(self, extended: bool) -> Reply:
+        if not extended:
+            return Reply(250, self.settings.hostname)
+        lines = [self.settings.hostname, "PIPELINING"]
+        if self.settings.message_size_limit:
+            lines.append(f"SIZE {self.settings.message_size_limit}")
+        lines += ["VRFY", "ENHANCEDSTATUSCODES", "8BITMIME"]
+        return Reply(250, "\n".join(lines))
+
+    # -- one handler per verb: returns a Reply to send now, or a request event --------------
+
+    def _helo(self, arg: str, *, extended: bool) -> Event | Reply:
+        if not arg:
+            return replies.EHLO_SYNTAX if extended else replies.HELO_SYNTAX
+        return Helo(name=arg, extended=extended)
+
+    def _mail(self, arg: str) -> Event | Reply:
+        sender, params = parse_mail_from(arg)
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit():
+                    return replies.BAD_SIZE
+                limit = self.settings.message_size_limit
+                if limit and int(value) > limit:
+                    return replies.TOO_BIG
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return replies.BAD_BODY
+            else:
+                return replies.unsupported_option(key)
+        return MailFrom(sender=sender, params=params)
+
+    def _rcpt(self, arg: str) -> Event | Reply:
+        recipient, params = parse_rcpt_to(arg)
+        if params:
+            return replies.unsupported_option(next(iter(params)))
+        if self._recipients >= self.settings.recipient_limit:
+            return replies.TOO_MANY_RECIPIENTS
+        return RcptTo(recipient=recipient, params=params)
+
+    def _data(self, arg: str) -> Event | Reply:
+        return replies.NO_ARGUMENTS if arg else Data()
+
+    def _rset(self, arg: str) -> Reply:
+        if arg:
+            return replies.NO_ARGUMENTS
+        self._reset_transaction()
+        return replies.OK
+
+    def _noop(self, arg: str) -> Reply:
+        return replies.OK
+
+    def _quit(self, arg: str) -> Reply:
+        self.state = State.CLOSED
+        return replies.BYE
+
+    def _vrfy(self, arg: str) -> Reply:
+        return replies.VRFY_NO_DISCLOSURE if arg else replies.VRFY_SYNTAX
+
+    def _help(self, arg: str) -> Reply:
+        return replies.HELP
+
+
+_HANDLERS = {
+    "EHLO": lambda s, a: s._helo(a, extended=True),
+    "HELO": lambda s, a: s._helo(a, extended=False),
+    "MAIL": ServerSession._mail,
+    "RCPT": ServerSession._rcpt,
+    "DATA": ServerSession._data,
+    "RSET": ServerSession._rset,
+    "NOOP": ServerSession._noop,
+    "QUIT": ServerSession._quit,
+    "VRFY": ServerSession._vrfy,
+    "HELP": ServerSession._help,
+}

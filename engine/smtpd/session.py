@@ -1,0 +1,256 @@
+"""The asyncio adapter of one SMTP server connection.
+
+Bytes in → ServerSession → events answered here (relay control, cleanup, spool commit) → replies
+out in one write per batch, so a pipelined batch is answered in order and in one packet. The
+``250 … queued as`` reply is sent only after the spool has committed and synced the message.
+Talks to untrusted clients; everything it learns from them passes through the sans-I/O core.
+"""
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine.cleanup import MessageBuilder, Origin
+from engine.config import Config
+from engine.log import Maillog
+from engine.policy.relay import check_relay
+from engine.smtp import replies, server
+from engine.smtp.replies import Reply
+from engine.spool import Envelope, SpoolFull
+
+
+@dataclass
+class SmtpdContext:
+    """What every session of a listener shares."""
+
+    config: Config
+    spool: object  # engine.spool.Spool
+    maillog: Maillog
+    new_queue_id: Callable[[], str]
+    on_queued: Callable[[Envelope], None] = lambda envelope: None
+    sessions: set = field(default_factory=set)
+    settings: server.Settings | None = None
+
+    def __post_init__(self) -> None:
+        if self.settings is None:
+            config = self.config
+            self.settings = server.Settings(
+                hostname=config.myhostname,
+                banner=config.expand(config.smtpd_banner),
+                message_size_limit=config.message_size_limit,
+                recipient_limit=config.smtpd_recipient_limit,
+                line_length_limit=config.line_length_limit,
+            )
+
+
+@dataclass
+class Transaction:
+    queue_id: str
+    sender: str
+    params: dict
+    recipients: list[str] = field(default_factory=list)
+    builder: MessageBuilder | None = None
+
+
+class SmtpdProtocol(asyncio.Protocol):
+    def __init__(self, context: SmtpdContext) -> None:
+        self.ctx = context
+        self.transport: asyncio.Transport | None = None
+        self.session = server.ServerSession(context.settings)
+        self.origin = Origin()
+        self.txn: Transaction | None = None
+        self._committing = False
+        self._last_activity = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.origin.client_ip = peer[0]
+        self.ctx.sessions.add(self)
+        self._log(f"connect from {self.origin.client}")
+        self._arm_timer()
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_activity = time.monotonic()
+        self.session.receive_data(data)
+        self._pump()
+
+    def eof_received(self) -> bool:
+        self.session.receive_data(b"")
+        self._pump()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.session.closed:
+            self.session.receive_data(b"")
+            self._pump()
+        if self._timer is not None:
+            self._timer.cancel()
+        self.ctx.sessions.discard(self)
+
+    # -- the event pump ----------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        session = self.session
+        while (event := session.next_event()) is not None:
+            handler = _EVENT_HANDLERS[type(event)]
+            handler(self, event)
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self.session.data_to_send()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if out:
+            transport.write(out)
+        if self.session.closed and not self._committing:
+            transport.close()
+
+    def _on_helo(self, event: server.Helo) -> None:
+        self.origin.helo = event.name
+        self.origin.protocol = "ESMTP" if event.extended else "SMTP"
+        self.session.accept()
+
+    def _on_mail(self, event: server.MailFrom) -> None:
+        queue_id = self.ctx.new_queue_id()
+        self.txn = Transaction(queue_id=queue_id, sender=event.sender, params=event.params)
+        self._log(f"{queue_id}: client={self.origin.client}")
+        self.session.accept()
+
+    def _on_rcpt(self, event: server.RcptTo) -> None:
+        refusal = check_relay(self.origin.client_ip, event.recipient, self.ctx.config)
+        if refusal is not None:
+            self._log_reject("RCPT", refusal, to=event.recipient)
+            self.session.reject(refusal)
+            return
+        self.txn.recipients.append(event.recipient)
+        self.session.accept()
+
+    def _on_data(self, event: server.Data) -> None:
+        txn = self.txn
+        config = self.ctx.config
+        txn.builder = MessageBuilder(
+            queue_id=txn.queue_id,
+            sender=txn.sender,
+            recipients=txn.recipients,
+            origin=self.origin,
+            hostname=config.myhostname,
+            size_limit=config.message_size_limit,
+            body_8bit=(txn.params.get("BODY") or "").upper() == "8BITMIME",
+        )
+        self.session.accept()
+
+    def _on_chunk(self, event: server.MessageChunk) -> None:
+        self.txn.builder.write(event.data)
+
+    def _on_end(self, event: server.MessageEnd) -> None:
+        txn, self.txn = self.txn, None
+        if txn.builder.too_big:
+            self._log_reject("END-OF-MESSAGE", replies.TOO_BIG, queue_id=txn.queue_id,
+                             sender=txn.sender)
+            self.session.reject(replies.TOO_BIG)
+            return
+        self._committing = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+        asyncio.get_running_loop().create_task(self._commit(txn))
+
+    async def _commit(self, txn: Transaction) -> None:
+        message = txn.builder.finish()
+        envelope = message.envelope
+        try:
+            await self.ctx.spool.enqueue(message)
+        except SpoolFull:
+            self._answer_commit(replies.SPOOL_FULL, txn)
+            return
+        except Exception as error:  # noqa: BLE001 - any storage failure is a 4xx, never a loss
+            self._log(f"warning: {txn.queue_id}: queue file write error: {error}")
+            self._answer_commit(replies.SPOOL_ERROR, txn)
+            return
+        maillog = self.ctx.maillog
+        maillog.line("cleanup", f"{envelope.queue_id}: message-id={envelope.message_id}")
+        self._answer_commit(replies.queued(envelope.queue_id), txn)
+        self.ctx.on_queued(envelope)
+
+    def _answer_commit(self, reply: Reply, txn: Transaction) -> None:
+        self._committing = False
+        if reply.is_error:
+            self._log_reject("END-OF-MESSAGE", reply, queue_id=txn.queue_id, sender=txn.sender)
+            self.session.reject(reply)
+        else:
+            self.session.accept(reply)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+        self._pump()
+
+    def _on_reset(self, event: server.Reset) -> None:
+        self.txn = None
+
+    def _on_closed(self, event: server.Closed) -> None:
+        client = self.origin.client
+        if not event.quit:
+            self._log(f"lost connection after {event.during} from {client}")
+        counts = self.session.command_counts
+        summary = " ".join(f"{name}={count}" for name, count in counts.items())
+        total = sum(counts.values())
+        self._log(f"disconnect from {client} {summary} commands={total}".replace("  ", " "))
+
+    # -- timeouts and shutdown ---------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        timeout = self.ctx.config.smtpd_timeout
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(loop.time() + timeout, self._check_timeout)
+
+    def _check_timeout(self) -> None:
+        idle = time.monotonic() - self._last_activity
+        timeout = self.ctx.config.smtpd_timeout
+        if idle < timeout or self._committing:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(loop.time() + timeout - idle, self._check_timeout)
+            return
+        self._timer = None
+        self._log(f"timeout after {self.session.last_command} from {self.origin.client}")
+        self.close_with(Reply(421, f"4.4.2 {self.ctx.config.myhostname} Error: timeout exceeded"))
+
+    def close_with(self, reply: Reply) -> None:
+        """End the session from our side with a 421 (timeout, shutdown)."""
+        self.session.send_reply(reply)
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- logging -----------------------------------------------------------------------------
+
+    def _log(self, text: str) -> None:
+        self.ctx.maillog.line("smtpd", text)
+
+    def _log_reject(self, stage: str, reply: Reply, *, to: str | None = None,
+                    queue_id: str | None = None, sender: str | None = None) -> None:
+        """Postfix's ``QID: reject: RCPT from client: 554 5.7.1 …; from=<> to=<> proto= helo=<>``."""
+        queue_id = queue_id or (self.txn.queue_id if self.txn else "NOQUEUE")
+        sender = sender if sender is not None else (self.txn.sender if self.txn else "")
+        parts = [f"from=<{sender}>"]
+        if to is not None:
+            parts.append(f"to=<{to}>")
+        parts += [f"proto={self.origin.protocol}", f"helo=<{self.origin.helo or ''}>"]
+        self._log(f"{queue_id}: reject: {stage} from {self.origin.client}: {reply}; "
+                  + " ".join(parts))
+
+
+_EVENT_HANDLERS = {
+    server.Helo: SmtpdProtocol._on_helo,
+    server.MailFrom: SmtpdProtocol._on_mail,
+    server.RcptTo: SmtpdProtocol._on_rcpt,
+    server.Data: SmtpdProtocol._on_data,
+    server.MessageChunk: SmtpdProtocol._on_chunk,
+    server.MessageEnd: SmtpdProtocol._on_end,
+    server.Reset: SmtpdProtocol._on_reset,
+    server.Closed: SmtpdProtocol._on_closed,
+}

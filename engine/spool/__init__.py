@@ -1,0 +1,104 @@
+"""The spool: durable storage of accepted messages and of each recipient's delivery state.
+
+The contract is ``Spool`` below (as slimta's QueueStorage): small enough to hold in one's head,
+with LMDB behind it (engine.spool.lmdb_spool) and an in-memory one for tests. It makes no policy
+decisions; it stores what cleanup and the queue manager give it and says when it is durable.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Protocol
+
+RecipientStatus = Literal["pending", "deferred", "sent", "bounced"]
+FINAL: frozenset[str] = frozenset({"sent", "bounced"})
+
+
+class SpoolError(Exception):
+    """The spool could not store the change; nothing it already had is harmed."""
+
+
+class SpoolFull(SpoolError):
+    """No room (map or disk full): new mail gets 452 4.3.1."""
+
+
+@dataclass
+class Recipient:
+    address: str
+    status: RecipientStatus = "pending"
+    next_attempt: float = 0.0  # when a deferred recipient is due again (epoch seconds)
+    attempts: int = 0
+    last_reply: str = ""  # the reason shown by `tern queue list` and in bounces
+    dsn: str = ""
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+
+@dataclass
+class Envelope:
+    """Everything about a queued message except its content."""
+
+    queue_id: str
+    sender: str
+    recipients: list[Recipient]
+    arrival: float  # epoch seconds when the message was committed
+    size: int  # bytes of content as queued
+    client: str = ""  # "name[ip]" of the submitting client
+    message_id: str = ""
+    body_8bit: bool = False
+    held: bool = False
+    first_active: float = 0.0  # when the queue manager first took it (for delays=a/b)
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "Envelope":
+        data = json.loads(raw)
+        data["recipients"] = [Recipient(**r) for r in data["recipients"]]
+        return cls(**data)
+
+    @property
+    def unfinished(self) -> list[Recipient]:
+        return [r for r in self.recipients if not r.final]
+
+    @property
+    def next_due(self) -> float | None:
+        """When this message has work again: the earliest unfinished recipient's attempt time."""
+        times = [r.next_attempt for r in self.recipients if not r.final]
+        return min(times) if times else None
+
+
+@dataclass
+class QueuedMessage:
+    """What cleanup hands to the spool: the envelope and the content chunks to concatenate."""
+
+    envelope: Envelope
+    content: list[bytes] = field(default_factory=list)
+
+
+class Spool(Protocol):
+    """The storage contract every spool keeps."""
+
+    async def enqueue(self, message: QueuedMessage) -> None:
+        """Store the message; return only once it is committed and synced (may be grouped
+        with other messages into one transaction). Raises SpoolFull / SpoolError."""
+
+    async def update(self, envelope: Envelope) -> None:
+        """Persist new recipient states (after a delivery attempt)."""
+
+    async def remove(self, queue_id: str) -> None:
+        """Delete envelope and content (every recipient is final)."""
+
+    def envelopes(self) -> list[Envelope]:
+        """Every queued envelope (start-up rebuilds the schedule from these; `tern queue`)."""
+
+    def envelope(self, queue_id: str) -> Envelope | None:
+        """One envelope, or None."""
+
+    def content(self, queue_id: str) -> bytes:
+        """The message content as queued (headers and body, CRLF line ends)."""
+
+    def close(self) -> None:
+        """Release the storage; pending writes are finished first."""

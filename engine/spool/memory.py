@@ -1,0 +1,40 @@
+"""An in-memory spool with the same contract as the LMDB one, for tests of the stages above it.
+
+Nothing here is durable; it exists so that smtpd, cleanup and qmgr tests need no disk.
+"""
+
+from engine.spool import Envelope, QueuedMessage
+
+
+class MemorySpool:
+    def __init__(self) -> None:
+        self._content: dict[str, bytes] = {}
+        self._envelopes: dict[str, bytes] = {}
+
+    async def enqueue(self, message: QueuedMessage) -> None:
+        queue_id = message.envelope.queue_id
+        self._content[queue_id] = b"".join(message.content)
+        self._envelopes[queue_id] = message.envelope.encode()
+
+    async def update(self, envelope: Envelope) -> None:
+        self._envelopes[envelope.queue_id] = envelope.encode()
+
+    async def remove(self, queue_id: str) -> None:
+        self._content.pop(queue_id, None)
+        self._envelopes.pop(queue_id, None)
+
+    async def drain(self) -> None:
+        return None
+
+    def envelopes(self) -> list[Envelope]:
+        return [Envelope.decode(raw) for raw in self._envelopes.values()]
+
+    def envelope(self, queue_id: str) -> Envelope | None:
+        raw = self._envelopes.get(queue_id)
+        return Envelope.decode(raw) if raw is not None else None
+
+    def content(self, queue_id: str) -> bytes:
+        return self._content[queue_id]
+
+    def close(self) -> None:
+        return None

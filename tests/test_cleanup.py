@@ -1,0 +1,72 @@
+"""cleanup: trace and missing headers, and the size limit enforced while content streams."""
+
+import pytest
+
+from engine.cleanup import MessageBuilder, Origin
+
+
+def build(chunks, *, size_limit=10_000, recipients=("rcpt@example.net",)):
+    builder = MessageBuilder(
+        queue_id="QID123", sender="s@example.org", recipients=list(recipients),
+        origin=Origin(client_ip="127.0.0.1", helo="client.test", protocol="ESMTP"),
+        hostname="mx.example.test", size_limit=size_limit, clock=lambda: 1_800_000_000.0)
+    for chunk in chunks:
+        builder.write(chunk)
+    return builder
+
+
+def content(builder):
+    return b"".join(builder.finish().content)
+
+
+def test_received_header_comes_first_with_queue_id_and_recipient():
+    text = content(build([b"Subject: x\r\nMessage-ID: <a@b>\r\nDate: now\r\n\r\nbody\r\n"]))
+    first = text.split(b"\r\n")[:3]
+    assert first[0] == b"Received: from client.test (unknown [127.0.0.1])"
+    assert first[1] == b"\tby mx.example.test (Tern) with ESMTP id QID123"
+    assert first[2].startswith(b"\tfor <rcpt@example.net>; ")
+
+
+def test_received_omits_for_clause_with_several_recipients():
+    text = content(build([b"\r\nbody\r\n"], recipients=("a@x.test", "b@x.test")))
+    assert b"\tfor <" not in text
+
+
+def test_existing_message_id_and_date_are_kept_not_duplicated():
+    builder = build([b"Message-ID: <keep@x>\r\nDate: Sat, 1 Jan 2000 00:00:00 +0000\r\n\r\nb\r\n"])
+    text = content(builder)
+    assert text.lower().count(b"message-id:") == 1 and text.lower().count(b"\ndate:") == 1
+    assert builder.message_id == "<keep@x>"
+
+
+@pytest.mark.parametrize("split", [1, 5, 17, 1000])
+def test_missing_headers_are_added_at_end_of_header_section(split):
+    raw = b"Subject: hello\r\nX-Folded: a\r\n b\r\n\r\nbody line\r\nMessage-ID: not a header\r\n"
+    builder = build([raw[i:i + split] for i in range(0, len(raw), split)])
+    text = content(builder)
+    head, _, body = text.partition(b"\r\n\r\n")
+    assert body == b"body line\r\nMessage-ID: not a header\r\n"
+    assert b"\r\nMessage-Id: <20270115080000.QID123@mx.example.test>" in head or \
+        b"\r\nMessage-Id: <" in head
+    assert b"\r\nDate: " in head
+    assert head.index(b"X-Folded") < head.index(b"Message-Id")
+    assert builder.message_id.endswith(".QID123@mx.example.test>")
+
+
+def test_body_without_headers_gets_a_separating_blank_line():
+    text = content(build([b"just a body line\r\n"]))
+    head, _, body = text.partition(b"\r\n\r\n")
+    assert body == b"just a body line\r\n"
+    assert b"Message-Id:" in head and b"Date:" in head
+
+
+def test_size_limit_enforced_while_streaming_and_content_dropped():
+    builder = build([b"x" * 600 + b"\r\n", b"y" * 600 + b"\r\n"], size_limit=1000)
+    assert builder.too_big
+    assert builder._chunks == []  # nothing of the over-size message is kept
+
+
+def test_size_within_limit_is_accepted():
+    builder = build([b"\r\n" + b"x" * 900 + b"\r\n"], size_limit=1000)
+    assert not builder.too_big
+    assert builder.finish().envelope.size > 900

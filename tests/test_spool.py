@@ -1,0 +1,83 @@
+"""The LMDB spool: durable writes, group commit, reads, removal, and map-full handling."""
+
+import asyncio
+
+import pytest
+
+from engine.spool import Envelope, QueuedMessage, Recipient, SpoolFull
+from engine.spool.lmdb_spool import LmdbSpool
+from engine.spool.queue_id import QueueIdGenerator
+
+
+def message(queue_id, body=b"Subject: t\r\n\r\nbody\r\n", recipients=("a@x.test",)):
+    envelope = Envelope(queue_id=queue_id, sender="s@y.test",
+                        recipients=[Recipient(r) for r in recipients], arrival=1.0,
+                        size=len(body))
+    return QueuedMessage(envelope=envelope, content=[body[:5], body[5:]])
+
+
+def test_enqueue_is_readable_after_reopen(tmp_path):
+    async def scenario():
+        spool = LmdbSpool(tmp_path / "s")
+        await spool.enqueue(message("Q1"))
+        spool.close()
+
+    asyncio.run(scenario())
+    spool = LmdbSpool(tmp_path / "s")
+    assert spool.content("Q1") == b"Subject: t\r\n\r\nbody\r\n"
+    assert spool.envelope("Q1").recipients[0].address == "a@x.test"
+    spool.close()
+
+
+def test_concurrent_enqueues_share_one_commit(tmp_path):
+    async def scenario():
+        spool = LmdbSpool(tmp_path / "s", commit_window=0.01)
+        await asyncio.gather(*(spool.enqueue(message(f"Q{i}")) for i in range(50)))
+        figures = spool.commits, spool.messages_committed
+        spool.close()
+        return figures
+
+    commits, committed = asyncio.run(scenario())
+    assert committed == 50
+    assert commits == 1
+
+
+def test_update_and_remove(tmp_path):
+    async def scenario():
+        spool = LmdbSpool(tmp_path / "s")
+        await spool.enqueue(message("Q1", recipients=("a@x.test", "b@x.test")))
+        envelope = spool.envelope("Q1")
+        envelope.recipients[0].status = "sent"
+        envelope.recipients[1].status = "deferred"
+        envelope.recipients[1].last_reply = "451 try later"
+        await spool.update(envelope)
+        stored = spool.envelope("Q1")
+        await spool.remove("Q1")
+        remaining = spool.envelopes()
+        spool.close()
+        return stored, remaining
+
+    stored, remaining = asyncio.run(scenario())
+    assert [r.status for r in stored.recipients] == ["sent", "deferred"]
+    assert stored.unfinished[0].last_reply == "451 try later"
+    assert remaining == []
+
+
+def test_map_full_refuses_new_mail_and_keeps_what_it_had(tmp_path):
+    async def scenario():
+        spool = LmdbSpool(tmp_path / "s", map_size=256 * 1024)
+        await spool.enqueue(message("KEEP"))
+        with pytest.raises(SpoolFull):
+            await spool.enqueue(message("BIG", body=b"x" * 1024 * 1024))
+        kept = spool.content("KEEP")
+        spool.close()
+        return kept
+
+    assert asyncio.run(scenario()) == b"Subject: t\r\n\r\nbody\r\n"
+
+
+def test_queue_ids_are_unique_and_ordered_even_when_clock_stalls():
+    generate = QueueIdGenerator(shard=3, clock=lambda: 1_800_000_000_000_000_000)
+    ids = [generate() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert ids == sorted(ids)
