@@ -20,3 +20,6 @@ def impl(request):
         return module
 
     return load
+
+
+from peers import dns_server, smtp_sink  # noqa: E402, F401

@@ -1,0 +1,119 @@
+"""DNS for delivery: MX hosts of a domain (RFC 5321 §5.1, RFC 7505) and addresses of a host.
+
+Async, with dnspython's asyncio resolver. Trusts the configured resolvers' answers; a failure
+becomes the delivery error that decides the retry (PermanentFailure bounces, TransientFailure
+defers), with Postfix's wording so the log reads the same.
+"""
+
+import asyncio
+import ipaddress
+import random
+
+import dns.asyncresolver
+import dns.exception
+import dns.nameserver
+import dns.resolver
+
+from engine.config import Config, parse_dns_server
+from engine.delivery import PermanentFailure, TransientFailure
+
+NOT_FOUND = "Host not found"
+TRY_AGAIN = "Host not found, try again"
+NO_DATA = "Host found but no data record of requested type"
+
+
+def _name_error(name: str, rtype: str, why: str) -> str:
+    return f"Host or domain name not found. Name service error for name={name} type={rtype}: {why}"
+
+
+def _ip_literal(host: str) -> str | None:
+    """``host`` as an IP address ("1.2.3.4", "[1.2.3.4]", "[IPv6:::1]"), or None for a name."""
+    text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if text[:5].lower() == "ipv6:":
+        text = text[5:]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+class Resolver:
+    """MX and address lookups through ``config.dns_servers`` ("ip" or "ip:port"; empty: the
+    system's resolv.conf), each lookup bounded by ``config.dns_timeout`` seconds."""
+
+    def __init__(self, config: Config) -> None:
+        if config.dns_servers:
+            resolver = dns.asyncresolver.Resolver(configure=False)
+            resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(*parse_dns_server(entry))
+                for entry in config.dns_servers
+            ]
+        else:
+            try:
+                resolver = dns.asyncresolver.Resolver()
+            except dns.resolver.NoResolverConfiguration:
+                resolver = dns.asyncresolver.Resolver(configure=False)
+                resolver.nameservers = ["127.0.0.1"]  # as the C library does without resolv.conf
+        resolver.lifetime = config.dns_timeout
+        resolver.timeout = min(resolver.timeout, config.dns_timeout)
+        resolver.cache = dns.resolver.LRUCache()
+        self._resolver = resolver
+
+    async def _query(self, name: str, rtype: str) -> dns.resolver.Answer | None:
+        """The answer, or None when the name exists without records of that type. Raises
+        PermanentFailure (5.1.2) for NXDOMAIN, TransientFailure (4.4.3) for SERVFAIL/timeout."""
+        try:
+            return await self._resolver.resolve(name, rtype, search=False)
+        except dns.resolver.NoAnswer:
+            return None
+        except dns.resolver.NXDOMAIN:
+            raise PermanentFailure("5.1.2", _name_error(name, rtype, NOT_FOUND)) from None
+        except (dns.exception.DNSException, OSError):
+            raise TransientFailure("4.4.3", _name_error(name, rtype, TRY_AGAIN)) from None
+
+    async def mx_hosts(self, domain: str) -> list[str]:
+        """The mail hosts of ``domain``, best preference first, random among equals (RFC 5321
+        §5.1); the domain itself when it has no MX (implicit MX). Null MX (RFC 7505) and
+        NXDOMAIN raise PermanentFailure; SERVFAIL and timeouts raise TransientFailure."""
+        literal = _ip_literal(domain)
+        if literal:
+            return [literal]
+        domain = domain.rstrip(".").lower()
+        answer = await self._query(domain, "MX")
+        if answer is None:
+            return [domain]
+        records = sorted(answer, key=lambda mx: (mx.preference, random.random()))
+        hosts = [mx.exchange.to_text(omit_final_dot=True).lower() for mx in records]
+        hosts = list(dict.fromkeys(host for host in hosts if host not in ("", ".")))
+        if not hosts:  # RFC 7505 §3: "0 ." says the domain accepts no mail
+            raise PermanentFailure("5.1.10", f"Domain {domain} does not accept mail (nullMX)")
+        return hosts
+
+    async def addresses(self, host: str) -> list[str]:
+        """IPv4 then IPv6 addresses of ``host``; an IP literal is returned as is. Raises
+        PermanentFailure (5.4.4) when the host has none, TransientFailure (4.4.3) when DNS
+        failed and no address was found."""
+        literal = _ip_literal(host)
+        if literal:
+            return [literal]
+        host = host.rstrip(".").lower()
+        answers = await asyncio.gather(
+            self._query(host, "A"), self._query(host, "AAAA"), return_exceptions=True
+        )
+        found = [
+            record.address
+            for answer in answers
+            if isinstance(answer, dns.resolver.Answer)
+            for record in answer
+        ]
+        if found:
+            return list(dict.fromkeys(found))
+        for error in answers:
+            if isinstance(error, TransientFailure):
+                raise error
+        for error in answers:
+            if isinstance(error, BaseException) and not isinstance(error, PermanentFailure):
+                raise error
+        if isinstance(answers[0], PermanentFailure):
+            raise PermanentFailure("5.4.4", answers[0].text)
+        raise PermanentFailure("5.4.4", _name_error(host, "A", NO_DATA))

@@ -1,0 +1,584 @@
+"""Sans-I/O SMTP client core: reads server replies and says what to send next (RFC 5321, 2920).
+
+The h11 pattern: no sockets, no awaits, no clocks. The adapter (engine.delivery.smtp) moves the
+bytes and applies the stage timeouts. Trusts nothing the server sends: replies are parsed under a
+size cap, and a malformed reply ends the connection as a lost one would.
+
+Everything that decides what comes next lives in ``Client._ON_REPLY`` (one handler per command
+whose reply is awaited) and the few methods it names. The adapter's loop::
+
+    while not isinstance(event := client.next_event(), Closed):
+        Send(data, stage)      -> write data (timeout for stage)
+        NeedData(stage)        -> read; client.receive_data(bytes) (b"" at EOF); on timeout,
+                                  client.timed_out()
+        Ready(...)             -> client.start_transaction(envelope)   (or client.quit())
+        TransactionDone(...)   -> per-recipient results; client.quit() (or another transaction)
+        SessionFailed(...)     -> the session never got ready: try the next server
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+
+from engine.delivery import RecipientResult
+
+
+class LocalProtocolError(Exception):
+    """The caller used the client out of turn or passed a value that would corrupt the dialogue."""
+
+
+class RemoteProtocolError(Exception):
+    """The server sent something that is not an SMTP reply (handled inside the core)."""
+
+
+class Stage(StrEnum):
+    """What the client waits for (or writes); the adapter maps each to a Config timeout."""
+
+    GREETING = "greeting"
+    EHLO = "ehlo"
+    HELO = "helo"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"  # waiting for 354
+    BODY = "body"  # writing the message content
+    DOT = "dot"  # waiting for the reply to the final "."
+    RSET = "rset"
+    QUIT = "quit"
+
+
+# Postfix's words for "lost connection with H while …" / "conversation with H timed out while …".
+DOING = {
+    Stage.GREETING: "receiving the initial server greeting",
+    Stage.EHLO: "performing the EHLO handshake",
+    Stage.HELO: "performing the HELO handshake",
+    Stage.MAIL: "sending MAIL FROM",
+    Stage.RCPT: "sending RCPT TO",
+    Stage.DATA: "sending DATA command",
+    Stage.BODY: "sending message body",
+    Stage.DOT: "sending end of data -- message may be sent more than once",
+    Stage.RSET: "sending RSET",
+    Stage.QUIT: "sending QUIT",
+}
+
+# Postfix's "(in reply to … command)".
+COMMAND = {
+    Stage.EHLO: "EHLO",
+    Stage.HELO: "HELO",
+    Stage.MAIL: "MAIL FROM",
+    Stage.RCPT: "RCPT TO",
+    Stage.DATA: "DATA",
+    Stage.DOT: "end of DATA",
+    Stage.RSET: "RSET",
+    Stage.QUIT: "QUIT",
+}
+
+# RFC 3463 §2: status-code = class "." subject "." detail, at the start of the reply text.
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One server reply: the code and the text of each line (after "250-" / "250 ")."""
+
+    code: int
+    lines: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        """The whole reply as Postfix logs it: "550-5.1.1 first 550 5.1.1 last"."""
+        last = len(self.lines) - 1
+        return " ".join(
+            f"{self.code}{' ' if i == last else '-'}{line}".rstrip()
+            for i, line in enumerate(self.lines)
+        )
+
+    @property
+    def dsn(self) -> str:
+        """The enhanced status code from the text, else 2.0.0 / 4.0.0 / 5.0.0. Its class
+        follows the reply code (RFC 3463 §3); a code outside 2xx/4xx/5xx counts as 4.x.x."""
+        klass = str(self.code)[0] if self.code // 100 in (2, 4, 5) else "4"
+        m = _ENHANCED.match(self.lines[0]) if self.lines else None
+        return f"{klass}.{m[2]}.{m[3]}" if m else f"{klass}.0.0"
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+
+class ReplyBuffer:
+    """Receive buffer that yields whole (multi-line) replies. Remembers how far it searched for a
+    line end, so bytes are scanned once; a reply larger than ``max_size`` is an error."""
+
+    __slots__ = ("_buf", "_scanned", "_lines", "_size", "_max")
+
+    def __init__(self, max_size: int = 65536) -> None:
+        self._buf = bytearray()
+        self._scanned = 0
+        self._lines: list[str] = []
+        self._size = 0
+        self._max = max_size
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def read_reply(self) -> Reply | None:
+        """The next complete reply, or None while incomplete. Raises RemoteProtocolError."""
+        buf = self._buf
+        while True:
+            nl = buf.find(b"\n", self._scanned)
+            if nl < 0:
+                if self._size + len(buf) > self._max:
+                    raise RemoteProtocolError("reply too long")
+                self._scanned = len(buf)
+                return None
+            end = nl - 1 if nl > 0 and buf[nl - 1] == 13 else nl  # CRLF, or bare LF
+            line = bytes(buf[:end])
+            del buf[: nl + 1]
+            self._scanned = 0
+            self._size += nl + 1
+            if self._size > self._max:
+                raise RemoteProtocolError("reply too long")
+            # RFC 5321 §4.2: Reply-line = *( Reply-code "-" [ textstring ] CRLF )
+            #                   Reply-code [ SP textstring ] CRLF
+            if len(line) < 3 or not line[:3].isdigit() or line[0] not in b"12345":
+                raise RemoteProtocolError(f"malformed reply line {line[:40]!r}")
+            sep = line[3:4]
+            if sep not in (b"", b" ", b"-"):
+                raise RemoteProtocolError(f"malformed reply line {line[:40]!r}")
+            self._lines.append(line[4:].decode("utf-8", "replace"))
+            if sep == b"-":
+                continue
+            reply = Reply(int(line[:3]), tuple(self._lines))
+            self._lines = []
+            self._size = 0
+            return reply
+
+
+def dot_stuff(content: bytes) -> bytes:
+    """The DATA payload for ``content``, without the final ".\\r\\n": CRLF line ends (a bare LF
+    becomes CRLF, RFC 5321 §2.3.8), a dot doubled at the start of every line (§4.5.2), and a
+    final CRLF. A few C-level passes over the bytes, never a Python loop per line."""
+    if content.count(b"\n") != content.count(b"\r\n"):
+        content = content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    stuffed = content.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    if stuffed and not stuffed.endswith(b"\r\n"):
+        stuffed += b"\r\n"
+    return stuffed
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One transaction: envelope sender (may be ""), recipients, the message as stored."""
+
+    sender: str
+    recipients: Sequence[str]
+    content: bytes
+    body_8bit: bool = False
+
+
+# Events returned by Client.next_event()
+
+
+@dataclass(frozen=True)
+class Send:
+    """Write ``data``; ``stage`` picks the write timeout."""
+
+    data: bytes
+    stage: Stage
+
+
+@dataclass(frozen=True)
+class NeedData:
+    """Read from the server and call receive_data(); ``stage`` picks the read timeout."""
+
+    stage: Stage
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Greeting and EHLO/HELO done: start a transaction (or quit)."""
+
+    esmtp: bool
+    extensions: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SessionFailed:
+    """The session ended before it was ready (greeting, EHLO/HELO, lost connection, timeout):
+    nothing was delivered, another server may be tried."""
+
+    dsn: str
+    text: str
+    reply: Reply | None = None
+
+
+@dataclass(frozen=True)
+class TransactionDone:
+    """The transaction ended: one result per recipient, in envelope order."""
+
+    results: tuple[RecipientResult, ...]
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The connection is finished; close the socket."""
+
+
+Event = Send | NeedData | Ready | SessionFailed | TransactionDone | Closed
+
+
+class Phase(Enum):
+    SESSION = "session"  # greeting, EHLO/HELO
+    READY = "ready"  # idle between transactions
+    TRANSACTION = "transaction"  # RSET?, MAIL, RCPT…, DATA, body, "."
+    QUITTING = "quitting"
+    CLOSED = "closed"
+
+
+def _check_path(value: str) -> str:
+    if any(c in value for c in "\r\n\0<>"):
+        raise LocalProtocolError(f"unsafe address {value!r}")
+    return value
+
+
+class Client:
+    """One SMTP client connection. ``peer`` ("host[ip]") appears in texts, ``relay``
+    ("host[ip]:port") in the results. ``pipelining=False`` never pipelines (RFC 2920)."""
+
+    def __init__(
+        self,
+        helo_name: str,
+        *,
+        peer: str = "server",
+        relay: str = "none",
+        pipelining: bool = True,
+        max_reply_size: int = 65536,
+    ) -> None:
+        if any(c in helo_name for c in "\r\n\0 ") or not helo_name:
+            raise LocalProtocolError(f"bad HELO name {helo_name!r}")
+        self.helo_name = helo_name
+        self.peer = peer
+        self.relay = relay
+        self.use_pipelining = pipelining
+        self.esmtp = False
+        self.extensions: dict[str, str] = {}
+        self.phase = Phase.SESSION
+        self._replies = ReplyBuffer(max_reply_size)
+        self._eof = False
+        self._events: deque[Event] = deque()
+        self._expect: deque[Stage] = deque([Stage.GREETING])  # replies owed, in order
+        self._stage = Stage.GREETING  # of the last Send/NeedData, for timeout texts
+        self._dirty = False  # the server holds a transaction that needs RSET
+        self._new_transaction(None)
+
+    # ---- the adapter's side ----
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the server; b"" means the connection was closed (or broke)."""
+        if data:
+            self._replies.feed(data)
+        else:
+            self._eof = True
+
+    def next_event(self) -> Event:
+        """What the adapter must do next."""
+        while True:
+            if self._events:
+                event = self._events.popleft()
+                if isinstance(event, Send | NeedData):
+                    self._stage = event.stage
+                return event
+            if self.phase is Phase.CLOSED:
+                return Closed()
+            if not self._expect:
+                raise LocalProtocolError("idle: call start_transaction() or quit()")
+            try:
+                reply = self._replies.read_reply()
+            except RemoteProtocolError as exc:
+                self._connection_failed(f"{self.peer} sent a malformed reply ({exc})")
+                continue
+            if reply is None:
+                if self._eof:
+                    self._connection_failed(
+                        f"lost connection with {self.peer} while {DOING[self._stage]}"
+                    )
+                    continue
+                self._stage = self._expect[0]
+                return NeedData(self._expect[0])
+            stage = self._expect.popleft()
+            if reply.code == 421 and stage is not Stage.QUIT:
+                self._server_closing(reply, stage)
+            else:
+                self._ON_REPLY[stage](self, reply, stage)
+
+    def timed_out(self) -> None:
+        """The adapter's timer for the current stage ran out: the connection is dead."""
+        if self.phase is not Phase.CLOSED:
+            self._connection_failed(
+                f"conversation with {self.peer} timed out while {DOING[self._stage]}"
+            )
+
+    def start_transaction(self, envelope: Envelope) -> None:
+        """Send one message (after Ready or TransactionDone)."""
+        if self.phase is not Phase.READY:
+            raise LocalProtocolError(f"cannot start a transaction in phase {self.phase.value}")
+        if not envelope.recipients:
+            raise LocalProtocolError("no recipients")
+        _check_path(envelope.sender)
+        for rcpt in envelope.recipients:
+            _check_path(rcpt)
+        self.phase = Phase.TRANSACTION
+        self._new_transaction(envelope)
+        limit = self.size_limit
+        if limit and len(envelope.content) > limit:  # RFC 1870 §6
+            text = (
+                f"message size {len(envelope.content)} exceeds size limit {limit}"
+                f" of server {self.peer}"
+            )
+            self._results = [
+                RecipientResult(r, "bounced", "5.3.4", text, self.relay)
+                for r in envelope.recipients
+            ]
+            self._finish_transaction()
+        elif self._dirty:
+            self._send(b"RSET\r\n", Stage.RSET)
+        else:
+            self._send_mail()
+
+    def quit(self) -> None:
+        """End the session politely (no-op once closing or closed)."""
+        if self.phase in (Phase.READY, Phase.SESSION):
+            self.phase = Phase.QUITTING
+            self._send(b"QUIT\r\n", Stage.QUIT)
+
+    @property
+    def size_limit(self) -> int:
+        """The server's SIZE limit (RFC 1870), 0 when none."""
+        value = self.extensions.get("SIZE", "")
+        return int(value) if value.isdigit() else 0
+
+    # ---- reply handlers: the state table ----
+
+    def _on_greeting(self, reply: Reply, stage: Stage) -> None:
+        if reply.ok:
+            self._send(f"EHLO {self.helo_name}\r\n".encode(), Stage.EHLO)
+        else:
+            self._session_failed(reply, f"host {self.peer} refused to talk to me: {reply.text}")
+
+    def _on_ehlo(self, reply: Reply, stage: Stage) -> None:
+        if reply.ok:
+            self.esmtp = True
+            self.extensions = _extensions(reply)
+            self._ready()
+        elif reply.code >= 500:  # RFC 5321 §3.2: fall back to HELO
+            self._send(f"HELO {self.helo_name}\r\n".encode(), Stage.HELO)
+        else:
+            self._session_failed(reply, self._said(reply, stage))
+
+    def _on_helo(self, reply: Reply, stage: Stage) -> None:
+        if reply.ok:
+            self._ready()
+        else:
+            self._session_failed(reply, self._said(reply, stage))
+
+    def _on_rset(self, reply: Reply, stage: Stage) -> None:
+        if reply.ok:
+            self._dirty = False
+            self._send_mail()
+            return
+        text = self._said(reply, stage)
+        self._results = [
+            RecipientResult(r, "deferred", "4" + reply.dsn[1:], text, self.relay)
+            for r in self._env.recipients
+        ]
+        self._finish_transaction()
+        self.quit()
+
+    def _on_mail(self, reply: Reply, stage: Stage) -> None:
+        if reply.ok:
+            self._mail_ok = True
+            self._dirty = True
+            if not self._pipelined:
+                self._send_rcpt()
+            return
+        for index in range(len(self._env.recipients)):
+            self._fail(index, reply, stage)
+        if not self._pipelined:  # else the RCPT and DATA replies are still owed
+            self._finish_transaction()
+
+    def _on_rcpt(self, reply: Reply, stage: Stage) -> None:
+        index = self._rcpt_replied
+        self._rcpt_replied += 1
+        if self._mail_ok:
+            if reply.ok:  # 250, 251 (RFC 5321 §3.3)
+                self._accepted.append(index)
+            else:
+                self._fail(index, reply, stage)
+        if self._pipelined:
+            return
+        if self._rcpt_sent < len(self._env.recipients):
+            self._send_rcpt()
+        elif self._accepted:
+            self._send(b"DATA\r\n", Stage.DATA)
+        else:
+            self._finish_transaction()
+
+    def _on_data(self, reply: Reply, stage: Stage) -> None:
+        if reply.code == 354:
+            if self._mail_ok and self._accepted:
+                self._send(dot_stuff(self._env.content) + b".\r\n", Stage.BODY, Stage.DOT)
+            else:  # RFC 2920 §3.1: 354 with no valid recipient: send an empty message, ignore it
+                self._discard_dot = True
+                self._send(b".\r\n", Stage.DOT)
+            return
+        for index in self._accepted:
+            self._fail(index, reply, stage)
+        self._finish_transaction()
+
+    def _on_dot(self, reply: Reply, stage: Stage) -> None:
+        self._dirty = False
+        if not self._discard_dot:
+            for index in self._accepted:
+                if reply.ok:
+                    self._results[index] = RecipientResult(
+                        self._env.recipients[index], "sent", reply.dsn, reply.text, self.relay
+                    )
+                else:
+                    self._fail(index, reply, stage)
+        self._finish_transaction()
+
+    def _on_quit(self, reply: Reply, stage: Stage) -> None:
+        self._close()
+
+    _ON_REPLY: dict[Stage, Callable[[Client, Reply, Stage], None]] = {
+        Stage.GREETING: _on_greeting,
+        Stage.EHLO: _on_ehlo,
+        Stage.HELO: _on_helo,
+        Stage.RSET: _on_rset,
+        Stage.MAIL: _on_mail,
+        Stage.RCPT: _on_rcpt,
+        Stage.DATA: _on_data,
+        Stage.DOT: _on_dot,
+        Stage.QUIT: _on_quit,
+    }
+
+    # ---- helpers ----
+
+    def _send(self, data: bytes, stage: Stage, expect: Stage | None = None) -> None:
+        """Queue a write and the reply it owes (``expect`` when it differs from ``stage``)."""
+        self._events.append(Send(data, stage))
+        self._expect.append(expect or stage)
+
+    def _new_transaction(self, envelope: Envelope | None) -> None:
+        self._env = envelope  # type: ignore[assignment]
+        count = len(envelope.recipients) if envelope else 0
+        self._results: list[RecipientResult | None] = [None] * count
+        self._accepted: list[int] = []
+        self._mail_ok = False
+        self._pipelined = False
+        self._rcpt_sent = 0
+        self._rcpt_replied = 0
+        self._discard_dot = False
+
+    def _send_mail(self) -> None:
+        env = self._env
+        params = ""
+        if "SIZE" in self.extensions:
+            params += f" SIZE={len(env.content)}"
+        if env.body_8bit and "8BITMIME" in self.extensions:
+            params += " BODY=8BITMIME"
+        mail = f"MAIL FROM:<{env.sender}>{params}\r\n".encode()
+        self._pipelined = self.use_pipelining and "PIPELINING" in self.extensions
+        if not self._pipelined:
+            self._send(mail, Stage.MAIL)
+            return
+        # RFC 2920 §3.1: MAIL, every RCPT and DATA in one write; the replies come in order.
+        rcpts = b"".join(f"RCPT TO:<{r}>\r\n".encode() for r in env.recipients)
+        self._events.append(Send(mail + rcpts + b"DATA\r\n", Stage.MAIL))
+        self._expect.append(Stage.MAIL)
+        self._expect.extend([Stage.RCPT] * len(env.recipients))
+        self._expect.append(Stage.DATA)
+        self._rcpt_sent = len(env.recipients)
+
+    def _send_rcpt(self) -> None:
+        rcpt = self._env.recipients[self._rcpt_sent]
+        self._rcpt_sent += 1
+        self._send(f"RCPT TO:<{rcpt}>\r\n".encode(), Stage.RCPT)
+
+    def _said(self, reply: Reply, stage: Stage) -> str:
+        return f"host {self.peer} said: {reply.text} (in reply to {COMMAND[stage]} command)"
+
+    def _fail(self, index: int, reply: Reply, stage: Stage) -> None:
+        """Recipient ``index`` gets a 4xx (deferred) or 5xx (bounced) reply."""
+        status = "bounced" if reply.code >= 500 else "deferred"
+        self._results[index] = RecipientResult(
+            self._env.recipients[index], status, reply.dsn, self._said(reply, stage), self.relay
+        )
+
+    def _ready(self) -> None:
+        self.phase = Phase.READY
+        self._events.append(Ready(self.esmtp, dict(self.extensions)))
+
+    def _finish_transaction(self) -> None:
+        results = tuple(
+            result
+            or RecipientResult(rcpt, "deferred", "4.0.0", f"no reply from {self.peer}", self.relay)
+            for rcpt, result in zip(self._env.recipients, self._results, strict=True)
+        )
+        self._events.append(TransactionDone(results))
+        self.phase = Phase.READY
+        self._new_transaction(None)
+
+    def _session_failed(self, reply: Reply, text: str) -> None:
+        self._events.append(SessionFailed(reply.dsn, text, reply))
+        self.quit()
+
+    def _server_closing(self, reply: Reply, stage: Stage) -> None:
+        """421 (RFC 5321 §3.8): the server is closing the connection; no QUIT."""
+        if self.phase is Phase.SESSION:
+            text = (
+                self._said(reply, stage)
+                if stage in COMMAND
+                else (f"host {self.peer} refused to talk to me: {reply.text}")
+            )
+            self._events.append(SessionFailed(reply.dsn, text, reply))
+        elif self.phase is Phase.TRANSACTION:
+            for index, result in enumerate(self._results):
+                if result is None:
+                    self._fail(index, reply, stage)
+            self._finish_transaction()
+        self._close()
+
+    def _connection_failed(self, text: str) -> None:
+        """Lost connection, timeout or garbage: every open outcome is deferred (dsn 4.4.2)."""
+        if self.phase is Phase.SESSION:
+            self._events.append(SessionFailed("4.4.2", text))
+        elif self.phase is Phase.TRANSACTION:
+            for index, result in enumerate(self._results):
+                if result is None:
+                    self._results[index] = RecipientResult(
+                        self._env.recipients[index], "deferred", "4.4.2", text, self.relay
+                    )
+            self._finish_transaction()
+        self._close()
+
+    def _close(self) -> None:
+        self.phase = Phase.CLOSED
+        self._expect.clear()
+        self._events = deque(e for e in self._events if not isinstance(e, Send | NeedData))
+
+
+def _extensions(reply: Reply) -> dict[str, str]:
+    """EHLO keywords (upper case) and their parameters; the first line is the server's name."""
+    out: dict[str, str] = {}
+    for line in reply.lines[1:]:
+        keyword, _, params = line.strip().partition(" ")
+        if keyword:
+            out[keyword.upper()] = params.strip()
+    return out

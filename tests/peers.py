@@ -1,0 +1,319 @@
+"""Real peers on loopback for end-to-end tests: an unbound DNS server and Postfix's smtp-sink.
+
+Both fixtures are factories (start as many peers as a test needs); every process is stopped by
+its PID at teardown. Everything binds 127.0.0.1 on a free port, so tests can run in parallel.
+
+    def test_mx(dns_server):
+        host, port = dns_server(["mx.test. 60 IN MX 10 mail.mx.test.",
+                                 "mail.mx.test. 60 IN A 127.0.0.1"])
+        config = Config(dns_servers=(f"{host}:{port}",), dns_timeout=2.0)
+
+    def test_relay(smtp_sink):
+        sink = smtp_sink()                  # extra smtp-sink flags: smtp_sink("-r", "RCPT")
+        config = Config(relayhost=sink.nexthop)   # "[127.0.0.1]:PORT"
+        ...                                 # deliver
+        (message,) = sink.messages()        # SinkMessage(sender, recipients, content, ...)
+        sink.stop(); ...; sink.start()      # next hop down, then up again on the same port
+
+Import them in a test module with ``from peers import free_port`` (conftest.py re-exports the
+fixtures, so they need no import).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import dns.exception
+import dns.message
+import dns.query
+import pytest
+
+UNBOUND = "/usr/sbin/unbound"
+SMTP_SINK = "/usr/sbin/smtp-sink"
+LOOPBACK = "127.0.0.1"
+START_TIMEOUT = 10.0  # seconds for a peer to start answering
+
+
+def free_port(*, udp: bool = False, host: str = LOOPBACK) -> int:
+    """A TCP port on ``host`` that nothing listens on now (also free for UDP with ``udp``)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind((host, 0))
+            port = tcp.getsockname()[1]
+            if not udp:
+                return port
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as datagram:
+                try:
+                    datagram.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free port")
+
+
+def _stop_process(proc: subprocess.Popen) -> None:
+    """Terminate one process we started, by its PID; kill it if it lingers."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def _wait_until(ready: Callable[[], bool], proc: subprocess.Popen, what: str, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        if ready():
+            return
+        time.sleep(0.02)
+    _stop_process(proc)
+    raise RuntimeError(f"{what} did not start in {START_TIMEOUT}s: {log.read_text()[-2000:]}")
+
+
+# ---- DNS: unbound serving static local zones ----
+
+
+def _unbound_config(port: int, directory: Path, records: Sequence[str], zones: Sequence[str]):
+    lines = [
+        "server:",
+        f"  interface: {LOOPBACK}@{port}",
+        f"  port: {port}",
+        "  do-daemonize: no",
+        '  username: ""',
+        '  chroot: ""',
+        f'  directory: "{directory}"',
+        '  pidfile: ""',
+        "  use-syslog: no",
+        '  logfile: ""',
+        "  do-not-query-localhost: no",
+        "  access-control: 127.0.0.0/8 allow",
+        "  num-threads: 1",
+        '  module-config: "iterator"',
+    ]
+    lines += [f'  local-zone: "{zone}" static' for zone in zones]
+    for record in records:  # a record holding double quotes (TXT) goes in single quotes
+        lines.append(f"  local-data: '{record}'" if '"' in record else f'  local-data: "{record}"')
+    lines += ["remote-control:", "  control-enable: no", ""]
+    return "\n".join(lines)
+
+
+def _dns_answers(port: int) -> bool:
+    try:
+        dns.query.udp(dns.message.make_query("test.", "SOA"), LOOPBACK, timeout=0.2, port=port)
+    except (OSError, dns.exception.DNSException):
+        return False
+    return True
+
+
+@pytest.fixture
+def dns_server(tmp_path_factory) -> Iterator[Callable[..., tuple[str, int]]]:
+    """Factory: ``dns_server(records, zones=("test.",)) -> (host, port)`` starts ``unbound -d``
+    answering for each zone (``local-zone: ZONE static``) from ``records``, zone-file lines such
+    as "mx.test. 60 IN MX 10 mail1.mx.test.", "nullmx.test. 60 IN MX 0 ." or
+    "aonly.test. 60 IN A 127.0.0.1". A name in a zone without records is NXDOMAIN."""
+    if not os.access(UNBOUND, os.X_OK):
+        pytest.skip(f"{UNBOUND} not installed")
+    procs: list[subprocess.Popen] = []
+
+    def start(records: Sequence[str], *, zones: Sequence[str] = ("test.",)) -> tuple[str, int]:
+        directory = tmp_path_factory.mktemp("unbound")
+        port = free_port(udp=True)
+        conf = directory / "unbound.conf"
+        conf.write_text(_unbound_config(port, directory, records, zones))
+        log = directory / "unbound.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [UNBOUND, "-d", "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT
+            )
+        procs.append(proc)
+        _wait_until(lambda: _dns_answers(port), proc, "unbound", log)
+        return LOOPBACK, port
+
+    yield start
+    for proc in procs:
+        _stop_process(proc)
+
+
+# ---- SMTP: Postfix's smtp-sink, capturing each transaction to a file ----
+
+
+@dataclass(frozen=True)
+class SinkMessage:
+    """One transaction as smtp-sink dumped it. ``content`` has CRLF line ends and is unstuffed;
+    smtp-sink stores lines with LF, so a bare LF or CR in the original is not told apart."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    content: bytes
+    helo: str
+    mail_args: str  # the whole MAIL FROM argument, e.g. "<a@x.test> SIZE=120 BODY=8BITMIME"
+    rcpt_args: tuple[str, ...]
+    client_addr: str
+    path: Path
+
+
+def _path_address(args: str) -> str:
+    """The address inside "<...>" at the start of a MAIL/RCPT argument."""
+    start = args.find("<")
+    end = args.find(">", start + 1)
+    return args[start + 1 : end] if start >= 0 and end > start else args.split(" ")[0]
+
+
+def parse_sink_dump(path: Path) -> SinkMessage:
+    """Read one ``-d`` dump file (smtp-sink(1) DUMP FILE FORMAT): X-Client-Addr, X-Client-Proto,
+    X-Helo-Args, X-Mail-Args, X-Rcpt-Args… records, a three-line Received: header, the message,
+    and one empty line."""
+    lines = path.read_bytes().split(b"\n")
+    fields: dict[str, list[str]] = {}
+    i = 0
+    while i < len(lines) and not lines[i].startswith(b"Received:"):
+        name, _, value = lines[i].decode("utf-8", "replace").partition(":")
+        fields.setdefault(name, []).append(value.strip())
+        i += 1
+    body = b"\n".join(lines[i + 3 :])  # after the Received: header and its two continuations
+    body = body.removesuffix(b"\n")  # the empty line smtp-sink appends
+    mail_args = fields.get("X-Mail-Args", [""])[0]
+    rcpt_args = tuple(fields.get("X-Rcpt-Args", []))
+    return SinkMessage(
+        sender=_path_address(mail_args),
+        recipients=tuple(_path_address(arg) for arg in rcpt_args),
+        content=body.replace(b"\n", b"\r\n"),
+        helo=fields.get("X-Helo-Args", [""])[0],
+        mail_args=mail_args,
+        rcpt_args=rcpt_args,
+        client_addr=fields.get("X-Client-Addr", [""])[0],
+        path=path,
+    )
+
+
+def _tcp_listening(host: str, port: int) -> bool:
+    """Whether something listens on host:port (IPv4), from /proc (no probe connection, which
+    smtp-sink would count as a session)."""
+    want = f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
+    try:
+        table = Path("/proc/net/tcp").read_text()
+    except OSError:
+        with socket.socket() as probe:
+            return probe.connect_ex((host, port)) == 0
+    return any(
+        parts[1] == want and parts[3] == "0A"  # 0A = LISTEN
+        for parts in (line.split() for line in table.splitlines()[1:])
+    )
+
+
+class SmtpSink:
+    """One smtp-sink on ``host``:``port`` (default 127.0.0.1 and a free port); ``flags`` are
+    extra smtp-sink(1) options, e.g. ("-r", "RCPT") to soft-reject every RCPT, ("-f", "DATA") to
+    hard-reject DATA, ("-f", "CONNECT") to refuse the greeting, ("-p",) to not offer PIPELINING,
+    ("-8",) to not offer 8BITMIME, ("-w", "5") to wait 5 s before answering DATA."""
+
+    def __init__(
+        self,
+        flags: Sequence[str] = (),
+        *,
+        host: str = LOOPBACK,
+        port: int | None = None,
+        hostname: str = "smtp-sink",
+    ) -> None:
+        self.host = host
+        self.port = port or free_port(host=host)
+        self.flags = tuple(flags)
+        self.hostname = hostname
+        # smtp-sink drops to "nobody" when started as root: the dump directory must be
+        # reachable and writable by it, so it lives in /tmp rather than under pytest's 0700 tree.
+        self.dump_dir = Path(tempfile.mkdtemp(prefix="tern-sink-"))
+        self.dump_dir.chmod(0o777)
+        self.log = self.dump_dir.parent / f"{self.dump_dir.name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def nexthop(self) -> str:
+        """The Postfix next-hop form for relayhost / transport_maps: "[127.0.0.1]:PORT"."""
+        return f"[{self.host}]:{self.port}"
+
+    def start(self) -> SmtpSink:
+        """Start (again) on the same port; returns when it listens."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        command = [
+            SMTP_SINK,
+            *user,
+            "-h",
+            self.hostname,
+            "-d",
+            f"{self.dump_dir}/%Y%m%d%H%M%S.",
+            *self.flags,
+            f"inet:{self.host}:{self.port}",
+            "128",
+        ]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        _wait_until(lambda: _tcp_listening(self.host, self.port), self.proc, "smtp-sink", self.log)
+        return self
+
+    def stop(self) -> None:
+        """Stop it (connections to the port are then refused)."""
+        if self.proc is not None:
+            _stop_process(self.proc)
+            self.proc = None
+
+    def messages(self) -> list[SinkMessage]:
+        """Every transaction received so far, oldest first."""
+        paths = sorted(self.dump_dir.iterdir(), key=lambda p: (p.stat().st_mtime_ns, p.name))
+        return [parse_sink_dump(path) for path in paths]
+
+    def wait_messages(self, count: int, timeout: float = 5.0) -> list[SinkMessage]:
+        """The messages once at least ``count`` arrived (for deliveries done in the background)."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.messages()) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return found
+
+    def clear(self) -> None:
+        """Forget the messages received so far."""
+        for path in self.dump_dir.iterdir():
+            path.unlink()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dump_dir, ignore_errors=True)
+        self.log.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[Callable[..., SmtpSink]]:
+    """Factory: ``smtp_sink(*flags, host="127.0.0.1", port=None, hostname="smtp-sink",
+    start=True) -> SmtpSink`` runs Postfix's smtp-sink on ``host`` and ``port`` (default: a free
+    one). Two sinks may share a port on different loopback addresses (127.0.0.2 …), as the MX
+    hosts of one domain do. See SmtpSink for the flags."""
+    if not os.access(SMTP_SINK, os.X_OK):
+        pytest.skip(f"{SMTP_SINK} not installed")
+    sinks: list[SmtpSink] = []
+
+    def make(
+        *flags: str,
+        host: str = LOOPBACK,
+        port: int | None = None,
+        hostname: str = "smtp-sink",
+        start: bool = True,
+    ) -> SmtpSink:
+        sink = SmtpSink(flags, host=host, port=port, hostname=hostname)
+        sinks.append(sink)
+        return sink.start() if start else sink
+
+    yield make
+    for sink in sinks:
+        sink.close()
