@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Debian packages the tests use as real peers: Postfix's smtp-sink/smtp-source (the field's
+# standard next-hop sink and load generator), unbound (a DNS server on a loopback port), swaks.
+# Installs only what is missing; Postfix is installed unconfigured, so no daemon starts.
+set -euo pipefail
+need=()
+command -v smtp-sink >/dev/null || need+=(postfix)
+command -v unbound >/dev/null || need+=(unbound)
+command -v swaks >/dev/null || need+=(swaks)
+[ ${#need[@]} -eq 0 ] && exit 0
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
