@@ -10,8 +10,8 @@ Never does network I/O.
 import re
 import time
 from dataclasses import dataclass, field
-from email.utils import format_datetime, formatdate
 from datetime import datetime
+from email.utils import format_datetime, formatdate
 
 from engine.spool import Envelope, QueuedMessage, Recipient
 

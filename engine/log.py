@@ -25,7 +25,7 @@ class Maillog:
     def __init__(self, hostname: str, path: str = "", stream: TextIO | None = None) -> None:
         self._host = hostname.split(".")[0] or "localhost"
         self._pid = os.getpid()
-        self._stream = stream or (open(path, "a", buffering=1) if path else sys.stderr)
+        self._stream = stream or (open(path, "a", buffering=1) if path else sys.stderr)  # noqa: SIM115 - lives as long as the process
         self._stamp_second = -1
         self._stamp = ""
 

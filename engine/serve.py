@@ -6,6 +6,7 @@ recipients stay queued). Trusts the validated Config.
 """
 
 import asyncio
+import contextlib
 import functools
 import signal
 from pathlib import Path
@@ -47,10 +48,9 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
             reuse_address=True, backlog=1024))
     stop = stop or asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        try:
+        # not possible outside the main thread (tests may run serve() in a thread)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass  # not the main thread (tests run serve() in a thread)
     where = ", ".join(f"{item.host}:{item.port}" for item in config.listen)
     maillog.line("master", f"daemon started -- version {__version__}, configuration "
                            f"{config.config_file or '(embedded defaults)'}, listening on {where}")

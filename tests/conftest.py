@@ -23,3 +23,4 @@ def impl(request):
 
 
 from peers import dns_server, smtp_sink  # noqa: E402, F401
+from tern_process import tern  # noqa: E402, F401 - fixture: tern serve as a real process

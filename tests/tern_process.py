@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from peers import free_port
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,8 +12,6 @@ import sys
 
 import pytest
 
-from tern_process import tern  # noqa: F401 - fixture
-
 QUEUED = re.compile(r"2\.0\.0 Ok: queued as (\S+)")
 
 

@@ -48,7 +48,8 @@ def format_mailq(envelopes: list[Envelope]) -> str:
             lines.append(" " * 41 + recipient.address)
         lines.append("")
     count = len(envelopes)
-    lines.append(f"-- {(total + 1023) // 1024} Kbytes in {count} Request{'s' if count > 1 else ''}.")
+    plural = "s" if count > 1 else ""
+    lines.append(f"-- {(total + 1023) // 1024} Kbytes in {count} Request{plural}.")
     return "\n".join(lines) + "\n"
 
 

@@ -7,6 +7,7 @@ forgotten, so a crash can cause a second delivery but never none. Does no protoc
 """
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -86,10 +87,8 @@ class QueueManager:
             wakeup = self.scheduler.next_wakeup()
             self._wake.clear()
             timeout = None if wakeup is None else max(0.0, wakeup - self.clock())
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
 
     def _activate(self, queue_id: str, now: float) -> None:
         """Bring a due message into the active queue and split its due recipients into jobs."""

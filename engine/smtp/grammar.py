@@ -59,7 +59,8 @@ def parse_path(arg: str, prefix: str, syntax: Reply) -> tuple[str, str]:
     return address, params.strip(" ")
 
 
-def check_mailbox(address: str, bad_address: Reply, *, allow_bare: frozenset[str] = frozenset()) -> str:
+def check_mailbox(address: str, bad_address: Reply, *,
+                  allow_bare: frozenset[str] = frozenset()) -> str:
     """Validate an RFC 5321 Mailbox; ``allow_bare`` names local parts accepted without a domain."""
     if address.lower() in allow_bare:
         return address

@@ -34,7 +34,8 @@ SENDER_OK = Reply(250, "2.1.0 Ok")
 RECIPIENT_OK = Reply(250, "2.1.5 Ok")
 START_DATA = Reply(354, "End data with <CR><LF>.<CR><LF>")
 BYE = Reply(221, "2.0.0 Bye")
-VRFY_NO_DISCLOSURE = Reply(252, "2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
+VRFY_NO_DISCLOSURE = Reply(
+    252, "2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
 HELP = Reply(214, "2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
 
 # 5.5.x: command syntax and sequence (RFC 5321 §4.2.4, Postfix smtpd wording)

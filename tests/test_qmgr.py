@@ -1,0 +1,207 @@
+"""The queue manager's driver: attempts, concurrency, backoff, bounces and start-up rebuild.
+
+Agents here are in-process functions (the real SMTP agent is tested against smtp-sink in
+test_delivery_smtp and test_end_to_end); the spool is the in-memory one, the clock injected.
+"""
+
+import asyncio
+import io
+
+import pytest
+
+from engine.config import Config
+from engine.delivery import DeliveryOutcome, RecipientResult, TransientFailure
+from engine.log import Maillog
+from engine.qmgr.manager import QueueManager
+from engine.spool import Envelope, QueuedMessage, Recipient
+from engine.spool.memory import MemorySpool
+
+CONFIG = Config(myhostname="mx.test", relayhost="[127.0.0.1]:2526",
+                default_destination_concurrency_limit=3,
+                minimal_backoff_time=300.0, maximal_backoff_time=4000.0)
+
+
+class Clock:
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def envelope(queue_id, recipients=("r@example.net",), arrival=1000.0):
+    return Envelope(queue_id=queue_id, sender="s@example.org", arrival=arrival, size=10,
+                    recipients=[Recipient(r, next_attempt=arrival) for r in recipients])
+
+
+async def enqueue(spool, env):
+    await spool.enqueue(QueuedMessage(env, [b"Subject: x\r\n\r\nbody\r\n"]))
+
+
+def manager(spool, agent, clock=None):
+    log = io.StringIO()
+    qmgr = QueueManager(spool, CONFIG, Maillog("mx.test", stream=log), {"smtp": agent},
+                        clock=clock or Clock())
+    return qmgr, log
+
+
+def sent(request):
+    return DeliveryOutcome([RecipientResult(r, "sent", "2.0.0", "250 2.0.0 Ok", "sink[127.0.0.1]")
+                            for r in request.recipients])
+
+
+async def until(condition, timeout=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+def test_new_mail_is_attempted_at_once_and_removed_when_sent():
+    async def scenario():
+        spool = MemorySpool()
+        calls = []
+
+        async def agent(request):
+            calls.append((request.queue_id, request.recipients, request.content))
+            return sent(request)
+
+        qmgr, log = manager(spool, agent)
+        await qmgr.start()
+        env = envelope("Q1", ("a@example.net", "b@example.net"))
+        await enqueue(spool, env)
+        qmgr.notify_new(env)
+        await until(lambda: spool.envelopes() == [])
+        await qmgr.stop()
+        return calls, log.getvalue()
+
+    calls, log = asyncio.run(scenario())
+    assert calls == [("Q1", ["a@example.net", "b@example.net"], b"Subject: x\r\n\r\nbody\r\n")]
+    assert "Q1: to=<a@example.net>, relay=sink[127.0.0.1], delay=" in log
+    assert "dsn=2.0.0, status=sent (250 2.0.0 Ok)" in log
+    assert log.rstrip().endswith("Q1: removed")
+
+
+def test_concurrency_per_destination_is_limited():
+    async def scenario():
+        spool = MemorySpool()
+        running, peak, release = 0, 0, asyncio.Event()
+
+        async def agent(request):
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            await release.wait()
+            running -= 1
+            return sent(request)
+
+        qmgr, _ = manager(spool, agent)
+        await qmgr.start()
+        for i in range(10):
+            env = envelope(f"Q{i}")
+            await enqueue(spool, env)
+            qmgr.notify_new(env)
+        await until(lambda: running == 3)
+        await asyncio.sleep(0.05)
+        assert running == 3  # the limit holds while more work waits
+        release.set()
+        await until(lambda: spool.envelopes() == [])
+        await qmgr.stop()
+        return peak
+
+    assert asyncio.run(scenario()) == 3
+
+
+def test_transient_failure_defers_with_backoff_and_keeps_reason():
+    async def scenario():
+        spool = MemorySpool()
+        clock = Clock(1000.0)
+
+        async def agent(request):
+            raise TransientFailure("4.4.1", "connect to 127.0.0.1[127.0.0.1]:2526: refused")
+
+        qmgr, log = manager(spool, agent, clock)
+        await qmgr.start()
+        env = envelope("Q1")
+        await enqueue(spool, env)
+        qmgr.notify_new(env)
+        await until(lambda: spool.envelope("Q1").recipients[0].status == "deferred")
+        await qmgr.stop()
+        return spool.envelope("Q1"), log.getvalue()
+
+    stored, log = asyncio.run(scenario())
+    (recipient,) = stored.recipients
+    assert recipient.next_attempt == 1000.0 + 300.0
+    assert recipient.attempts == 1
+    assert recipient.last_reply == "connect to 127.0.0.1[127.0.0.1]:2526: refused"
+    assert "relay=none" in log and "dsn=4.4.1, status=deferred (connect to" in log
+
+
+def test_permanent_reply_bounces_only_that_recipient():
+    async def scenario():
+        spool = MemorySpool()
+
+        async def agent(request):
+            return DeliveryOutcome([
+                RecipientResult(r, "bounced" if r.startswith("bad") else "sent",
+                                "5.1.1" if r.startswith("bad") else "2.0.0",
+                                "550 5.1.1 no such user" if r.startswith("bad") else "250 ok")
+                for r in request.recipients])
+
+        qmgr, log = manager(spool, agent)
+        await qmgr.start()
+        env = envelope("Q1", ("bad@example.net", "good@example.net"))
+        await enqueue(spool, env)
+        qmgr.notify_new(env)
+        await until(lambda: spool.envelopes() == [])
+        await qmgr.stop()
+        return log.getvalue()
+
+    log = asyncio.run(scenario())
+    assert "to=<bad@example.net>, relay=none" in log
+    assert "dsn=5.1.1, status=bounced (550 5.1.1 no such user)" in log
+    assert "to=<good@example.net>" in log and "status=sent" in log
+
+
+@pytest.mark.parametrize("due_in, attempted", [(-1.0, True), (3600.0, False)])
+def test_start_up_rebuilds_schedule_from_the_spool(due_in, attempted):
+    async def scenario():
+        spool = MemorySpool()
+        clock = Clock(5000.0)
+        env = envelope("Q1")
+        env.recipients[0].status = "deferred"
+        env.recipients[0].next_attempt = clock.now + due_in
+        await enqueue(spool, env)
+        calls = []
+
+        async def agent(request):
+            calls.append(request.queue_id)
+            return sent(request)
+
+        qmgr, _ = manager(spool, agent, clock)
+        await qmgr.start()
+        await asyncio.sleep(0.1)
+        await qmgr.stop()
+        return calls
+
+    assert (asyncio.run(scenario()) == ["Q1"]) is attempted
+
+
+def test_expired_deferred_mail_bounces():
+    async def scenario():
+        spool = MemorySpool()
+        clock = Clock(1000.0 + CONFIG.maximal_queue_lifetime + 1)
+
+        async def agent(request):
+            raise TransientFailure("4.4.1", "still down")
+
+        qmgr, log = manager(spool, agent, clock)
+        await qmgr.start()
+        env = envelope("Q1", arrival=1000.0)
+        await enqueue(spool, env)
+        qmgr.notify_new(env)
+        await until(lambda: spool.envelopes() == [])
+        await qmgr.stop()
+        return log.getvalue()
+
+    assert "dsn=4.4.1, status=bounced (still down)" in asyncio.run(scenario())
