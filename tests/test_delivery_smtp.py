@@ -1,0 +1,141 @@
+"""The SMTP delivery agent end to end: real smtp-sink peers (and unbound for MX) on loopback."""
+
+import asyncio
+
+import pytest
+import uvloop
+
+from engine.config import Config
+from engine.delivery import DeliveryRequest, NextHop, TransientFailure
+from engine.delivery.smtp import deliver
+from engine.dns import Resolver
+
+CONTENT = b"Subject: test\r\n\r\n.leading dot\r\nline\r\n.\r\nlast line without CRLF"
+RECIPIENTS = ["b@y.test", "c@y.test"]
+
+
+def run(coro):
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def request_to(host, port, *, mx_lookup=False, **fields):
+    return DeliveryRequest(
+        "4Xyz",
+        "a@x.test",
+        list(RECIPIENTS),
+        CONTENT,
+        NextHop("smtp", host, port, mx_lookup),
+        **fields,
+    )
+
+
+@pytest.fixture
+def config():
+    return Config(myhostname="client.tern.test", smtp_connect_timeout=2.0, dns_timeout=2.0)
+
+
+def test_two_recipients_in_one_transaction(smtp_sink, config):
+    sink = smtp_sink()
+    request = request_to("127.0.0.1", sink.port, body_8bit=True)
+    outcome = run(deliver(request, config, Resolver(config)))
+    relay = f"127.0.0.1[127.0.0.1]:{sink.port}"
+    assert [(r.recipient, r.status, r.dsn, r.reply, r.relay) for r in outcome.results] == [
+        (rcpt, "sent", "2.0.0", "250 2.0.0 Ok", relay) for rcpt in RECIPIENTS
+    ]
+    assert outcome.connect_seconds > 0 and outcome.transfer_seconds > 0
+    (message,) = sink.messages()
+    assert message.sender == "a@x.test"
+    assert message.recipients == tuple(RECIPIENTS)
+    assert message.helo == "client.tern.test"
+    assert message.mail_args == "<a@x.test> BODY=8BITMIME"
+    assert message.content == CONTENT + b"\r\n"
+
+
+def test_soft_rejected_recipients_are_deferred(smtp_sink, config):
+    sink = smtp_sink("-r", "RCPT")
+    outcome = run(deliver(request_to("127.0.0.1", sink.port), config, Resolver(config)))
+    said = "host 127.0.0.1[127.0.0.1] said: 450 4.3.0 Error: command failed"
+    assert [(r.status, r.dsn, r.reply) for r in outcome.results] == [
+        ("deferred", "4.3.0", f"{said} (in reply to RCPT TO command)")
+    ] * 2
+    assert sink.messages() == []
+
+
+def test_rejected_end_of_data_bounces(smtp_sink, config):
+    sink = smtp_sink("-f", ".")
+    outcome = run(deliver(request_to("127.0.0.1", sink.port), config, Resolver(config)))
+    assert {(r.status, r.dsn) for r in outcome.results} == {("bounced", "5.3.0")}
+    assert outcome.results[0].reply.endswith("(in reply to end of DATA command)")
+
+
+def test_next_hop_down_is_transient_then_delivers_when_up(smtp_sink, config):
+    sink = smtp_sink()
+    sink.stop()
+    request = request_to("127.0.0.1", sink.port)
+    with pytest.raises(TransientFailure) as info:
+        run(deliver(request, config, Resolver(config)))
+    assert info.value.dsn == "4.4.1"
+    assert info.value.text == f"connect to 127.0.0.1[127.0.0.1]:{sink.port}: Connection refused"
+    sink.start()
+    outcome = run(deliver(request, config, Resolver(config)))
+    assert {r.status for r in outcome.results} == {"sent"}
+    assert len(sink.messages()) == 1
+
+
+def test_refused_greeting_only_server_is_transient(smtp_sink, config):
+    sink = smtp_sink("-f", "CONNECT")
+    with pytest.raises(TransientFailure) as info:
+        run(deliver(request_to("127.0.0.1", sink.port), config, Resolver(config)))
+    assert info.value.dsn == "4.3.0"  # a 5xx greeting defers (Postfix's smtp_skip_5xx_greeting)
+    assert info.value.text == (
+        "host 127.0.0.1[127.0.0.1] refused to talk to me: 500 5.3.0 Error: command failed"
+    )
+
+
+def test_data_timeout_defers_with_postfix_text(smtp_sink):
+    sink = smtp_sink("-p", "-w", "5")  # -w delays nothing when pipelining
+    config = Config(myhostname="client.tern.test", smtp_data_init_timeout=0.3)
+    outcome = run(deliver(request_to("127.0.0.1", sink.port), config, Resolver(config)))
+    assert {(r.status, r.dsn, r.reply) for r in outcome.results} == {
+        (
+            "deferred",
+            "4.4.2",
+            "conversation with 127.0.0.1[127.0.0.1] timed out while sending DATA command",
+        )
+    }
+
+
+def test_mx_delivery_tries_hosts_in_preference_order(dns_server, smtp_sink, config):
+    """mail1 (preference 10) refuses the greeting, mail2 (20) has nothing listening, mail3 (30)
+    takes the mail: every MX host shares the port, which DNS cannot carry."""
+    good = smtp_sink(host="127.0.0.1")
+    smtp_sink("-f", "CONNECT", host="127.0.0.2", port=good.port)
+    host, port = dns_server(
+        [
+            "mx.test. 60 IN MX 10 mail1.mx.test.",
+            "mx.test. 60 IN MX 20 mail2.mx.test.",
+            "mx.test. 60 IN MX 30 mail3.mx.test.",
+            "mail1.mx.test. 60 IN A 127.0.0.2",
+            "mail2.mx.test. 60 IN A 127.0.0.3",
+            "mail3.mx.test. 60 IN A 127.0.0.1",
+        ]
+    )
+    config = Config(myhostname="client.tern.test", dns_servers=(f"{host}:{port}",))
+    request = request_to("mx.test", good.port, mx_lookup=True)
+    outcome = run(deliver(request, config, Resolver(config)))
+    assert {(r.status, r.relay) for r in outcome.results} == {
+        ("sent", f"mail3.mx.test[127.0.0.1]:{good.port}")
+    }
+    (message,) = good.messages()
+    assert message.recipients == tuple(RECIPIENTS)
+
+
+def test_mx_delivery_all_hosts_down_reports_the_last_error(dns_server, smtp_sink, config):
+    host, port = dns_server(["aonly.test. 60 IN A 127.0.0.1"])
+    down = smtp_sink()
+    down.stop()
+    config = Config(myhostname="client.tern.test", dns_servers=(f"{host}:{port}",))
+    with pytest.raises(TransientFailure) as info:
+        run(deliver(request_to("aonly.test", down.port, mx_lookup=True), config, Resolver(config)))
+    assert info.value.text == f"connect to aonly.test[127.0.0.1]:{down.port}: Connection refused"

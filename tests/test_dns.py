@@ -1,0 +1,98 @@
+"""engine.dns against a real unbound serving a static test zone on loopback."""
+
+import asyncio
+import time
+
+import pytest
+import uvloop
+from peers import free_port
+
+from engine.config import Config
+from engine.delivery import PermanentFailure, TransientFailure
+from engine.dns import Resolver
+
+RECORDS = [
+    "mx.test. 60 IN MX 20 mail2.mx.test.",
+    "mx.test. 60 IN MX 10 mail1.mx.test.",
+    "mx.test. 60 IN MX 20 mail3.mx.test.",
+    "mail1.mx.test. 60 IN A 127.0.0.1",
+    "nullmx.test. 60 IN MX 0 .",
+    "aonly.test. 60 IN A 127.0.0.1",
+    "dual.test. 60 IN A 127.0.0.2",
+    "dual.test. 60 IN AAAA ::1",
+]
+
+
+def run(coro):
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+@pytest.fixture
+def resolver(dns_server):
+    host, port = dns_server(RECORDS)
+    return Resolver(Config(dns_servers=(f"{host}:{port}",), dns_timeout=2.0))
+
+
+def test_mx_hosts_in_preference_order_random_among_equals(resolver):
+    async def many():
+        return [tuple(await resolver.mx_hosts("mx.test")) for _ in range(40)]
+
+    orders = set(run(many()))
+    assert {order[0] for order in orders} == {"mail1.mx.test"}
+    assert orders == {
+        ("mail1.mx.test", "mail2.mx.test", "mail3.mx.test"),
+        ("mail1.mx.test", "mail3.mx.test", "mail2.mx.test"),
+    }
+
+
+def test_null_mx_is_permanent(resolver):
+    with pytest.raises(PermanentFailure) as info:
+        run(resolver.mx_hosts("nullmx.test"))
+    assert info.value.dsn == "5.1.10"
+    assert info.value.text == "Domain nullmx.test does not accept mail (nullMX)"
+
+
+def test_domain_without_mx_is_its_own_mail_host(resolver):
+    assert run(resolver.mx_hosts("aonly.test")) == ["aonly.test"]
+    assert run(resolver.addresses("aonly.test")) == ["127.0.0.1"]
+
+
+def test_nxdomain_is_permanent(resolver):
+    with pytest.raises(PermanentFailure) as info:
+        run(resolver.mx_hosts("nowhere.test"))
+    assert info.value.dsn == "5.1.2"
+    assert info.value.text == (
+        "Host or domain name not found. Name service error for name=nowhere.test type=MX: "
+        "Host not found"
+    )
+
+
+def test_addresses_ipv4_then_ipv6(resolver):
+    assert run(resolver.addresses("dual.test")) == ["127.0.0.2", "::1"]
+
+
+def test_address_literal_needs_no_dns(resolver):
+    assert run(resolver.addresses("127.0.0.9")) == ["127.0.0.9"]
+    assert run(resolver.addresses("[::1]")) == ["::1"]
+    assert run(resolver.mx_hosts("[127.0.0.9]")) == ["127.0.0.9"]
+
+
+def test_host_without_address_is_permanent(resolver):
+    with pytest.raises(PermanentFailure) as info:
+        run(resolver.addresses("mx.test"))
+    assert info.value.dsn == "5.4.4"
+    with pytest.raises(PermanentFailure) as info:
+        run(resolver.addresses("nowhere.test"))
+    assert info.value.dsn == "5.4.4"
+    assert "name=nowhere.test type=A: Host not found" in info.value.text
+
+
+def test_unreachable_dns_server_is_transient():
+    config = Config(dns_servers=(f"127.0.0.1:{free_port(udp=True)}",), dns_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(TransientFailure) as info:
+        run(Resolver(config).mx_hosts("mx.test"))
+    assert time.monotonic() - started < 5
+    assert info.value.dsn == "4.4.3"
+    assert info.value.text.endswith("name=mx.test type=MX: Host not found, try again")
