@@ -11,7 +11,9 @@ DOT = 46
 
 
 class LineTooLong(Exception):
-    """A command line exceeded the limit; the rest of that line is discarded (RFC 5321 §4.5.3.1.4)."""
+    """A command line exceeded the limit; the rest of that line is discarded.
+
+    RFC 5321 §4.5.3.1.4 (command line length)."""
 
 
 class Reader:
@@ -82,6 +84,7 @@ class Reader:
         n = len(buf)
         pos = 0
         out = []
+        self._scanned = 0  # a prefix of buf may be consumed below: forget the line-end search
         if self._at_line_start:
             verdict = self._dot_line(0, n)
             if verdict == 0:
