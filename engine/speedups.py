@@ -28,6 +28,14 @@ def load(name: str, *, pure: bool | None = None) -> ModuleType:
     return importlib.import_module(TWINS[name])
 
 
+def load_exact(name: str, implementation: str) -> ModuleType:
+    """Exactly the named implementation ("compiled" or "pure") of hot path ``name``, for tests
+    and benchmarks that compare the twins. ImportError when the compiled one was not built."""
+    if implementation == "pure":
+        return importlib.import_module(TWINS[name])
+    return importlib.import_module(f"engine._compiled.{name}")
+
+
 def implementations() -> dict[str, str]:
     """For ``tern version``: which implementation each hot path uses ("compiled" or "pure")."""
     return {

@@ -11,15 +11,14 @@ def impl(request):
 
     ``impl("reader")`` returns the module; the compiled case is skipped when it was not built.
     """
-    pure = request.param == "pure"
+    return lambda name: load_or_skip(name, request.param)
 
-    def load(name):
-        module = speedups.load(name, pure=pure)
-        if not pure and not module.__name__.startswith("engine._compiled."):
-            pytest.skip(f"compiled {name} not built")
-        return module
 
-    return load
+def load_or_skip(name, implementation):
+    try:
+        return speedups.load_exact(name, implementation)
+    except ImportError:
+        pytest.skip(f"{implementation} {name} not built")
 
 
 from peers import dns_server, smtp_sink  # noqa: E402, F401
