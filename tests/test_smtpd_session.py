@@ -1,0 +1,129 @@
+"""The smtpd adapter over a real loopback socket: the durability contract, storage errors as
+4xx, and the idle timeout. The spool is the in-memory one, gated to control commit timing."""
+
+import asyncio
+import contextlib
+import io
+
+from engine.config import Config
+from engine.log import Maillog
+from engine.smtpd.session import SmtpdContext, SmtpdProtocol
+from engine.spool import SpoolFull
+from engine.spool.memory import MemorySpool
+from engine.spool.queue_id import QueueIdGenerator
+
+TRANSACTION = (b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
+               b"DATA\r\n")
+
+
+class GatedSpool(MemorySpool):
+    """Commits only when the test opens the gate; or fails with a given error."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.error = error
+
+    async def enqueue(self, message):
+        await self.gate.wait()
+        if self.error is not None:
+            raise self.error
+        await super().enqueue(message)
+
+
+async def serve(spool, **config):
+    log = io.StringIO()
+    context = SmtpdContext(config=Config(myhostname="mx.test", **config), spool=spool,
+                           maillog=Maillog("mx.test", stream=log), new_queue_id=QueueIdGenerator())
+    server = await asyncio.get_running_loop().create_server(
+        lambda: SmtpdProtocol(context), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await reader.readline()  # greeting
+    return server, reader, writer, log
+
+
+async def finish(server, writer):
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+    server.close()
+    await server.wait_closed()
+
+
+async def read_replies(reader, count):
+    final = []
+    while len(final) < count:
+        line = await asyncio.wait_for(reader.readline(), 5)
+        if line[3:4] == b" ":
+            final.append(line.decode().rstrip())
+    return final
+
+
+def test_queued_reply_waits_for_the_spool_commit():
+    async def scenario():
+        spool = GatedSpool()
+        server, reader, writer, _ = await serve(spool)
+        writer.write(TRANSACTION)
+        await read_replies(reader, 4)
+        writer.write(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        early = None
+        with contextlib.suppress(TimeoutError):
+            early = await asyncio.wait_for(reader.readline(), 0.3)
+        assert spool.envelopes() == []
+        spool.gate.set()
+        (reply,) = await read_replies(reader, 1)
+        stored = spool.envelopes()
+        await finish(server, writer)
+        return early, reply, stored
+
+    early, reply, stored = asyncio.run(scenario())
+    assert early is None  # nothing was said before the commit
+    assert reply.startswith("250 2.0.0 Ok: queued as ")
+    assert [e.queue_id for e in stored] == [reply.rsplit(" ", 1)[1]]
+
+
+def test_spool_full_is_452_and_the_session_goes_on():
+    async def scenario():
+        spool = GatedSpool(error=SpoolFull("map full"))
+        spool.gate.set()
+        server, reader, writer, log = await serve(spool)
+        writer.write(TRANSACTION + b"Subject: x\r\n\r\nbody\r\n.\r\nNOOP\r\n")
+        replies = await read_replies(reader, 6)
+        await finish(server, writer)
+        return replies, log.getvalue()
+
+    replies, log = asyncio.run(scenario())
+    assert replies[-2:] == ["452 4.3.1 Insufficient system storage", "250 2.0.0 Ok"]
+    assert "reject: END-OF-MESSAGE from unknown[127.0.0.1]: 452 4.3.1" in log
+
+
+def test_storage_error_is_451_never_a_250():
+    async def scenario():
+        spool = GatedSpool(error=OSError("disk on fire"))
+        spool.gate.set()
+        server, reader, writer, log = await serve(spool)
+        writer.write(TRANSACTION + b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        replies = await read_replies(reader, 5)
+        await finish(server, writer)
+        return replies, log.getvalue()
+
+    replies, log = asyncio.run(scenario())
+    assert replies[-1] == "451 4.3.0 Error: queue file write error"
+    assert "queue file write error: disk on fire" in log
+
+
+def test_idle_client_gets_421_after_smtpd_timeout():
+    async def scenario():
+        server, reader, writer, log = await serve(MemorySpool(), smtpd_timeout=0.2)
+        writer.write(b"EHLO c.test\r\n")
+        await read_replies(reader, 1)
+        line = await asyncio.wait_for(reader.readline(), 5)
+        closed = await asyncio.wait_for(reader.read(), 5)
+        await finish(server, writer)
+        return line, closed, log.getvalue()
+
+    line, closed, log = asyncio.run(scenario())
+    assert line == b"421 4.4.2 mx.test Error: timeout exceeded\r\n"
+    assert closed == b""
+    assert "timeout after EHLO from unknown[127.0.0.1]" in log
