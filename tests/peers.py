@@ -21,6 +21,7 @@ fixtures, so they need no import).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -270,10 +271,40 @@ class SmtpSink:
             _stop_process(self.proc)
             self.proc = None
 
+    def _open_files(self) -> set[str] | None:
+        """The files smtp-sink holds open (transactions in progress), None when unknown."""
+        if self.proc is None:
+            return set()
+        fd_dir = Path(f"/proc/{self.proc.pid}/fd")
+        try:
+            fds = list(fd_dir.iterdir())
+        except OSError:
+            return None if self.proc.poll() is None else set()
+        names = set()
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                names.add(os.readlink(fd))
+        return names
+
     def messages(self) -> list[SinkMessage]:
-        """Every transaction received so far, oldest first."""
-        paths = sorted(self.dump_dir.iterdir(), key=lambda p: (p.stat().st_mtime_ns, p.name))
-        return [parse_sink_dump(path) for path in paths]
+        """Every finished transaction so far, oldest first. smtp-sink creates a dump file at
+        MAIL FROM and writes it at "." (it drops it if the transaction fails), so a file it
+        still holds open, or an empty one, is a transaction in progress and is left out."""
+        paths = list(self.dump_dir.iterdir())  # list first, then see which are still open
+        busy = self._open_files() or set()
+        found = []
+        for path in paths:
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            if stat.st_size and str(path) not in busy:
+                found.append((stat.st_mtime_ns, path.name, path))
+        messages = []
+        for *_, path in sorted(found):
+            with contextlib.suppress(FileNotFoundError):
+                messages.append(parse_sink_dump(path))
+        return messages
 
     def wait_messages(self, count: int, timeout: float = 5.0) -> list[SinkMessage]:
         """The messages once at least ``count`` arrived (for deliveries done in the background)."""

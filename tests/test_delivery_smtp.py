@@ -77,6 +77,7 @@ def test_next_hop_down_is_transient_then_delivers_when_up(smtp_sink, config):
         run(deliver(request, config, Resolver(config)))
     assert info.value.dsn == "4.4.1"
     assert info.value.text == f"connect to 127.0.0.1[127.0.0.1]:{sink.port}: Connection refused"
+    assert info.value.relay == "none"  # no session, as Postfix logs it
     sink.start()
     outcome = run(deliver(request, config, Resolver(config)))
     assert {r.status for r in outcome.results} == {"sent"}
@@ -91,6 +92,7 @@ def test_refused_greeting_only_server_is_transient(smtp_sink, config):
     assert info.value.text == (
         "host 127.0.0.1[127.0.0.1] refused to talk to me: 500 5.3.0 Error: command failed"
     )
+    assert info.value.relay == f"127.0.0.1[127.0.0.1]:{sink.port}"
 
 
 def test_data_timeout_defers_with_postfix_text(smtp_sink):

@@ -87,13 +87,11 @@ async def _attempt(
     try:
         async with asyncio.timeout(config.smtp_connect_timeout):
             reader, writer = await asyncio.open_connection(address, port)
-    except TimeoutError:
-        raise TransientFailure(
-            "4.4.1", f"connect to {relay}: Connection timed out", relay
-        ) from None
+    except TimeoutError:  # no session: Postfix logs relay=none
+        raise TransientFailure("4.4.1", f"connect to {relay}: Connection timed out") from None
     except OSError as exc:
         why = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise TransientFailure("4.4.1", f"connect to {relay}: {why}", relay) from None
+        raise TransientFailure("4.4.1", f"connect to {relay}: {why}") from None
 
     client = Client(config.expand(config.smtp_helo_name), peer=peer, relay=relay)
     envelope = Envelope(request.sender, request.recipients, request.content, request.body_8bit)
