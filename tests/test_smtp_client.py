@@ -97,16 +97,16 @@ def test_ehlo_multiline_reply_gives_extensions(bytewise):
 def test_reply_buffer_bare_lf_and_trailing_data():
     buf = ReplyBuffer()
     buf.feed(b"250-first\n250 last\r\n354 go")
-    assert buf.read_reply() == Reply(250, ("first", "last"))
+    assert buf.read_reply() == Reply(250, "first\nlast")
     assert buf.read_reply() is None
     buf.feed(b" ahead\r\n")
-    assert buf.read_reply() == Reply(354, ("go ahead",))
+    assert buf.read_reply() == Reply(354, "go ahead")
 
 
 def test_reply_buffer_bare_code_line():
     buf = ReplyBuffer()
     buf.feed(b"250\r\n")
-    assert buf.read_reply() == Reply(250, ("",))
+    assert buf.read_reply() == Reply(250, "")
 
 
 @pytest.mark.parametrize("line", [b"hello\r\n", b"25\r\n", b"250x\r\n", b"650 no\r\n"])
@@ -137,9 +137,9 @@ def test_malformed_reply_ends_session_like_a_lost_connection():
 
 
 def test_multiline_reply_text_is_logged_as_postfix_does():
-    reply = Reply(550, ("5.1.1 first", "5.1.1 second"))
-    assert reply.text == "550-5.1.1 first 550 5.1.1 second"
-    assert Reply(250, ("",)).text == "250"
+    reply = Reply(550, "5.1.1 first\n5.1.1 second")
+    assert reply.flat == "550-5.1.1 first 550 5.1.1 second"
+    assert Reply(250, "").flat == "250"
 
 
 @pytest.mark.parametrize(
@@ -158,7 +158,7 @@ def test_multiline_reply_text_is_logged_as_postfix_does():
     ],
 )
 def test_enhanced_status_code_from_reply_or_derived(code, text, dsn):
-    assert Reply(code, (text,)).dsn == dsn
+    assert Reply(code, text).dsn == dsn
 
 
 # ---- greeting and EHLO/HELO ----
@@ -194,7 +194,7 @@ def test_greeting_refused_fails_session_and_quits():
         SessionFailed(
             "5.7.1",
             f"host {PEER} refused to talk to me: 554 5.7.1 No SMTP service here",
-            Reply(554, ("5.7.1 No SMTP service here",)),
+            Reply(554, "5.7.1 No SMTP service here"),
         )
     ]
 

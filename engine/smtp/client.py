@@ -18,13 +18,13 @@ whose reply is awaited) and the few methods it names. The adapter's loop::
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 
 from engine.delivery import RecipientResult
+from engine.smtp.replies import Reply
 
 
 class LocalProtocolError(Exception):
@@ -77,36 +77,6 @@ COMMAND = {
 }
 
 # RFC 3463 §2: status-code = class "." subject "." detail, at the start of the reply text.
-_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """One server reply: the code and the text of each line (after "250-" / "250 ")."""
-
-    code: int
-    lines: tuple[str, ...]
-
-    @property
-    def text(self) -> str:
-        """The whole reply as Postfix logs it: "550-5.1.1 first 550 5.1.1 last"."""
-        last = len(self.lines) - 1
-        return " ".join(
-            f"{self.code}{' ' if i == last else '-'}{line}".rstrip()
-            for i, line in enumerate(self.lines)
-        )
-
-    @property
-    def dsn(self) -> str:
-        """The enhanced status code from the text, else 2.0.0 / 4.0.0 / 5.0.0. Its class
-        follows the reply code (RFC 3463 §3); a code outside 2xx/4xx/5xx counts as 4.x.x."""
-        klass = str(self.code)[0] if self.code // 100 in (2, 4, 5) else "4"
-        m = _ENHANCED.match(self.lines[0]) if self.lines else None
-        return f"{klass}.{m[2]}.{m[3]}" if m else f"{klass}.0.0"
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.code < 300
 
 
 class ReplyBuffer:
@@ -152,7 +122,7 @@ class ReplyBuffer:
             self._lines.append(line[4:].decode("utf-8", "replace"))
             if sep == b"-":
                 continue
-            reply = Reply(int(line[:3]), tuple(self._lines))
+            reply = Reply(int(line[:3]), "\n".join(self._lines))
             self._lines = []
             self._size = 0
             return reply
@@ -369,7 +339,7 @@ class Client:
         if reply.ok:
             self._send(f"EHLO {self.helo_name}\r\n".encode(), Stage.EHLO)
         else:
-            self._session_failed(reply, f"host {self.peer} refused to talk to me: {reply.text}")
+            self._session_failed(reply, f"host {self.peer} refused to talk to me: {reply.flat}")
 
     def _on_ehlo(self, reply: Reply, stage: Stage) -> None:
         if reply.ok:
@@ -447,7 +417,7 @@ class Client:
             for index in self._accepted:
                 if reply.ok:
                     self._results[index] = RecipientResult(
-                        self._env.recipients[index], "sent", reply.dsn, reply.text, self.relay
+                        self._env.recipients[index], "sent", reply.dsn, reply.flat, self.relay
                     )
                 else:
                     self._fail(index, reply, stage)
@@ -512,7 +482,7 @@ class Client:
         self._send(f"RCPT TO:<{rcpt}>\r\n".encode(), Stage.RCPT)
 
     def _said(self, reply: Reply, stage: Stage) -> str:
-        return f"host {self.peer} said: {reply.text} (in reply to {COMMAND[stage]} command)"
+        return f"host {self.peer} said: {reply.flat} (in reply to {COMMAND[stage]} command)"
 
     def _fail(self, index: int, reply: Reply, stage: Stage) -> None:
         """Recipient ``index`` gets a 4xx (deferred) or 5xx (bounced) reply."""
@@ -545,7 +515,7 @@ class Client:
             text = (
                 self._said(reply, stage)
                 if stage in COMMAND
-                else (f"host {self.peer} refused to talk to me: {reply.text}")
+                else (f"host {self.peer} refused to talk to me: {reply.flat}")
             )
             self._events.append(SessionFailed(reply.dsn, text, reply))
         elif self.phase is Phase.TRANSACTION:

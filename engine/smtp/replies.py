@@ -4,7 +4,10 @@ Texts and codes follow Postfix's smtpd so that administrators, log parsers and t
 know Postfix recognize them. Enhanced status codes (RFC 3463) lead every text.
 """
 
+import re
 from dataclasses import dataclass
+
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +30,31 @@ class Reply:
     @property
     def is_error(self) -> bool:
         return self.code >= 400
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        return tuple(self.text.split("\n"))
+
+    @property
+    def flat(self) -> str:
+        """The whole reply on one line, as Postfix logs it: "550-5.1.1 first 550 5.1.1 last"."""
+        lines = self.lines
+        last = len(lines) - 1
+        return " ".join(
+            f"{self.code}{' ' if i == last else '-'}{line}".rstrip() for i, line in enumerate(lines)
+        )
+
+    @property
+    def dsn(self) -> str:
+        """The enhanced status code from the text, else 2.0.0 / 4.0.0 / 5.0.0. Its class
+        follows the reply code (RFC 3463 §3); a code outside 2xx/4xx/5xx counts as 4.x.x."""
+        klass = str(self.code)[0] if self.code // 100 in (2, 4, 5) else "4"
+        found = _ENHANCED.match(self.text)
+        return f"{klass}.{found[2]}.{found[3]}" if found else f"{klass}.0.0"
 
 
 OK = Reply(250, "2.0.0 Ok")
