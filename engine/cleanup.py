@@ -1,6 +1,7 @@
-"""cleanup: turns one accepted transaction into a queued message as its content streams in.
+"""cleanup: turns one accepted transaction into a queued message, and hands it to the spool.
 
-Adds ``Received:`` (RFC 5321 §4.4) at the top and ``Message-ID:`` / ``Date:`` at the end of the
+Every intake (smtpd now; the sendmail command and the HTTP API later) goes through ``Cleanup``:
+it is the only stage that enqueues. Removes duplicate recipients, adds ``Received:`` (RFC 5321 §4.4) at the top and ``Message-ID:`` / ``Date:`` at the end of the
 header section when the client left them out, as Postfix's cleanup does; enforces
 message_size_limit while bytes arrive (past it, content is dropped, not buffered). Trusts its
 caller for the envelope; the content is client data and only its header lines are inspected.
@@ -72,6 +73,7 @@ class MessageBuilder:
     _head_scanned: int = 0
 
     def __post_init__(self) -> None:
+        self.recipients = list(dict.fromkeys(self.recipients))  # duplicate elimination
         self._started = self.clock()
         self._chunks.append(
             received_header(self.origin, self.hostname, self.queue_id, self.recipients,
@@ -140,3 +142,29 @@ class MessageBuilder:
             when = datetime.fromtimestamp(self._started).astimezone()
             added.append(f"Date: {format_datetime(when)}\r\n")
         return "".join(added).encode()
+
+
+class Cleanup:
+    """The hand-off from intake to the spool, shared by every session of every listener."""
+
+    def __init__(self, spool, maillog, config, on_queued=lambda envelope: None) -> None:
+        self.spool = spool
+        self.maillog = maillog
+        self.config = config
+        self.on_queued = on_queued
+
+    def begin(self, *, queue_id: str, sender: str, recipients: list[str], origin: Origin,
+              body_8bit: bool = False) -> MessageBuilder:
+        return MessageBuilder(queue_id=queue_id, sender=sender, recipients=recipients,
+                              origin=origin, hostname=self.config.myhostname,
+                              size_limit=self.config.message_size_limit, body_8bit=body_8bit)
+
+    async def enqueue(self, builder: MessageBuilder) -> Envelope:
+        """Commit the message (returns once synced), log it and tell the queue manager.
+        Raises engine.spool.SpoolFull / SpoolError: nothing is queued then."""
+        message = builder.finish()
+        await self.spool.enqueue(message)
+        envelope = message.envelope
+        self.maillog.line("cleanup", f"{envelope.queue_id}: message-id={envelope.message_id}")
+        self.on_queued(envelope)
+        return envelope

@@ -12,6 +12,7 @@ import signal
 from pathlib import Path
 
 from engine import __version__
+from engine.cleanup import Cleanup
 from engine.config import Config
 from engine.delivery import smtp as smtp_delivery
 from engine.dns import Resolver
@@ -39,8 +40,9 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
     agents = {"smtp": functools.partial(smtp_delivery.deliver, config=config, resolver=resolver)}
     qmgr = QueueManager(spool, config, maillog, agents)
     await qmgr.start()
-    context = SmtpdContext(config=config, spool=spool, maillog=maillog,
-                           new_queue_id=QueueIdGenerator(0), on_queued=qmgr.notify_new)
+    cleanup = Cleanup(spool, maillog, config, on_queued=qmgr.notify_new)
+    context = SmtpdContext(config=config, cleanup=cleanup, maillog=maillog,
+                           new_queue_id=QueueIdGenerator(0))
     servers = []
     for listener in config.listen:
         servers.append(await loop.create_server(

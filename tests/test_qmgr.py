@@ -10,10 +10,16 @@ import io
 import pytest
 
 from engine.config import Config
-from engine.delivery import DeliveryOutcome, RecipientResult, TransientFailure
+from engine.delivery import (
+    DeliveryOutcome,
+    PermanentFailure,
+    RecipientResult,
+    TransientFailure,
+)
+from engine.delivery.route import nexthop_for
 from engine.log import Maillog
 from engine.qmgr.manager import QueueManager
-from engine.spool import Envelope, QueuedMessage, Recipient
+from engine.spool import Envelope, QueuedMessage, Recipient, SpoolError
 from engine.spool.memory import MemorySpool
 
 CONFIG = Config(myhostname="mx.test", relayhost="[127.0.0.1]:2526",
@@ -205,3 +211,82 @@ def test_expired_deferred_mail_bounces():
         return log.getvalue()
 
     assert "dsn=4.4.1, status=bounced (still down)" in asyncio.run(scenario())
+
+
+def route_with_faults(domain, config):
+    """nexthop_for, except that bad.test cannot be routed and boom.test hits a bug."""
+    if domain == "bad.test":
+        raise PermanentFailure("5.1.2", "bad destination: bad.test")
+    if domain == "boom.test":
+        raise RuntimeError("routing bug")
+    return nexthop_for(domain, config)
+
+
+def test_unroutable_recipient_bounces_alone_and_a_bug_does_not_stop_the_queue(monkeypatch):
+    monkeypatch.setattr("engine.qmgr.manager.nexthop_for", route_with_faults)
+
+    async def scenario():
+        spool = MemorySpool()
+        delivered = []
+
+        async def agent(request):
+            delivered.extend(request.recipients)
+            return sent(request)
+
+        clock = Clock()
+        qmgr, log = manager(spool, agent, clock)
+        await qmgr.start()
+        for env in (envelope("Q1", ("u@bad.test", "v@example.net")),
+                    envelope("Q2", ("u@boom.test",)), envelope("Q3", ("w@example.net",))):
+            await enqueue(spool, env)
+            qmgr.notify_new(env)
+        await until(lambda: [e.queue_id for e in spool.envelopes()] == ["Q2"])
+        await qmgr.stop()
+        return delivered, log.getvalue(), spool.envelope("Q2")
+
+    delivered, log, stuck = asyncio.run(scenario())
+    assert sorted(delivered) == ["v@example.net", "w@example.net"]
+    assert "Q1: to=<u@bad.test>, relay=none" in log
+    assert "dsn=5.1.2, status=bounced (bad destination: bad.test)" in log
+    assert "warning: Q2: cannot activate: RuntimeError('routing bug')" in log
+    assert stuck.recipients[0].status == "pending"  # kept, retried later
+
+
+class FlakySpool(MemorySpool):
+    """A spool whose first envelope update fails (a full or broken disk, for a moment)."""
+
+    def __init__(self):
+        super().__init__()
+        self.failures = 1
+
+    async def update(self, env):
+        if self.failures:
+            self.failures -= 1
+            raise SpoolError("disk full")
+        await super().update(env)
+
+
+def test_failed_spool_update_keeps_the_message_scheduled():
+    async def scenario():
+        spool = FlakySpool()
+        clock = Clock(1000.0)
+        attempts = []
+
+        async def agent(request):
+            attempts.append(clock.now)
+            raise TransientFailure("4.4.1", "down")
+
+        qmgr, log = manager(spool, agent, clock)
+        await qmgr.start()
+        env = envelope("Q1")
+        await enqueue(spool, env)
+        qmgr.notify_new(env)
+        await until(lambda: "cannot update queue file" in log.getvalue())
+        clock.now += CONFIG.minimal_backoff_time + 1
+        qmgr._wake.set()
+        await until(lambda: len(attempts) == 2)
+        await qmgr.stop()
+        return log.getvalue()
+
+    log = asyncio.run(scenario())
+    assert "warning: Q1: cannot update queue file: disk full" in log

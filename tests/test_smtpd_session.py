@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import io
 
+from engine.cleanup import Cleanup
 from engine.config import Config
 from engine.log import Maillog
 from engine.smtpd.session import SmtpdContext, SmtpdProtocol
@@ -14,6 +15,9 @@ from engine.spool.queue_id import QueueIdGenerator
 
 TRANSACTION = (b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
                b"DATA\r\n")
+
+
+server_sessions: set = set()  # the sessions of the server under test
 
 
 class GatedSpool(MemorySpool):
@@ -33,8 +37,11 @@ class GatedSpool(MemorySpool):
 
 async def serve(spool, **config):
     log = io.StringIO()
-    context = SmtpdContext(config=Config(myhostname="mx.test", **config), spool=spool,
-                           maillog=Maillog("mx.test", stream=log), new_queue_id=QueueIdGenerator())
+    config = Config(myhostname="mx.test", **config)
+    maillog = Maillog("mx.test", stream=log)
+    context = SmtpdContext(config=config, cleanup=Cleanup(spool, maillog, config),
+                           maillog=maillog, new_queue_id=QueueIdGenerator(),
+                           sessions=server_sessions)
     server = await asyncio.get_running_loop().create_server(
         lambda: SmtpdProtocol(context), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -127,3 +134,26 @@ def test_idle_client_gets_421_after_smtpd_timeout():
     assert line == b"421 4.4.2 mx.test Error: timeout exceeded\r\n"
     assert closed == b""
     assert "timeout after EHLO from unknown[127.0.0.1]" in log
+    assert "disconnect from unknown[127.0.0.1] ehlo=1 commands=1" in log
+    assert "lost connection" not in log
+
+
+def test_client_that_never_reads_cannot_grow_the_reply_buffer():
+    """HELP answers 70 bytes to 6: without write backpressure the server would buffer ~20 MB."""
+    commands = b"HELP\r\n" * 300_000
+
+    async def scenario():
+        server, reader, writer, _ = await serve(MemorySpool())
+        session = next(iter(server_sessions))
+        writer.write(commands)
+        await asyncio.sleep(1.5)  # the client never reads; give the server time to run
+        buffered = session.transport.get_write_buffer_size()
+        paused = "write" in session._paused_by
+        writer.transport.abort()
+        await finish(server, writer)
+        return buffered, paused
+
+    server_sessions.clear()
+    buffered, paused = asyncio.run(scenario())
+    assert paused
+    assert buffered < 8 * 1024 * 1024

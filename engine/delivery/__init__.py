@@ -5,7 +5,7 @@ for one next hop and reports a result per recipient. The class of a failure is t
 decision: a transient one defers, a permanent one bounces (as slimta's relay errors).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 Status = Literal["sent", "deferred", "bounced"]
@@ -75,4 +75,3 @@ class DeliveryOutcome:
     results: list[RecipientResult]
     connect_seconds: float = 0.0  # c: DNS, connect, greeting, EHLO (and TLS later)
     transfer_seconds: float = 0.0  # d: MAIL … end of DATA
-    notes: list[str] = field(default_factory=list)

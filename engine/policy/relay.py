@@ -39,8 +39,16 @@ def check_relay(client_ip: str, recipient: str, config: Config) -> Reply | None:
     """None to permit, or the reply refusing the recipient."""
     if client_is_trusted(client_ip, config):
         return None
-    if recipient.lower() == "postmaster":
-        return None
-    if "@" in recipient and domain_is_ours(domain_of(recipient), config):
-        return None
+    if "@" not in recipient or domain_is_ours(domain_of(recipient), config):
+        return None  # a bare "postmaster" is local
     return relay_denied(recipient)
+
+
+def check_local_recipient(recipient: str, config: Config) -> Reply | None:
+    """Postfix's smtpd_reject_unlisted_recipient for local domains. Tern has no local delivery
+    agent yet, so no local recipient is known: accepting one would queue mail that can never
+    be delivered. None for a recipient outside the local domains."""
+    if "@" in recipient and domain_of(recipient) not in config.local_domains:
+        return None
+    return Reply(550, f"5.1.1 <{recipient}>: Recipient address rejected: "
+                      "User unknown in local recipient table")

@@ -24,7 +24,7 @@ from engine.delivery.route import nexthop_for
 from engine.log import Maillog, format_delay
 from engine.qmgr.scheduler import Job, Scheduler, backoff, batches
 from engine.smtp.grammar import domain_of
-from engine.spool import Envelope
+from engine.spool import Envelope, SpoolError
 
 Agent = Callable[[DeliveryRequest], Awaitable[DeliveryOutcome]]
 
@@ -79,7 +79,14 @@ class QueueManager:
         while True:
             now = self.clock()
             for queue_id in self.scheduler.due(now):
-                self._activate(queue_id, now)
+                try:
+                    await self._activate(queue_id, now)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - one bad message must not stop the rest
+                    self.maillog.line("qmgr", f"warning: {queue_id}: cannot activate: {error!r}")
+                    self._active.pop(queue_id, None)
+                    self.scheduler.wait(queue_id, now + self.config.minimal_backoff_time)
             for job in self.scheduler.startable():
                 task = loop.create_task(self._deliver(job))
                 self._tasks.add(task)
@@ -90,8 +97,9 @@ class QueueManager:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
-    def _activate(self, queue_id: str, now: float) -> None:
-        """Bring a due message into the active queue and split its due recipients into jobs."""
+    async def _activate(self, queue_id: str, now: float) -> None:
+        """Bring a due message into the active queue and split its due recipients into jobs;
+        a recipient that cannot be routed bounces at once."""
         if self._outstanding.get(queue_id):
             return  # already active: its jobs will reschedule it
         envelope = self._active.get(queue_id) or self.spool.envelope(queue_id)
@@ -99,12 +107,22 @@ class QueueManager:
             self._active.pop(queue_id, None)
             return
         self._active[queue_id] = envelope
-        if not envelope.first_active:
-            envelope.first_active = now
-        due = [r.address for r in envelope.recipients if not r.final and r.next_attempt <= now]
+        self.maillog.line("qmgr", f"{queue_id}: from=<{envelope.sender}>, size={envelope.size}, "
+                                  f"nrcpt={len(envelope.recipients)} (queue active)")
         groups: dict[NextHop, list[str]] = {}
-        for address in due:
-            groups.setdefault(self._route(address), []).append(address)
+        unroutable: list[RecipientResult] = []
+        for recipient in envelope.recipients:
+            if recipient.final or recipient.next_attempt > now:
+                continue
+            try:
+                nexthop = nexthop_for(self._domain(recipient.address), self.config)
+            except PermanentFailure as failure:
+                unroutable.append(RecipientResult(recipient.address, "bounced", failure.dsn,
+                                                  failure.text))
+                continue
+            groups.setdefault(nexthop, []).append(recipient.address)
+        if unroutable:
+            self._record(envelope, unroutable, "error", self._delays(envelope, now, now))
         jobs = [
             Job(queue_id, nexthop, chunk, activated=now)
             for nexthop, addresses in groups.items()
@@ -112,38 +130,44 @@ class QueueManager:
         ]
         if not jobs:
             self._active.pop(queue_id, None)
-            later = envelope.next_due
-            if later is not None:
-                self.scheduler.wait(queue_id, later)
+            await self._persist(envelope)
             return
-        self.maillog.line("qmgr", f"{queue_id}: from=<{envelope.sender}>, size={envelope.size}, "
-                                  f"nrcpt={len(envelope.recipients)} (queue active)")
         self._outstanding[queue_id] = len(jobs)
         for job in jobs:
             self.scheduler.submit(job)
 
-    def _route(self, address: str) -> NextHop:
-        domain = domain_of(address) if "@" in address else self.config.myhostname.lower()
-        if domain in self.config.local_domains:
-            return NextHop(transport="local", host=domain, mx_lookup=False)
-        return nexthop_for(domain, self.config)
+    def _domain(self, address: str) -> str:
+        """The recipient's domain; a bare local part (``postmaster``) is local."""
+        return domain_of(address) if "@" in address else self.config.myhostname.lower()
 
     # -- one delivery ------------------------------------------------------------------------
 
     async def _deliver(self, job: Job) -> None:
-        envelope = self._active[job.queue_id]
+        queue_id = job.queue_id
+        envelope = self._active[queue_id]
         started = self.clock()
         try:
             outcome = await self._attempt(job, envelope)
         finally:
             self.scheduler.finished(job)
-        self._record(job, envelope, outcome, started)
-        self._outstanding[job.queue_id] -= 1
-        if self._outstanding[job.queue_id] == 0:
-            await self._settle(envelope)
-        else:
-            await self.spool.update(envelope)
-        self._wake.set()
+        delays = self._delays(envelope, job.activated, started, outcome)
+        self._record(envelope, outcome.results, job.nexthop.transport, delays)
+        remaining = self._outstanding[queue_id] - 1
+        try:
+            if remaining:
+                self._outstanding[queue_id] = remaining
+                await self.spool.update(envelope)
+            else:
+                del self._outstanding[queue_id]
+                self._active.pop(queue_id, None)
+                await self._persist(envelope)
+        except SpoolError as error:
+            # The spool keeps its older state: the message is retried, perhaps delivered twice.
+            self.maillog.line("qmgr", f"warning: {queue_id}: cannot update queue file: {error}")
+            if not remaining:
+                self.scheduler.wait(queue_id, self.clock() + self.config.minimal_backoff_time)
+        finally:
+            self._wake.set()
 
     async def _attempt(self, job: Job, envelope: Envelope) -> DeliveryOutcome:
         agent = self.agents.get(job.nexthop.transport)
@@ -175,16 +199,21 @@ class QueueManager:
                 for r in job.recipients
             ])
 
-    def _record(self, job: Job, envelope: Envelope, outcome: DeliveryOutcome,
-                started: float) -> None:
+    def _delays(self, envelope: Envelope, activated: float, started: float,
+                outcome: DeliveryOutcome | None = None) -> str:
+        """Postfix's delays=a/b/c/d: before the active queue, in it, connection setup,
+        transmission."""
+        parts = (max(0.0, activated - envelope.arrival), max(0.0, started - activated),
+                 outcome.connect_seconds if outcome else 0.0,
+                 outcome.transfer_seconds if outcome else 0.0)
+        return "/".join(format_delay(x) for x in parts)
+
+    def _record(self, envelope: Envelope, results: list[RecipientResult], service: str,
+                delays: str) -> None:
         """Apply each recipient's result to the envelope and log it in Postfix's words."""
         now = self.clock()
         by_address = {r.address: r for r in envelope.recipients if not r.final}
-        before_qmgr = max(0.0, job.activated - envelope.arrival)
-        in_qmgr = max(0.0, started - job.activated)
-        delays = "/".join(format_delay(x) for x in (
-            before_qmgr, in_qmgr, outcome.connect_seconds, outcome.transfer_seconds))
-        for result in outcome.results:
+        for result in results:
             recipient = by_address.get(result.recipient)
             if recipient is None:
                 continue
@@ -201,16 +230,15 @@ class QueueManager:
                         self.config.maximal_backoff_time)
             recipient.status = status
             self.maillog.line(
-                job.nexthop.transport,
-                f"{job.queue_id}: to=<{result.recipient}>, relay={result.relay}, "
+                service,
+                f"{envelope.queue_id}: to=<{result.recipient}>, relay={result.relay}, "
                 f"delay={format_delay(now - envelope.arrival)}, delays={delays}, "
                 f"dsn={result.dsn}, status={status} ({result.reply})")
 
-    async def _settle(self, envelope: Envelope) -> None:
-        """All jobs of this round are done: remove the message, or persist and wait."""
+    async def _persist(self, envelope: Envelope) -> None:
+        """This round is over: remove the message when every recipient is final, else store
+        the new states and wait for the earliest retry."""
         queue_id = envelope.queue_id
-        del self._outstanding[queue_id]
-        self._active.pop(queue_id, None)
         if envelope.unfinished:
             await self.spool.update(envelope)
             self.scheduler.wait(queue_id, envelope.next_due)

@@ -7,7 +7,7 @@ FIFOs, started round robin across destinations within each destination's concurr
 
 import heapq
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.delivery import NextHop
 
@@ -20,7 +20,6 @@ class Job:
     nexthop: NextHop
     recipients: list[str]
     activated: float = 0.0  # when the message entered the active queue (for delays=a/b)
-    extra: dict = field(default_factory=dict)
 
     @property
     def destination(self) -> str:
@@ -67,11 +66,6 @@ class Scheduler:
     def next_wakeup(self) -> float | None:
         return self._waiting[0][0] if self._waiting else None
 
-    def forget(self, queue_id: str) -> None:
-        """Drop a message from the waiting heap (deleted or held from outside)."""
-        self._waiting = [entry for entry in self._waiting if entry[2] != queue_id]
-        heapq.heapify(self._waiting)
-
     # -- jobs and per-destination concurrency ------------------------------------------------
 
     def submit(self, job: Job) -> None:
@@ -113,7 +107,3 @@ class Scheduler:
 
     def active(self, destination: str) -> int:
         return self._active.get(destination, 0)
-
-    @property
-    def queued_jobs(self) -> int:
-        return sum(len(queue) for queue in self._queues.values())

@@ -6,6 +6,7 @@ values or raises GrammarError carrying the reply to send; no state, no I/O.
 
 import re
 
+from engine.ipliteral import parse_address_literal
 from engine.smtp import replies
 from engine.smtp.replies import Reply
 
@@ -33,7 +34,7 @@ _QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
 _LOCAL_PART = rf"(?:{_DOT_STRING}|{_QUOTED})"
 _SUB_DOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _DOMAIN = rf"{_SUB_DOMAIN}(?:\.{_SUB_DOMAIN})*\.?"
-_ADDRESS_LITERAL = r"\[(?:[0-9.]+|IPv6:[0-9A-Fa-f:.]+)\]"
+_ADDRESS_LITERAL = r"\[[^\[\]]*\]"  # shape only; the address itself: engine.ipliteral
 MAILBOX = re.compile(rf"({_LOCAL_PART})@({_DOMAIN}|{_ADDRESS_LITERAL})")
 # A-d-l (source route, "@a,@b:") is accepted and ignored (RFC 5321 §4.1.2, Appendix C)
 _SOURCE_ROUTE = re.compile(rf"@{_DOMAIN}(?:,@{_DOMAIN})*:")
@@ -64,7 +65,11 @@ def check_mailbox(address: str, bad_address: Reply, *,
     """Validate an RFC 5321 Mailbox; ``allow_bare`` names local parts accepted without a domain."""
     if address.lower() in allow_bare:
         return address
-    if MAILBOX.fullmatch(address) is None:
+    match = MAILBOX.fullmatch(address)
+    if match is None:
+        raise GrammarError(bad_address)
+    domain = match.group(2)
+    if domain.startswith("[") and parse_address_literal(domain) is None:
         raise GrammarError(bad_address)
     return address
 

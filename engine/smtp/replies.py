@@ -89,7 +89,6 @@ UNICODE_NOT_DECLARED = Reply(553, "5.6.7 Must declare SMTPUTF8 to send unicode a
 # limits
 TOO_BIG = Reply(552, "5.3.4 Message size exceeds fixed limit")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3 Error: too many recipients")
-TIMEOUT = Reply(421, "4.4.2 Error: timeout exceeded")
 SHUTTING_DOWN = Reply(421, "4.3.2 Service shutting down, closing transmission channel")
 SPOOL_FULL = Reply(452, "4.3.1 Insufficient system storage")
 SPOOL_ERROR = Reply(451, "4.3.0 Error: queue file write error")

@@ -1,4 +1,4 @@
 """smtpd: the SMTP server stage. ``engine.smtp.server`` holds the dialogue (sans-I/O);
 ``engine.smtpd.session`` is the thin asyncio adapter that feeds it bytes and answers its
-requests with relay control, cleanup and the spool. It never touches the spool's storage itself:
-it hands finished messages to ``Spool.enqueue`` and waits for the commit."""
+requests with relay control and cleanup. It never touches the spool: finished messages go to
+``engine.cleanup.Cleanup``, and the session waits for the commit before it answers."""

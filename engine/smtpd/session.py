@@ -11,13 +11,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.cleanup import MessageBuilder, Origin
+from engine.cleanup import Cleanup, MessageBuilder, Origin
 from engine.config import Config
 from engine.log import Maillog
-from engine.policy.relay import check_relay
+from engine.policy.relay import check_local_recipient, check_relay
 from engine.smtp import replies, server
 from engine.smtp.replies import Reply
-from engine.spool import Envelope, SpoolFull
+from engine.spool import SpoolFull
 
 
 @dataclass
@@ -25,10 +25,9 @@ class SmtpdContext:
     """What every session of a listener shares."""
 
     config: Config
-    spool: object  # engine.spool.Spool
+    cleanup: Cleanup
     maillog: Maillog
     new_queue_id: Callable[[], str]
-    on_queued: Callable[[Envelope], None] = lambda envelope: None
     sessions: set = field(default_factory=set)
     settings: server.Settings | None = None
 
@@ -60,7 +59,9 @@ class SmtpdProtocol(asyncio.Protocol):
         self.session = server.ServerSession(context.settings)
         self.origin = Origin()
         self.txn: Transaction | None = None
-        self._committing = False
+        self._commit_task: asyncio.Task | None = None
+        self._paused_by: set[str] = set()  # why reading is paused: "commit", "write"
+        self._closed_by_us = False  # a 421 of ours ended it: no "lost connection" line
         self._last_activity = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -85,10 +86,30 @@ class SmtpdProtocol(asyncio.Protocol):
         self._pump()
         return False
 
+    def pause_writing(self) -> None:
+        """The client is not reading our replies: stop reading its commands (bounded memory)."""
+        self._pause("write")
+
+    def resume_writing(self) -> None:
+        self._resume("write")
+
+    def _pause(self, reason: str) -> None:
+        if not self._paused_by and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused_by.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        self._paused_by.discard(reason)
+        if not self._paused_by and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    @property
+    def _committing(self) -> bool:
+        return self._commit_task is not None
+
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.session.closed:
-            self.session.receive_data(b"")
-            self._pump()
+        self.session.receive_data(b"")
+        self._pump()
         if self._timer is not None:
             self._timer.cancel()
         self.ctx.sessions.discard(self)
@@ -124,7 +145,9 @@ class SmtpdProtocol(asyncio.Protocol):
         self.session.accept()
 
     def _on_rcpt(self, event: server.RcptTo) -> None:
-        refusal = check_relay(self.origin.client_ip, event.recipient, self.ctx.config)
+        config = self.ctx.config
+        refusal = (check_relay(self.origin.client_ip, event.recipient, config)
+                   or check_local_recipient(event.recipient, config))
         if refusal is not None:
             self._log_reject("RCPT", refusal, to=event.recipient)
             self.session.reject(refusal)
@@ -134,16 +157,9 @@ class SmtpdProtocol(asyncio.Protocol):
 
     def _on_data(self, event: server.Data) -> None:
         txn = self.txn
-        config = self.ctx.config
-        txn.builder = MessageBuilder(
-            queue_id=txn.queue_id,
-            sender=txn.sender,
-            recipients=txn.recipients,
-            origin=self.origin,
-            hostname=config.myhostname,
-            size_limit=config.message_size_limit,
-            body_8bit=(txn.params.get("BODY") or "").upper() == "8BITMIME",
-        )
+        txn.builder = self.ctx.cleanup.begin(
+            queue_id=txn.queue_id, sender=txn.sender, recipients=txn.recipients,
+            origin=self.origin, body_8bit=(txn.params.get("BODY") or "").upper() == "8BITMIME")
         self.session.accept()
 
     def _on_chunk(self, event: server.MessageChunk) -> None:
@@ -156,16 +172,12 @@ class SmtpdProtocol(asyncio.Protocol):
                              sender=txn.sender)
             self.session.reject(replies.TOO_BIG)
             return
-        self._committing = True
-        if self.transport is not None:
-            self.transport.pause_reading()
-        asyncio.get_running_loop().create_task(self._commit(txn))
+        self._pause("commit")
+        self._commit_task = asyncio.get_running_loop().create_task(self._commit(txn))
 
     async def _commit(self, txn: Transaction) -> None:
-        message = txn.builder.finish()
-        envelope = message.envelope
         try:
-            await self.ctx.spool.enqueue(message)
+            envelope = await self.ctx.cleanup.enqueue(txn.builder)
         except SpoolFull:
             self._answer_commit(replies.SPOOL_FULL, txn)
             return
@@ -173,20 +185,16 @@ class SmtpdProtocol(asyncio.Protocol):
             self._log(f"warning: {txn.queue_id}: queue file write error: {error}")
             self._answer_commit(replies.SPOOL_ERROR, txn)
             return
-        maillog = self.ctx.maillog
-        maillog.line("cleanup", f"{envelope.queue_id}: message-id={envelope.message_id}")
         self._answer_commit(replies.queued(envelope.queue_id), txn)
-        self.ctx.on_queued(envelope)
 
     def _answer_commit(self, reply: Reply, txn: Transaction) -> None:
-        self._committing = False
+        self._commit_task = None
         if reply.is_error:
             self._log_reject("END-OF-MESSAGE", reply, queue_id=txn.queue_id, sender=txn.sender)
             self.session.reject(reply)
         else:
             self.session.accept(reply)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        self._resume("commit")
         self._pump()
 
     def _on_reset(self, event: server.Reset) -> None:
@@ -194,7 +202,7 @@ class SmtpdProtocol(asyncio.Protocol):
 
     def _on_closed(self, event: server.Closed) -> None:
         client = self.origin.client
-        if not event.quit:
+        if not (event.quit or self._closed_by_us):
             self._log(f"lost connection after {event.during} from {client}")
         counts = self.session.command_counts
         summary = " ".join(f"{name}={count}" for name, count in counts.items())
@@ -221,8 +229,9 @@ class SmtpdProtocol(asyncio.Protocol):
 
     def close_with(self, reply: Reply) -> None:
         """End the session from our side with a 421 (timeout, shutdown)."""
+        self._closed_by_us = True
         self.session.send_reply(reply)
-        self._flush()
+        self._pump()
         if self.transport is not None:
             self.transport.close()
 

@@ -48,7 +48,6 @@ class Envelope:
     message_id: str = ""
     body_8bit: bool = False
     held: bool = False
-    first_active: float = 0.0  # when the queue manager first took it (for delays=a/b)
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
