@@ -1,11 +1,11 @@
 """cleanup: turns one accepted transaction into a queued message, and hands it to the spool.
 
 Every intake (smtpd now; the sendmail command and the HTTP API later) goes through ``Cleanup``:
-it is the only stage that enqueues. Removes duplicate recipients, adds ``Received:`` (RFC 5321 §4.4) at the top and ``Message-ID:`` / ``Date:`` at the end of the
-header section when the client left them out, as Postfix's cleanup does; enforces
-message_size_limit while bytes arrive (past it, content is dropped, not buffered). Trusts its
-caller for the envelope; the content is client data and only its header lines are inspected.
-Never does network I/O.
+it is the only stage that enqueues. Removes duplicate recipients, adds ``Received:`` (RFC 5321
+§4.4) at the top and ``Message-ID:`` / ``Date:`` at the end of the header section when the
+client left them out, as Postfix's cleanup does; enforces message_size_limit while bytes arrive
+(past it, content is dropped, not buffered). Trusts its caller for the envelope; the content is
+client data and only its header lines are inspected. Never does network I/O.
 """
 
 import re
