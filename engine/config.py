@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.ipliteral import parse_address_literal, parse_ip
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Services a [[listen]] table may name. "submission" and "smtps" will join when they exist.
@@ -66,14 +68,13 @@ class Config:
     maillog_file: str = ""  # "" = stderr
     smtpd_banner: str = "$myhostname ESMTP Tern"
     # smtpd limits
-    message_size_limit: int = 10240000
+    message_size_limit: int = 10240000  # 0 = no limit, as in Postfix
     smtpd_recipient_limit: int = 1000
     line_length_limit: int = 2048
     smtpd_timeout: float = 300.0
     # queue manager
     minimal_backoff_time: float = 300.0
     maximal_backoff_time: float = 4000.0
-    queue_run_delay: float = 300.0
     maximal_queue_lifetime: float = 5 * 86400.0
     default_destination_concurrency_limit: int = 20
     default_destination_recipient_limit: int = 50
@@ -212,14 +213,6 @@ _TRANSPORT = re.compile(r"[A-Za-z0-9-]+")
 _PORT = re.compile(r"[0-9]{1,5}")
 
 
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _is_hostname(text: str) -> bool:
     """A DNS host name (ASCII letters, digits, hyphens; no trailing dot), not an IP address."""
     return (
@@ -238,27 +231,30 @@ def _port(text: str, *, allow_zero: bool = False) -> int:
     return port
 
 
+_BRACKETED = r"(\[[^\[\]]*\])"  # "[...]": an IP literal (engine.ipliteral) or "[host]"
+
+
 def parse_nexthop(value: str) -> tuple[str, int | None, bool]:
     """Split a Postfix next hop into ``(host, port, mx_lookup)``.
 
     ``""`` (the recipient's domain), ``"host"``, ``"host:port"``, ``"[host]"`` or
     ``"[host]:port"``; the bracketed forms turn off MX lookups, as in Postfix, and are the only
-    place an IP address may appear (``"[192.0.2.1]"``, ``"[2001:db8::1]:25"``; an ``ipv6:``
-    prefix inside the brackets is accepted). ``port`` is None when not given. Host names come
-    back lower-cased, addresses in canonical form. Raises ValueError for anything else."""
+    place an IP address may appear (``"[192.0.2.1]"``, ``"[2001:db8::1]:25"``,
+    ``"[IPv6:2001:db8::1]"``: engine.ipliteral.parse_ip). ``port`` is None when not given. Host
+    names come back lower-cased, addresses in canonical form. Raises ValueError otherwise."""
     if not isinstance(value, str):
         raise ValueError(f"expected a next hop string, got {_show(value)}")
     if value == "":
         return "", None, True
     if value.startswith("["):
-        m = re.fullmatch(r"\[([^\[\]]*)\](?::(.*))?", value, re.DOTALL)
+        m = re.fullmatch(rf"{_BRACKETED}(?::(.*))?", value, re.DOTALL)
         if not m:
             raise ValueError(f'expected "[host]" or "[host]:port", got {_show(value)}')
-        host, port_text = m.group(1), m.group(2)
-        if host[:5].lower() == "ipv6:":
-            host = host[5:]
-            if ":" not in host or not _is_ip(host):
-                raise ValueError(f"bad IPv6 address in {_show(value)}")
+        bracketed, port_text = m.group(1), m.group(2)
+        ip = parse_ip(bracketed)
+        host = str(ip) if ip is not None else bracketed[1:-1]
+        if ip is None and ":" in host:
+            raise ValueError(f"bad IPv6 address in {_show(value)}")
         mx_lookup = False
     else:
         if value.count(":") > 1:
@@ -266,17 +262,16 @@ def parse_nexthop(value: str) -> tuple[str, int | None, bool]:
         host, colon, port_text = value.partition(":")
         if not colon:
             port_text = None
-        if _is_ip(host):
+        if parse_ip(host) is not None:
             raise ValueError(
                 f"an IP address must be in brackets (no MX lookup): [{host}], got {_show(value)}"
             )
+        ip = None
         mx_lookup = True
-    if _is_ip(host):
-        host = str(ipaddress.ip_address(host))
-    elif _is_hostname(host):
+    if ip is None:
+        if not _is_hostname(host):
+            raise ValueError(f"bad host name {_show(host)} in {_show(value)}")
         host = host.lower()
-    else:
-        raise ValueError(f"bad host name {_show(host)} in {_show(value)}")
     if port_text is None:
         return host, None, mx_lookup
     try:
@@ -291,17 +286,16 @@ def parse_dns_server(value: str) -> tuple[str, int]:
     ``"[ip]:port"`` (a bare IPv6 address is accepted without a port). Port defaults to 53."""
     if not isinstance(value, str):
         raise ValueError(f"expected a DNS server address, got {_show(value)}")
-    m = re.fullmatch(r"\[([^\[\]]*)\](?::(.*))?", value, re.DOTALL)
+    m = re.fullmatch(rf"{_BRACKETED}(?::(.*))?", value, re.DOTALL)
     if m:
-        host, port_text = m.group(1), m.group(2)
+        address, port_text = m.group(1), m.group(2)
     elif value.count(":") == 1:
-        host, _, port_text = value.partition(":")
+        address, _, port_text = value.partition(":")
     else:
-        host, port_text = value, None
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f'expected "ip", "ip:port" or "[ipv6]:port", got {_show(value)}') from None
+        address, port_text = value, None
+    ip = parse_ip(address)
+    if ip is None:
+        raise ValueError(f'expected "ip", "ip:port" or "[ipv6]:port", got {_show(value)}')
     port = 53 if port_text is None else _port(port_text)
     return str(ip), port
 
@@ -310,20 +304,20 @@ def _parse_listen_address(value: Any) -> tuple[str, int]:
     """``"host:port"`` or ``"[ipv6]:port"``; port 0 asks the kernel for a free one."""
     if not isinstance(value, str):
         raise ValueError(f'expected "host:port" or "[ipv6]:port", got {_show(value)}')
-    m = re.fullmatch(r"\[([^\[\]]*)\]:(.*)", value, re.DOTALL)
+    m = re.fullmatch(rf"{_BRACKETED}:(.*)", value, re.DOTALL)
     if m:
-        host, port_text = m.group(1), m.group(2)
-        try:
-            host = str(ipaddress.IPv6Address(host))
-        except ValueError:
-            raise ValueError(f"bad IPv6 address in {_show(value)}") from None
+        ip = parse_ip(m.group(1))
+        if ip is None or ip.version != 6:
+            raise ValueError(f"bad IPv6 address in {_show(value)}")
+        host, port_text = str(ip), m.group(2)
     else:
         host, colon, port_text = value.rpartition(":")
         if not colon or ":" in host:
             hint = " (an IPv6 address goes in brackets: [::1]:25)" if ":" in host else ""
             raise ValueError(f'expected "host:port" or "[ipv6]:port", got {_show(value)}{hint}')
-        if _is_ip(host):
-            host = str(ipaddress.ip_address(host))
+        ip = parse_ip(host)
+        if ip is not None:
+            host = str(ip)
         elif _is_hostname(host):
             host = host.lower()
         else:
@@ -392,10 +386,13 @@ def _helo_name(value: Any) -> str:
         if text not in ("$myhostname", "$mydomain"):
             raise _Invalid(f"expected a host name, $myhostname or $mydomain, got {_show(value)}")
         return text
-    if text.startswith("[") and text.endswith("]") and _is_ip(text[1:-1]):
+    if parse_address_literal(text) is not None:  # RFC 5321 §4.1.1.1: EHLO [addr]
         return text
     if not _is_hostname(text):
-        raise _Invalid(f"expected a host name or [address], got {_show(value)}")
+        raise _Invalid(
+            f"expected a host name or address literal ([192.0.2.1], [IPv6:2001:db8::1]), "
+            f"got {_show(value)}"
+        )
     return text
 
 
@@ -554,7 +551,10 @@ def _listen(value: Any) -> tuple[Listener, ...]:
 
 
 _SIZE_FIELDS = {"message_size_limit", "line_length_limit", "queue_map_size"}
-_INT_MINIMUM = {"line_length_limit": 512}  # RFC 5321 command lines; Postfix's minimum too
+_INT_MINIMUM = {
+    "line_length_limit": 512,  # RFC 5321 command lines; Postfix's minimum too
+    "message_size_limit": 0,  # 0 = no limit (Postfix)
+}
 _DURATION_SUFFIXES = ("_time", "_timeout", "_delay", "_window", "_lifetime")
 _ZERO_DURATIONS = {"queue_commit_window"}  # 0 = commit at once; every other duration is > 0
 _SPECIAL: dict[str, Converter] = {

@@ -18,6 +18,7 @@ from engine.config import (
     parse_duration,
     parse_nexthop,
 )
+from engine.ipliteral import parse_ip
 
 net = ipaddress.ip_network
 
@@ -53,7 +54,6 @@ line_length_limit = 1000
 smtpd_timeout = "1m"
 minimal_backoff_time = "10m"
 maximal_backoff_time = "1h"
-queue_run_delay = 60
 maximal_queue_lifetime = "2d"
 default_destination_concurrency_limit = 5
 default_destination_recipient_limit = 7
@@ -216,6 +216,25 @@ def test_listen_services_are_easy_to_extend(tmp_path, monkeypatch):
     assert load_config(write(tmp_path, text)).listen == (Listener("127.0.0.1", 587, "submission"),)
 
 
+def test_message_size_limit_zero_means_no_limit(tmp_path):
+    assert load_config(write(tmp_path, "message_size_limit = 0\n")).message_size_limit == 0
+
+
+def test_queue_run_delay_is_gone():
+    assert "queue_run_delay" not in {f.name for f in dataclasses.fields(Config)}
+
+
+@pytest.mark.parametrize("helo", ["[192.0.2.1]", "[IPv6:2001:db8::1]", "[ipv6:::1]"])
+def test_helo_name_may_be_an_rfc5321_address_literal(tmp_path, helo):
+    config = load_config(write(tmp_path, f'smtp_helo_name = "{helo}"\n'))
+    assert config.smtp_helo_name == helo
+
+
+def test_ipv6_tag_in_listen_address(tmp_path):
+    text = '[[listen]]\naddress = "[IPv6:0:0::1]:2525"\n'
+    assert load_config(write(tmp_path, text)).listen == (Listener("::1", 2525, "smtp"),)
+
+
 # -- parse_duration ------------------------------------------------------------------------------
 
 
@@ -267,6 +286,8 @@ def test_parse_duration_rejects(value):
         ("[::1]:25", ("::1", 25, False)),
         ("[2001:DB8::1]", ("2001:db8::1", None, False)),
         ("[ipv6:2001:db8::1]:25", ("2001:db8::1", 25, False)),
+        ("[IPv6:2001:DB8::1]:25", ("2001:db8::1", 25, False)),
+        ("[IPv6:::ffff:192.0.2.1]", ("::ffff:c000:201", None, False)),
     ],
 )
 def test_parse_nexthop(value, expected):
@@ -277,7 +298,7 @@ def test_parse_nexthop(value, expected):
     "value",
     ["[127.0.0.1", "127.0.0.1]", "[]", "[]:25", "host:", "host:0", "host:65536", "host:smtp",
      "host:-1", "[host]:", "[host]:25:26", "::1", "192.0.2.1", "192.0.2.1:25", "bad_host",
-     "a b", "host.", "-host", "[ipv6:192.0.2.1]", "[a]b", "example.com,other.example", None],
+     "a b", "host.", "-host", "[ipv6:192.0.2.1]", "[IPv6:]", "[1.2.3]", "[a]b", "[::1]]", "example.com,other.example", None],
 )  # fmt: skip
 def test_parse_nexthop_rejects(value):
     with pytest.raises(ValueError):
@@ -292,16 +313,44 @@ def test_parse_nexthop_rejects(value):
         ("2001:db8::53", ("2001:db8::53", 53)),
         ("[2001:db8::53]:5353", ("2001:db8::53", 5353)),
         ("[192.0.2.53]", ("192.0.2.53", 53)),
+        ("[IPv6:2001:db8::53]:5353", ("2001:db8::53", 5353)),
     ],
 )
 def test_parse_dns_server(value, expected):
     assert parse_dns_server(value) == expected
 
 
-@pytest.mark.parametrize("value", ["dns.example", "192.0.2.53:", "192.0.2.53:0", "[::1]:x", ""])
+@pytest.mark.parametrize(
+    "value",
+    ["dns.example", "192.0.2.53:", "192.0.2.53:0", "[::1]:x", "", "[IPv6:192.0.2.53]", "[1.2.3]"],
+)
 def test_parse_dns_server_rejects(value):
     with pytest.raises(ValueError):
         parse_dns_server(value)
+
+
+LITERALS = ["[192.0.2.1]", "[2001:db8::1]", "[IPv6:2001:db8::1]", "[ipv6:2001:DB8::1]",
+            "[IPv6:::ffff:192.0.2.1]", "[IPv6:192.0.2.1]", "[1.2.3]", "[IPv6:]", "[]",
+            "[::1::2]", "[256.0.0.1]"]  # fmt: skip
+
+
+@pytest.mark.parametrize("literal", LITERALS)
+def test_config_reads_ip_literals_as_engine_ipliteral_does(tmp_path, literal):
+    """One parser: next hops, DNS servers and listeners agree with engine.ipliteral.parse_ip."""
+    ip = parse_ip(literal)
+    listen = f'[[listen]]\naddress = "{literal}:2525"\n'
+    if ip is None:
+        with pytest.raises(ValueError):
+            parse_nexthop(f"{literal}:25")
+        with pytest.raises(ValueError):
+            parse_dns_server(f"{literal}:53")
+        with pytest.raises(ConfigError, match="bad IPv6 address"):
+            load_config(write(tmp_path, listen))
+        return
+    assert parse_nexthop(f"{literal}:25") == (str(ip), 25, False)
+    assert parse_dns_server(f"{literal}:53") == (str(ip), 53)
+    if ip.version == 6:
+        assert load_config(write(tmp_path, listen)).listen == (Listener(str(ip), 2525),)
 
 
 # -- errors: file:line: key ----------------------------------------------------------------------
@@ -323,11 +372,17 @@ ERRORS = [
      "expected an integer, got 10.5"),
     ("int: bool", "\n\ndefault_destination_concurrency_limit = true\n", 3,
      "default_destination_concurrency_limit", "expected an integer, got true"),
-    ("int: zero", "message_size_limit = 0\n", 1, "message_size_limit", "of at least 1, got 0"),
+    ("int: zero", "smtpd_recipient_limit = 0\n", 1, "smtpd_recipient_limit",
+     "of at least 1, got 0"),
+    ("int: negative size", "message_size_limit = -1\n", 1, "message_size_limit",
+     "expected a size in bytes of at least 0, got -1"),
     ("int: below minimum", "line_length_limit = 100\n", 1, "line_length_limit", "at least 512"),
     # durations
     ("duration: junk", 'smtpd_timeout = "soon"\n', 1, "smtpd_timeout", "expected a duration"),
-    ("duration: negative", "queue_run_delay = -5\n", 1, "queue_run_delay", "not negative"),
+    ("duration: negative", "minimal_backoff_time = -5\n", 1, "minimal_backoff_time",
+     "not negative"),
+    ("removed key: queue_run_delay", "\nqueue_run_delay = 60\n", 2, "queue_run_delay",
+     'unknown key "queue_run_delay"'),
     ("duration: negative string", 'dns_timeout = "-1m"\n', 1, "dns_timeout", "not negative"),
     ("duration: zero", 'smtp_connect_timeout = "0s"\n', 1, "smtp_connect_timeout",
      "greater than 0"),
@@ -351,6 +406,10 @@ ERRORS = [
     ("mydomain: bad", 'mydomain = "-bad-.example"\n', 1, "mydomain", "expected a host name"),
     ("smtp_helo_name: bad", 'smtp_helo_name = "two words"\n', 1, "smtp_helo_name",
      "expected a host name"),
+    ("smtp_helo_name: IPv6 literal without its tag", 'smtp_helo_name = "[::1]"\n', 1,
+     "smtp_helo_name", "[IPv6:2001:db8::1]"),
+    ("smtp_helo_name: bad IPv4 literal", 'smtp_helo_name = "[1.2.3]"\n', 1, "smtp_helo_name",
+     "expected a host name or address literal"),
     ("smtp_helo_name: unknown variable", 'smtp_helo_name = "$myorigin"\n', 1, "smtp_helo_name",
      "$myhostname"),
     # Path
@@ -411,6 +470,8 @@ ERRORS = [
      'bad host "bad host"'),
     ("listen: bad IPv6", '[[listen]]\naddress = "[127.0.0.1]:25"\n', 2, "listen.address",
      "bad IPv6 address"),
+    ("listen: IPv4 in an IPv6 tag", '[[listen]]\naddress = "[IPv6:127.0.0.1]:25"\n', 2,
+     "listen.address", "bad IPv6 address"),
     ("listen: bad service",
      '[[listen]]\naddress = "127.0.0.1:25"\nservice = "smtp"\n# [[listen]] service = "x"\n'
      '[[listen]]\naddress = "127.0.0.1:110"\nservice = "pop3"\n', 7, "listen.service",
