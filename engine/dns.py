@@ -6,7 +6,6 @@ defers), with Postfix's wording so the log reads the same.
 """
 
 import asyncio
-import ipaddress
 import random
 
 import dns.asyncresolver
@@ -16,6 +15,7 @@ import dns.resolver
 
 from engine.config import Config, parse_dns_server
 from engine.delivery import PermanentFailure, TransientFailure
+from engine.ipliteral import parse_ip
 
 NOT_FOUND = "Host not found"
 TRY_AGAIN = "Host not found, try again"
@@ -27,14 +27,14 @@ def _name_error(name: str, rtype: str, why: str) -> str:
 
 
 def _ip_literal(host: str) -> str | None:
-    """``host`` as an IP address ("1.2.3.4", "[1.2.3.4]", "[IPv6:::1]"), or None for a name."""
-    text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if text[:5].lower() == "ipv6:":
-        text = text[5:]
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return None
+    """``host`` as an IP address ("1.2.3.4", "[1.2.3.4]", "[IPv6:::1]"), or None for a name.
+    Brackets around anything else are no host name: PermanentFailure (5.1.2), never a query."""
+    address = parse_ip(host)
+    if address is not None:
+        return str(address)
+    if host.startswith("["):
+        raise PermanentFailure("5.1.2", f"bad address literal {host}")
+    return None
 
 
 class Resolver:
@@ -73,8 +73,9 @@ class Resolver:
 
     async def mx_hosts(self, domain: str) -> list[str]:
         """The mail hosts of ``domain``, best preference first, random among equals (RFC 5321
-        §5.1); the domain itself when it has no MX (implicit MX). Null MX (RFC 7505) and
-        NXDOMAIN raise PermanentFailure; SERVFAIL and timeouts raise TransientFailure."""
+        §5.1); the domain itself when it has no MX (implicit MX); an IP literal as is. Null MX
+        (RFC 7505), NXDOMAIN and a bad literal raise PermanentFailure; SERVFAIL and timeouts
+        raise TransientFailure."""
         literal = _ip_literal(domain)
         if literal:
             return [literal]
@@ -91,8 +92,8 @@ class Resolver:
 
     async def addresses(self, host: str) -> list[str]:
         """IPv4 then IPv6 addresses of ``host``; an IP literal is returned as is. Raises
-        PermanentFailure (5.4.4) when the host has none, TransientFailure (4.4.3) when DNS
-        failed and no address was found."""
+        PermanentFailure (5.4.4) when the host has none (5.1.2 for a bad literal),
+        TransientFailure (4.4.3) when DNS failed and no address was found."""
         literal = _ip_literal(host)
         if literal:
             return [literal]

@@ -76,6 +76,20 @@ def test_address_literal_needs_no_dns(resolver):
     assert run(resolver.addresses("127.0.0.9")) == ["127.0.0.9"]
     assert run(resolver.addresses("[::1]")) == ["::1"]
     assert run(resolver.mx_hosts("[127.0.0.9]")) == ["127.0.0.9"]
+    assert run(resolver.mx_hosts("[IPv6:2001:DB8::1]")) == ["2001:db8::1"]
+    assert run(resolver.addresses("[IPv6:::1]")) == ["::1"]
+
+
+@pytest.mark.parametrize("literal", ["[IPv6:127.0.0.1]", "[1.2.3]", "[]", "[mail.example]"])
+def test_bad_address_literal_is_permanent_without_a_query(literal):
+    """Read as engine.ipliteral does: an IPv4 address in an IPv6 tag is no literal, and a
+    bracketed string never goes to DNS (the server here does not answer)."""
+    config = Config(dns_servers=(f"127.0.0.1:{free_port(udp=True)}",), dns_timeout=0.5)
+    resolver = Resolver(config)
+    for lookup in (resolver.mx_hosts, resolver.addresses):
+        with pytest.raises(PermanentFailure) as info:
+            run(lookup(literal))
+        assert (info.value.dsn, info.value.text) == ("5.1.2", f"bad address literal {literal}")
 
 
 def test_host_without_address_is_permanent(resolver):
