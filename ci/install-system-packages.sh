@@ -4,6 +4,7 @@
 # Installs only what is missing; Postfix is installed unconfigured, so no daemon starts.
 set -euo pipefail
 need=()
+command -v cc >/dev/null || need+=(gcc)  # builds the Cython extensions
 command -v smtp-sink >/dev/null || need+=(postfix)
 command -v unbound >/dev/null || need+=(unbound)
 command -v swaks >/dev/null || need+=(swaks)

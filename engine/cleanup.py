@@ -11,8 +11,6 @@ client data and only its header lines are inspected. Never does network I/O.
 import re
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
-from email.utils import format_datetime, formatdate
 
 from engine.spool import Envelope, QueuedMessage, Recipient
 
@@ -21,6 +19,17 @@ _HEADER_LINE = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+[ \t]*:|[ \t])[^\n]*\n")
 _MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
 _DATE = re.compile(rb"^date[ \t]*:", re.IGNORECASE | re.MULTILINE)
 HEADER_SIZE_LIMIT = 102400  # Postfix's header_size_limit: past it, the rest is body
+
+
+def rfc5322_date(when: float) -> str:
+    """``Sat, 21 Nov 2026 13:40:11 +0000`` in local time (RFC 5322 §3.3), without email.utils
+    (which imports socket: cleanup stays free of I/O modules)."""
+    local = time.localtime(when)
+    day = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")[local.tm_wday]
+    month = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov",
+             "Dec")[local.tm_mon - 1]
+    return (f"{day}, {local.tm_mday:02d} {month} {local.tm_year} "
+            f"{time.strftime('%H:%M:%S %z', local)}")
 
 
 @dataclass
@@ -40,7 +49,7 @@ class Origin:
 def received_header(origin: Origin, hostname: str, queue_id: str, recipients: list[str],
                     when: float) -> bytes:
     """RFC 5321 §4.4 trace field, in Postfix's layout."""
-    stamp = formatdate(when, localtime=True)
+    stamp = rfc5322_date(when)
     lines = [
         f"Received: from {origin.helo or origin.client_name} "
         f"({origin.client_name} [{origin.client_ip}])",
@@ -139,8 +148,7 @@ class MessageBuilder:
             self.message_id = f"<{stamp}.{self.queue_id}@{self.hostname}>"
             added.append(f"Message-Id: {self.message_id}\r\n")
         if _DATE.search(headers) is None:
-            when = datetime.fromtimestamp(self._started).astimezone()
-            added.append(f"Date: {format_datetime(when)}\r\n")
+            added.append(f"Date: {rfc5322_date(self._started)}\r\n")
         return "".join(added).encode()
 
 

@@ -8,8 +8,11 @@ recipients stay queued). Trusts the validated Config.
 import asyncio
 import contextlib
 import functools
+import os
 import signal
 from pathlib import Path
+
+import lmdb
 
 from engine import __version__
 from engine.cleanup import Cleanup
@@ -26,6 +29,10 @@ from engine.spool.queue_id import QueueIdGenerator
 SHUTDOWN_GRACE = 10.0  # seconds sessions get to finish a commit before being cut
 
 
+class StartupError(Exception):
+    """The server cannot start (spool unusable, address in use): one line for the operator."""
+
+
 def shard_path(config: Config, shard: int = 0) -> Path:
     return Path(config.queue_directory) / f"shard{shard}"
 
@@ -33,9 +40,16 @@ def shard_path(config: Config, shard: int = 0) -> Path:
 async def serve(config: Config, *, ready: asyncio.Event | None = None,
                 stop: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
-    maillog = Maillog(config.myhostname, config.maillog_file)
-    spool = LmdbSpool(shard_path(config), map_size=config.queue_map_size,
-                      commit_window=config.queue_commit_window)
+    try:
+        maillog = Maillog(config.myhostname, config.maillog_file)
+    except OSError as error:
+        raise StartupError(f"maillog_file {config.maillog_file}: {error.strerror}") from error
+    try:
+        spool = LmdbSpool(shard_path(config), map_size=config.queue_map_size,
+                          commit_window=config.queue_commit_window)
+    except (OSError, lmdb.Error) as error:
+        raise StartupError(f"queue_directory {config.queue_directory}: cannot open the spool: "
+                           f"{getattr(error, 'strerror', None) or error}") from error
     resolver = Resolver(config)
     agents = {"smtp": functools.partial(smtp_delivery.deliver, config=config, resolver=resolver)}
     qmgr = QueueManager(spool, config, maillog, agents)
@@ -45,9 +59,16 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
                            new_queue_id=QueueIdGenerator(0))
     servers = []
     for listener in config.listen:
-        servers.append(await loop.create_server(
-            lambda: SmtpdProtocol(context), listener.host, listener.port,
-            reuse_address=True, backlog=1024))
+        try:
+            servers.append(await loop.create_server(
+                lambda: SmtpdProtocol(context), listener.host, listener.port,
+                reuse_address=True, backlog=1024))
+        except OSError as error:
+            await qmgr.stop()
+            spool.close()
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            raise StartupError(f"cannot listen on {listener.host}:{listener.port}: "
+                               f"{reason}") from error
     stop = stop or asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         # not possible outside the main thread (tests may run serve() in a thread)

@@ -70,3 +70,18 @@ def test_size_within_limit_is_accepted():
     builder = build([b"\r\n" + b"x" * 900 + b"\r\n"], size_limit=1000)
     assert not builder.too_big
     assert builder.finish().envelope.size > 900
+
+
+def test_duplicate_recipients_are_removed():
+    builder = build([b"\r\nbody\r\n"], recipients=("a@x.test", "b@x.test", "a@x.test"))
+    assert [r.address for r in builder.finish().envelope.recipients] == ["a@x.test", "b@x.test"]
+
+
+def test_date_is_rfc5322_and_matches_email_parser():
+    from email.utils import parsedate_to_datetime
+
+    from engine.cleanup import rfc5322_date
+
+    stamp = rfc5322_date(1_800_000_000.0)
+    assert parsedate_to_datetime(stamp).timestamp() == 1_800_000_000.0
+    assert stamp[3:5] == ", "

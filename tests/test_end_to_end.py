@@ -57,6 +57,7 @@ def test_message_relayed_to_sink_with_envelope_headers_and_logs(tern, smtp_sink)
 
 def test_mx_resolution_through_real_dns(tern, smtp_sink, dns_server):
     sink = smtp_sink()
+    backup = smtp_sink(host="127.0.0.2", port=sink.port)  # reachable: a wrong order shows
     dns_host, dns_port = dns_server([
         "mxdomain.test. 60 IN MX 20 backup.mxdomain.test.",
         "mxdomain.test. 60 IN MX 10 primary.mxdomain.test.",
@@ -78,6 +79,7 @@ def test_mx_resolution_through_real_dns(tern, smtp_sink, dns_server):
     nx_id = send(server, "a@example.org", ["u@nxdomain.test"], b"Subject: nx\r\n\r\nx\r\n")
     messages = sink.wait_messages(2)
     assert sorted(r for m in messages for r in m.recipients) == ["u@aonly.test", "u@mxdomain.test"]
+    assert backup.messages() == []  # preference 10 before 20
     log = server.wait_log("status=sent", count=2)
     assert f"relay=primary.mxdomain.test[127.0.0.1]:{sink.port}" in log
     log = server.wait_log(f"{null_id}: removed")
@@ -204,3 +206,27 @@ def test_version_names_each_hot_path_implementation():
     assert "reader: pure" in version(TERN_PURE="1")
     expected = speedups.load("reader", pure=False).__name__.startswith("engine._compiled")
     assert f"reader: {'compiled' if expected else 'pure'}" in version(TERN_PURE="0")
+
+
+def test_unusable_queue_directory_or_busy_port_is_one_fatal_line(tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    config = tmp_path / "tern.toml"
+    config.write_text(f'myhostname = "mx.test"\nqueue_directory = "{blocker}/spool"\n')
+    result = subprocess.run([sys.executable, "-m", "engine", "serve", "--config", str(config)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"tern: fatal: queue_directory {blocker}/spool: ")
+    assert "Traceback" not in result.stderr
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config.write_text(f'myhostname = "mx.test"\nqueue_directory = "{tmp_path}/q"\n'
+                          f'[[listen]]\naddress = "127.0.0.1:{port}"\nservice = "smtp"\n')
+        result = subprocess.run([sys.executable, "-m", "engine", "serve", "--config",
+                                 str(config)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr == (f"tern: fatal: cannot listen on 127.0.0.1:{port}: "
+                             "Address already in use\n")

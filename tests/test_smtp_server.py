@@ -118,6 +118,9 @@ def test_mail_from_errors(smtp, line, reply):
     (b"RCPT TO:<x@y..test>", "501 5.1.3 Bad recipient address syntax"),
     (b"RCPT TO:x@y.test", "501 5.5.4 Syntax: RCPT TO:<address>"),
     (b"RCPT TO:<>", "501 5.1.3 Bad recipient address syntax"),
+    (b"RCPT TO:<u@[1.2.3]>", "501 5.1.3 Bad recipient address syntax"),
+    (b"RCPT TO:<u@[IPv6:1.2.3.4]>", "501 5.1.3 Bad recipient address syntax"),
+    (b"RCPT TO:<u@[::1]>", "501 5.1.3 Bad recipient address syntax"),
 ])
 def test_rcpt_to_errors(smtp, line, reply):
     d = smtp()
@@ -129,10 +132,12 @@ def test_rcpt_forms_accepted(smtp):
     d = smtp()
     d.send(b"MAIL FROM:<a@b.test>\r\n")
     lines = d.send(b"RCPT TO:<postmaster>\r\nRCPT TO: <\"quoted@local\"@y.test>\r\n"
-                   b"RCPT TO:<@relay.test:z@y.test>\r\nRCPT TO:<u@[127.0.0.1]>\r\n")
-    assert codes(lines) == ["250"] * 4
+                   b"RCPT TO:<@relay.test:z@y.test>\r\nRCPT TO:<u@[127.0.0.1]>\r\n"
+                   b"RCPT TO:<v@[IPv6:2001:db8::1]>\r\n")
+    assert codes(lines) == ["250"] * 5
     recipients = [e.recipient for e in d.events if isinstance(e, server.RcptTo)]
-    assert recipients == ["postmaster", '"quoted@local"@y.test', "z@y.test", "u@[127.0.0.1]"]
+    assert recipients == ["postmaster", '"quoted@local"@y.test', "z@y.test", "u@[127.0.0.1]",
+                          "v@[IPv6:2001:db8::1]"]
 
 
 @pytest.mark.parametrize("commands, reply", [
@@ -234,7 +239,9 @@ def test_error_replies_carry_enhanced_status_codes(smtp):
 
 
 def test_core_imports_no_io_modules():
-    code = ("import sys, engine.smtp.server, engine.smtp.client, engine.smtp.grammar;"
+    """The sans-I/O cores and the pure decision modules import no I/O library."""
+    code = ("import sys, engine.smtp.server, engine.smtp.client, engine.smtp.grammar,"
+            " engine.qmgr.scheduler, engine.cleanup, engine.policy.relay;"
             "print(sorted({'asyncio','socket','ssl','lmdb','dns','selectors'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -10,6 +10,7 @@ from engine.config import Config
 from engine.log import Maillog
 from engine.smtpd.session import SmtpdContext, SmtpdProtocol
 from engine.spool import SpoolFull
+from engine.spool.lmdb_spool import LmdbSpool
 from engine.spool.memory import MemorySpool
 from engine.spool.queue_id import QueueIdGenerator
 
@@ -157,3 +158,30 @@ def test_client_that_never_reads_cannot_grow_the_reply_buffer():
     buffered, paused = asyncio.run(scenario())
     assert paused
     assert buffered < 8 * 1024 * 1024
+
+
+def test_concurrent_sessions_share_spool_commits(tmp_path):
+    """Group commit: messages finished together are written and synced in one transaction."""
+    sessions = 20
+
+    async def scenario():
+        spool = LmdbSpool(tmp_path / "spool", commit_window=0.005)
+        server, reader, writer, _ = await serve(spool)
+        port = server.sockets[0].getsockname()[1]
+        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(sessions)]
+        for client_reader, _ in clients:
+            await client_reader.readline()
+        for _, client_writer in clients:
+            client_writer.write(TRANSACTION + b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        replies = [(await read_replies(r, 5))[-1] for r, _ in clients]
+        for _, client_writer in clients:
+            client_writer.close()
+        await finish(server, writer)
+        figures = spool.commits, spool.messages_committed
+        spool.close()
+        return replies, figures
+
+    replies, (commits, committed) = asyncio.run(scenario())
+    assert all(reply.startswith("250 2.0.0 Ok: queued as") for reply in replies)
+    assert committed == sessions
+    assert commits < sessions

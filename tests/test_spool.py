@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from engine.spool import Envelope, QueuedMessage, Recipient, SpoolFull
+from engine.spool import Envelope, QueuedMessage, Recipient, SpoolError, SpoolFull
 from engine.spool.lmdb_spool import LmdbSpool
 from engine.spool.queue_id import QueueIdGenerator
 
@@ -81,3 +81,23 @@ def test_queue_ids_are_unique_and_ordered_even_when_clock_stalls():
     ids = [generate() for _ in range(1000)]
     assert len(set(ids)) == 1000
     assert ids == sorted(ids)
+
+
+def test_a_reused_queue_id_never_replaces_a_queued_message(tmp_path):
+    async def scenario():
+        spool = LmdbSpool(tmp_path / "s")
+        await spool.enqueue(message("Q1", body=b"first\r\n"))
+        with pytest.raises(SpoolError, match="in use"):
+            await spool.enqueue(message("Q1", body=b"second\r\n"))
+        kept = spool.content("Q1")
+        spool.close()
+        return kept
+
+    assert asyncio.run(scenario()) == b"first\r\n"
+
+
+def test_commits_are_synced_to_disk(tmp_path):
+    spool = LmdbSpool(tmp_path / "s")
+    flags = spool._env.flags()
+    spool.close()
+    assert flags["sync"] and flags["metasync"] and not flags["map_async"]

@@ -12,9 +12,13 @@ from engine.config import ConfigError, load_config
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from engine.serve import run
+    from engine.serve import StartupError, run
 
-    run(load_config(args.config))
+    try:
+        run(load_config(args.config))
+    except StartupError as error:
+        print(f"tern: fatal: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

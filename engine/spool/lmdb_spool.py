@@ -89,45 +89,50 @@ class LmdbSpool:
     def _finish(self, batch: list, written: asyncio.Future) -> None:
         self._in_flight = None
         error = written.exception()
-        failed_puts = set() if error else written.result()
+        refused = {} if error else written.result()
         for op, done in batch:
             if done.done():
                 continue
             if error is not None:
                 done.set_exception(SpoolError(str(error)))
-            elif id(op) in failed_puts:
-                done.set_exception(SpoolFull("spool map is full"))
+            elif id(op) in refused:
+                done.set_exception(refused[id(op)])
             else:
                 done.set_result(None)
         if self._batch:
             self._flush()
 
-    def _write(self, ops: list[tuple]) -> set[int]:
-        """Runs in the writer thread. Returns the ids of put ops refused for lack of room."""
+    def _write(self, ops: list[tuple]) -> dict[int, SpoolError]:
+        """Runs in the writer thread. Returns the ops refused, by id, with their error."""
         try:
-            self._commit(ops)
-            return set()
+            return self._commit(ops)
         except lmdb.MapFullError:
             # Keep what we have: retry without the new messages (updates and removals free room).
             others = [op for op in ops if op[0] != _PUT]
-            if others:
-                self._commit(others)
-            return {id(op) for op in ops if op[0] == _PUT}
+            refused = self._commit(others) if others else {}
+            refused.update({id(op): SpoolFull("spool map is full") for op in ops if op[0] == _PUT})
+            return refused
 
-    def _commit(self, ops: list[tuple]) -> None:
+    def _commit(self, ops: list[tuple]) -> dict[int, SpoolError]:
         new_messages = 0
+        refused: dict[int, SpoolError] = {}
         with self._env.begin(write=True) as txn:
-            for kind, key, content, envelope in ops:
+            for op in ops:
+                kind, key, content, envelope = op
                 if kind == _REMOVE:
                     txn.delete(key, db=self._content_db)
                     txn.delete(key, db=self._envelope_db)
                     continue
                 if kind == _PUT:
-                    txn.put(key, b"".join(content), db=self._content_db)
+                    # Never replace a queued message (a queue ID reused after a clock step).
+                    if not txn.put(key, b"".join(content), db=self._content_db, overwrite=False):
+                        refused[id(op)] = SpoolError(f"queue ID {key.decode()} is in use")
+                        continue
                     new_messages += 1
                 txn.put(key, envelope, db=self._envelope_db)
         self.commits += 1
         self.messages_committed += new_messages
+        return refused
 
     async def drain(self) -> None:
         """Wait until every submitted write is committed."""
