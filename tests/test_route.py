@@ -1,10 +1,15 @@
-"""nexthop_for: transport_maps, then relayhost, then MX (a pure function)."""
+"""nexthop_for: local domains, transport_maps, then relayhost, then MX (a pure function)."""
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine.config import Config
-from engine.delivery import NextHop
+from engine.delivery import NextHop, PermanentFailure
 from engine.delivery.route import nexthop_for, transport_lookup
+from engine.ipliteral import parse_ip
+from engine.smtp import replies
+from engine.smtp.grammar import GrammarError, check_mailbox, domain_of
 
 MAPS = {
     "example.com": "smtp:[mail.example.com]",
@@ -20,8 +25,83 @@ def test_mx_delivery_to_the_domain_by_default():
     assert nexthop_for("Example.ORG.", Config()) == NextHop("smtp", "example.org", 25, True)
 
 
-def test_address_literal_domain_skips_mx():
-    assert nexthop_for("[192.0.2.1]", Config()) == NextHop("smtp", "192.0.2.1", 25, False)
+@pytest.mark.parametrize(
+    ("domain", "address"),
+    [
+        ("[192.0.2.1]", "192.0.2.1"),
+        ("[IPv6:2001:db8::1]", "2001:db8::1"),
+        ("[ipv6:2001:DB8:0::1]", "2001:db8::1"),
+        ("[IPv6:::ffff:192.0.2.1]", "::ffff:c000:201"),
+    ],
+)
+def test_address_literal_domain_goes_to_that_address_without_mx(domain, address):
+    assert nexthop_for(domain, Config()) == NextHop("smtp", address, 25, False)
+
+
+@pytest.mark.parametrize(
+    ("entry", "hop"),
+    [
+        ("smtp:", NextHop("smtp", "192.0.2.1", 25, False)),  # empty next hop: the literal
+        ("lmtp:", NextHop("lmtp", "192.0.2.1", 24, False)),
+        ("smtp:[relay.example.net]", NextHop("smtp", "relay.example.net", 25, False)),
+    ],
+)
+def test_address_literal_domain_through_transport_maps(entry, hop):
+    assert nexthop_for("[192.0.2.1]", Config(transport_maps={"*": entry})) == hop
+
+
+def test_address_literal_domain_follows_relayhost():
+    config = Config(relayhost="[relay.example.net]:587")
+    assert nexthop_for("[192.0.2.1]", config) == NextHop("smtp", "relay.example.net", 587, False)
+
+
+@pytest.mark.parametrize("domain", ["[1.2.3]", "[IPv6:192.0.2.1]", "[]", "[mail.example]", ""])
+def test_unroutable_domain_is_a_permanent_failure(domain):
+    with pytest.raises(PermanentFailure) as info:
+        nexthop_for(domain, Config())
+    assert info.value.dsn == "5.1.2"
+
+
+def test_local_domains_go_to_the_local_transport():
+    config = Config(
+        myhostname="mx.example.test",
+        mydestination=("$myhostname", "localhost", "$mydomain"),
+        transport_maps={"*": "smtp:[relay.example.net]"},
+        relayhost="[relay.example.net]",
+    )
+    for domain in ("mx.example.test", "MX.Example.Test.", "localhost", "example.test"):
+        assert nexthop_for(domain, config) == NextHop(
+            transport="local", host=domain.rstrip(".").lower(), mx_lookup=False
+        )
+    assert nexthop_for("other.example.test", config).transport == "smtp"
+
+
+_LABEL = st.from_regex(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,20}[A-Za-z0-9])?", fullmatch=True)
+GRAMMAR_DOMAINS = st.one_of(
+    st.lists(_LABEL, min_size=1, max_size=4).map(".".join),
+    st.ip_addresses(v=4).map(lambda ip: f"[{ip}]"),
+    st.ip_addresses(v=6).map(lambda ip: f"[IPv6:{ip}]"),
+    st.from_regex(r"\[[0-9A-Fa-f:.IPVipv]{0,30}\]", fullmatch=True),
+)
+BY_DOMAIN = [Config(), Config(transport_maps={"*": "smtp:"})]  # the next hop is the domain
+ELSEWHERE = [Config(transport_maps=MAPS), Config(relayhost="[relay.example.net]")]
+
+
+@given(GRAMMAR_DOMAINS)
+def test_never_raises_for_a_domain_the_grammar_accepts(domain):
+    address = f"user@{domain}"
+    try:
+        check_mailbox(address, replies.BAD_RECIPIENT)
+    except GrammarError:
+        return
+    for config in BY_DOMAIN:
+        hop = nexthop_for(domain_of(address), config)
+        if domain.startswith("["):
+            assert hop == NextHop("smtp", str(parse_ip(domain)), 25, False)
+        else:
+            assert hop == NextHop("smtp", domain.lower(), 25, True)
+    for config in ELSEWHERE:
+        assert isinstance(nexthop_for(domain_of(address), config), NextHop)
 
 
 @pytest.mark.parametrize(
@@ -63,3 +143,7 @@ def test_transport_maps_come_before_relayhost():
 
 def test_transport_lookup_without_match():
     assert transport_lookup("example.org", {"example.com": "smtp:"}) is None
+
+
+def test_address_literal_has_no_parent_domains():
+    assert transport_lookup("[192.0.2.1]", {".1]": "smtp:[x.example]"}) is None

@@ -1,23 +1,26 @@
-"""Routing: the next hop for a recipient domain, from transport_maps, relayhost or MX.
+"""Routing: the next hop for a recipient domain: local, transport_maps, relayhost or MX.
 
 A pure function of the domain and the configuration (no DNS here: MX lookups happen in the
-delivery agent). Trusts the configuration, which engine.config validated at load time.
+delivery agent). Trusts the configuration, which engine.config validated at load time; the
+domain comes from a client, so whatever it holds ends in a NextHop or a PermanentFailure.
 """
 
 from engine.config import Config, parse_nexthop
-from engine.delivery import NextHop
+from engine.delivery import NextHop, PermanentFailure
+from engine.ipliteral import parse_ip
 
 DEFAULT_TRANSPORT = "smtp"
+LOCAL_TRANSPORT = "local"
 DEFAULT_PORTS = {"smtp": 25, "lmtp": 24}
 
 
 def transport_lookup(domain: str, transport_maps: dict[str, str]) -> str | None:
     """The transport_maps value for ``domain``, as Postfix's transport(5) searches: the domain
     itself, then ``.parent`` entries from the nearest parent up (they match subdomains only),
-    then ``*``."""
+    then ``*``. An address literal has no parents."""
     if domain in transport_maps:
         return transport_maps[domain]
-    labels = domain.split(".")
+    labels = [] if domain.startswith("[") else domain.split(".")
     for i in range(1, len(labels)):
         parent = "." + ".".join(labels[i:])
         if parent in transport_maps:
@@ -25,25 +28,44 @@ def transport_lookup(domain: str, transport_maps: dict[str, str]) -> str | None:
     return transport_maps.get("*")
 
 
+def _domain_hop(transport: str, domain: str, port: int) -> NextHop:
+    """The recipient domain itself as next hop: its MX hosts, or for an address literal
+    (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``) that address with no MX lookup, as Postfix."""
+    if domain.startswith("["):
+        address = parse_ip(domain)
+        if address is None:
+            raise PermanentFailure("5.1.2", f"bad address literal in recipient domain {domain}")
+        return NextHop(transport, str(address), port, False)
+    if not domain:
+        raise PermanentFailure("5.1.2", "empty recipient domain")
+    return NextHop(transport, domain, port, True)
+
+
 def _nexthop(transport: str, nexthop: str, domain: str) -> NextHop:
     """``transport`` to ``nexthop`` (Postfix form; empty means the recipient domain, by MX)."""
     transport = transport or DEFAULT_TRANSPORT
-    host, port, mx_lookup = parse_nexthop(nexthop)
+    default_port = DEFAULT_PORTS.get(transport, 25)
+    try:
+        host, port, mx_lookup = parse_nexthop(nexthop)
+    except ValueError as exc:  # only a Config built without load_config can hold one
+        raise PermanentFailure("5.3.5", f"bad next hop {nexthop!r} for {domain}: {exc}") from None
     if not host:
-        host, mx_lookup = domain, True
-    return NextHop(transport, host, port or DEFAULT_PORTS.get(transport, 25), mx_lookup)
+        return _domain_hop(transport, domain, port or default_port)
+    return NextHop(transport, host, port or default_port, mx_lookup)
 
 
 def nexthop_for(domain: str, config: Config) -> NextHop:
-    """Where mail for ``domain`` goes: a transport_maps match, else relayhost, else the
-    domain's MX hosts on port 25."""
+    """Where mail for ``domain`` goes: a local domain (``config.local_domains``) to the local
+    transport; else a transport_maps match, else relayhost, else the domain's MX hosts on port
+    25 (an address literal: that address, no MX lookup). Raises PermanentFailure (5.1.2) for a
+    domain that cannot be routed; never for one the SMTP grammar accepted."""
     domain = domain.rstrip(".").lower()
+    if domain in config.local_domains:
+        return NextHop(LOCAL_TRANSPORT, domain, mx_lookup=False)
     entry = transport_lookup(domain, config.transport_maps)
     if entry is not None:
         transport, _, nexthop = entry.partition(":")
         return _nexthop(transport, nexthop, domain)
     if config.relayhost:
         return _nexthop(DEFAULT_TRANSPORT, config.relayhost, domain)
-    if domain.startswith("[") and domain.endswith("]"):  # user@[192.0.2.1]: no MX lookup
-        return _nexthop(DEFAULT_TRANSPORT, domain, domain)
-    return NextHop(DEFAULT_TRANSPORT, domain, 25, True)
+    return _domain_hop(DEFAULT_TRANSPORT, domain, DEFAULT_PORTS[DEFAULT_TRANSPORT])
