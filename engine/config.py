@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import socket
 import tomllib
 import typing
 from collections.abc import Callable
@@ -37,6 +36,13 @@ class Listener:
     service: str = "smtp"
 
 
+def default_myhostname() -> str:
+    """The host's fully qualified name, Postfix's default for myhostname."""
+    import socket  # here: the sans-I/O cores import engine.config, and no I/O module with it
+
+    return socket.getfqdn()
+
+
 def default_queue_directory() -> Path:
     """``$TERN_HOME/spool``, else the user's data directory (XDG), as the brief asks."""
     home = os.environ.get("TERN_HOME")
@@ -53,7 +59,7 @@ class Config:
     Durations are seconds."""
 
     config_file: str = ""  # where this came from ("" = embedded defaults)
-    myhostname: str = field(default_factory=socket.getfqdn)
+    myhostname: str = field(default_factory=default_myhostname)
     mydomain: str = ""  # default: myhostname minus its first label
     mydestination: tuple[str, ...] = ("$myhostname", "localhost")  # local domains
     queue_directory: Path = field(default_factory=default_queue_directory)

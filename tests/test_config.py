@@ -2,6 +2,8 @@
 
 import dataclasses
 import ipaddress
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from textwrap import dedent
@@ -119,6 +121,13 @@ def test_example_file_loads(tmp_path):
     # everything else keeps its default
     assert config.smtpd_timeout == 300.0
     assert config.mydestination == ("$myhostname", "localhost")
+
+
+def test_importing_config_imports_no_io_module():
+    """The sans-I/O cores import engine.config; socket comes only with the myhostname default."""
+    code = "import sys, engine.config; print(sorted({'socket', 'selectors'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_str_and_pathlike_give_the_same_config(tmp_path):
