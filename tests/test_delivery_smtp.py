@@ -6,7 +6,7 @@ import pytest
 import uvloop
 
 from engine.config import Config
-from engine.delivery import DeliveryRequest, NextHop, TransientFailure
+from engine.delivery import DeliveryRequest, NextHop, PermanentFailure, TransientFailure
 from engine.delivery.smtp import deliver
 from engine.dns import Resolver
 
@@ -141,3 +141,63 @@ def test_mx_delivery_all_hosts_down_reports_the_last_error(dns_server, smtp_sink
     with pytest.raises(TransientFailure) as info:
         run(deliver(request_to("aonly.test", down.port, mx_lookup=True), config, Resolver(config)))
     assert info.value.text == f"connect to aonly.test[127.0.0.1]:{down.port}: Connection refused"
+
+
+def test_mx_primary_refused_backup_without_address_defers(dns_server, smtp_sink):
+    """Postfix defers when any MX host failed transiently: the backup's missing address
+    (permanent, 5.4.4) must not bounce mail the primary only refused for now."""
+    down = smtp_sink()
+    down.stop()
+    host, port = dns_server(
+        [
+            "mx.test. 60 IN MX 10 mail1.mx.test.",
+            "mx.test. 60 IN MX 20 mail2.mx.test.",  # mail2.mx.test: NXDOMAIN
+            "mail1.mx.test. 60 IN A 127.0.0.1",
+        ]
+    )
+    config = Config(myhostname="client.tern.test", dns_servers=(f"{host}:{port}",))
+    with pytest.raises(TransientFailure) as info:
+        run(deliver(request_to("mx.test", down.port, mx_lookup=True), config, Resolver(config)))
+    assert info.value.dsn == "4.4.1"
+    assert info.value.text == f"connect to mail1.mx.test[127.0.0.1]:{down.port}: Connection refused"
+    assert info.value.relay == "none"
+
+
+def test_mx_reason_is_what_a_server_said_over_later_failures(dns_server, smtp_sink):
+    """mail1 refuses the greeting, mail2 refuses the connection, mail3 has no address: the
+    mail defers, with mail1's reply as the reason (the most informative)."""
+    refusing = smtp_sink("-f", "CONNECT", host="127.0.0.2")
+    host, port = dns_server(
+        [
+            "mx.test. 60 IN MX 10 mail1.mx.test.",
+            "mx.test. 60 IN MX 20 mail2.mx.test.",
+            "mx.test. 60 IN MX 30 mail3.mx.test.",
+            "mail1.mx.test. 60 IN A 127.0.0.2",
+            "mail2.mx.test. 60 IN A 127.0.0.3",
+            "mail3.mx.test. 60 IN TXT no-address",
+        ]
+    )
+    config = Config(myhostname="client.tern.test", dns_servers=(f"{host}:{port}",))
+    request = request_to("mx.test", refusing.port, mx_lookup=True)
+    with pytest.raises(TransientFailure) as info:
+        run(deliver(request, config, Resolver(config)))
+    assert info.value.dsn == "4.3.0"
+    assert info.value.text == (
+        "host mail1.mx.test[127.0.0.2] refused to talk to me: 500 5.3.0 Error: command failed"
+    )
+    assert info.value.relay == f"mail1.mx.test[127.0.0.2]:{refusing.port}"
+
+
+def test_mx_every_host_without_address_bounces(dns_server):
+    host, port = dns_server(
+        [
+            "mx.test. 60 IN MX 10 mail1.mx.test.",
+            "mx.test. 60 IN MX 20 mail2.mx.test.",
+            "mail1.mx.test. 60 IN TXT no-address",
+        ]
+    )
+    config = Config(myhostname="client.tern.test", dns_servers=(f"{host}:{port}",))
+    with pytest.raises(PermanentFailure) as info:
+        run(deliver(request_to("mx.test", 25, mx_lookup=True), config, Resolver(config)))
+    assert info.value.dsn == "5.4.4"
+    assert "name=mail2.mx.test type=A: Host not found" in info.value.text

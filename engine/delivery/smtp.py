@@ -15,7 +15,6 @@ from engine.delivery import (
     DeliveryError,
     DeliveryOutcome,
     DeliveryRequest,
-    PermanentFailure,
     TransientFailure,
 )
 from engine.dns import Resolver
@@ -56,24 +55,35 @@ async def deliver(request: DeliveryRequest, config: Config, resolver: Resolver) 
         return DeliveryOutcome([])
     hop = request.nexthop
     hosts = await resolver.mx_hosts(hop.host) if hop.mx_lookup else [hop.host]
-    failure: DeliveryError | None = None
+    failures: list[DeliveryError] = []
     for host in hosts:
         try:
             addresses = await resolver.addresses(host)
         except DeliveryError as exc:
-            failure = exc
+            failures.append(exc)
             continue
         for address in addresses:
             try:
                 return await _attempt(request, config, host, address, started)
             except DeliveryError as exc:
-                failure = exc
-    if isinstance(failure, PermanentFailure):  # every host name failed to resolve
-        raise failure
-    if failure is None:
-        raise TransientFailure("4.4.3", f"no mail host for {hop.host}")
+                failures.append(exc)
+    raise _no_server_took_it(failures, hop.host)
+
+
+def _no_server_took_it(failures: list[DeliveryError], destination: str) -> DeliveryError:
+    """The error for a delivery that no host took. As Postfix: it defers when any host failed
+    transiently, and bounces only when every host failed permanently (no address at all). The
+    reason given is the last one a server said (e.g. a refused greeting), else the last
+    transient one (connection refused, timeout, DNS)."""
+    transient = [f for f in failures if isinstance(f, TransientFailure)]
+    if not transient:
+        if failures:
+            return failures[-1]
+        return TransientFailure("4.4.3", f"no mail host for {destination}")
+    said = [f for f in transient if f.relay != "none"]
+    reason = (said or transient)[-1]
     # Postfix's smtp_skip_5xx_greeting: a server that refuses the session defers, never bounces.
-    raise TransientFailure("4" + failure.dsn[1:], failure.text, failure.relay)
+    return TransientFailure("4" + reason.dsn[1:], reason.text, reason.relay)
 
 
 async def _attempt(
