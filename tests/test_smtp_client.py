@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from engine.smtp import client as client_module
 from engine.smtp.client import (
     Client,
     Closed,
@@ -94,8 +95,16 @@ def test_ehlo_multiline_reply_gives_extensions(bytewise):
     assert client.size_limit == 10240000
 
 
-def test_reply_buffer_bare_lf_and_trailing_data():
-    buf = ReplyBuffer()
+@pytest.fixture
+def reply_buffer(impl, monkeypatch):
+    """ReplyBuffer splitting lines with each twin of the server's input reader
+    (engine.speedups.Reader, compiled and pure): the same cases, the same results."""
+    monkeypatch.setattr(client_module, "Reader", impl("reader").Reader)
+    return ReplyBuffer
+
+
+def test_reply_buffer_bare_lf_and_trailing_data(reply_buffer):
+    buf = reply_buffer()
     buf.feed(b"250-first\n250 last\r\n354 go")
     assert buf.read_reply() == Reply(250, "first\nlast")
     assert buf.read_reply() is None
@@ -103,27 +112,62 @@ def test_reply_buffer_bare_lf_and_trailing_data():
     assert buf.read_reply() == Reply(354, "go ahead")
 
 
-def test_reply_buffer_bare_code_line():
-    buf = ReplyBuffer()
+def test_reply_buffer_byte_at_a_time(reply_buffer):
+    data = b"220 mx.test ESMTP\r\n" + EHLO_PIPELINING + b"250 2.0.0 Ok\n"
+    buf = reply_buffer()
+    replies = []
+    for i in range(len(data)):
+        buf.feed(data[i : i + 1])
+        while (reply := buf.read_reply()) is not None:
+            replies.append(reply)
+    assert [r.code for r in replies] == [220, 250, 250]
+    assert replies[1].lines == (
+        "mx.test", "PIPELINING", "SIZE 10240000", "8BITMIME", "ENHANCEDSTATUSCODES"
+    )
+
+
+def test_reply_buffer_bare_code_line(reply_buffer):
+    buf = reply_buffer()
     buf.feed(b"250\r\n")
     assert buf.read_reply() == Reply(250, "")
 
 
 @pytest.mark.parametrize("line", [b"hello\r\n", b"25\r\n", b"250x\r\n", b"650 no\r\n"])
-def test_reply_buffer_rejects_malformed_lines(line):
-    buf = ReplyBuffer()
+def test_reply_buffer_rejects_malformed_lines(reply_buffer, line):
+    buf = reply_buffer()
     buf.feed(line)
     with pytest.raises(RemoteProtocolError):
         buf.read_reply()
 
 
-def test_reply_buffer_caps_reply_size():
-    buf = ReplyBuffer(max_size=100)
+def test_reply_buffer_caps_reply_size(reply_buffer):
+    buf = reply_buffer(max_size=100)
     buf.feed(b"250-" + b"x" * 60 + b"\r\n")
     assert buf.read_reply() is None
     buf.feed(b"250-" + b"x" * 60 + b"\r\n")
-    with pytest.raises(RemoteProtocolError):
+    with pytest.raises(RemoteProtocolError, match="reply too long"):
         buf.read_reply()
+
+
+def test_reply_buffer_cap_counts_the_unfinished_line(reply_buffer):
+    buf = reply_buffer(max_size=100)
+    buf.feed(b"250-" + b"x" * 60 + b"\r\n250 " + b"y" * 40)
+    with pytest.raises(RemoteProtocolError, match="reply too long"):
+        buf.read_reply()
+
+
+@pytest.mark.parametrize("end", [b"\r\n", b""], ids=["complete", "unfinished"])
+def test_reply_buffer_one_line_over_the_cap(reply_buffer, end):
+    buf = reply_buffer(max_size=100)
+    buf.feed(b"250 " + b"x" * 200 + end)
+    with pytest.raises(RemoteProtocolError, match="reply too long"):
+        buf.read_reply()
+
+
+def test_reply_buffer_exactly_at_the_cap(reply_buffer):
+    buf = reply_buffer(max_size=100)
+    buf.feed(b"250 " + b"x" * 94 + b"\r\n")  # 100 bytes with its CRLF
+    assert buf.read_reply() == Reply(250, "x" * 94)
 
 
 def test_malformed_reply_ends_session_like_a_lost_connection():

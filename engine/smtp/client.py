@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 
 from engine.delivery import RecipientResult
+from engine.smtp.reader import LineTooLong
 from engine.smtp.replies import Reply
+from engine.speedups import Reader
 
 
 class LocalProtocolError(Exception):
@@ -80,36 +82,35 @@ COMMAND = {
 
 
 class ReplyBuffer:
-    """Receive buffer that yields whole (multi-line) replies. Remembers how far it searched for a
-    line end, so bytes are scanned once; a reply larger than ``max_size`` is an error."""
+    """Receive buffer that yields whole (multi-line) replies. Lines come from the server's input
+    reader (engine.speedups.Reader: each byte scanned once, CRLF or bare LF); this class only
+    assembles them into replies. A reply larger than ``max_size`` bytes is an error."""
 
-    __slots__ = ("_buf", "_scanned", "_lines", "_size", "_max")
+    __slots__ = ("_reader", "_lines", "_size", "_max")
 
     def __init__(self, max_size: int = 65536) -> None:
-        self._buf = bytearray()
-        self._scanned = 0
+        self._reader = Reader(max_line_length=max_size)
         self._lines: list[str] = []
-        self._size = 0
+        self._size = 0  # bytes of the reply so far, line ends included
         self._max = max_size
 
     def feed(self, data: bytes) -> None:
-        self._buf += data
+        self._reader.feed(data)
 
     def read_reply(self) -> Reply | None:
         """The next complete reply, or None while incomplete. Raises RemoteProtocolError."""
-        buf = self._buf
+        reader = self._reader
         while True:
-            nl = buf.find(b"\n", self._scanned)
-            if nl < 0:
-                if self._size + len(buf) > self._max:
+            buffered = len(reader)
+            try:
+                line = reader.read_line()
+            except LineTooLong:
+                raise RemoteProtocolError("reply too long") from None
+            if line is None:
+                if self._size + len(reader) > self._max:
                     raise RemoteProtocolError("reply too long")
-                self._scanned = len(buf)
                 return None
-            end = nl - 1 if nl > 0 and buf[nl - 1] == 13 else nl  # CRLF, or bare LF
-            line = bytes(buf[:end])
-            del buf[: nl + 1]
-            self._scanned = 0
-            self._size += nl + 1
+            self._size += buffered - len(reader)
             if self._size > self._max:
                 raise RemoteProtocolError("reply too long")
             # RFC 5321 §4.2: Reply-line = *( Reply-code "-" [ textstring ] CRLF )
