@@ -307,7 +307,8 @@ def test_parse_nexthop(value, expected):
     "value",
     ["[127.0.0.1", "127.0.0.1]", "[]", "[]:25", "host:", "host:0", "host:65536", "host:smtp",
      "host:-1", "[host]:", "[host]:25:26", "::1", "192.0.2.1", "192.0.2.1:25", "bad_host",
-     "a b", "host.", "-host", "[ipv6:192.0.2.1]", "[IPv6:]", "[1.2.3]", "[a]b", "[::1]]", "example.com,other.example", None],
+     "a b", "host.", "-host", "[ipv6:192.0.2.1]", "[IPv6:]", "[1.2.3]", "[a]b", "[::1]]",
+     "example.com,other.example", None],
 )  # fmt: skip
 def test_parse_nexthop_rejects(value):
     with pytest.raises(ValueError):
