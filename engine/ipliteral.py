@@ -9,17 +9,22 @@ import ipaddress
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def parse_ip(text: str) -> IPAddress | None:
-    """A bare address, ``[address]`` or ``[IPv6:address]`` → the address; anything else → None."""
-    inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
-    if inner[:5].lower() == "ipv6:":
-        inner = inner[5:]
-        if "." in inner and ":" not in inner:
-            return None
+def _address(text: str, version: int | None = None) -> IPAddress | None:
+    """A plain address (no zone: RFC 5321 has none), optionally of one IP version."""
+    if "%" in text:
+        return None
     try:
-        return ipaddress.ip_address(inner)
+        address = ipaddress.ip_address(text)
     except ValueError:
         return None
+    return address if version is None or address.version == version else None
+
+
+def parse_ip(text: str) -> IPAddress | None:
+    """A bare address, ``[address]`` or ``[IPv6:address]`` → the address; anything else → None."""
+    if text.startswith("[") and text.endswith("]"):
+        return parse_address_literal(text) or _address(text[1:-1])
+    return _address(text)
 
 
 def parse_address_literal(text: str) -> IPAddress | None:
@@ -28,7 +33,5 @@ def parse_address_literal(text: str) -> IPAddress | None:
         return None
     inner = text[1:-1]
     if inner[:5].lower() == "ipv6:":
-        address = parse_ip(inner)
-        return address if address is not None and address.version == 6 else None
-    address = parse_ip(inner)
-    return address if address is not None and address.version == 4 else None
+        return _address(inner[5:], 6)
+    return _address(inner, 4)

@@ -82,14 +82,9 @@ def test_strict_and_lenient_differ_only_in_forms():
     assert parse_ip("[IPv6:1.2.3.4]") is None and parse_address_literal("[IPv6:1.2.3.4]") is None
 
 
-# Known defects of engine.ipliteral, reported to its owner; strict xfail flags the fix.
-
-
-@pytest.mark.xfail(reason="ipaddress accepts an IPv6 zone (%eth0); RFC 5321 §4.1.3 has none")
 def test_address_literal_has_no_ipv6_zone():
     assert parse_address_literal("[IPv6:fe80::1%eth0]") is None
 
 
-@pytest.mark.xfail(reason='parse_ip accepts a bare "IPv6:" tag without brackets')
 def test_parse_ip_tag_needs_brackets():
     assert parse_ip("IPv6:::1") is None

@@ -1,4 +1,4 @@
-"""nexthop_for: local domains, transport_maps, then relayhost, then MX (a pure function)."""
+"""nexthop_for: transport_maps, then local domains, then relayhost, then MX (a pure function)."""
 
 import pytest
 from hypothesis import given
@@ -62,11 +62,10 @@ def test_unroutable_domain_is_a_permanent_failure(domain):
     assert info.value.dsn == "5.1.2"
 
 
-def test_local_domains_go_to_the_local_transport():
+def test_local_domains_go_to_the_local_transport_not_the_relayhost():
     config = Config(
         myhostname="mx.example.test",
         mydestination=("$myhostname", "localhost", "$mydomain"),
-        transport_maps={"*": "smtp:[relay.example.net]"},
         relayhost="[relay.example.net]",
     )
     for domain in ("mx.example.test", "MX.Example.Test.", "localhost", "example.test"):
@@ -74,6 +73,14 @@ def test_local_domains_go_to_the_local_transport():
             transport="local", host=domain.rstrip(".").lower(), mx_lookup=False
         )
     assert nexthop_for("other.example.test", config).transport == "smtp"
+
+
+def test_transport_maps_override_local_domains_as_in_postfix():
+    config = Config(myhostname="mx.example.test", transport_maps={
+        "localhost": "lmtp:[127.0.0.1]:24", "*": "smtp:[relay.example.net]"})
+    assert nexthop_for("localhost", config) == NextHop("lmtp", "127.0.0.1", 24, False)
+    assert nexthop_for("mx.example.test", config) == NextHop("smtp", "relay.example.net", 25,
+                                                             False)
 
 
 _LABEL = st.from_regex(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,20}[A-Za-z0-9])?", fullmatch=True)

@@ -55,17 +55,18 @@ def _nexthop(transport: str, nexthop: str, domain: str) -> NextHop:
 
 
 def nexthop_for(domain: str, config: Config) -> NextHop:
-    """Where mail for ``domain`` goes: a local domain (``config.local_domains``) to the local
-    transport; else a transport_maps match, else relayhost, else the domain's MX hosts on port
-    25 (an address literal: that address, no MX lookup). Raises PermanentFailure (5.1.2) for a
-    domain that cannot be routed; never for one the SMTP grammar accepted."""
+    """Where mail for ``domain`` goes, in Postfix's order: a transport_maps match; else a local
+    domain (``config.local_domains``) to the local transport; else relayhost; else the domain's
+    MX hosts on port 25 (an address literal: that address, no MX lookup). Raises
+    PermanentFailure (5.1.2) for a domain that cannot be routed; never for one the SMTP grammar
+    accepted."""
     domain = domain.rstrip(".").lower()
-    if domain in config.local_domains:
-        return NextHop(LOCAL_TRANSPORT, domain, mx_lookup=False)
     entry = transport_lookup(domain, config.transport_maps)
     if entry is not None:
         transport, _, nexthop = entry.partition(":")
         return _nexthop(transport, nexthop, domain)
+    if domain in config.local_domains:
+        return NextHop(LOCAL_TRANSPORT, domain, mx_lookup=False)
     if config.relayhost:
         return _nexthop(DEFAULT_TRANSPORT, config.relayhost, domain)
     return _domain_hop(DEFAULT_TRANSPORT, domain, DEFAULT_PORTS[DEFAULT_TRANSPORT])
