@@ -10,7 +10,6 @@ from textwrap import dedent
 
 import pytest
 
-from engine import config as config_module
 from engine.config import (
     Config,
     ConfigError,
@@ -19,6 +18,7 @@ from engine.config import (
     parse_dns_server,
     parse_duration,
     parse_nexthop,
+    settings,
 )
 from engine.ipliteral import parse_ip
 
@@ -221,7 +221,7 @@ def test_listen_services_are_easy_to_extend(tmp_path, monkeypatch):
     text = '[[listen]]\naddress = "127.0.0.1:587"\nservice = "submission"\n'
     with pytest.raises(ConfigError, match="submission"):
         load_config(write(tmp_path, text))
-    monkeypatch.setattr(config_module, "LISTEN_SERVICES", frozenset({"smtp", "submission"}))
+    monkeypatch.setattr(settings, "LISTEN_SERVICES", frozenset({"smtp", "submission"}))
     assert load_config(write(tmp_path, text)).listen == (Listener("127.0.0.1", 587, "submission"),)
 
 

@@ -1,0 +1,414 @@
+"""Loading: the TOML file read, each raw value converted to its Config field, and checked.
+
+Trusts nothing in the administrator's file: an unknown key, a bad value or a TOML syntax error
+stops start-up with one ConfigError naming the file, the line (where known) and the key.
+"""
+
+import difflib
+import ipaddress
+import math
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from engine.config import settings
+from engine.config.keylines import _key_lines, _line_of, _toml_key
+from engine.config.settings import Config, Listener, Network
+from engine.config.values import (
+    _is_hostname,
+    _parse_listen_address,
+    _show,
+    parse_dns_server,
+    parse_duration,
+    parse_nexthop,
+)
+from engine.ipliteral import parse_address_literal
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used. ``str()`` is one message naming the file, the
+    line where known and the key, e.g. ``tern.toml:7: message_size_limit: expected ...``."""
+
+    def __init__(
+        self, message: str, *, file: str = "", line: int | None = None, key: str | None = None
+    ) -> None:
+        self.message = message
+        self.file = file
+        self.line = line
+        self.key = key
+        where = f"{file}:{line}" if file and line else file
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class _Invalid(ValueError):
+    """A bad value, raised by the converters below; load_config turns it into a ConfigError.
+
+    ``sub`` is the path below the top-level key (a table key, or a [[listen]] index and key),
+    ``label`` the key as the message names it, ``entry`` a list entry to find the line of, and
+    ``bare`` means the message is complete without the ``label: `` prefix."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        sub: tuple[Any, ...] = (),
+        label: str | None = None,
+        entry: str | None = None,
+        bare: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.sub = sub
+        self.label = label
+        self.entry = entry
+        self.bare = bare
+
+
+def _suggest(key: str, known: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+# -- converters: raw TOML value -> field value, or _Invalid ---------------------------------------
+
+Converter = Callable[[Any], Any]
+_TRANSPORT = re.compile(r"[A-Za-z0-9-]+")
+
+
+def _string(value: Any, *, empty: bool = True) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got {_show(value)}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise _Invalid(f"control characters are not allowed, got {_show(value)}")
+    if not empty and not value.strip():
+        raise _Invalid("expected a non-empty string")
+    return value
+
+
+def _hostname(value: Any) -> str:
+    text = _string(value)
+    if not _is_hostname(text):
+        raise _Invalid(f"expected a host name such as mx1.example.com, got {_show(value)}")
+    return text.lower()
+
+
+def _optional_hostname(value: Any) -> str:
+    return "" if value == "" else _hostname(value)
+
+
+def _domain(value: str) -> str:
+    """A mydestination/relay_domains entry: a domain, or $myhostname / $mydomain."""
+    if value in ("$myhostname", "$mydomain"):
+        return value
+    if not _is_hostname(value):
+        raise ValueError("expected a domain name, $myhostname or $mydomain")
+    return value.lower()
+
+
+def _network(value: str) -> Network:
+    text = value
+    m = re.fullmatch(r"\[([^\[\]]*)\](/.*)?", value)  # Postfix's "[2001:db8::]/32" form
+    if m:
+        text = m.group(1) + (m.group(2) or "")
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError("expected an address or address/prefix, e.g. 192.0.2.0/24") from None
+
+
+def _dns_server(value: str) -> str:
+    parse_dns_server(value)
+    return value
+
+
+def _helo_name(value: Any) -> str:
+    text = _string(value, empty=False)
+    if "$" in text:
+        if text not in ("$myhostname", "$mydomain"):
+            raise _Invalid(f"expected a host name, $myhostname or $mydomain, got {_show(value)}")
+        return text
+    if parse_address_literal(text) is not None:  # RFC 5321 §4.1.1.1: EHLO [addr]
+        return text
+    if not _is_hostname(text):
+        raise _Invalid(
+            f"expected a host name or address literal ([192.0.2.1], [IPv6:2001:db8::1]), "
+            f"got {_show(value)}"
+        )
+    return text
+
+
+def _relayhost(value: Any) -> str:
+    text = _string(value)
+    try:
+        parse_nexthop(text)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+    return text
+
+
+def _path(value: Any) -> Path:
+    text = _string(value, empty=False)
+    path = Path(text)
+    if not path.is_absolute():
+        raise _Invalid(f"expected an absolute path, got {_show(value)}")
+    return path
+
+
+def _str_list(entry: Callable[[str], Any], what: str) -> Converter:
+    """An array of strings, or one string holding entries separated by commas and/or spaces
+    (Postfix's list syntax). ``entry`` converts one entry, raising ValueError."""
+
+    def convert(value: Any) -> tuple[Any, ...]:
+        if isinstance(value, str):
+            items = [item for item in re.split(r"[\s,]+", value) if item]
+        elif isinstance(value, list):
+            items = value
+        else:
+            raise _Invalid(f"expected an array of {what} (or one string), got {_show(value)}")
+        out = []
+        for item in items:
+            if not isinstance(item, str):
+                raise _Invalid(f"expected an array of {what}, got an entry {_show(item)}")
+            try:
+                out.append(entry(_string(item, empty=False).strip()))
+            except ValueError as exc:
+                raise _Invalid(f"bad entry {_show(item)}: {exc}", entry=item) from None
+        return tuple(out)
+
+    return convert
+
+
+def _int(what: str, minimum: int = 1) -> Converter:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"expected {what}, got {_show(value)}")
+        if value < minimum:
+            raise _Invalid(f"expected {what} of at least {minimum}, got {value}")
+        return value
+
+    return convert
+
+
+def _duration(*, allow_zero: bool) -> Converter:
+    def convert(value: Any) -> float:
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
+        if seconds == 0 and not allow_zero:
+            raise _Invalid(f"expected a duration greater than 0, got {_show(value)}")
+        return seconds
+
+    return convert
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _Invalid(f"expected a number, got {_show(value)}")
+    return float(value)
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _transport_maps(value: Any) -> dict[str, str]:
+    """``[transport_maps]``: domain (or ``.domain`` for its subdomains, or ``*``) ->
+    ``"transport:nexthop"``, as in Postfix's transport(5)."""
+    if not isinstance(value, dict):
+        raise _Invalid(f'expected a table of domain = "transport:nexthop", got {_show(value)}')
+    out: dict[str, str] = {}
+    for domain, target in value.items():
+        label = f"transport_maps.{_toml_key(domain)}"
+        where = {"sub": (domain,), "label": label}
+        pattern = domain[1:] if domain.startswith(".") else domain
+        if domain != "*" and not _is_hostname(pattern):
+            raise _Invalid(f"expected a domain, .domain or *, got {_show(domain)}", **where)
+        if not isinstance(target, str):
+            raise _Invalid(f'expected "transport:nexthop", got {_show(target)}', **where)
+        transport, colon, nexthop = target.partition(":")
+        if not colon:
+            raise _Invalid(f'expected "transport:nexthop", got {_show(target)}', **where)
+        if not _TRANSPORT.fullmatch(transport):
+            raise _Invalid(
+                f"bad transport name {_show(transport)} (letters, digits and -) in {_show(target)}",
+                **where,
+            )
+        try:
+            parse_nexthop(nexthop)
+        except ValueError as exc:
+            raise _Invalid(f"bad next hop: {exc}", **where) from None
+        if domain.lower() in out:
+            raise _Invalid(f"{_show(domain)} is listed twice (domains ignore case)", **where)
+        out[domain.lower()] = target
+    return out
+
+
+_LISTEN_KEYS = ("address", "service")
+
+
+def _listen(value: Any) -> tuple[Listener, ...]:
+    """The ``[[listen]]`` array of tables: ``address = "host:port"``, ``service = "smtp"``."""
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise _Invalid(f'expected [[listen]] tables with address = "host:port", got {_show(value)}')
+    if not value:
+        raise _Invalid("expected at least one [[listen]] table")
+    out: list[Listener] = []
+    seen: dict[tuple[str, int], int] = {}
+    for index, table in enumerate(value):
+        for key in table:
+            if key not in _LISTEN_KEYS:
+                raise _Invalid(
+                    f'unknown key "listen.{key}"{_suggest(key, _LISTEN_KEYS)}',
+                    sub=(index, key),
+                    label=f"listen.{key}",
+                    bare=True,
+                )
+        if "address" not in table:
+            raise _Invalid('missing "address"', sub=(index,))
+        try:
+            host, port = _parse_listen_address(table["address"])
+        except ValueError as exc:
+            raise _Invalid(str(exc), sub=(index, "address"), label="listen.address") from None
+        service = table.get("service", "smtp")
+        if service not in settings.LISTEN_SERVICES:
+            allowed = ", ".join(_show(s) for s in sorted(settings.LISTEN_SERVICES))
+            raise _Invalid(
+                f"expected one of {allowed}, got {_show(service)}",
+                sub=(index, "service"),
+                label="listen.service",
+            )
+        if port and (host, port) in seen:
+            raise _Invalid(
+                f"{_show(table['address'])} is already in [[listen]] #{seen[host, port] + 1}",
+                sub=(index, "address"),
+                label="listen.address",
+            )
+        seen[host, port] = index
+        out.append(Listener(host=host, port=port, service=service))
+    return tuple(out)
+
+
+_SIZE_FIELDS = {"message_size_limit", "line_length_limit", "queue_map_size"}
+_INT_MINIMUM = {
+    "line_length_limit": 512,  # RFC 5321 command lines; Postfix's minimum too
+    "message_size_limit": 0,  # 0 = no limit (Postfix)
+}
+_DURATION_SUFFIXES = ("_time", "_timeout", "_delay", "_window", "_lifetime")
+_ZERO_DURATIONS = {"queue_commit_window"}  # 0 = commit at once; every other duration is > 0
+_SPECIAL: dict[str, Converter] = {
+    "myhostname": _hostname,
+    "mydomain": _optional_hostname,
+    "mydestination": _str_list(_domain, "domains"),
+    "relay_domains": _str_list(_domain, "domains"),
+    "mynetworks": _str_list(_network, "networks"),
+    "dns_servers": _str_list(_dns_server, "addresses"),
+    "relayhost": _relayhost,
+    "transport_maps": _transport_maps,
+    "listen": _listen,
+    "queue_directory": _path,
+    "smtp_helo_name": _helo_name,
+    "smtpd_banner": lambda value: _string(value, empty=False),
+}
+
+
+def _converter(name: str, kind: Any) -> Converter:
+    if name in _SPECIAL:
+        return _SPECIAL[name]
+    if kind is bool:
+        return _bool
+    if kind is int:
+        what = "a size in bytes" if name in _SIZE_FIELDS else "an integer"
+        return _int(what, _INT_MINIMUM.get(name, 1))
+    if kind is float:
+        if name.endswith(_DURATION_SUFFIXES):
+            return _duration(allow_zero=name in _ZERO_DURATIONS)
+        return _number
+    if kind is str:
+        return _string
+    if kind is Path:
+        return _path
+    if kind == tuple[str, ...]:
+        return _str_list(lambda entry: entry, "strings")
+    raise TypeError(f"Config.{name}: no TOML converter for {kind!r}")  # a new field needs one
+
+
+_CONVERTERS: dict[str, Converter] = {
+    name: _converter(name, kind)
+    for name, kind in typing.get_type_hints(Config).items()
+    if name != "config_file"
+}
+
+# -- load_config ---------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """The configuration in the TOML file at ``path``, or the embedded defaults for None.
+
+    Keys are Config's field names (Postfix's parameter names); keys left out keep their
+    defaults. Raises ConfigError, naming the file, line and key, for a file that cannot be read,
+    a TOML syntax error, an unknown key or a bad value."""
+    if path is None:
+        return Config()
+    file = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", file=file) from None
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError("not UTF-8 text", file=file, line=line) from None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        line = None
+        m = re.search(r" \(at line (\d+), column (\d+)\)$", message)
+        if m:
+            line = int(m.group(1))
+            message = f"{message[: m.start()]} (column {m.group(2)})"
+        elif message.endswith(" (at end of document)"):
+            line = text.count("\n") + (0 if text.endswith("\n") else 1)
+            message = message.removesuffix(" (at end of document)") + " at end of file"
+        raise ConfigError(f"TOML syntax error: {message}", file=file, line=line) from None
+    return _build(document, text, file)
+
+
+def _build(document: dict[str, Any], text: str, file: str) -> Config:
+    found = _key_lines(text)
+    lines = text.split("\n")
+    values: dict[str, Any] = {}
+    for key, raw in document.items():
+        convert = _CONVERTERS.get(key)
+        if convert is None:
+            if key == "config_file":
+                message = 'unknown key "config_file" (Tern sets it to the file\'s path)'
+            else:
+                message = f'unknown key "{_toml_key(key)}"{_suggest(key, _CONVERTERS)}'
+            line = _line_of(found, lines, (key,))
+            raise ConfigError(message, file=file, line=line, key=key)
+        try:
+            values[key] = convert(raw)
+        except _Invalid as exc:
+            label = exc.label or key
+            message = str(exc) if exc.bare else f"{label}: {exc}"
+            line = _line_of(found, lines, (key, *exc.sub), exc.entry)
+            raise ConfigError(message, file=file, line=line, key=label) from None
+    config = Config(**values, config_file=file)
+    if config.maximal_backoff_time < config.minimal_backoff_time:
+        key = "maximal_backoff_time" if "maximal_backoff_time" in values else "minimal_backoff_time"
+        raise ConfigError(
+            f"{key}: maximal_backoff_time ({config.maximal_backoff_time:g}s) is less than "
+            f"minimal_backoff_time ({config.minimal_backoff_time:g}s)",
+            file=file,
+            line=_line_of(found, lines, (key,)),
+            key=key,
+        )
+    return config

@@ -1,0 +1,107 @@
+"""Tern's settings: the Config and Listener dataclasses, with Postfix's defaults.
+
+Trusts its callers: load_config (engine.config.loader) validates a file's values before they get
+here. With no file, these defaults make a loopback-only server that is not an open relay.
+"""
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Services a [[listen]] table may name. "submission" and "smtps" will join when they exist.
+LISTEN_SERVICES: frozenset[str] = frozenset({"smtp"})
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One ``[[listen]]`` table: where to accept SMTP, and which service runs there."""
+
+    host: str = "127.0.0.1"
+    port: int = 2525
+    service: str = "smtp"
+
+
+def default_myhostname() -> str:
+    """The host's fully qualified name, Postfix's default for myhostname."""
+    import socket  # here: the sans-I/O cores import engine.config, and no I/O module with it
+
+    return socket.getfqdn()
+
+
+def default_queue_directory() -> Path:
+    """``$TERN_HOME/spool``, else the user's data directory (XDG), as the brief asks."""
+    home = os.environ.get("TERN_HOME")
+    if home:
+        return Path(home) / "spool"
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "tern" / "spool"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting, with Postfix's defaults where Postfix has the concept.
+
+    Durations are seconds."""
+
+    config_file: str = ""  # where this came from ("" = embedded defaults)
+    myhostname: str = field(default_factory=default_myhostname)
+    mydomain: str = ""  # default: myhostname minus its first label
+    mydestination: tuple[str, ...] = ("$myhostname", "localhost")  # local domains
+    queue_directory: Path = field(default_factory=default_queue_directory)
+    mynetworks: tuple[Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    relay_domains: tuple[str, ...] = ()
+    relayhost: str = ""  # "" = deliver by MX; "[host]:port" = no MX lookup
+    transport_maps: dict[str, str] = field(default_factory=dict)
+    listen: tuple[Listener, ...] = (Listener(),)
+    maillog_file: str = ""  # "" = stderr
+    smtpd_banner: str = "$myhostname ESMTP Tern"
+    # smtpd limits
+    message_size_limit: int = 10240000  # 0 = no limit, as in Postfix
+    smtpd_recipient_limit: int = 1000
+    line_length_limit: int = 2048
+    smtpd_timeout: float = 300.0
+    # queue manager
+    minimal_backoff_time: float = 300.0
+    maximal_backoff_time: float = 4000.0
+    maximal_queue_lifetime: float = 5 * 86400.0
+    default_destination_concurrency_limit: int = 20
+    default_destination_recipient_limit: int = 50
+    # spool: the group-commit window (how long a commit waits for companions)
+    queue_commit_window: float = 0.002
+    queue_map_size: int = 1 << 30  # LMDB map size in bytes
+    # smtp client (Postfix's names and defaults)
+    smtp_helo_name: str = "$myhostname"
+    smtp_connect_timeout: float = 30.0
+    smtp_helo_timeout: float = 300.0
+    smtp_mail_timeout: float = 300.0
+    smtp_rcpt_timeout: float = 300.0
+    smtp_data_init_timeout: float = 120.0
+    smtp_data_xfer_timeout: float = 180.0
+    smtp_data_done_timeout: float = 600.0
+    smtp_quit_timeout: float = 300.0
+    # DNS: servers as "ip" or "ip:port"; empty = the system's resolv.conf
+    dns_servers: tuple[str, ...] = ()
+    dns_timeout: float = 5.0
+
+    def expand(self, value: str) -> str:
+        """Postfix-style ``$myhostname`` / ``$mydomain`` expansion, for the values that use it."""
+        return value.replace("$myhostname", self.myhostname).replace(
+            "$mydomain", self.effective_mydomain
+        )
+
+    @property
+    def effective_mydomain(self) -> str:
+        if self.mydomain:
+            return self.mydomain
+        _, _, rest = self.myhostname.partition(".")
+        return rest or "localdomain"
+
+    @property
+    def local_domains(self) -> frozenset[str]:
+        return frozenset(self.expand(d).lower() for d in self.mydestination)
