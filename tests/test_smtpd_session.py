@@ -5,6 +5,8 @@ import asyncio
 import contextlib
 import io
 
+import pytest
+
 from engine.cleanup import Cleanup
 from engine.config import Config
 from engine.log import Maillog
@@ -91,9 +93,15 @@ def test_queued_reply_waits_for_the_spool_commit():
     assert [e.queue_id for e in stored] == [reply.rsplit(" ", 1)[1]]
 
 
-def test_spool_full_is_452_and_the_session_goes_on():
+@pytest.mark.parametrize("error, reply, logged", [
+    (SpoolFull("map full"), "452 4.3.1 Insufficient system storage",
+     "reject: END-OF-MESSAGE from unknown[127.0.0.1]: 452 4.3.1"),
+    (OSError("disk on fire"), "451 4.3.0 Error: queue file write error",
+     "queue file write error: disk on fire"),
+])
+def test_storage_failure_is_4xx_never_250_and_the_session_goes_on(error, reply, logged):
     async def scenario():
-        spool = GatedSpool(error=SpoolFull("map full"))
+        spool = GatedSpool(error=error)
         spool.gate.set()
         server, reader, writer, log = await serve(spool)
         writer.write(TRANSACTION + b"Subject: x\r\n\r\nbody\r\n.\r\nNOOP\r\n")
@@ -102,23 +110,8 @@ def test_spool_full_is_452_and_the_session_goes_on():
         return replies, log.getvalue()
 
     replies, log = asyncio.run(scenario())
-    assert replies[-2:] == ["452 4.3.1 Insufficient system storage", "250 2.0.0 Ok"]
-    assert "reject: END-OF-MESSAGE from unknown[127.0.0.1]: 452 4.3.1" in log
-
-
-def test_storage_error_is_451_never_a_250():
-    async def scenario():
-        spool = GatedSpool(error=OSError("disk on fire"))
-        spool.gate.set()
-        server, reader, writer, log = await serve(spool)
-        writer.write(TRANSACTION + b"Subject: x\r\n\r\nbody\r\n.\r\n")
-        replies = await read_replies(reader, 5)
-        await finish(server, writer)
-        return replies, log.getvalue()
-
-    replies, log = asyncio.run(scenario())
-    assert replies[-1] == "451 4.3.0 Error: queue file write error"
-    assert "queue file write error: disk on fire" in log
+    assert replies[-2:] == [reply, "250 2.0.0 Ok"]
+    assert logged in log
 
 
 def test_idle_client_gets_421_after_smtpd_timeout():
