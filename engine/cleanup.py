@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine.spool import Envelope, QueuedMessage, Recipient
+from engine.spool.queue_id import QueueIdGenerator
 
 #: A header field line or a folded continuation (RFC 5322 §2.2, §3.2.2), ending in LF.
 _HEADER_LINE = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+[ \t]*:|[ \t])[^\n]*\n")
@@ -153,13 +154,16 @@ class MessageBuilder:
 
 
 class Cleanup:
-    """The hand-off from intake to the spool, shared by every session of every listener."""
+    """The hand-off from intake to the spool, shared by every session of every listener.
+    It issues the queue IDs, so every message of a shard has one from the same sequence."""
 
-    def __init__(self, spool, maillog, config, on_queued=lambda envelope: None) -> None:
+    def __init__(self, spool, maillog, config, on_queued=lambda envelope: None,
+                 new_queue_id=None) -> None:
         self.spool = spool
         self.maillog = maillog
         self.config = config
         self.on_queued = on_queued
+        self.new_queue_id = new_queue_id or QueueIdGenerator()
 
     def begin(self, *, queue_id: str, sender: str, recipients: list[str], origin: Origin,
               body_8bit: bool = False) -> MessageBuilder:
@@ -176,3 +180,15 @@ class Cleanup:
         self.maillog.line("cleanup", f"{envelope.queue_id}: message-id={envelope.message_id}")
         self.on_queued(envelope)
         return envelope
+
+    async def inject(self, sender: str, recipients: list[str], content: bytes,
+                     origin: Origin | None = None) -> Envelope:
+        """Queue a message Tern made itself (a bounce, a delay or success notice): the same
+        path as mail from a client, with Tern as the origin."""
+        origin = origin or Origin(client_name="localhost", client_ip="127.0.0.1",
+                                  protocol="local")
+        builder = self.begin(queue_id=self.new_queue_id(), sender=sender,
+                             recipients=recipients, origin=origin, body_8bit=True)
+        builder.size_limit = 0  # our own notice is never refused for size
+        builder.write(content)
+        return await self.enqueue(builder)

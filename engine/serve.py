@@ -54,9 +54,9 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
     agents = {"smtp": functools.partial(smtp_delivery.deliver, config=config, resolver=resolver)}
     qmgr = QueueManager(spool, config, maillog, agents)
     await qmgr.start()
-    cleanup = Cleanup(spool, maillog, config, on_queued=qmgr.notify_new)
-    context = SmtpdContext(config=config, cleanup=cleanup, maillog=maillog,
-                           new_queue_id=QueueIdGenerator(0))
+    cleanup = Cleanup(spool, maillog, config, on_queued=qmgr.notify_new,
+                      new_queue_id=QueueIdGenerator(0))
+    context = SmtpdContext(config=config, cleanup=cleanup, maillog=maillog)
     servers = []
     for listener in config.listen:
         try:

@@ -85,3 +85,24 @@ def test_date_is_rfc5322_and_matches_email_parser():
     stamp = rfc5322_date(1_800_000_000.0)
     assert parsedate_to_datetime(stamp).timestamp() == 1_800_000_000.0
     assert stamp[3:5] == ", "
+
+
+def test_inject_queues_tern_made_mail_through_the_same_path():
+    import asyncio
+    import io
+
+    from engine.cleanup import Cleanup
+    from engine.config import Config
+    from engine.log import Maillog
+    from engine.spool.memory import MemorySpool
+
+    spool, queued = MemorySpool(), []
+    cleanup = Cleanup(spool, Maillog("mx.test", stream=io.StringIO()),
+                      Config(myhostname="mx.test", message_size_limit=10), queued.append)
+    envelope = asyncio.run(cleanup.inject("", ["a@example.org"], b"Subject: bounce\r\n\r\n"
+                                          + b"x" * 100 + b"\r\n"))
+    assert queued == [envelope] and envelope.sender == ""
+    content = spool.content(envelope.queue_id)
+    assert content.startswith(b"Received: from localhost (localhost [127.0.0.1])")
+    assert b"with local id " + envelope.queue_id.encode() in content
+    assert b"Subject: bounce\r\nMessage-Id: <" in content  # over the size limit: still queued

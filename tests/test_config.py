@@ -57,10 +57,23 @@ smtpd_timeout = "1m"
 minimal_backoff_time = "10m"
 maximal_backoff_time = "1h"
 maximal_queue_lifetime = "2d"
+queue_run_delay = "1m"
+bounce_queue_lifetime = "1d"
+delay_warning_time = "4h"
+qmgr_message_active_limit = 100
+initial_destination_concurrency = 2
 default_destination_concurrency_limit = 5
+default_destination_concurrency_failed_cohort_limit = 3
+default_destination_rate_delay = "1s"
 default_destination_recipient_limit = 7
+2bounce_notice_recipient = "hostmaster"
+bounce_size_limit = 1000
 queue_commit_window = 0
 queue_map_size = 1048576
+queue_map_size_limit = 2097152
+smtp_connection_cache_time_limit = "5s"
+smtp_connection_reuse_time_limit = "1m"
+smtp_connection_reuse_count_limit = 10
 smtp_helo_name = "out.example.test"
 smtp_connect_timeout = "10s"
 smtp_helo_timeout = "1m"
@@ -165,7 +178,7 @@ def test_tern_home_sets_default_queue_directory(tmp_path, monkeypatch):
 
 def test_full_file_sets_every_field(tmp_path):
     settable = {f.name for f in dataclasses.fields(Config)} - {"config_file"}
-    assert set(tomllib.loads(FULL)) == settable
+    assert {settings.KEY_ALIASES.get(key, key) for key in tomllib.loads(FULL)} == settable
     config = load_config(write(tmp_path, FULL))
     defaults = Config()
     for name in settable:
@@ -193,7 +206,7 @@ def test_full_file_sets_every_field(tmp_path):
 
 def test_float_fields_are_durations(tmp_path):
     floats = [f.name for f in dataclasses.fields(Config) if f.type is float]
-    suffixes = ("_time", "_timeout", "_delay", "_window", "_lifetime")
+    suffixes = ("_time", "_timeout", "_delay", "_window", "_lifetime", "_time_limit")
     assert floats and all(name.endswith(suffixes) for name in floats)
     config = load_config(write(tmp_path, "".join(f'{name} = "2m"\n' for name in floats)))
     assert all(getattr(config, name) == 120.0 for name in floats)
@@ -227,10 +240,6 @@ def test_listen_services_are_easy_to_extend(tmp_path, monkeypatch):
 
 def test_message_size_limit_zero_means_no_limit(tmp_path):
     assert load_config(write(tmp_path, "message_size_limit = 0\n")).message_size_limit == 0
-
-
-def test_queue_run_delay_is_gone():
-    assert "queue_run_delay" not in {f.name for f in dataclasses.fields(Config)}
 
 
 @pytest.mark.parametrize("helo", ["[192.0.2.1]", "[IPv6:2001:db8::1]", "[ipv6:::1]"])
@@ -391,8 +400,6 @@ ERRORS = [
     ("duration: junk", 'smtpd_timeout = "soon"\n', 1, "smtpd_timeout", "expected a duration"),
     ("duration: negative", "minimal_backoff_time = -5\n", 1, "minimal_backoff_time",
      "not negative"),
-    ("removed key: queue_run_delay", "\nqueue_run_delay = 60\n", 2, "queue_run_delay",
-     'unknown key "queue_run_delay"'),
     ("duration: negative string", 'dns_timeout = "-1m"\n', 1, "dns_timeout", "not negative"),
     ("duration: zero", 'smtp_connect_timeout = "0s"\n', 1, "smtp_connect_timeout",
      "greater than 0"),
@@ -562,3 +569,17 @@ def test_not_utf8(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(info.value) == f"{path}:2: not UTF-8 text"
+
+
+def test_queue_manager_keys_with_postfix_names(tmp_path):
+    path = tmp_path / "tern.toml"
+    path.write_text('2bounce_notice_recipient = "hostmaster@example.test"\n'
+                    'queue_run_delay = "1m"\ndelay_warning_time = "4h"\n'
+                    'default_destination_rate_delay = "2s"\nqmgr_message_active_limit = 500\n'
+                    'smtp_connection_cache_time_limit = "2s"\n')
+    config = load_config(path)
+    assert config.double_bounce_notice_recipient == "hostmaster@example.test"
+    assert (config.queue_run_delay, config.delay_warning_time) == (60.0, 4 * 3600.0)
+    assert config.default_destination_rate_delay == 2.0
+    assert config.qmgr_message_active_limit == 500
+    assert config.smtp_connection_cache_time_limit == 2.0

@@ -14,7 +14,6 @@ from engine.smtpd.session import SmtpdContext, SmtpdProtocol
 from engine.spool import SpoolFull
 from engine.spool.lmdb_spool import LmdbSpool
 from engine.spool.memory import MemorySpool
-from engine.spool.queue_id import QueueIdGenerator
 
 TRANSACTION = (b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
                b"DATA\r\n")
@@ -43,8 +42,7 @@ async def serve(spool, **config):
     config = Config(myhostname="mx.test", **config)
     maillog = Maillog("mx.test", stream=log)
     context = SmtpdContext(config=config, cleanup=Cleanup(spool, maillog, config),
-                           maillog=maillog, new_queue_id=QueueIdGenerator(),
-                           sessions=server_sessions)
+                           maillog=maillog, sessions=server_sessions)
     server = await asyncio.get_running_loop().create_server(
         lambda: SmtpdProtocol(context), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]

@@ -17,7 +17,7 @@ from typing import Any
 
 from engine.config import settings
 from engine.config.keylines import _key_lines, _line_of, _toml_key
-from engine.config.settings import Config, Listener, Network
+from engine.config.settings import KEY_ALIASES, Config, Listener, Network
 from engine.config.values import (
     _is_hostname,
     _parse_listen_address,
@@ -294,13 +294,18 @@ def _listen(value: Any) -> tuple[Listener, ...]:
     return tuple(out)
 
 
-_SIZE_FIELDS = {"message_size_limit", "line_length_limit", "queue_map_size"}
+_SIZE_FIELDS = {"message_size_limit", "line_length_limit", "queue_map_size",
+                "queue_map_size_limit", "bounce_size_limit"}
 _INT_MINIMUM = {
     "line_length_limit": 512,  # RFC 5321 command lines; Postfix's minimum too
     "message_size_limit": 0,  # 0 = no limit (Postfix)
+    "smtp_connection_reuse_count_limit": 0,  # 0 = no limit (Postfix)
+    "queue_map_size": 65536,
 }
-_DURATION_SUFFIXES = ("_time", "_timeout", "_delay", "_window", "_lifetime")
-_ZERO_DURATIONS = {"queue_commit_window"}  # 0 = commit at once; every other duration is > 0
+_DURATION_SUFFIXES = ("_time", "_timeout", "_delay", "_window", "_lifetime", "_time_limit")
+# 0 = off / at once; every other duration is > 0
+_ZERO_DURATIONS = {"queue_commit_window", "delay_warning_time", "default_destination_rate_delay",
+                   "smtp_connection_cache_time_limit"}
 _SPECIAL: dict[str, Converter] = {
     "myhostname": _hostname,
     "mydomain": _optional_hostname,
@@ -386,7 +391,8 @@ def _build(document: dict[str, Any], text: str, file: str) -> Config:
     lines = text.split("\n")
     values: dict[str, Any] = {}
     for key, raw in document.items():
-        convert = _CONVERTERS.get(key)
+        name = KEY_ALIASES.get(key, key)
+        convert = _CONVERTERS.get(name)
         if convert is None:
             if key == "config_file":
                 message = 'unknown key "config_file" (Tern sets it to the file\'s path)'
@@ -395,7 +401,7 @@ def _build(document: dict[str, Any], text: str, file: str) -> Config:
             line = _line_of(found, lines, (key,))
             raise ConfigError(message, file=file, line=line, key=key)
         try:
-            values[key] = convert(raw)
+            values[name] = convert(raw)
         except _Invalid as exc:
             label = exc.label or key
             message = str(exc) if exc.bare else f"{label}: {exc}"

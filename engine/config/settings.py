@@ -11,6 +11,9 @@ from pathlib import Path
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# TOML keys that are not Python names: Postfix's name → the Config field.
+KEY_ALIASES = {"2bounce_notice_recipient": "double_bounce_notice_recipient"}
+
 # Services a [[listen]] table may name. "submission" and "smtps" will join when they exist.
 LISTEN_SERVICES: frozenset[str] = frozenset({"smtp"})
 
@@ -66,15 +69,31 @@ class Config:
     smtpd_recipient_limit: int = 1000
     line_length_limit: int = 2048
     smtpd_timeout: float = 300.0
-    # queue manager
+    # queue manager (qmgr(8)): retries, expiry and the active queue
     minimal_backoff_time: float = 300.0
     maximal_backoff_time: float = 4000.0
+    queue_run_delay: float = 300.0  # how often deferred mail is scanned
     maximal_queue_lifetime: float = 5 * 86400.0
+    bounce_queue_lifetime: float = 5 * 86400.0  # for null-sender (bounce) messages
+    delay_warning_time: float = 0.0  # 0 = no delay warnings (Postfix's default)
+    qmgr_message_active_limit: int = 20000  # messages in memory at once
+    # per destination: concurrency with slow start, rate, recipients per transaction
+    initial_destination_concurrency: int = 5
     default_destination_concurrency_limit: int = 20
+    default_destination_concurrency_failed_cohort_limit: int = 1
+    default_destination_rate_delay: float = 0.0  # 0 = no delay between deliveries
     default_destination_recipient_limit: int = 50
-    # spool: the group-commit window (how long a commit waits for companions)
+    # bounces: who gets mail that cannot be returned to its (null) sender
+    double_bounce_notice_recipient: str = "postmaster"  # TOML key: 2bounce_notice_recipient
+    bounce_size_limit: int = 50000  # original content returned in a bounce, at most
+    # spool: the group-commit window (how long a commit waits for companions), map size
     queue_commit_window: float = 0.002
-    queue_map_size: int = 1 << 30  # LMDB map size in bytes
+    queue_map_size: int = 1 << 30  # LMDB map size in bytes at start
+    queue_map_size_limit: int = 1 << 36  # the map grows (doubling) up to this
+    # smtp client connection cache (Postfix's names and defaults)
+    smtp_connection_cache_time_limit: float = 2.0  # how long an idle connection is kept
+    smtp_connection_reuse_time_limit: float = 300.0  # how long one connection is reused
+    smtp_connection_reuse_count_limit: int = 0  # 0 = no limit on transactions
     # smtp client (Postfix's names and defaults)
     smtp_helo_name: str = "$myhostname"
     smtp_connect_timeout: float = 30.0

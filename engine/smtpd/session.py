@@ -8,7 +8,6 @@ Talks to untrusted clients; everything it learns from them passes through the sa
 
 import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.cleanup import Cleanup, MessageBuilder, Origin
@@ -27,7 +26,6 @@ class SmtpdContext:
     config: Config
     cleanup: Cleanup
     maillog: Maillog
-    new_queue_id: Callable[[], str]
     sessions: set = field(default_factory=set)
     settings: server.Settings | None = None
 
@@ -139,7 +137,7 @@ class SmtpdProtocol(asyncio.Protocol):
         self.session.accept()
 
     def _on_mail(self, event: server.MailFrom) -> None:
-        queue_id = self.ctx.new_queue_id()
+        queue_id = self.ctx.cleanup.new_queue_id()
         self.txn = Transaction(queue_id=queue_id, sender=event.sender, params=event.params)
         self._log(f"{queue_id}: client={self.origin.client}")
         self.session.accept()

@@ -29,6 +29,11 @@ class Recipient:
     attempts: int = 0
     last_reply: str = ""  # the reason shown by `tern queue list` and in bounces
     dsn: str = ""
+    relay: str = ""  # "host[ip]:port" of the last attempt: Remote-MTA in a DSN
+    # RFC 3461 per-recipient DSN request: NOTIFY ("" = default: FAILURE,DELAY) and ORCPT
+    notify: str = ""
+    orcpt: str = ""
+    warned: bool = False  # a delay warning went out for this recipient
 
     @property
     def final(self) -> bool:
@@ -48,6 +53,9 @@ class Envelope:
     message_id: str = ""
     body_8bit: bool = False
     held: bool = False
+    # RFC 3461 per-message DSN request: RET (FULL / HDRS, "" = not given) and ENVID
+    ret: str = ""
+    envid: str = ""
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
