@@ -68,6 +68,7 @@ default_destination_rate_delay = "1s"
 default_destination_recipient_limit = 7
 2bounce_notice_recipient = "hostmaster"
 bounce_size_limit = 1000
+notify_classes = ["2bounce", "resource"]
 queue_commit_window = 0
 queue_map_size = 1048576
 queue_map_size_limit = 2097152

@@ -85,6 +85,8 @@ class Config:
     default_destination_recipient_limit: int = 50
     # bounces: who gets mail that cannot be returned to its (null) sender
     double_bounce_notice_recipient: str = "postmaster"  # TOML key: 2bounce_notice_recipient
+    # which problems the postmaster hears about; "2bounce" = undeliverable bounces (Postfix)
+    notify_classes: tuple[str, ...] = ("resource", "software")
     bounce_size_limit: int = 50000  # original content returned in a bounce, at most
     # spool: the group-commit window (how long a commit waits for companions), map size
     queue_commit_window: float = 0.002
