@@ -67,7 +67,7 @@ def test_ehlo_advertises_extensions(smtp):
     assert lines[0] == "250-mx.example.test"
     assert lines[-1].startswith("250 ")
     keywords = {line[4:] for line in lines[1:]}
-    assert {"PIPELINING", "SIZE 1000", "8BITMIME", "ENHANCEDSTATUSCODES"} <= keywords
+    assert {"PIPELINING", "SIZE 1000", "8BITMIME", "ENHANCEDSTATUSCODES", "DSN"} <= keywords
 
 
 def test_helo_gets_single_line_250(smtp):

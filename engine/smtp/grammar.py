@@ -1,7 +1,9 @@
-"""RFC 5321 command grammar: verbs, paths and ESMTP parameters as pure functions.
+"""RFC 5321 command grammar: verbs, paths and ESMTP parameters (with RFC 3461 DSN values) as
+pure functions.
 
 Trusts nothing: input is one client command line (bytes, without its line end). Returns parsed
-values or raises GrammarError carrying the reply to send; no state, no I/O.
+values or raises GrammarError carrying the reply to send (the DSN value checks return None and
+leave the reply to the caller); no state, no I/O.
 """
 
 import re
@@ -74,18 +76,23 @@ def check_mailbox(address: str, bad_address: Reply, *,
     return address
 
 
-def parse_params(params: str) -> dict[str, str | None]:
-    """ESMTP ``KEY=VALUE`` parameters (RFC 5321 §4.1.2 Mail-parameters), keys upper-cased."""
-    result: dict[str, str | None] = {}
+#: ESMTP parameters in the order given, keys upper-cased, values as given (None: no "=").
+Params = list[tuple[str, str | None]]
+
+
+def parse_params(params: str) -> Params:
+    """ESMTP ``KEY=VALUE`` parameters (RFC 5321 §4.1.2 Mail-parameters). Repeats are kept:
+    whether a keyword may repeat is the command's business."""
+    result: Params = []
     for item in params.split():
         key, eq, value = item.partition("=")
         if not _ESMTP_KEYWORD.fullmatch(key):
             raise GrammarError(replies.unsupported_option(item))
-        result[key.upper()] = value if eq else None
+        result.append((key.upper(), value if eq else None))
     return result
 
 
-def parse_mail_from(arg: str) -> tuple[str, dict[str, str | None]]:
+def parse_mail_from(arg: str) -> tuple[str, Params]:
     """MAIL FROM:<reverse-path> [params]; ``<>`` is the null sender."""
     address, params = parse_path(arg, "FROM:", replies.MAIL_SYNTAX)
     if address:
@@ -93,11 +100,96 @@ def parse_mail_from(arg: str) -> tuple[str, dict[str, str | None]]:
     return address, parse_params(params)
 
 
-def parse_rcpt_to(arg: str) -> tuple[str, dict[str, str | None]]:
+def parse_rcpt_to(arg: str) -> tuple[str, Params]:
     """RCPT TO:<forward-path> [params]; ``<postmaster>`` needs no domain (RFC 5321 §4.1.1.3)."""
     address, params = parse_path(arg, "TO:", replies.RCPT_SYNTAX)
     check_mailbox(address, replies.BAD_RECIPIENT, allow_bare=frozenset({"postmaster"}))
     return address, parse_params(params)
+
+
+# ---------------------------------------------------------------------------------------------
+# RFC 3461 DSN parameters. Each function returns the value to keep (keywords upper-cased), or
+# None when the value is malformed or missing; the caller picks the reply.
+
+# RFC 3461 §4:
+#   xtext   = *( xchar / hexchar )
+#   xchar   = any ASCII CHAR between "!" (33) and "~" (126) inclusive, except for "+" and "=".
+#   hexchar = ASCII "+" immediately followed by two upper case hexadecimal digits
+_XCHAR = r"[\x21-\x2a\x2c-\x3c\x3e-\x7e]"
+_HEXCHAR = r"\+[0-9A-F]{2}"
+_XTEXT = rf"(?:{_XCHAR}|{_HEXCHAR})*"
+XTEXT = re.compile(_XTEXT)
+_HEXCHAR_RE = re.compile(_HEXCHAR)
+
+
+def xtext_decode(text: str) -> str:
+    """The characters an xtext stands for (``+2B`` → ``+``); ``text`` must match XTEXT."""
+    return _HEXCHAR_RE.sub(lambda hexchar: chr(int(hexchar[0][1:], 16)), text)
+
+
+# RFC 3461 §4.3:
+#   ret-value = "FULL" / "HDRS"
+_RET_VALUES = frozenset({"FULL", "HDRS"})
+
+
+def dsn_ret(value: str | None) -> str | None:
+    """MAIL FROM ``RET=`` → ``FULL`` or ``HDRS``."""
+    if value is None or value.upper() not in _RET_VALUES:
+        return None
+    return value.upper()
+
+
+# RFC 3461 §4.4:
+#   envid-parameter = "ENVID=" xtext
+# "may be up to 100 characters in length"; it "MUST consist of printable (graphic or white
+# space) characters from the US-ASCII repertoire". As Postfix: decoded, 1*(%d32-126).
+ENVID_LENGTH_LIMIT = 100
+_PRINTABLE = re.compile(r"[\x20-\x7e]+")
+
+
+def dsn_envid(value: str | None) -> str | None:
+    """MAIL FROM ``ENVID=`` → the xtext as given."""
+    if value is None or len(value) > ENVID_LENGTH_LIMIT or not XTEXT.fullmatch(value):
+        return None
+    if not _PRINTABLE.fullmatch(xtext_decode(value)):
+        return None
+    return value
+
+
+# RFC 3461 §4.1:
+#   notify-esmtp-value  = "NEVER" / 1#notify-list-element
+#   notify-list-element = "SUCCESS" / "FAILURE" / "DELAY"
+# (no empty list elements accepted: senders write "SUCCESS,FAILURE")
+_NOTIFY_ORDER = ("SUCCESS", "FAILURE", "DELAY")  # the canonical order of the list we keep
+
+
+def dsn_notify(value: str | None) -> str | None:
+    """RCPT TO ``NOTIFY=`` → ``NEVER``, or a non-empty subset of SUCCESS,FAILURE,DELAY in that
+    order (repeats folded)."""
+    if not value:
+        return None
+    elements = set(value.upper().split(","))
+    if elements == {"NEVER"}:
+        return "NEVER"
+    if not elements <= set(_NOTIFY_ORDER):
+        return None  # an unknown or empty element, or NEVER with others
+    return ",".join(element for element in _NOTIFY_ORDER if element in elements)
+
+
+# RFC 3461 §4.2:
+#   orcpt-parameter            = "ORCPT=" original-recipient-address
+#   original-recipient-address = addr-type ";" xtext
+#   addr-type                  = atom
+# "The entire ORCPT parameter MAY be up to 500 characters in length" (here: its value).
+ORCPT_LENGTH_LIMIT = 500
+ORCPT = re.compile(rf"{_ATEXT}+;{_XTEXT}")
+
+
+def dsn_orcpt(value: str | None) -> str | None:
+    """RCPT TO ``ORCPT=`` → ``addr-type;xtext`` as given."""
+    if value is None or len(value) > ORCPT_LENGTH_LIMIT or not ORCPT.fullmatch(value):
+        return None
+    return value
 
 
 def domain_of(address: str) -> str:

@@ -84,6 +84,11 @@ BAD_SENDER = Reply(501, "5.1.7 Bad sender address syntax")
 BAD_RECIPIENT = Reply(501, "5.1.3 Bad recipient address syntax")
 BAD_BODY = Reply(501, "5.5.4 Bad BODY keyword value")
 BAD_SIZE = Reply(501, "5.5.4 Bad SIZE keyword value")
+# RFC 3461 DSN parameters: a malformed or repeated one (Postfix's wording, "Error:" on RCPT's)
+BAD_RET = Reply(501, "5.5.4 Bad RET parameter syntax")
+BAD_ENVID = Reply(501, "5.5.4 Bad ENVID parameter syntax")
+BAD_NOTIFY = Reply(501, "5.5.4 Error: Bad NOTIFY parameter syntax")
+BAD_ORCPT = Reply(501, "5.5.4 Error: Bad ORCPT parameter syntax")
 UNICODE_NOT_DECLARED = Reply(553, "5.6.7 Must declare SMTPUTF8 to send unicode address")
 
 # limits

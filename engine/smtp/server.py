@@ -11,7 +11,16 @@ from enum import Enum
 
 from engine import speedups
 from engine.smtp import replies
-from engine.smtp.grammar import GrammarError, parse_mail_from, parse_rcpt_to, split_command
+from engine.smtp.grammar import (
+    GrammarError,
+    dsn_envid,
+    dsn_notify,
+    dsn_orcpt,
+    dsn_ret,
+    parse_mail_from,
+    parse_rcpt_to,
+    split_command,
+)
 from engine.smtp.reader import LineTooLong
 from engine.smtp.replies import Reply
 
@@ -29,12 +38,14 @@ class Helo:
 @dataclass(frozen=True, slots=True)
 class MailFrom:
     sender: str  # "" for the null sender <>
+    # SIZE, BODY as given; RFC 3461 RET upper-cased ("FULL" / "HDRS"), ENVID as given (xtext)
     params: dict[str, str | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class RcptTo:
     recipient: str
+    # RFC 3461 NOTIFY canonical ("NEVER" or e.g. "SUCCESS,FAILURE"), ORCPT as given ("rfc822;…")
     params: dict[str, str | None] = field(default_factory=dict)
 
 
@@ -85,6 +96,17 @@ SEQUENCE_ERRORS: dict[tuple[State, str], Reply] = {
     (State.MAIL, "MAIL"): replies.NESTED_MAIL,
     (State.RCPT, "MAIL"): replies.NESTED_MAIL,
     (State.MAIL, "DATA"): replies.NO_VALID_RECIPIENTS,
+}
+
+#: RFC 3461 parameters: keyword → (value check returning the value to keep or None, the reply
+#: for a malformed or repeated one).
+MAIL_DSN_PARAMETERS = {
+    "RET": (dsn_ret, replies.BAD_RET),
+    "ENVID": (dsn_envid, replies.BAD_ENVID),
+}
+RCPT_DSN_PARAMETERS = {
+    "NOTIFY": (dsn_notify, replies.BAD_NOTIFY),
+    "ORCPT": (dsn_orcpt, replies.BAD_ORCPT),
 }
 
 #: The state a request moves to when the application accepts it, and the default reply.
@@ -284,7 +306,7 @@ class ServerSession:
         lines = [self.settings.hostname, "PIPELINING"]
         if self.settings.message_size_limit:
             lines.append(f"SIZE {self.settings.message_size_limit}")
-        lines += ["VRFY", "ENHANCEDSTATUSCODES", "8BITMIME"]
+        lines += ["VRFY", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN"]
         return Reply(250, "\n".join(lines))
 
     # -- one handler per verb: returns a Reply to send now, or a request event --------------
@@ -296,27 +318,37 @@ class ServerSession:
 
     def _mail(self, arg: str) -> Event | Reply:
         sender, params = parse_mail_from(arg)
-        for key, value in params.items():
+        kept: dict[str, str | None] = {}
+        for key, value in params:  # left to right, the first error answers (as Postfix)
             if key == "SIZE":
                 if value is None or not value.isdigit():
                     return replies.BAD_SIZE
                 limit = self.settings.message_size_limit
                 if limit and int(value) > limit:
                     return replies.TOO_BIG
+                kept[key] = value
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     return replies.BAD_BODY
+                kept[key] = value
+            elif key in MAIL_DSN_PARAMETERS:
+                if (refusal := _keep_dsn_parameter(MAIL_DSN_PARAMETERS, key, value, kept)):
+                    return refusal
             else:
                 return replies.unsupported_option(key)
-        return MailFrom(sender=sender, params=params)
+        return MailFrom(sender=sender, params=kept)
 
     def _rcpt(self, arg: str) -> Event | Reply:
         recipient, params = parse_rcpt_to(arg)
-        if params:
-            return replies.unsupported_option(next(iter(params)))
+        kept: dict[str, str | None] = {}
+        for key, value in params:
+            if key not in RCPT_DSN_PARAMETERS:
+                return replies.unsupported_option(key)
+            if (refusal := _keep_dsn_parameter(RCPT_DSN_PARAMETERS, key, value, kept)):
+                return refusal
         if self._recipients >= self.settings.recipient_limit:
             return replies.TOO_MANY_RECIPIENTS
-        return RcptTo(recipient=recipient, params=params)
+        return RcptTo(recipient=recipient, params=kept)
 
     def _data(self, arg: str) -> Event | Reply:
         return replies.NO_ARGUMENTS if arg else Data()
@@ -339,6 +371,18 @@ class ServerSession:
 
     def _help(self, arg: str) -> Reply:
         return replies.HELP
+
+
+def _keep_dsn_parameter(table: dict, key: str, value: str | None,
+                        kept: dict[str, str | None]) -> Reply | None:
+    """Check an RFC 3461 parameter and keep its value; the reply when it is malformed or
+    repeated (each may appear at most once per command)."""
+    check, refusal = table[key]
+    normalised = None if key in kept else check(value)
+    if normalised is None:
+        return refusal
+    kept[key] = normalised
+    return None
 
 
 _HANDLERS = {
