@@ -63,17 +63,30 @@ def received_header(origin: Origin, hostname: str, queue_id: str, recipients: li
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
 
 
+@dataclass(frozen=True, slots=True)
+class RecipientRequest:
+    """One accepted recipient and what its client asked for it (RFC 3461 §4.1 NOTIFY, §4.2
+    ORCPT; "" when not given), as the Recipient fields of the queued envelope take them."""
+
+    address: str
+    notify: str = ""
+    orcpt: str = ""
+
+
 @dataclass
 class MessageBuilder:
-    """One message in the making. ``write`` each chunk, then ``finish``."""
+    """One message in the making. ``write`` each chunk, then ``finish``. Recipients may be
+    given as plain addresses or as RecipientRequest; either way they are held as the latter."""
 
     queue_id: str
     sender: str
-    recipients: list[str]
+    recipients: list[RecipientRequest]  # accepts list[str | RecipientRequest]
     origin: Origin
     hostname: str
     size_limit: int
     body_8bit: bool = False
+    ret: str = ""  # RFC 3461 §4.3 RET (FULL / HDRS), "" when not given
+    envid: str = ""  # RFC 3461 §4.4 ENVID (xtext as given)
     clock: object = time.time
     size: int = 0
     too_big: bool = False
@@ -83,10 +96,14 @@ class MessageBuilder:
     _head_scanned: int = 0
 
     def __post_init__(self) -> None:
-        self.recipients = list(dict.fromkeys(self.recipients))  # duplicate elimination
+        first: dict[str, RecipientRequest] = {}
+        for item in self.recipients:
+            request = item if isinstance(item, RecipientRequest) else RecipientRequest(item)
+            first.setdefault(request.address, request)  # duplicates: the first one's DSN wins
+        self.recipients = list(first.values())
         self._started = self.clock()
         self._chunks.append(
-            received_header(self.origin, self.hostname, self.queue_id, self.recipients,
+            received_header(self.origin, self.hostname, self.queue_id, list(first),
                             self._started))
 
     def write(self, chunk: bytes) -> None:
@@ -109,12 +126,15 @@ class MessageBuilder:
         envelope = Envelope(
             queue_id=self.queue_id,
             sender=self.sender,
-            recipients=[Recipient(address=r, next_attempt=arrival) for r in self.recipients],
+            recipients=[Recipient(address=r.address, next_attempt=arrival, notify=r.notify,
+                                  orcpt=r.orcpt) for r in self.recipients],
             arrival=arrival,
             size=sum(len(c) for c in self._chunks),
             client=self.origin.client,
             message_id=self.message_id,
             body_8bit=self.body_8bit,
+            ret=self.ret,
+            envid=self.envid,
         )
         return QueuedMessage(envelope=envelope, content=self._chunks)
 
@@ -165,11 +185,15 @@ class Cleanup:
         self.on_queued = on_queued
         self.new_queue_id = new_queue_id or QueueIdGenerator()
 
-    def begin(self, *, queue_id: str, sender: str, recipients: list[str], origin: Origin,
-              body_8bit: bool = False) -> MessageBuilder:
+    def begin(self, *, queue_id: str, sender: str, recipients: list[str | RecipientRequest],
+              origin: Origin, body_8bit: bool = False, ret: str = "",
+              envid: str = "") -> MessageBuilder:
+        """A builder for one message; ``ret`` / ``envid`` and each RecipientRequest's NOTIFY /
+        ORCPT are the client's RFC 3461 DSN request, kept in the queued envelope."""
         return MessageBuilder(queue_id=queue_id, sender=sender, recipients=recipients,
                               origin=origin, hostname=self.config.myhostname,
-                              size_limit=self.config.message_size_limit, body_8bit=body_8bit)
+                              size_limit=self.config.message_size_limit, body_8bit=body_8bit,
+                              ret=ret, envid=envid)
 
     async def enqueue(self, builder: MessageBuilder) -> Envelope:
         """Commit the message (returns once synced), log it and tell the queue manager.

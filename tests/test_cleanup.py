@@ -2,14 +2,15 @@
 
 import pytest
 
-from engine.cleanup import MessageBuilder, Origin
+from engine.cleanup import MessageBuilder, Origin, RecipientRequest
 
 
-def build(chunks, *, size_limit=10_000, recipients=("rcpt@example.net",)):
+def build(chunks, *, size_limit=10_000, recipients=("rcpt@example.net",), **dsn):
     builder = MessageBuilder(
         queue_id="QID123", sender="s@example.org", recipients=list(recipients),
         origin=Origin(client_ip="127.0.0.1", helo="client.test", protocol="ESMTP"),
-        hostname="mx.example.test", size_limit=size_limit, clock=lambda: 1_800_000_000.0)
+        hostname="mx.example.test", size_limit=size_limit, clock=lambda: 1_800_000_000.0,
+        **dsn)
     for chunk in chunks:
         builder.write(chunk)
     return builder
@@ -75,6 +76,33 @@ def test_size_within_limit_is_accepted():
 def test_duplicate_recipients_are_removed():
     builder = build([b"\r\nbody\r\n"], recipients=("a@x.test", "b@x.test", "a@x.test"))
     assert [r.address for r in builder.finish().envelope.recipients] == ["a@x.test", "b@x.test"]
+
+
+def test_dsn_request_lands_in_the_envelope_and_recipients():
+    recipients = (RecipientRequest("a@x.test", notify="SUCCESS,FAILURE", orcpt="rfc822;a@x.test"),
+                  "b@x.test", RecipientRequest("c@x.test", notify="NEVER"))
+    envelope = build([b"\r\nbody\r\n"], recipients=recipients, ret="HDRS",
+                     envid="QQ+2B1").finish().envelope
+    assert (envelope.ret, envelope.envid) == ("HDRS", "QQ+2B1")
+    assert [(r.address, r.notify, r.orcpt) for r in envelope.recipients] == [
+        ("a@x.test", "SUCCESS,FAILURE", "rfc822;a@x.test"), ("b@x.test", "", ""),
+        ("c@x.test", "NEVER", "")]
+
+
+def test_without_a_dsn_request_the_fields_stay_empty():
+    envelope = build([b"\r\nbody\r\n"]).finish().envelope
+    assert (envelope.ret, envelope.envid) == ("", "")
+    assert [(r.notify, r.orcpt) for r in envelope.recipients] == [("", "")]
+
+
+def test_duplicate_recipient_keeps_the_first_dsn_request():
+    recipients = (RecipientRequest("a@x.test", notify="NEVER", orcpt="rfc822;first@x.test"),
+                  RecipientRequest("a@x.test", notify="SUCCESS", orcpt="rfc822;second@x.test"),
+                  "a@x.test")
+    builder = build([b"\r\nbody\r\n"], recipients=recipients)
+    (recipient,) = builder.finish().envelope.recipients
+    assert (recipient.notify, recipient.orcpt) == ("NEVER", "rfc822;first@x.test")
+    assert b"\tfor <a@x.test>; " in b"".join(builder._chunks)
 
 
 def test_date_is_rfc5322_and_matches_email_parser():

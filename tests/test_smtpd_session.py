@@ -112,6 +112,27 @@ def test_storage_failure_is_4xx_never_250_and_the_session_goes_on(error, reply, 
     assert logged in log
 
 
+def test_dsn_parameters_are_queued_with_the_message():
+    async def scenario():
+        spool = MemorySpool()
+        server, reader, writer, _ = await serve(spool)
+        writer.write(b"EHLO c.test\r\nMAIL FROM:<a@example.org> RET=HDRS ENVID=QQ+2B314159\r\n"
+                     b"RCPT TO:<b@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x@y.test\r\n"
+                     b"RCPT TO:<c@example.net>\r\n"
+                     b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+        replies = await read_replies(reader, 6)
+        stored = spool.envelopes()
+        await finish(server, writer)
+        return replies, stored
+
+    replies, stored = asyncio.run(scenario())
+    assert replies[-1].startswith("250 2.0.0 Ok: queued as ")
+    (envelope,) = stored
+    assert (envelope.ret, envelope.envid) == ("HDRS", "QQ+2B314159")
+    assert [(r.address, r.notify, r.orcpt) for r in envelope.recipients] == [
+        ("b@example.net", "SUCCESS,FAILURE", "rfc822;x@y.test"), ("c@example.net", "", "")]
+
+
 def test_idle_client_gets_421_after_smtpd_timeout():
     async def scenario():
         server, reader, writer, log = await serve(MemorySpool(), smtpd_timeout=0.2)

@@ -10,7 +10,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from engine.cleanup import Cleanup, MessageBuilder, Origin
+from engine.cleanup import Cleanup, MessageBuilder, Origin, RecipientRequest
 from engine.config import Config
 from engine.log import Maillog
 from engine.policy.relay import check_local_recipient, check_relay
@@ -45,8 +45,8 @@ class SmtpdContext:
 class Transaction:
     queue_id: str
     sender: str
-    params: dict
-    recipients: list[str] = field(default_factory=list)
+    params: dict  # MAIL FROM's: BODY, RET, ENVID … (engine.smtp.server.MailFrom)
+    recipients: list[RecipientRequest] = field(default_factory=list)
     builder: MessageBuilder | None = None
 
 
@@ -150,14 +150,18 @@ class SmtpdProtocol(asyncio.Protocol):
             self._log_reject("RCPT", refusal, to=event.recipient)
             self.session.reject(refusal)
             return
-        self.txn.recipients.append(event.recipient)
+        self.txn.recipients.append(RecipientRequest(
+            event.recipient, notify=event.params.get("NOTIFY") or "",
+            orcpt=event.params.get("ORCPT") or ""))
         self.session.accept()
 
     def _on_data(self, event: server.Data) -> None:
         txn = self.txn
+        params = txn.params
         txn.builder = self.ctx.cleanup.begin(
             queue_id=txn.queue_id, sender=txn.sender, recipients=txn.recipients,
-            origin=self.origin, body_8bit=(txn.params.get("BODY") or "").upper() == "8BITMIME")
+            origin=self.origin, body_8bit=(params.get("BODY") or "").upper() == "8BITMIME",
+            ret=params.get("RET") or "", envid=params.get("ENVID") or "")
         self.session.accept()
 
     def _on_chunk(self, event: server.MessageChunk) -> None:
