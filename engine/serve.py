@@ -1,6 +1,7 @@
 """``tern serve``: wires the stages together on one uvloop event loop and runs until signalled.
 
-smtpd listeners → cleanup → spool (LMDB shard) → qmgr → delivery agents. SIGTERM/SIGINT stop
+smtpd listeners → cleanup → spool (LMDB shard) → qmgr → delivery agents, and the control
+socket (engine.control) through which ``tern queue`` operations reach qmgr. SIGTERM/SIGINT stop
 intake first, let sessions finish committing, flush the spool, then stop deliveries (their
 recipients stay queued). Trusts the validated Config.
 """
@@ -17,6 +18,7 @@ import lmdb
 from engine import __version__
 from engine.cleanup import Cleanup
 from engine.config import Config
+from engine.control import ControlError, ControlServer
 from engine.delivery import smtp as smtp_delivery
 from engine.dns import Resolver
 from engine.log import Maillog
@@ -54,6 +56,12 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
     agents = {"smtp": functools.partial(smtp_delivery.deliver, config=config, resolver=resolver)}
     qmgr = QueueManager(spool, config, maillog, agents)
     await qmgr.start()
+    try:
+        control = await ControlServer.start(Path(config.queue_directory), qmgr, maillog)
+    except ControlError as error:
+        await qmgr.stop()
+        spool.close()
+        raise StartupError(str(error)) from error
     cleanup = Cleanup(spool, maillog, config, on_queued=qmgr.notify_new,
                       new_queue_id=QueueIdGenerator(0))
     context = SmtpdContext(config=config, cleanup=cleanup, maillog=maillog)
@@ -64,6 +72,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
                 lambda: SmtpdProtocol(context), listener.host, listener.port,
                 reuse_address=True, backlog=1024))
         except OSError as error:
+            await control.close()
             await qmgr.stop()
             spool.close()
             reason = os.strerror(error.errno) if error.errno else str(error)
@@ -91,6 +100,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
         session.close_with(replies.SHUTTING_DOWN)
     await spool.drain()
     await qmgr.stop()
+    await control.close()  # after qmgr: until here `tern queue` ops go through this server
     await spool.drain()
     spool.close()
     maillog.close()

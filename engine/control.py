@@ -1,0 +1,254 @@
+"""The control channel of a running ``tern serve``: queue operations from ``tern queue …``.
+
+A unix-domain socket ``<queue_directory>/control`` (mode 0600, so only the server's own user, or
+root, may connect) speaks one JSON request per line and answers one JSON reply per line:
+
+    {"op": "hold", "ids": ["QID", ...] | null}       → {"ok": true, "ids": [affected QIDs]}
+    {"op": "delete", "ids": null, "deferred_only": true}
+    {"op": "flush", "domain": "example.net" | null}   → {"ok": false, "error": "..."} on failure
+
+``null`` ids means ALL. Ops are hold, release, delete, requeue and flush, each one call of the
+same QueueManager method the offline tools use, run one at a time. Trusts the peer's user (the
+socket's mode), not its requests: each is checked before anything is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+SOCKET_NAME = "control"
+SUN_PATH_MAX = 107  # bytes in sockaddr_un.sun_path, less the terminating NUL (Linux)
+REQUEST_LIMIT = 1 << 20  # bytes in one request line
+REPLY_LIMIT = 1 << 28  # bytes in one reply line (every ID of a big queue)
+CLOSE_GRACE = 10.0  # seconds an operation in progress gets to finish at shutdown
+OPS = frozenset({"hold", "release", "delete", "requeue", "flush"})
+
+
+class ControlError(Exception):
+    """The control channel cannot be set up, or the server refused a request."""
+
+
+class ControlUnavailable(ControlError):
+    """No server answers on the control socket (none runs on this queue directory)."""
+
+
+# -- the socket's address: long queue directories go through the directory's descriptor --------
+
+
+class _SocketAddress:
+    """Where to bind or connect: the plain path when it fits in sun_path, else the same file
+    reached through an open descriptor of the queue directory (``/proc/self/fd/N/control``)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / SOCKET_NAME
+        self._dir_fd: int | None = None
+        self.address = str(self.path)
+        if len(os.fsencode(self.address)) > SUN_PATH_MAX:
+            if not Path("/proc/self/fd").is_dir():
+                raise ControlError(
+                    f"control socket {self.path}: path longer than {SUN_PATH_MAX} bytes; "
+                    f"choose a shorter queue_directory")
+            self._dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
+            self.address = f"/proc/self/fd/{self._dir_fd}/{SOCKET_NAME}"
+
+    def chmod(self, mode: int) -> None:
+        os.chmod(self.address, mode)
+
+    def unlink(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.address)
+
+    def close(self) -> None:
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
+
+# -- server ----------------------------------------------------------------------------------
+
+
+def _ids(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    raise ValueError('"ids" must be a list of queue IDs or null (ALL)')
+
+
+class ControlServer:
+    """Answers control requests with a QueueManager's hold/release/delete/requeue/flush."""
+
+    def __init__(self, qmgr, address: _SocketAddress, maillog=None) -> None:
+        self.qmgr = qmgr
+        self.maillog = maillog
+        self._address = address
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[asyncio.Task] = set()
+        self._one_at_a_time = asyncio.Lock()
+
+    @classmethod
+    async def start(cls, queue_directory: Path, qmgr, maillog=None) -> ControlServer:
+        """Bind ``<queue_directory>/control`` (0600) and serve. Raises ControlError when another
+        server answers there or the socket cannot be made."""
+        address = _SocketAddress(Path(queue_directory))
+        try:
+            sock = _bind(address)
+        except BaseException:
+            address.close()
+            raise
+        control = cls(qmgr, address, maillog)
+        control._server = await asyncio.start_unix_server(control._serve, sock=sock,
+                                                          limit=REQUEST_LIMIT)
+        return control
+
+    @property
+    def path(self) -> Path:
+        return self._address.path
+
+    async def close(self) -> None:
+        """Stop accepting, let an operation in progress finish, drop idle clients, remove the
+        socket file."""
+        if self._server is None:
+            return
+        self._server.close()
+        self._server = None
+        self._address.unlink()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_GRACE):
+                await self._one_at_a_time.acquire()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        self._address.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+        try:
+            while line := await reader.readline():
+                reply = await self.answer(line)
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+        except (ValueError, ConnectionError):
+            pass  # a request line over the limit, or the client went away
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def answer(self, line: bytes) -> dict:
+        """One request line → its reply."""
+        try:
+            operation = self._parse(line)
+        except ValueError as error:
+            return {"ok": False, "error": f"bad request: {error}"}
+        try:
+            async with self._one_at_a_time:
+                return {"ok": True, "ids": list(await operation())}
+        except Exception as error:  # noqa: BLE001 - the client hears it; the server goes on
+            if self.maillog is not None:
+                self.maillog.line("control", f"warning: {line.decode(errors='replace').strip()}"
+                                             f" failed: {error!r}")
+            return {"ok": False, "error": f"{type(error).__name__}: {error}"}
+
+    def _parse(self, line: bytes) -> Callable[[], Awaitable[list[str]]]:
+        """The checked request as a call of the queue manager; ValueError says what is wrong."""
+        request = json.loads(line)
+        if not isinstance(request, dict) or request.get("op") not in OPS:
+            raise ValueError(f'"op" must be one of {", ".join(sorted(OPS))}')
+        op = request["op"]
+        if op == "flush":
+            domain = request.get("domain")
+            if domain is not None and not isinstance(domain, str):
+                raise ValueError('"domain" must be a string or null')
+            return lambda: _completed(self.qmgr.flush(domain))  # sync or async: both serve
+        ids = _ids(request.get("ids"))
+        if op == "delete":
+            deferred_only = request.get("deferred_only", False)
+            if not isinstance(deferred_only, bool):
+                raise ValueError('"deferred_only" must be true or false')
+            return lambda: self.qmgr.delete(ids, deferred_only=deferred_only)
+        method = getattr(self.qmgr, op)
+        return lambda: method(ids)
+
+
+async def _completed(result: list[str] | Awaitable[list[str]]) -> list[str]:
+    return await result if inspect.isawaitable(result) else result
+
+
+def _bind(address: _SocketAddress) -> socket.socket:
+    """A listening socket at the address, mode 0600 before anyone can connect. A socket file
+    left by a server that died is replaced; one that answers is another server's."""
+    if address.path.exists() or address.path.is_symlink():
+        try:
+            _connect(address.address, timeout=1.0).close()
+        except OSError:
+            address.unlink()
+        else:
+            raise ControlError(f"queue_directory {address.path.parent} is in use: another "
+                               f"tern serve answers on {address.path}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(address.address)
+        address.chmod(0o600)  # before listen(): until then a connect is refused
+        sock.listen(16)
+    except OSError as error:
+        sock.close()
+        raise ControlError(f"control socket {address.path}: "
+                           f"{error.strerror or error}") from error
+    sock.setblocking(False)
+    return sock
+
+
+# -- client ----------------------------------------------------------------------------------
+
+
+def _connect(address: str, timeout: float) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def request(queue_directory: Path, op: str, *, timeout: float = 120.0, **arguments) -> list[str]:
+    """Ask the server running on ``queue_directory`` to perform ``op``; returns the queue IDs
+    it affected. Raises ControlUnavailable when no server answers, ControlError when the server
+    refuses or fails."""
+    address = _SocketAddress(Path(queue_directory))
+    try:
+        try:
+            sock = _connect(address.address, timeout)
+        except (FileNotFoundError, ConnectionRefusedError) as error:
+            raise ControlUnavailable(f"no server answers on {address.path}") from error
+        except OSError as error:
+            raise ControlError(f"{address.path}: {error.strerror or error}") from error
+    finally:
+        address.close()
+    with sock:
+        try:
+            sock.sendall(json.dumps({"op": op, **arguments}).encode() + b"\n")
+            with sock.makefile("rb") as replies:
+                line = replies.readline(REPLY_LIMIT)
+        except OSError as error:
+            raise ControlError(f"{address.path}: {error.strerror or error}") from error
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise ControlError(f"{address.path}: no valid reply (the server stopped?)")
+    if not reply.get("ok"):
+        raise ControlError(str(reply.get("error", "the server refused the request")))
+    return list(reply.get("ids") or [])
