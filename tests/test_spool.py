@@ -1,6 +1,7 @@
 """The LMDB spool: durable writes, group commit, reads, removal, and map-full handling."""
 
 import asyncio
+import threading
 
 import pytest
 
@@ -101,3 +102,35 @@ def test_commits_are_synced_to_disk(tmp_path):
     flags = spool._env.flags()
     spool.close()
     assert flags["sync"] and flags["metasync"] and not flags["map_async"]
+
+
+def test_drain_yields_while_a_finished_commit_awaits_its_callback(tmp_path):
+    """Regression (SIGTERM under load hung in serve's drain): when the commit's future is done
+    but its done callback has not run yet, drain must let the loop run it, not spin."""
+    outcome = []
+
+    async def scenario():
+        spool = LmdbSpool(tmp_path / "s", commit_window=0)
+        enqueued = asyncio.ensure_future(spool.enqueue(message("Q1")))
+        for _ in range(10):  # the batch goes to the writer thread
+            if spool._in_flight is not None:
+                break
+            await asyncio.sleep(0)
+        spool._writer.submit(lambda: None).result()  # the commit is done; the loop has not
+        # seen it: the future's completion is queued first, drain's first step after it.
+        await asyncio.wait_for(spool.drain(), 5)
+        await enqueued
+        outcome.append(spool.envelope("Q1").queue_id)
+        spool.close()
+
+    def run():
+        try:
+            asyncio.run(scenario())
+        except Exception as error:  # noqa: BLE001 - reported by the test
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "drain() spins without yielding to the event loop"
+    assert outcome == ["Q1"]

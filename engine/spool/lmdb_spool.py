@@ -5,11 +5,19 @@ commits a whole batch in one LMDB transaction and fsyncs once, then wakes every 
 commit is in flight the next batch fills, so under load many messages share one sync and an idle
 server adds at most ``commit_window`` of latency. Trusts its callers (cleanup, qmgr), not data.
 
+Room, as Postfix's slmdb.c: when the map is full the writer doubles it (up to ``map_size_limit``)
+and retries. At the limit, or with the disk full, new messages are refused (SpoolFull) while the
+updates and removals of the same batch are committed, with some headroom above the limit if they
+need it: queued mail can always be finished, and freeing it makes room for new mail again.
+
 Layout: one environment per shard directory, two databases keyed by queue ID:
 ``content`` (the message bytes as queued) and ``envelope`` (Envelope.encode()).
 """
 
 import asyncio
+import errno
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +26,9 @@ import lmdb
 from engine.spool import Envelope, QueuedMessage, SpoolError, SpoolFull
 
 _PUT, _UPDATE, _REMOVE = "put", "update", "remove"
+_PAGES_PER_CHANGE = 16  # headroom per update/removal at the limit: a B-tree path in each DB
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_MARGIN = 1 << 20  # an EIO with less free space than the commit plus this: disk full
 
 
 def open_environment(path: Path, *, map_size: int, readonly: bool = False) -> lmdb.Environment:
@@ -35,13 +46,47 @@ def open_environment(path: Path, *, map_size: int, readonly: bool = False) -> lm
     )
 
 
-class LmdbSpool:
-    """Spool (see engine.spool) over one LMDB environment: one shard."""
+def _free_bytes(path: Path) -> int:
+    try:
+        fs = os.statvfs(path)
+    except OSError:
+        return -1
+    return fs.f_bavail * fs.f_frsize
 
-    def __init__(self, path: Path, *, map_size: int = 1 << 30, commit_window: float = 0.002,
-                 readonly: bool = False) -> None:
+
+def _no_room(error: Exception, path: Path, ops: list[tuple]) -> str | None:
+    """Why a commit of ``ops`` found no room (the map at its limit, the disk full); None when
+    the error is another one."""
+    if isinstance(error, lmdb.MapFullError):
+        return "spool map is full"
+    code = error.errno if isinstance(error, OSError) else getattr(error, "code", None)
+    if isinstance(error, lmdb.DiskError) or code in _DISK_FULL:
+        return "no space left on the spool file system"
+    if code == errno.EIO:
+        # LMDB reports a short write as EIO: the file system ran out of space midway.
+        needed = sum(len(envelope or b"") + sum(map(len, content or ()))
+                     for _, _, content, envelope in ops)
+        if 0 <= _free_bytes(path) < needed + _DISK_FULL_MARGIN:
+            return "no space left on the spool file system"
+    return None
+
+
+class LmdbSpool:
+    """Spool (see engine.spool) over one LMDB environment: one shard.
+
+    ``map_size`` is the map at start (or the space in use, if more); ``map_size_limit`` is how far
+    it may grow for new messages (default: ``map_size``, no growth)."""
+
+    def __init__(self, path: Path, *, map_size: int = 1 << 30, map_size_limit: int | None = None,
+                 commit_window: float = 0.002, readonly: bool = False) -> None:
         self.path = Path(path)
         self._env = open_environment(self.path, map_size=map_size, readonly=readonly)
+        # LMDB: the map may be resized only while this process has no transaction open. Writes
+        # run in the writer thread, which also resizes; reads (on the caller's thread) hold this
+        # lock for the length of their read transaction, so the two never overlap.
+        self._remap_lock = threading.Lock()
+        self.map_size = self._env.info()["map_size"]  # bytes mapped now
+        self.map_size_limit = max(map_size_limit or map_size, self.map_size)
         create = not readonly
         self._content_db = self._env.open_db(b"content", create=create)
         self._envelope_db = self._env.open_db(b"envelope", create=create)
@@ -105,13 +150,56 @@ class LmdbSpool:
     def _write(self, ops: list[tuple]) -> dict[int, SpoolError]:
         """Runs in the writer thread. Returns the ops refused, by id, with their error."""
         try:
-            return self._commit(ops)
+            return self._commit_growing(ops)
+        except (lmdb.Error, OSError) as error:
+            reason = _no_room(error, self.path, ops)
+            if reason is None:
+                raise
+        # No room: refuse the new messages, keep what is queued moving (it frees room).
+        refused: dict[int, SpoolError] = {
+            id(op): SpoolFull(reason) for op in ops if op[0] == _PUT}
+        changes = [op for op in ops if op[0] != _PUT]
+        if changes:
+            try:
+                refused.update(self._commit_changes(changes))
+            except (lmdb.Error, OSError) as error:
+                reason = _no_room(error, self.path, changes)
+                if reason is None:
+                    raise
+                refused.update({id(op): SpoolError(reason) for op in changes})
+        return refused
+
+    def _commit_growing(self, ops: list[tuple]) -> dict[int, SpoolError]:
+        """Commit; when the map is full, double it up to the limit and try again (slmdb)."""
+        while True:
+            try:
+                return self._commit(ops)
+            except lmdb.MapFullError:
+                if self._env.reader_check():
+                    continue  # dead processes' readers held old pages, free now
+                if self.map_size >= self.map_size_limit:
+                    raise
+                self._resize(min(self.map_size * 2, self.map_size_limit))
+
+    def _commit_changes(self, changes: list[tuple]) -> dict[int, SpoolError]:
+        """Commit updates and removals of queued mail; at the limit they may use headroom above
+        it, for this one commit only: new messages never get it."""
+        try:
+            return self._commit_growing(changes)
         except lmdb.MapFullError:
-            # Keep what we have: retry without the new messages (updates and removals free room).
-            others = [op for op in ops if op[0] != _PUT]
-            refused = self._commit(others) if others else {}
-            refused.update({id(op): SpoolFull("spool map is full") for op in ops if op[0] == _PUT})
-            return refused
+            headroom = len(changes) * _PAGES_PER_CHANGE * self._env.stat()["psize"]
+            base = max(self.map_size, self.map_size_limit)  # the space in use may exceed it
+            self._resize(base + max(headroom, self.map_size_limit // 16))
+            try:
+                return self._commit(changes)
+            finally:
+                self._resize(self.map_size_limit)  # LMDB keeps at least the space in use
+
+    def _resize(self, map_size: int) -> None:
+        """Runs in the writer thread, between its transactions; waits out the readers."""
+        with self._remap_lock:
+            self._env.set_mapsize(map_size)
+            self.map_size = self._env.info()["map_size"]
 
     def _commit(self, ops: list[tuple]) -> dict[int, SpoolError]:
         new_messages = 0
@@ -135,33 +223,53 @@ class LmdbSpool:
         return refused
 
     async def drain(self) -> None:
-        """Wait until every submitted write is committed."""
+        """Wait until every submitted write is committed (or refused: its waiter has the error)."""
         while self._batch or self._in_flight is not None:
             if self._flush_timer is not None:
                 self._flush_timer.cancel()
                 self._flush()
-            if self._in_flight is not None:
-                await asyncio.shield(self._in_flight)
+            in_flight = self._in_flight
+            if in_flight is not None and not in_flight.done():
+                await asyncio.wait([in_flight])
             else:
+                # A commit that is done still needs its callback (_finish), queued on the loop:
+                # yield to it. Awaiting the done future would not yield, and this would spin.
                 await asyncio.sleep(0)
 
-    # -- reads: lock-free LMDB read transactions ---------------------------------------------
+    # -- reads: LMDB read transactions, never during a resize -------------------------------
 
     def envelopes(self) -> list[Envelope]:
-        with self._env.begin(db=self._envelope_db) as txn:
-            return [Envelope.decode(value) for _, value in txn.cursor()]
+        raws = self._read(self._envelope_db, lambda txn: [value for _, value in txn.cursor()])
+        return [Envelope.decode(raw) for raw in raws]
 
     def envelope(self, queue_id: str) -> Envelope | None:
-        with self._env.begin(db=self._envelope_db) as txn:
-            raw = txn.get(queue_id.encode())
+        raw = self._read(self._envelope_db, lambda txn: txn.get(queue_id.encode()))
         return Envelope.decode(raw) if raw is not None else None
 
     def content(self, queue_id: str) -> bytes:
-        with self._env.begin(db=self._content_db) as txn:
-            raw = txn.get(queue_id.encode())
+        raw = self._read(self._content_db, lambda txn: txn.get(queue_id.encode()))
         if raw is None:
             raise KeyError(queue_id)
         return raw
+
+    def _read(self, db, read):
+        """``read(txn)`` in one short read transaction; it must return copies (bytes), not
+        buffers into the map, which a resize replaces."""
+        with self._remap_lock:
+            try:
+                with self._env.begin(db=db) as txn:
+                    return read(txn)
+            except lmdb.MapResizedError:
+                # Another process (the server, for `tern queue`) grew the map: adopt its size.
+                self._env.set_mapsize(0)
+                with self._env.begin(db=db) as txn:
+                    return read(txn)
+
+    def scan_due(self, until: float, limit: int) -> list[str]:
+        """INTERIM (a full scan, O(queue)): replaced by the due-index database next."""
+        due = sorted((e.index_due, e.queue_id) for e in self.envelopes()
+                     if e.index_due is not None and e.index_due <= until)
+        return [queue_id for _, queue_id in due[:limit]]
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
