@@ -178,12 +178,13 @@ class Cleanup:
     It issues the queue IDs, so every message of a shard has one from the same sequence."""
 
     def __init__(self, spool, maillog, config, on_queued=lambda envelope: None,
-                 new_queue_id=None) -> None:
+                 new_queue_id=None, clock=time.time) -> None:
         self.spool = spool
         self.maillog = maillog
         self.config = config
         self.on_queued = on_queued
         self.new_queue_id = new_queue_id or QueueIdGenerator()
+        self.clock = clock  # the queue manager's clock: arrival and first attempt times
 
     def begin(self, *, queue_id: str, sender: str, recipients: list[str | RecipientRequest],
               origin: Origin, body_8bit: bool = False, ret: str = "",
@@ -193,7 +194,7 @@ class Cleanup:
         return MessageBuilder(queue_id=queue_id, sender=sender, recipients=recipients,
                               origin=origin, hostname=self.config.myhostname,
                               size_limit=self.config.message_size_limit, body_8bit=body_8bit,
-                              ret=ret, envid=envid)
+                              ret=ret, envid=envid, clock=self.clock)
 
     async def enqueue(self, builder: MessageBuilder) -> Envelope:
         """Commit the message (returns once synced), log it and tell the queue manager.

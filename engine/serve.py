@@ -48,6 +48,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
         raise StartupError(f"maillog_file {config.maillog_file}: {error.strerror}") from error
     try:
         spool = LmdbSpool(shard_path(config), map_size=config.queue_map_size,
+                          map_size_limit=config.queue_map_size_limit,
                           commit_window=config.queue_commit_window)
     except (OSError, lmdb.Error) as error:
         raise StartupError(f"queue_directory {config.queue_directory}: cannot open the spool: "
@@ -55,6 +56,10 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
     resolver = Resolver(config)
     agents = {"smtp": functools.partial(smtp_delivery.deliver, config=config, resolver=resolver)}
     qmgr = QueueManager(spool, config, maillog, agents)
+    # cleanup queues client mail and, for qmgr, Tern's own notices (bounces, delay warnings)
+    cleanup = Cleanup(spool, maillog, config, on_queued=qmgr.notify_new,
+                      new_queue_id=QueueIdGenerator(0))
+    qmgr.cleanup = cleanup
     await qmgr.start()
     try:
         control = await ControlServer.start(Path(config.queue_directory), qmgr, maillog)
@@ -62,8 +67,6 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
         await qmgr.stop()
         spool.close()
         raise StartupError(str(error)) from error
-    cleanup = Cleanup(spool, maillog, config, on_queued=qmgr.notify_new,
-                      new_queue_id=QueueIdGenerator(0))
     context = SmtpdContext(config=config, cleanup=cleanup, maillog=maillog)
     servers = []
     for listener in config.listen:

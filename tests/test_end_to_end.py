@@ -153,7 +153,8 @@ def test_swaks_with_pipelining(tern, smtp_sink):
 
 def test_deferred_then_delivered_after_backoff_and_shown_in_queue_list(tern, smtp_sink):
     sink = smtp_sink(start=False)
-    server = tern(relayhost=sink.nexthop, minimal_backoff_time="1s", maximal_backoff_time="2s")
+    server = tern(relayhost=sink.nexthop, minimal_backoff_time="1s", maximal_backoff_time="2s",
+                  queue_run_delay="1s")
     queue_id = send(server, "a@example.org", ["b@example.net"], b"Subject: later\r\n\r\nx\r\n")
     log = server.wait_log(f"{queue_id}: to=<b@example.net>")
     assert re.search(rf"{queue_id}: to=<b@example.net>, relay=none, .*dsn=4\.4\.1, "
@@ -172,7 +173,8 @@ def test_deferred_then_delivered_after_backoff_and_shown_in_queue_list(tern, smt
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
 def test_restart_loses_nothing_and_delivers_each_message_once(tern, smtp_sink, how):
     sink = smtp_sink(start=False)
-    server = tern(relayhost=sink.nexthop, minimal_backoff_time="1s", maximal_backoff_time="1s")
+    server = tern(relayhost=sink.nexthop, minimal_backoff_time="1s", maximal_backoff_time="1s",
+                  queue_run_delay="1s")
     subjects = {f"message {i}" for i in range(50)}
     with smtplib.SMTP(*server.address, timeout=10) as client:
         for subject in sorted(subjects):

@@ -5,10 +5,13 @@ test_delivery_smtp and test_end_to_end); the spool is the in-memory one, the clo
 """
 
 import asyncio
+import dataclasses
 import io
+import re
 
 import pytest
 
+from engine.cleanup import Cleanup
 from engine.config import Config
 from engine.delivery import (
     DeliveryOutcome,
@@ -44,10 +47,15 @@ async def enqueue(spool, env):
     await spool.enqueue(QueuedMessage(env, [b"Subject: x\r\n\r\nbody\r\n"]))
 
 
-def manager(spool, agent, clock=None):
+def manager(spool, agent, clock=None, *, notices=False, **settings):
+    """A QueueManager on ``spool``; ``notices`` gives it a Cleanup to queue bounces with."""
     log = io.StringIO()
-    qmgr = QueueManager(spool, CONFIG, Maillog("mx.test", stream=log), {"smtp": agent},
-                        clock=clock or Clock())
+    config = dataclasses.replace(CONFIG, **settings)
+    maillog = Maillog("mx.test", stream=log)
+    qmgr = QueueManager(spool, config, maillog, {"smtp": agent}, clock=clock or Clock())
+    if notices:
+        qmgr.cleanup = Cleanup(spool, maillog, config, on_queued=qmgr.notify_new,
+                               clock=qmgr.clock)
     return qmgr, log
 
 
@@ -210,7 +218,7 @@ def test_expired_deferred_mail_bounces():
         await qmgr.stop()
         return log.getvalue()
 
-    assert "dsn=4.4.1, status=bounced (still down)" in asyncio.run(scenario())
+    assert "dsn=4.4.1, status=expired (still down)" in asyncio.run(scenario())
 
 
 def route_with_faults(domain, config):
@@ -266,27 +274,256 @@ class FlakySpool(MemorySpool):
         await super().update(env)
 
 
-def test_failed_spool_update_keeps_the_message_scheduled():
+def test_failed_spool_update_keeps_the_message_queued_and_retried():
     async def scenario():
         spool = FlakySpool()
-        clock = Clock(1000.0)
         attempts = []
 
         async def agent(request):
-            attempts.append(clock.now)
-            raise TransientFailure("4.4.1", "down")
+            attempts.append(request.queue_id)
+            if len(attempts) == 1:
+                raise TransientFailure("4.4.1", "down")
+            return sent(request)
 
+        clock = Clock(1000.0)
         qmgr, log = manager(spool, agent, clock)
         await qmgr.start()
         env = envelope("Q1")
         await enqueue(spool, env)
         qmgr.notify_new(env)
-        await until(lambda: "cannot update queue file" in log.getvalue())
-        clock.now += CONFIG.minimal_backoff_time + 1
+        await until(lambda: "cannot update queue file" in log.getvalue() and not qmgr._active)
+        clock.now += CONFIG.queue_run_delay  # the next scan of the queue finds it again
+        qmgr._wake.set()
+        await until(lambda: spool.envelopes() == [])
+        await qmgr.stop()
+        return attempts, log.getvalue()
+
+    attempts, log = asyncio.run(scenario())
+    assert "warning: Q1: cannot update queue file: disk full" in log
+    # the spool kept the message as it was (due at arrival): retried at the next scan
+    assert attempts == ["Q1", "Q1"]
+
+
+def test_active_queue_is_bounded_and_everything_still_goes():
+    async def scenario():
+        spool = MemorySpool()
+        peak, release = 0, asyncio.Event()
+
+        async def agent(request):
+            nonlocal peak
+            peak = max(peak, len(qmgr._active))
+            await release.wait()
+            return sent(request)
+
+        qmgr, _ = manager(spool, agent, qmgr_message_active_limit=4)
+        await qmgr.start()
+        for i in range(20):  # different destinations: concurrency is not what limits here
+            env = envelope(f"Q{i:02d}", (f"r@d{i}.example.net",))
+            await enqueue(spool, env)
+            qmgr.notify_new(env)
+        await until(lambda: len(qmgr._active) == 4)
+        await asyncio.sleep(0.05)
+        assert len(qmgr._active) == 4
+        release.set()
+        await until(lambda: spool.envelopes() == [])
+        await qmgr.stop()
+        return peak
+
+    assert asyncio.run(scenario()) == 4
+
+
+def test_deferred_mail_waits_for_the_next_queue_scan():
+    async def scenario():
+        spool, clock, attempts = MemorySpool(), Clock(1000.0), []
+
+        async def agent(request):
+            attempts.append(clock.now)
+            raise TransientFailure("4.4.1", "down")
+
+        qmgr, _ = manager(spool, agent, clock, minimal_backoff_time=10.0,
+                          maximal_backoff_time=10.0, queue_run_delay=60.0)
+        await qmgr.start()
+        env = envelope("Q1", arrival=1000.0)
+        await enqueue(spool, env)
+        qmgr.notify_new(env)
+        await until(lambda: spool.envelope("Q1").recipients[0].status == "deferred")
+        clock.now = 1030.0  # past the 10 s backoff, before the next scan (1000 + 60)
+        qmgr._wake.set()
+        await asyncio.sleep(0.05)
+        early = list(attempts)
+        clock.now = 1061.0
         qmgr._wake.set()
         await until(lambda: len(attempts) == 2)
         await qmgr.stop()
-        return log.getvalue()
+        return early, attempts
 
-    log = asyncio.run(scenario())
-    assert "warning: Q1: cannot update queue file: disk full" in log
+    early, attempts = asyncio.run(scenario())
+    assert early == [1000.0]
+    assert attempts == [1000.0, 1061.0]
+
+
+def test_dead_destination_defers_its_queue_without_trying():
+    async def scenario():
+        spool, calls = MemorySpool(), []
+
+        async def agent(request):
+            calls.append(request.queue_id)
+            await asyncio.sleep(0.01)
+            raise TransientFailure("4.4.1", "connect to 127.0.0.1[127.0.0.1]:2526: refused")
+
+        qmgr, log = manager(spool, agent, default_destination_concurrency_limit=20,
+                            initial_destination_concurrency=2)
+        await qmgr.start()
+        for i in range(10):
+            env = envelope(f"Q{i}")
+            await enqueue(spool, env)
+            qmgr.notify_new(env)
+        await until(lambda: all(e.recipients[0].status == "deferred"
+                                for e in spool.envelopes()))
+        await qmgr.stop()
+        return calls, log.getvalue()
+
+    calls, log = asyncio.run(scenario())
+    assert len(calls) < 10  # the rest never reached the agent
+    suspended = re.findall(r"status=deferred \(delivery temporarily suspended: connect to", log)
+    assert len(suspended) == 10 - len(calls)
+
+
+def bounced_by(request):
+    return DeliveryOutcome([RecipientResult(r, "bounced", "5.1.1",
+                                            "host x said: 550 5.1.1 no such user",
+                                            "x[127.0.0.1]:25") for r in request.recipients])
+
+
+def run_one(agent, *, recipients=("r@example.net",), sender="s@example.org", notify="",
+            stop_when=lambda spool: spool.envelope("Q1") is None, **settings):
+    async def scenario():
+        spool = MemorySpool()
+        qmgr, log = manager(spool, agent, notices=True, **settings)
+        qmgr.agents["smtp"] = agent
+        await qmgr.start()
+        env = envelope("Q1", recipients)
+        env.sender = sender
+        for recipient in env.recipients:
+            recipient.notify = notify
+        await enqueue(spool, env)
+        qmgr.notify_new(env)
+        await until(lambda: stop_when(spool))
+        await asyncio.sleep(0.05)
+        await qmgr.stop()
+        return spool, log.getvalue()
+
+    return asyncio.run(scenario())
+
+
+def test_failure_bounces_to_the_sender_from_the_null_sender():
+    deliveries = []
+
+    async def agent(request):
+        deliveries.append((request.sender, request.recipients, request.content))
+        return bounced_by(request) if request.queue_id == "Q1" else sent(request)
+
+    spool, log = run_one(agent)
+    match = re.search(r"Q1: sender non-delivery notification: (\w+)", log)
+    assert match, log
+    sender, recipients, content = deliveries[-1]
+    assert (sender, recipients) == ("", ["s@example.org"])
+    assert b"multipart/report; report-type=delivery-status" in content
+    assert b"Final-Recipient: rfc822; r@example.net" in content
+    assert b"Action: failed" in content
+
+
+def test_notify_never_sends_no_bounce():
+    async def agent(request):
+        return bounced_by(request)
+
+    _, log = run_one(agent, notify="NEVER")
+    assert "notification" not in log and "Q1: removed" in log
+
+
+def test_null_sender_failure_is_not_bounced_unless_2bounce_is_on():
+    deliveries = []
+
+    async def agent(request):
+        deliveries.append(request.recipients)
+        return bounced_by(request) if request.queue_id == "Q1" else sent(request)
+
+    _, log = run_one(agent, sender="")
+    assert "notification" not in log and deliveries == [["r@example.net"]]
+    _, log = run_one(agent, sender="", notify_classes=("2bounce",),
+                     double_bounce_notice_recipient="hostmaster@example.net")
+    assert "Q1: postmaster non-delivery notification:" in log
+    assert deliveries[-1] == ["hostmaster@example.net"]
+
+
+def test_notify_success_sends_a_relayed_notice():
+    deliveries = []
+
+    async def agent(request):
+        deliveries.append(request.content)
+        return sent(request)
+
+    _, log = run_one(agent, notify="SUCCESS")
+    assert "Q1: sender delivery status notification:" in log
+    assert b"Action: relayed" in deliveries[-1]
+
+
+def test_delay_warning_once_after_delay_warning_time():
+    deliveries = []
+
+    async def agent(request):
+        deliveries.append(request.content)
+        if request.queue_id == "Q1":
+            raise TransientFailure("4.4.1", "down")
+        return sent(request)
+
+    clock = Clock(1000.0 + 7200.0)  # the message arrived two hours ago
+
+    def warned(spool):
+        env = spool.envelope("Q1")
+        return env is not None and env.recipients[0].warned
+
+    spool, log = run_one(agent, stop_when=warned, delay_warning_time=3600.0, clock=clock)
+    assert log.count("Q1: sender delay notification:") == 1
+    assert any(b"Action: delayed" in content for content in deliveries)
+
+
+def test_queue_operations_hold_release_delete_requeue_flush():
+    async def scenario():
+        spool, clock = MemorySpool(), Clock(1000.0)
+        calls = []
+
+        async def agent(request):  # a 4xx per recipient: no site failure, nobody dies
+            calls.append(request.queue_id)
+            return DeliveryOutcome([RecipientResult(r, "deferred", "4.2.0", "450 try later")
+                                    for r in request.recipients])
+
+        qmgr, log = manager(spool, agent, clock, queue_run_delay=3600.0)
+        await qmgr.start()
+        for name in ("Q1", "Q2", "Q3"):
+            env = envelope(name, (f"r@{name.lower()}.example.net",))
+            await enqueue(spool, env)
+            qmgr.notify_new(env)
+        await until(lambda: all(e.recipients[0].status == "deferred"
+                                for e in spool.envelopes()) and not qmgr._active)
+        assert await qmgr.hold(["Q1", "nope"]) == ["Q1"]
+        assert spool.envelope("Q1").held
+        assert await qmgr.flush() == ["Q2", "Q3"]
+        await until(lambda: len(calls) == 5)
+        assert "Q1" not in calls[3:]  # held: not flushed
+        await until(lambda: not qmgr._active)
+        assert await qmgr.flush(domain="q3.example.net") == ["Q3"]
+        await until(lambda: len(calls) == 6 and not qmgr._active)
+        assert await qmgr.release(None) == ["Q1"]
+        await until(lambda: len(calls) == 7 and not qmgr._active)
+        assert sorted(await qmgr.requeue(["Q2"])) == ["Q2"]
+        await until(lambda: len(calls) == 8 and not qmgr._active)
+        assert sorted(await qmgr.delete(None, deferred_only=True)) == ["Q1", "Q2", "Q3"]
+        await qmgr.stop()
+        return calls, spool.envelopes(), log.getvalue()
+
+    calls, left, log = asyncio.run(scenario())
+    assert calls[6:] == ["Q1", "Q2"]
+    assert left == []
+    for line in ("Q1: placed on hold", "Q1: released from hold", "Q2: requeued", "Q3: removed"):
+        assert line in log

@@ -134,3 +134,27 @@ def test_drain_yields_while_a_finished_commit_awaits_its_callback(tmp_path):
     thread.join(10)
     assert not thread.is_alive(), "drain() spins without yielding to the event loop"
     assert outcome == ["Q1"]
+
+
+def test_due_index_orders_by_due_time_and_follows_every_write(tmp_path):
+    async def scenario():
+        spool = LmdbSpool(tmp_path / "s", commit_window=0)
+        for queue_id, due in (("LATE", 300.0), ("EARLY", 100.0), ("MID", 200.0)):
+            queued = message(queue_id)
+            queued.envelope.recipients[0].next_attempt = due
+            await spool.enqueue(queued)
+        seen = [spool.scan_due(250.0, 10), spool.scan_due(1000.0, 2)]
+        early = spool.envelope("EARLY")
+        early.recipients[0].next_attempt = 500.0  # deferred: moves back in the index
+        await spool.update(early)
+        seen.append(spool.scan_due(1000.0, 10))
+        held = spool.envelope("MID")
+        held.held = True  # on hold: out of the index
+        await spool.update(held)
+        await spool.remove("LATE")
+        seen.append(spool.scan_due(1000.0, 10))
+        spool.close()
+        return seen
+
+    assert asyncio.run(scenario()) == [["EARLY", "MID"], ["EARLY", "MID"],
+                                       ["MID", "LATE", "EARLY"], ["EARLY"]]

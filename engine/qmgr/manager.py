@@ -1,16 +1,21 @@
-"""The queue manager's asyncio driver: feeds the scheduler, starts delivery agents, records results.
+"""The queue manager's asyncio driver: fills the active queue, starts delivery agents, records
+results, sends notices, and carries out queue operations.
 
-New mail is attempted at once; deferred mail waits in the scheduler until its backoff ends; at
-start-up the schedule is rebuilt from the spool. A recipient is marked done only after the agent
-reports the next hop's 2xx, and the state is written to the spool before the message is
-forgotten, so a crash can cause a second delivery but never none. Does no protocol I/O itself.
+Memory is bounded by ``qmgr_message_active_limit``: messages wait in the spool's due index, not
+here. New mail is activated at once when there is room; deferred mail is found by a scan of the
+index every ``queue_run_delay`` (and when room frees up, and on flush / release). A recipient is
+marked done only after the agent reports the next hop's 2xx, and the new state is written to
+the spool before the message leaves the active queue, so a crash can cause a second delivery
+but never none. Does no protocol I/O itself.
 """
 
 import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
+from engine import bounce
 from engine.config import Config
 from engine.delivery import (
     DeliveryOutcome,
@@ -24,36 +29,49 @@ from engine.delivery.route import nexthop_for
 from engine.log import Maillog, format_delay
 from engine.qmgr.scheduler import Job, Scheduler, backoff, batches
 from engine.smtp.grammar import domain_of
-from engine.spool import Envelope, SpoolError
+from engine.spool import Envelope, Recipient, SpoolError
 
 Agent = Callable[[DeliveryRequest], Awaitable[DeliveryOutcome]]
 
 
+@dataclass
+class Attempt:
+    """What one job's delivery produced: the outcome, and a site failure's reason if any."""
+
+    outcome: DeliveryOutcome
+    site_failure: str | None = None
+
+
 class QueueManager:
     def __init__(self, spool, config: Config, maillog: Maillog, agents: dict[str, Agent],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, cleanup=None) -> None:
         self.spool = spool
         self.config = config
         self.maillog = maillog
         self.agents = agents
         self.clock = clock
-        self.scheduler = Scheduler(config.default_destination_concurrency_limit)
-        self._active: dict[str, Envelope] = {}  # messages with jobs queued or running
+        self.cleanup = cleanup  # engine.cleanup.Cleanup: queues notices; None = no notices
+        self.scheduler = Scheduler(
+            config.default_destination_concurrency_limit,
+            initial_concurrency=config.initial_destination_concurrency,
+            failed_cohort_limit=config.default_destination_concurrency_failed_cohort_limit,
+            rate_delay=config.default_destination_rate_delay)
+        self._active: dict[str, Envelope] = {}  # the active queue (bounded)
         self._outstanding: dict[str, int] = {}  # queue ID → jobs not yet finished
+        self._doomed: set[str] = set()  # deleted while active: removed when its jobs end
         self._wake = asyncio.Event()
+        self._scan_wanted = True  # scan at the next pass (operator, new mail with no room)
+        self._backlog = False  # the last scan stopped at the limit: more is due in the spool
+        # Refill the active queue in batches: each scan reads past the active messages.
+        self._refill_batch = max(1, min(100, config.qmgr_message_active_limit // 10))
+        self._next_scan = 0.0
         self._tasks: set[asyncio.Task] = set()
         self._runner: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Rebuild the schedule from the spool, then run."""
-        for envelope in self.spool.envelopes():
-            due = envelope.next_due
-            if due is None:
-                await self.spool.remove(envelope.queue_id)  # finished before a crash
-            elif not envelope.held:
-                self.scheduler.wait(envelope.queue_id, due)
+        """Run: the first scan of the due index picks up whatever the spool holds."""
         self._runner = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
@@ -65,76 +83,130 @@ class QueueManager:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._runner is not None:
             await asyncio.gather(self._runner, return_exceptions=True)
+            self._runner = None
 
     def notify_new(self, envelope: Envelope) -> None:
-        """A message was just committed: attempt it at once."""
-        self.scheduler.wait(envelope.queue_id, 0.0)
-        self._active[envelope.queue_id] = envelope
+        """A message was just committed: activate it at once if there is room; otherwise it
+        waits in the spool's due index for the next scan."""
+        if self._room() > 0 and not envelope.held:
+            self._try_activate(envelope, self.clock())
+        else:
+            self._backlog = True  # it waits in the due index
         self._wake.set()
 
     # -- the loop ----------------------------------------------------------------------------
 
+    def _room(self) -> int:
+        return self.config.qmgr_message_active_limit - len(self._active)
+
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             now = self.clock()
-            for queue_id in self.scheduler.due(now):
-                try:
-                    await self._activate(queue_id, now)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as error:  # noqa: BLE001 - one bad message must not stop the rest
-                    self.maillog.line("qmgr", f"warning: {queue_id}: cannot activate: {error!r}")
-                    self._active.pop(queue_id, None)
-                    self.scheduler.wait(queue_id, now + self.config.minimal_backoff_time)
-            for job in self.scheduler.startable():
-                task = loop.create_task(self._deliver(job))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            wakeup = self.scheduler.next_wakeup()
+            try:
+                refill = self._backlog and self._room() >= self._refill_batch
+                if self._scan_wanted or refill or now >= self._next_scan:
+                    self._scan(now)
+                for job in self.scheduler.startable(now):
+                    self._spawn(self._deliver(job))
+            except Exception as error:  # noqa: BLE001 - the queue manager must keep running
+                self.maillog.line("qmgr", f"warning: queue manager pass failed: {error!r}")
+                self._next_scan = now + min(self.config.queue_run_delay, 1.0)
             self._wake.clear()
-            timeout = None if wakeup is None else max(0.0, wakeup - self.clock())
+            wakeups = [self._next_scan]
+            rate_wakeup = self.scheduler.next_wakeup(now)
+            if rate_wakeup is not None:
+                wakeups.append(rate_wakeup)
+            timeout = max(0.0, min(wakeups) - self.clock())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def _activate(self, queue_id: str, now: float) -> None:
-        """Bring a due message into the active queue and split its due recipients into jobs;
-        a recipient that cannot be routed bounces at once."""
-        if self._outstanding.get(queue_id):
-            return  # already active: its jobs will reschedule it
-        envelope = self._active.get(queue_id) or self.spool.envelope(queue_id)
-        if envelope is None or envelope.held:
-            self._active.pop(queue_id, None)
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _scan(self, now: float) -> None:
+        """Fill the active queue from the spool's due index, oldest due first."""
+        self._scan_wanted = False
+        self._next_scan = now + self.config.queue_run_delay
+        room = self._room()
+        if room <= 0:
             return
+        # Active messages are in the index too: ask for enough to see past them.
+        wanted = room + len(self._active)
+        due = self.spool.scan_due(now, wanted)
+        self._backlog = len(due) >= wanted
+        for queue_id in due:
+            if room <= 0:
+                break
+            if queue_id in self._active:
+                continue
+            envelope = self.spool.envelope(queue_id)
+            if envelope is None or envelope.held or not self._try_activate(envelope, now):
+                continue
+            room -= 1
+
+    def _try_activate(self, envelope: Envelope, now: float) -> bool:
+        """Activate, or log why not: one bad message must not stop the rest. It stays in the
+        spool and is tried again at a later scan."""
+        try:
+            self._activate(envelope, now)
+            return True
+        except Exception as error:  # noqa: BLE001
+            queue_id = envelope.queue_id
+            self.maillog.line("qmgr", f"warning: {queue_id}: cannot activate: {error!r}")
+            self._active.pop(queue_id, None)
+            self._outstanding.pop(queue_id, None)
+            return False
+
+    def _activate(self, envelope: Envelope, now: float) -> None:
+        """Bring a message into the active queue and split its due recipients into jobs;
+        a recipient that cannot be routed bounces, one whose destination is dead defers."""
+        queue_id = envelope.queue_id
         self._active[queue_id] = envelope
         self.maillog.line("qmgr", f"{queue_id}: from=<{envelope.sender}>, size={envelope.size}, "
                                   f"nrcpt={len(envelope.recipients)} (queue active)")
         groups: dict[NextHop, list[str]] = {}
-        unroutable: list[RecipientResult] = []
+        immediate: list[RecipientResult] = []
         for recipient in envelope.recipients:
             if recipient.final or recipient.next_attempt > now:
                 continue
             try:
                 nexthop = nexthop_for(self._domain(recipient.address), self.config)
             except PermanentFailure as failure:
-                unroutable.append(RecipientResult(recipient.address, "bounced", failure.dsn,
-                                                  failure.text))
+                immediate.append(RecipientResult(recipient.address, "bounced", failure.dsn,
+                                                 failure.text))
+                continue
+            suspended = self.scheduler.suspended_reason(nexthop.destination, now)
+            if suspended is not None:
+                immediate.append(self._suspension(recipient.address, suspended))
                 continue
             groups.setdefault(nexthop, []).append(recipient.address)
-        if unroutable:
-            self._record(envelope, unroutable, "error", self._delays(envelope, now, now))
         jobs = [
             Job(queue_id, nexthop, chunk, activated=now)
             for nexthop, addresses in groups.items()
             for chunk in batches(addresses, self.config.default_destination_recipient_limit)
         ]
-        if not jobs:
-            self._active.pop(queue_id, None)
-            await self._persist(envelope)
-            return
-        self._outstanding[queue_id] = len(jobs)
+        self._outstanding[queue_id] = len(jobs) + 1  # +1: this activation itself
+        if immediate:
+            self._record(envelope, immediate, "qmgr", self._delays(envelope, now, now))
         for job in jobs:
-            self.scheduler.submit(job)
+            if not self.scheduler.submit(job, now):
+                self._defer_suspended(job, now)
+        self._job_done(envelope)
+
+    @staticmethod
+    def _suspension(address: str, reason: str) -> RecipientResult:
+        return RecipientResult(address, "deferred", "4.4.1",
+                               f"delivery temporarily suspended: {reason}")
+
+    def _defer_suspended(self, job: Job, now: float) -> None:
+        """A job for a dead destination: defer its recipients without an attempt."""
+        envelope = self._active[job.queue_id]
+        reason = self.scheduler.suspended_reason(job.destination, now) or "destination dead"
+        results = [self._suspension(r, reason) for r in job.recipients]
+        self._record(envelope, results, "qmgr", self._delays(envelope, job.activated, now))
+        self._job_done(envelope)
 
     def _domain(self, address: str) -> str:
         """The recipient's domain; a bare local part (``postmaster``) is local."""
@@ -143,33 +215,31 @@ class QueueManager:
     # -- one delivery ------------------------------------------------------------------------
 
     async def _deliver(self, job: Job) -> None:
-        queue_id = job.queue_id
-        envelope = self._active[queue_id]
+        envelope = self._active[job.queue_id]
         started = self.clock()
+        attempt: Attempt | None = None
         try:
-            outcome = await self._attempt(job, envelope)
+            attempt = await self._attempt(job, envelope)
         finally:
-            self.scheduler.finished(job)
-        delays = self._delays(envelope, job.activated, started, outcome)
-        self._record(envelope, outcome.results, job.nexthop.transport, delays)
-        remaining = self._outstanding[queue_id] - 1
-        try:
-            if remaining:
-                self._outstanding[queue_id] = remaining
-                await self.spool.update(envelope)
-            else:
-                del self._outstanding[queue_id]
-                self._active.pop(queue_id, None)
-                await self._persist(envelope)
-        except SpoolError as error:
-            # The spool keeps its older state: the message is retried, perhaps delivered twice.
-            self.maillog.line("qmgr", f"warning: {queue_id}: cannot update queue file: {error}")
-            if not remaining:
-                self.scheduler.wait(queue_id, self.clock() + self.config.minimal_backoff_time)
-        finally:
-            self._wake.set()
+            dropped = self.scheduler.finished(
+                job, self.clock(), site_failure=attempt.site_failure if attempt else None,
+                retry_after=self.config.minimal_backoff_time)
+        outcome = attempt.outcome
+        self._record(envelope, outcome.results, job.nexthop.transport,
+                     self._delays(envelope, job.activated, started, outcome))
+        for other in dropped:
+            self._defer_suspended(other, self.clock())
+        self._job_done(envelope)
 
-    async def _attempt(self, job: Job, envelope: Envelope) -> DeliveryOutcome:
+    def _job_done(self, envelope: Envelope) -> None:
+        """One of the message's jobs ended; after the last, settle the message."""
+        queue_id = envelope.queue_id
+        remaining = self._outstanding[queue_id] - 1
+        self._outstanding[queue_id] = remaining
+        if remaining == 0:
+            self._spawn(self._settle(envelope))
+
+    async def _attempt(self, job: Job, envelope: Envelope) -> Attempt:
         agent = self.agents.get(job.nexthop.transport)
         try:
             if agent is None:
@@ -183,21 +253,26 @@ class QueueManager:
                 nexthop=job.nexthop,
                 body_8bit=envelope.body_8bit,
             )
-            return await agent(request)
+            return Attempt(await agent(request))
         except (TransientFailure, PermanentFailure) as failure:
             status = "bounced" if isinstance(failure, PermanentFailure) else "deferred"
-            return DeliveryOutcome(results=[
+            outcome = DeliveryOutcome(results=[
                 RecipientResult(r, status, failure.dsn, failure.text, failure.relay)
                 for r in job.recipients
             ])
+            # A transient failure of the whole session is the destination's: negative feedback.
+            site = failure.text if isinstance(failure, TransientFailure) else None
+            return Attempt(outcome, site_failure=site)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 - an agent bug defers, never loses mail
             self.maillog.line("qmgr", f"warning: {job.queue_id}: delivery agent failed: {error!r}")
-            return DeliveryOutcome(results=[
+            return Attempt(DeliveryOutcome(results=[
                 RecipientResult(r, "deferred", "4.3.0", f"delivery agent failed: {error}")
                 for r in job.recipients
-            ])
+            ]))
+
+    # -- results -----------------------------------------------------------------------------
 
     def _delays(self, envelope: Envelope, activated: float, started: float,
                 outcome: DeliveryOutcome | None = None) -> str:
@@ -208,6 +283,12 @@ class QueueManager:
                  outcome.transfer_seconds if outcome else 0.0)
         return "/".join(format_delay(x) for x in parts)
 
+    def _lifetime(self, envelope: Envelope) -> float:
+        """maximal_queue_lifetime, or bounce_queue_lifetime for a null-sender message."""
+        if envelope.sender:
+            return self.config.maximal_queue_lifetime
+        return self.config.bounce_queue_lifetime
+
     def _record(self, envelope: Envelope, results: list[RecipientResult], service: str,
                 delays: str) -> None:
         """Apply each recipient's result to the envelope and log it in Postfix's words."""
@@ -217,31 +298,203 @@ class QueueManager:
             recipient = by_address.get(result.recipient)
             if recipient is None:
                 continue
-            status = result.status
+            status, shown = result.status, result.status
             recipient.attempts += 1
             recipient.dsn = result.dsn
             recipient.last_reply = result.reply
+            recipient.relay = result.relay
             if status == "deferred":
-                if now - envelope.arrival >= self.config.maximal_queue_lifetime:
-                    status = "bounced"  # expired: Postfix returns it to the sender
+                if now - envelope.arrival >= self._lifetime(envelope):
+                    status, shown = "bounced", "expired"
                 else:
                     recipient.next_attempt = now + backoff(
                         recipient.attempts, self.config.minimal_backoff_time,
                         self.config.maximal_backoff_time)
             recipient.status = status
+            if shown == "expired" and self._will_notify(envelope, recipient, "FAILURE"):
+                shown += ", returned to sender"
             self.maillog.line(
                 service,
                 f"{envelope.queue_id}: to=<{result.recipient}>, relay={result.relay}, "
                 f"delay={format_delay(now - envelope.arrival)}, delays={delays}, "
-                f"dsn={result.dsn}, status={status} ({result.reply})")
+                f"dsn={result.dsn}, status={shown} ({result.reply})")
 
-    async def _persist(self, envelope: Envelope) -> None:
-        """This round is over: remove the message when every recipient is final, else store
-        the new states and wait for the earliest retry."""
+    # -- settling a message: notices, then the spool ------------------------------------------
+
+    async def _settle(self, envelope: Envelope) -> None:
+        """Every job of this round ended: send the notices owed, then remove the message or
+        store its new state (it leaves the active queue either way)."""
         queue_id = envelope.queue_id
-        if envelope.unfinished:
+        try:
+            await self._send_notices(envelope)
+            if queue_id in self._doomed or not envelope.unfinished:
+                await self.spool.remove(queue_id)
+                self.maillog.line("qmgr", f"{queue_id}: removed")
+            else:
+                await self.spool.update(envelope)
+        except SpoolError as error:
+            # The spool keeps its older state: the message is retried, perhaps delivered twice.
+            self.maillog.line("qmgr", f"warning: {queue_id}: cannot update queue file: {error}")
+        finally:
+            self._outstanding.pop(queue_id, None)
+            self._active.pop(queue_id, None)
+            self._doomed.discard(queue_id)
+            self._wake.set()
+
+    def _will_notify(self, envelope: Envelope, recipient: Recipient, kind: str) -> bool:
+        return (self.cleanup is not None and self._notice_owed(envelope, recipient, kind)
+                and self._notice_recipient(envelope, kind)[0] is not None)
+
+    def _notice_owed(self, envelope: Envelope, recipient: Recipient, kind: str) -> bool:
+        """RFC 3461 NOTIFY: NEVER, or a list of SUCCESS / FAILURE / DELAY; not given means
+        FAILURE and DELAY. A null-sender message gets no notice (its failures are double
+        bounces, for the postmaster when notify_classes has 2bounce)."""
+        notify = {n.strip() for n in recipient.notify.upper().split(",") if n.strip()}
+        wanted = kind in notify if notify else kind in ("FAILURE", "DELAY")
+        return wanted and "NEVER" not in notify
+
+    async def _send_notices(self, envelope: Envelope) -> None:
+        if self.cleanup is None:
+            return
+        now = self.clock()
+        failed = [r for r in envelope.recipients if r.status == "bounced" and not r.notified]
+        delivered = [r for r in envelope.recipients if r.status == "sent" and not r.notified]
+        delayed = []
+        warn_after = self.config.delay_warning_time
+        if warn_after > 0 and now - envelope.arrival >= warn_after:
+            delayed = [r for r in envelope.recipients
+                       if r.status == "deferred" and not r.warned]
+        content = None
+        for kind, recipients, build, label in (
+                ("FAILURE", failed, bounce.failure_notice, "non-delivery"),
+                ("DELAY", delayed, bounce.delay_notice, "delay"),
+                ("SUCCESS", delivered, bounce.success_notice, "delivery status")):
+            for recipient in recipients:
+                if kind == "DELAY":
+                    recipient.warned = True
+                else:
+                    recipient.notified = True
+            owed = [r for r in recipients if self._notice_owed(envelope, r, kind)]
+            if not owed:
+                continue
+            to, who = self._notice_recipient(envelope, kind)
+            if to is None:
+                continue
+            if content is None:
+                content = self.spool.content(envelope.queue_id)
+            notice = await self.cleanup.inject("", [to], build(envelope, owed, content,
+                                                               self.config, now))
+            self.maillog.line("bounce", f"{envelope.queue_id}: {who} {label} notification: "
+                                        f"{notice.queue_id}")
+
+    def _notice_recipient(self, envelope: Envelope, kind: str) -> tuple[str | None, str]:
+        if envelope.sender:
+            return envelope.sender, "sender"
+        if kind == "FAILURE" and "2bounce" in self.config.notify_classes:
+            return self.config.double_bounce_notice_recipient, "postmaster"
+        return None, ""
+
+    # -- queue operations (tern queue …): work running or not --------------------------------
+
+    def _select(self, queue_ids: list[str] | None) -> list[Envelope]:
+        """The named messages (in the active queue or the spool), or every one for None."""
+        if queue_ids is None:
+            stored = {e.queue_id: e for e in self.spool.envelopes()}
+            stored.update(self._active)
+            return list(stored.values())
+        found = []
+        for queue_id in queue_ids:
+            envelope = self._active.get(queue_id) or self.spool.envelope(queue_id)
+            if envelope is not None:
+                found.append(envelope)
+        return found
+
+    async def _store(self, envelope: Envelope) -> None:
+        """Write an operator's change, unless the message is active (its settle writes it)."""
+        if envelope.queue_id not in self._active:
             await self.spool.update(envelope)
-            self.scheduler.wait(queue_id, envelope.next_due)
-        else:
-            await self.spool.remove(queue_id)
-            self.maillog.line("qmgr", f"{queue_id}: removed")
+
+    async def hold(self, queue_ids: list[str] | None) -> list[str]:
+        """postsuper -h: keep the messages out of delivery until released."""
+        done = []
+        for envelope in self._select(queue_ids):
+            if envelope.held:
+                continue
+            envelope.held = True
+            await self._store(envelope)
+            self.maillog.line("postsuper", f"{envelope.queue_id}: placed on hold")
+            done.append(envelope.queue_id)
+        return done
+
+    async def release(self, queue_ids: list[str] | None) -> list[str]:
+        """postsuper -H: back into the queue, due now."""
+        done = []
+        now = self.clock()
+        for envelope in self._select(queue_ids):
+            if not envelope.held:
+                continue
+            envelope.held = False
+            self._due_now(envelope, now)
+            await self._store(envelope)
+            self.maillog.line("postsuper", f"{envelope.queue_id}: released from hold")
+            done.append(envelope.queue_id)
+        self._rescan()
+        return done
+
+    async def delete(self, queue_ids: list[str] | None, *,
+                     deferred_only: bool = False) -> list[str]:
+        """postsuper -d: remove the messages (an active one when its attempt ends)."""
+        done = []
+        for envelope in self._select(queue_ids):
+            if deferred_only and not any(r.status == "deferred" for r in envelope.recipients):
+                continue
+            queue_id = envelope.queue_id
+            if queue_id in self._active:
+                self._doomed.add(queue_id)
+            else:
+                await self.spool.remove(queue_id)
+                self.maillog.line("postsuper", f"{queue_id}: removed")
+            done.append(queue_id)
+        return done
+
+    async def requeue(self, queue_ids: list[str] | None) -> list[str]:
+        """postsuper -r: every unfinished recipient is due again now."""
+        done = []
+        now = self.clock()
+        for envelope in self._select(queue_ids):
+            if not envelope.unfinished:
+                continue
+            self._due_now(envelope, now)
+            await self._store(envelope)
+            self.maillog.line("postsuper", f"{envelope.queue_id}: requeued")
+            done.append(envelope.queue_id)
+        self._rescan()
+        return done
+
+    async def flush(self, domain: str | None = None) -> list[str]:
+        """postqueue -f (every deferred message) or -s DOMAIN (those with a deferred
+        recipient in DOMAIN): due now."""
+        done = []
+        now = self.clock()
+        for envelope in self._select(None):
+            if envelope.held or envelope.queue_id in self._active:
+                continue
+            wanted = [r for r in envelope.recipients if r.status == "deferred"
+                      and (domain is None or domain_of(r.address) == domain.lower())]
+            if not wanted:
+                continue
+            for recipient in wanted:
+                recipient.next_attempt = now
+            await self.spool.update(envelope)
+            done.append(envelope.queue_id)
+        self._rescan()
+        return done
+
+    @staticmethod
+    def _due_now(envelope: Envelope, now: float) -> None:
+        for recipient in envelope.unfinished:
+            recipient.next_attempt = now
+
+    def _rescan(self) -> None:
+        self._scan_wanted = True
+        self._wake.set()

@@ -1,13 +1,15 @@
-"""The queue manager's decisions as pure logic: what is due, what may start, when to retry.
+"""The queue manager's per-destination decisions as pure logic: what may start, and when.
 
-No I/O and no clock: callers pass ``now``. Messages wait in a due-time heap; due work becomes
-jobs (one message, one next hop, at most ``recipient_limit`` recipients) in per-destination
-FIFOs, started round robin across destinations within each destination's concurrency limit.
+No I/O and no clock: callers pass ``now``. Due work becomes jobs (one message, one next hop, at
+most ``recipient_limit`` recipients) in per-destination FIFOs, started round robin across
+destinations. Each destination has Postfix's concurrency window: it starts at the initial
+concurrency, grows with each success up to the limit, shrinks with each site failure; a
+destination whose whole first cohort(s) failed is dead (suspended) until its backoff ends.
+``rate_delay`` spaces deliveries to one destination (and then allows one at a time).
 """
 
-import heapq
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.delivery import NextHop
 
@@ -41,69 +43,128 @@ def batches(recipients: list[str], limit: int) -> list[list[str]]:
     return [recipients[i : i + limit] for i in range(0, len(recipients), limit)]
 
 
+@dataclass(eq=False)
+class Destination:
+    """One transport + next hop: its queue of jobs and its feedback state."""
+
+    name: str
+    window: float  # current concurrency limit (slow start), fractional between changes
+    queue: deque = field(default_factory=deque)
+    active: int = 0
+    failures: int = 0  # site failures since the last success
+    dead_until: float = 0.0
+    next_start: float = 0.0  # rate delay: the earliest time the next delivery may start
+    last_failure: str = ""  # the reason a dead destination gives its deferred jobs
+
+
 class Scheduler:
-    def __init__(self, concurrency_limit: int = 20) -> None:
-        self.concurrency_limit = concurrency_limit
-        self._waiting: list[tuple[float, int, str]] = []  # (due, sequence, queue_id)
-        self._sequence = 0
-        self._queues: dict[str, deque[Job]] = {}
+    def __init__(self, concurrency_limit: int = 20, *, initial_concurrency: int = 5,
+                 failed_cohort_limit: int = 1, rate_delay: float = 0.0) -> None:
+        self.concurrency_limit = max(1, concurrency_limit)
+        self.initial_concurrency = max(1, min(initial_concurrency, self.concurrency_limit))
+        self.failed_cohort_limit = max(1, failed_cohort_limit)
+        self.rate_delay = rate_delay
+        self._destinations: dict[str, Destination] = {}
         self._round: deque[str] = deque()  # destinations with queued jobs, in turn order
-        self._active: dict[str, int] = {}
 
-    # -- messages waiting for their time -----------------------------------------------------
+    def _destination(self, name: str) -> Destination:
+        found = self._destinations.get(name)
+        if found is None:
+            found = self._destinations[name] = Destination(name, float(self.initial_concurrency))
+        return found
 
-    def wait(self, queue_id: str, due: float) -> None:
-        self._sequence += 1
-        heapq.heappush(self._waiting, (due, self._sequence, queue_id))
+    # -- jobs --------------------------------------------------------------------------------
 
-    def due(self, now: float) -> list[str]:
-        """Queue IDs whose time has come, earliest first (each returned once)."""
-        ready = []
-        while self._waiting and self._waiting[0][0] <= now:
-            ready.append(heapq.heappop(self._waiting)[2])
-        return ready
+    def submit(self, job: Job, now: float) -> bool:
+        """Queue a job; False (not queued) when its destination is dead: defer it."""
+        destination = self._destination(job.destination)
+        if destination.dead_until > now:
+            return False
+        if not destination.queue:
+            self._round.append(destination.name)
+        destination.queue.append(job)
+        return True
 
-    def next_wakeup(self) -> float | None:
-        return self._waiting[0][0] if self._waiting else None
-
-    # -- jobs and per-destination concurrency ------------------------------------------------
-
-    def submit(self, job: Job) -> None:
-        queue = self._queues.get(job.destination)
-        if queue is None:
-            queue = self._queues[job.destination] = deque()
-            self._round.append(job.destination)
-        queue.append(job)
-
-    def startable(self) -> list[Job]:
-        """Jobs that may start now: one per destination per turn, round robin, each
-        destination held to its concurrency limit."""
+    def startable(self, now: float) -> list[Job]:
+        """Jobs that may start now: one per destination per turn, round robin, each destination
+        held to its window (and to one at a time, spaced, under a rate delay)."""
         started = []
         progressed = True
         while progressed and self._round:
             progressed = False
             for _ in range(len(self._round)):
-                destination = self._round[0]
-                queue = self._queues[destination]
-                if self._active.get(destination, 0) >= self.concurrency_limit:
+                destination = self._destinations[self._round[0]]
+                if not self._may_start(destination, now):
                     self._round.rotate(-1)
                     continue
-                started.append(queue.popleft())
-                self._active[destination] = self._active.get(destination, 0) + 1
+                started.append(destination.queue.popleft())
+                destination.active += 1
+                if self.rate_delay > 0:
+                    destination.next_start = now + self.rate_delay
                 progressed = True
-                if queue:
+                if destination.queue:
                     self._round.rotate(-1)
                 else:
                     self._round.popleft()
-                    del self._queues[destination]
         return started
 
-    def finished(self, job: Job) -> None:
-        remaining = self._active[job.destination] - 1
-        if remaining:
-            self._active[job.destination] = remaining
-        else:
-            del self._active[job.destination]
+    def _may_start(self, destination: Destination, now: float) -> bool:
+        if self.rate_delay > 0:
+            return destination.active == 0 and destination.next_start <= now
+        return destination.active < int(destination.window)
 
-    def active(self, destination: str) -> int:
-        return self._active.get(destination, 0)
+    def finished(self, job: Job, now: float, *, site_failure: str | None = None,
+                 retry_after: float = 0.0) -> list[Job]:
+        """A job ended. ``site_failure`` (the reason) when the destination itself failed
+        (connection, greeting): negative feedback. Returns the queued jobs to defer when this
+        failure made the destination dead (suspended for ``retry_after`` seconds)."""
+        destination = self._destinations[job.destination]
+        destination.active -= 1
+        if site_failure is None:
+            destination.failures = 0
+            destination.window = min(float(self.concurrency_limit),
+                                     destination.window + 1.0 / destination.window)
+            self._forget_if_idle(destination)
+            return []
+        destination.failures += 1
+        destination.last_failure = site_failure
+        destination.window = max(1.0, destination.window - 1.0 / destination.window)
+        cohort = max(1, int(destination.window))
+        if destination.failures < cohort * self.failed_cohort_limit:
+            return []
+        destination.dead_until = now + retry_after
+        destination.failures = 0
+        destination.window = float(self.initial_concurrency)
+        dropped = list(destination.queue)
+        destination.queue.clear()
+        if destination.name in self._round:
+            self._round.remove(destination.name)
+        return dropped
+
+    def _forget_if_idle(self, destination: Destination) -> None:
+        """Keep memory bounded by live destinations: drop state nobody needs."""
+        if (not destination.queue and not destination.active and not destination.failures
+                and destination.window >= self.initial_concurrency):
+            del self._destinations[destination.name]
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def suspended_reason(self, name: str, now: float) -> str | None:
+        destination = self._destinations.get(name)
+        if destination is None or destination.dead_until <= now:
+            return None
+        return destination.last_failure
+
+    def active(self, name: str) -> int:
+        destination = self._destinations.get(name)
+        return destination.active if destination else 0
+
+    def window(self, name: str) -> float:
+        destination = self._destinations.get(name)
+        return destination.window if destination else float(self.initial_concurrency)
+
+    def next_wakeup(self, now: float) -> float | None:
+        """The earliest moment a rate-delayed destination with queued work may start again."""
+        times = [self._destinations[name].next_start for name in self._round
+                 if self._destinations[name].next_start > now]
+        return min(times) if times else None

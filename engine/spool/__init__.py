@@ -34,6 +34,7 @@ class Recipient:
     notify: str = ""
     orcpt: str = ""
     warned: bool = False  # a delay warning went out for this recipient
+    notified: bool = False  # its final notice (bounce / success), if owed, went out
 
     @property
     def final(self) -> bool:
@@ -71,6 +72,11 @@ class Envelope:
         return [r for r in self.recipients if not r.final]
 
     @property
+    def index_due(self) -> float | None:
+        """The due-index key: None (not indexed) when held or when nothing is left to do."""
+        return None if self.held else self.next_due
+
+    @property
     def next_due(self) -> float | None:
         """When this message has work again: the earliest unfinished recipient's attempt time."""
         times = [r.next_attempt for r in self.recipients if not r.final]
@@ -98,8 +104,13 @@ class Spool(Protocol):
     async def remove(self, queue_id: str) -> None:
         """Delete envelope and content (every recipient is final)."""
 
+    def scan_due(self, until: float, limit: int) -> list[str]:
+        """At most ``limit`` queue IDs from the due index, earliest first, due at or before
+        ``until``. The index holds every message not on hold, keyed by Envelope.next_due, and
+        follows each write: the queue manager's schedule lives here, not in memory."""
+
     def envelopes(self) -> list[Envelope]:
-        """Every queued envelope (start-up rebuilds the schedule from these; `tern queue`)."""
+        """Every queued envelope (`tern queue`)."""
 
     def envelope(self, queue_id: str) -> Envelope | None:
         """One envelope, or None."""

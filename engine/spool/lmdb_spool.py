@@ -11,12 +11,16 @@ updates and removals of the same batch are committed, with some headroom above t
 need it: queued mail can always be finished, and freeing it makes room for new mail again.
 
 Layout: one environment per shard directory, two databases keyed by queue ID:
-``content`` (the message bytes as queued) and ``envelope`` (Envelope.encode()).
+``content`` (the message bytes as queued) and ``envelope`` (Envelope.encode()); and the due
+index the queue manager schedules from, kept in the same transactions as the envelopes:
+``schedule`` (8-byte big-endian due time in microseconds + queue ID → empty), and ``due``
+(queue ID → its current 8-byte due time, to find and replace its schedule key).
 """
 
 import asyncio
 import errno
 import os
+import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,6 +50,11 @@ def open_environment(path: Path, *, map_size: int, readonly: bool = False) -> lm
     )
 
 
+def _due_key(when: float) -> bytes:
+    """A due time as an 8-byte big-endian count of microseconds: byte order is time order."""
+    return struct.pack(">Q", max(0, int(when * 1_000_000)))
+
+
 def _free_bytes(path: Path) -> int:
     try:
         fs = os.statvfs(path)
@@ -65,7 +74,7 @@ def _no_room(error: Exception, path: Path, ops: list[tuple]) -> str | None:
     if code == errno.EIO:
         # LMDB reports a short write as EIO: the file system ran out of space midway.
         needed = sum(len(envelope or b"") + sum(map(len, content or ()))
-                     for _, _, content, envelope in ops)
+                     for _, _, content, envelope, _ in ops)
         if 0 <= _free_bytes(path) < needed + _DISK_FULL_MARGIN:
             return "no space left on the spool file system"
     return None
@@ -90,6 +99,8 @@ class LmdbSpool:
         create = not readonly
         self._content_db = self._env.open_db(b"content", create=create)
         self._envelope_db = self._env.open_db(b"envelope", create=create)
+        self._schedule_db = self._env.open_db(b"schedule", create=create)
+        self._due_db = self._env.open_db(b"due", create=create)
         self._window = commit_window
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-writer")
         self._batch: list[tuple[tuple, asyncio.Future]] = []
@@ -102,14 +113,16 @@ class LmdbSpool:
 
     async def enqueue(self, message: QueuedMessage) -> None:
         envelope = message.envelope
-        await self._submit((_PUT, envelope.queue_id.encode(), message.content, envelope.encode()))
+        await self._submit((_PUT, envelope.queue_id.encode(), message.content, envelope.encode(),
+                            envelope.index_due))
 
     async def update(self, envelope: Envelope) -> None:
         # Encoded now, on the loop thread: the envelope may change while the batch waits.
-        await self._submit((_UPDATE, envelope.queue_id.encode(), None, envelope.encode()))
+        await self._submit((_UPDATE, envelope.queue_id.encode(), None, envelope.encode(),
+                            envelope.index_due))
 
     async def remove(self, queue_id: str) -> None:
-        await self._submit((_REMOVE, queue_id.encode(), None, None))
+        await self._submit((_REMOVE, queue_id.encode(), None, None, None))
 
     def _submit(self, op: tuple) -> asyncio.Future:
         loop = asyncio.get_running_loop()
@@ -206,10 +219,11 @@ class LmdbSpool:
         refused: dict[int, SpoolError] = {}
         with self._env.begin(write=True) as txn:
             for op in ops:
-                kind, key, content, envelope = op
+                kind, key, content, envelope, due = op
                 if kind == _REMOVE:
                     txn.delete(key, db=self._content_db)
                     txn.delete(key, db=self._envelope_db)
+                    self._unschedule(txn, key)
                     continue
                 if kind == _PUT:
                     # Never replace a queued message (a queue ID reused after a clock step).
@@ -218,6 +232,12 @@ class LmdbSpool:
                         continue
                     new_messages += 1
                 txn.put(key, envelope, db=self._envelope_db)
+                if kind == _UPDATE:
+                    self._unschedule(txn, key)
+                if due is not None:
+                    when = _due_key(due)
+                    txn.put(when + key, b"", db=self._schedule_db)
+                    txn.put(key, when, db=self._due_db)
         self.commits += 1
         self.messages_committed += new_messages
         return refused
@@ -265,11 +285,26 @@ class LmdbSpool:
                 with self._env.begin(db=db) as txn:
                     return read(txn)
 
+    def _unschedule(self, txn, key: bytes) -> None:
+        when = txn.get(key, db=self._due_db)
+        if when is not None:
+            txn.delete(when + key, db=self._schedule_db)
+            txn.delete(key, db=self._due_db)
+
     def scan_due(self, until: float, limit: int) -> list[str]:
-        """INTERIM (a full scan, O(queue)): replaced by the due-index database next."""
-        due = sorted((e.index_due, e.queue_id) for e in self.envelopes()
-                     if e.index_due is not None and e.index_due <= until)
-        return [queue_id for _, queue_id in due[:limit]]
+        """Due-index order is key order: read from the start, stop past ``until`` or at
+        ``limit``. O(limit), whatever the queue size."""
+        bound = _due_key(until)
+
+        def read(txn) -> list[str]:
+            found: list[str] = []
+            for key in txn.cursor().iternext(keys=True, values=False):
+                if key[:8] > bound or len(found) >= limit:
+                    break
+                found.append(key[8:].decode())
+            return found
+
+        return self._read(self._schedule_db, read)
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)

@@ -26,6 +26,14 @@ class MemorySpool:
     async def drain(self) -> None:
         return None
 
+    def scan_due(self, until: float, limit: int) -> list[str]:
+        due = []
+        for envelope in self.envelopes():
+            when = envelope.next_due
+            if not envelope.held and when is not None and when <= until:
+                due.append((when, envelope.queue_id))
+        return [queue_id for _, queue_id in sorted(due)[:limit]]
+
     def envelopes(self) -> list[Envelope]:
         return [Envelope.decode(raw) for raw in self._envelopes.values()]
 
