@@ -102,7 +102,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
     for session in list(context.sessions):
         session.close_with(replies.SHUTTING_DOWN)
     await spool.drain()
-    await qmgr.stop()
+    await qmgr.stop(grace=SHUTDOWN_GRACE)
     await control.close()  # after qmgr: until here `tern queue` ops go through this server
     await spool.drain()
     spool.close()

@@ -527,3 +527,24 @@ def test_queue_operations_hold_release_delete_requeue_flush():
     assert left == []
     for line in ("Q1: placed on hold", "Q1: released from hold", "Q2: requeued", "Q3: removed"):
         assert line in log
+
+
+def test_stop_lets_deliveries_in_flight_finish_and_record_their_results():
+    async def scenario():
+        spool = MemorySpool()
+
+        async def agent(request):
+            await asyncio.sleep(0.2)
+            return sent(request)
+
+        qmgr, log = manager(spool, agent)
+        await qmgr.start()
+        env = envelope("Q1")
+        await enqueue(spool, env)
+        qmgr.notify_new(env)
+        await asyncio.sleep(0.05)  # the delivery is in flight
+        await qmgr.stop(grace=5.0)
+        return spool.envelopes(), log.getvalue()
+
+    left, log = asyncio.run(scenario())
+    assert left == [] and "Q1: removed" in log

@@ -74,10 +74,19 @@ class QueueManager:
         """Run: the first scan of the due index picks up whatever the spool holds."""
         self._runner = asyncio.get_running_loop().create_task(self._run())
 
-    async def stop(self) -> None:
-        """Stop scheduling and cancel deliveries in flight; their recipients stay queued."""
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop scheduling; give deliveries in flight ``grace`` seconds to finish and record
+        their results, then cancel the rest (their recipients stay queued as they were)."""
         if self._runner is not None:
             self._runner.cancel()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while True:  # a finished delivery spawns its settle task: wait for those too
+            pending = [task for task in self._tasks if not task.done()]
+            remaining = deadline - loop.time()
+            if not pending or remaining <= 0:
+                break
+            await asyncio.wait(pending, timeout=remaining)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
