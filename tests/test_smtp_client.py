@@ -15,6 +15,7 @@ from engine.smtp.client import (
     RemoteProtocolError,
     Reply,
     ReplyBuffer,
+    ReuseFailed,
     Send,
     SessionFailed,
     Stage,
@@ -497,22 +498,119 @@ def next_io(client):
             return writes, events
         else:
             events.append(event)
-            if isinstance(event, Ready | TransactionDone):
+            if isinstance(event, Ready | TransactionDone | ReuseFailed):
                 return writes, events
 
 
-def test_second_transaction_after_clean_one_starts_with_mail():
-    client = Client("client.example", peer=PEER)
-    client.receive_data(GREETING + EHLO_PLAIN)
+ONE = Envelope("s@x.test", ["a@y.test"], CONTENT)
+
+
+def after_one_transaction(ehlo=EHLO_PIPELINING):
+    """A client whose first transaction went through, ready for the next (a reused session)."""
+    client = Client("client.example", peer=PEER, relay=RELAY)
+    client.receive_data(GREETING + ehlo)
     next_io(client)
-    one = Envelope("s@x.test", ["a@y.test"], CONTENT)
-    client.start_transaction(one)
+    client.start_transaction(ONE)
     client.receive_data(b"250 Ok\r\n250 Ok\r\n354 go\r\n" + QUEUED)
-    writes, events = next_io(client)
+    _, events = next_io(client)
     assert isinstance(events[-1], TransactionDone)
-    client.start_transaction(one)
-    writes, _ = next_io(client)
-    assert writes == [b"MAIL FROM:<s@x.test>\r\n"]
+    assert client.transactions == 1
+    return client
+
+
+def second_transaction(replies, *, timeout_at=None, ehlo=EHLO_PIPELINING):
+    """Run a second transaction of ONE against ``replies`` (chunks; exhausted = EOF), quitting
+    after TransactionDone. Returns (the writes, the non-I/O events, the client)."""
+    client = after_one_transaction(ehlo)
+    client.start_transaction(ONE)
+    chunks = iter(replies)
+    writes, events = [], []
+    while True:
+        match client.next_event():
+            case Send(data=data):
+                writes.append(data)
+            case NeedData(stage=stage) if stage == timeout_at:
+                client.timed_out()
+            case NeedData():
+                client.receive_data(next(chunks, b""))
+            case TransactionDone() as event:
+                events.append(event)
+                client.quit()
+            case Closed():
+                return writes, events, client
+            case event:
+                events.append(event)
+
+
+def test_second_transaction_after_clean_one_starts_with_rset():
+    writes, events, client = second_transaction(
+        [b"250 2.0.0 Ok\r\n", b"250 Ok\r\n250 Ok\r\n354 go\r\n", QUEUED, BYE],
+        ehlo=EHLO_PLAIN,
+    )
+    assert writes[:3] == [b"RSET\r\n", b"MAIL FROM:<s@x.test>\r\n", b"RCPT TO:<a@y.test>\r\n"]
+    assert writes[-1] == b"QUIT\r\n"
+    assert results_of(events) == [("a@y.test", "sent", "2.0.0", QUEUED.decode().strip())]
+    assert client.transactions == 2
+
+
+@pytest.mark.parametrize(
+    ("replies", "timeout_at", "text", "quits"),
+    [
+        ([], None, f"lost connection with {PEER} while sending RSET", False),
+        ([], Stage.RSET, f"conversation with {PEER} timed out while sending RSET", False),
+        (
+            [b"421 4.4.2 mx.test Error: timeout exceeded\r\n"],
+            None,
+            f"host {PEER} said: 421 4.4.2 mx.test Error: timeout exceeded"
+            " (in reply to RSET command)",
+            False,
+        ),
+        (
+            [b"500 5.3.0 Error: command failed\r\n", BYE],
+            None,
+            f"host {PEER} said: 500 5.3.0 Error: command failed (in reply to RSET command)",
+            True,
+        ),
+        (
+            [b"250 2.0.0 Ok\r\n"],
+            None,
+            f"lost connection with {PEER} while sending MAIL FROM",
+            False,
+        ),
+        (
+            [b"250 2.0.0 Ok\r\n", b"421 4.7.0 mx.test Error: too many messages\r\n"],
+            None,
+            f"host {PEER} said: 421 4.7.0 mx.test Error: too many messages"
+            " (in reply to MAIL FROM command)",
+            False,
+        ),
+    ],
+    ids=["eof-rset", "timeout-rset", "421-rset", "5xx-rset", "eof-mail", "421-mail"],
+)
+def test_reused_session_dead_before_mail_reply_is_reuse_failed(replies, timeout_at, text, quits):
+    """Nothing was delivered: no per-recipient results, the adapter uses a new connection."""
+    writes, events, client = second_transaction(replies, timeout_at=timeout_at)
+    assert events == [ReuseFailed(text)]
+    assert writes[0] == b"RSET\r\n"
+    assert (writes[-1] == b"QUIT\r\n") is quits
+    assert client.phase.value == "closed"
+
+
+def test_reused_session_lost_after_mail_reply_defers_as_a_result():
+    writes, events, _ = second_transaction([b"250 2.0.0 Ok\r\n", b"250 2.1.0 Ok\r\n"])
+    assert [r[1:3] for r in results_of(events)] == [("deferred", "4.4.2")]
+
+
+def test_reused_session_mail_rejected_is_a_result():
+    replies = b"550 5.7.1 sender rejected\r\n554 5.5.1 no valid recipients\r\n"
+    _, events, _ = second_transaction([b"250 2.0.0 Ok\r\n", replies, BYE])
+    assert [r[1:3] for r in results_of(events)] == [("bounced", "5.7.1")]
+
+
+def test_first_transaction_lost_before_mail_reply_defers_as_a_result():
+    _, events, client = converse([GREETING, EHLO_PIPELINING], ONE)
+    assert [r[1:3] for r in results_of(events)] == [("deferred", "4.4.2")]
+    assert client.transactions == 1
 
 
 def test_second_transaction_after_failed_one_starts_with_rset():

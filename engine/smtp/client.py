@@ -14,6 +14,11 @@ whose reply is awaited) and the few methods it names. The adapter's loop::
         Ready(...)             -> client.start_transaction(envelope)   (or client.quit())
         TransactionDone(...)   -> per-recipient results; client.quit() (or another transaction)
         SessionFailed(...)     -> the session never got ready: try the next server
+        ReuseFailed(...)       -> a reused session was dead: send the envelope on a new one
+
+Every transaction after a connection's first starts with RSET, which also tells whether a cached
+session still works (Postfix's RSET probe): a reused session that fails before the server
+answered MAIL FROM has delivered nothing, and says so with ReuseFailed instead of results.
 """
 
 from __future__ import annotations
@@ -190,6 +195,15 @@ class SessionFailed:
 
 
 @dataclass(frozen=True)
+class ReuseFailed:
+    """A transaction on a reused session ended before the server answered MAIL FROM: RSET was
+    refused, or the connection was lost, timed out or got 421. Nothing was delivered and the
+    session is over; the envelope goes on a new connection (not a failed delivery attempt)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class TransactionDone:
     """The transaction ended: one result per recipient, in envelope order."""
 
@@ -201,7 +215,7 @@ class Closed:
     """The connection is finished; close the socket."""
 
 
-Event = Send | NeedData | Ready | SessionFailed | TransactionDone | Closed
+Event = Send | NeedData | Ready | SessionFailed | ReuseFailed | TransactionDone | Closed
 
 
 class Phase(Enum):
@@ -239,13 +253,13 @@ class Client:
         self.use_pipelining = pipelining
         self.esmtp = False
         self.extensions: dict[str, str] = {}
+        self.transactions = 0  # started on this connection (Postfix's conn_use)
         self.phase = Phase.SESSION
         self._replies = ReplyBuffer(max_reply_size)
         self._eof = False
         self._events: deque[Event] = deque()
         self._expect: deque[Stage] = deque([Stage.GREETING])  # replies owed, in order
         self._stage = Stage.GREETING  # of the last Send/NeedData, for timeout texts
-        self._dirty = False  # the server holds a transaction that needs RSET
         self._new_transaction(None)
 
     # ---- the adapter's side ----
@@ -306,6 +320,7 @@ class Client:
             _check_path(rcpt)
         self.phase = Phase.TRANSACTION
         self._new_transaction(envelope)
+        self.transactions += 1
         limit = self.size_limit
         if limit and len(envelope.content) > limit:  # RFC 1870 §6
             text = (
@@ -317,7 +332,7 @@ class Client:
                 for r in envelope.recipients
             ]
             self._finish_transaction()
-        elif self._dirty:
+        elif self.transactions > 1:  # clean up after the last one, and see the session lives
             self._send(b"RSET\r\n", Stage.RSET)
         else:
             self._send_mail()
@@ -360,21 +375,18 @@ class Client:
 
     def _on_rset(self, reply: Reply, stage: Stage) -> None:
         if reply.ok:
-            self._dirty = False
             self._send_mail()
             return
-        text = self._said(reply, stage)
-        self._results = [
-            RecipientResult(r, "deferred", "4" + reply.dsn[1:], text, self.relay)
-            for r in self._env.recipients
-        ]
-        self._finish_transaction()
+        # Postfix's SMTP_FEATURE_RSET_REJECTED: a session that refuses RSET is not reused.
+        self._events.append(ReuseFailed(self._said(reply, stage)))
+        self.phase = Phase.READY
+        self._new_transaction(None)
         self.quit()
 
     def _on_mail(self, reply: Reply, stage: Stage) -> None:
+        self._mail_replied = True
         if reply.ok:
             self._mail_ok = True
-            self._dirty = True
             if not self._pipelined:
                 self._send_rcpt()
             return
@@ -413,7 +425,6 @@ class Client:
         self._finish_transaction()
 
     def _on_dot(self, reply: Reply, stage: Stage) -> None:
-        self._dirty = False
         if not self._discard_dot:
             for index in self._accepted:
                 if reply.ok:
@@ -451,6 +462,7 @@ class Client:
         count = len(envelope.recipients) if envelope else 0
         self._results: list[RecipientResult | None] = [None] * count
         self._accepted: list[int] = []
+        self._mail_replied = False
         self._mail_ok = False
         self._pipelined = False
         self._rcpt_sent = 0
@@ -519,6 +531,8 @@ class Client:
                 else (f"host {self.peer} refused to talk to me: {reply.flat}")
             )
             self._events.append(SessionFailed(reply.dsn, text, reply))
+        elif self._reuse_failed():
+            self._events.append(ReuseFailed(self._said(reply, stage)))
         elif self.phase is Phase.TRANSACTION:
             for index, result in enumerate(self._results):
                 if result is None:
@@ -530,6 +544,8 @@ class Client:
         """Lost connection, timeout or garbage: every open outcome is deferred (dsn 4.4.2)."""
         if self.phase is Phase.SESSION:
             self._events.append(SessionFailed("4.4.2", text))
+        elif self._reuse_failed():
+            self._events.append(ReuseFailed(text))
         elif self.phase is Phase.TRANSACTION:
             for index, result in enumerate(self._results):
                 if result is None:
@@ -538,6 +554,11 @@ class Client:
                     )
             self._finish_transaction()
         self._close()
+
+    def _reuse_failed(self) -> bool:
+        """Whether the session ends inside a reused session's transaction before the server
+        answered MAIL FROM (nothing of it was delivered)."""
+        return self.phase is Phase.TRANSACTION and self.transactions > 1 and not self._mail_replied
 
     def _close(self) -> None:
         self.phase = Phase.CLOSED
