@@ -75,3 +75,4 @@ class DeliveryOutcome:
     results: list[RecipientResult]
     connect_seconds: float = 0.0  # c: DNS, connect, greeting, EHLO (and TLS later)
     transfer_seconds: float = 0.0  # d: MAIL … end of DATA
+    conn_use: int = 1  # the connection's Nth transaction; Postfix logs conn_use=N when N > 1

@@ -1,12 +1,13 @@
 """SMTP delivery agent: the asyncio adapter that runs engine.smtp.client over TCP.
 
 Resolves the next hop, tries its addresses in order until one takes the transaction, and returns
-one result per recipient. Thin on purpose: every protocol decision is in the sans-I/O client.
+one result per recipient. With a ConnectionCache it first tries an idle session to the same
+destination, and gives the session back after the transaction instead of QUIT. Thin on purpose:
+every protocol decision is in the sans-I/O client.
 Trusts the request (from the spool) and the configuration; nothing from the network.
 """
 
 import asyncio
-import contextlib
 import os
 import time
 
@@ -15,15 +16,20 @@ from engine.delivery import (
     DeliveryError,
     DeliveryOutcome,
     DeliveryRequest,
+    NextHop,
     TransientFailure,
 )
+from engine.delivery.connections import Connection, ConnectionCache
 from engine.dns import Resolver
 from engine.smtp.client import (
     Client,
     Closed,
     Envelope,
+    Event,
     NeedData,
+    Phase,
     Ready,
+    ReuseFailed,
     Send,
     SessionFailed,
     Stage,
@@ -47,13 +53,27 @@ STAGE_TIMEOUTS = {
 }
 
 
-async def deliver(request: DeliveryRequest, config: Config, resolver: Resolver) -> DeliveryOutcome:
+async def deliver(
+    request: DeliveryRequest,
+    config: Config,
+    resolver: Resolver,
+    connections: ConnectionCache | None = None,
+) -> DeliveryOutcome:
     """Deliver ``request`` to its next hop. Raises DeliveryError when no server took the
-    transaction (DNS failure, every address refused or failed before MAIL FROM)."""
+    transaction (DNS failure, every address refused or failed before MAIL FROM). With
+    ``connections``, a cached session to the destination goes first (a dead one is dropped and
+    counts as no attempt), and a session that may be reused goes back there afterwards."""
     started = time.monotonic()
     if not request.recipients:
         return DeliveryOutcome([])
     hop = request.nexthop
+    envelope = Envelope(request.sender, request.recipients, request.content, request.body_8bit)
+    if connections is not None:
+        while (cached := connections.take(hop.destination)) is not None:
+            try:
+                return await _transact(cached, envelope, config, started, connections, hop)
+            except _DeadSession:
+                continue  # nothing was sent: try the next cached one, then a new connection
     hosts = await resolver.mx_hosts(hop.host) if hop.mx_lookup else [hop.host]
     failures: list[DeliveryError] = []
     for host in hosts:
@@ -64,10 +84,15 @@ async def deliver(request: DeliveryRequest, config: Config, resolver: Resolver) 
             continue
         for address in addresses:
             try:
-                return await _attempt(request, config, host, address, started)
+                connection = await _connect(config, host, address, hop.port)
+                return await _transact(connection, envelope, config, started, connections, hop)
             except DeliveryError as exc:
                 failures.append(exc)
     raise _no_server_took_it(failures, hop.host)
+
+
+class _DeadSession(TransientFailure):
+    """A cached session failed before the server answered MAIL FROM (ReuseFailed)."""
 
 
 def _no_server_took_it(failures: list[DeliveryError], destination: str) -> DeliveryError:
@@ -86,12 +111,8 @@ def _no_server_took_it(failures: list[DeliveryError], destination: str) -> Deliv
     return TransientFailure("4" + reason.dsn[1:], reason.text, reason.relay)
 
 
-async def _attempt(
-    request: DeliveryRequest, config: Config, host: str, address: str, started: float
-) -> DeliveryOutcome:
-    """One connection to ``address``. Raises TransientFailure when the session never got to
-    a transaction (so the caller tries the next address)."""
-    port = request.nexthop.port
+async def _connect(config: Config, host: str, address: str, port: int) -> Connection:
+    """A TCP connection to ``address`` with a new client core (no bytes exchanged yet)."""
     peer = f"{host}[{address}]"
     relay = f"{peer}:{port}"
     try:
@@ -102,44 +123,73 @@ async def _attempt(
     except OSError as exc:
         why = os.strerror(exc.errno) if exc.errno else str(exc)
         raise TransientFailure("4.4.1", f"connect to {relay}: {why}") from None
-
     client = Client(config.expand(config.smtp_helo_name), peer=peer, relay=relay)
-    envelope = Envelope(request.sender, request.recipients, request.content, request.body_8bit)
-    failed: SessionFailed | None = None
-    done: TransactionDone | None = None
-    ready_at = done_at = started
+    return Connection(client, reader, writer)
+
+
+async def _transact(
+    connection: Connection,
+    envelope: Envelope,
+    config: Config,
+    started: float,
+    cache: ConnectionCache | None,
+    hop: NextHop,
+) -> DeliveryOutcome:
+    """One transaction on ``connection`` (new, or cached and ready), then the connection goes
+    to ``cache`` or is closed. Raises TransientFailure when the session never got to a
+    transaction (so the caller tries the next address), _DeadSession for a dead cached one."""
+    client = connection.client
+    kept = False
     try:
-        while True:
-            match client.next_event():
-                case Send(data=data, stage=stage):
-                    await _write(writer, data, _timeout(config, stage), client)
-                case NeedData(stage=stage):
-                    await _read(reader, _timeout(config, stage), client)
-                case Ready():
-                    ready_at = time.monotonic()
-                    client.start_transaction(envelope)
-                case TransactionDone() as done:
-                    done_at = time.monotonic()
-                    client.quit()
-                case SessionFailed() as failed:
-                    pass
-                case Closed():
-                    break
+        ready_at = started
+        if client.phase is Phase.READY:  # cached: no greeting or EHLO, the RSET comes first
+            ready_at = time.monotonic()
+            client.start_transaction(envelope)
+        event = await _next_event(connection, config)
+        if isinstance(event, Ready):  # a new session: greeting and EHLO done
+            ready_at = time.monotonic()
+            client.start_transaction(envelope)
+            event = await _next_event(connection, config)
+        if isinstance(event, TransactionDone):
+            done_at = time.monotonic()
+            kept = cache is not None and cache.put(hop.destination, connection)
+            if not kept:
+                client.quit()
+                await _finish(connection, config)
+            return DeliveryOutcome(
+                list(event.results),
+                connect_seconds=ready_at - started,
+                transfer_seconds=done_at - ready_at,
+                conn_use=client.transactions,
+            )
+        await _finish(connection, config)
+        if isinstance(event, ReuseFailed):
+            raise _DeadSession("4.4.2", event.text, client.relay)
+        if not isinstance(event, SessionFailed):
+            event = SessionFailed("4.4.2", f"lost connection with {client.peer}")
+        raise TransientFailure(event.dsn, event.text, client.relay)
     finally:
-        if writer.transport.get_write_buffer_size():
-            writer.transport.abort()  # a stalled peer must not hold the close
-        else:
-            writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-    if done is None:
-        failed = failed or SessionFailed("4.4.2", f"lost connection with {peer}")
-        raise TransientFailure(failed.dsn, failed.text, relay)
-    return DeliveryOutcome(
-        list(done.results),
-        connect_seconds=ready_at - started,
-        transfer_seconds=done_at - ready_at,
-    )
+        if not kept:
+            await connection.close()
+
+
+async def _next_event(connection: Connection, config: Config) -> Event:
+    """Do the client's I/O until it has something else to say (Ready, an outcome, Closed)."""
+    client = connection.client
+    while True:
+        match client.next_event():
+            case Send(data=data, stage=stage):
+                await _write(connection.writer, data, _timeout(config, stage), client)
+            case NeedData(stage=stage):
+                await _read(connection.reader, _timeout(config, stage), client)
+            case event:
+                return event
+
+
+async def _finish(connection: Connection, config: Config) -> None:
+    """Run the client to its end (QUIT and its reply, after quit() or a failed session)."""
+    while not isinstance(await _next_event(connection, config), Closed):
+        pass
 
 
 def _timeout(config: Config, stage: Stage) -> float:
