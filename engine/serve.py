@@ -20,6 +20,7 @@ from engine.cleanup import Cleanup
 from engine.config import Config
 from engine.control import ControlError, ControlServer
 from engine.delivery import smtp as smtp_delivery
+from engine.delivery.connections import ConnectionCache
 from engine.dns import Resolver
 from engine.log import Maillog
 from engine.qmgr.manager import QueueManager
@@ -54,7 +55,9 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
         raise StartupError(f"queue_directory {config.queue_directory}: cannot open the spool: "
                            f"{getattr(error, 'strerror', None) or error}") from error
     resolver = Resolver(config)
-    agents = {"smtp": functools.partial(smtp_delivery.deliver, config=config, resolver=resolver)}
+    connections = ConnectionCache(config)  # idle SMTP sessions reused for the next message
+    agents = {"smtp": functools.partial(smtp_delivery.deliver, config=config, resolver=resolver,
+                                        connections=connections)}
     qmgr = QueueManager(spool, config, maillog, agents)
     # cleanup queues client mail and, for qmgr, Tern's own notices (bounces, delay warnings)
     cleanup = Cleanup(spool, maillog, config, on_queued=qmgr.notify_new,
@@ -104,6 +107,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
     await spool.drain()
     await qmgr.stop(grace=SHUTDOWN_GRACE)
     await control.close()  # after qmgr: until here `tern queue` ops go through this server
+    await connections.close()
     await spool.drain()
     spool.close()
     maillog.close()

@@ -84,6 +84,7 @@ smtp_data_init_timeout = "1m"
 smtp_data_xfer_timeout = "1m"
 smtp_data_done_timeout = "1w"
 smtp_quit_timeout = 1.5
+smtp_rset_timeout = "5s"
 dns_servers = ["192.0.2.53", "192.0.2.54:5353", "[2001:db8::53]:53", "2001:db8::54"]
 dns_timeout = 2.5
 

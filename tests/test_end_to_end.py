@@ -232,3 +232,14 @@ def test_unusable_queue_directory_or_busy_port_is_one_fatal_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr == (f"tern: fatal: cannot listen on 127.0.0.1:{port}: "
                              "Address already in use\n")
+
+
+def test_connection_to_the_next_hop_is_reused_and_logged(tern, smtp_sink):
+    sink = smtp_sink()
+    server = tern(relayhost=sink.nexthop, smtp_connection_cache_time_limit="10s")
+    first = send(server, "a@example.org", ["b@example.net"], b"Subject: 1\r\n\r\nx\r\n")
+    server.wait_log(f"{first}: removed")
+    second = send(server, "a@example.org", ["b@example.net"], b"Subject: 2\r\n\r\nx\r\n")
+    log = server.wait_log(f"{second}: removed")
+    assert re.search(rf"{second}: to=<b@example.net>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, "
+                     r"conn_use=2, ", log), log

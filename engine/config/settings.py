@@ -106,6 +106,7 @@ class Config:
     smtp_data_xfer_timeout: float = 180.0
     smtp_data_done_timeout: float = 600.0
     smtp_quit_timeout: float = 300.0
+    smtp_rset_timeout: float = 20.0
     # DNS: servers as "ip" or "ip:port"; empty = the system's resolv.conf
     dns_servers: tuple[str, ...] = ()
     dns_timeout: float = 5.0

@@ -48,7 +48,7 @@ STAGE_TIMEOUTS = {
     Stage.DATA: "smtp_data_init_timeout",
     Stage.BODY: "smtp_data_xfer_timeout",
     Stage.DOT: "smtp_data_done_timeout",
-    Stage.RSET: "smtp_mail_timeout",
+    Stage.RSET: "smtp_rset_timeout",  # short: it probes whether a cached connection lives
     Stage.QUIT: "smtp_quit_timeout",
 }
 

@@ -235,7 +235,8 @@ class QueueManager:
                 retry_after=self.config.minimal_backoff_time)
         outcome = attempt.outcome
         self._record(envelope, outcome.results, job.nexthop.transport,
-                     self._delays(envelope, job.activated, started, outcome))
+                     self._delays(envelope, job.activated, started, outcome),
+                     conn_use=outcome.conn_use)
         for other in dropped:
             self._defer_suspended(other, self.clock())
         self._job_done(envelope)
@@ -299,9 +300,11 @@ class QueueManager:
         return self.config.bounce_queue_lifetime
 
     def _record(self, envelope: Envelope, results: list[RecipientResult], service: str,
-                delays: str) -> None:
-        """Apply each recipient's result to the envelope and log it in Postfix's words."""
+                delays: str, conn_use: int = 1) -> None:
+        """Apply each recipient's result to the envelope and log it in Postfix's words
+        (``conn_use=N`` when the connection carried earlier transactions)."""
         now = self.clock()
+        reuse = f", conn_use={conn_use}" if conn_use > 1 else ""
         by_address = {r.address: r for r in envelope.recipients if not r.final}
         for result in results:
             recipient = by_address.get(result.recipient)
@@ -324,7 +327,7 @@ class QueueManager:
                 shown += ", returned to sender"
             self.maillog.line(
                 service,
-                f"{envelope.queue_id}: to=<{result.recipient}>, relay={result.relay}, "
+                f"{envelope.queue_id}: to=<{result.recipient}>, relay={result.relay}{reuse}, "
                 f"delay={format_delay(now - envelope.arrival)}, delays={delays}, "
                 f"dsn={result.dsn}, status={shown} ({result.reply})")
 
