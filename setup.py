@@ -21,6 +21,7 @@ CYTHON_DIRECTIVES = {
 
 EXTENSIONS = [
     Extension("engine._compiled.reader", sources=["_speedups/reader.pyx"]),
+    Extension("engine._compiled.scheduler", sources=["_speedups/scheduler.pyx"]),
 ]
 
 

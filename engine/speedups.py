@@ -11,6 +11,7 @@ from types import ModuleType
 
 TWINS = {
     "reader": "engine.smtp.reader",
+    "scheduler": "engine.qmgr.scheduler",
 }
 
 

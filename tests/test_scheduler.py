@@ -1,9 +1,20 @@
-"""The queue manager's pure per-destination logic, with the clock passed in."""
+"""The queue manager's per-destination logic, with the clock passed in.
+
+Scheduler cases run against both twins (the ``impl`` fixture): engine.qmgr.scheduler and the
+compiled engine._compiled.scheduler. Job, backoff and batches live in the pure module only.
+"""
+
+import pytest
 
 from engine.delivery import NextHop
-from engine.qmgr.scheduler import Job, Scheduler, backoff, batches
+from engine.qmgr.scheduler import Job, backoff, batches
 
 A = "smtp:a.test:25"
+
+
+@pytest.fixture
+def Scheduler(impl):
+    return impl("scheduler").Scheduler
 
 
 def job(queue_id, host="a.test"):
@@ -23,14 +34,14 @@ def test_batches_split_recipients_by_limit():
     assert batches(list("abcde"), 2) == [["a", "b"], ["c", "d"], ["e"]]
 
 
-def test_slow_start_begins_at_initial_concurrency():
+def test_slow_start_begins_at_initial_concurrency(Scheduler):
     scheduler = Scheduler(concurrency_limit=20, initial_concurrency=5)
     fill(scheduler, 30)
     assert len(scheduler.startable(0.0)) == 5
     assert scheduler.startable(0.0) == []
 
 
-def test_successes_open_the_window_up_to_the_limit():
+def test_successes_open_the_window_up_to_the_limit(Scheduler):
     scheduler = Scheduler(concurrency_limit=8, initial_concurrency=2)
     fill(scheduler, 200)
     running = scheduler.startable(0.0)
@@ -43,7 +54,7 @@ def test_successes_open_the_window_up_to_the_limit():
     assert scheduler.window(A) == 8
 
 
-def test_site_failures_close_the_window_and_a_failed_cohort_kills_the_destination():
+def test_site_failures_close_the_window_and_a_failed_cohort_kills_the_destination(Scheduler):
     scheduler = Scheduler(concurrency_limit=20, initial_concurrency=5, failed_cohort_limit=1)
     fill(scheduler, 12)
     first = scheduler.startable(0.0)
@@ -59,7 +70,7 @@ def test_site_failures_close_the_window_and_a_failed_cohort_kills_the_destinatio
     assert scheduler.submit(job("later"), 311.0)
 
 
-def test_one_failure_does_not_kill_a_destination():
+def test_one_failure_does_not_kill_a_destination(Scheduler):
     scheduler = Scheduler(concurrency_limit=20, initial_concurrency=5)
     fill(scheduler, 3)
     first = scheduler.startable(0.0)
@@ -68,7 +79,7 @@ def test_one_failure_does_not_kill_a_destination():
     assert scheduler.window(A) < 5
 
 
-def test_round_robin_across_destinations():
+def test_round_robin_across_destinations(Scheduler):
     scheduler = Scheduler(concurrency_limit=10, initial_concurrency=10)
     for i in range(3):
         scheduler.submit(job(f"a{i}"), 0.0)
@@ -76,7 +87,7 @@ def test_round_robin_across_destinations():
     assert [j.queue_id for j in scheduler.startable(0.0)] == ["a0", "b0", "a1", "a2"]
 
 
-def test_one_busy_destination_does_not_block_others():
+def test_one_busy_destination_does_not_block_others(Scheduler):
     scheduler = Scheduler(concurrency_limit=1, initial_concurrency=1)
     for name in ("a0", "a1"):
         scheduler.submit(job(name), 0.0)
@@ -85,7 +96,7 @@ def test_one_busy_destination_does_not_block_others():
     assert scheduler.active(A) == 1
 
 
-def test_rate_delay_spaces_deliveries_one_at_a_time():
+def test_rate_delay_spaces_deliveries_one_at_a_time(Scheduler):
     scheduler = Scheduler(concurrency_limit=20, rate_delay=10.0)
     fill(scheduler, 3)
     (first,) = scheduler.startable(100.0)
@@ -95,9 +106,49 @@ def test_rate_delay_spaces_deliveries_one_at_a_time():
     assert len(scheduler.startable(110.0)) == 1
 
 
-def test_idle_destinations_are_forgotten():
-    scheduler = Scheduler()
+def test_idle_destinations_are_forgotten(Scheduler):
+    scheduler = Scheduler(initial_concurrency=5)
     fill(scheduler, 1)
     (running,) = scheduler.startable(0.0)
     scheduler.finished(running, 0.0)
-    assert scheduler._destinations == {}
+    # A remembered destination would have a window of 5.2 after that success; a forgotten one
+    # reads as new. The same destination starts afresh.
+    assert scheduler.window(A) == 5.0
+    assert scheduler.active(A) == 0
+    fill(scheduler, 6)
+    assert len(scheduler.startable(1.0)) == 5
+
+
+def test_constructor_clamps_limits_and_keeps_them_as_attributes(Scheduler):
+    scheduler = Scheduler(0, initial_concurrency=50, failed_cohort_limit=0, rate_delay=2.5)
+    assert (scheduler.concurrency_limit, scheduler.initial_concurrency) == (1, 1)
+    assert (scheduler.failed_cohort_limit, scheduler.rate_delay) == (1, 2.5)
+    scheduler = Scheduler(10, initial_concurrency=50)
+    assert scheduler.initial_concurrency == 10
+    assert scheduler.window(A) == 10.0
+
+
+def test_a_dead_destination_leaves_the_round_robin(Scheduler):
+    scheduler = Scheduler(concurrency_limit=1, initial_concurrency=1)
+    fill(scheduler, 3)
+    fill(scheduler, 3, host="b.test")
+    first = scheduler.startable(0.0)
+    assert [j.queue_id for j in first] == ["a.test-0", "b.test-0"]
+    dropped = scheduler.finished(first[0], 1.0, site_failure="refused", retry_after=60.0)
+    assert [j.queue_id for j in dropped] == ["a.test-1", "a.test-2"]
+    scheduler.finished(first[1], 1.0)
+    assert [j.queue_id for j in scheduler.startable(2.0)] == ["b.test-1"]
+    assert scheduler.active(A) == 0
+    assert scheduler.suspended_reason(A, 60.9) == "refused"
+    assert scheduler.suspended_reason(A, 61.0) is None
+
+
+def test_next_wakeup_is_none_without_a_rate_delay_or_queued_work(Scheduler):
+    scheduler = Scheduler(rate_delay=0.0)
+    fill(scheduler, 3)
+    scheduler.startable(0.0)
+    assert scheduler.next_wakeup(0.0) is None
+    scheduler = Scheduler(rate_delay=5.0)
+    fill(scheduler, 1)
+    scheduler.startable(0.0)
+    assert scheduler.next_wakeup(0.0) is None  # nothing left to start
