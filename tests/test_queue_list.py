@@ -5,7 +5,7 @@ import io
 import json
 import time
 
-from engine.cli.queue import format_mailq, list_queue
+from engine.cli.queue import format_mailq, json_record, list_queue
 from engine.config import Config
 from engine.spool import Envelope, QueuedMessage, Recipient
 from engine.spool.lmdb_spool import LmdbSpool
@@ -56,3 +56,17 @@ def test_list_reads_every_shard_as_json(tmp_path):
     listed = [json.loads(line) for line in out.getvalue().splitlines()]
     assert sorted(item["queue_id"] for item in listed) == ["A0", "B1"]
     assert listed[0]["recipients"][1]["status"] == "deferred"
+
+
+def test_json_adds_postqueue_j_keys():
+    held = envelope()
+    held.held = True
+    record = json_record(held)
+    assert (record["queue_name"], record["arrival_time"], record["message_size"]) == (
+        "hold", int(ARRIVAL), 2345)
+    assert record["recipients"][1]["delay_reason"].startswith("connect to mx.example.net")
+    assert "delay_reason" not in record["recipients"][2]
+    assert json_record(envelope())["queue_name"] == "deferred"
+    fresh = envelope()
+    fresh.recipients = [Recipient("new@example.net")]
+    assert json_record(fresh)["queue_name"] == "active"

@@ -1,13 +1,20 @@
-"""The ``tern`` command: serve, queue, version.
+"""The ``tern`` command: serve, queue (list, show, summary, hold, release, delete, requeue,
+flush), version.
 
-Parses arguments and hands over to the stage that does the work; a ConfigError becomes one
-message on stderr and exit status 2. Trusts the administrator at the terminal.
+Parses arguments and hands over to the stage that does the work. Exit status 2 for a usage or
+configuration error (one message on stderr), 1 when a named queue ID is not queued or the work
+failed. Trusts the administrator at the terminal.
 """
 
 import argparse
+import functools
+import os
 import sys
 
+import lmdb
+
 from engine import __version__, speedups
+from engine.cli.queue import NoSuchMessage
 from engine.config import ConfigError, load_config
 
 
@@ -28,11 +35,76 @@ def _cmd_queue_list(args: argparse.Namespace) -> int:
     return list_queue(load_config(args.config), sys.stdout, as_json=args.json)
 
 
+def _cmd_queue_show(args: argparse.Namespace) -> int:
+    from engine.cli.show import SECTIONS, show_message
+
+    sections = tuple(name for name in SECTIONS if getattr(args, name)) or SECTIONS
+    return show_message(load_config(args.config), _queue_id(args.queue_id), sys.stdout,
+                        as_json=args.json, sections=sections)
+
+
+def _cmd_queue_summary(args: argparse.Namespace) -> int:
+    from engine.cli.summary import QUEUES, summarize
+
+    unknown = sorted(set(args.queues) - set(QUEUES))
+    if unknown:
+        args.parser.error(f"unknown queue {unknown[0]!r} (choose from {', '.join(QUEUES)})")
+    return summarize(load_config(args.config), sys.stdout, as_json=args.json,
+                     senders=args.senders, queues=tuple(args.queues) or QUEUES)
+
+
+def _cmd_queue_operation(args: argparse.Namespace) -> int:
+    from engine.cli.manage import run_operation
+
+    op = args.queue_command
+    if op == "flush":
+        return run_operation(load_config(args.config), op, None, sys.stderr, domain=args.domain)
+    if op == "delete":
+        queue_ids = _queue_ids(args, allow_none=args.deferred)
+        return run_operation(load_config(args.config), op, queue_ids, sys.stderr,
+                             deferred_only=args.deferred)
+    return run_operation(load_config(args.config), op, _queue_ids(args, allow_none=False),
+                         sys.stderr)
+
+
+def _queue_id(text: str) -> str:
+    """A queue ID as typed, or copied from mailq with its ``!`` (held) or ``*`` mark."""
+    return text.strip().rstrip("!*")
+
+
+def _queue_ids(args: argparse.Namespace, *, allow_none: bool) -> list[str] | None:
+    """The IDs named (``-``: one per line on stdin, as postsuper); None for ALL. A usage
+    error (exit status 2) when there are none, unless ``allow_none`` (delete --deferred)."""
+    words = list(args.queue_ids)
+    if words == ["-"]:
+        words = [line.split()[0] for line in sys.stdin if line.strip()]
+    if "ALL" in words:
+        if len(words) > 1:
+            args.parser.error("ALL stands alone: name queue IDs or ALL, not both")
+        return None
+    if not words:
+        if allow_none:
+            return None
+        args.parser.error("name queue IDs, ALL, or - (IDs on standard input)")
+    return [_queue_id(word) for word in words]
+
+
 def _cmd_version(args: argparse.Namespace) -> int:
     print(f"tern {__version__}")
     for name, implementation in speedups.implementations().items():
         print(f"  {name}: {implementation}")
     return 0
+
+
+def _queue_command(commands, name: str, summary: str, func, *,
+                   json_help: str = "") -> argparse.ArgumentParser:
+    """A ``tern queue`` subcommand; each takes --config, and --json where it prints records."""
+    command = commands.add_parser(name, help=summary, description=summary)
+    command.add_argument("--config", "-c", help="TOML configuration file")
+    if json_help:
+        command.add_argument("--json", action="store_true", help=json_help)
+    command.set_defaults(func=func, parser=command)
+    return command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,10 +117,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     queue = commands.add_parser("queue", help="inspect and manage the mail queue")
     queue_commands = queue.add_subparsers(dest="queue_command", required=True)
-    listing = queue_commands.add_parser("list", help="list the queue (as mailq)")
-    listing.add_argument("--config", "-c", help="TOML configuration file")
-    listing.add_argument("--json", action="store_true", help="one JSON object per message")
-    listing.set_defaults(func=_cmd_queue_list)
+
+    queue_command = functools.partial(_queue_command, queue_commands)
+    queue_command("list", "list the queue (as mailq)", _cmd_queue_list,
+                  json_help="one JSON object per message (as postqueue -j)")
+    show = queue_command("show", "show one message: envelope, headers, body (as postcat -q)",
+                         _cmd_queue_show, json_help="one JSON object")
+    show.add_argument("queue_id", metavar="QID")
+    for section in ("envelope", "headers", "body"):
+        show.add_argument(f"--{section}", action="store_true",
+                          help=f"show the {section} (default: all three)")
+    ids_help = "queue IDs, ALL, or - to read IDs from standard input"
+    for name, summary in (("hold", "put messages on hold (as postsuper -h)"),
+                       ("release", "release messages from hold (as postsuper -H)"),
+                       ("requeue", "retry messages now, from the start (as postsuper -r)")):
+        operation = queue_command(name, summary, _cmd_queue_operation)
+        operation.add_argument("queue_ids", nargs="*", metavar="QID", help=ids_help)
+    delete = queue_command("delete", "delete messages (as postsuper -d)", _cmd_queue_operation)
+    delete.add_argument("queue_ids", nargs="*", metavar="QID", help=ids_help)
+    delete.add_argument("--deferred", action="store_true",
+                        help="only deferred messages (all of them when no QID is named)")
+    flush = queue_command("flush", "attempt deferred mail now (as postqueue -f, -s)",
+                          _cmd_queue_operation)
+    flush.add_argument("--domain", help="only mail for this domain (as postqueue -s)")
+    summary = queue_command("summary", "recipients by domain and age (as qshape)",
+                            _cmd_queue_summary, json_help="one JSON object")
+    summary.add_argument("queues", nargs="*", metavar="QUEUE",
+                         help="hold, deferred, active (default: all three)")
+    summary.add_argument("--senders", action="store_true",
+                         help="sender domains, counting messages (as qshape -s)")
 
     version = commands.add_parser("version", help="version and hot-path implementations")
     version.set_defaults(func=_cmd_version)
@@ -62,6 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"tern: fatal: {error}", file=sys.stderr)
         return 2
+    except NoSuchMessage as error:
+        print(f"tern: {error}", file=sys.stderr)
+        return 1
+    except lmdb.Error as error:
+        print(f"tern: fatal: cannot read the queue: {error}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `tern queue list | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

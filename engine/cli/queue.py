@@ -1,4 +1,5 @@
-"""``tern queue list``: the queue in mailq's layout (or postqueue -j style JSON lines).
+"""``tern queue list``: the queue in mailq's layout (or postqueue -j style JSON lines), and
+the shard reading every ``tern queue`` command shares.
 
 Reads every spool shard through LMDB read-only transactions, so it works while the server runs
 and never blocks it. Trusts the spool's contents as written by Tern.
@@ -6,6 +7,8 @@ and never blocks it. Trusts the spool's contents as written by Tern.
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
@@ -15,18 +18,57 @@ from engine.spool import Envelope
 from engine.spool.lmdb_spool import LmdbSpool
 
 
-def read_queue(config: Config) -> list[Envelope]:
+class NoSuchMessage(Exception):
+    """A queue ID named on the command line is not in the queue (exit status 1)."""
+
+    def __init__(self, queue_id: str) -> None:
+        super().__init__(f"{queue_id}: no such message")
+        self.queue_id = queue_id
+
+
+def shard_paths(config: Config) -> list[Path]:
+    """Every spool shard under the queue directory (one per worker: ``shard0``, ``shard1``…)."""
     root = Path(config.queue_directory)
+    return [shard for shard in sorted(root.glob("shard*")) if (shard / "data.mdb").exists()]
+
+
+@contextmanager
+def open_shard(config: Config, shard: Path) -> Iterator[LmdbSpool]:
+    """One shard, read-only."""
+    spool = LmdbSpool(shard, map_size=config.queue_map_size, readonly=True)
+    try:
+        yield spool
+    finally:
+        spool.close()
+
+
+def read_queue(config: Config) -> list[Envelope]:
     envelopes: list[Envelope] = []
-    for shard in sorted(root.glob("shard*")):
-        if not (shard / "data.mdb").exists():
-            continue
-        spool = LmdbSpool(shard, map_size=config.queue_map_size, readonly=True)
-        try:
+    for shard in shard_paths(config):
+        with open_shard(config, shard) as spool:
             envelopes.extend(spool.envelopes())
-        finally:
-            spool.close()
     return sorted(envelopes, key=lambda e: (e.arrival, e.queue_id))
+
+
+def queue_name(envelope: Envelope) -> str:
+    """Postfix's name for where the message is: hold, deferred (a recipient waits for a retry)
+    or active (due now)."""
+    if envelope.held:
+        return "hold"
+    if any(r.status == "deferred" for r in envelope.unfinished):
+        return "deferred"
+    return "active"
+
+
+def json_record(envelope: Envelope) -> dict:
+    """The envelope with postqueue -j's keys added (queue_name, arrival_time, message_size,
+    each recipient's delay_reason), so tools written for Postfix read it too."""
+    record = {"queue_name": queue_name(envelope), **asdict(envelope),
+              "arrival_time": int(envelope.arrival), "message_size": envelope.size}
+    for recipient in record["recipients"]:
+        if recipient["status"] == "deferred" and recipient["last_reply"]:
+            recipient["delay_reason"] = recipient["last_reply"]
+    return record
 
 
 def format_mailq(envelopes: list[Envelope]) -> str:
@@ -57,7 +99,7 @@ def list_queue(config: Config, out: TextIO, *, as_json: bool = False) -> int:
     envelopes = read_queue(config)
     if as_json:
         for envelope in envelopes:
-            out.write(json.dumps(asdict(envelope)) + "\n")
+            out.write(json.dumps(json_record(envelope)) + "\n")
     else:
         out.write(format_mailq(envelopes))
     return 0
