@@ -279,12 +279,21 @@ def test_offline_hold_release_delete_work_on_every_shard(capsys, offline):
 def test_offline_delete_deferred_and_requeue(capsys, offline):
     config_file, _ = offline
     config = ("--config", str(config_file))
+    before = time.time()
     assert tern(capsys, "queue", "requeue", "ALL", *config)[2] == "tern: Requeued: 3 messages\n"
     for item in listed(capsys, config_file).values():
-        slow = item["recipients"][1]
-        assert slow["next_attempt"] <= time.time()
+        assert before <= item["recipients"][1]["next_attempt"] <= time.time()
     assert tern(capsys, "queue", "delete", "--deferred", *config)[0] == 0
     assert listed(capsys, config_file) == {}
+
+
+def test_offline_flush_makes_deferred_mail_due_for_the_next_start(capsys, offline):
+    config_file, _ = offline
+    before = time.time()
+    assert tern(capsys, "queue", "flush", "--domain", "example.net",
+                "--config", str(config_file)) == (0, "", "")
+    for item in listed(capsys, config_file).values():
+        assert before <= item["recipients"][1]["next_attempt"] <= time.time()
 
 
 def test_named_message_that_is_not_queued_is_exit_1_and_the_others_are_done(capsys, offline):
