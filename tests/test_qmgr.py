@@ -548,3 +548,27 @@ def test_stop_lets_deliveries_in_flight_finish_and_record_their_results():
 
     left, log = asyncio.run(scenario())
     assert left == [] and "Q1: removed" in log
+
+
+def test_a_message_found_by_a_scan_is_not_activated_again_by_its_notice():
+    """The due index shows a committed message before cleanup calls notify_new."""
+    async def scenario():
+        spool, calls = MemorySpool(), []
+
+        async def agent(request):
+            calls.append(request.queue_id)
+            await asyncio.sleep(0.05)
+            return sent(request)
+
+        qmgr, _ = manager(spool, agent)
+        await qmgr.start()
+        env = envelope("Q1")
+        await enqueue(spool, env)
+        qmgr._rescan()  # a scan runs before the notice
+        await until(lambda: "Q1" in qmgr._active)
+        qmgr.notify_new(env)
+        await until(lambda: spool.envelopes() == [])
+        await qmgr.stop()
+        return calls
+
+    assert asyncio.run(scenario()) == ["Q1"]

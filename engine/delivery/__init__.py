@@ -6,6 +6,7 @@ decision: a transient one defers, a permanent one bounces (as slimta's relay err
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 Status = Literal["sent", "deferred", "bounced"]
@@ -20,7 +21,7 @@ class NextHop:
     port: int = 25
     mx_lookup: bool = True
 
-    @property
+    @cached_property
     def destination(self) -> str:
         """The queue manager's per-destination key (transport + next hop), as in Postfix."""
         host = self.host if self.mx_lookup else f"[{self.host}]"

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from engine import bounce
+from engine import bounce, speedups
 from engine.config import Config
 from engine.delivery import (
     DeliveryOutcome,
@@ -27,7 +27,7 @@ from engine.delivery import (
 )
 from engine.delivery.route import nexthop_for
 from engine.log import Maillog, format_delay
-from engine.qmgr.scheduler import Job, Scheduler, backoff, batches
+from engine.qmgr.scheduler import Job, backoff, batches
 from engine.smtp.grammar import domain_of
 from engine.spool import Envelope, Recipient, SpoolError
 
@@ -51,7 +51,8 @@ class QueueManager:
         self.agents = agents
         self.clock = clock
         self.cleanup = cleanup  # engine.cleanup.Cleanup: queues notices; None = no notices
-        self.scheduler = Scheduler(
+        # the compiled twin of engine.qmgr.scheduler.Scheduler when built (engine.speedups)
+        self.scheduler = speedups.load("scheduler").Scheduler(
             config.default_destination_concurrency_limit,
             initial_concurrency=config.initial_destination_concurrency,
             failed_cohort_limit=config.default_destination_concurrency_failed_cohort_limit,
@@ -126,8 +127,11 @@ class QueueManager:
             if rate_wakeup is not None:
                 wakeups.append(rate_wakeup)
             timeout = max(0.0, min(wakeups) - self.clock())
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow stop()'s cancel when
+            # the event is set at the same moment, and the runner would never end.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -157,7 +161,10 @@ class QueueManager:
 
     def _try_activate(self, envelope: Envelope, now: float) -> bool:
         """Activate, or log why not: one bad message must not stop the rest. It stays in the
-        spool and is tried again at a later scan."""
+        spool and is tried again at a later scan. A message already active is left alone: a
+        scan can find a new message in the due index before cleanup's notice arrives."""
+        if envelope.queue_id in self._active:
+            return False
         try:
             self._activate(envelope, now)
             return True
