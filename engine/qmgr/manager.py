@@ -433,30 +433,29 @@ class QueueManager:
         if envelope.queue_id not in self._active:
             await self.spool.update(envelope)
 
-    async def hold(self, queue_ids: list[str] | None) -> list[str]:
-        """postsuper -h: keep the messages out of delivery until released."""
-        done = []
-        for envelope in self._select(queue_ids):
-            if envelope.held:
-                continue
-            envelope.held = True
-            await self._store(envelope)
-            self.maillog.line("postsuper", f"{envelope.queue_id}: placed on hold")
-            done.append(envelope.queue_id)
-        return done
-
-    async def release(self, queue_ids: list[str] | None) -> list[str]:
-        """postsuper -H: back into the queue, due now."""
+    async def _change(self, queue_ids: list[str] | None, applies, change,
+                      logged: str) -> list[str]:
+        """One operator change over the selected messages: ``applies`` picks, ``change``
+        edits; each change is stored (or left to an active message's settle) and logged."""
         done = []
         now = self.clock()
         for envelope in self._select(queue_ids):
-            if not envelope.held:
+            if not applies(envelope):
                 continue
-            envelope.held = False
-            self._due_now(envelope, now)
+            change(envelope, now)
             await self._store(envelope)
-            self.maillog.line("postsuper", f"{envelope.queue_id}: released from hold")
+            self.maillog.line("postsuper", f"{envelope.queue_id}: {logged}")
             done.append(envelope.queue_id)
+        return done
+
+    async def hold(self, queue_ids: list[str] | None) -> list[str]:
+        """postsuper -h: keep the messages out of delivery until released."""
+        return await self._change(queue_ids, lambda e: not e.held, _put_on_hold,
+                                  "placed on hold")
+
+    async def release(self, queue_ids: list[str] | None) -> list[str]:
+        """postsuper -H: back into the queue, due now."""
+        done = await self._change(queue_ids, lambda e: e.held, _release, "released from hold")
         self._rescan()
         return done
 
@@ -478,15 +477,7 @@ class QueueManager:
 
     async def requeue(self, queue_ids: list[str] | None) -> list[str]:
         """postsuper -r: every unfinished recipient is due again now."""
-        done = []
-        now = self.clock()
-        for envelope in self._select(queue_ids):
-            if not envelope.unfinished:
-                continue
-            self._due_now(envelope, now)
-            await self._store(envelope)
-            self.maillog.line("postsuper", f"{envelope.queue_id}: requeued")
-            done.append(envelope.queue_id)
+        done = await self._change(queue_ids, lambda e: bool(e.unfinished), _due_now, "requeued")
         self._rescan()
         return done
 
@@ -509,11 +500,20 @@ class QueueManager:
         self._rescan()
         return done
 
-    @staticmethod
-    def _due_now(envelope: Envelope, now: float) -> None:
-        for recipient in envelope.unfinished:
-            recipient.next_attempt = now
-
     def _rescan(self) -> None:
         self._scan_wanted = True
         self._wake.set()
+
+
+def _due_now(envelope: Envelope, now: float) -> None:
+    for recipient in envelope.unfinished:
+        recipient.next_attempt = now
+
+
+def _put_on_hold(envelope: Envelope, now: float) -> None:
+    envelope.held = True
+
+
+def _release(envelope: Envelope, now: float) -> None:
+    envelope.held = False
+    _due_now(envelope, now)
