@@ -22,7 +22,7 @@ from engine.delivery import (
 from engine.delivery.route import nexthop_for
 from engine.log import Maillog
 from engine.qmgr.manager import QueueManager
-from engine.spool import Envelope, QueuedMessage, Recipient, SpoolError
+from engine.spool import Envelope, QueuedMessage, Recipient, SpoolError, SpoolFull
 from engine.spool.memory import MemorySpool
 
 CONFIG = Config(myhostname="mx.test", relayhost="[127.0.0.1]:2526",
@@ -572,3 +572,244 @@ def test_a_message_found_by_a_scan_is_not_activated_again_by_its_notice():
         return calls
 
     assert asyncio.run(scenario()) == ["Q1"]
+
+
+class YieldingSpool(MemorySpool):
+    """Every write yields to the event loop, as a real commit does, so operations interleave."""
+
+    async def enqueue(self, message):
+        await asyncio.sleep(0)
+        await super().enqueue(message)
+
+    async def update(self, env):
+        encoded = env.encode()  # encoded at call time, as LmdbSpool does
+        await asyncio.sleep(0.001)
+        if env.queue_id in self._envelopes:
+            self._envelopes[env.queue_id] = encoded
+
+    async def remove(self, queue_id):
+        await asyncio.sleep(0.001)
+        await super().remove(queue_id)
+
+
+def test_operations_on_all_while_mail_flows_never_resurrect_or_undo_deliveries():
+    async def scenario():
+        spool, delivered = YieldingSpool(), []
+
+        async def agent(request):
+            delivered.extend(request.recipients)
+            await asyncio.sleep(0.002)
+            return sent(request)
+
+        qmgr, _ = manager(spool, agent, qmgr_message_active_limit=5)
+        for i in range(60):
+            await enqueue(spool, envelope(f"Q{i:02d}", (f"r{i}@example.net",)))
+        await qmgr.start()
+        for op in (qmgr.requeue, qmgr.hold, qmgr.release, qmgr.requeue, qmgr.release):
+            await op(None)
+        await until(lambda: spool.envelopes() == [], timeout=10)
+        await qmgr.stop()
+        return delivered
+
+    delivered = asyncio.run(scenario())
+    assert sorted(delivered) == sorted(f"r{i}@example.net" for i in range(60))  # once each
+
+
+def test_hold_or_delete_during_the_settle_write_is_not_lost():
+    async def scenario():
+        gate = asyncio.Event()
+
+        class SlowUpdateSpool(MemorySpool):
+            async def update(self, env):
+                await gate.wait()
+                await super().update(env)
+
+        spool = SlowUpdateSpool()
+
+        async def agent(request):
+            raise TransientFailure("4.4.1", "down")
+
+        qmgr, _ = manager(spool, agent)
+        await qmgr.start()
+        for name in ("Q1", "Q2"):
+            env = envelope(name, (f"r@{name.lower()}.example.net",))
+            await enqueue(spool, env)
+            qmgr.notify_new(env)
+        await asyncio.sleep(0.05)  # both are settling: their update waits on the gate
+        assert await qmgr.hold(["Q1"]) == ["Q1"]
+        assert await qmgr.delete(["Q2"]) == ["Q2"]
+        gate.set()
+        await until(lambda: not qmgr._active)
+        await qmgr.stop()
+        return spool.envelope("Q1"), spool.envelope("Q2")
+
+    held, deleted = asyncio.run(scenario())
+    assert held is not None and held.held
+    assert deleted is None
+
+
+def test_double_bounces_cannot_loop():
+    async def scenario():
+        spool, attempts = MemorySpool(), []
+
+        async def agent(request):  # everything fails, the postmaster's notice too
+            attempts.append((request.sender, request.recipients))
+            return bounced_by(request)
+
+        qmgr, log = manager(spool, agent, notices=True, notify_classes=("2bounce",),
+                            double_bounce_notice_recipient="postmaster@example.net")
+        await qmgr.start()
+        env = envelope("Q1")
+        env.sender = ""
+        await enqueue(spool, env)
+        qmgr.notify_new(env)
+        await until(lambda: "undeliverable postmaster notification discarded" in log.getvalue())
+        await asyncio.sleep(0.1)
+        await qmgr.stop()
+        return attempts, spool.envelopes()
+
+    attempts, left = asyncio.run(scenario())
+    assert attempts == [("", ["r@example.net"]),
+                        ("double-bounce@mx.test", ["postmaster@example.net"])]
+    assert left == []
+
+
+def test_a_notice_that_cannot_be_queued_keeps_the_states_and_is_retried():
+    async def scenario():
+        spool, clock, delivered = MemorySpool(), Clock(1000.0), []
+
+        async def agent(request):
+            delivered.extend(request.recipients)
+            return bounced_by(request) if request.queue_id == "Q1" else sent(request)
+
+        qmgr, log = manager(spool, agent, clock, notices=True)
+        real_inject, failures = qmgr.cleanup.inject, [1]
+
+        async def inject(*args):
+            if failures:
+                failures.pop()
+                raise SpoolFull("map full")
+            return await real_inject(*args)
+
+        qmgr.cleanup.inject = inject
+        await qmgr.start()
+        env = envelope("Q1", ("bad@example.net",))
+        await enqueue(spool, env)
+        qmgr.notify_new(env)
+        await until(lambda: "cannot queue a notice" in log.getvalue() and not qmgr._active)
+        stored = spool.envelope("Q1")
+        clock.now += CONFIG.minimal_backoff_time + CONFIG.queue_run_delay
+        qmgr._wake.set()
+        await until(lambda: "sender non-delivery notification" in log.getvalue())
+        await until(lambda: spool.envelope("Q1") is None)
+        await qmgr.stop()
+        return stored, delivered
+
+    stored, delivered = asyncio.run(scenario())
+    assert stored.recipients[0].status == "bounced" and stored.notice_retry > 0
+    assert delivered.count("bad@example.net") == 1  # the state was kept: no second attempt
+
+
+def test_a_failure_after_the_attempt_does_not_strand_the_message(monkeypatch):
+    async def scenario():
+        spool = MemorySpool()
+        qmgr, log = manager(spool, lambda request: asyncio.sleep(0, sent(request)))
+        real_record, failures = qmgr._record, [1]
+
+        def record(*args, **kwargs):
+            if failures:
+                failures.pop()
+                raise OSError("No space left on device")
+            return real_record(*args, **kwargs)
+
+        monkeypatch.setattr(qmgr, "_record", record)
+        await qmgr.start()
+        env = envelope("Q1")
+        await enqueue(spool, env)
+        qmgr.notify_new(env)
+        await until(lambda: not qmgr._active)
+        await qmgr.stop()
+        return log.getvalue(), spool.envelope("Q1")
+
+    log, kept = asyncio.run(scenario())
+    assert "warning: queue manager task failed: OSError('No space left on device')" in log
+    assert kept is not None  # still queued for a later attempt, not lost nor stuck active
+
+
+def test_new_mail_waits_its_turn_behind_a_backlog():
+    async def scenario():
+        spool, order = MemorySpool(), []
+
+        async def agent(request):
+            order.append(request.queue_id)
+            await asyncio.sleep(0.005)
+            return sent(request)
+
+        qmgr, _ = manager(spool, agent, qmgr_message_active_limit=2)
+        for i in range(6):
+            await enqueue(spool, envelope(f"OLD{i}", (f"r@o{i}.example.net",), arrival=900.0))
+        await qmgr.start()
+        await asyncio.sleep(0.001)
+        for i in range(6):
+            env = envelope(f"NEW{i}", (f"r@n{i}.example.net",))
+            await enqueue(spool, env)
+            qmgr.notify_new(env)
+        await until(lambda: spool.envelopes() == [])
+        await qmgr.stop()
+        return order
+
+    order = asyncio.run(scenario())
+    assert sorted(order[:6]) == [f"OLD{i}" for i in range(6)]
+
+
+def test_with_a_backlog_a_freed_slot_goes_to_the_due_index_not_to_new_mail():
+    async def scenario():
+        spool = MemorySpool()
+        qmgr, _ = manager(spool, sent, qmgr_message_active_limit=2)
+        for i in range(4):
+            await enqueue(spool, envelope(f"OLD{i}", (f"r@o{i}.example.net",), arrival=900.0))
+        qmgr._scan(1000.0)  # fills the active queue; more is due: a backlog
+        assert sorted(qmgr._active) == ["OLD0", "OLD1"] and qmgr._backlog
+        qmgr._active.pop("OLD0")  # a slot frees up…
+        new = envelope("NEW")
+        await enqueue(spool, new)
+        qmgr.notify_new(new)  # …and new mail arrives at that moment
+        return sorted(qmgr._active)
+
+    assert asyncio.run(scenario()) == ["OLD1"]  # NEW waits in the index, behind OLD2, OLD3
+
+
+def test_a_message_being_held_is_not_activated_from_its_old_copy():
+    async def scenario():
+        gate = asyncio.Event()
+
+        class SlowUpdateSpool(MemorySpool):
+            async def update(self, env):
+                encoded = env.encode()
+                await gate.wait()
+                self._envelopes[env.queue_id] = encoded
+
+        spool, calls = SlowUpdateSpool(), []
+
+        async def agent(request):
+            calls.append(request.queue_id)
+            return sent(request)
+
+        clock = Clock(500.0)  # Q1 (arrival 1000) is not due yet
+        qmgr, _ = manager(spool, agent, clock)
+        await enqueue(spool, envelope("Q1"))
+        await qmgr.start()
+        await asyncio.sleep(0.01)
+        holding = asyncio.create_task(qmgr.hold(["Q1"]))
+        await asyncio.sleep(0.01)  # the hold's write is in flight; the spool has the old copy
+        clock.now = 2000.0  # now it is due, and a scan runs
+        qmgr._rescan()
+        await asyncio.sleep(0.05)
+        gate.set()
+        await holding
+        await asyncio.sleep(0.05)
+        await qmgr.stop()
+        return calls, spool.envelope("Q1")
+
+    calls, stored = asyncio.run(scenario())
+    assert calls == [] and stored.held

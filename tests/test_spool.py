@@ -158,3 +158,27 @@ def test_due_index_orders_by_due_time_and_follows_every_write(tmp_path):
 
     assert asyncio.run(scenario()) == [["EARLY", "MID"], ["EARLY", "MID"],
                                        ["MID", "LATE", "EARLY"], ["EARLY"]]
+
+
+def test_an_update_after_removal_never_recreates_the_message(tmp_path):
+    async def scenario():
+        spool = LmdbSpool(tmp_path / "s", commit_window=0)
+        await spool.enqueue(message("Q1"))
+        stale = spool.envelope("Q1")
+        await spool.remove("Q1")
+        await spool.update(stale)
+        found = spool.envelope("Q1"), spool.scan_due(10.0 ** 10, 10)
+        spool.close()
+        return found
+
+    assert asyncio.run(scenario()) == (None, [])
+
+
+def test_the_spool_is_private(tmp_path):
+    import os
+    import stat
+
+    spool = LmdbSpool(tmp_path / "s")
+    spool.close()
+    assert stat.S_IMODE(os.stat(tmp_path / "s").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp_path / "s" / "data.mdb").st_mode) == 0o600

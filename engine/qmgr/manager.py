@@ -60,6 +60,8 @@ class QueueManager:
         self._active: dict[str, Envelope] = {}  # the active queue (bounded)
         self._outstanding: dict[str, int] = {}  # queue ID → jobs not yet finished
         self._doomed: set[str] = set()  # deleted while active: removed when its jobs end
+        self._touched: set[str] = set()  # changed by an operator while active: write again
+        self._busy: set[str] = set()  # an operator's write is in flight: do not activate
         self._wake = asyncio.Event()
         self._scan_wanted = True  # scan at the next pass (operator, new mail with no room)
         self._backlog = False  # the last scan stopped at the limit: more is due in the spool
@@ -98,10 +100,10 @@ class QueueManager:
     def notify_new(self, envelope: Envelope) -> None:
         """A message was just committed: activate it at once if there is room; otherwise it
         waits in the spool's due index for the next scan."""
-        if self._room() > 0 and not envelope.held:
+        if self._room() > 0 and not envelope.held and not self._backlog:
             self._try_activate(envelope, self.clock())
         else:
-            self._backlog = True  # it waits in the due index
+            self._backlog = True  # it waits in the due index, in due order with the rest
         self._wake.set()
 
     # -- the loop ----------------------------------------------------------------------------
@@ -136,7 +138,13 @@ class QueueManager:
     def _spawn(self, coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.maillog.line("qmgr", f"warning: queue manager task failed: "
+                                      f"{task.exception()!r}")
 
     def _scan(self, now: float) -> None:
         """Fill the active queue from the spool's due index, oldest due first."""
@@ -163,7 +171,7 @@ class QueueManager:
         """Activate, or log why not: one bad message must not stop the rest. It stays in the
         spool and is tried again at a later scan. A message already active is left alone: a
         scan can find a new message in the due index before cleanup's notice arrives."""
-        if envelope.queue_id in self._active:
+        if envelope.queue_id in self._active or envelope.queue_id in self._busy:
             return False
         try:
             self._activate(envelope, now)
@@ -240,13 +248,15 @@ class QueueManager:
             dropped = self.scheduler.finished(
                 job, self.clock(), site_failure=attempt.site_failure if attempt else None,
                 retry_after=self.config.minimal_backoff_time)
-        outcome = attempt.outcome
-        self._record(envelope, outcome.results, job.nexthop.transport,
-                     self._delays(envelope, job.activated, started, outcome),
-                     conn_use=outcome.conn_use)
-        for other in dropped:
-            self._defer_suspended(other, self.clock())
-        self._job_done(envelope)
+        try:
+            outcome = attempt.outcome
+            self._record(envelope, outcome.results, job.nexthop.transport,
+                         self._delays(envelope, job.activated, started, outcome),
+                         conn_use=outcome.conn_use)
+            for other in dropped:
+                self._defer_suspended(other, self.clock())
+        finally:  # whatever failed above (a full log disk…), the message must not be stranded
+            self._job_done(envelope)
 
     def _job_done(self, envelope: Envelope) -> None:
         """One of the message's jobs ended; after the last, settle the message."""
@@ -342,15 +352,22 @@ class QueueManager:
 
     async def _settle(self, envelope: Envelope) -> None:
         """Every job of this round ended: send the notices owed, then remove the message or
-        store its new state (it leaves the active queue either way)."""
+        store its new state; it leaves the active queue either way. An operator's change
+        (hold, delete) that arrives while this writes is written too."""
         queue_id = envelope.queue_id
         try:
-            await self._send_notices(envelope)
-            if queue_id in self._doomed or not envelope.unfinished:
-                await self.spool.remove(queue_id)
-                self.maillog.line("qmgr", f"{queue_id}: removed")
-            else:
+            if queue_id not in self._doomed:
+                await self._send_notices(envelope)
+            while True:
+                self._touched.discard(queue_id)
+                if queue_id in self._doomed or not (envelope.unfinished
+                                                    or envelope.notice_retry):
+                    await self.spool.remove(queue_id)
+                    self.maillog.line("qmgr", f"{queue_id}: removed")
+                    break
                 await self.spool.update(envelope)
+                if queue_id not in self._touched and queue_id not in self._doomed:
+                    break
         except SpoolError as error:
             # The spool keeps its older state: the message is retried, perhaps delivered twice.
             self.maillog.line("qmgr", f"warning: {queue_id}: cannot update queue file: {error}")
@@ -358,6 +375,7 @@ class QueueManager:
             self._outstanding.pop(queue_id, None)
             self._active.pop(queue_id, None)
             self._doomed.discard(queue_id)
+            self._touched.discard(queue_id)
             self._wake.set()
 
     def _will_notify(self, envelope: Envelope, recipient: Recipient, kind: str) -> bool:
@@ -373,9 +391,21 @@ class QueueManager:
         return wanted and "NEVER" not in notify
 
     async def _send_notices(self, envelope: Envelope) -> None:
+        """Queue the notices owed. A recipient is marked notified only once its notice is
+        queued; if one cannot be (spool full…), the message keeps a notice_retry time and the
+        queue manager comes back to it, while its recipient states are stored regardless."""
         if self.cleanup is None:
             return
         now = self.clock()
+        envelope.notice_retry = 0.0
+        try:
+            await self._queue_notices(envelope, now)
+        except Exception as error:  # noqa: BLE001 - a notice must not cost the message its state
+            self.maillog.line("qmgr", f"warning: {envelope.queue_id}: cannot queue a notice: "
+                                      f"{error!r}")
+            envelope.notice_retry = now + self.config.minimal_backoff_time
+
+    async def _queue_notices(self, envelope: Envelope, now: float) -> None:
         failed = [r for r in envelope.recipients if r.status == "bounced" and not r.notified]
         delivered = [r for r in envelope.recipients if r.status == "sent" and not r.notified]
         delayed = []
@@ -388,121 +418,123 @@ class QueueManager:
                 ("FAILURE", failed, bounce.failure_notice, "non-delivery"),
                 ("DELAY", delayed, bounce.delay_notice, "delay"),
                 ("SUCCESS", delivered, bounce.success_notice, "delivery status")):
-            for recipient in recipients:
+            owed = [r for r in recipients if self._notice_owed(envelope, r, kind)]
+            to, who, notice_sender = self._notice_recipient(envelope, kind)
+            if owed and to is not None:
+                if content is None:
+                    content = self.spool.content(envelope.queue_id)
+                notice = await self.cleanup.inject(
+                    notice_sender, [to], build(envelope, owed, content, self.config, now))
+                self.maillog.line("bounce", f"{envelope.queue_id}: {who} {label} "
+                                            f"notification: {notice.queue_id}")
+            elif owed and kind == "FAILURE" and envelope.sender == self._double_bounce_sender:
+                self.maillog.line("bounce", f"{envelope.queue_id}: undeliverable postmaster "
+                                            "notification discarded")
+            for recipient in recipients:  # done with these, notice or not
                 if kind == "DELAY":
                     recipient.warned = True
                 else:
                     recipient.notified = True
-            owed = [r for r in recipients if self._notice_owed(envelope, r, kind)]
-            if not owed:
-                continue
-            to, who = self._notice_recipient(envelope, kind)
-            if to is None:
-                continue
-            if content is None:
-                content = self.spool.content(envelope.queue_id)
-            notice = await self.cleanup.inject("", [to], build(envelope, owed, content,
-                                                               self.config, now))
-            self.maillog.line("bounce", f"{envelope.queue_id}: {who} {label} notification: "
-                                        f"{notice.queue_id}")
 
-    def _notice_recipient(self, envelope: Envelope, kind: str) -> tuple[str | None, str]:
+    @property
+    def _double_bounce_sender(self) -> str:
+        """Postfix's double-bounce@$myorigin: the sender of notices to the postmaster, whose
+        own failures are discarded, so that notices about notices cannot loop."""
+        return f"double-bounce@{self.config.myhostname}"
+
+    def _notice_recipient(self, envelope: Envelope,
+                          kind: str) -> tuple[str | None, str, str]:
+        """(recipient, who for the log, envelope sender) of a notice, or (None, "", "")."""
+        if envelope.sender == self._double_bounce_sender:
+            return None, "", ""
         if envelope.sender:
-            return envelope.sender, "sender"
+            return envelope.sender, "sender", ""
         if kind == "FAILURE" and "2bounce" in self.config.notify_classes:
-            return self.config.double_bounce_notice_recipient, "postmaster"
-        return None, ""
+            return (self.config.double_bounce_notice_recipient, "postmaster",
+                    self._double_bounce_sender)
+        return None, "", ""
 
     # -- queue operations (tern queue …): work running or not --------------------------------
 
-    def _select(self, queue_ids: list[str] | None) -> list[Envelope]:
-        """The named messages (in the active queue or the spool), or every one for None."""
-        if queue_ids is None:
-            stored = {e.queue_id: e for e in self.spool.envelopes()}
-            stored.update(self._active)
-            return list(stored.values())
-        found = []
-        for queue_id in queue_ids:
-            envelope = self._active.get(queue_id) or self.spool.envelope(queue_id)
-            if envelope is not None:
-                found.append(envelope)
-        return found
+    def _ids(self, queue_ids: list[str] | None) -> list[str]:
+        """The named messages, or every queued one (active or not) for None."""
+        if queue_ids is not None:
+            return list(queue_ids)
+        return sorted({e.queue_id for e in self.spool.envelopes()} | set(self._active))
 
-    async def _store(self, envelope: Envelope) -> None:
-        """Write an operator's change, unless the message is active (its settle writes it)."""
-        if envelope.queue_id not in self._active:
-            await self.spool.update(envelope)
-
-    async def _change(self, queue_ids: list[str] | None, applies, change,
-                      logged: str) -> list[str]:
-        """One operator change over the selected messages: ``applies`` picks, ``change``
-        edits; each change is stored (or left to an active message's settle) and logged."""
+    async def _operate(self, queue_ids: list[str] | None, act) -> list[str]:
+        """Apply ``act(envelope, now)`` to each message: it edits the envelope and returns the
+        postsuper log text ("" for none), REMOVE, or None when it does not apply. A stored
+        message is read fresh and its change encoded with no await in between, and it is not
+        activated while the write is in flight; an active one is changed in memory and its
+        settle writes (or removes) it, even when the change comes during that write."""
         done = []
-        now = self.clock()
-        for envelope in self._select(queue_ids):
-            if not applies(envelope):
+        for queue_id in self._ids(queue_ids):
+            now = self.clock()
+            active = self._active.get(queue_id)
+            envelope = active or self.spool.envelope(queue_id)
+            outcome = act(envelope, now) if envelope is not None else None
+            if outcome is None:
                 continue
-            change(envelope, now)
-            await self._store(envelope)
-            self.maillog.line("postsuper", f"{envelope.queue_id}: {logged}")
-            done.append(envelope.queue_id)
+            done.append(queue_id)
+            if active is not None:
+                (self._doomed if outcome is REMOVE else self._touched).add(queue_id)
+            else:
+                self._busy.add(queue_id)
+                try:
+                    if outcome is REMOVE:
+                        await self.spool.remove(queue_id)
+                    else:
+                        await self.spool.update(envelope)
+                finally:
+                    self._busy.discard(queue_id)
+            text = "removed" if outcome is REMOVE else outcome
+            if text and not (active is not None and outcome is REMOVE):  # qmgr logs that one
+                self.maillog.line("postsuper", f"{queue_id}: {text}")
+        self._rescan()
         return done
 
     async def hold(self, queue_ids: list[str] | None) -> list[str]:
         """postsuper -h: keep the messages out of delivery until released."""
-        return await self._change(queue_ids, lambda e: not e.held, _put_on_hold,
-                                  "placed on hold")
+        return await self._operate(queue_ids, _hold)
 
     async def release(self, queue_ids: list[str] | None) -> list[str]:
         """postsuper -H: back into the queue, due now."""
-        done = await self._change(queue_ids, lambda e: e.held, _release, "released from hold")
-        self._rescan()
-        return done
+        return await self._operate(queue_ids, _release)
 
     async def delete(self, queue_ids: list[str] | None, *,
                      deferred_only: bool = False) -> list[str]:
         """postsuper -d: remove the messages (an active one when its attempt ends)."""
-        done = []
-        for envelope in self._select(queue_ids):
-            if deferred_only and not any(r.status == "deferred" for r in envelope.recipients):
-                continue
-            queue_id = envelope.queue_id
-            if queue_id in self._active:
-                self._doomed.add(queue_id)
-            else:
-                await self.spool.remove(queue_id)
-                self.maillog.line("postsuper", f"{queue_id}: removed")
-            done.append(queue_id)
-        return done
+        def act(envelope: Envelope, now: float):
+            deferred = any(r.status == "deferred" for r in envelope.recipients)
+            return REMOVE if deferred or not deferred_only else None
+
+        return await self._operate(queue_ids, act)
 
     async def requeue(self, queue_ids: list[str] | None) -> list[str]:
         """postsuper -r: every unfinished recipient is due again now."""
-        done = await self._change(queue_ids, lambda e: bool(e.unfinished), _due_now, "requeued")
-        self._rescan()
-        return done
+        return await self._operate(queue_ids, _requeue)
 
     async def flush(self, domain: str | None = None) -> list[str]:
         """postqueue -f (every deferred message) or -s DOMAIN (those with a deferred
         recipient in DOMAIN): due now."""
-        done = []
-        now = self.clock()
-        for envelope in self._select(None):
-            if envelope.held or envelope.queue_id in self._active:
-                continue
+        def act(envelope: Envelope, now: float):
             wanted = [r for r in envelope.recipients if r.status == "deferred"
                       and (domain is None or domain_of(r.address) == domain.lower())]
-            if not wanted:
-                continue
+            if envelope.held or not wanted:
+                return None
             for recipient in wanted:
                 recipient.next_attempt = now
-            await self.spool.update(envelope)
-            done.append(envelope.queue_id)
-        self._rescan()
-        return done
+            return ""
+
+        return await self._operate(None, act)
 
     def _rescan(self) -> None:
         self._scan_wanted = True
         self._wake.set()
+
+
+REMOVE = object()  # an operation's verdict: remove the message
 
 
 def _due_now(envelope: Envelope, now: float) -> None:
@@ -510,10 +542,23 @@ def _due_now(envelope: Envelope, now: float) -> None:
         recipient.next_attempt = now
 
 
-def _put_on_hold(envelope: Envelope, now: float) -> None:
+def _hold(envelope: Envelope, now: float) -> str | None:
+    if envelope.held:
+        return None
     envelope.held = True
+    return "placed on hold"
 
 
-def _release(envelope: Envelope, now: float) -> None:
+def _release(envelope: Envelope, now: float) -> str | None:
+    if not envelope.held:
+        return None
     envelope.held = False
     _due_now(envelope, now)
+    return "released from hold"
+
+
+def _requeue(envelope: Envelope, now: float) -> str | None:
+    if not envelope.unfinished:
+        return None
+    _due_now(envelope, now)
+    return "requeued"

@@ -57,6 +57,7 @@ class Envelope:
     # RFC 3461 per-message DSN request: RET (FULL / HDRS, "" = not given) and ENVID
     ret: str = ""
     envid: str = ""
+    notice_retry: float = 0.0  # a notice could not be queued: try again then (0 = none owed)
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -78,8 +79,11 @@ class Envelope:
 
     @property
     def next_due(self) -> float | None:
-        """When this message has work again: the earliest unfinished recipient's attempt time."""
+        """When this message has work again: the earliest unfinished recipient's attempt time,
+        or the retry of a notice that could not be queued."""
         times = [r.next_attempt for r in self.recipients if not r.final]
+        if self.notice_retry:
+            times.append(self.notice_retry)
         return min(times) if times else None
 
 
@@ -99,7 +103,8 @@ class Spool(Protocol):
         with other messages into one transaction). Raises SpoolFull / SpoolError."""
 
     async def update(self, envelope: Envelope) -> None:
-        """Persist new recipient states (after a delivery attempt)."""
+        """Persist new recipient states (after a delivery attempt). An update of a message
+        that was removed meanwhile is dropped: it never recreates the message."""
 
     async def remove(self, queue_id: str) -> None:
         """Delete envelope and content (every recipient is final)."""
@@ -117,6 +122,9 @@ class Spool(Protocol):
 
     def content(self, queue_id: str) -> bytes:
         """The message content as queued (headers and body, CRLF line ends)."""
+
+    async def drain(self) -> None:
+        """Wait until every submitted write is committed."""
 
     def close(self) -> None:
         """Release the storage; pending writes are finished first."""

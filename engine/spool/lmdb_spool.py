@@ -37,9 +37,10 @@ _DISK_FULL_MARGIN = 1 << 20  # an EIO with less free space than the commit plus 
 
 def open_environment(path: Path, *, map_size: int, readonly: bool = False) -> lmdb.Environment:
     if not readonly:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)  # private, as Postfix's queue
     return lmdb.open(
         str(path),
+        mode=0o600,
         map_size=map_size,
         max_dbs=4,
         readonly=readonly,
@@ -231,9 +232,11 @@ class LmdbSpool:
                         refused[id(op)] = SpoolError(f"queue ID {key.decode()} is in use")
                         continue
                     new_messages += 1
-                txn.put(key, envelope, db=self._envelope_db)
                 if kind == _UPDATE:
+                    if txn.get(key, db=self._envelope_db) is None:
+                        continue  # removed meanwhile: a late update never recreates it
                     self._unschedule(txn, key)
+                txn.put(key, envelope, db=self._envelope_db)
                 if due is not None:
                     when = _due_key(due)
                     txn.put(when + key, b"", db=self._schedule_db)

@@ -17,7 +17,8 @@ class MemorySpool:
         self._envelopes[queue_id] = message.envelope.encode()
 
     async def update(self, envelope: Envelope) -> None:
-        self._envelopes[envelope.queue_id] = envelope.encode()
+        if envelope.queue_id in self._envelopes:  # removed meanwhile: never recreated
+            self._envelopes[envelope.queue_id] = envelope.encode()
 
     async def remove(self, queue_id: str) -> None:
         self._content.pop(queue_id, None)
