@@ -460,39 +460,49 @@ class QueueManager:
         """The named messages, or every queued one (active or not) for None."""
         if queue_ids is not None:
             return list(queue_ids)
-        return sorted({e.queue_id for e in self.spool.envelopes()} | set(self._active))
+        return sorted(set(self.spool.queue_ids()) | set(self._active))
 
     async def _operate(self, queue_ids: list[str] | None, act) -> list[str]:
         """Apply ``act(envelope, now)`` to each message: it edits the envelope and returns the
         postsuper log text ("" for none), REMOVE, or None when it does not apply. A stored
-        message is read fresh and its change encoded with no await in between, and it is not
-        activated while the write is in flight; an active one is changed in memory and its
-        settle writes (or removes) it, even when the change comes during that write."""
-        done = []
-        for queue_id in self._ids(queue_ids):
-            now = self.clock()
-            active = self._active.get(queue_id)
-            envelope = active or self.spool.envelope(queue_id)
-            outcome = act(envelope, now) if envelope is not None else None
-            if outcome is None:
-                continue
-            done.append(queue_id)
-            if active is not None:
-                (self._doomed if outcome is REMOVE else self._touched).add(queue_id)
-            else:
+        message is read fresh and not activated while its write is in flight (its copy is
+        private); an active one is changed in memory and its settle writes (or removes) it,
+        even when the change comes during that write. Writes go out in chunks that share
+        group commits; memory stays bounded by the chunk, whatever the queue size."""
+        done: list[str] = []
+        ids = self._ids(queue_ids)
+        for start in range(0, len(ids), OPERATION_CHUNK):
+            writes = []
+            for queue_id in ids[start:start + OPERATION_CHUNK]:
+                now = self.clock()
+                active = self._active.get(queue_id)
+                envelope = active or self.spool.envelope(queue_id)
+                outcome = act(envelope, now) if envelope is not None else None
+                if outcome is None:
+                    continue
+                if active is not None:
+                    (self._doomed if outcome is REMOVE else self._touched).add(queue_id)
+                    self._operated(queue_id, outcome, done, active=True)
+                    continue
                 self._busy.add(queue_id)
-                try:
-                    if outcome is REMOVE:
-                        await self.spool.remove(queue_id)
-                    else:
-                        await self.spool.update(envelope)
-                finally:
-                    self._busy.discard(queue_id)
-            text = "removed" if outcome is REMOVE else outcome
-            if text and not (active is not None and outcome is REMOVE):  # qmgr logs that one
-                self.maillog.line("postsuper", f"{queue_id}: {text}")
+                write = (self.spool.remove(queue_id) if outcome is REMOVE
+                         else self.spool.update(envelope))
+                writes.append((queue_id, outcome, write))
+            results = await asyncio.gather(*(w for _, _, w in writes), return_exceptions=True)
+            for (queue_id, outcome, _), result in zip(writes, results, strict=True):
+                self._busy.discard(queue_id)
+                if isinstance(result, BaseException):
+                    self.maillog.line("postsuper", f"warning: {queue_id}: {result}")
+                else:
+                    self._operated(queue_id, outcome, done, active=False)
         self._rescan()
         return done
+
+    def _operated(self, queue_id: str, outcome, done: list[str], *, active: bool) -> None:
+        done.append(queue_id)
+        text = "removed" if outcome is REMOVE else outcome
+        if text and not (active and outcome is REMOVE):  # qmgr logs that removal itself
+            self.maillog.line("postsuper", f"{queue_id}: {text}")
 
     async def hold(self, queue_ids: list[str] | None) -> list[str]:
         """postsuper -h: keep the messages out of delivery until released."""
@@ -535,6 +545,7 @@ class QueueManager:
 
 
 REMOVE = object()  # an operation's verdict: remove the message
+OPERATION_CHUNK = 1000  # messages an operator command changes per round of commits
 
 
 def _due_now(envelope: Envelope, now: float) -> None:

@@ -114,6 +114,9 @@ class Spool(Protocol):
         ``until``. The index holds every message not on hold, keyed by Envelope.next_due, and
         follows each write: the queue manager's schedule lives here, not in memory."""
 
+    def queue_ids(self) -> list[str]:
+        """Every queued message's ID (without decoding the envelopes)."""
+
     def envelopes(self) -> list[Envelope]:
         """Every queued envelope (`tern queue`)."""
 

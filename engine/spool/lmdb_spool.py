@@ -265,6 +265,10 @@ class LmdbSpool:
         raws = self._read(self._envelope_db, lambda txn: [value for _, value in txn.cursor()])
         return [Envelope.decode(raw) for raw in raws]
 
+    def queue_ids(self) -> list[str]:
+        return self._read(self._envelope_db, lambda txn: [
+            key.decode() for key in txn.cursor().iternext(keys=True, values=False)])
+
     def envelope(self, queue_id: str) -> Envelope | None:
         raw = self._read(self._envelope_db, lambda txn: txn.get(queue_id.encode()))
         return Envelope.decode(raw) if raw is not None else None

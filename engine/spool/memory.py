@@ -35,6 +35,9 @@ class MemorySpool:
                 due.append((when, envelope.queue_id))
         return [queue_id for _, queue_id in sorted(due)[:limit]]
 
+    def queue_ids(self) -> list[str]:
+        return list(self._envelopes)
+
     def envelopes(self) -> list[Envelope]:
         return [Envelope.decode(raw) for raw in self._envelopes.values()]
 
