@@ -813,3 +813,47 @@ def test_a_message_being_held_is_not_activated_from_its_old_copy():
 
     calls, stored = asyncio.run(scenario())
     assert calls == [] and stored.held
+
+
+def test_bounce_queue_lifetime_expires_null_sender_mail_sooner():
+    async def scenario():
+        spool = MemorySpool()
+        clock = Clock(1000.0 + 2 * 3600.0)  # both messages arrived two hours ago
+
+        async def agent(request):
+            raise TransientFailure("4.4.1", "down")
+
+        qmgr, log = manager(spool, agent, clock, bounce_queue_lifetime=3600.0)
+        await qmgr.start()
+        for name, sender in (("BOUNCE", ""), ("NORMAL", "s@example.org")):
+            env = envelope(name)
+            env.sender = sender
+            await enqueue(spool, env)
+            qmgr.notify_new(env)
+        await until(lambda: spool.envelope("BOUNCE") is None and not qmgr._active)
+        await qmgr.stop()
+        return log.getvalue(), spool.envelope("NORMAL")
+
+    log, normal = asyncio.run(scenario())
+    assert "BOUNCE: to=<r@example.net>, relay=none" in log and "status=expired" in log
+    assert normal.recipients[0].status == "deferred"  # maximal_queue_lifetime: 5 days
+
+
+def test_recipients_for_one_destination_go_fifty_per_transaction():
+    async def scenario():
+        spool, transactions = MemorySpool(), []
+
+        async def agent(request):
+            transactions.append(len(request.recipients))
+            return sent(request)
+
+        qmgr, _ = manager(spool, agent)
+        await qmgr.start()
+        env = envelope("Q1", tuple(f"r{i}@example.net" for i in range(120)))
+        await enqueue(spool, env)
+        qmgr.notify_new(env)
+        await until(lambda: spool.envelopes() == [])
+        await qmgr.stop()
+        return sorted(transactions)
+
+    assert asyncio.run(scenario()) == [20, 50, 50]
