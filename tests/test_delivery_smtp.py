@@ -201,3 +201,38 @@ def test_mx_every_host_without_address_bounces(dns_server):
         run(deliver(request_to("mx.test", 25, mx_lookup=True), config, Resolver(config)))
     assert info.value.dsn == "5.4.4"
     assert "name=mail2.mx.test type=A: Host not found" in info.value.text
+
+
+DSN_FIELDS = {
+    "ret": "HDRS",
+    "envid": "Q+2Bid.1",
+    "notify": {"b@y.test": "SUCCESS,FAILURE", "c@y.test": "NEVER"},
+    "orcpt": {"b@y.test": "rfc822;B+2Bx@y.test"},
+}
+
+
+def test_dsn_request_passed_on_to_a_dsn_server(smtp_sink, config):
+    """RFC 3461 §5.2.1: smtp-sink offers DSN, so RET/ENVID and NOTIFY/ORCPT go on as stored,
+    and the outcome says the notices are the next hop's duty now."""
+    sink = smtp_sink()
+    request = request_to("127.0.0.1", sink.port, **DSN_FIELDS)
+    outcome = run(deliver(request, config, Resolver(config)))
+    assert {r.status for r in outcome.results} == {"sent"}
+    assert outcome.dsn_passed
+    (message,) = sink.messages()
+    assert message.mail_args == "<a@x.test> RET=HDRS ENVID=Q+2Bid.1"
+    assert message.rcpt_args == (
+        "<b@y.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;B+2Bx@y.test",
+        "<c@y.test> NOTIFY=NEVER",
+    )
+
+
+def test_dsn_request_kept_from_a_server_without_dsn(smtp_sink, config):
+    sink = smtp_sink("-N")  # smtp-sink(1): do not announce support for DSN
+    request = request_to("127.0.0.1", sink.port, **DSN_FIELDS)
+    outcome = run(deliver(request, config, Resolver(config)))
+    assert {r.status for r in outcome.results} == {"sent"}
+    assert not outcome.dsn_passed
+    (message,) = sink.messages()
+    assert message.mail_args == "<a@x.test>"
+    assert message.rcpt_args == ("<b@y.test>", "<c@y.test>")

@@ -364,6 +364,105 @@ def test_mail_parameters_body_8bitmime_only_when_offered():
     assert writes[1].startswith(b"MAIL FROM:<>\r\nRCPT")
 
 
+DSN_ENVELOPE = Envelope(
+    "s@x.test",
+    ["a@y.test", "b@y.test", "c@y.test"],
+    CONTENT,
+    ret="HDRS",
+    envid="Q+2Bid",
+    notify={"a@y.test": "SUCCESS,FAILURE,DELAY", "b@y.test": "NEVER", "c@y.test": ""},
+    orcpt={"a@y.test": "rfc822;A+2Bx@y.test", "c@y.test": "rfc822;c@y.test"},
+)
+EHLO_DSN = b"250-mx.test\r\n250-PIPELINING\r\n250-DSN\r\n250 ENHANCEDSTATUSCODES\r\n"
+ALL_SENT = [b"250 2.1.0 Ok\r\n" + b"250 2.1.5 Ok\r\n" * 3 + b"354 go\r\n", QUEUED, BYE]
+
+
+@both_feeds
+def test_dsn_parameters_passed_on_when_offered(bytewise):
+    """RFC 3461 §5.2.1: RET/ENVID on MAIL, NOTIFY/ORCPT on each RCPT, as stored; a recipient
+    without them (no entry or "") gets none."""
+    writes, events, _ = converse([GREETING, EHLO_DSN, *ALL_SENT], DSN_ENVELOPE, bytewise=bytewise)
+    assert writes[1] == (
+        b"MAIL FROM:<s@x.test> RET=HDRS ENVID=Q+2Bid\r\n"
+        b"RCPT TO:<a@y.test> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=rfc822;A+2Bx@y.test\r\n"
+        b"RCPT TO:<b@y.test> NOTIFY=NEVER\r\n"
+        b"RCPT TO:<c@y.test> ORCPT=rfc822;c@y.test\r\n"
+        b"DATA\r\n"
+    )
+    (done,) = [e for e in events if isinstance(e, TransactionDone)]
+    assert done.dsn_passed
+
+
+def test_dsn_parameters_without_pipelining_and_after_size_and_body():
+    envelope = Envelope(
+        "", ["a@y.test"], CONTENT, body_8bit=True, ret="FULL", notify={"a@y.test": "FAILURE"}
+    )
+    ehlo = b"250-mx.test\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250 DSN\r\n"
+    script = [GREETING, ehlo, b"250 Ok\r\n", b"250 Ok\r\n", b"354 go\r\n", QUEUED, BYE]
+    writes, events, _ = converse(script, envelope)
+    assert writes[1:3] == [
+        b"MAIL FROM:<> SIZE=21 BODY=8BITMIME RET=FULL\r\n",
+        b"RCPT TO:<a@y.test> NOTIFY=FAILURE\r\n",
+    ]
+    assert events[-1].dsn_passed
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        [GREETING, EHLO_PIPELINING, *ALL_SENT],
+        [GREETING, EHLO_PLAIN, *[b"250 Ok\r\n"] * 4, b"354 go\r\n", QUEUED, BYE],
+    ],
+    ids=["pipelining", "one-by-one"],
+)
+def test_dsn_parameters_not_sent_when_not_offered(script):
+    """Never an unadvertised parameter: without DSN the request stays here (dsn_passed False,
+    the queue manager owes the "relayed" notice)."""
+    writes, events, _ = converse(script, DSN_ENVELOPE)
+    sent = b"".join(writes)
+    for word in (b"RET=", b"ENVID=", b"NOTIFY=", b"ORCPT="):
+        assert word not in sent
+    assert b"RCPT TO:<a@y.test>\r\n" in sent
+    assert [r[1] for r in results_of(events)] == ["sent"] * 3
+    (done,) = [e for e in events if isinstance(e, TransactionDone)]
+    assert not done.dsn_passed
+
+
+def test_dsn_not_passed_when_helo_fallback():
+    script = [GREETING, b"502 5.5.2 Error\r\n", b"250 mx.test\r\n", b"250 Ok\r\n"]
+    script += [b"250 Ok\r\n"] * 3 + [b"354 go\r\n", QUEUED, BYE]
+    writes, events, _ = converse(script, DSN_ENVELOPE)
+    assert writes[2] == b"MAIL FROM:<s@x.test>\r\n"
+    assert not events[-1].dsn_passed
+
+
+def test_dsn_not_passed_when_size_limit_bounces_before_mail():
+    envelope = Envelope("s@x.test", ["a@y.test"], b"x" * 100, ret="FULL")
+    ehlo = b"250-mx.test\r\n250-DSN\r\n250 SIZE 50\r\n"
+    writes, events, _ = converse([GREETING, ehlo, BYE], envelope)
+    assert writes == [b"EHLO client.example\r\n", b"QUIT\r\n"]
+    assert not events[-1].dsn_passed
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"ret": "FULL\r\nRSET"},
+        {"envid": "a b"},
+        {"envid": "a=b"},
+        {"notify": {"a@y.test": "NEVER\r\nRCPT TO:<x@z.test>"}},
+        {"orcpt": {"a@y.test": "rfc822;\u00e9@y.test"}},
+    ],
+)
+def test_unsafe_dsn_values_are_refused(fields):
+    client = Client("client.example")
+    client.receive_data(GREETING + EHLO_DSN)
+    while not isinstance(client.next_event(), Ready):
+        pass
+    with pytest.raises(LocalProtocolError):
+        client.start_transaction(Envelope("s@x.test", ["a@y.test"], b"", **fields))
+
+
 def test_message_over_the_servers_size_limit_bounces_without_mail():
     envelope = Envelope("s@x.test", ["a@y.test"], b"x" * 100)
     ehlo = b"250-mx.test\r\n250 SIZE 50\r\n"

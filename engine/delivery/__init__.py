@@ -5,7 +5,7 @@ for one next hop and reports a result per recipient. The class of a failure is t
 decision: a transient one defers, a permanent one bounces (as slimta's relay errors).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
@@ -67,6 +67,14 @@ class DeliveryRequest:
     content: bytes
     nexthop: NextHop
     body_8bit: bool = False
+    # RFC 3461 DSN request as the spool stores it, passed on when the next hop offers DSN
+    # (§5.2.1): RET ("FULL" / "HDRS", "" = not given) and ENVID (xtext) for the message;
+    # NOTIFY ("SUCCESS,FAILURE,DELAY" / "NEVER") and ORCPT ("addr-type;xtext") per recipient
+    # address, a recipient without an entry (or with "") having none.
+    ret: str = ""
+    envid: str = ""
+    notify: dict[str, str] = field(default_factory=dict)
+    orcpt: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,3 +85,6 @@ class DeliveryOutcome:
     connect_seconds: float = 0.0  # c: DNS, connect, greeting, EHLO (and TLS later)
     transfer_seconds: float = 0.0  # d: MAIL … end of DATA
     conn_use: int = 1  # the connection's Nth transaction; Postfix logs conn_use=N when N > 1
+    # The server offered DSN, so the request's DSN parameters went with the transaction and the
+    # next hop now owes the notices: no "relayed" success notice from here (RFC 3461 §5.2.1).
+    dsn_passed: bool = False

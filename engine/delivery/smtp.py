@@ -67,7 +67,16 @@ async def deliver(
     if not request.recipients:
         return DeliveryOutcome([])
     hop = request.nexthop
-    envelope = Envelope(request.sender, request.recipients, request.content, request.body_8bit)
+    envelope = Envelope(
+        request.sender,
+        request.recipients,
+        request.content,
+        request.body_8bit,
+        ret=request.ret,
+        envid=request.envid,
+        notify=request.notify,
+        orcpt=request.orcpt,
+    )
     if connections is not None:
         while (cached := connections.take(hop.destination)) is not None:
             try:
@@ -161,6 +170,7 @@ async def _transact(
                 connect_seconds=ready_at - started,
                 transfer_seconds=done_at - ready_at,
                 conn_use=client.transactions,
+                dsn_passed=event.dsn_passed,
             )
         await _finish(connection, config)
         if isinstance(event, ReuseFailed):

@@ -150,12 +150,19 @@ def dot_stuff(content: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Envelope:
-    """One transaction: envelope sender (may be ""), recipients, the message as stored."""
+    """One transaction: envelope sender (may be ""), recipients, the message as stored, and the
+    RFC 3461 DSN request (sent only to a server that offers DSN): RET and ENVID for MAIL FROM,
+    NOTIFY and ORCPT per recipient address for RCPT TO ("" or no entry: the parameter is left
+    out). The values go out as given (xtext where the RFC says so)."""
 
     sender: str
     recipients: Sequence[str]
     content: bytes
     body_8bit: bool = False
+    ret: str = ""
+    envid: str = ""
+    notify: Mapping[str, str] = field(default_factory=dict)
+    orcpt: Mapping[str, str] = field(default_factory=dict)
 
 
 # Events returned by Client.next_event()
@@ -205,9 +212,12 @@ class ReuseFailed:
 
 @dataclass(frozen=True)
 class TransactionDone:
-    """The transaction ended: one result per recipient, in envelope order."""
+    """The transaction ended: one result per recipient, in envelope order. ``dsn_passed``: MAIL
+    FROM went to a server that offered DSN, with the envelope's DSN parameters, so the notices
+    are the next hop's duty now (RFC 3461 §5.2.1: no "relayed" success notice from here)."""
 
     results: tuple[RecipientResult, ...]
+    dsn_passed: bool = False
 
 
 @dataclass(frozen=True)
@@ -229,6 +239,14 @@ class Phase(Enum):
 def _check_path(value: str) -> str:
     if any(c in value for c in "\r\n\0<>"):
         raise LocalProtocolError(f"unsafe address {value!r}")
+    return value
+
+
+def _check_param(name: str, value: str) -> str:
+    """An ESMTP parameter value (RFC 5321 §4.1.2 esmtp-value, which xtext fits in): printable
+    US-ASCII without space or "=". Anything else would corrupt the command line."""
+    if not all("!" <= c <= "~" and c != "=" for c in value):
+        raise LocalProtocolError(f"unsafe {name} value {value!r}")
     return value
 
 
@@ -318,6 +336,11 @@ class Client:
         _check_path(envelope.sender)
         for rcpt in envelope.recipients:
             _check_path(rcpt)
+        _check_param("RET", envelope.ret)
+        _check_param("ENVID", envelope.envid)
+        for rcpt in envelope.recipients:
+            _check_param("NOTIFY", envelope.notify.get(rcpt, ""))
+            _check_param("ORCPT", envelope.orcpt.get(rcpt, ""))
         self.phase = Phase.TRANSACTION
         self._new_transaction(envelope)
         self.transactions += 1
@@ -468,6 +491,7 @@ class Client:
         self._rcpt_sent = 0
         self._rcpt_replied = 0
         self._discard_dot = False
+        self._dsn = False  # DSN parameters go with this transaction (the server offers DSN)
 
     def _send_mail(self) -> None:
         env = self._env
@@ -476,13 +500,19 @@ class Client:
             params += f" SIZE={len(env.content)}"
         if env.body_8bit and "8BITMIME" in self.extensions:
             params += " BODY=8BITMIME"
+        # RFC 3461 §5.2.1: pass the DSN request on, but only to a server that offers DSN
+        self._dsn = "DSN" in self.extensions
+        if self._dsn and env.ret:
+            params += f" RET={env.ret}"
+        if self._dsn and env.envid:
+            params += f" ENVID={env.envid}"
         mail = f"MAIL FROM:<{env.sender}>{params}\r\n".encode()
         self._pipelined = self.use_pipelining and "PIPELINING" in self.extensions
         if not self._pipelined:
             self._send(mail, Stage.MAIL)
             return
         # RFC 2920 §3.1: MAIL, every RCPT and DATA in one write; the replies come in order.
-        rcpts = b"".join(f"RCPT TO:<{r}>\r\n".encode() for r in env.recipients)
+        rcpts = b"".join(self._rcpt_command(r) for r in env.recipients)
         self._events.append(Send(mail + rcpts + b"DATA\r\n", Stage.MAIL))
         self._expect.append(Stage.MAIL)
         self._expect.extend([Stage.RCPT] * len(env.recipients))
@@ -492,7 +522,16 @@ class Client:
     def _send_rcpt(self) -> None:
         rcpt = self._env.recipients[self._rcpt_sent]
         self._rcpt_sent += 1
-        self._send(f"RCPT TO:<{rcpt}>\r\n".encode(), Stage.RCPT)
+        self._send(self._rcpt_command(rcpt), Stage.RCPT)
+
+    def _rcpt_command(self, rcpt: str) -> bytes:
+        params = ""
+        if self._dsn:
+            if notify := self._env.notify.get(rcpt):
+                params += f" NOTIFY={notify}"
+            if orcpt := self._env.orcpt.get(rcpt):
+                params += f" ORCPT={orcpt}"
+        return f"RCPT TO:<{rcpt}>{params}\r\n".encode()
 
     def _said(self, reply: Reply, stage: Stage) -> str:
         return f"host {self.peer} said: {reply.flat} (in reply to {COMMAND[stage]} command)"
@@ -514,7 +553,7 @@ class Client:
             or RecipientResult(rcpt, "deferred", "4.0.0", f"no reply from {self.peer}", self.relay)
             for rcpt, result in zip(self._env.recipients, self._results, strict=True)
         )
-        self._events.append(TransactionDone(results))
+        self._events.append(TransactionDone(results, self._dsn))
         self.phase = Phase.READY
         self._new_transaction(None)
 
