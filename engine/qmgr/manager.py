@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from engine import bounce, speedups
+from engine import speedups
 from engine.config import Config
 from engine.delivery import (
     DeliveryOutcome,
@@ -27,9 +27,11 @@ from engine.delivery import (
 )
 from engine.delivery.route import nexthop_for
 from engine.log import Maillog, format_delay
+from engine.qmgr.notices import Notices
+from engine.qmgr.operations import QueueOperations
 from engine.qmgr.scheduler import Job, backoff, batches
 from engine.smtp.grammar import domain_of
-from engine.spool import Envelope, Recipient, SpoolError
+from engine.spool import Envelope, SpoolError
 
 Agent = Callable[[DeliveryRequest], Awaitable[DeliveryOutcome]]
 
@@ -42,7 +44,7 @@ class Attempt:
     site_failure: str | None = None
 
 
-class QueueManager:
+class QueueManager(QueueOperations):
     def __init__(self, spool, config: Config, maillog: Maillog, agents: dict[str, Agent],
                  clock: Callable[[], float] = time.time, cleanup=None) -> None:
         self.spool = spool
@@ -50,7 +52,7 @@ class QueueManager:
         self.maillog = maillog
         self.agents = agents
         self.clock = clock
-        self.cleanup = cleanup  # engine.cleanup.Cleanup: queues notices; None = no notices
+        self.notices = Notices(config, maillog, spool, clock, cleanup)
         # the compiled twin of engine.qmgr.scheduler.Scheduler when built (engine.speedups)
         self.scheduler = speedups.load("scheduler").Scheduler(
             config.default_destination_concurrency_limit,
@@ -70,6 +72,15 @@ class QueueManager:
         self._next_scan = 0.0
         self._tasks: set[asyncio.Task] = set()
         self._runner: asyncio.Task | None = None
+
+    @property
+    def cleanup(self):
+        """Where notices are queued (engine.cleanup.Cleanup); None sends none."""
+        return self.notices.cleanup
+
+    @cleanup.setter
+    def cleanup(self, cleanup) -> None:
+        self.notices.cleanup = cleanup
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -340,7 +351,7 @@ class QueueManager:
                         recipient.attempts, self.config.minimal_backoff_time,
                         self.config.maximal_backoff_time)
             recipient.status = status
-            if shown == "expired" and self._will_notify(envelope, recipient, "FAILURE"):
+            if shown == "expired" and self.notices.will_notify(envelope, recipient, "FAILURE"):
                 shown += ", returned to sender"
             self.maillog.line(
                 service,
@@ -357,7 +368,7 @@ class QueueManager:
         queue_id = envelope.queue_id
         try:
             if queue_id not in self._doomed:
-                await self._send_notices(envelope)
+                await self.notices.send(envelope)
             while True:
                 self._touched.discard(queue_id)
                 if queue_id in self._doomed or not (envelope.unfinished
@@ -378,198 +389,6 @@ class QueueManager:
             self._touched.discard(queue_id)
             self._wake.set()
 
-    def _will_notify(self, envelope: Envelope, recipient: Recipient, kind: str) -> bool:
-        return (self.cleanup is not None and self._notice_owed(envelope, recipient, kind)
-                and self._notice_recipient(envelope, kind)[0] is not None)
-
-    def _notice_owed(self, envelope: Envelope, recipient: Recipient, kind: str) -> bool:
-        """RFC 3461 NOTIFY: NEVER, or a list of SUCCESS / FAILURE / DELAY; not given means
-        FAILURE and DELAY. A null-sender message gets no notice (its failures are double
-        bounces, for the postmaster when notify_classes has 2bounce)."""
-        notify = {n.strip() for n in recipient.notify.upper().split(",") if n.strip()}
-        wanted = kind in notify if notify else kind in ("FAILURE", "DELAY")
-        return wanted and "NEVER" not in notify
-
-    async def _send_notices(self, envelope: Envelope) -> None:
-        """Queue the notices owed. A recipient is marked notified only once its notice is
-        queued; if one cannot be (spool full…), the message keeps a notice_retry time and the
-        queue manager comes back to it, while its recipient states are stored regardless."""
-        if self.cleanup is None:
-            return
-        now = self.clock()
-        envelope.notice_retry = 0.0
-        try:
-            await self._queue_notices(envelope, now)
-        except Exception as error:  # noqa: BLE001 - a notice must not cost the message its state
-            self.maillog.line("qmgr", f"warning: {envelope.queue_id}: cannot queue a notice: "
-                                      f"{error!r}")
-            envelope.notice_retry = now + self.config.minimal_backoff_time
-
-    async def _queue_notices(self, envelope: Envelope, now: float) -> None:
-        failed = [r for r in envelope.recipients if r.status == "bounced" and not r.notified]
-        delivered = [r for r in envelope.recipients if r.status == "sent" and not r.notified]
-        delayed = []
-        warn_after = self.config.delay_warning_time
-        if warn_after > 0 and now - envelope.arrival >= warn_after:
-            delayed = [r for r in envelope.recipients
-                       if r.status == "deferred" and not r.warned]
-        content = None
-        for kind, recipients, build, label in (
-                ("FAILURE", failed, bounce.failure_notice, "non-delivery"),
-                ("DELAY", delayed, bounce.delay_notice, "delay"),
-                ("SUCCESS", delivered, bounce.success_notice, "delivery status")):
-            owed = [r for r in recipients if self._notice_owed(envelope, r, kind)]
-            to, who, notice_sender = self._notice_recipient(envelope, kind)
-            if owed and to is not None:
-                if content is None:
-                    content = self.spool.content(envelope.queue_id)
-                notice = await self.cleanup.inject(
-                    notice_sender, [to], build(envelope, owed, content, self.config, now))
-                self.maillog.line("bounce", f"{envelope.queue_id}: {who} {label} "
-                                            f"notification: {notice.queue_id}")
-            elif owed and kind == "FAILURE" and envelope.sender == self._double_bounce_sender:
-                self.maillog.line("bounce", f"{envelope.queue_id}: undeliverable postmaster "
-                                            "notification discarded")
-            for recipient in recipients:  # done with these, notice or not
-                if kind == "DELAY":
-                    recipient.warned = True
-                else:
-                    recipient.notified = True
-
-    @property
-    def _double_bounce_sender(self) -> str:
-        """Postfix's double-bounce@$myorigin: the sender of notices to the postmaster, whose
-        own failures are discarded, so that notices about notices cannot loop."""
-        return f"double-bounce@{self.config.myhostname}"
-
-    def _notice_recipient(self, envelope: Envelope,
-                          kind: str) -> tuple[str | None, str, str]:
-        """(recipient, who for the log, envelope sender) of a notice, or (None, "", "")."""
-        if envelope.sender == self._double_bounce_sender:
-            return None, "", ""
-        if envelope.sender:
-            return envelope.sender, "sender", ""
-        if kind == "FAILURE" and "2bounce" in self.config.notify_classes:
-            return (self.config.double_bounce_notice_recipient, "postmaster",
-                    self._double_bounce_sender)
-        return None, "", ""
-
-    # -- queue operations (tern queue …): work running or not --------------------------------
-
-    def _ids(self, queue_ids: list[str] | None) -> list[str]:
-        """The named messages, or every queued one (active or not) for None."""
-        if queue_ids is not None:
-            return list(queue_ids)
-        return sorted(set(self.spool.queue_ids()) | set(self._active))
-
-    async def _operate(self, queue_ids: list[str] | None, act) -> list[str]:
-        """Apply ``act(envelope, now)`` to each message: it edits the envelope and returns the
-        postsuper log text ("" for none), REMOVE, or None when it does not apply. A stored
-        message is read fresh and not activated while its write is in flight (its copy is
-        private); an active one is changed in memory and its settle writes (or removes) it,
-        even when the change comes during that write. Writes go out in chunks that share
-        group commits; memory stays bounded by the chunk, whatever the queue size."""
-        done: list[str] = []
-        ids = self._ids(queue_ids)
-        for start in range(0, len(ids), OPERATION_CHUNK):
-            writes = []
-            for queue_id in ids[start:start + OPERATION_CHUNK]:
-                now = self.clock()
-                active = self._active.get(queue_id)
-                envelope = active or self.spool.envelope(queue_id)
-                outcome = act(envelope, now) if envelope is not None else None
-                if outcome is None:
-                    continue
-                if active is not None:
-                    (self._doomed if outcome is REMOVE else self._touched).add(queue_id)
-                    self._operated(queue_id, outcome, done, active=True)
-                    continue
-                self._busy.add(queue_id)
-                write = (self.spool.remove(queue_id) if outcome is REMOVE
-                         else self.spool.update(envelope))
-                writes.append((queue_id, outcome, write))
-            results = await asyncio.gather(*(w for _, _, w in writes), return_exceptions=True)
-            for (queue_id, outcome, _), result in zip(writes, results, strict=True):
-                self._busy.discard(queue_id)
-                if isinstance(result, BaseException):
-                    self.maillog.line("postsuper", f"warning: {queue_id}: {result}")
-                else:
-                    self._operated(queue_id, outcome, done, active=False)
-        self._rescan()
-        return done
-
-    def _operated(self, queue_id: str, outcome, done: list[str], *, active: bool) -> None:
-        done.append(queue_id)
-        text = "removed" if outcome is REMOVE else outcome
-        if text and not (active and outcome is REMOVE):  # qmgr logs that removal itself
-            self.maillog.line("postsuper", f"{queue_id}: {text}")
-
-    async def hold(self, queue_ids: list[str] | None) -> list[str]:
-        """postsuper -h: keep the messages out of delivery until released."""
-        return await self._operate(queue_ids, _hold)
-
-    async def release(self, queue_ids: list[str] | None) -> list[str]:
-        """postsuper -H: back into the queue, due now."""
-        return await self._operate(queue_ids, _release)
-
-    async def delete(self, queue_ids: list[str] | None, *,
-                     deferred_only: bool = False) -> list[str]:
-        """postsuper -d: remove the messages (an active one when its attempt ends)."""
-        def act(envelope: Envelope, now: float):
-            deferred = any(r.status == "deferred" for r in envelope.recipients)
-            return REMOVE if deferred or not deferred_only else None
-
-        return await self._operate(queue_ids, act)
-
-    async def requeue(self, queue_ids: list[str] | None) -> list[str]:
-        """postsuper -r: every unfinished recipient is due again now."""
-        return await self._operate(queue_ids, _requeue)
-
-    async def flush(self, domain: str | None = None) -> list[str]:
-        """postqueue -f (every deferred message) or -s DOMAIN (those with a deferred
-        recipient in DOMAIN): due now."""
-        def act(envelope: Envelope, now: float):
-            wanted = [r for r in envelope.recipients if r.status == "deferred"
-                      and (domain is None or domain_of(r.address) == domain.lower())]
-            if envelope.held or not wanted:
-                return None
-            for recipient in wanted:
-                recipient.next_attempt = now
-            return ""
-
-        return await self._operate(None, act)
-
     def _rescan(self) -> None:
         self._scan_wanted = True
         self._wake.set()
-
-
-REMOVE = object()  # an operation's verdict: remove the message
-OPERATION_CHUNK = 1000  # messages an operator command changes per round of commits
-
-
-def _due_now(envelope: Envelope, now: float) -> None:
-    for recipient in envelope.unfinished:
-        recipient.next_attempt = now
-
-
-def _hold(envelope: Envelope, now: float) -> str | None:
-    if envelope.held:
-        return None
-    envelope.held = True
-    return "placed on hold"
-
-
-def _release(envelope: Envelope, now: float) -> str | None:
-    if not envelope.held:
-        return None
-    envelope.held = False
-    _due_now(envelope, now)
-    return "released from hold"
-
-
-def _requeue(envelope: Envelope, now: float) -> str | None:
-    if not envelope.unfinished:
-        return None
-    _due_now(envelope, now)
-    return "requeued"

@@ -4,8 +4,11 @@ No I/O and no clock: callers pass ``now``. Due work becomes jobs (one message, o
 most ``recipient_limit`` recipients) in per-destination FIFOs, started round robin across
 destinations. Each destination has Postfix's concurrency window: it starts at the initial
 concurrency, grows with each success up to the limit, shrinks with each site failure; a
-destination whose whole first cohort(s) failed is dead (suspended) until its backoff ends.
-``rate_delay`` spaces deliveries to one destination (and then allows one at a time).
+destination whose whole cohort(s) failed (``failed_cohort_limit`` times the window it had when
+the run of failures began) is dead (suspended) until its backoff ends. ``rate_delay`` spaces
+deliveries to one destination (and then allows one at a time). A destination nobody needs (no
+job queued or running, not dead, its rate delay over) is forgotten, failure count included:
+memory is bounded by the busy and the dead, and ``sweep`` frees the dead whose time is over.
 """
 
 from collections import deque
@@ -52,6 +55,7 @@ class Destination:
     queue: deque = field(default_factory=deque)
     active: int = 0
     failures: int = 0  # site failures since the last success
+    cohort: int = 0  # int(window) when the first of those failures came (at least 1)
     dead_until: float = 0.0
     next_start: float = 0.0  # rate delay: the earliest time the next delivery may start
     last_failure: str = ""  # the reason a dead destination gives its deferred jobs
@@ -124,13 +128,15 @@ class Scheduler:
             destination.failures = 0
             destination.window = min(float(self.concurrency_limit),
                                      destination.window + 1.0 / destination.window)
-            self._forget_if_idle(destination)
+            self._forget_if_idle(destination, now)
             return []
+        if destination.failures == 0:  # a cohort is the window as it was before the failures
+            destination.cohort = max(1, int(destination.window)) + (destination.window > 4.5)
         destination.failures += 1
         destination.last_failure = site_failure
         destination.window = max(1.0, destination.window - 1.0 / destination.window)
-        cohort = max(1, int(destination.window))
-        if destination.failures < cohort * self.failed_cohort_limit:
+        if destination.failures < destination.cohort * self.failed_cohort_limit:
+            self._forget_if_idle(destination, now)
             return []
         destination.dead_until = now + retry_after
         destination.failures = 0
@@ -139,15 +145,28 @@ class Scheduler:
         destination.queue.clear()
         if destination.name in self._round:
             self._round.remove(destination.name)
+        self._forget_if_idle(destination, now)  # dead for retry_after <= 0 is not dead
         return dropped
 
-    def _forget_if_idle(self, destination: Destination) -> None:
-        """Keep memory bounded by live destinations: drop state nobody needs."""
-        if (not destination.queue and not destination.active and not destination.failures
-                and destination.window >= self.initial_concurrency):
+    def sweep(self, now: float) -> None:
+        """Forget every destination nobody needs any more, the dead whose backoff has ended
+        included (the queue manager calls this at each queue scan)."""
+        for destination in list(self._destinations.values()):
+            self._forget_if_idle(destination, now)
+
+    def _forget_if_idle(self, destination: Destination, now: float) -> None:
+        """Keep memory bounded by the busy and the dead: drop the state of a destination with
+        no job queued or running, not dead, and its rate delay over (a new one reads the same,
+        but for a failure count and a shrunk window, which are let go)."""
+        if (not destination.queue and not destination.active and destination.dead_until <= now
+                and destination.next_start <= now):
             del self._destinations[destination.name]
 
     # -- queries -----------------------------------------------------------------------------
+
+    def remembered(self) -> int:
+        """How many destinations the scheduler holds state for."""
+        return len(self._destinations)
 
     def suspended_reason(self, name: str, now: float) -> str | None:
         destination = self._destinations.get(name)
