@@ -6,17 +6,19 @@ root, may connect) speaks one JSON request per line and answers one JSON reply p
     {"op": "hold", "ids": ["QID", ...] | null}       → {"ok": true, "ids": [affected QIDs]}
     {"op": "delete", "ids": null, "deferred_only": true}
     {"op": "flush", "domain": "example.net" | null}   → {"ok": false, "error": "..."} on failure
+    {"op": "active"}                                 → {"ok": true, "ids": [active QIDs]}
 
 ``null`` ids means ALL. Ops are hold, release, delete, requeue and flush, each one call of the
-same QueueManager method the offline tools use, run one at a time. Trusts the peer's user (the
-socket's mode), not its requests: each is checked before anything is done.
+same QueueManager method the offline tools use, run one at a time; and active, the IDs in the
+queue manager's active queue (being delivered now), read without waiting for them. Trusts the
+peer's user (the socket's mode), not its requests: each is checked before anything is done, and
+one that cannot be read (not JSON, nested too deep, wrong types) is answered with an error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import os
 import socket
@@ -29,7 +31,8 @@ SUN_PATH_MAX = 107  # bytes in sockaddr_un.sun_path, less the terminating NUL (L
 REQUEST_LIMIT = 1 << 20  # bytes in one request line
 REPLY_LIMIT = 1 << 28  # bytes in one reply line (every ID of a big queue)
 CLOSE_GRACE = 10.0  # seconds an operation in progress gets to finish at shutdown
-OPS = frozenset({"hold", "release", "delete", "requeue", "flush"})
+CHANGES = frozenset({"hold", "release", "delete", "requeue", "flush"})  # one at a time
+OPS = CHANGES | {"active"}
 
 
 class ControlError(Exception):
@@ -84,7 +87,8 @@ def _ids(value: Any) -> list[str] | None:
 
 
 class ControlServer:
-    """Answers control requests with a QueueManager's hold/release/delete/requeue/flush."""
+    """Answers control requests with a QueueManager's hold/release/delete/requeue/flush, and
+    the IDs in its active queue."""
 
     def __init__(self, qmgr, address: _SocketAddress, maillog=None) -> None:
         self.qmgr = qmgr
@@ -147,10 +151,12 @@ class ControlServer:
     async def answer(self, line: bytes) -> dict:
         """One request line → its reply."""
         try:
-            operation = self._parse(line)
-        except ValueError as error:
+            op, operation = self._parse(line)
+        except Exception as error:  # noqa: BLE001 - ValueError, RecursionError (deep nesting)…
             return {"ok": False, "error": f"bad request: {error}"}
         try:
+            if op not in CHANGES:  # a read: nothing to wait for
+                return {"ok": True, "ids": list(await operation())}
             async with self._one_at_a_time:
                 return {"ok": True, "ids": list(await operation())}
         except Exception as error:  # noqa: BLE001 - the client hears it; the server goes on
@@ -159,29 +165,32 @@ class ControlServer:
                                              f" failed: {error!r}")
             return {"ok": False, "error": f"{type(error).__name__}: {error}"}
 
-    def _parse(self, line: bytes) -> Callable[[], Awaitable[list[str]]]:
-        """The checked request as a call of the queue manager; ValueError says what is wrong."""
+    def _parse(self, line: bytes) -> tuple[str, Callable[[], Awaitable[list[str]]]]:
+        """The checked request's op, and the op as a call of the queue manager. Raises
+        ValueError saying what is wrong, or whatever json.loads raises (RecursionError)."""
         request = json.loads(line)
-        if not isinstance(request, dict) or request.get("op") not in OPS:
+        op = request.get("op") if isinstance(request, dict) else None
+        if not isinstance(op, str) or op not in OPS:
             raise ValueError(f'"op" must be one of {", ".join(sorted(OPS))}')
-        op = request["op"]
+        if op == "active":
+            return op, self._active
         if op == "flush":
             domain = request.get("domain")
             if domain is not None and not isinstance(domain, str):
                 raise ValueError('"domain" must be a string or null')
-            return lambda: _completed(self.qmgr.flush(domain))  # sync or async: both serve
+            return op, lambda: self.qmgr.flush(domain)
         ids = _ids(request.get("ids"))
         if op == "delete":
             deferred_only = request.get("deferred_only", False)
             if not isinstance(deferred_only, bool):
                 raise ValueError('"deferred_only" must be true or false')
-            return lambda: self.qmgr.delete(ids, deferred_only=deferred_only)
+            return op, lambda: self.qmgr.delete(ids, deferred_only=deferred_only)
         method = getattr(self.qmgr, op)
-        return lambda: method(ids)
+        return op, lambda: method(ids)
 
-
-async def _completed(result: list[str] | Awaitable[list[str]]) -> list[str]:
-    return await result if inspect.isawaitable(result) else result
+    async def _active(self) -> list[str]:
+        """The queue IDs in the queue manager's active queue: being delivered now."""
+        return list(self.qmgr._active)
 
 
 def _bind(address: _SocketAddress) -> socket.socket:
@@ -224,8 +233,8 @@ def _connect(address: str, timeout: float) -> socket.socket:
 
 def request(queue_directory: Path, op: str, *, timeout: float = 120.0, **arguments) -> list[str]:
     """Ask the server running on ``queue_directory`` to perform ``op``; returns the queue IDs
-    it affected. Raises ControlUnavailable when no server answers, ControlError when the server
-    refuses or fails."""
+    it affected (for ``active``: those in its active queue). Raises ControlUnavailable when no
+    server answers, ControlError when the server refuses or fails."""
     address = _SocketAddress(Path(queue_directory))
     try:
         try:

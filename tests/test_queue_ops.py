@@ -34,6 +34,8 @@ class StandInManager:
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
+        self._active = {"Q1": None, "Q2": None}  # the active queue: queue ID → envelope
+        self.blocked: asyncio.Event | None = None  # set: hold waits for it
 
     async def _op(self, name, queue_ids, **extra):
         self.calls.append((name, queue_ids, *extra.values()))
@@ -42,6 +44,8 @@ class StandInManager:
         return queue_ids or ["ALL"]
 
     async def hold(self, queue_ids):
+        if self.blocked is not None:
+            await self.blocked.wait()
         return await self._op("hold", queue_ids)
 
     async def release(self, queue_ids):
@@ -53,7 +57,7 @@ class StandInManager:
     async def delete(self, queue_ids, *, deferred_only=False):
         return await self._op("delete", queue_ids, deferred_only=deferred_only)
 
-    def flush(self, domain=None):  # sync, as the brief had it; an async one serves as well
+    async def flush(self, domain=None):
         self.calls.append(("flush", domain))
         return ["F1"]
 
@@ -81,6 +85,7 @@ def test_control_requests_call_the_queue_manager(tmp_path):
         assert await ask(tmp_path, "delete", ids=None, deferred_only=True) == ["ALL"]
         assert await ask(tmp_path, "requeue", ids=["C3"]) == ["C3"]
         assert await ask(tmp_path, "flush", domain="example.net") == ["F1"]
+        assert await ask(tmp_path, "active") == ["Q1", "Q2"]
         return server.qmgr.calls
 
     assert with_control(tmp_path, body) == [
@@ -90,7 +95,13 @@ def test_control_requests_call_the_queue_manager(tmp_path):
 
 @pytest.mark.parametrize(("line", "error"), [
     (b"not json\n", "bad request: "),
-    (b'{"op": "format_disk"}\n', 'bad request: "op" must be one of delete, flush, hold, '),
+    (b'{"op": "format_disk"}\n',
+     'bad request: "op" must be one of active, delete, flush, hold, '),
+    (b'{"op": ["hold"]}\n', 'bad request: "op" must be one of '),
+    (b'["op", "hold"]\n', 'bad request: "op" must be one of '),
+    (b'\xff\xfe{}\n', "bad request: "),
+    # json.loads raises RecursionError, not ValueError: still an answer, the connection goes on
+    pytest.param(b"[" * 100_000 + b"\n", "bad request: maximum recursion depth", id="nested"),
     (b'{"op": "hold", "ids": "A1"}\n', 'bad request: "ids" must be a list'),
     (b'{"op": "delete", "ids": null, "deferred_only": "yes"}\n', 'bad request: "deferred_only"'),
     (b'{"op": "flush", "domain": 7}\n', 'bad request: "domain" must be'),
@@ -107,6 +118,19 @@ def test_control_answers_a_bad_or_failed_request_with_an_error_and_goes_on(tmp_p
     refused, accepted = with_control(tmp_path, body)
     assert refused["ok"] is False and refused["error"].startswith(error)
     assert accepted == {"ok": True, "ids": ["A1"]}
+
+
+def test_active_is_answered_while_a_change_is_in_progress(tmp_path):
+    async def body(server):
+        server.qmgr.blocked = asyncio.Event()
+        holding = asyncio.ensure_future(ask(tmp_path, "hold", ids=["A1"]))
+        await asyncio.sleep(0.2)
+        assert not holding.done()
+        assert await asyncio.wait_for(ask(tmp_path, "active"), 2) == ["Q1", "Q2"]
+        server.qmgr.blocked.set()
+        return await holding
+
+    assert with_control(tmp_path, body) == ["A1"]
 
 
 def test_control_socket_is_private_and_removed_at_close(tmp_path):
@@ -184,6 +208,9 @@ def test_show_is_postcat_layout():
     assert format_message(envelope(held=True), CONTENT, ("body",)) == (
         "*** MESSAGE CONTENTS hold/dZDwdW5pX0 ***\nfirst line\nlast line\n"
         "*** MESSAGE FILE END hold/dZDwdW5pX0 ***\n")
+    assert format_message(envelope(), CONTENT, ("body",), frozenset({"dZDwdW5pX0"})) == (
+        "*** MESSAGE CONTENTS active/dZDwdW5pX0 ***\nfirst line\nlast line\n"
+        "*** MESSAGE FILE END active/dZDwdW5pX0 ***\n")
 
 
 @pytest.mark.parametrize(("content", "headers", "body"), [
@@ -276,13 +303,19 @@ def test_offline_hold_release_delete_work_on_every_shard(capsys, offline):
         assert line in log
 
 
+def recipient(item: dict, address: str) -> dict:
+    """One recipient of a listed message, by address."""
+    (found,) = (r for r in item["recipients"] if r["address"] == address)
+    return found
+
+
 def test_offline_delete_deferred_and_requeue(capsys, offline):
     config_file, _ = offline
     config = ("--config", str(config_file))
     before = time.time()
     assert tern(capsys, "queue", "requeue", "ALL", *config)[2] == "tern: Requeued: 3 messages\n"
     for item in listed(capsys, config_file).values():
-        assert before <= item["recipients"][1]["next_attempt"] <= time.time()
+        assert before <= recipient(item, "slow@example.net")["next_attempt"] <= time.time()
     assert tern(capsys, "queue", "delete", "--deferred", *config)[0] == 0
     assert listed(capsys, config_file) == {}
 
@@ -293,7 +326,9 @@ def test_offline_flush_makes_deferred_mail_due_for_the_next_start(capsys, offlin
     assert tern(capsys, "queue", "flush", "--domain", "example.net",
                 "--config", str(config_file)) == (0, "", "")
     for item in listed(capsys, config_file).values():
-        assert before <= item["recipients"][1]["next_attempt"] <= time.time()
+        assert before <= recipient(item, "slow@example.net")["next_attempt"] <= time.time()
+        assert recipient(item, "new@other.test")["next_attempt"] == 0  # another domain
+        assert item["queue_name"] == "deferred"  # no server: nothing is active
 
 
 def test_named_message_that_is_not_queued_is_exit_1_and_the_others_are_done(capsys, offline):
@@ -345,6 +380,30 @@ def test_show_and_summary_json_read_the_spool(capsys, offline):
     assert summary["domains"] == [
         {"domain": "example.net", "total": 3, "counts": [3, 0, 0, 0, 0, 0, 0, 0, 0, 0]},
         {"domain": "other.test", "total": 3, "counts": [3, 0, 0, 0, 0, 0, 0, 0, 0, 0]}]
+
+
+def test_summary_counts_mail_not_on_hold_unless_hold_is_asked_for(capsys, offline):
+    config_file, _ = offline
+    config = ("--config", str(config_file))
+    assert tern(capsys, "queue", "hold", "A0", *config)[0] == 0
+
+    def total(*queues):
+        status, out, _ = tern(capsys, "queue", "summary", *queues, "--json", *config)
+        assert status == 0
+        return json.loads(out)["total"]["total"]
+
+    # two unfinished recipients in each message; A0 is held
+    assert (total(), total("deferred", "active"), total("hold"), total("active"),
+            total("hold", "deferred", "active")) == (4, 4, 2, 0, 6)
+    status, out, _ = tern(capsys, "queue", "summary", "--senders", *config)
+    assert status == 0 and out.splitlines()[1].split()[:2] == ["TOTAL", "2"]
+
+
+def test_summary_help_names_the_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["queue", "summary", "--help"])
+    assert "(default: deferred and active, every message not on hold)" in " ".join(
+        capsys.readouterr().out.split())
 
 
 # -- end to end: a real `tern serve`, smtp-sink as the next hop ---------------------------------
@@ -434,7 +493,9 @@ def test_delete_named_and_deferred_and_requeue(tern, smtp_sink):
 
 def test_show_summary_and_json_of_a_queued_message(tern, smtp_sink):
     sink = smtp_sink(start=False)
-    server = tern(relayhost=sink.nexthop, **FAST)
+    # no retry while the test runs: the message stays deferred, never active
+    server = tern(relayhost=sink.nexthop, minimal_backoff_time="1h", maximal_backoff_time="1h",
+                  queue_run_delay="1s")
     queue_id = deferred(server, recipients=("b@example.net", "c@example.com"), subject="shown")
     shown = queue(server, "show", queue_id)
     assert shown.returncode == 0, shown.stderr
@@ -482,3 +543,24 @@ def test_offline_changes_are_honoured_by_the_next_start(tern, smtp_sink):
     log = server.log()
     for line in [f"{kept}: placed on hold", f"{dropped}: removed", f"{freed}: released"]:
         assert line in log
+
+
+def test_a_message_being_delivered_is_in_the_active_queue(tern, smtp_sink):
+    sink = smtp_sink("-w", "4")  # waits 4 s before answering DATA: the delivery takes that long
+    server = tern(relayhost=sink.nexthop)
+    queue_id = send(server, "a@example.org", ["b@example.net"], b"Subject: slow\r\n\r\nbody\r\n")
+    started = time.monotonic()
+    listing = ok(server, "list")
+    (item,) = map(json.loads, ok(server, "list", "--json").splitlines())
+    shown = ok(server, "show", queue_id, "--envelope")
+    active = json.loads(ok(server, "summary", "active", "--json"))["total"]["total"]
+    deferred = json.loads(ok(server, "summary", "deferred", "--json"))["total"]["total"]
+    assert time.monotonic() - started < 4, "too slow: the delivery may have ended meanwhile"
+    assert f"\n{queue_id}* " in listing  # mailq: * after the ID of an active message
+    assert (item["queue_name"], [r["address"] for r in item["recipients"]]) == (
+        "active", ["b@example.net"])
+    assert shown.startswith(f"*** ENVELOPE RECORDS active/{queue_id} ***\n")
+    assert (active, deferred) == (1, 0)
+    server.wait_log(f"{queue_id}: removed")
+    assert len(sink.wait_messages(1)) == 1
+    assert ok(server, "list") == "Mail queue is empty\n"

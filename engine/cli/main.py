@@ -32,7 +32,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_queue_list(args: argparse.Namespace) -> int:
     from engine.cli.queue import list_queue
 
-    return list_queue(load_config(args.config), sys.stdout, as_json=args.json)
+    return list_queue(load_config(args.config), sys.stdout, as_json=args.json, err=sys.stderr)
 
 
 def _cmd_queue_show(args: argparse.Namespace) -> int:
@@ -40,17 +40,18 @@ def _cmd_queue_show(args: argparse.Namespace) -> int:
 
     sections = tuple(name for name in SECTIONS if getattr(args, name)) or SECTIONS
     return show_message(load_config(args.config), _queue_id(args.queue_id), sys.stdout,
-                        as_json=args.json, sections=sections)
+                        as_json=args.json, sections=sections, err=sys.stderr)
 
 
 def _cmd_queue_summary(args: argparse.Namespace) -> int:
-    from engine.cli.summary import QUEUES, summarize
+    from engine.cli.summary import DEFAULT_QUEUES, QUEUES, summarize
 
     unknown = sorted(set(args.queues) - set(QUEUES))
     if unknown:
         args.parser.error(f"unknown queue {unknown[0]!r} (choose from {', '.join(QUEUES)})")
     return summarize(load_config(args.config), sys.stdout, as_json=args.json,
-                     senders=args.senders, queues=tuple(args.queues) or QUEUES)
+                     senders=args.senders, queues=tuple(args.queues) or DEFAULT_QUEUES,
+                     err=sys.stderr)
 
 
 def _cmd_queue_operation(args: argparse.Namespace) -> int:
@@ -143,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     summary = queue_command("summary", "recipients by domain and age (as qshape)",
                             _cmd_queue_summary, json_help="one JSON object")
     summary.add_argument("queues", nargs="*", metavar="QUEUE",
-                         help="hold, deferred, active (default: all three)")
+                         help="hold, deferred, active (default: deferred and active, "
+                              "every message not on hold)")
     summary.add_argument("--senders", action="store_true",
                          help="sender domains, counting messages (as qshape -s)")
 

@@ -10,7 +10,6 @@ acted on. Trusts the administrator at the terminal.
 """
 
 import asyncio
-import inspect
 from pathlib import Path
 from typing import TextIO
 
@@ -49,8 +48,7 @@ def locate(config: Config, queue_ids: list[str]) -> tuple[dict[Path, list[str]],
 async def _call(qmgr: QueueManager, op: str, queue_ids: list[str] | None,
                 arguments: dict) -> list[str]:
     if op == "flush":
-        result = qmgr.flush(**arguments)
-        return await result if inspect.isawaitable(result) else result
+        return await qmgr.flush(**arguments)
     return await getattr(qmgr, op)(queue_ids, **arguments)
 
 

@@ -2,7 +2,9 @@
 the shard reading every ``tern queue`` command shares.
 
 Reads every spool shard through LMDB read-only transactions, so it works while the server runs
-and never blocks it. Trusts the spool's contents as written by Tern.
+and never blocks it; which messages are in the active queue (being delivered now) only the
+running server knows, so that is asked through its control socket (engine.control): with no
+server running, none is. Trusts the spool's contents as written by Tern.
 """
 
 import json
@@ -13,9 +15,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
+from engine import control
 from engine.config import Config
-from engine.spool import Envelope
+from engine.spool import FINAL, Envelope
 from engine.spool.lmdb_spool import LmdbSpool
+
+ACTIVE_TIMEOUT = 10.0  # seconds the server gets to say which messages are active
 
 
 class NoSuchMessage(Exception):
@@ -50,37 +55,58 @@ def read_queue(config: Config) -> list[Envelope]:
     return sorted(envelopes, key=lambda e: (e.arrival, e.queue_id))
 
 
-def queue_name(envelope: Envelope) -> str:
-    """Postfix's name for where the message is: hold, deferred (a recipient waits for a retry)
-    or active (due now)."""
+def active_ids(config: Config, err: TextIO | None = None) -> frozenset[str]:
+    """The queue IDs in the running server's active queue (its queue manager holds them: being
+    delivered now); none when no server runs. When the server answers but cannot say, a
+    warning on ``err`` and none."""
+    try:
+        return frozenset(control.request(Path(config.queue_directory), "active",
+                                         timeout=ACTIVE_TIMEOUT))
+    except control.ControlUnavailable:
+        return frozenset()
+    except control.ControlError as error:
+        if err is not None:
+            err.write(f"tern: warning: cannot ask the server for its active queue: {error}\n")
+        return frozenset()
+
+
+def queue_name(envelope: Envelope, active: frozenset[str] = frozenset()) -> str:
+    """Postfix's name for where the message is: hold, active (in ``active``, the running
+    server's active queue) or deferred (waiting in the spool, new mail too: Tern has no
+    separate incoming queue)."""
     if envelope.held:
         return "hold"
-    if any(r.status == "deferred" for r in envelope.unfinished):
-        return "deferred"
-    return "active"
+    if envelope.queue_id in active:
+        return "active"
+    return "deferred"
 
 
-def json_record(envelope: Envelope) -> dict:
+def json_record(envelope: Envelope, active: frozenset[str] = frozenset(), *,
+                finished: bool = True) -> dict:
     """The envelope with postqueue -j's keys added (queue_name, arrival_time, message_size,
-    each recipient's delay_reason), so tools written for Postfix read it too."""
-    record = {"queue_name": queue_name(envelope), **asdict(envelope),
+    each recipient's delay_reason), so tools written for Postfix read it too. Without
+    ``finished``, only the recipients still to be delivered (pending, deferred), as postqueue
+    -j lists them; sent and bounced ones are left out."""
+    record = {"queue_name": queue_name(envelope, active), **asdict(envelope),
               "arrival_time": int(envelope.arrival), "message_size": envelope.size}
+    if not finished:
+        record["recipients"] = [r for r in record["recipients"] if r["status"] not in FINAL]
     for recipient in record["recipients"]:
         if recipient["status"] == "deferred" and recipient["last_reply"]:
             recipient["delay_reason"] = recipient["last_reply"]
     return record
 
 
-def format_mailq(envelopes: list[Envelope]) -> str:
-    """Postfix's mailq: ID (``!`` held), size, arrival, sender; then each unfinished recipient,
-    preceded by the reason in parentheses when it was deferred."""
+def format_mailq(envelopes: list[Envelope], active: frozenset[str] = frozenset()) -> str:
+    """Postfix's mailq: ID (``*`` in the active queue, ``!`` held), size, arrival, sender; then
+    each unfinished recipient, preceded by the reason in parentheses when it was deferred."""
     if not envelopes:
         return "Mail queue is empty\n"
     lines = ["-Queue ID-  --Size-- ----Arrival Time---- -Sender/Recipient-------"]
     total = 0
     for envelope in envelopes:
         total += envelope.size
-        mark = "!" if envelope.held else ""
+        mark = {"hold": "!", "active": "*"}.get(queue_name(envelope, active), "")
         arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(envelope.arrival))
         lines.append(f"{envelope.queue_id + mark:<11} {envelope.size:>8} {arrival}  "
                      f"{envelope.sender or 'MAILER-DAEMON'}")
@@ -95,11 +121,13 @@ def format_mailq(envelopes: list[Envelope]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def list_queue(config: Config, out: TextIO, *, as_json: bool = False) -> int:
+def list_queue(config: Config, out: TextIO, *, as_json: bool = False,
+               err: TextIO | None = None) -> int:
+    active = active_ids(config, err)
     envelopes = read_queue(config)
     if as_json:
         for envelope in envelopes:
-            out.write(json.dumps(json_record(envelope)) + "\n")
+            out.write(json.dumps(json_record(envelope, active, finished=False)) + "\n")
     else:
-        out.write(format_mailq(envelopes))
+        out.write(format_mailq(envelopes, active))
     return 0

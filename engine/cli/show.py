@@ -2,14 +2,22 @@
 
 The envelope (sender, arrival, each recipient with its status and the reason of its last
 attempt), then the headers and the body, or the same as one JSON object. Reads the spool
-read-only, so it works while the server runs. Trusts the spool's contents as written by Tern.
+read-only, so it works while the server runs (which it asks whether the message is active).
+Trusts the spool's contents as written by Tern.
 """
 
 import json
 import time
 from typing import TextIO
 
-from engine.cli.queue import NoSuchMessage, json_record, open_shard, queue_name, shard_paths
+from engine.cli.queue import (
+    NoSuchMessage,
+    active_ids,
+    json_record,
+    open_shard,
+    queue_name,
+    shard_paths,
+)
 from engine.config import Config
 from engine.spool import Envelope, Recipient
 
@@ -77,10 +85,10 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
-def format_message(envelope: Envelope, content: bytes,
-                   sections: tuple[str, ...] = SECTIONS) -> str:
+def format_message(envelope: Envelope, content: bytes, sections: tuple[str, ...] = SECTIONS,
+                   active: frozenset[str] = frozenset()) -> str:
     """postcat's layout: ``*** ENVELOPE RECORDS queue/QID ***`` … ``*** MESSAGE FILE END …``."""
-    where = f"{queue_name(envelope)}/{envelope.queue_id}"
+    where = f"{queue_name(envelope, active)}/{envelope.queue_id}"
     headers, body = split_content(content)
     lines = []
     if "envelope" in sections:
@@ -101,14 +109,15 @@ def format_message(envelope: Envelope, content: bytes,
 
 
 def show_message(config: Config, queue_id: str, out: TextIO, *, as_json: bool = False,
-                 sections: tuple[str, ...] = SECTIONS) -> int:
+                 sections: tuple[str, ...] = SECTIONS, err: TextIO | None = None) -> int:
     envelope, content = find_message(config, queue_id)
+    active = active_ids(config, err)
     if not as_json:
-        out.write(format_message(envelope, content, sections))
+        out.write(format_message(envelope, content, sections, active))
         return 0
     headers, body = split_content(content)
-    record: dict = json_record(envelope) if "envelope" in sections else {
-        "queue_name": queue_name(envelope), "queue_id": envelope.queue_id}
+    record: dict = json_record(envelope, active) if "envelope" in sections else {
+        "queue_name": queue_name(envelope, active), "queue_id": envelope.queue_id}
     if "headers" in sections:
         record["headers"] = _text(headers)
     if "body" in sections:

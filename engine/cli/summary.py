@@ -2,8 +2,11 @@
 
 A table of destination domains × message age (buckets of 5, 10, 20 … 1280 minutes and older),
 counting the recipients still to be delivered, with a TOTAL row first and the busiest domains
-next; or sender domains (counting messages); or the same as JSON. Reads the spool read-only.
-Trusts the spool's contents as written by Tern.
+next; or sender domains (counting messages); or the same as JSON. qshape's default is the
+incoming and active queues; Tern has no separate incoming queue, so the default is every message
+not on hold (active and deferred), and held mail only when asked for. Reads the spool read-only
+(and asks the running server which messages are active). Trusts the spool's contents as written
+by Tern.
 """
 
 import json
@@ -13,13 +16,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from engine.cli.queue import queue_name, read_queue
+from engine.cli.queue import active_ids, queue_name, read_queue
 from engine.config import Config
 from engine.spool import Envelope
 
 BUCKETS = (5, 10, 20, 40, 80, 160, 320, 640, 1280)  # minutes: each column's upper bound
 LABELS = ("T", *(str(limit) for limit in BUCKETS), f"{BUCKETS[-1]}+")
 QUEUES = ("hold", "deferred", "active")
+DEFAULT_QUEUES = ("deferred", "active")  # every message not on hold
 
 
 def bucket(age_minutes: float) -> int:
@@ -72,8 +76,10 @@ def format_table(rows: list[Row]) -> str:
 
 
 def summarize(config: Config, out: TextIO, *, as_json: bool = False, senders: bool = False,
-              queues: tuple[str, ...] = QUEUES, now: float | None = None) -> int:
-    envelopes = [e for e in read_queue(config) if queue_name(e) in queues]
+              queues: tuple[str, ...] = DEFAULT_QUEUES, now: float | None = None,
+              err: TextIO | None = None) -> int:
+    active = active_ids(config, err) if set(queues) - {"hold"} else frozenset()
+    envelopes = [e for e in read_queue(config) if queue_name(e, active) in queues]
     rows = shape(envelopes, config, time.time() if now is None else now, senders=senders)
     if not as_json:
         out.write(format_table(rows))
