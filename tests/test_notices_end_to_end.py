@@ -8,9 +8,9 @@ import re
 import smtplib
 
 
-def sinks_and_tern(tern, smtp_sink, **settings):
+def sinks_and_tern(tern, smtp_sink, *accepting_flags, **settings):
     refusing = smtp_sink("-f", "RCPT")  # hard (5xx) reject of every RCPT
-    accepting = smtp_sink()
+    accepting = smtp_sink(*accepting_flags)
     server = tern(transport_maps={
         "bad.test": f"smtp:{refusing.nexthop}",
         "example.org": f"smtp:{accepting.nexthop}",
@@ -47,7 +47,8 @@ def test_refused_recipient_bounces_to_the_sender(tern, smtp_sink):
 
 
 def test_notify_success_gets_a_relayed_notice_and_never_gets_nothing(tern, smtp_sink):
-    _, accepting, server = sinks_and_tern(tern, smtp_sink)
+    """The next hop does not offer DSN (-N): Tern itself reports the relay."""
+    _, accepting, server = sinks_and_tern(tern, smtp_sink, "-N")
     with smtplib.SMTP(*server.address, timeout=10) as client:
         client.sendmail("alice@example.org", ["bob@example.org"], b"Subject: ok\r\n\r\nhi\r\n",
                         rcpt_options=["NOTIFY=SUCCESS"])
@@ -62,3 +63,17 @@ def test_notify_success_gets_a_relayed_notice_and_never_gets_nothing(tern, smtp_
     log = server.wait_log(": removed", count=3)
     assert "status=bounced" in log and "sender delivery status notification" in log
     assert "non-delivery notification" not in log  # NOTIFY=NEVER
+
+
+def test_a_dsn_capable_next_hop_gets_the_request_and_tern_sends_no_notice(tern, smtp_sink):
+    _, accepting, server = sinks_and_tern(tern, smtp_sink)
+    with smtplib.SMTP(*server.address, timeout=10) as client:
+        client.sendmail("alice@example.org", ["bob@example.org"], b"Subject: ok\r\n\r\nhi\r\n",
+                        mail_options=["RET=HDRS", "ENVID=e1"],
+                        rcpt_options=["NOTIFY=SUCCESS", "ORCPT=rfc822;bob@example.org"])
+    (message,) = accepting.wait_messages(1, timeout=15)
+    assert "RET=HDRS" in message.mail_args and "ENVID=e1" in message.mail_args
+    assert "NOTIFY=SUCCESS" in message.rcpt_args[0]
+    assert "ORCPT=rfc822;bob@example.org" in message.rcpt_args[0]
+    log = server.wait_log(": removed")
+    assert "notification" not in log

@@ -857,3 +857,21 @@ def test_recipients_for_one_destination_go_fifty_per_transaction():
         return sorted(transactions)
 
     assert asyncio.run(scenario()) == [20, 50, 50]
+
+
+def test_dsn_request_is_passed_on_and_a_dsn_capable_next_hop_takes_the_duty():
+    requests = []
+
+    async def agent(request):
+        requests.append(request)
+        outcome = sent(request)
+        outcome.dsn_passed = True
+        return outcome
+
+    def stored(spool):
+        return spool.envelope("Q1") is None
+
+    _, log = run_one(agent, notify="SUCCESS,FAILURE", stop_when=stored)
+    (request,) = requests
+    assert request.notify == {"r@example.net": "SUCCESS,FAILURE"}
+    assert "notification" not in log  # the next hop reports success, not Tern

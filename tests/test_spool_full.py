@@ -275,7 +275,7 @@ def test_server_on_a_full_disk_answers_452_keeps_running_and_delivers_what_it_to
         assert client.ehlo("client.test")[0] == 250
     assert server.process.poll() is None
     listing = server.tern("queue", "list", "--config", str(server.config_file)).stdout
-    assert set(accepted.values()) <= set(re.findall(r"^(\w+)\s", listing, re.MULTILINE))
+    assert set(accepted.values()) <= set(re.findall(r"^(\w+)[*!]?\s", listing, re.MULTILINE))
 
     sink.start()
     log = server.wait_log(": removed", count=len(accepted), timeout=40)

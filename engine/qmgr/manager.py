@@ -264,6 +264,10 @@ class QueueManager(QueueOperations):
             self._record(envelope, outcome.results, job.nexthop.transport,
                          self._delays(envelope, job.activated, started, outcome),
                          conn_use=outcome.conn_use)
+            if outcome.dsn_passed:  # the next hop took the DSN duty: no "relayed" notice
+                for recipient in envelope.recipients:
+                    if recipient.address in job.recipients and recipient.status == "sent":
+                        recipient.notified = True
             for other in dropped:
                 self._defer_suspended(other, self.clock())
         finally:  # whatever failed above (a full log disk…), the message must not be stranded
@@ -290,6 +294,11 @@ class QueueManager(QueueOperations):
                 content=self.spool.content(job.queue_id),
                 nexthop=job.nexthop,
                 body_8bit=envelope.body_8bit,
+                # RFC 3461 §5.2.1: passed on when the next hop offers DSN
+                ret=envelope.ret,
+                envid=envelope.envid,
+                notify={r.address: r.notify for r in envelope.recipients if r.notify},
+                orcpt={r.address: r.orcpt for r in envelope.recipients if r.orcpt},
             )
             return Attempt(await agent(request))
         except (TransientFailure, PermanentFailure) as failure:
