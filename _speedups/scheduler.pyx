@@ -26,6 +26,7 @@ cdef class Destination:
     cdef Py_ssize_t _head
     cdef readonly long active
     cdef readonly long failures  # site failures since the last success
+    cdef readonly long cohort  # <long>window when the first of those failures came (at least 1)
     cdef readonly double dead_until
     cdef readonly double next_start  # rate delay: the earliest time the next delivery may start
     cdef readonly object last_failure  # the reason a dead destination gives its deferred jobs
@@ -175,7 +176,6 @@ cdef class Scheduler:
         failure made the destination dead (suspended for ``retry_after`` seconds)."""
         cdef Destination destination = self._running.pop(job, None)
         cdef double window, limit
-        cdef long cohort
         if destination is None or destination._forgotten:
             destination = self._destinations[job.destination]
         destination.active -= 1
@@ -184,35 +184,50 @@ cdef class Scheduler:
             limit = <double>self.concurrency_limit
             window = destination.window + 1.0 / destination.window
             destination.window = window if window < limit else limit  # min(limit, window)
-            self._forget_if_idle(destination)
+            self._forget_if_idle(destination, now)
             return []
+        if destination.failures == 0:  # a cohort is the window as it was before the failures
+            destination.cohort = <long>destination.window
+            if destination.cohort < 1:
+                destination.cohort = 1
         destination.failures += 1
         destination.last_failure = site_failure
         window = destination.window - 1.0 / destination.window
         destination.window = window if window > 1.0 else 1.0  # max(1.0, window)
-        cohort = <long>destination.window
-        if cohort < 1:
-            cohort = 1
         # failures < cohort * failed_cohort_limit, without overflow (failures, cohort >= 1)
-        if destination.failures // cohort < self.failed_cohort_limit:
+        if destination.failures // destination.cohort < self.failed_cohort_limit:
+            self._forget_if_idle(destination, now)
             return []
         destination.dead_until = now + retry_after
         destination.failures = 0
         destination.window = <double>self.initial_concurrency
         if destination._has_queue():
             self._round_remove(destination)
-        return destination._drain()
+        dropped = destination._drain()
+        self._forget_if_idle(destination, now)  # dead for retry_after <= 0 is not dead
+        return dropped
 
-    cdef inline int _forget_if_idle(self, Destination destination) except -1:
-        """Keep memory bounded by live destinations: drop state nobody needs."""
+    def sweep(self, double now):
+        """Forget every destination nobody needs any more, the dead whose backoff has ended
+        included (the queue manager calls this at each queue scan)."""
+        cdef Destination destination
+        for destination in list(self._destinations.values()):
+            self._forget_if_idle(destination, now)
+
+    cdef inline int _forget_if_idle(self, Destination destination, double now) except -1:
+        """Keep memory bounded by the busy and the dead: drop the state of a destination with
+        no job queued or running, not dead, and its rate delay over."""
         if (not destination._has_queue() and destination.active == 0
-                and destination.failures == 0
-                and destination.window >= <double>self.initial_concurrency):
+                and destination.dead_until <= now and destination.next_start <= now):
             del self._destinations[destination.name]
             destination._forgotten = True
         return 0
 
     # -- queries -----------------------------------------------------------------------------
+
+    def remembered(self):
+        """How many destinations the scheduler holds state for."""
+        return len(self._destinations)
 
     def suspended_reason(self, name, double now):
         found = self._destinations.get(name)

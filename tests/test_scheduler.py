@@ -70,6 +70,24 @@ def test_site_failures_close_the_window_and_a_failed_cohort_kills_the_destinatio
     assert scheduler.submit(job("later"), 311.0)
 
 
+@pytest.mark.parametrize(("initial", "cohorts"), [(5, 1), (2, 1), (1, 1), (2, 2), (3, 3)])
+def test_a_destination_dies_when_a_whole_cohort_failed(Scheduler, initial, cohorts):
+    """The cohort is the window when the run of failures began: with an initial concurrency of
+    5 the 5th consecutive failure kills (not the 4th, as the shrunk window would say)."""
+    scheduler = Scheduler(concurrency_limit=20, initial_concurrency=initial,
+                          failed_cohort_limit=cohorts)
+    fill(scheduler, 40)
+    running = scheduler.startable(0.0)
+    assert len(running) == initial
+    for failure in range(1, initial * cohorts):
+        assert scheduler.finished(running.pop(0), 1.0, site_failure="refused",
+                                  retry_after=60.0) == [], failure
+        assert scheduler.suspended_reason(A, 1.0) is None, failure
+        running += scheduler.startable(1.0)
+    dropped = scheduler.finished(running.pop(0), 1.0, site_failure="refused", retry_after=60.0)
+    assert dropped and scheduler.suspended_reason(A, 1.0) == "refused"
+
+
 def test_one_failure_does_not_kill_a_destination(Scheduler):
     scheduler = Scheduler(concurrency_limit=20, initial_concurrency=5)
     fill(scheduler, 3)
@@ -117,6 +135,71 @@ def test_idle_destinations_are_forgotten(Scheduler):
     assert scheduler.active(A) == 0
     fill(scheduler, 6)
     assert len(scheduler.startable(1.0)) == 5
+
+
+def test_an_idle_destination_is_forgotten_after_a_site_failure(Scheduler):
+    scheduler = Scheduler(initial_concurrency=5)
+    fill(scheduler, 1)
+    (running,) = scheduler.startable(0.0)
+    assert scheduler.finished(running, 0.0, site_failure="timeout", retry_after=300.0) == []
+    assert scheduler.window(A) == 5.0  # remembered, it would read 4.8
+    assert scheduler.remembered() == 0
+
+
+def test_destinations_that_failed_once_are_not_kept(Scheduler):
+    scheduler = Scheduler(initial_concurrency=5)
+    for i in range(50_000):
+        assert scheduler.submit(job(f"q{i}", f"h{i}.test"), 0.0)
+        (running,) = scheduler.startable(0.0)
+        scheduler.finished(running, 0.0, site_failure="timeout", retry_after=300.0)
+    assert scheduler.remembered() == 0
+
+
+def test_a_destination_still_needed_is_remembered(Scheduler):
+    scheduler = Scheduler(concurrency_limit=1, initial_concurrency=1)
+    fill(scheduler, 2)  # one running, one queued
+    fill(scheduler, 1, host="b.test")  # running
+    (a0, b0) = scheduler.startable(0.0)
+    scheduler.sweep(1.0)
+    assert scheduler.remembered() == 2
+    scheduler.finished(a0, 1.0)  # a.test-1 still queued
+    scheduler.sweep(1.0)
+    assert scheduler.remembered() == 2
+    scheduler.finished(b0, 1.0)
+    assert scheduler.remembered() == 1
+
+
+def test_sweep_forgets_a_dead_destination_once_its_backoff_ends(Scheduler):
+    scheduler = Scheduler(concurrency_limit=1, initial_concurrency=1)
+    fill(scheduler, 3)
+    (running,) = scheduler.startable(0.0)
+    assert len(scheduler.finished(running, 1.0, site_failure="refused", retry_after=60.0)) == 2
+    scheduler.sweep(60.9)
+    assert scheduler.remembered() == 1
+    assert scheduler.suspended_reason(A, 60.9) == "refused"  # still dead: kept
+    scheduler.sweep(61.0)
+    assert scheduler.remembered() == 0
+    assert scheduler.submit(job("again"), 61.0)
+    assert scheduler.window(A) == 1.0 and scheduler.remembered() == 1
+
+
+@pytest.mark.parametrize("failure", [None, "timeout"])
+def test_a_rate_delayed_destination_is_remembered_until_its_delay_ends(Scheduler, failure):
+    scheduler = Scheduler(concurrency_limit=20, rate_delay=10.0)
+    fill(scheduler, 1)
+    (running,) = scheduler.startable(100.0)
+    assert scheduler.finished(running, 101.0, site_failure=failure, retry_after=300.0) == []
+    scheduler.sweep(109.0)
+    assert scheduler.remembered() == 1
+    assert scheduler.submit(job("next"), 102.0)
+    assert scheduler.startable(105.0) == []  # the delay holds though the queue had emptied
+    assert scheduler.next_wakeup(105.0) == 110.0
+    (running,) = scheduler.startable(110.0)
+    scheduler.finished(running, 111.0)
+    scheduler.sweep(119.9)
+    assert scheduler.remembered() == 1
+    scheduler.sweep(120.0)
+    assert scheduler.remembered() == 0
 
 
 def test_constructor_clamps_limits_and_keeps_them_as_attributes(Scheduler):

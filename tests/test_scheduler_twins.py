@@ -2,10 +2,11 @@
 
 Both twins run in lockstep on the same Job objects through an arbitrary sequence of submit
 (a few destinations, the clock moving forward), startable, finished (success or site failure,
-arbitrary retry_after) and the queries. Every return value must be identical: the same jobs in
-the same order, and floats to the last bit. Now and then a job is finished that is not running
-(already finished, dropped, or still queued) so that the compiled twin's memory of where a job
-started is checked against the twin's lookup by name, exceptions included.
+arbitrary retry_after), sweep and the queries, how many destinations each remembers included.
+Every return value must be identical: the same jobs in the same order, and floats to the last
+bit. Now and then a job is finished that is not running (already finished, dropped, or still
+queued) so that the compiled twin's memory of where a job started is checked against the twin's
+lookup by name, exceptions included.
 """
 
 import pytest
@@ -37,6 +38,7 @@ steps = st.one_of(
     st.tuples(st.just("finish"), pick, failures, retries, delays),
     st.tuples(st.just("stale"), pick, failures, retries, delays),
     st.tuples(st.just("query"), st.integers(0, len(DESTINATIONS) - 1), delays),
+    st.tuples(st.just("sweep"), delays),
 )
 configs = st.fixed_dictionaries({
     "concurrency_limit": st.integers(0, 4),
@@ -102,6 +104,8 @@ def run_in_lockstep(modules, config, script):
                 running.remove(job)
                 stale.append(job)
             both("finished", job, now, site_failure=args[1], retry_after=args[2])
+        elif operation == "sweep":
+            both("sweep", now)
         else:
             name = DESTINATIONS[args[0]]
             both("suspended_reason", name, now)
@@ -113,6 +117,7 @@ def run_in_lockstep(modules, config, script):
             assert twins[1].active(name) == twins[0].active(name), step
             assert twins[1].suspended_reason(name, now) == twins[0].suspended_reason(name, now)
         assert observed(twins[1].next_wakeup(now)) == observed(twins[0].next_wakeup(now)), step
+        assert twins[1].remembered() == twins[0].remembered(), step
     for attribute in ("concurrency_limit", "initial_concurrency", "failed_cohort_limit",
                       "rate_delay"):
         assert getattr(twins[1], attribute) == getattr(twins[0], attribute)
@@ -137,6 +142,14 @@ A_CONFIG = {"concurrency_limit": 2, "initial_concurrency": 1, "failed_cohort_lim
     [("submit", 0, 0.0), ("submit", 1, 0.0), ("submit", 2, 0.0), ("submit", 1, 0.0),
      ("startable", 0.0), ("finish", 1, "refused", 30.0, 0.5), ("startable", 2.0),
      ("query", 1, 0.0), ("submit", 1, 1.0), ("query", 1, 40.0), ("submit", 1, 0.0)],
+)
+@example(  # a failure streak of a whole cohort (2 x 2), forgetting and sweeping the dead
+    dict(A_CONFIG, concurrency_limit=3, initial_concurrency=2, failed_cohort_limit=2),
+    [("submit", 0, 0.0)] * 6 + [("submit", 1, 0.0), ("startable", 0.0),
+     ("finish", 0, "refused", 30.0, 1.0), ("finish", 0, "refused", 30.0, 0.0),
+     ("startable", 0.0), ("finish", 1, "refused", 30.0, 0.0), ("startable", 0.0),
+     ("finish", 0, "timeout", 30.0, 0.0), ("finish", 0, "timeout", 0.0, 0.0),
+     ("sweep", 30.5), ("query", 0, 0.0), ("sweep", 0.5), ("query", 0, 0.0)],
 )
 def test_compiled_and_pure_twins_agree(modules, config, script):
     run_in_lockstep(modules, config, script)

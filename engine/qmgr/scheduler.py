@@ -131,7 +131,7 @@ class Scheduler:
             self._forget_if_idle(destination, now)
             return []
         if destination.failures == 0:  # a cohort is the window as it was before the failures
-            destination.cohort = max(1, int(destination.window)) + (destination.window > 4.5)
+            destination.cohort = max(1, int(destination.window))
         destination.failures += 1
         destination.last_failure = site_failure
         destination.window = max(1.0, destination.window - 1.0 / destination.window)
