@@ -300,6 +300,7 @@ _INT_MINIMUM = {
     "line_length_limit": 512,  # RFC 5321 command lines; Postfix's minimum too
     "message_size_limit": 0,  # 0 = no limit (Postfix)
     "smtp_connection_reuse_count_limit": 0,  # 0 = no limit (Postfix)
+    "worker_count": 0,  # 0 = one per core
     "queue_map_size": 65536,
 }
 _DURATION_SUFFIXES = ("_time", "_timeout", "_delay", "_window", "_lifetime", "_time_limit")

@@ -69,6 +69,10 @@ class Config:
     smtpd_recipient_limit: int = 1000
     line_length_limit: int = 2048
     smtpd_timeout: float = 300.0
+    # sessions one worker serves at once; past it a client gets 421 (master.cf's maxproc role)
+    smtpd_connection_limit: int = 20000
+    # worker processes (each with its own spool shard); 0 = one per core
+    worker_count: int = 0
     # queue manager (qmgr(8)): retries, expiry and the active queue
     minimal_backoff_time: float = 300.0
     maximal_backoff_time: float = 4000.0
