@@ -160,9 +160,9 @@ class QueueManager(QueueOperations):
     def _scan(self, now: float) -> None:
         """Fill the active queue from the spool's due index, oldest due first."""
         self._scan_wanted = False
-        if now >= self._next_scan:  # the periodic scan: also forget idle destinations
-            self.scheduler.sweep(now)
-        self._next_scan = now + self.config.queue_run_delay
+        if now >= self._next_scan:  # the periodic scan (others do not postpone it)
+            self.scheduler.sweep(now)  # also forget idle destinations
+            self._next_scan = now + self.config.queue_run_delay
         room = self._room()
         if room <= 0:
             return
