@@ -197,3 +197,39 @@ def test_concurrent_sessions_share_spool_commits(tmp_path):
     assert all(reply.startswith("250 2.0.0 Ok: queued as") for reply in replies)
     assert committed == sessions
     assert commits < sessions
+
+
+def test_connection_over_smtpd_connection_limit_gets_421_and_the_others_go_on():
+    """A cap of 3: the 4th client is told 421 and closed; the first three still queue mail."""
+
+    async def scenario():
+        server_sessions.clear()
+        spool = MemorySpool()
+        server, reader, writer, log = await serve(spool, smtpd_connection_limit=3)
+        port = server.sockets[0].getsockname()[1]
+        clients = [(reader, writer)]
+        for _ in range(2):
+            client = await asyncio.open_connection("127.0.0.1", port)
+            await client[0].readline()  # greeting
+            clients.append(client)
+        extra_reader, extra_writer = await asyncio.open_connection("127.0.0.1", port)
+        refusal = await asyncio.wait_for(extra_reader.read(), 5)  # the reply, then EOF
+        extra_writer.close()
+        served = len(server_sessions)
+        for _, client_writer in clients:
+            client_writer.write(TRANSACTION + b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        replies = [await read_replies(client_reader, 6) for client_reader, _ in clients]
+        for _, client_writer in clients[1:]:
+            client_writer.close()
+        await finish(server, writer)
+        return refusal, served, replies, len(spool.envelopes()), log.getvalue()
+
+    refusal, served, replies, stored, log = asyncio.run(scenario())
+    assert refusal == b"421 4.7.0 mx.test Error: too many connections\r\n"
+    assert served == 3
+    for session_replies in replies:
+        assert session_replies[-2].startswith("250 2.0.0 Ok: queued as ")
+        assert session_replies[-1].startswith("221 ")
+    assert stored == 3
+    assert "warning: connection limit 3 reached: refusing unknown[127.0.0.1]" in log
+    assert log.count("connect from unknown[127.0.0.1]") == 3 + 3  # connect + disconnect lines

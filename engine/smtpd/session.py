@@ -62,6 +62,7 @@ class SmtpdProtocol(asyncio.Protocol):
         self._closed_by_us = False  # a 421 of ours ended it: no "lost connection" line
         self._last_activity = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
+        self._refused = False  # over smtpd_connection_limit: answered 421, never a session
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -69,17 +70,35 @@ class SmtpdProtocol(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername") or ("", 0)
         self.origin.client_ip = peer[0]
+        limit = self.ctx.config.smtpd_connection_limit
+        if limit and len(self.ctx.sessions) >= limit:
+            self._refuse(limit)
+            return
         self.ctx.sessions.add(self)
         self._log(f"connect from {self.origin.client}")
         self._arm_timer()
         self._flush()
 
+    def _refuse(self, limit: int) -> None:
+        """The worker already serves ``limit`` sessions: 421 instead of the greeting, then close.
+
+        As Postfix's smtpd answers a client anvil refuses; the sessions being served go on."""
+        self._refused = True
+        self._log(f"warning: connection limit {limit} reached: refusing {self.origin.client}")
+        self.transport.write(Reply(421, f"4.7.0 {self.ctx.config.myhostname} "
+                                        "Error: too many connections").encode())
+        self.transport.close()
+
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         self._last_activity = time.monotonic()
         self.session.receive_data(data)
         self._pump()
 
     def eof_received(self) -> bool:
+        if self._refused:
+            return False
         self.session.receive_data(b"")
         self._pump()
         return False
@@ -106,6 +125,8 @@ class SmtpdProtocol(asyncio.Protocol):
         return self._commit_task is not None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._refused:
+            return
         self.session.receive_data(b"")
         self._pump()
         if self._timer is not None:
