@@ -5,6 +5,8 @@ delivery agent). Trusts the configuration, which engine.config validated at load
 domain comes from a client, so whatever it holds ends in a NextHop or a PermanentFailure.
 """
 
+import functools
+
 from engine.config import Config, parse_nexthop
 from engine.delivery import NextHop, PermanentFailure
 from engine.ipliteral import parse_ip
@@ -12,6 +14,10 @@ from engine.ipliteral import parse_ip
 DEFAULT_TRANSPORT = "smtp"
 LOCAL_TRANSPORT = "local"
 DEFAULT_PORTS = {"smtp": 25, "lmtp": 24}
+
+
+# The same few next hops (relayhost, transport_maps values) are parsed for every message.
+_parsed_nexthop = functools.lru_cache(maxsize=1024)(parse_nexthop)
 
 
 def transport_lookup(domain: str, transport_maps: dict[str, str]) -> str | None:
@@ -46,7 +52,7 @@ def _nexthop(transport: str, nexthop: str, domain: str) -> NextHop:
     transport = transport or DEFAULT_TRANSPORT
     default_port = DEFAULT_PORTS.get(transport, 25)
     try:
-        host, port, mx_lookup = parse_nexthop(nexthop)
+        host, port, mx_lookup = _parsed_nexthop(nexthop)
     except ValueError as exc:  # only a Config built without load_config can hold one
         raise PermanentFailure("5.3.5", f"bad next hop {nexthop!r} for {domain}: {exc}") from None
     if not host:
