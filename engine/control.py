@@ -1,7 +1,9 @@
 """The control channel of a running ``tern serve``: queue operations from ``tern queue …``.
 
 A unix-domain socket ``<queue_directory>/control`` (mode 0600, so only the server's own user, or
-root, may connect) speaks one JSON request per line and answers one JSON reply per line:
+root, may connect) speaks one JSON request per line and answers one JSON reply per line. A
+server of several workers has one per worker, ``control0``, ``control1``…, each answering for its
+own spool shard (``shard0``, ``shard1``…): a message lives in exactly one.
 
     {"op": "hold", "ids": ["QID", ...] | null}       → {"ok": true, "ids": [affected QIDs]}
     {"op": "delete", "ids": null, "deferred_only": true}
@@ -50,8 +52,8 @@ class _SocketAddress:
     """Where to bind or connect: the plain path when it fits in sun_path, else the same file
     reached through an open descriptor of the queue directory (``/proc/self/fd/N/control``)."""
 
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / SOCKET_NAME
+    def __init__(self, directory: Path, name: str = SOCKET_NAME) -> None:
+        self.path = directory / name
         self._dir_fd: int | None = None
         self.address = str(self.path)
         if len(os.fsencode(self.address)) > SUN_PATH_MAX:
@@ -60,7 +62,7 @@ class _SocketAddress:
                     f"control socket {self.path}: path longer than {SUN_PATH_MAX} bytes; "
                     f"choose a shorter queue_directory")
             self._dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
-            self.address = f"/proc/self/fd/{self._dir_fd}/{SOCKET_NAME}"
+            self.address = f"/proc/self/fd/{self._dir_fd}/{name}"
 
     def chmod(self, mode: int) -> None:
         os.chmod(self.address, mode)
@@ -99,10 +101,11 @@ class ControlServer:
         self._one_at_a_time = asyncio.Lock()
 
     @classmethod
-    async def start(cls, queue_directory: Path, qmgr, maillog=None) -> ControlServer:
-        """Bind ``<queue_directory>/control`` (0600) and serve. Raises ControlError when another
+    async def start(cls, queue_directory: Path, qmgr, maillog=None, *,
+                    name: str = SOCKET_NAME) -> ControlServer:
+        """Bind ``<queue_directory>/<name>`` (0600) and serve. Raises ControlError when another
         server answers there or the socket cannot be made."""
-        address = _SocketAddress(Path(queue_directory))
+        address = _SocketAddress(Path(queue_directory), name)
         try:
             sock = _bind(address)
         except BaseException:
@@ -231,11 +234,31 @@ def _connect(address: str, timeout: float) -> socket.socket:
     return sock
 
 
-def request(queue_directory: Path, op: str, *, timeout: float = 120.0, **arguments) -> list[str]:
-    """Ask the server running on ``queue_directory`` to perform ``op``; returns the queue IDs
-    it affected (for ``active``: those in its active queue). Raises ControlUnavailable when no
-    server answers, ControlError when the server refuses or fails."""
-    address = _SocketAddress(Path(queue_directory))
+def worker_socket(shard: int) -> str:
+    """The control socket's name of the worker that owns spool shard ``shard``."""
+    return f"{SOCKET_NAME}{shard}"
+
+
+def shard_sockets(shard: int) -> tuple[str, ...]:
+    """The names a server answering for spool shard ``shard`` may listen on: its worker's, and
+    for shard 0 a single-process server's."""
+    return (worker_socket(shard), SOCKET_NAME) if shard == 0 else (worker_socket(shard),)
+
+
+def socket_names(queue_directory: Path) -> list[str]:
+    """Every control socket file in the queue directory (``control``, ``control0``…), answering
+    or left by a server that died."""
+    directory = Path(queue_directory)
+    return sorted(path.name for path in directory.glob(f"{SOCKET_NAME}*")
+                  if path.name[len(SOCKET_NAME):].isdigit() or path.name == SOCKET_NAME)
+
+
+def request(queue_directory: Path, op: str, *, timeout: float = 120.0,
+            name: str = SOCKET_NAME, **arguments) -> list[str]:
+    """Ask the server answering on ``<queue_directory>/<name>`` to perform ``op``; returns the
+    queue IDs it affected (for ``active``: those in its active queue). Raises ControlUnavailable
+    when no server answers, ControlError when the server refuses or fails."""
+    address = _SocketAddress(Path(queue_directory), name)
     try:
         try:
             sock = _connect(address.address, timeout)

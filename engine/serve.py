@@ -3,7 +3,9 @@
 smtpd listeners → cleanup → spool (LMDB shard) → qmgr → delivery agents, and the control
 socket (engine.control) through which ``tern queue`` operations reach qmgr. SIGTERM/SIGINT stop
 intake first, let sessions finish committing, flush the spool, then stop deliveries (their
-recipients stay queued). Trusts the validated Config.
+recipients stay queued). With ``worker_count`` 1 this one process is the server; otherwise
+engine.supervisor binds the listeners and runs ``serve`` in one worker process per shard, on the
+inherited listening sockets. Trusts the validated Config.
 """
 
 import asyncio
@@ -11,6 +13,7 @@ import contextlib
 import functools
 import os
 import signal
+import socket
 from pathlib import Path
 
 import lmdb
@@ -40,15 +43,26 @@ def shard_path(config: Config, shard: int = 0) -> Path:
     return Path(config.queue_directory) / f"shard{shard}"
 
 
+def worker_count(config: Config) -> int:
+    """How many worker processes (spool shards) the server runs: 0 means one per core."""
+    return config.worker_count or os.cpu_count() or 1
+
+
 async def serve(config: Config, *, ready: asyncio.Event | None = None,
-                stop: asyncio.Event | None = None) -> None:
+                stop: asyncio.Event | None = None, shard: int = 0,
+                sockets: list[socket.socket] | None = None,
+                control_name: str = "control") -> None:
+    """The whole server in this process, on spool shard ``shard``. A worker of the supervisor
+    is given the listening ``sockets`` (bound there) and its own ``control_name``; it leaves
+    the daemon's start and stop lines to the supervisor."""
     loop = asyncio.get_running_loop()
+    worker = sockets is not None
     try:
         maillog = Maillog(config.myhostname, config.maillog_file)
     except OSError as error:
         raise StartupError(f"maillog_file {config.maillog_file}: {error.strerror}") from error
     try:
-        spool = LmdbSpool(shard_path(config), map_size=config.queue_map_size,
+        spool = LmdbSpool(shard_path(config, shard), map_size=config.queue_map_size,
                           map_size_limit=config.queue_map_size_limit,
                           commit_window=config.queue_commit_window)
     except (OSError, lmdb.Error) as error:
@@ -61,18 +75,22 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
     qmgr = QueueManager(spool, config, maillog, agents)
     # cleanup queues client mail and, for qmgr, Tern's own notices (bounces, delay warnings)
     cleanup = Cleanup(spool, maillog, config, on_queued=qmgr.notify_new,
-                      new_queue_id=QueueIdGenerator(0))
+                      new_queue_id=QueueIdGenerator(shard))
     qmgr.cleanup = cleanup
     await qmgr.start()
     try:
-        control = await ControlServer.start(Path(config.queue_directory), qmgr, maillog)
+        control = await ControlServer.start(Path(config.queue_directory), qmgr, maillog,
+                                            name=control_name)
     except ControlError as error:
         await qmgr.stop()
         spool.close()
         raise StartupError(str(error)) from error
     context = SmtpdContext(config=config, cleanup=cleanup, maillog=maillog)
     servers = []
-    for listener in config.listen:
+    for sock in sockets or ():
+        servers.append(await loop.create_server(lambda: SmtpdProtocol(context), sock=sock,
+                                                backlog=1024))
+    for listener in () if worker else config.listen:
         try:
             servers.append(await loop.create_server(
                 lambda: SmtpdProtocol(context), listener.host, listener.port,
@@ -89,14 +107,14 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
         # not possible outside the main thread (tests may run serve() in a thread)
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
-    where = ", ".join(f"{item.host}:{item.port}" for item in config.listen)
-    maillog.line("master", f"daemon started -- version {__version__}, configuration "
-                           f"{config.config_file or '(embedded defaults)'}, listening on {where}")
+    if not worker:
+        maillog.line("master", started_line(config))
     if ready is not None:
         ready.set()
     await stop.wait()
 
-    maillog.line("master", "terminating on signal")
+    if not worker:
+        maillog.line("master", "terminating on signal")
     for item in servers:
         item.close()
     deadline = loop.time() + SHUTDOWN_GRACE
@@ -113,8 +131,22 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
     maillog.close()
 
 
+def started_line(config: Config, workers: int = 1) -> str:
+    where = ", ".join(f"{item.host}:{item.port}" for item in config.listen)
+    text = (f"daemon started -- version {__version__}, configuration "
+            f"{config.config_file or '(embedded defaults)'}, listening on {where}")
+    return text + (f", {workers} workers" if workers > 1 else "")
+
+
 def run(config: Config) -> None:
-    """Run the server on uvloop until SIGTERM/SIGINT."""
+    """Run the server until SIGTERM/SIGINT: in this process on uvloop when ``worker_count`` is
+    1, else as a supervisor of one worker process per shard (engine.supervisor)."""
+    workers = worker_count(config)
+    if workers > 1:
+        from engine.supervisor import Supervisor
+
+        Supervisor(config, workers).run()
+        return
     import uvloop
 
     uvloop.run(serve(config))

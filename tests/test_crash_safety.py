@@ -158,8 +158,9 @@ def check_delivery(load: Load, sink, server, in_flight_at_stops: Counter) -> Cou
 
 
 def start_tern(tern, sink):
+    # one process: in_flight() reads the lines of the pid that was killed or stopped
     return tern(relayhost=sink.nexthop, minimal_backoff_time="1s", maximal_backoff_time="2s",
-                queue_run_delay="1s", smtpd_timeout="20s")
+                queue_run_delay="1s", smtpd_timeout="20s", worker_count=1)
 
 
 def test_sigkill_under_load_loses_nothing_that_got_250(tern, smtp_sink):

@@ -1,10 +1,12 @@
 """``tern queue hold|release|delete|requeue|flush``: Postfix's postsuper -h/-H/-d/-r and
 postqueue -f/-s.
 
-Each change is one call of the queue manager's method of that name. While a server runs, the
-call is made inside it, through its control socket (engine.control), so its schedule follows at
-once; when none answers, the same method runs here on a QueueManager over each spool shard that
-is never started, and the next start reads the result from the spool. Named queue IDs are
+Each change is one call of the queue manager's method of that name, shard by shard (a message
+lives in exactly one). While a server runs, the call is made inside the worker that owns the
+shard, through its control socket (engine.control), so its schedule follows at once; for a shard
+no worker answers for (no server runs, or its worker is being restarted), the same method runs
+here on a QueueManager over that spool shard that is never started, and the next start reads
+the result from the spool. Named queue IDs are
 looked up first: one that is not queued is an error (exit status 1); the others are still
 acted on. Trusts the administrator at the terminal.
 """
@@ -16,7 +18,7 @@ from typing import TextIO
 import lmdb
 
 from engine import control
-from engine.cli.queue import NoSuchMessage, open_shard, shard_paths
+from engine.cli.queue import NoSuchMessage, open_shard, shard_number, shard_paths
 from engine.config import Config
 from engine.log import Maillog
 from engine.qmgr.manager import QueueManager
@@ -96,14 +98,36 @@ def perform(config: Config, op: str, queue_ids: list[str] | None,
         queue_ids = [queue_id for ids in found.values() for queue_id in ids]
         if not queue_ids:
             return [], missing
-    ids = {} if op == "flush" else {"ids": queue_ids}
-    try:
-        affected = control.request(Path(config.queue_directory), op, **ids, **arguments)
-    except control.ControlUnavailable:
-        affected = asyncio.run(_offline(config, op, by_shard, arguments))
-    except control.ControlError as error:
-        raise OperationFailed(str(error)) from error
+    affected: list[str] = []
+    offline: dict[Path, list[str] | None] = {}
+    for shard, shard_ids in by_shard.items():
+        try:
+            affected += _online(config, shard, op, shard_ids, arguments)
+        except control.ControlUnavailable:
+            offline[shard] = shard_ids
+        except control.ControlError as error:
+            raise OperationFailed(str(error)) from error
+    if offline:
+        affected += asyncio.run(_offline(config, op, offline, arguments))
     return affected, missing
+
+
+def _online(config: Config, shard: Path, op: str, queue_ids: list[str] | None,
+            arguments: dict) -> list[str]:
+    """The operation in the server's worker that owns ``shard``. Raises ControlUnavailable
+    when none answers for it."""
+    number = shard_number(shard)
+    if number is None:
+        raise control.ControlUnavailable(f"{shard}: not a shard of a worker")
+    ids = {} if op == "flush" else {"ids": queue_ids}
+    unavailable = control.ControlUnavailable(f"no server answers for {shard}")
+    for name in control.shard_sockets(number):
+        try:
+            return control.request(Path(config.queue_directory), op, name=name, **ids,
+                                   **arguments)
+        except control.ControlUnavailable as error:
+            unavailable = error
+    raise unavailable
 
 
 def run_operation(config: Config, op: str, queue_ids: list[str] | None, err: TextIO,

@@ -3,8 +3,9 @@ the shard reading every ``tern queue`` command shares.
 
 Reads every spool shard through LMDB read-only transactions, so it works while the server runs
 and never blocks it; which messages are in the active queue (being delivered now) only the
-running server knows, so that is asked through its control socket (engine.control): with no
-server running, none is. Trusts the spool's contents as written by Tern.
+running server knows, so that is asked through its control sockets (engine.control; one per
+worker, each knowing its own): with no server running, none is. Trusts the spool's contents
+as written by Tern.
 """
 
 import json
@@ -55,19 +56,29 @@ def read_queue(config: Config) -> list[Envelope]:
     return sorted(envelopes, key=lambda e: (e.arrival, e.queue_id))
 
 
+def shard_number(shard: Path) -> int | None:
+    """``shard3`` → 3; None for a directory not named as a shard."""
+    digits = shard.name.removeprefix("shard")
+    return int(digits) if digits.isdigit() else None
+
+
 def active_ids(config: Config, err: TextIO | None = None) -> frozenset[str]:
-    """The queue IDs in the running server's active queue (its queue manager holds them: being
-    delivered now); none when no server runs. When the server answers but cannot say, a
-    warning on ``err`` and none."""
-    try:
-        return frozenset(control.request(Path(config.queue_directory), "active",
-                                         timeout=ACTIVE_TIMEOUT))
-    except control.ControlUnavailable:
-        return frozenset()
-    except control.ControlError as error:
-        if err is not None:
-            err.write(f"tern: warning: cannot ask the server for its active queue: {error}\n")
-        return frozenset()
+    """The queue IDs in the running server's active queues (each worker's queue manager holds
+    those of its shard: being delivered now); none when no server runs. When a worker answers
+    but cannot say, a warning on ``err`` and none of its."""
+    directory = Path(config.queue_directory)
+    active: set[str] = set()
+    for name in control.socket_names(directory):
+        try:
+            active.update(control.request(directory, "active", timeout=ACTIVE_TIMEOUT,
+                                          name=name))
+        except control.ControlUnavailable:
+            continue  # left by a server that died
+        except control.ControlError as error:
+            if err is not None:
+                err.write(f"tern: warning: cannot ask the server for its active queue: "
+                          f"{error}\n")
+    return frozenset(active)
 
 
 def queue_name(envelope: Envelope, active: frozenset[str] = frozenset()) -> str:
