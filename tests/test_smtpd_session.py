@@ -232,4 +232,5 @@ def test_connection_over_smtpd_connection_limit_gets_421_and_the_others_go_on():
         assert session_replies[-1].startswith("221 ")
     assert stored == 3
     assert "warning: connection limit 3 reached: refusing unknown[127.0.0.1]" in log
-    assert log.count("connect from unknown[127.0.0.1]") == 3 + 3  # connect + disconnect lines
+    assert log.count(": connect from unknown[127.0.0.1]") == 3  # the refused one is no session
+    assert log.count(": disconnect from unknown[127.0.0.1]") == 3
