@@ -6,6 +6,8 @@ SIGTERM stops the supervisor and its workers."""
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -142,3 +144,39 @@ def test_queue_commands_see_and_change_both_shards(tern, smtp_sink):
     assert all(f"{queue_id}: removed" in log for queue_id in queue_ids)
     assert len(sink.wait_messages(len(queue_ids), timeout=10)) == len(queue_ids)
     assert queue(server, "list").stdout == "Mail queue is empty\n"
+
+
+def wait_gone(pids, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+
+
+def test_workers_die_with_a_killed_supervisor_and_the_next_start_delivers(tern, smtp_sink):
+    sink = smtp_sink(start=False)
+    server = tern(relayhost=sink.nexthop, worker_count=2, **FAST)
+    pids = wait_workers(server)
+    queue_ids = both_shards(server)
+    for queue_id in queue_ids:
+        server.wait_log(f"{queue_id}: to=<b@example.net>")
+    server.stop(signal.SIGKILL)
+    wait_gone(pids)  # no orphan keeps the port or a shard
+    sink.start()
+    server.start()  # same port, same spool
+    log = server.wait_log(": removed", count=len(queue_ids), timeout=30)
+    assert all(f"{queue_id}: removed" in log for queue_id in queue_ids)
+    assert server.stop(signal.SIGTERM) == 0
+
+
+def test_a_worker_that_cannot_start_is_one_fatal_line(tern):
+    first = tern(worker_count=2)
+    pids = wait_workers(first)
+    second = tern(worker_count=2, queue_directory=str(first.directory / "spool"), start=False)
+    result = subprocess.run([sys.executable, "-m", "engine", "serve", "--config",
+                             str(second.config_file)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"tern: fatal: queue_directory {first.directory / 'spool'} "
+                                    "is in use: another tern serve answers on ")
+    assert result.stderr.count("\n") == 1
+    assert workers(first) == pids  # the running server is untouched
