@@ -163,7 +163,7 @@ class PostfixInstance:
         # set-permissions would also rewrite files under /usr, so it is not used here.
         r = self._postfix("check", check=False)
         if r.returncode != 0:
-            raise RuntimeError(f"postfix check failed:\n{r.stdout}{r.stderr}")
+            raise RuntimeError(f"postfix check failed:\n{r.stdout}{r.stderr}{self.log_tail()}")
         return d
 
     def start(self, timeout: float = 20.0) -> None:

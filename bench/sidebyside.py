@@ -523,10 +523,14 @@ def postfix_version() -> str:
 
 
 def git_commit() -> str:
+    """HEAD, and "+changes" when engine/ differs from it (the server runs the working tree)."""
     r = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
     )
-    return r.stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "engine"], cwd=REPO, capture_output=True, text=True
+    )
+    return r.stdout.strip() + (" +changes" if dirty.stdout.strip() else "")
 
 
 # ---------------------------------------------------------------- main
@@ -557,6 +561,7 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     rows = matrix(args.quick)
+    tern_commit = git_commit()  # what the server is started from, not what HEAD is at the end
     started: list = []
     results: list[dict] = []
     try:
@@ -611,7 +616,7 @@ def main() -> int:
         "machine": f"{platform.node()} {os.cpu_count()} CPUs {platform.machine()} "
         f"{platform.release()}",
         "postfix_version": postfix_version(),
-        "tern_commit": git_commit(),
+        "tern_commit": tern_commit,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sidebyside.json").write_text(
