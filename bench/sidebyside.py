@@ -1,12 +1,14 @@
 """Tern and Postfix side by side, under the same smtp-source load, on loopback.
 
-    sudo python bench/sidebyside.py [--quick] [--out bench/results]
+    sudo python bench/sidebyside.py [--quick] [--workers 1,2] [--out bench/results]
 
 Starts one smtp-sink per MTA as its next hop, a Tern server (``python -m engine serve`` with a
 TOML in a temp dir) and a throwaway Postfix instance (bench/postfix_instance.py; Debian's package
 is installed unconfigured if missing), then for every row of the matrix (message size x
 sessions x one or many messages per connection) drives Tern, Postfix, Tern, Postfix (A B A B)
-with smtp-source and reports the mean of the two runs of each. Writes sidebyside.md, .json and
+with smtp-source and reports the mean of the two runs of each. With ``--workers 1,2`` (the
+default) one Tern server per worker_count runs, and each row goes Tern/1, Tern/2, Postfix,
+Tern/1, Tern/2, Postfix; the report adds "Tern with 1 vs 2 workers". Writes sidebyside.md, .json and
 .png under --out. bench/sidebyside.md explains the columns. Every process it starts is ended by
 its PID, and the temp dirs are removed, also on ^C.
 """
@@ -45,7 +47,13 @@ SENDER, RCPT = "a@example.org", "b@example.net"
 SIZES = {"1KB": 1024, "20KB": 20 * 1024, "100KB": 100 * 1024}
 FULL_COUNT = {"1KB": 2000, "20KB": 2000, "100KB": 1000}
 QUICK_COUNT = {"1KB": 1000, "20KB": 1000, "100KB": 500}
-QUICK_ROWS = [("1KB", 1, "one"), ("1KB", 20, "many"), ("20KB", 20, "one"), ("100KB", 100, "many")]
+QUICK_ROWS = [
+    ("1KB", 1, "one"),
+    ("1KB", 20, "one"),
+    ("1KB", 20, "many"),
+    ("20KB", 20, "one"),
+    ("100KB", 100, "many"),
+]
 
 
 @dataclass(frozen=True)
@@ -207,13 +215,14 @@ class Sink:
 
 
 class Tern:
-    name = "tern"
-
-    def __init__(self, sink_port: int):
-        self.dir = Path(tempfile.mkdtemp(prefix="tern-bench-tern-"))
+    def __init__(self, sink_port: int, workers: int):
+        self.workers = workers
+        self.name = f"tern/{workers}w"
+        self.dir = Path(tempfile.mkdtemp(prefix=f"tern-bench-tern{workers}w-"))
         self.port = free_port()
         self.config = self.dir / "tern.toml"
         self.config.write_text(
+            f"worker_count = {workers}\n"
             f'myhostname = "tern-bench.example"\n'
             f'queue_directory = "{self.dir / "spool"}"\n'
             f'mynetworks = ["127.0.0.0/8"]\n'
@@ -246,6 +255,7 @@ class Tern:
 
 class Postfix:
     name = "postfix"
+    workers = None
 
     def __init__(self, sink_port: int):
         self.inst = PostfixInstance(sink_port)
@@ -373,6 +383,7 @@ def run_once(mta, sink: Sink, row: Row, e2e_timeout: float) -> dict:
     delivered = sink.count - base
     return {
         "mta": mta.name,
+        "workers": mta.workers,
         "accepted_per_s": expected / t_acc,  # smtp-source's and the probe's
         "e2e_per_s": delivered / t_e2e,
         "accept_p50_ms": percentile(probe.samples, 0.50) * 1000,
@@ -411,15 +422,17 @@ def mean_runs(runs: list[dict]) -> dict:
 
 
 def write_markdown(path: Path, results: list[dict], meta: dict) -> None:
+    workers = meta["workers"]
+    order = ", ".join([*(f"Tern/{w}w" for w in workers), "Postfix"])
     out = [
         f"# Tern vs Postfix, side by side ({meta['mode']})",
         "",
         f"{meta['when']} on {meta['machine']}; Postfix {meta['postfix_version']}; "
         f"Tern at {meta['tern_commit']}. Loopback; each figure is the mean of two runs "
-        "(order Tern, Postfix, Tern, Postfix). Latency: the Python probe session "
-        "(MAIL FROM to the reply after DATA) beside smtp-source.",
+        f"(order {order}, then again). Tern/Nw: Tern with worker_count = N. Latency: the "
+        "Python probe session (MAIL FROM to the reply after DATA) beside smtp-source.",
         "",
-        "## Ratio Tern / Postfix",
+        f"## Ratio Tern ({workers[-1]} workers) / Postfix",
         "",
         "| row | msgs | " + " | ".join(h for _, h, _ in METRICS) + " |",
         "|---|---:|" + "---:|" * len(METRICS),
@@ -438,12 +451,32 @@ def write_markdown(path: Path, results: list[dict], meta: dict) -> None:
         "|---|---|" + "---:|" * len(METRICS),
     ]
     for r in results:
-        for name in ("tern", "postfix"):
+        for name, m in r["mtas"].items():
             out.append(
                 f"| {r['label']} | {name} | "
-                + " | ".join(f.format(r[name][k]) for k, _, f in METRICS)
+                + " | ".join(f.format(m[k]) for k, _, f in METRICS)
                 + " |"
             )
+    if len(workers) > 1:
+        lo, hi = workers[0], workers[-1]
+        out += [
+            "",
+            f"## Tern with {lo} vs {hi} workers",
+            "",
+            "| row | "
+            + " | ".join(f"{w}w accepted msg/s | {w}w end-to-end msg/s" for w in workers)
+            + f" | accepted {hi}w/{lo}w | end-to-end {hi}w/{lo}w |",
+            "|---|" + "---:|" * (2 * len(workers) + 2),
+        ]
+        for r in results:
+            tw = r["tern_workers"]
+            cells = [
+                f"{tw[str(w)][k]:.0f}" for w in workers for k in ("accepted_per_s", "e2e_per_s")
+            ]
+            for k in ("accepted_per_s", "e2e_per_s"):
+                a, b = tw[str(lo)][k], tw[str(hi)][k]
+                cells.append(f"{b / a:.2f}" if a else "n/a")
+            out.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     problems = [
         f"- {r['label']} {run['mta']}: delivered {run['delivered']}/{run['expected']}, "
         f"smtp-source rc {run['smtp_source_rc']} {run['smtp_source_stderr'][:200]} "
@@ -457,7 +490,7 @@ def write_markdown(path: Path, results: list[dict], meta: dict) -> None:
     path.write_text("\n".join(out) + "\n")
 
 
-def write_chart(path: Path, results: list[dict]) -> str:
+def write_chart(path: Path, results: list[dict], workers: list[int]) -> str:
     try:
         import matplotlib
 
@@ -466,7 +499,8 @@ def write_chart(path: Path, results: list[dict]) -> str:
     except ImportError:
         return "chart skipped: matplotlib is missing (pip install -e '.[bench]')"
     labels = [r["label"] for r in results]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 0.6 * len(labels) + 3))
+    ncols = 3 if len(workers) > 1 else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(7 * ncols, 0.6 * len(labels) + 3))
     y = range(len(labels))
     ax = axes[0]
     h = 0.2
@@ -483,7 +517,8 @@ def write_chart(path: Path, results: list[dict]) -> str:
             [r[mta][key] for r in results],
             h,
             color=colour,
-            label=f"{mta} {'accepted' if 'acc' in key else 'end-to-end'}",
+            label=f"{mta if mta == 'postfix' else f'tern {workers[-1]}w'} "
+            + ("accepted" if "acc" in key else "end-to-end"),
         )
     ax.set_yticks(list(y), labels)
     ax.invert_yaxis()
@@ -506,10 +541,26 @@ def write_chart(path: Path, results: list[dict]) -> str:
     ax.set_yticks(list(y), labels)
     ax.invert_yaxis()
     ax.set_xlabel(
-        "Tern / Postfix (log scale; 1 = equal). msgs/s: >1 = Tern faster;"
-        " latency, CPU, memory: <1 = Tern lower"
+        f"Tern ({workers[-1]} workers) / Postfix (log scale; 1 = equal)."
+        "\nmsgs/s: >1 = Tern faster; latency, CPU, memory: <1 = Tern lower"
     )
     ax.legend(fontsize=8)
+    if ncols == 3:
+        ax = axes[2]
+        bars = [(w, k) for w in workers for k in ("accepted_per_s", "e2e_per_s")]
+        h = 0.8 / len(bars)
+        for i, (w, key) in enumerate(bars):
+            ax.barh(
+                [v + (i - len(bars) / 2 + 0.5) * h for v in y],
+                [r["tern_workers"][str(w)][key] for r in results],
+                h,
+                label=f"Tern {w} worker{'s' if w > 1 else ''} "
+                + ("accepted" if "acc" in key else "end-to-end"),
+            )
+        ax.set_yticks(list(y), labels)
+        ax.invert_yaxis()
+        ax.set_xlabel("messages/s, Tern by worker_count")
+        ax.legend(fontsize=8)
     fig.suptitle("Tern vs Postfix on loopback, smtp-source load, smtp-sink next hop")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -541,12 +592,24 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a small subset, a few minutes")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument(
+        "--workers",
+        default="1,2",
+        help="Tern's worker_count values to measure, comma-separated (default 1,2); one Tern "
+        "server each, alternated with Postfix; the last is the one in the Tern/Postfix ratios",
+    )
+    ap.add_argument(
         "--e2e-timeout",
         type=float,
         default=120.0,
         help="seconds to wait for the sink to have every message of a run",
     )
     args = ap.parse_args()
+    try:
+        workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    except ValueError:
+        ap.error("--workers: comma-separated integers, e.g. 1,2")
+    if not workers or any(w < 1 for w in workers) or len(set(workers)) != len(workers):
+        ap.error("--workers: distinct integers >= 1, e.g. 1,2")
 
     if os.geteuid() != 0:
         print(
@@ -565,13 +628,18 @@ def main() -> int:
     started: list = []
     results: list[dict] = []
     try:
-        tern_sink, pf_sink = Sink(), Sink()
-        started += [tern_sink, pf_sink]
-        tern = Tern(tern_sink.port)
-        started.append(tern)
+        pairs = []
+        for w in workers:  # one Tern server (and sink) per worker_count, all up throughout
+            tern_sink = Sink()
+            started.append(tern_sink)
+            tern = Tern(tern_sink.port, w)
+            started.append(tern)
+            pairs.append((tern, tern_sink))
+        pf_sink = Sink()
+        started.append(pf_sink)
         postfix = Postfix(pf_sink.port)
         started.append(postfix)
-        pairs = [(tern, tern_sink), (postfix, pf_sink)]
+        pairs.append((postfix, pf_sink))
         # warm-up: one small message through each, so start-up costs stay out of row 1
         for mta, sink in pairs:
             run_once(mta, sink, Row("1KB", 1, "one", 20), args.e2e_timeout)
@@ -591,13 +659,16 @@ def main() -> int:
                         flush=True,
                     )
                     time.sleep(0.5)
+            mtas = {m.name: mean_runs([r for r in runs if r["mta"] == m.name]) for m, _ in pairs}
             results.append(
                 {
                     "label": row.label,
                     **asdict(row),
                     "runs": runs,
-                    "tern": mean_runs([r for r in runs if r["mta"] == "tern"]),
-                    "postfix": mean_runs([r for r in runs if r["mta"] == "postfix"]),
+                    "tern": mtas[f"tern/{workers[-1]}w"],  # the one in the Tern/Postfix ratios
+                    "postfix": mtas["postfix"],
+                    "tern_workers": {str(w): mtas[f"tern/{w}w"] for w in workers},
+                    "mtas": mtas,
                 }
             )
     except KeyboardInterrupt:
@@ -617,6 +688,7 @@ def main() -> int:
         f"{platform.release()}",
         "postfix_version": postfix_version(),
         "tern_commit": tern_commit,
+        "workers": workers,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sidebyside.json").write_text(
@@ -624,7 +696,7 @@ def main() -> int:
     )
     write_markdown(args.out / "sidebyside.md", results, meta)
     print(f"wrote {args.out / 'sidebyside.md'} and {args.out / 'sidebyside.json'}")
-    print(write_chart(args.out / "sidebyside.png", results))
+    print(write_chart(args.out / "sidebyside.png", results, workers))
     return 0
 
 
