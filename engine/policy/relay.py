@@ -35,9 +35,11 @@ def domain_is_ours(domain: str, config: Config) -> bool:
     return False
 
 
-def check_relay(client_ip: str, recipient: str, config: Config) -> Reply | None:
-    """None to permit, or the reply refusing the recipient."""
-    if client_is_trusted(client_ip, config):
+def check_relay(client_ip: str, recipient: str, config: Config, *,
+                trusted: bool | None = None) -> Reply | None:
+    """None to permit, or the reply refusing the recipient. ``trusted``: the caller's
+    client_is_trusted, when it keeps one per session (it does not change between RCPTs)."""
+    if client_is_trusted(client_ip, config) if trusted is None else trusted:
         return None
     if "@" not in recipient or domain_is_ours(domain_of(recipient), config):
         return None  # a bare "postmaster" is local

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from engine.cleanup import Cleanup, MessageBuilder, Origin, RecipientRequest
 from engine.config import Config
 from engine.log import Maillog
-from engine.policy.relay import check_local_recipient, check_relay
+from engine.policy.relay import check_local_recipient, check_relay, client_is_trusted
 from engine.smtp import replies, server
 from engine.smtp.replies import Reply
 from engine.spool import SpoolFull
@@ -56,6 +56,7 @@ class SmtpdProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.session = server.ServerSession(context.settings)
         self.origin = Origin()
+        self._trusted: bool | None = None  # in mynetworks: computed at the first RCPT
         self.txn: Transaction | None = None
         self._commit_task: asyncio.Task | None = None
         self._paused_by: set[str] = set()  # why reading is paused: "commit", "write"
@@ -165,7 +166,10 @@ class SmtpdProtocol(asyncio.Protocol):
 
     def _on_rcpt(self, event: server.RcptTo) -> None:
         config = self.ctx.config
-        refusal = (check_relay(self.origin.client_ip, event.recipient, config)
+        if self._trusted is None:
+            self._trusted = client_is_trusted(self.origin.client_ip, config)
+        refusal = (check_relay(self.origin.client_ip, event.recipient, config,
+                               trusted=self._trusted)
                    or check_local_recipient(event.recipient, config))
         if refusal is not None:
             self._log_reject("RCPT", refusal, to=event.recipient)
