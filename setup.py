@@ -22,6 +22,7 @@ CYTHON_DIRECTIVES = {
 EXTENSIONS = [
     Extension("engine._compiled.reader", sources=["_speedups/reader.pyx"]),
     Extension("engine._compiled.scheduler", sources=["_speedups/scheduler.pyx"]),
+    Extension("engine._compiled.grammar", sources=["_speedups/grammar.pyx"]),
 ]
 
 

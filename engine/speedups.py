@@ -12,6 +12,7 @@ from types import ModuleType
 TWINS = {
     "reader": "engine.smtp.reader",
     "scheduler": "engine.qmgr.scheduler",
+    "grammar": "engine.smtp.grammar",
 }
 
 

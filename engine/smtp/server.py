@@ -11,18 +11,14 @@ from enum import Enum
 
 from engine import speedups
 from engine.smtp import replies
-from engine.smtp.grammar import (
-    GrammarError,
-    dsn_envid,
-    dsn_notify,
-    dsn_orcpt,
-    dsn_ret,
-    parse_mail_from,
-    parse_rcpt_to,
-    split_command,
-)
+from engine.smtp.grammar import GrammarError, dsn_envid, dsn_notify, dsn_orcpt, dsn_ret
 from engine.smtp.reader import LineTooLong
 from engine.smtp.replies import Reply
+
+_grammar = speedups.load("grammar")  # the command-parsing hot path: compiled when built
+split_command = _grammar.split_command
+parse_mail_from = _grammar.parse_mail_from
+parse_rcpt_to = _grammar.parse_rcpt_to
 
 # ---------------------------------------------------------------------------------------------
 # Events. Requests (Helo, MailFrom, RcptTo, Data, MessageEnd) must be answered with accept() or
