@@ -58,6 +58,17 @@ def both_shards(server, subject: str = "m") -> list[str]:
     raise AssertionError(f"all mail went to one shard: {queue_ids}")
 
 
+def deferred_on_both_shards(tern, smtp_sink):
+    """A 2-worker server whose next hop is down, with deferred mail in both shards."""
+    sink = smtp_sink(start=False)
+    server = tern(relayhost=sink.nexthop, worker_count=2, **FAST)
+    pids = wait_workers(server)
+    queue_ids = both_shards(server)
+    for queue_id in queue_ids:
+        server.wait_log(f"{queue_id}: to=<b@example.net>")  # deferred: the next hop is down
+    return sink, server, pids, queue_ids
+
+
 def queue(server, *args: str):
     return server.tern("queue", *args, "--config", str(server.config_file))
 
@@ -93,11 +104,7 @@ def test_mail_spreads_over_both_shards_is_all_delivered_and_sigterm_stops_all(te
 
 
 def test_a_killed_worker_is_restarted_and_delivers_its_shard(tern, smtp_sink):
-    sink = smtp_sink(start=False)
-    server = tern(relayhost=sink.nexthop, worker_count=2, **FAST)
-    queue_ids = both_shards(server)
-    for queue_id in queue_ids:
-        server.wait_log(f"{queue_id}: to=<b@example.net>")  # deferred: the next hop is down
+    sink, server, _, queue_ids = deferred_on_both_shards(tern, smtp_sink)
     victim = next(queue_id for queue_id in queue_ids if shard_of(queue_id) == 1)
     (pid,) = map(int, re.findall(rf"tern/smtpd\[(\d+)\]: {victim}: client=", server.log()))
     os.kill(pid, signal.SIGKILL)
@@ -116,12 +123,7 @@ def test_a_killed_worker_is_restarted_and_delivers_its_shard(tern, smtp_sink):
 
 
 def test_queue_commands_see_and_change_both_shards(tern, smtp_sink):
-    sink = smtp_sink(start=False)
-    server = tern(relayhost=sink.nexthop, worker_count=2, **FAST)
-    pids = wait_workers(server)
-    queue_ids = both_shards(server)
-    for queue_id in queue_ids:
-        server.wait_log(f"{queue_id}: to=<b@example.net>")
+    sink, server, pids, queue_ids = deferred_on_both_shards(tern, smtp_sink)
     listing = queue(server, "list").stdout
     assert all(re.search(rf"^{queue_id}[*!]? ", listing, re.MULTILINE) for queue_id in queue_ids)
 
@@ -154,12 +156,7 @@ def wait_gone(pids, timeout: float = 10.0) -> None:
 
 
 def test_workers_die_with_a_killed_supervisor_and_the_next_start_delivers(tern, smtp_sink):
-    sink = smtp_sink(start=False)
-    server = tern(relayhost=sink.nexthop, worker_count=2, **FAST)
-    pids = wait_workers(server)
-    queue_ids = both_shards(server)
-    for queue_id in queue_ids:
-        server.wait_log(f"{queue_id}: to=<b@example.net>")
+    sink, server, pids, queue_ids = deferred_on_both_shards(tern, smtp_sink)
     server.stop(signal.SIGKILL)
     wait_gone(pids)  # no orphan keeps the port or a shard
     sink.start()
