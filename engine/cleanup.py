@@ -40,11 +40,26 @@ class Origin:
     client_name: str = "unknown"
     client_ip: str = ""
     helo: str | None = None
-    protocol: str = "SMTP"  # SMTP / ESMTP (later ESMTPS, ESMTPA …)
+    esmtp: bool = False  # the client said EHLO
+    tls: str = ""  # "TLSv1.3 with cipher …" once STARTTLS / SMTPS has completed
+    sasl_username: str = ""  # set by a successful AUTH
+    smtputf8: bool = False  # the current message was sent with MAIL FROM … SMTPUTF8
+    local_protocol: str = ""  # not SMTP at all: "local" (Tern's own notices), "HTTP" …
 
     @property
     def client(self) -> str:
         return f"{self.client_name}[{self.client_ip}]"
+
+    @property
+    def protocol(self) -> str:
+        """The Received: ``with`` keyword (RFC 3848, RFC 6531): SMTP, ESMTP, ESMTPS, ESMTPA,
+        ESMTPSA, or UTF8SMTP… for a message sent with SMTPUTF8."""
+        if self.local_protocol:
+            return self.local_protocol
+        if not self.esmtp:
+            return "SMTP"
+        base = "UTF8SMTP" if self.smtputf8 else "ESMTP"
+        return base + ("S" if self.tls else "") + ("A" if self.sasl_username else "")
 
 
 def received_header(origin: Origin, hostname: str, queue_id: str, recipients: list[str],
@@ -211,7 +226,7 @@ class Cleanup:
         """Queue a message Tern made itself (a bounce, a delay or success notice): the same
         path as mail from a client, with Tern as the origin."""
         origin = origin or Origin(client_name="localhost", client_ip="127.0.0.1",
-                                  protocol="local")
+                                  local_protocol="local")
         builder = self.begin(queue_id=self.new_queue_id(), sender=sender,
                              recipients=recipients, origin=origin, body_8bit=True)
         builder.size_limit = 0  # our own notice is never refused for size

@@ -14,13 +14,14 @@ import functools
 import os
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import lmdb
 
 from engine import __version__
 from engine.cleanup import Cleanup
-from engine.config import Config
+from engine.config import Config, Listener
 from engine.control import ControlError, ControlServer
 from engine.delivery import smtp as smtp_delivery
 from engine.delivery.connections import ConnectionCache
@@ -50,7 +51,7 @@ def worker_count(config: Config) -> int:
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None,
                 stop: asyncio.Event | None = None, shard: int = 0,
-                sockets: list[socket.socket] | None = None,
+                sockets: list[tuple[Listener, socket.socket]] | None = None,
                 control_name: str = "control") -> None:
     """The whole server in this process, on spool shard ``shard``. A worker of the supervisor
     is given the listening ``sockets`` (bound there) and its own ``control_name``; it leaves
@@ -85,15 +86,20 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
         await qmgr.stop()
         spool.close()
         raise StartupError(str(error)) from error
-    context = SmtpdContext(config=config, cleanup=cleanup, maillog=maillog)
+    sessions: set = set()  # every listener's: smtpd_connection_limit counts them all
+
+    def factory(listener: Listener) -> Callable[[], SmtpdProtocol]:
+        context = SmtpdContext(config=config, cleanup=cleanup, maillog=maillog,
+                               sessions=sessions, listener=listener)
+        return lambda: SmtpdProtocol(context)
+
     servers = []
-    for sock in sockets or ():
-        servers.append(await loop.create_server(lambda: SmtpdProtocol(context), sock=sock,
-                                                backlog=1024))
+    for listener, sock in sockets or ():
+        servers.append(await loop.create_server(factory(listener), sock=sock, backlog=1024))
     for listener in () if worker else config.listen:
         try:
             servers.append(await loop.create_server(
-                lambda: SmtpdProtocol(context), listener.host, listener.port,
+                factory(listener), listener.host, listener.port,
                 reuse_address=True, backlog=1024))
         except OSError as error:
             await control.close()
@@ -118,9 +124,9 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
     for item in servers:
         item.close()
     deadline = loop.time() + SHUTDOWN_GRACE
-    while any(session._committing for session in context.sessions) and loop.time() < deadline:
+    while any(session._committing for session in sessions) and loop.time() < deadline:
         await asyncio.sleep(0.01)
-    for session in list(context.sessions):
+    for session in list(sessions):
         session.close_with(replies.SHUTTING_DOWN)
     await spool.drain()
     await qmgr.stop(grace=SHUTDOWN_GRACE)

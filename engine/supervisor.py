@@ -27,7 +27,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from engine.config import Config
+from engine.config import Config, Listener
 from engine.control import worker_socket
 from engine.log import Maillog
 from engine.serve import StartupError, serve, shard_path, started_line
@@ -44,15 +44,16 @@ PR_SET_PDEATHSIG = 1
 # -- the listening sockets -------------------------------------------------------------------
 
 
-def bind_listeners(config: Config) -> list[socket.socket]:
+def bind_listeners(config: Config) -> list[tuple[Listener, socket.socket]]:
     """Listening sockets for every ``[[listen]]`` table, on every address of its host (as
-    loop.create_server binds them). Raises StartupError naming the one that cannot be bound."""
-    sockets: list[socket.socket] = []
+    loop.create_server binds them), each with its listener (whose service it runs). Raises
+    StartupError naming the one that cannot be bound."""
+    sockets: list[tuple[Listener, socket.socket]] = []
     try:
         for listener in config.listen:
-            sockets += _bind(listener.host, listener.port)
+            sockets += [(listener, sock) for sock in _bind(listener.host, listener.port)]
     except BaseException:
-        for sock in sockets:
+        for _, sock in sockets:
             sock.close()
         raise
     return sockets
@@ -101,7 +102,7 @@ def _report(fd: int | None, text: str) -> None:
         os.close(fd)
 
 
-def worker_main(config: Config, shard: int, sockets: list[socket.socket],
+def worker_main(config: Config, shard: int, sockets: list[tuple[Listener, socket.socket]],
                 report_fd: int | None) -> int:
     """The worker's whole life: serve shard ``shard`` until SIGTERM. Says "ready" (or
     "fatal: …") on ``report_fd`` once it is serving (or could not start)."""
@@ -149,7 +150,7 @@ class Supervisor:
     def __init__(self, config: Config, count: int) -> None:
         self.config = config
         self.workers = [Worker(shard) for shard in range(count)]
-        self._sockets: list[socket.socket] = []
+        self._sockets: list[tuple[Listener, socket.socket]] = []
         self._pid = os.getpid()
         self.maillog: Maillog | None = None
 
@@ -177,7 +178,7 @@ class Supervisor:
             self.maillog.line("master", "terminating on signal")
             self._stop_all()
         finally:
-            for sock in self._sockets:
+            for _, sock in self._sockets:
                 sock.close()
             self.maillog.close()
             # the mask stays: a second signal must not kill the supervisor on its way out

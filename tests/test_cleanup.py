@@ -8,7 +8,7 @@ from engine.cleanup import MessageBuilder, Origin, RecipientRequest
 def build(chunks, *, size_limit=10_000, recipients=("rcpt@example.net",), **dsn):
     builder = MessageBuilder(
         queue_id="QID123", sender="s@example.org", recipients=list(recipients),
-        origin=Origin(client_ip="127.0.0.1", helo="client.test", protocol="ESMTP"),
+        origin=Origin(client_ip="127.0.0.1", helo="client.test", esmtp=True),
         hostname="mx.example.test", size_limit=size_limit, clock=lambda: 1_800_000_000.0,
         **dsn)
     for chunk in chunks:
@@ -134,3 +134,16 @@ def test_inject_queues_tern_made_mail_through_the_same_path():
     assert content.startswith(b"Received: from localhost (localhost [127.0.0.1])")
     assert b"with local id " + envelope.queue_id.encode() in content
     assert b"Subject: bounce\r\nMessage-Id: <" in content  # over the size limit: still queued
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({}, "SMTP"),
+    ({"esmtp": True}, "ESMTP"),
+    ({"esmtp": True, "tls": "TLSv1.3 with cipher X"}, "ESMTPS"),
+    ({"esmtp": True, "sasl_username": "u"}, "ESMTPA"),
+    ({"esmtp": True, "tls": "TLSv1.3", "sasl_username": "u"}, "ESMTPSA"),
+    ({"esmtp": True, "tls": "TLSv1.3", "smtputf8": True}, "UTF8SMTPS"),
+    ({"local_protocol": "local"}, "local"),
+])
+def test_origin_protocol_is_rfc3848_keyword(fields, expected):
+    assert Origin(**fields).protocol == expected

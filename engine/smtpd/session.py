@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine.cleanup import Cleanup, MessageBuilder, Origin, RecipientRequest
-from engine.config import Config
+from engine.config import Config, Listener
 from engine.log import Maillog
 from engine.policy.relay import check_local_recipient, check_relay, client_is_trusted
 from engine.smtp import replies, server
@@ -26,7 +26,8 @@ class SmtpdContext:
     config: Config
     cleanup: Cleanup
     maillog: Maillog
-    sessions: set = field(default_factory=set)
+    sessions: set = field(default_factory=set)  # shared by every listener of the worker
+    listener: Listener = field(default_factory=Listener)  # its service, TLS mode, PROXY …
     settings: server.Settings | None = None
 
     def __post_init__(self) -> None:
@@ -155,7 +156,7 @@ class SmtpdProtocol(asyncio.Protocol):
 
     def _on_helo(self, event: server.Helo) -> None:
         self.origin.helo = event.name
-        self.origin.protocol = "ESMTP" if event.extended else "SMTP"
+        self.origin.esmtp = event.extended
         self.session.accept()
 
     def _on_mail(self, event: server.MailFrom) -> None:
