@@ -143,6 +143,7 @@ class ServerSession:
         self.state = State.IDLE
         self.helo_name: str | None = None
         self.extended = False  # the client said EHLO
+        self.tls_active = False  # set by the adapter once STARTTLS / SMTPS has its handshake
         self.last_command = "CONNECT"
         self.command_counts: dict[str, int] = {}
         self._reader = (reader_class or speedups.Reader)(settings.line_length_limit)

@@ -71,7 +71,12 @@ class SmtpdProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         peer = transport.get_extra_info("peername") or ("", 0)
-        self.origin.client_ip = peer[0]
+        self._begin_session(peer[0])
+
+    def _begin_session(self, client_ip: str) -> None:
+        """The client's address is known (from the socket, or later from a PROXY header):
+        apply the connection limits, log the connect and send the greeting."""
+        self.origin.client_ip = client_ip
         limit = self.ctx.config.smtpd_connection_limit
         if limit and len(self.ctx.sessions) >= limit:
             self._refuse(limit)
