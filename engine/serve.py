@@ -29,6 +29,7 @@ from engine.dns import Resolver
 from engine.log import Maillog
 from engine.qmgr.manager import QueueManager
 from engine.smtp import replies
+from engine.smtpd.anvil import Anvil
 from engine.smtpd.session import SmtpdContext, SmtpdProtocol
 from engine.spool.lmdb_spool import LmdbSpool
 from engine.spool.queue_id import QueueIdGenerator
@@ -87,10 +88,11 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
         spool.close()
         raise StartupError(str(error)) from error
     sessions: set = set()  # every listener's: smtpd_connection_limit counts them all
+    anvil = Anvil()  # per-client counters across listeners
 
     def factory(listener: Listener) -> Callable[[], SmtpdProtocol]:
         context = SmtpdContext(config=config, cleanup=cleanup, maillog=maillog,
-                               sessions=sessions, listener=listener)
+                               sessions=sessions, listener=listener, anvil=anvil)
         return lambda: SmtpdProtocol(context)
 
     servers = []

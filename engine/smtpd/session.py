@@ -16,6 +16,7 @@ from engine.log import Maillog
 from engine.policy.relay import check_local_recipient, check_relay, client_is_trusted
 from engine.smtp import replies, server
 from engine.smtp.replies import Reply
+from engine.smtpd.anvil import Anvil
 from engine.spool import SpoolFull
 
 
@@ -28,6 +29,7 @@ class SmtpdContext:
     maillog: Maillog
     sessions: set = field(default_factory=set)  # shared by every listener of the worker
     listener: Listener = field(default_factory=Listener)  # its service, TLS mode, PROXY …
+    anvil: Anvil = field(default_factory=Anvil)  # per-client counters, shared by every listener
     settings: server.Settings | None = None
 
     def __post_init__(self) -> None:
