@@ -249,11 +249,12 @@ def _transport_maps(value: Any) -> dict[str, str]:
     return out
 
 
-_LISTEN_KEYS = ("address", "service")
+_LISTEN_KEYS = ("address", "service", "proxy_protocol")
 
 
 def _listen(value: Any) -> tuple[Listener, ...]:
-    """The ``[[listen]]`` array of tables: ``address = "host:port"``, ``service = "smtp"``."""
+    """The ``[[listen]]`` array of tables: ``address = "host:port"``, ``service = "smtp"``,
+    ``proxy_protocol = true`` (a PROXY v1/v2 header precedes SMTP)."""
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
         raise _Invalid(f'expected [[listen]] tables with address = "host:port", got {_show(value)}')
     if not value:
@@ -290,7 +291,12 @@ def _listen(value: Any) -> tuple[Listener, ...]:
                 label="listen.address",
             )
         seen[host, port] = index
-        out.append(Listener(host=host, port=port, service=service))
+        try:
+            proxy_protocol = _bool(table.get("proxy_protocol", False))
+        except _Invalid as exc:
+            raise _Invalid(str(exc), sub=(index, "proxy_protocol"),
+                           label="listen.proxy_protocol") from None
+        out.append(Listener(host=host, port=port, service=service, proxy_protocol=proxy_protocol))
     return tuple(out)
 
 
@@ -313,6 +319,8 @@ _SPECIAL: dict[str, Converter] = {
     "mydestination": _str_list(_domain, "domains"),
     "relay_domains": _str_list(_domain, "domains"),
     "mynetworks": _str_list(_network, "networks"),
+    "smtpd_authorized_xclient_hosts": _str_list(_network, "networks"),
+    "smtpd_authorized_xforward_hosts": _str_list(_network, "networks"),
     "dns_servers": _str_list(_dns_server, "addresses"),
     "relayhost": _relayhost,
     "transport_maps": _transport_maps,

@@ -25,6 +25,8 @@ class Listener:
     host: str = "127.0.0.1"
     port: int = 2525
     service: str = "smtp"
+    # a PROXY protocol v1/v2 header (HAProxy) comes first and names the real client
+    proxy_protocol: bool = False
 
 
 def default_myhostname() -> str:
@@ -71,6 +73,11 @@ class Config:
     smtpd_timeout: float = 300.0
     # sessions one worker serves at once; past it a client gets 421 (master.cf's maxproc role)
     smtpd_connection_limit: int = 20000
+    # a [[listen]] table's proxy_protocol: how long the header may take (Postfix's default)
+    smtpd_upstream_proxy_timeout: float = 5.0
+    # who may replace the client's identity (XCLIENT) or forward the previous hop's (XFORWARD)
+    smtpd_authorized_xclient_hosts: tuple[Network, ...] = ()
+    smtpd_authorized_xforward_hosts: tuple[Network, ...] = ()
     # worker processes (each with its own spool shard); 0 = one per core
     worker_count: int = 0
     # queue manager (qmgr(8)): retries, expiry and the active queue
