@@ -90,6 +90,11 @@ BAD_ENVID = Reply(501, "5.5.4 Bad ENVID parameter syntax")
 BAD_NOTIFY = Reply(501, "5.5.4 Error: Bad NOTIFY parameter syntax")
 BAD_ORCPT = Reply(501, "5.5.4 Error: Bad ORCPT parameter syntax")
 UNICODE_NOT_DECLARED = Reply(553, "5.6.7 Must declare SMTPUTF8 to send unicode address")
+# XCLIENT / XFORWARD (Postfix's XCLIENT_README, XFORWARD_README and smtpd wording)
+MAIL_IN_PROGRESS = Reply(503, "5.5.1 Error: MAIL transaction in progress")
+INSUFFICIENT_AUTHORIZATION = Reply(550, "5.7.0 Error: insufficient authorization")
+ATTRIBUTE_EXPECTED = Reply(501, "5.5.4 Error: attribute=value expected")
+ATTRIBUTE_TOO_LONG = Reply(501, "5.5.4 Error: attribute value too long")
 
 # limits
 TOO_BIG = Reply(552, "5.3.4 Message size exceeds fixed limit")
@@ -101,6 +106,23 @@ SPOOL_ERROR = Reply(451, "4.3.0 Error: queue file write error")
 
 def unsupported_option(name: str) -> Reply:
     return Reply(555, f"5.5.4 Unsupported option: {name}")
+
+
+def attribute_syntax(verb: str) -> Reply:
+    return Reply(501, f"5.5.4 Syntax: {verb} attribute=value...")
+
+
+def bad_attribute_name(verb: str, name: str) -> Reply:
+    return Reply(501, f"5.5.4 Bad {verb} attribute name: {name}")
+
+
+def bad_attribute_value(name: str, value: str) -> Reply:
+    return Reply(501, f"5.5.4 Bad {name} syntax: {value}")
+
+
+def local_error(hostname: str) -> Reply:
+    """Postfix's answer when it cannot tell who the client is (a bad PROXY header)."""
+    return Reply(421, f"4.3.0 {hostname} Server local error")
 
 
 def relay_denied(recipient: str) -> Reply:

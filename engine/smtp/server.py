@@ -14,6 +14,7 @@ from engine.smtp import replies
 from engine.smtp.grammar import GrammarError, dsn_envid, dsn_notify, dsn_orcpt, dsn_ret
 from engine.smtp.reader import LineTooLong
 from engine.smtp.replies import Reply
+from engine.smtp.xclient import XCLIENT_ATTRIBUTES, XFORWARD_ATTRIBUTES, parse_attributes
 
 _grammar = speedups.load("grammar")  # the command-parsing hot path: compiled when built
 split_command = _grammar.split_command
@@ -21,8 +22,8 @@ parse_mail_from = _grammar.parse_mail_from
 parse_rcpt_to = _grammar.parse_rcpt_to
 
 # ---------------------------------------------------------------------------------------------
-# Events. Requests (Helo, MailFrom, RcptTo, Data, MessageEnd) must be answered with accept() or
-# reject(); MessageChunk, Reset and Closed are notices.
+# Events. Requests (Helo, MailFrom, RcptTo, Data, MessageEnd, Xclient, Xforward) must be answered
+# with accept() or reject(); MessageChunk, Reset and Closed are notices.
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +67,29 @@ class Reset:
 
 
 @dataclass(frozen=True, slots=True)
+class Xclient:
+    """An authorized client replaces the session's client identity (Postfix's XCLIENT_README).
+    Accepting it starts the session over with a new 220 greeting."""
+
+    attributes: dict[str, str | None]  # NAME, ADDR …; None: [UNAVAILABLE] / [TEMPUNAVAIL]
+
+
+@dataclass(frozen=True, slots=True)
+class Xforward:
+    """An authorized client forwards the up-stream client's attributes for the next
+    transaction's logs and Received: header (Postfix's XFORWARD_README)."""
+
+    attributes: dict[str, str | None]  # NAME, ADDR, IDENT …; None: [UNAVAILABLE]
+
+
+@dataclass(frozen=True, slots=True)
 class Closed:
     during: str  # the last command, for Postfix's "lost connection after DATA"
     quit: bool
 
 
-Event = Helo | MailFrom | RcptTo | Data | MessageChunk | MessageEnd | Reset | Closed
+Event = (Helo | MailFrom | RcptTo | Data | MessageChunk | MessageEnd | Reset | Closed | Xclient
+         | Xforward)
 
 # ---------------------------------------------------------------------------------------------
 # States and the sequencing table: everything that decides which command may come when.
@@ -112,6 +130,8 @@ ON_ACCEPT: dict[type, tuple[State | None, Reply | None]] = {
     RcptTo: (State.RCPT, replies.RECIPIENT_OK),
     Data: (State.DATA, replies.START_DATA),
     MessageEnd: (State.IDLE, replies.OK),
+    Xclient: (State.IDLE, None),  # reply: the greeting again
+    Xforward: (None, replies.OK),  # None: the state does not change
 }
 
 #: The state a request falls back to when refused (None: stay where it was).
@@ -121,6 +141,8 @@ ON_REJECT: dict[type, State | None] = {
     RcptTo: None,
     Data: None,
     MessageEnd: State.IDLE,
+    Xclient: None,
+    Xforward: None,
 }
 
 
@@ -144,6 +166,9 @@ class ServerSession:
         self.helo_name: str | None = None
         self.extended = False  # the client said EHLO
         self.tls_active = False  # set by the adapter once STARTTLS / SMTPS has its handshake
+        # set by the adapter from the client address (smtpd_authorized_xclient/xforward_hosts)
+        self.xclient_allowed = False
+        self.xforward_allowed = False
         self.last_command = "CONNECT"
         self.command_counts: dict[str, int] = {}
         self._reader = (reader_class or speedups.Reader)(settings.line_length_limit)
@@ -228,7 +253,12 @@ class ServerSession:
             self._reader.start_data()
         elif isinstance(event, MessageEnd):
             self._recipients = 0
-        self.state = next_state
+        elif isinstance(event, Xclient):  # back to the greeting, keeping what XCLIENT said
+            helo, proto = event.attributes.get("HELO"), event.attributes.get("PROTO")
+            self.helo_name, self.extended = helo, proto == "ESMTP"
+            default = Reply(220, self.settings.banner)
+        if next_state is not None:
+            self.state = next_state
         self._out.append((reply or default).encode())
 
     def reject(self, reply: Reply) -> None:
@@ -303,7 +333,12 @@ class ServerSession:
         lines = [self.settings.hostname, "PIPELINING"]
         if self.settings.message_size_limit:
             lines.append(f"SIZE {self.settings.message_size_limit}")
-        lines += ["VRFY", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN"]
+        lines.append("VRFY")
+        if self.xclient_allowed:
+            lines.append("XCLIENT " + " ".join(XCLIENT_ATTRIBUTES))
+        if self.xforward_allowed:
+            lines.append("XFORWARD " + " ".join(XFORWARD_ATTRIBUTES))
+        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN"]
         return Reply(250, "\n".join(lines))
 
     # -- one handler per verb: returns a Reply to send now, or a request event --------------
@@ -369,6 +404,20 @@ class ServerSession:
     def _help(self, arg: str) -> Reply:
         return replies.HELP
 
+    def _xcommand(self, verb: str, arg: str, allowed: bool) -> Event | Reply:
+        """XCLIENT / XFORWARD, checked in Postfix's order: syntax, transaction, authorization,
+        then each attribute."""
+        if not arg:
+            return replies.attribute_syntax(verb)
+        if self.state in (State.MAIL, State.RCPT):
+            return replies.MAIL_IN_PROGRESS
+        if not allowed:
+            return replies.INSUFFICIENT_AUTHORIZATION
+        attributes = parse_attributes(verb, arg)
+        if isinstance(attributes, Reply):
+            return attributes
+        return (Xclient if verb == "XCLIENT" else Xforward)(attributes)
+
 
 def _keep_dsn_parameter(table: dict, key: str, value: str | None,
                         kept: dict[str, str | None]) -> Reply | None:
@@ -393,4 +442,6 @@ _HANDLERS = {
     "QUIT": ServerSession._quit,
     "VRFY": ServerSession._vrfy,
     "HELP": ServerSession._help,
+    "XCLIENT": lambda s, a: s._xcommand("XCLIENT", a, s.xclient_allowed),
+    "XFORWARD": lambda s, a: s._xcommand("XFORWARD", a, s.xforward_allowed),
 }

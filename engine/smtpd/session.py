@@ -4,6 +4,9 @@ Bytes in → ServerSession → events answered here (relay control, cleanup, spo
 out in one write per batch, so a pipelined batch is answered in order and in one packet. The
 ``250 … queued as`` reply is sent only after the spool has committed and synced the message.
 Talks to untrusted clients; everything it learns from them passes through the sans-I/O core.
+On a ``proxy_protocol`` listener the PROXY header (engine.smtpd.proxy) comes first and names the
+client every later decision and log line is about; XCLIENT and XFORWARD from authorized hosts
+change who the client is (for the session), or who it was up-stream (for one message).
 """
 
 import asyncio
@@ -13,9 +16,16 @@ from dataclasses import dataclass, field
 from engine.cleanup import Cleanup, MessageBuilder, Origin, RecipientRequest
 from engine.config import Config, Listener
 from engine.log import Maillog
-from engine.policy.relay import check_local_recipient, check_relay, client_is_trusted
+from engine.policy.relay import (
+    address_in_networks,
+    check_local_recipient,
+    check_relay,
+    client_is_trusted,
+)
 from engine.smtp import replies, server
 from engine.smtp.replies import Reply
+from engine.smtp.xclient import XFORWARD_CLIENT_ATTRIBUTES, printable
+from engine.smtpd import proxy
 from engine.smtpd.anvil import Anvil
 from engine.spool import SpoolFull
 
@@ -67,18 +77,33 @@ class SmtpdProtocol(asyncio.Protocol):
         self._last_activity = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False  # over smtpd_connection_limit: answered 421, never a session
+        # a proxy_protocol listener: the PROXY header read so far (None once done, or never)
+        self._proxy_header: bytearray | None = None
+        self._proxy_timer: asyncio.TimerHandle | None = None
+        # XFORWARD attributes for the next transaction (None: nothing forwarded)
+        self._xforward: dict[str, str | None] | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
-        peer = transport.get_extra_info("peername") or ("", 0)
-        self._begin_session(peer[0])
+        if self.ctx.listener.proxy_protocol:  # no greeting before the header names the client
+            self._proxy_header = bytearray()
+            loop = asyncio.get_running_loop()
+            self._proxy_timer = loop.call_later(self.ctx.config.smtpd_upstream_proxy_timeout,
+                                                self._proxy_failed, "timeout error")
+            return
+        self._begin_session(self._peer_ip())
+
+    def _peer_ip(self) -> str:
+        peer = self.transport.get_extra_info("peername") or ("", 0)
+        return peer[0]
 
     def _begin_session(self, client_ip: str) -> None:
         """The client's address is known (from the socket, or later from a PROXY header):
         apply the connection limits, log the connect and send the greeting."""
         self.origin.client_ip = client_ip
+        self._authorize_x_commands()
         limit = self.ctx.config.smtpd_connection_limit
         if limit and len(self.ctx.sessions) >= limit:
             self._refuse(limit)
@@ -99,13 +124,17 @@ class SmtpdProtocol(asyncio.Protocol):
         self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self._refused:
+        if self._proxy_header is not None:
+            data = self._proxy_received(data)
+        if self._refused or not data:
             return
         self._last_activity = time.monotonic()
         self.session.receive_data(data)
         self._pump()
 
     def eof_received(self) -> bool:
+        if self._proxy_header is not None:
+            self._proxy_received(b"", final=True)
         if self._refused:
             return False
         self.session.receive_data(b"")
@@ -134,13 +163,108 @@ class SmtpdProtocol(asyncio.Protocol):
         return self._commit_task is not None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._refused:
-            return
+        if self._proxy_timer is not None:
+            self._proxy_timer.cancel()
+        if self._refused or self._proxy_header is not None:
+            return  # never a session
         self.session.receive_data(b"")
         self._pump()
         if self._timer is not None:
             self._timer.cancel()
         self.ctx.sessions.discard(self)
+
+    # -- the PROXY protocol header ------------------------------------------------------------
+
+    def _proxy_received(self, data: bytes, *, final: bool = False) -> bytes:
+        """Bytes while the header is incomplete: what follows the header once it is parsed
+        (the client's first SMTP bytes), b"" until then. Holds at most proxy.MAX_HEADER."""
+        buffer = self._proxy_header
+        room = proxy.MAX_HEADER - len(buffer)  # a full buffer always decides: never more
+        buffer += data[:room]
+        try:
+            header = proxy.parse(buffer, final=final)
+        except proxy.ProxyError as error:
+            self._proxy_failed(f"{error}: {_escape(buffer)}" if buffer else "EOF")
+            return b""
+        if header is None:
+            return b""
+        rest = bytes(buffer[header.length:]) + data[room:]
+        self._proxy_header = None
+        self._proxy_timer.cancel()
+        self._proxy_timer = None
+        # LOCAL / UNKNOWN: a connection of the proxy's own (a health check), not proxied
+        self._begin_session(header.client[0] if header.client else self._peer_ip())
+        return rest
+
+    def _proxy_failed(self, reason: str) -> None:
+        """No valid header in time: we cannot tell who the client is or what it may do, so
+        as Postfix: a warning, 421 instead of the greeting, and hang up."""
+        self._proxy_header = None
+        self._proxy_timer = None
+        self._refused = True
+        self.origin.client_ip = self._peer_ip()
+        self._log(f"warning: haproxy read: {reason}")
+        self._log(f"connect from {self.origin.client}")
+        self.transport.write(replies.local_error(self.ctx.config.myhostname).encode())
+        self.transport.close()
+        self._log(f"disconnect from {self.origin.client} commands=0")
+
+    # -- XCLIENT and XFORWARD -----------------------------------------------------------------
+
+    def _authorize_x_commands(self) -> None:
+        """Who may use XCLIENT / XFORWARD follows the client address, as it is now."""
+        config, client_ip, session = self.ctx.config, self.origin.client_ip, self.session
+        session.xclient_allowed = address_in_networks(client_ip,
+                                                      config.smtpd_authorized_xclient_hosts)
+        session.xforward_allowed = address_in_networks(client_ip,
+                                                       config.smtpd_authorized_xforward_hosts)
+
+    def _on_xclient(self, event: server.Xclient) -> None:
+        """The client is now who XCLIENT says: every later decision (mynetworks, XCLIENT
+        authorization itself) and log line is about it, as in Postfix."""
+        origin, attributes = self.origin, event.attributes
+        if "NAME" in attributes:
+            origin.client_name = attributes["NAME"] or "unknown"
+        if "ADDR" in attributes:
+            origin.client_ip = attributes["ADDR"] or "unknown"
+        if "LOGIN" in attributes:
+            origin.sasl_username = attributes["LOGIN"] or ""
+        origin.helo = attributes.get("HELO")
+        origin.esmtp = attributes.get("PROTO") == "ESMTP"
+        self._trusted = None
+        self._xforward = None
+        self._authorize_x_commands()
+        self.session.accept()
+
+    def _on_xforward(self, event: server.Xforward) -> None:
+        """Remembered for the next transaction only; attributes not given stay unavailable."""
+        if self._xforward is None:
+            self._xforward = {}
+        self._xforward.update(event.attributes)
+        self.session.accept()
+
+    def _message_origin(self) -> Origin:
+        """Who the message came from: the session's client, or — once XFORWARD named any client
+        attribute — the up-stream client alone, never a mix of both (XFORWARD_README note 4)."""
+        forwarded = self._xforward
+        if not forwarded or not XFORWARD_CLIENT_ATTRIBUTES.intersection(forwarded):
+            return self.origin
+        return Origin(client_name=forwarded.get("NAME") or "unknown",
+                      client_ip=forwarded.get("ADDR") or "unknown",
+                      helo=forwarded.get("HELO"),
+                      local_protocol=forwarded.get("PROTO") or "unknown")
+
+    def _forwarded_log(self) -> str:
+        """Postfix's additions to the ``client=`` line: ``, orig_queue_id=…, orig_client=…``."""
+        forwarded = self._xforward
+        if not forwarded:
+            return ""
+        parts = ""
+        if forwarded.get("IDENT"):
+            parts += f", orig_queue_id={forwarded['IDENT']}"
+        if XFORWARD_CLIENT_ATTRIBUTES.intersection(forwarded):
+            parts += f", orig_client={self._message_origin().client}"
+        return parts
 
     # -- the event pump ----------------------------------------------------------------------
 
@@ -169,7 +293,7 @@ class SmtpdProtocol(asyncio.Protocol):
     def _on_mail(self, event: server.MailFrom) -> None:
         queue_id = self.ctx.cleanup.new_queue_id()
         self.txn = Transaction(queue_id=queue_id, sender=event.sender, params=event.params)
-        self._log(f"{queue_id}: client={self.origin.client}")
+        self._log(f"{queue_id}: client={self.origin.client}{self._forwarded_log()}")
         self.session.accept()
 
     def _on_rcpt(self, event: server.RcptTo) -> None:
@@ -191,9 +315,10 @@ class SmtpdProtocol(asyncio.Protocol):
     def _on_data(self, event: server.Data) -> None:
         txn = self.txn
         params = txn.params
+        origin = self._message_origin()
         txn.builder = self.ctx.cleanup.begin(
             queue_id=txn.queue_id, sender=txn.sender, recipients=txn.recipients,
-            origin=self.origin, body_8bit=(params.get("BODY") or "").upper() == "8BITMIME",
+            origin=origin, body_8bit=(params.get("BODY") or "").upper() == "8BITMIME",
             ret=params.get("RET") or "", envid=params.get("ENVID") or "")
         self.session.accept()
 
@@ -202,6 +327,7 @@ class SmtpdProtocol(asyncio.Protocol):
 
     def _on_end(self, event: server.MessageEnd) -> None:
         txn, self.txn = self.txn, None
+        self._xforward = None  # forwarded attributes last one transaction
         if txn.builder.too_big:
             self._log_reject("END-OF-MESSAGE", replies.TOO_BIG, queue_id=txn.queue_id,
                              sender=txn.sender)
@@ -234,6 +360,7 @@ class SmtpdProtocol(asyncio.Protocol):
 
     def _on_reset(self, event: server.Reset) -> None:
         self.txn = None
+        self._xforward = None
 
     def _on_closed(self, event: server.Closed) -> None:
         client = self.origin.client
@@ -297,4 +424,13 @@ _EVENT_HANDLERS = {
     server.MessageEnd: SmtpdProtocol._on_end,
     server.Reset: SmtpdProtocol._on_reset,
     server.Closed: SmtpdProtocol._on_closed,
+    server.Xclient: SmtpdProtocol._on_xclient,
+    server.Xforward: SmtpdProtocol._on_xforward,
 }
+
+
+def _escape(data: bytes, limit: int = 200) -> str:
+    """Header bytes for a warning line, as Postfix escapes them (``\\r\\n``), cut short."""
+    text = data[:limit].decode("latin-1")
+    escaped = text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+    return printable(escaped) + ("..." if len(data) > limit else "")

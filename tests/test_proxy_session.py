@@ -1,0 +1,299 @@
+"""The smtpd adapter on a proxy_protocol listener, over real loopback sockets: the header comes
+first and names the client that mynetworks, logs and Received: see; no valid header in time
+means a warning, 421 and hang-up, never a greeting. Also XCLIENT / XFORWARD in the adapter."""
+
+import asyncio
+import contextlib
+import io
+import ipaddress
+
+from test_proxy import v1, v2
+
+from engine.cleanup import Cleanup
+from engine.config import Config, Listener
+from engine.log import Maillog
+from engine.smtpd.session import SmtpdContext, SmtpdProtocol
+from engine.spool.memory import MemorySpool
+
+EXTERNAL_CLIENT = ("192.0.2.7", 40000)
+SERVER = ("127.0.0.1", 25)
+RELAY_ATTEMPT = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
+MESSAGE = b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n"
+RELAY_DENIED = "554 5.7.1 <b@example.net>: Relay access denied"
+
+
+class Server:
+    """One listener of the adapter on 127.0.0.1, with an in-memory spool and a captured log."""
+
+    def __init__(self, *, proxy_protocol=True, **config):
+        self.spool = MemorySpool()
+        self.log = io.StringIO()
+        self.config = Config(myhostname="mx.test", **config)
+        self.listener = Listener("127.0.0.1", 0, proxy_protocol=proxy_protocol)
+
+    async def __aenter__(self):
+        maillog = Maillog("mx.test", stream=self.log)
+        context = SmtpdContext(config=self.config, maillog=maillog, listener=self.listener,
+                               cleanup=Cleanup(self.spool, maillog, self.config))
+        self.server = await asyncio.get_running_loop().create_server(
+            lambda: SmtpdProtocol(context), "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def connect(self):
+        return await asyncio.open_connection("127.0.0.1", self.port)
+
+    def logged(self) -> str:
+        return self.log.getvalue()
+
+    def content(self) -> list[bytes]:
+        return [self.spool.content(e.queue_id) for e in self.spool.envelopes()]
+
+
+async def replies(reader, count):
+    """The next ``count`` final reply lines (multi-line replies folded to their last line)."""
+    final = []
+    while len(final) < count:
+        line = await asyncio.wait_for(reader.readline(), 5)
+        assert line, f"closed after {final}"
+        if line[3:4] == b" ":
+            final.append(line.decode().rstrip())
+    return final
+
+
+async def everything(reader) -> bytes:
+    """All the server sends until it closes (bounded in time)."""
+    return await asyncio.wait_for(reader.read(), 10)
+
+
+async def close(writer):
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+def run(scenario):
+    return asyncio.run(scenario())
+
+
+# -- the header names the client ------------------------------------------------------------------
+
+
+def test_header_and_smtp_in_one_packet_are_both_used():
+    async def scenario():
+        async with Server() as server:
+            reader, writer = await server.connect()
+            writer.write(v1(EXTERNAL_CLIENT, SERVER) + b"EHLO c.test\r\n" + RELAY_ATTEMPT)
+            answers = await replies(reader, 4)
+            await close(writer)
+            return answers, server.logged()
+
+    answers, log = run(scenario)
+    assert answers[0] == "220 mx.test ESMTP Tern"
+    assert answers[1:] == ["250 DSN", "250 2.1.0 Ok", RELAY_DENIED]  # 192.0.2.7 may not relay
+    assert "connect from unknown[192.0.2.7]" in log
+    assert ": reject: RCPT from unknown[192.0.2.7]: 554 5.7.1" in log
+    assert "127.0.0.1" not in log  # the proxy's own address is nobody's business
+
+
+def test_v2_header_client_is_in_received_and_may_relay_from_mynetworks():
+    async def scenario():
+        async with Server(mynetworks=(ipaddress.ip_network("192.0.2.0/24"),)) as server:
+            reader, writer = await server.connect()
+            writer.write(v2(EXTERNAL_CLIENT, SERVER))
+            greeting = await replies(reader, 1)
+            writer.write(b"EHLO c.test\r\n" + RELAY_ATTEMPT + MESSAGE)
+            answers = await replies(reader, 5)
+            await close(writer)
+            return greeting + answers, server.content(), server.logged()
+
+    answers, (content,), log = run(scenario)
+    assert answers[3] == "250 2.1.5 Ok"  # relay permitted: 192.0.2.7 is in mynetworks now
+    assert answers[5].startswith("250 2.0.0 Ok: queued as")
+    assert content.startswith(b"Received: from c.test (unknown [192.0.2.7])\r\n")
+    assert "client=unknown[192.0.2.7]" in log
+
+
+def test_header_sent_byte_by_byte_still_works():
+    async def scenario():
+        async with Server() as server:
+            reader, writer = await server.connect()
+            for byte in v2(EXTERNAL_CLIENT, SERVER, tlvs=b"\x05\x00\x02id"):
+                writer.write(bytes([byte]))
+                await writer.drain()
+            greeting = await replies(reader, 1)
+            await close(writer)
+            return greeting, server.logged()
+
+    greeting, log = run(scenario)
+    assert greeting == ["220 mx.test ESMTP Tern"]
+    assert "connect from unknown[192.0.2.7]" in log
+
+
+def test_local_command_is_the_proxy_itself():
+    async def scenario():
+        async with Server() as server:
+            reader, writer = await server.connect()
+            writer.write(v2(command=0x0) + b"QUIT\r\n")
+            answers = await replies(reader, 2)
+            await close(writer)
+            return answers, server.logged()
+
+    answers, log = run(scenario)
+    assert answers == ["220 mx.test ESMTP Tern", "221 2.0.0 Bye"]
+    assert "connect from unknown[127.0.0.1]" in log
+
+
+# -- no valid header: refused ---------------------------------------------------------------------
+
+
+def test_no_header_is_refused_without_a_greeting():
+    async def scenario():
+        async with Server() as server:
+            reader, writer = await server.connect()
+            writer.write(b"EHLO c.test\r\n")
+            sent = await everything(reader)
+            await close(writer)
+            return sent, server.logged()
+
+    sent, log = run(scenario)
+    assert sent == b"421 4.3.0 mx.test Server local error\r\n"  # then closed; no 220
+    assert "warning: haproxy read: unrecognized protocol header: EHLO c.test\\r\\n" in log
+    assert "connect from unknown[127.0.0.1]" in log
+    assert "disconnect from unknown[127.0.0.1] commands=0" in log
+
+
+def test_invalid_header_is_refused():
+    async def scenario():
+        async with Server() as server:
+            reader, writer = await server.connect()
+            writer.write(b"PROXY TCP4 192.0.2.7 127.0.0.1 99999 25\r\nEHLO c.test\r\n")
+            sent = await everything(reader)
+            await close(writer)
+            return sent, server.logged()
+
+    sent, log = run(scenario)
+    assert sent == b"421 4.3.0 mx.test Server local error\r\n"
+    assert "warning: haproxy read: bad or missing client port: PROXY TCP4 192.0.2.7" in log
+    assert "192.0.2.7]" not in log  # nobody was believed
+
+
+def test_slow_header_times_out_without_a_greeting():
+    async def scenario():
+        async with Server(smtpd_upstream_proxy_timeout=0.2) as server:
+            reader, writer = await server.connect()
+            writer.write(b"PROXY TCP4 192.0.2.7")  # and nothing more
+            started = asyncio.get_running_loop().time()
+            sent = await everything(reader)
+            waited = asyncio.get_running_loop().time() - started
+            await close(writer)
+            return sent, waited, server.logged()
+
+    sent, waited, log = run(scenario)
+    assert sent == b"421 4.3.0 mx.test Server local error\r\n"
+    assert waited >= 0.1
+    assert "warning: haproxy read: timeout error" in log
+
+
+def test_client_closing_mid_header_is_logged_and_no_session_starts():
+    async def scenario():
+        async with Server() as server:
+            reader, writer = await server.connect()
+            writer.write(b"PROXY TCP4 192.0.2.7 127.0.0.1")
+            writer.write_eof()
+            sent = await everything(reader)
+            await close(writer)
+            return sent, server.logged()
+
+    sent, log = run(scenario)
+    assert not sent.startswith(b"220")
+    assert "warning: haproxy read: missing protocol header terminator" in log
+    assert "lost connection" not in log
+
+
+def test_plain_listener_greets_at_once_and_a_header_there_is_just_a_bad_command():
+    async def scenario():
+        async with Server(proxy_protocol=False) as server:
+            reader, writer = await server.connect()
+            greeting = await replies(reader, 1)
+            writer.write(v1(EXTERNAL_CLIENT, SERVER))
+            answer = await replies(reader, 1)
+            await close(writer)
+            return greeting + answer, server.logged()
+
+    answers, log = run(scenario)
+    assert answers == ["220 mx.test ESMTP Tern", "502 5.5.2 Error: command not recognized"]
+    assert "connect from unknown[127.0.0.1]" in log
+
+
+# -- XCLIENT and XFORWARD in the adapter ------------------------------------------------------
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"),)
+
+
+def test_xclient_changes_relay_trust_logs_and_its_own_authorization():
+    async def scenario():
+        async with Server(proxy_protocol=False, smtpd_authorized_xclient_hosts=LOOPBACK) as server:
+            reader, writer = await server.connect()
+            await replies(reader, 1)
+            writer.write(b"EHLO proxy.test\r\n" + RELAY_ATTEMPT + b"RSET\r\n")
+            before = await replies(reader, 4)  # trusted as 127.0.0.1: relay permitted (cached)
+            writer.write(b"XCLIENT NAME=mail.example.org ADDR=192.0.2.7\r\n")
+            greeting = await replies(reader, 1)
+            writer.write(b"EHLO mail.example.org\r\n" + RELAY_ATTEMPT + b"RSET\r\n"
+                         b"XCLIENT ADDR=127.0.0.1\r\nQUIT\r\n")
+            after = await replies(reader, 6)
+            await close(writer)
+            return before, greeting, after, server.logged()
+
+    before, greeting, after, log = run(scenario)
+    assert before[2] == "250 2.1.5 Ok"
+    assert greeting == ["220 mx.test ESMTP Tern"]
+    assert after[2] == RELAY_DENIED  # 192.0.2.7 is not in mynetworks
+    assert after[4] == "550 5.7.0 Error: insufficient authorization"  # nor authorized
+    assert "reject: RCPT from mail.example.org[192.0.2.7]: 554 5.7.1" in log
+    assert "disconnect from mail.example.org[192.0.2.7]" in log
+
+
+def test_xclient_login_makes_the_message_authenticated():
+    async def scenario():
+        async with Server(proxy_protocol=False, smtpd_authorized_xclient_hosts=LOOPBACK) as server:
+            reader, writer = await server.connect()
+            await replies(reader, 1)
+            writer.write(b"XCLIENT ADDR=127.0.0.5 LOGIN=alice HELO=client.example PROTO=ESMTP\r\n"
+                         + RELAY_ATTEMPT + MESSAGE)
+            answers = await replies(reader, 5)
+            await close(writer)
+            return answers, server.content()
+
+    answers, (content,) = run(scenario)
+    assert answers[-1].startswith("250 2.0.0 Ok: queued as")
+    assert content.startswith(b"Received: from client.example (unknown [127.0.0.5])\r\n"
+                              b"\tby mx.test (Tern) with ESMTPA id ")
+
+
+def test_xforward_names_the_upstream_client_for_one_message():
+    async def scenario():
+        async with Server(proxy_protocol=False, smtpd_authorized_xforward_hosts=LOOPBACK) as server:
+            reader, writer = await server.connect()
+            await replies(reader, 1)
+            writer.write(b"EHLO filter.test\r\nXFORWARD NAME=up.example ADDR=192.0.2.9 "
+                         b"PROTO=ESMTP\r\nXFORWARD HELO=up-helo.example IDENT=4Bx9Yz\r\n"
+                         + RELAY_ATTEMPT + MESSAGE + RELAY_ATTEMPT + MESSAGE)
+            answers = await replies(reader, 11)
+            await close(writer)
+            return answers, server.content(), server.logged()
+
+    answers, (first, second), log = run(scenario)
+    assert answers[1:3] == ["250 2.0.0 Ok", "250 2.0.0 Ok"]
+    assert answers[4] == "250 2.1.5 Ok"  # relay decided by the real client, 127.0.0.1
+    assert first.startswith(b"Received: from up-helo.example (up.example [192.0.2.9])\r\n"
+                            b"\tby mx.test (Tern) with ESMTP id ")
+    assert second.startswith(b"Received: from filter.test (unknown [127.0.0.1])\r\n")
+    assert ": client=unknown[127.0.0.1], orig_queue_id=4Bx9Yz, " \
+           "orig_client=up.example[192.0.2.9]\n" in log
+    assert log.count("orig_client=") == 1  # the second message is the filter's own
