@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the tests use as real peers: Postfix's smtp-sink/smtp-source (the field's
-# standard next-hop sink and load generator), unbound (a DNS server on a loopback port), swaks.
+# standard next-hop sink and load generator), unbound (a DNS server on a loopback port), swaks,
+# haproxy (PROXY protocol v1/v2 in front of Tern; run by the tests, its service never started).
 # Installs only what is missing; Postfix is installed unconfigured, so no daemon starts.
 set -euo pipefail
 need=()
@@ -8,6 +9,7 @@ command -v cc >/dev/null || need+=(gcc)  # builds the Cython extensions
 command -v smtp-sink >/dev/null || need+=(postfix)
 command -v unbound >/dev/null || need+=(unbound)
 command -v swaks >/dev/null || need+=(swaks)
+[ -x /usr/sbin/haproxy ] || need+=(haproxy)
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -1,4 +1,5 @@
-"""Real peers on loopback for end-to-end tests: an unbound DNS server and Postfix's smtp-sink.
+"""Real peers on loopback for end-to-end tests: an unbound DNS server, Postfix's smtp-sink and
+HAProxy (a TCP proxy sending the PROXY protocol header).
 
 Both fixtures are factories (start as many peers as a test needs); every process is stopped by
 its PID at teardown. Everything binds 127.0.0.1 on a free port, so tests can run in parallel.
@@ -39,6 +40,7 @@ import pytest
 
 UNBOUND = "/usr/sbin/unbound"
 SMTP_SINK = "/usr/sbin/smtp-sink"
+HAPROXY = "/usr/sbin/haproxy"
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT = 10.0  # seconds for a peer to start answering
 
@@ -348,3 +350,69 @@ def smtp_sink() -> Iterator[Callable[..., SmtpSink]]:
     yield make
     for sink in sinks:
         sink.close()
+
+
+# ---- HAProxy: TCP frontends on loopback, each relaying to one server with a PROXY header ----
+
+
+@dataclass(frozen=True)
+class ProxyRoute:
+    """One HAProxy frontend: clients connect to ``host``:``port``; HAProxy connects to
+    ``server`` from ``source`` and sends ``send_proxy`` ("send-proxy" = v1, "send-proxy-v2")."""
+
+    port: int
+    server: tuple[str, int]
+    source: str
+    send_proxy: str
+    host: str = LOOPBACK
+
+
+def _haproxy_config(routes: Sequence[ProxyRoute]) -> str:
+    lines = [
+        "global",
+        "  maxconn 100",
+        "defaults",
+        "  mode tcp",
+        "  timeout connect 5s",
+        "  timeout client 30s",
+        "  timeout server 30s",
+    ]
+    for index, route in enumerate(routes):
+        lines += [
+            f"frontend in{index}",
+            f"  bind {route.host}:{route.port}",
+            f"  default_backend out{index}",
+            f"backend out{index}",
+            f"  server s{index} {route.server[0]}:{route.server[1]} {route.send_proxy} "
+            f"source {route.source}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def haproxy(tmp_path_factory) -> Iterator[Callable[..., list[ProxyRoute]]]:
+    """Factory: ``haproxy([(server, source, send_proxy), ...]) -> [ProxyRoute, ...]`` runs Debian's
+    haproxy in the foreground (``-db``, never the system service) with one frontend on a free
+    127.0.0.1 port per route; stopped by its PID at teardown."""
+    if not os.access(HAPROXY, os.X_OK):
+        pytest.skip(f"{HAPROXY} not installed")
+    procs: list[subprocess.Popen] = []
+
+    def start(specs: Sequence[tuple[tuple[str, int], str, str]]) -> list[ProxyRoute]:
+        directory = tmp_path_factory.mktemp("haproxy")
+        routes = [ProxyRoute(free_port(), server, source, send_proxy)
+                  for server, source, send_proxy in specs]
+        conf = directory / "haproxy.cfg"
+        conf.write_text(_haproxy_config(routes))
+        log = directory / "haproxy.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen([HAPROXY, "-db", "-f", str(conf)], stdout=out,
+                                    stderr=subprocess.STDOUT)
+        procs.append(proc)
+        _wait_until(lambda: all(_tcp_listening(r.host, r.port) for r in routes), proc,
+                    "haproxy", log)
+        return routes
+
+    yield start
+    for proc in procs:
+        _stop_process(proc)
