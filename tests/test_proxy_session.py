@@ -199,6 +199,37 @@ def test_slow_header_times_out_without_a_greeting():
     assert "warning: haproxy read: timeout error" in log
 
 
+def test_header_timer_stops_once_the_header_is_read():
+    async def scenario():
+        async with Server(smtpd_upstream_proxy_timeout=0.2) as server:
+            reader, writer = await server.connect()
+            writer.write(v1(EXTERNAL_CLIENT, SERVER))
+            greeting = await replies(reader, 1)
+            await asyncio.sleep(0.5)  # well past the header timeout
+            writer.write(b"NOOP\r\n")
+            answer = await replies(reader, 1)
+            await close(writer)
+            return greeting + answer, server.logged()
+
+    answers, log = run(scenario)
+    assert answers == ["220 mx.test ESMTP Tern", "250 2.0.0 Ok"]
+    assert "warning" not in log
+
+
+def test_endless_header_line_is_refused_at_the_v1_limit_not_buffered():
+    async def scenario():
+        async with Server() as server:
+            reader, writer = await server.connect()
+            writer.write(b"PROXY TCP4 " + b"1" * 200)  # past 107 bytes, no line end
+            sent = await everything(reader)
+            await close(writer)
+            return sent, server.logged()
+
+    sent, log = run(scenario)
+    assert sent == b"421 4.3.0 mx.test Server local error\r\n"
+    assert "warning: haproxy read: missing protocol header terminator: PROXY TCP4 111" in log
+
+
 def test_client_closing_mid_header_is_logged_and_no_session_starts():
     async def scenario():
         async with Server() as server:
