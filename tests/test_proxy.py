@@ -29,9 +29,9 @@ def v2(client=None, server=None, *, command=0x1, family=None, tlvs=b"", version=
 
 
 def feed_bytewise(data: bytes):
-    """Parse as a reader would: growing prefixes until a result (None before that)."""
+    """Parse as the adapter does: a growing bytearray, until a result (None before that)."""
     for end in range(1, len(data) + 1):
-        result = proxy.parse(data[:end])
+        result = proxy.parse(bytearray(data[:end]))
         if result is not None:
             return result, end
     return None, len(data)
