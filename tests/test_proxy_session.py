@@ -134,6 +134,24 @@ def test_header_sent_byte_by_byte_still_works():
     assert "connect from unknown[192.0.2.7]" in log
 
 
+def test_connection_limit_applies_after_the_header_to_the_proxied_client():
+    async def scenario():
+        async with Server(smtpd_connection_limit=1) as server:
+            first_reader, first_writer = await server.connect()
+            first_writer.write(v1(("192.0.2.1", 1), SERVER))
+            await replies(first_reader, 1)
+            reader, writer = await server.connect()
+            writer.write(v2(EXTERNAL_CLIENT, SERVER))
+            sent = await everything(reader)
+            await close(writer)
+            await close(first_writer)
+            return sent, server.logged()
+
+    sent, log = run(scenario)
+    assert sent == b"421 4.7.0 mx.test Error: too many connections\r\n"
+    assert "warning: connection limit 1 reached: refusing unknown[192.0.2.7]" in log
+
+
 def test_local_command_is_the_proxy_itself():
     async def scenario():
         async with Server() as server:
