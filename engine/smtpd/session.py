@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from engine.cleanup import Cleanup, MessageBuilder, Origin, RecipientRequest
 from engine.config import Config, Listener
 from engine.log import Maillog
-from engine.policy.relay import check_local_recipient, check_relay, client_is_trusted
+from engine.policy.restrictions import CONFIG_ERROR, Facts, Policy, SessionChecks
 from engine.smtp import replies, server
 from engine.smtp.replies import Reply
 from engine.smtpd.anvil import Anvil
@@ -31,8 +31,12 @@ class SmtpdContext:
     listener: Listener = field(default_factory=Listener)  # its service, TLS mode, PROXY …
     anvil: Anvil = field(default_factory=Anvil)  # per-client counters, shared by every listener
     settings: server.Settings | None = None
+    policy: Policy | None = None  # the restriction lists, compiled once from config
+    resolver: object | None = None  # engine.dns.Resolver, made when a list needs DNS
 
     def __post_init__(self) -> None:
+        if self.policy is None:
+            self.policy = Policy(self.config)
         if self.settings is None:
             config = self.config
             self.settings = server.Settings(
@@ -59,7 +63,8 @@ class SmtpdProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.session = server.ServerSession(context.settings)
         self.origin = Origin()
-        self._trusted: bool | None = None  # in mynetworks: computed at the first RCPT
+        self.checks = SessionChecks(context.policy)  # .forget_client() when the client changes
+        self._policy_task: asyncio.Task | None = None  # a DNS restriction being answered
         self.txn: Transaction | None = None
         self._commit_task: asyncio.Task | None = None
         self._paused_by: set[str] = set()  # why reading is paused: "commit", "write"
@@ -161,24 +166,77 @@ class SmtpdProtocol(asyncio.Protocol):
         if self.session.closed and not self._committing:
             transport.close()
 
+    # -- restrictions: each decision point asks SessionChecks, synchronously unless a list of
+    # that stage needs DNS; then a task answers later (the core waits, input buffered).
+
+    def _facts(self, *, helo: str | None = None, sender: str | None = None,
+               recipient: str | None = None) -> Facts:
+        origin = self.origin
+        return Facts(origin.client_ip, origin.client_name, helo or origin.helo,
+                     sender, recipient, origin.sasl_username)
+
+    def _decide(self, stage: str, facts: Facts, answer) -> None:
+        """Evaluate the restrictions of ``stage``; ``answer(refusal or None)``."""
+        checks = self.checks
+        if not checks.needs_dns(stage):
+            answer(checks.decide(stage, facts))
+            return
+        self._pause("policy")
+        self._policy_task = asyncio.get_running_loop().create_task(
+            self._decide_later(stage, facts, answer))
+
+    async def _decide_later(self, stage: str, facts: Facts, answer) -> None:
+        ctx = self.ctx
+        if ctx.resolver is None:
+            from engine.dns import Resolver  # only when a restriction needs DNS
+
+            ctx.resolver = Resolver(ctx.config)
+        try:
+            refusal = await self.checks.decide_async(stage, facts, ctx.resolver)
+        except Exception as error:  # noqa: BLE001 - a failed check defers, never permits
+            self._log(f"warning: {stage} restriction check failed: {error!r}")
+            refusal = CONFIG_ERROR
+        self._policy_task = None
+        answer(refusal)
+        self._resume("policy")
+        self._pump()
+
     def _on_helo(self, event: server.Helo) -> None:
-        self.origin.helo = event.name
         self.origin.esmtp = event.extended
+        self._decide("HELO", self._facts(helo=event.name),
+                     lambda refusal: self._answer_helo(event, refusal))
+
+    def _answer_helo(self, event: server.Helo, refusal: Reply | None) -> None:
+        self.origin.helo = event.name  # Postfix logs helo=<…> even when it refuses it
+        if refusal is not None:
+            self._log_reject("EHLO" if event.extended else "HELO", refusal)
+            self.session.reject(refusal)
+            return
         self.session.accept()
 
     def _on_mail(self, event: server.MailFrom) -> None:
+        self._decide("MAIL", self._facts(sender=event.sender),
+                     lambda refusal: self._answer_mail(event, refusal))
+
+    def _answer_mail(self, event: server.MailFrom, refusal: Reply | None) -> None:
+        if refusal is not None:
+            self._log_reject("MAIL", refusal, sender=event.sender)
+            self.session.reject(refusal)
+            return
         queue_id = self.ctx.cleanup.new_queue_id()
         self.txn = Transaction(queue_id=queue_id, sender=event.sender, params=event.params)
         self._log(f"{queue_id}: client={self.origin.client}")
         self.session.accept()
 
     def _on_rcpt(self, event: server.RcptTo) -> None:
-        config = self.ctx.config
-        if self._trusted is None:
-            self._trusted = client_is_trusted(self.origin.client_ip, config)
-        refusal = (check_relay(self.origin.client_ip, event.recipient, config,
-                               trusted=self._trusted)
-                   or check_local_recipient(event.recipient, config))
+        facts = self._facts(sender=self.txn.sender, recipient=event.recipient)
+        checks = self.checks
+        if checks.needs_dns("RCPT"):
+            self._decide("RCPT", facts, lambda refusal: self._answer_rcpt(event, refusal))
+        else:  # the per-recipient hot path: no closure, no task
+            self._answer_rcpt(event, checks.decide("RCPT", facts))
+
+    def _answer_rcpt(self, event: server.RcptTo, refusal: Reply | None) -> None:
         if refusal is not None:
             self._log_reject("RCPT", refusal, to=event.recipient)
             self.session.reject(refusal)
@@ -189,6 +247,16 @@ class SmtpdProtocol(asyncio.Protocol):
         self.session.accept()
 
     def _on_data(self, event: server.Data) -> None:
+        recipients = self.txn.recipients
+        only = recipients[0].address if len(recipients) == 1 else None
+        self._decide("DATA", self._facts(sender=self.txn.sender, recipient=only),
+                     lambda refusal: self._answer_data(refusal, only))
+
+    def _answer_data(self, refusal: Reply | None, only: str | None) -> None:
+        if refusal is not None:
+            self._log_reject("DATA", refusal, to=only)
+            self.session.reject(refusal)
+            return
         txn = self.txn
         params = txn.params
         txn.builder = self.ctx.cleanup.begin(
