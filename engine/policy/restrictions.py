@@ -632,7 +632,7 @@ class SessionChecks:
         if rlist.uses_recipient or rlist.kind in ("recipient", "data"):
             return None, None
         key = (facts.client_ip, facts.client_name, facts.sasl_username, facts.helo,
-               facts.sender if rlist.kind == "sender" else None)
+               facts.sender)
         hit = self._cache.get(rlist.key)
         if hit is not None and hit[0] == key:
             return key, hit
