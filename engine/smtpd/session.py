@@ -345,8 +345,10 @@ class SmtpdProtocol(asyncio.Protocol):
 
     def _log_reject(self, stage: str, reply: Reply, *, to: str | None = None,
                     queue_id: str | None = None, sender: str | None = None) -> None:
-        """Postfix's ``QID: reject: RCPT from client: 554 5.7.1 …; from=<> to=<> helo=<>``."""
-        queue_id = queue_id or (self.txn.queue_id if self.txn else "NOQUEUE")
+        """Postfix's ``QID: reject: RCPT from client: 554 5.7.1 …; from=<> to=<> helo=<>``.
+        NOQUEUE until a recipient was accepted (when Postfix creates the queue file)."""
+        txn = self.txn
+        queue_id = queue_id or (txn.queue_id if txn and txn.recipients else "NOQUEUE")
         sender = sender if sender is not None else (self.txn.sender if self.txn else "")
         parts = [f"from=<{sender}>"]
         if to is not None:
