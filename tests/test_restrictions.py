@@ -7,16 +7,14 @@ from textwrap import dedent
 import pytest
 
 from engine.config import Config, ConfigError, load_config
+from engine.policy.access import address_keys, client_keys, domain_keys, parse_result
 from engine.policy.restrictions import (
     PERMIT,
     Facts,
     Policy,
     RestrictionError,
     SessionChecks,
-    address_keys,
-    client_keys,
     compile_list,
-    domain_keys,
     split_address,
     tokenize,
 )
@@ -64,6 +62,19 @@ def test_client_keys_name_then_address_then_networks():
         "mail.example.com", "example.com", "com", "192.0.2.1", "192.0.2", "192.0", "192"]
     assert client_keys("unknown", "2001:db8::1", True) == [
         "2001:db8::1", "2001:db8:", "2001:db8", "2001"]
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("OK", "permit"), ("ok", "permit"), ("200", "permit"), ("1.2.3", None),
+    ("DUNNO", "dunno"), ("permit", "permit"),
+    ("REJECT", (554, "5.7.1", "Access denied")), ("reject  my text ", (554, "5.7.1", "my text")),
+    ("DEFER", (450, "4.7.1", "Access denied")),
+    ("550 go away", (550, "5.7.1", "go away")), ("452 4.2.2 full", (452, "4.2.2", "full")),
+    ("550 4.1.1 wrong class", (550, "5.1.1", "wrong class")),
+    ("250 text", None), ("HOLD", None), ("FILTER smtp:[127.0.0.1]:10025", None),
+])
+def test_parse_access_result(value, expected):
+    assert parse_result(value, 554, 450) == expected
 
 
 @pytest.mark.parametrize("address, expected", [

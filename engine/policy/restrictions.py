@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine.ipliteral import parse_address_literal
+from engine.policy.access import address_keys, client_keys, domain_keys, first_match, parse_result
 from engine.policy.relay import client_is_trusted
 from engine.smtp.replies import Reply
 from engine.tables import Table, TableError, open_table
@@ -144,50 +145,6 @@ def _fqdn_address(address: str) -> bool:
     return "." in domain and _valid_hostname(domain)
 
 
-# -- access(5) lookups ------------------------------------------------------------------------
-
-
-def domain_keys(domain: str, parent_style: bool) -> list[str]:
-    """Lookup keys for a domain: itself, then each parent (``example.com``, ``com``) when
-    parent_domain_matches_subdomains lists smtpd_access_maps, else ``.example.com``, ``.com``."""
-    keys = [domain]
-    rest = domain
-    while "." in rest:
-        rest = rest.partition(".")[2]
-        if not rest:
-            break
-        keys.append(rest if parent_style else "." + rest)
-    return keys
-
-
-def address_keys(address: str, parent_style: bool, null_key: str) -> list[str]:
-    """access(5) order for mail addresses: user@domain, domain (and parents), user@.
-    The null sender is looked up as smtpd_null_access_lookup_key ("<>")."""
-    if address == "":
-        return [null_key]
-    full = address.lower()
-    local, at, domain = full.rpartition("@")
-    if not at:
-        return [full]
-    return [full, *domain_keys(domain.rstrip("."), parent_style), local + "@"]
-
-
-def client_keys(name: str, ip: str, parent_style: bool) -> list[str]:
-    """access(5) order for clients: host name (and parents) when known, then the address and
-    its networks: 192.0.2.1, 192.0.2, 192.0, 192 (IPv6: drop ':'-parts from the right)."""
-    keys = [] if name in ("", "unknown") else domain_keys(name.lower(), parent_style)
-    delimiter = ":" if ":" in ip else "."
-    rest = ip.lower()
-    while rest:
-        keys.append(rest)
-        if delimiter not in rest:
-            break
-        rest = rest.rpartition(delimiter)[0]
-    return keys
-
-
-_NUMERIC_REPLY = re.compile(r"([45])(\d\d)\s+(.*)", re.DOTALL)
-_DSN = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\s+")
 CONFIG_ERROR = Reply(451, "4.3.5 Server configuration error")
 
 
@@ -406,44 +363,19 @@ def _reject_unlisted_recipient(policy: Policy, name: str) -> Step:
 
 
 def _access_result(value: str, kind: str, facts: Facts, policy: Policy) -> Decision:
-    """An access(5) table result: OK (or all digits), DUNNO, REJECT/DEFER [text], 4NN/5NN text,
-    or permit/reject/defer. Any other action (HOLD, FILTER, …) is not supported here: the
-    command is deferred (451 4.3.5) rather than accepted unchecked, as Postfix does for a bad
-    table result."""
+    """A table's result as this list's decision (engine.policy.access.parse_result). An
+    action Tern does not implement (HOLD, FILTER, …) defers the command (451 4.3.5) rather
+    than let it pass unchecked."""
     config = policy.config
-    action, _, text = value.strip().partition(" ")
-    upper = action.upper()
-    text = text.strip()
-    if upper in ("OK", "PERMIT") or action.isdigit() and not text:
+    result = parse_result(value, config.access_map_reject_code, config.access_map_defer_code)
+    if result is None:
+        return CONFIG_ERROR
+    if result == "permit":
         return PERMIT
-    if upper == "DUNNO":
+    if result == "dunno":
         return None
-    if upper == "REJECT":
-        code = config.access_map_reject_code
-        return refuse(code, f"{code // 100}.7.1", kind, facts, text or "Access denied")
-    if upper == "DEFER":
-        code = config.access_map_defer_code
-        return refuse(code, f"{code // 100}.7.1", kind, facts, text or "Access denied")
-    numeric = _NUMERIC_REPLY.fullmatch(value.strip())
-    if numeric:
-        code = int(numeric[1] + numeric[2])
-        text = numeric[3].strip()
-        dsn = _DSN.match(text)
-        if dsn:
-            text = text[dsn.end():]
-            detail = f"{numeric[1]}.{dsn[2]}.{dsn[3]}"
-        else:
-            detail = f"{numeric[1]}.7.1"
-        return refuse(code, detail, kind, facts, text or "Access denied")
-    return CONFIG_ERROR
-
-
-def _table_lookup(table: Table, keys: list[str]) -> str | None:
-    for key in keys:
-        value = table.get(key)
-        if value is not None:
-            return value
-    return None
+    code, dsn, text = result
+    return refuse(code, dsn, kind, facts, text)
 
 
 def _check_access(kind: str) -> Callable[[Policy, str, Table], Step]:
@@ -467,7 +399,7 @@ def _check_access(kind: str) -> Callable[[Policy, str, Table], Step]:
                 if address is None:
                     return None
                 keys = address_keys(address, parent, null_key)
-            value = _table_lookup(table, keys)
+            value = first_match(table, keys)
             return None if value is None else _access_result(value, kind, facts, policy)
 
         return Step(f"{name} {table.spec}", run, uses_recipient=kind == "recipient")
