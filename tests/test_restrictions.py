@@ -240,3 +240,15 @@ def test_open_relay_configuration_is_refused(tmp_path):
 def test_bad_values(tmp_path, line, problem):
     message, _ = error(tmp_path, line + "\n")
     assert message == f"tern.toml:1: {problem}"
+
+
+def test_restrictions_import_no_io_module():
+    """The restriction machinery is pure: DNS comes in through the caller's resolver."""
+    import subprocess
+    import sys
+
+    code = ("import sys, engine.policy.restrictions, engine.policy.access, engine.tables,"
+            " engine.tables.text, engine.tables.cidr;"
+            "print(sorted({'asyncio','socket','ssl','lmdb','dns','selectors'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
