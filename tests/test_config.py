@@ -105,6 +105,7 @@ reject_code = 550
 defer_code = 451
 relay_domains_reject_code = 550
 unknown_address_reject_code = 550
+unknown_hostname_reject_code = 550
 unknown_local_recipient_reject_code = 450
 non_fqdn_reject_code = 550
 invalid_hostname_reject_code = 550

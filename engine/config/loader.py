@@ -366,7 +366,8 @@ _SPECIAL: dict[str, Converter] = {
                                           "unknown_local_recipient_reject_code",
                                           "non_fqdn_reject_code",
                                           "invalid_hostname_reject_code",
-                                          "unknown_address_reject_code")},
+                                          "unknown_address_reject_code",
+                                          "unknown_hostname_reject_code")},
     **{key: _reply_code("4") for key in ("access_map_defer_code", "defer_code")},
 }
 

@@ -132,6 +132,7 @@ class Config:
     defer_code: int = 450
     relay_domains_reject_code: int = 554
     unknown_address_reject_code: int = 450
+    unknown_hostname_reject_code: int = 450
     unknown_local_recipient_reject_code: int = 550
     non_fqdn_reject_code: int = 504
     invalid_hostname_reject_code: int = 501

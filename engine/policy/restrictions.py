@@ -358,6 +358,37 @@ def _unknown_domain(kind: str) -> Builder:
     return build
 
 
+def _reject_unknown_helo_hostname(policy: Policy, name: str) -> Step:
+    """The HELO name has no address and no MX record (unknown_hostname_reject_code, 450
+    4.7.1 Host not found); a DNS failure defers (450). Address literals are not looked up."""
+    code = policy.config.unknown_hostname_reject_code
+
+    async def run_async(facts: Facts, resolver: Any) -> Decision:
+        from engine.delivery import PermanentFailure, TransientFailure
+
+        helo = facts.helo
+        if not helo or helo.startswith("[") or not _valid_hostname(helo):
+            return None
+        try:
+            await resolver.addresses(helo)
+            return None
+        except PermanentFailure:
+            pass
+        except TransientFailure:
+            return refuse(450, "4.7.1", "helo", facts, "Host not found")
+        try:
+            hosts = await resolver.mx_hosts(helo)
+        except PermanentFailure:
+            return refuse(code, f"{code // 100}.7.1", "helo", facts, "Host not found")
+        except TransientFailure:
+            return refuse(450, "4.7.1", "helo", facts, "Host not found")
+        if hosts == [helo.rstrip(".").lower()]:  # no MX either (and no address, above)
+            return refuse(code, f"{code // 100}.7.1", "helo", facts, "Host not found")
+        return None
+
+    return Step(name, None, run_async)
+
+
 def _reject_unlisted_recipient(policy: Policy, name: str) -> Step:
     return Step(name, policy.unlisted_recipient, uses_recipient=True)
 
@@ -417,6 +448,7 @@ SIMPLE: dict[str, Builder] = {
     "reject_non_fqdn_recipient": _non_fqdn_address("recipient"),
     "reject_unknown_sender_domain": _unknown_domain("sender"),
     "reject_unknown_recipient_domain": _unknown_domain("recipient"),
+    "reject_unknown_helo_hostname": _reject_unknown_helo_hostname,
     "reject_unlisted_recipient": _reject_unlisted_recipient,
 }
 GENERIC = ("permit", "reject", "defer")
@@ -428,7 +460,8 @@ ACCESS = {
 }
 # Postfix's pre-2.x names, still accepted by Postfix (postconf(5))
 ALIASES = {"reject_invalid_hostname": "reject_invalid_helo_hostname",
-           "reject_non_fqdn_hostname": "reject_non_fqdn_helo_hostname"}
+           "reject_non_fqdn_hostname": "reject_non_fqdn_helo_hostname",
+           "reject_unknown_hostname": "reject_unknown_helo_hostname"}
 KNOWN = frozenset(SIMPLE) | frozenset(GENERIC) | frozenset(ACCESS) | frozenset(ALIASES)
 
 
