@@ -79,6 +79,7 @@ def run_block(settings: list[str], steps: list, tmp_path: Path, dns: list[str]) 
             if command == "sasl":
                 facts.sasl_username = arg
                 continue
+            previous_helo = facts.helo
             if command == "helo":
                 facts.helo = arg
             elif command == "mail":
@@ -90,6 +91,8 @@ def run_block(settings: list[str], steps: list, tmp_path: Path, dns: list[str]) 
                 reply = await checks.decide_async(stage, facts, resolver)
             else:
                 reply = checks.decide(stage, facts)
+            if command == "helo" and reply is not None:
+                facts.helo = previous_helo  # a refused HELO name is not kept (Postfix)
             got = "OK" if reply is None else str(reply)
             if got != expected:
                 failures.append(f"line {number}: {command} {arg}: got {got!r}, "

@@ -207,11 +207,14 @@ class SmtpdProtocol(asyncio.Protocol):
                      lambda refusal: self._answer_helo(event, refusal))
 
     def _answer_helo(self, event: server.Helo, refusal: Reply | None) -> None:
-        self.origin.helo = event.name  # Postfix logs helo=<…> even when it refuses it
-        if refusal is not None:
+        origin = self.origin
+        if refusal is not None:  # as Postfix: logged with the refused name, which is not kept
+            kept, origin.helo = origin.helo, event.name
             self._log_reject("EHLO" if event.extended else "HELO", refusal)
+            origin.helo = kept
             self.session.reject(refusal)
             return
+        origin.helo = event.name
         self.session.accept()
 
     def _on_mail(self, event: server.MailFrom) -> None:
