@@ -30,7 +30,7 @@ from engine.tables import Table, TableError, open_table
 if TYPE_CHECKING:
     from engine.config import Config
 
-# The lists, in Postfix's evaluation order, with the reply class of their generic rejects.
+# The lists, in Postfix's evaluation order.
 LISTS = ("smtpd_client_restrictions", "smtpd_helo_restrictions", "smtpd_sender_restrictions",
          "smtpd_relay_restrictions", "smtpd_recipient_restrictions", "smtpd_data_restrictions")
 
@@ -229,8 +229,9 @@ class Policy:
         recipient = facts.recipient
         if recipient is None or not self.is_local(split_address(recipient)[1]):
             return None
-        return refuse(self.config.unknown_local_recipient_reject_code, "5.1.1", "recipient",
-                      facts, "User unknown in local recipient table")
+        code = self.config.unknown_local_recipient_reject_code
+        return refuse(code, f"{code // 100}.1.1", "recipient", facts,
+                      "User unknown in local recipient table")
 
 
 # -- the restrictions, by name ----------------------------------------------------------------
