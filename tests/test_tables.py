@@ -53,6 +53,12 @@ def test_unreadable_file(tmp_path):
         open_table(f"texthash:{tmp_path}/missing")
 
 
+@pytest.mark.parametrize("kind", ["texthash", "cidr"])
+def test_file_tables_need_an_absolute_path(kind):
+    with pytest.raises(TableError, match='expected an absolute path, got "relative/access"'):
+        open_table(f"{kind}:relative/access")
+
+
 def test_inline_table():
     table = open_table("inline:{ a@b.test=OK, c.test=REJECT, { d.test = 550 text, with comma } }")
     assert table.get("a@b.test") == "OK"

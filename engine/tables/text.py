@@ -11,7 +11,10 @@ from engine.tables import Table, TableError
 def read_source(path: str) -> list[tuple[int, str]]:
     """The logical lines of a Postfix table source with their first line number: blank lines
     and ``#`` comment lines dropped, a line starting with whitespace continuing the one before
-    (postmap(1) INPUT FILE FORMAT)."""
+    (postmap(1) INPUT FILE FORMAT). The path must be absolute: a table never depends on the
+    directory the server was started from."""
+    if not path.startswith("/"):
+        raise TableError(f'expected an absolute path, got "{path}"')
     try:
         with open(path, encoding="utf-8") as source:
             text = source.read()
