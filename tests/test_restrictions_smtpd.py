@@ -43,6 +43,22 @@ def test_relay_denied_on_the_wire_and_logged_as_postfix_does(tern):
             "<user%elsewhere.test@relay.test>: Relay access denied") in log
 
 
+def test_a_source_route_is_dropped_never_followed(tern, smtp_sink):
+    """RFC 5321 §3.6.1: the route is ignored and mail goes to the final address. So
+    ``@elsewhere.test:x@relay.test`` is delivered to x@relay.test (ours), never via elsewhere."""
+    sink = smtp_sink()
+    server = tern(**UNTRUSTED, relayhost=sink.nexthop)
+    with smtplib.SMTP(*server.address) as client:
+        client.ehlo("client.test")
+        client.mail("a@example.net")
+        assert rcpt(client, "@elsewhere.test,@other.test:x@relay.test") == (250, "2.1.5 Ok")
+        code, _ = client.data(b"Subject: routed\r\n\r\nbody\r\n")
+        assert code == 250
+    server.wait_log("status=sent")
+    (message,) = sink.messages()
+    assert message.recipients == ("x@relay.test",)
+
+
 def test_trusted_client_may_relay(tern):
     server = tern(relay_domains=["relay.test"])
     with smtplib.SMTP(*server.address) as client:
