@@ -1,11 +1,22 @@
 """Restrictions through a running ``tern serve``, with smtplib and raw pipelined bytes:
 replies on the wire, Postfix's reject log lines, and DNS restrictions answered later by the
-adapter against a real unbound (the client on loopback is made untrusted by mynetworks)."""
+adapter against a real unbound (the client on loopback is made untrusted by mynetworks). The
+last test runs the adapter in-process with a resolver held by the test, to see the session
+while a DNS check is pending."""
 
+import asyncio
+import io
 import smtplib
 import socket
 
 import pytest
+
+from engine.cleanup import Cleanup
+from engine.config import Config
+from engine.delivery import PermanentFailure
+from engine.log import Maillog
+from engine.smtpd.session import SmtpdContext, SmtpdProtocol
+from engine.spool.memory import MemorySpool
 
 UNTRUSTED = {"mynetworks": ["192.0.2.0/24"], "relay_domains": ["relay.test"]}
 
@@ -150,3 +161,63 @@ def test_bad_restrictions_stop_start_up(tern, setting, problem):
     result = server.tern("serve", "--config", str(server.config_file))
     assert result.returncode != 0
     assert problem in result.stderr and "tern.toml:1:" in result.stderr
+
+
+class GatedResolver:
+    """Answers NXDOMAIN when the test opens the gate: a DNS restriction held pending."""
+
+    def __init__(self):
+        self.gate = asyncio.Event()
+        self.asked = []
+
+    async def mx_hosts(self, domain):
+        self.asked.append(domain)
+        await self.gate.wait()
+        raise PermanentFailure("5.1.2", f"name={domain} type=MX: Host not found")
+
+
+def test_pending_dns_check_pauses_reading_and_survives_a_lost_connection():
+    """While a DNS restriction is pending the adapter reads no more input (bounded memory);
+    a client that leaves meanwhile ends the session cleanly once the answer comes."""
+    sessions: set = set()
+    errors = []
+
+    async def scenario():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+        log = io.StringIO()
+        config = Config(myhostname="mx.test", mynetworks=(), relay_domains=("relay.test",),
+                        smtpd_sender_restrictions=("reject_unknown_sender_domain",))
+        maillog = Maillog("mx.test", stream=log)
+        resolver = GatedResolver()
+        context = SmtpdContext(config=config, cleanup=Cleanup(MemorySpool(), maillog, config),
+                               maillog=maillog, sessions=sessions, resolver=resolver)
+        server = await asyncio.get_running_loop().create_server(
+            lambda: SmtpdProtocol(context), "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
+        await reader.readline()
+        writer.write(b"EHLO c.test\r\nMAIL FROM:<a@nowhere.test>\r\nRCPT TO:<b@relay.test>\r\n")
+        for _ in range(200):  # bounded: until the RCPT is waiting for DNS
+            if resolver.asked:
+                break
+            await asyncio.sleep(0.01)
+        (session,) = sessions
+        reading = session.transport.is_reading()
+        writer.close()
+        await asyncio.sleep(0.05)
+        resolver.gate.set()
+        for _ in range(200):
+            if "disconnect from" in log.getvalue():
+                break
+            await asyncio.sleep(0.01)
+        server.close()
+        await server.wait_closed()
+        return resolver.asked, reading, log.getvalue()
+
+    asked, reading, log = asyncio.run(scenario())
+    assert asked == ["nowhere.test"]
+    assert reading is False
+    assert "reject: RCPT from unknown[127.0.0.1]: 450 4.1.8 <a@nowhere.test>: Sender address " \
+           "rejected: Domain not found" in log
+    assert "lost connection after RCPT from unknown[127.0.0.1]" in log
+    assert "disconnect from unknown[127.0.0.1]" in log
+    assert errors == []
