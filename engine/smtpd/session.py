@@ -8,7 +8,7 @@ Talks to untrusted clients; everything it learns from them passes through the sa
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.cleanup import Cleanup, MessageBuilder, Origin, RecipientRequest
 from engine.config import Config, Listener
@@ -189,11 +189,15 @@ class SmtpdProtocol(asyncio.Protocol):
         self.session.accept()
 
     def _on_data(self, event: server.Data) -> None:
+        """DATA, or the first BDAT chunk: the message builder opens here either way."""
         txn = self.txn
         params = txn.params
+        origin = self.origin
+        if "SMTPUTF8" in params:  # this message's Received: says UTF8SMTP…; the spool keeps it
+            origin = replace(origin, smtputf8=True)
         txn.builder = self.ctx.cleanup.begin(
             queue_id=txn.queue_id, sender=txn.sender, recipients=txn.recipients,
-            origin=self.origin, body_8bit=(params.get("BODY") or "").upper() == "8BITMIME",
+            origin=origin, body_8bit=(params.get("BODY") or "").upper() == "8BITMIME",
             ret=params.get("RET") or "", envid=params.get("ENVID") or "")
         self.session.accept()
 
@@ -208,9 +212,10 @@ class SmtpdProtocol(asyncio.Protocol):
             self.session.reject(replies.TOO_BIG)
             return
         self._pause("commit")
-        self._commit_task = asyncio.get_running_loop().create_task(self._commit(txn))
+        self._commit_task = asyncio.get_running_loop().create_task(
+            self._commit(txn, event.chunked_size))
 
-    async def _commit(self, txn: Transaction) -> None:
+    async def _commit(self, txn: Transaction, chunked_size: int | None = None) -> None:
         try:
             envelope = await self.ctx.cleanup.enqueue(txn.builder)
         except SpoolFull:
@@ -220,7 +225,7 @@ class SmtpdProtocol(asyncio.Protocol):
             self._log(f"warning: {txn.queue_id}: queue file write error: {error}")
             self._answer_commit(replies.SPOOL_ERROR, txn)
             return
-        self._answer_commit(replies.queued(envelope.queue_id), txn)
+        self._answer_commit(replies.queued(envelope.queue_id, chunked_size), txn)
 
     def _answer_commit(self, reply: Reply, txn: Transaction) -> None:
         self._commit_task = None
