@@ -400,8 +400,8 @@ class ServerSession:
         if not extended:
             return Reply(250, self.settings.hostname)
         lines = [self.settings.hostname, "PIPELINING"]
-        if self.settings.message_size_limit:
-            lines.append(f"SIZE {self.settings.message_size_limit}")
+        limit = self.settings.message_size_limit  # RFC 1870 §4: bare SIZE when unlimited
+        lines.append(f"SIZE {limit}" if limit else "SIZE")
         lines += ["VRFY", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN"]
         lines += ["SMTPUTF8", "CHUNKING"]  # RFC 6531, RFC 3030
         return Reply(250, "\n".join(lines))
