@@ -24,6 +24,7 @@ from engine.smtp.grammar import (  # noqa: F401 - the twin's interface
     MAILBOX,
     ORCPT,
     ORCPT_LENGTH_LIMIT,
+    ORCPT_UTF8,
     XTEXT,
     GrammarError,
     Params,

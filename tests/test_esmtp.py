@@ -269,3 +269,32 @@ def test_envelope_stored_before_the_flag_decodes_as_not_smtputf8():
     del old["smtputf8"]
     decoded = Envelope.decode(json.dumps(old).encode())
     assert decoded.smtputf8 is False and decoded == envelope()
+
+
+# -- RFC 6533: a UTF-8 original recipient --------------------------------------------------------
+
+@pytest.mark.parametrize("value, kept", [
+    ("utf-8;jörg@bücher.test", True),
+    ("UTF-8;用户@例子.广告", True),
+    ("utf-8;a\\x{E9}b@c.test", True),  # EmbeddedUnicodeChar: ASCII, so xtext too
+    ("rfc822;jörg@bücher.test", False),  # only the utf-8 type carries UTF-8
+    ("utf-8;jö rg@x.test", False),
+    ("utf-8;jö+rg@x.test", False),  # "+" is no QCHAR
+    ("utf-8;jö=rg@x.test", False),
+    ("utf-8;\udcc3@x.test", False),
+])
+def test_orcpt_of_utf8_type(value, kept):
+    from engine.smtp import grammar
+    assert grammar.dsn_orcpt(value) == (value if kept else None)
+
+
+def test_utf8_orcpt_needs_smtputf8(smtp):
+    d = smtp()
+    lines = d.send("MAIL FROM:<a@b.test> SMTPUTF8\r\n"
+                   "RCPT TO:<x@y.test> ORCPT=utf-8;jörg@bücher.test\r\nRSET\r\n"
+                   "MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test> ORCPT=utf-8;jörg@bücher.test\r\n"
+                   "RCPT TO:<x@y.test> ORCPT=utf-8;j\\x{F6}rg@b\\x{FC}cher.test\r\n".encode())
+    assert lines == ["250 2.1.0 Ok", "250 2.1.5 Ok", "250 2.0.0 Ok", "250 2.1.0 Ok",
+                     NOT_DECLARED, "250 2.1.5 Ok"]
+    assert [r.params["ORCPT"] for r in events(d, server.RcptTo)] == [
+        "utf-8;jörg@bücher.test", "utf-8;j\\x{F6}rg@b\\x{FC}cher.test"]

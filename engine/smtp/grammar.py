@@ -189,11 +189,23 @@ def dsn_notify(value: str | None) -> str | None:
 # "The entire ORCPT parameter MAY be up to 500 characters in length" (here: its value).
 ORCPT_LENGTH_LIMIT = 500
 ORCPT = re.compile(rf"{_ATEXT}+;{_XTEXT}")
+# RFC 6533 §3 (with SMTPUTF8 the original recipient may be a UTF-8 address):
+#   utf-8-type-addr     = "utf-8;" utf-8-enc-addr
+#   utf-8-addr-unitext  = 1*(QUCHAR / EmbeddedUnicodeChar)
+#   QUCHAR              = QCHAR / UTF8-non-ascii
+#   QCHAR               = %x21-2a / %x2c-3c / %x3e-5b / %x5d-7e
+#   EmbeddedUnicodeChar = %x5C.78 "{" HEXPOINT "}"
+# (its ASCII-only forms are xtext already). Whether UTF-8 may be sent at all: the dialogue's.
+ORCPT_UTF8 = re.compile(
+    rf"(?i:utf-8);(?:[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e{_UTF8_NON_ASCII}]"
+    r"|\\x\{[0-9A-F]{2,6}\})+")
 
 
 def dsn_orcpt(value: str | None) -> str | None:
-    """RCPT TO ``ORCPT=`` → ``addr-type;xtext`` as given."""
-    if value is None or len(value) > ORCPT_LENGTH_LIMIT or not ORCPT.fullmatch(value):
+    """RCPT TO ``ORCPT=`` → ``addr-type;xtext`` (or RFC 6533 ``utf-8;`` unitext) as given."""
+    if value is None or len(value) > ORCPT_LENGTH_LIMIT:
+        return None
+    if not (ORCPT.fullmatch(value) or ORCPT_UTF8.fullmatch(value)):
         return None
     return value
 

@@ -449,7 +449,7 @@ class ServerSession:
                 return replies.unsupported_option(key)
             if (refusal := _keep_dsn_parameter(RCPT_DSN_PARAMETERS, key, value, kept)):
                 return refusal
-        if not recipient.isascii() and not self._smtputf8:
+        if not self._smtputf8 and not (recipient.isascii() and kept.get("ORCPT", "").isascii()):
             return replies.UNICODE_NOT_DECLARED
         if self._recipients >= self.settings.recipient_limit:
             return replies.TOO_MANY_RECIPIENTS
