@@ -95,7 +95,7 @@ def test_malformed_bdat_is_521_and_hangs_up(smtp, command):
     d = opened(smtp)
     assert d.send(command + b"\r\nMAIL FROM:<evil@b.test>\r\n") == [SYNTAX]
     assert d.session.closed
-    assert d.events[-1] == server.Closed(during="BDAT", quit=False)
+    assert d.events[-1] == server.Closed(during="BDAT", quit=False, hangup=True)
     assert len(kinds(d, server.MailFrom)) == 1
 
 

@@ -247,3 +247,19 @@ def test_utf8_and_invalid_utf8_commands_over_a_socket_crash_nothing():
     assert spool.content(envelope.queue_id).startswith(
         "Received: from bücher.test (unknown [127.0.0.1])".encode())
     assert "disconnect from unknown[127.0.0.1] ehlo=1 vrfy=1 mail=1 rcpt=2 bdat=1 quit=1" in log
+
+
+def test_malformed_bdat_is_521_then_closed_without_reading_content_as_commands():
+    async def scenario():
+        spool = MemorySpool()
+        server, reader, writer, log = await serve(spool)
+        writer.write(TXN + b"BDAT 12x LAST\r\nRSET\r\nMAIL FROM:<evil@example.org>\r\n")
+        replies = await read_replies(reader, 4)
+        rest = await asyncio.wait_for(reader.read(), 5)  # the server closed: EOF
+        await finish(server, writer)
+        return replies, rest, log.getvalue()
+
+    replies, rest, log = asyncio.run(scenario())
+    assert replies[-1] == "521 5.5.4 Syntax: BDAT count [LAST]" and rest == b""
+    assert "lost connection" not in log
+    assert "disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=1 bdat=1 commands=4" in log

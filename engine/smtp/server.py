@@ -76,6 +76,7 @@ class Reset:
 class Closed:
     during: str  # the last command, for Postfix's "lost connection after DATA"
     quit: bool
+    hangup: bool = False  # the dialogue itself ended it (521 after a malformed BDAT)
 
 
 Event = Helo | MailFrom | RcptTo | Data | MessageChunk | MessageEnd | Reset | Closed
@@ -186,6 +187,7 @@ class ServerSession:
         self._chunk: _Chunk | None = None  # a BDAT chunk's bytes are being read
         self._bdat_bytes = 0  # bytes of the accepted BDAT chunks of this transaction
         self._bdat_failed = False  # a chunk failed: later ones are dropped until RSET/LAST
+        self._hangup = False  # we answered 521 and close
 
     # -- I/O side ---------------------------------------------------------------------------
 
@@ -307,7 +309,7 @@ class ServerSession:
         self._closed_reported = True
         during = self.last_command
         self.state = State.CLOSED
-        return Closed(during=during, quit=quit)
+        return Closed(during=during, quit=quit, hangup=self._hangup)
 
     def _command(self, line: bytes) -> None:
         if not line.isascii() and not _valid_utf8(line):  # RFC 6531 §3.1, as Postfix
@@ -464,6 +466,7 @@ class ServerSession:
         parsed = _bdat_arguments(arg)
         if parsed is None:
             self.state = State.CLOSED
+            self._hangup = True
             return replies.BDAT_SYNTAX
         size, last = parsed
         self._chunk = _Chunk(size=size, last=last, left=size)

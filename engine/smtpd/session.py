@@ -242,7 +242,7 @@ class SmtpdProtocol(asyncio.Protocol):
 
     def _on_closed(self, event: server.Closed) -> None:
         client = self.origin.client
-        if not (event.quit or self._closed_by_us):
+        if not (event.quit or event.hangup or self._closed_by_us):
             self._log(f"lost connection after {event.during} from {client}")
         counts = self.session.command_counts
         summary = " ".join(f"{name}={count}" for name, count in counts.items())
