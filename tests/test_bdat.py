@@ -222,3 +222,11 @@ def test_chunk_bytes_wait_while_the_first_chunk_is_unanswered(smtp):
     assert d.session.data_to_send() == b""  # no 354 for BDAT
     assert d.session.next_event() == server.MessageChunk(b"abc")
     assert d.session.next_event() == server.MessageEnd(chunked_size=3)
+
+
+def test_first_chunk_answered_421_closes_at_once(smtp):
+    bye = Reply(421, "4.3.2 Service shutting down, closing transmission channel")
+    d = opened(smtp, refuse=lambda e: bye if isinstance(e, server.Data) else None)
+    assert d.send(b"BDAT 100\r\npartial") == [str(bye)]
+    assert d.session.closed
+    assert d.events[-1] == server.Closed(during="BDAT", quit=False)

@@ -281,11 +281,11 @@ class ServerSession:
         if not reply.is_error:
             raise ValueError(f"reject() needs a 4xx/5xx reply, got {reply}")
         event = self._take_pending()
-        if isinstance(event, Data) and event.bdat:  # the chunk is still read, then refused
-            self._refuse_chunk(reply)
-            if reply.code == 421:
-                self.state = State.CLOSED
-            return
+        if isinstance(event, Data) and event.bdat:
+            if reply.code != 421:  # the chunk is still read, then refused
+                self._refuse_chunk(reply)
+                return
+            self._chunk = None  # closing: nothing more is read
         fallback = ON_REJECT[type(event)]
         if fallback is not None:
             self.state = fallback
