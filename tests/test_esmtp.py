@@ -141,6 +141,7 @@ def test_utf8_in_any_command_is_handled(smtp, line, reply):
     ("SIZE=", "501 5.5.4 Bad SIZE keyword value"),
     ("SIZE", "501 5.5.4 Bad SIZE keyword value"),
     ("SIZE=-1", "501 5.5.4 Bad SIZE keyword value"),
+    ("SIZE=٣", "501 5.5.4 Bad SIZE keyword value"),  # a DIGIT is ASCII (str.isdigit is not)
     ("BODY=8BITMIME", "250 2.1.0 Ok"),
     ("body=7bit", "250 2.1.0 Ok"),
     ("BODY=BINARYMIME", "501 5.5.4 Bad BODY keyword value"),  # no BINARYMIME offered

@@ -263,3 +263,21 @@ def test_malformed_bdat_is_521_then_closed_without_reading_content_as_commands()
     assert replies[-1] == "521 5.5.4 Syntax: BDAT count [LAST]" and rest == b""
     assert "lost connection" not in log
     assert "disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=1 bdat=1 commands=4" in log
+
+
+def test_dsn_request_of_a_bdat_message_is_queued_with_it():
+    async def scenario():
+        spool = MemorySpool()
+        server, reader, writer, _ = await serve(spool)
+        writer.write("EHLO c.test\r\nMAIL FROM:<a@example.org> RET=HDRS ENVID=QQ+2B1 SMTPUTF8\r\n"
+                     "RCPT TO:<b@example.net> NOTIFY=SUCCESS,DELAY ORCPT=utf-8;jörg@bücher.test\r\n"
+                     "BDAT 2 LAST\r\nhi".encode())
+        replies = await read_replies(reader, 4)
+        await finish(server, writer)
+        return replies, spool.envelopes()
+
+    replies, (envelope,) = asyncio.run(scenario())
+    assert CHUNKED_QUEUED.fullmatch(replies[-1])
+    assert (envelope.ret, envelope.envid, envelope.smtputf8) == ("HDRS", "QQ+2B1", True)
+    (recipient,) = envelope.recipients
+    assert (recipient.notify, recipient.orcpt) == ("SUCCESS,DELAY", "utf-8;jörg@bücher.test")

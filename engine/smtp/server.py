@@ -420,7 +420,7 @@ class ServerSession:
         kept: dict[str, str | None] = {}
         for key, value in params:  # left to right, the first error answers (as Postfix)
             if key == "SIZE":
-                if value is None or not value.isdigit():
+                if value is None or not (value.isascii() and value.isdigit()):
                     return replies.BAD_SIZE
                 limit = self.settings.message_size_limit
                 if limit and int(value) > limit:
