@@ -94,7 +94,8 @@ def test_header_and_smtp_in_one_packet_are_both_used():
 
     answers, log = run(scenario)
     assert answers[0] == "220 mx.test ESMTP Tern"
-    assert answers[1:] == ["250 DSN", "250 2.1.0 Ok", RELAY_DENIED]  # 192.0.2.7 may not relay
+    assert answers[1].startswith("250 ")  # EHLO's last line
+    assert answers[2:] == ["250 2.1.0 Ok", RELAY_DENIED]  # 192.0.2.7 may not relay
     assert "connect from unknown[192.0.2.7]" in log
     assert ": reject: RCPT from unknown[192.0.2.7]: 554 5.7.1" in log
     assert "127.0.0.1" not in log  # the proxy's own address is nobody's business

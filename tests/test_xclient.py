@@ -135,3 +135,11 @@ def test_xclient_in_a_pipelined_batch_answers_in_order():
     finals = [line for line in replies if line[3] == " "]
     assert [line[:3] for line in finals] == ["250", "220", "250", "250"]
     assert session.core.command_counts == {"ehlo": 2, "xclient": 1, "mail": 1}
+
+
+def test_between_bdat_chunks_is_inside_the_transaction():
+    session = Session(xclient=True, xforward=True)
+    session.send(b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
+                 b"BDAT 5\r\nhello")
+    assert session.send(b"XCLIENT ADDR=192.0.2.7\r\nXFORWARD ADDR=192.0.2.7\r\n") == [
+        "503 5.5.1 Error: MAIL transaction in progress"] * 2
