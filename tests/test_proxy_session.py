@@ -347,3 +347,22 @@ def test_xforward_names_the_upstream_client_for_one_message():
     assert ": client=unknown[127.0.0.1], orig_queue_id=4Bx9Yz, " \
            "orig_client=up.example[192.0.2.9]\n" in log
     assert log.count("orig_client=") == 1  # the second message is the filter's own
+
+
+def test_client_restrictions_judge_the_proxied_then_the_xclient_identity():
+    async def scenario():
+        async with Server(smtpd_client_restrictions=("permit_mynetworks", "reject"),
+                          smtpd_authorized_xclient_hosts=(ipaddress.ip_network("127.0.0.9"),),
+                          smtpd_delay_reject=False) as server:
+            reader, writer = await server.connect()
+            writer.write(v1(("127.0.0.9", 1), SERVER) + b"EHLO c.test\r\n"
+                         b"MAIL FROM:<a@example.org>\r\nRSET\r\n"
+                         b"XCLIENT ADDR=192.0.2.7\r\nEHLO c.test\r\nMAIL FROM:<a@example.org>\r\n")
+            answers = await replies(reader, 7)
+            await close(writer)
+            return answers, server.logged()
+
+    answers, log = run(scenario)
+    assert answers[2] == "250 2.1.0 Ok"  # 127.0.0.9 is in mynetworks
+    assert answers[4] == "220 mx.test ESMTP Tern"
+    assert answers[6].startswith("554 5.7.1 <unknown[192.0.2.7]>: Client host rejected")
