@@ -69,6 +69,7 @@ def received_header(origin: Origin, hostname: str, queue_id: str, recipients: li
     lines = [
         f"Received: from {origin.helo or origin.client_name} "
         f"({origin.client_name} [{origin.client_ip}])",
+        *([f"\t(using {origin.tls})"] if origin.tls else []),
         f"\tby {hostname} (Tern) with {origin.protocol} id {queue_id}",
     ]
     if len(recipients) == 1:

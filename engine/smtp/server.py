@@ -21,8 +21,8 @@ parse_mail_from = _grammar.parse_mail_from
 parse_rcpt_to = _grammar.parse_rcpt_to
 
 # ---------------------------------------------------------------------------------------------
-# Events. Requests (Helo, MailFrom, RcptTo, Data, MessageEnd) must be answered with accept() or
-# reject(); MessageChunk, Reset and Closed are notices.
+# Events. Requests (Helo, MailFrom, RcptTo, Data, MessageEnd, StartTls) must be answered with
+# accept() or reject(); MessageChunk, Reset and Closed are notices.
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +61,12 @@ class MessageEnd:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTls:
+    """STARTTLS (RFC 3207): accept() sends 220 and forgets the plaintext pipelined behind it;
+    the adapter then runs the handshake and calls ServerSession.tls_started()."""
+
+
+@dataclass(frozen=True, slots=True)
 class Reset:
     """The open transaction (if any) was abandoned: RSET, HELO/EHLO, or a rejected message."""
 
@@ -71,7 +77,7 @@ class Closed:
     quit: bool
 
 
-Event = Helo | MailFrom | RcptTo | Data | MessageChunk | MessageEnd | Reset | Closed
+Event = Helo | MailFrom | RcptTo | Data | MessageChunk | MessageEnd | StartTls | Reset | Closed
 
 # ---------------------------------------------------------------------------------------------
 # States and the sequencing table: everything that decides which command may come when.
@@ -112,6 +118,7 @@ ON_ACCEPT: dict[type, tuple[State | None, Reply | None]] = {
     RcptTo: (State.RCPT, replies.RECIPIENT_OK),
     Data: (State.DATA, replies.START_DATA),
     MessageEnd: (State.IDLE, replies.OK),
+    StartTls: (State.IDLE, replies.READY_TO_START_TLS),
 }
 
 #: The state a request falls back to when refused (None: stay where it was).
@@ -121,6 +128,7 @@ ON_REJECT: dict[type, State | None] = {
     RcptTo: None,
     Data: None,
     MessageEnd: State.IDLE,
+    StartTls: None,
 }
 
 
@@ -133,6 +141,8 @@ class Settings:
     message_size_limit: int = 10240000
     recipient_limit: int = 1000
     line_length_limit: int = 2048
+    starttls: bool = False  # STARTTLS offered on this listener (a certificate, level may/encrypt)
+    require_tls: bool = False  # smtpd_tls_security_level = encrypt: no MAIL before STARTTLS
 
 
 class ServerSession:
@@ -143,10 +153,12 @@ class ServerSession:
         self.state = State.IDLE
         self.helo_name: str | None = None
         self.extended = False  # the client said EHLO
-        self.tls_active = False  # set by the adapter once STARTTLS / SMTPS has its handshake
+        self.tls_active = False  # set by tls_started() once STARTTLS / SMTPS has its handshake
+        self._helo_again = False  # after STARTTLS: MAIL needs a new HELO/EHLO (RFC 3207 §4.2)
         self.last_command = "CONNECT"
         self.command_counts: dict[str, int] = {}
-        self._reader = (reader_class or speedups.Reader)(settings.line_length_limit)
+        self._reader_class = reader_class or speedups.Reader
+        self._reader = self._new_reader()
         self._out: list[bytes] = [Reply(220, settings.banner).encode()]
         self._pending: Event | None = None
         self._ready: list[Event] = []  # events produced but not yet returned
@@ -221,6 +233,7 @@ class ServerSession:
         if isinstance(event, Helo):
             self._reset_transaction()
             self.helo_name, self.extended = event.name, event.extended
+            self._helo_again = False
             default = self._helo_reply(event.extended)
         elif isinstance(event, RcptTo):
             self._recipients += 1
@@ -228,6 +241,8 @@ class ServerSession:
             self._reader.start_data()
         elif isinstance(event, MessageEnd):
             self._recipients = 0
+        elif isinstance(event, StartTls):
+            self._forget_plaintext()
         self.state = next_state
         self._out.append((reply or default).encode())
 
@@ -244,7 +259,30 @@ class ServerSession:
         if reply.code == 421:
             self.state = State.CLOSED
 
+    def tls_started(self) -> None:
+        """The adapter finished the TLS handshake (after STARTTLS, or at once on smtps)."""
+        self.tls_active = True
+
+    def tls_refusal(self) -> Reply | None:
+        """530 while smtpd_tls_security_level = encrypt and TLS is not active yet (Postfix
+        refuses MAIL, and AUTH, with it)."""
+        if self.settings.require_tls and not self.tls_active:
+            return replies.NEED_STARTTLS
+        return None
+
     # -- internals --------------------------------------------------------------------------
+
+    def _forget_plaintext(self) -> None:
+        """RFC 3207 §4.2: after 220 to STARTTLS, discard what the client pipelined in plaintext
+        (CVE-2011-0411: it would be read as if sent under TLS) and everything learnt before
+        TLS: HELO/EHLO and any transaction."""
+        self._reader = self._new_reader()
+        self._reset_transaction()
+        self.helo_name, self.extended = None, False
+        self._helo_again = True
+
+    def _new_reader(self):
+        return self._reader_class(self.settings.line_length_limit)
 
     def _take_pending(self) -> Event:
         event = self._pending
@@ -303,7 +341,10 @@ class ServerSession:
         lines = [self.settings.hostname, "PIPELINING"]
         if self.settings.message_size_limit:
             lines.append(f"SIZE {self.settings.message_size_limit}")
-        lines += ["VRFY", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN"]
+        lines.append("VRFY")
+        if self.settings.starttls and not self.tls_active:
+            lines.append("STARTTLS")
+        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN"]
         return Reply(250, "\n".join(lines))
 
     # -- one handler per verb: returns a Reply to send now, or a request event --------------
@@ -314,6 +355,10 @@ class ServerSession:
         return Helo(name=arg, extended=extended)
 
     def _mail(self, arg: str) -> Event | Reply:
+        if self._helo_again and self.helo_name is None:
+            return replies.NEED_HELO
+        if (refusal := self.tls_refusal()) is not None:
+            return refusal
         sender, params = parse_mail_from(arg)
         kept: dict[str, str | None] = {}
         for key, value in params:  # left to right, the first error answers (as Postfix)
@@ -369,6 +414,15 @@ class ServerSession:
     def _help(self, arg: str) -> Reply:
         return replies.HELP
 
+    def _starttls(self, arg: str) -> Event | Reply:
+        if arg:
+            return replies.STARTTLS_SYNTAX
+        if self.tls_active:
+            return replies.TLS_ALREADY_ACTIVE
+        if not self.settings.starttls:
+            return replies.NOT_IMPLEMENTED
+        return StartTls()
+
 
 def _keep_dsn_parameter(table: dict, key: str, value: str | None,
                         kept: dict[str, str | None]) -> Reply | None:
@@ -393,4 +447,5 @@ _HANDLERS = {
     "QUIT": ServerSession._quit,
     "VRFY": ServerSession._vrfy,
     "HELP": ServerSession._help,
+    "STARTTLS": ServerSession._starttls,
 }
