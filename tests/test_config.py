@@ -95,6 +95,26 @@ smtpd_tls_key_file = "@CERTS@/default.key"
 smtpd_tls_security_level = "encrypt"
 smtpd_tls_protocols = ">=TLSv1.3"
 tls_high_cipherlist = "ECDHE-ECDSA-AES256-GCM-SHA384"
+smtpd_client_restrictions = "permit_mynetworks, reject"
+smtpd_helo_restrictions = ["reject_invalid_helo_hostname", "reject_non_fqdn_helo_hostname"]
+smtpd_sender_restrictions = "reject_non_fqdn_sender"
+smtpd_relay_restrictions = "permit_mynetworks reject_unauth_destination"
+smtpd_recipient_restrictions = "check_recipient_access inline:{ a@b.test=OK, c.test=REJECT }"
+smtpd_data_restrictions = "permit"
+smtpd_delay_reject = false
+smtpd_reject_unlisted_recipient = false
+smtpd_null_access_lookup_key = "<null>"
+parent_domain_matches_subdomains = "relay_domains"
+access_map_reject_code = 550
+access_map_defer_code = 451
+reject_code = 550
+defer_code = 451
+relay_domains_reject_code = 550
+unknown_address_reject_code = 550
+unknown_hostname_reject_code = 550
+unknown_local_recipient_reject_code = 450
+non_fqdn_reject_code = 550
+invalid_hostname_reject_code = 550
 
 [tls_server_sni_maps]
 "mail.example.org" = "@CERTS@/sni-mail.example.org.pem"
