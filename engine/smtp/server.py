@@ -26,8 +26,8 @@ parse_mail_from = _grammar.parse_mail_from
 parse_rcpt_to = _grammar.parse_rcpt_to
 
 # ---------------------------------------------------------------------------------------------
-# Events. Requests (Helo, MailFrom, RcptTo, Data, MessageEnd, Xclient, Xforward) must be answered
-# with accept() or reject(); MessageChunk, Reset and Closed are notices.
+# Events. Requests (Helo, MailFrom, RcptTo, Data, MessageEnd, StartTls, Xclient, Xforward) must
+# be answered with accept() or reject(); MessageChunk, Reset and Closed are notices.
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +69,12 @@ class MessageEnd:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTls:
+    """STARTTLS (RFC 3207): accept() sends 220 and forgets the plaintext pipelined behind it;
+    the adapter then runs the handshake and calls ServerSession.tls_started()."""
+
+
+@dataclass(frozen=True, slots=True)
 class Reset:
     """The open transaction (if any) was abandoned: RSET, HELO/EHLO, or a rejected message."""
 
@@ -96,8 +102,8 @@ class Closed:
     hangup: bool = False  # the dialogue itself ended it (521 after a malformed BDAT)
 
 
-Event = (Helo | MailFrom | RcptTo | Data | MessageChunk | MessageEnd | Reset | Closed | Xclient
-         | Xforward)
+Event = (Helo | MailFrom | RcptTo | Data | MessageChunk | MessageEnd | StartTls | Reset | Closed
+         | Xclient | Xforward)
 
 # ---------------------------------------------------------------------------------------------
 # States and the sequencing table: everything that decides which command may come when.
@@ -149,6 +155,7 @@ ON_ACCEPT: dict[type, tuple[State | None, Reply | None]] = {
     RcptTo: (State.RCPT, replies.RECIPIENT_OK),
     Data: (State.DATA, replies.START_DATA),
     MessageEnd: (State.IDLE, replies.OK),
+    StartTls: (State.IDLE, replies.READY_TO_START_TLS),
     Xclient: (State.IDLE, None),  # reply: the greeting again
     Xforward: (None, replies.OK),  # None: the state does not change
 }
@@ -160,6 +167,7 @@ ON_REJECT: dict[type, State | None] = {
     RcptTo: None,
     Data: None,
     MessageEnd: State.IDLE,
+    StartTls: None,
     Xclient: None,
     Xforward: None,
 }
@@ -174,6 +182,8 @@ class Settings:
     message_size_limit: int = 10240000
     recipient_limit: int = 1000
     line_length_limit: int = 2048
+    starttls: bool = False  # STARTTLS offered on this listener (a certificate, level may/encrypt)
+    require_tls: bool = False  # smtpd_tls_security_level = encrypt: no MAIL before STARTTLS
 
 
 @dataclass(slots=True)
@@ -195,13 +205,15 @@ class ServerSession:
         self.state = State.IDLE
         self.helo_name: str | None = None
         self.extended = False  # the client said EHLO
-        self.tls_active = False  # set by the adapter once STARTTLS / SMTPS has its handshake
+        self.tls_active = False  # set by tls_started() once STARTTLS / SMTPS has its handshake
+        self._helo_again = False  # after STARTTLS: MAIL needs a new HELO/EHLO (RFC 3207 §4.2)
         # set by the adapter from the client address (smtpd_authorized_xclient/xforward_hosts)
         self.xclient_allowed = False
         self.xforward_allowed = False
         self.last_command = "CONNECT"
         self.command_counts: dict[str, int] = {}
-        self._reader = (reader_class or speedups.Reader)(settings.line_length_limit)
+        self._reader_class = reader_class or speedups.Reader
+        self._reader = self._new_reader()
         self._out: list[bytes] = [Reply(220, settings.banner).encode()]
         self._pending: Event | None = None
         self._ready: list[Event] = []  # events produced but not yet returned
@@ -285,6 +297,7 @@ class ServerSession:
         if isinstance(event, Helo):
             self._reset_transaction()
             self.helo_name, self.extended = event.name, event.extended
+            self._helo_again = False
             default = self._helo_reply(event.extended)
         elif isinstance(event, MailFrom):
             self._smtputf8 = "SMTPUTF8" in event.params
@@ -297,6 +310,8 @@ class ServerSession:
                 self._reader.start_data()
         elif isinstance(event, MessageEnd):
             self._end_transaction()
+        elif isinstance(event, StartTls):
+            self._forget_plaintext()
         elif isinstance(event, Xclient):  # back to the greeting, keeping what XCLIENT said
             helo, proto = event.attributes.get("HELO"), event.attributes.get("PROTO")
             self.helo_name, self.extended = helo, proto == "ESMTP"
@@ -324,7 +339,30 @@ class ServerSession:
         if reply.code == 421:
             self.state = State.CLOSED
 
+    def tls_started(self) -> None:
+        """The adapter finished the TLS handshake (after STARTTLS, or at once on smtps)."""
+        self.tls_active = True
+
+    def tls_refusal(self) -> Reply | None:
+        """530 while smtpd_tls_security_level = encrypt and TLS is not active yet (Postfix
+        refuses MAIL, and AUTH, with it)."""
+        if self.settings.require_tls and not self.tls_active:
+            return replies.NEED_STARTTLS
+        return None
+
     # -- internals --------------------------------------------------------------------------
+
+    def _forget_plaintext(self) -> None:
+        """RFC 3207 §4.2: after 220 to STARTTLS, discard what the client pipelined in plaintext
+        (CVE-2011-0411: it would be read as if sent under TLS) and everything learnt before
+        TLS: HELO/EHLO and any transaction."""
+        self._reader = self._new_reader()
+        self._reset_transaction()
+        self.helo_name, self.extended = None, False
+        self._helo_again = True
+
+    def _new_reader(self):
+        return self._reader_class(self.settings.line_length_limit)
 
     def _take_pending(self) -> Event:
         event = self._pending
@@ -435,6 +473,8 @@ class ServerSession:
         limit = self.settings.message_size_limit  # RFC 1870 §4: bare SIZE when unlimited
         lines.append(f"SIZE {limit}" if limit else "SIZE")
         lines.append("VRFY")
+        if self.settings.starttls and not self.tls_active:
+            lines.append("STARTTLS")
         if self.xclient_allowed:
             lines.append("XCLIENT " + " ".join(XCLIENT_ATTRIBUTES))
         if self.xforward_allowed:
@@ -451,6 +491,10 @@ class ServerSession:
         return Helo(name=arg, extended=extended)
 
     def _mail(self, arg: str) -> Event | Reply:
+        if self._helo_again and self.helo_name is None:
+            return replies.NEED_HELO
+        if (refusal := self.tls_refusal()) is not None:
+            return refusal
         sender, params = parse_mail_from(arg)
         kept: dict[str, str | None] = {}
         for key, value in params:  # left to right, the first error answers (as Postfix)
@@ -540,6 +584,15 @@ class ServerSession:
     def _help(self, arg: str) -> Reply:
         return replies.HELP
 
+    def _starttls(self, arg: str) -> Event | Reply:
+        if arg:
+            return replies.STARTTLS_SYNTAX
+        if self.tls_active:
+            return replies.TLS_ALREADY_ACTIVE
+        if not self.settings.starttls:
+            return replies.NOT_IMPLEMENTED
+        return StartTls()
+
     def _xcommand(self, verb: str, arg: str, allowed: bool) -> Event | Reply:
         """XCLIENT / XFORWARD, checked in Postfix's order: syntax, transaction, authorization,
         then each attribute."""
@@ -605,6 +658,7 @@ _HANDLERS = {
     "QUIT": ServerSession._quit,
     "VRFY": ServerSession._vrfy,
     "HELP": ServerSession._help,
+    "STARTTLS": ServerSession._starttls,
     "XCLIENT": lambda s, a: s._xcommand("XCLIENT", a, s.xclient_allowed),
     "XFORWARD": lambda s, a: s._xcommand("XFORWARD", a, s.xforward_allowed),
 }

@@ -10,6 +10,7 @@ change who the client is (for the session), or who it was up-stream (for one mes
 """
 
 import asyncio
+import ssl
 import time
 from dataclasses import dataclass, field, replace
 
@@ -24,6 +25,8 @@ from engine.smtp.xclient import XFORWARD_CLIENT_ATTRIBUTES, printable
 from engine.smtpd import proxy
 from engine.smtpd.anvil import Anvil
 from engine.spool import SpoolFull
+from engine.tls.handoff import TlsHandoff
+from engine.tls.server import describe as describe_tls
 
 
 @dataclass
@@ -37,6 +40,7 @@ class SmtpdContext:
     listener: Listener = field(default_factory=Listener)  # its service, TLS mode, PROXY …
     anvil: Anvil = field(default_factory=Anvil)  # per-client counters, shared by every listener
     settings: server.Settings | None = None
+    tls: ssl.SSLContext | None = None  # engine.tls.server.server_context: STARTTLS and smtps
     policy: Policy | None = None  # the restriction lists, compiled once from config
     resolver: object | None = None  # engine.dns.Resolver, made when a list needs DNS
 
@@ -45,12 +49,15 @@ class SmtpdContext:
             self.policy = Policy(self.config)
         if self.settings is None:
             config = self.config
+            tls_level = config.tls_security_level(self.listener.service) if self.tls else "none"
             self.settings = server.Settings(
                 hostname=config.myhostname,
                 banner=config.expand(config.smtpd_banner),
                 message_size_limit=config.message_size_limit,
                 recipient_limit=config.smtpd_recipient_limit,
                 line_length_limit=config.line_length_limit,
+                starttls=tls_level != "none",
+                require_tls=tls_level == "encrypt",
             )
 
 
@@ -78,9 +85,11 @@ class SmtpdProtocol(asyncio.Protocol):
         self._last_activity = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False  # over smtpd_connection_limit: answered 421, never a session
+        self._handshake: asyncio.Task | None = None  # the TLS handshake under way
         # a proxy_protocol listener: the PROXY header read so far (None once done, or never)
         self._proxy_header: bytearray | None = None
         self._proxy_timer: asyncio.TimerHandle | None = None
+        self._after_header = b""  # smtps: the bytes after the header are the TLS handshake's
         # XFORWARD attributes for the next transaction (None: nothing forwarded)
         self._xforward: dict[str, str | None] | None = None
 
@@ -112,6 +121,9 @@ class SmtpdProtocol(asyncio.Protocol):
         self.ctx.sessions.add(self)
         self._log(f"connect from {self.origin.client}")
         self._arm_timer()
+        if self.ctx.listener.service == "smtps":  # RFC 8314: TLS first; the greeting after it
+            self._start_tls()
+            return
         self._flush()
 
     def _refuse(self, limit: int) -> None:
@@ -166,8 +178,14 @@ class SmtpdProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._proxy_timer is not None:
             self._proxy_timer.cancel()
-        if self._refused or self._proxy_header is not None:
+        if self._proxy_header is not None:
             return  # never a session
+        if self._refused or self._handshake is not None:  # a failed handshake ends it itself
+            return
+        self._end()
+
+    def _end(self) -> None:
+        """The connection is gone: report it to the core (the disconnect lines), stop timing."""
         self.session.receive_data(b"")
         self._pump()
         if self._timer is not None:
@@ -189,12 +207,13 @@ class SmtpdProtocol(asyncio.Protocol):
             return b""
         if header is None:
             return b""
-        rest = bytes(buffer[header.length:]) + data[room:]
+        self._after_header = bytes(buffer[header.length:]) + data[room:]
         self._proxy_header = None
         self._proxy_timer.cancel()
         self._proxy_timer = None
         # LOCAL / UNKNOWN: a connection of the proxy's own (a health check), not proxied
         self._begin_session(header.client[0] if header.client else self._peer_ip())
+        rest, self._after_header = self._after_header, b""  # taken by _start_tls on smtps
         return rest
 
     def _proxy_failed(self, reason: str) -> None:
@@ -429,6 +448,60 @@ class SmtpdProtocol(asyncio.Protocol):
         self._resume("commit")
         self._pump()
 
+    # -- TLS: STARTTLS and smtps (engine.tls says how it is layered) -------------------------
+
+    def _on_starttls(self, event: server.StartTls) -> None:
+        if self.ctx.tls is None:
+            self.session.reject(replies.TLS_UNAVAILABLE)
+            return
+        self.session.accept()  # 220, and the plaintext pipelined behind STARTTLS is gone
+        self._flush()
+        self._start_tls()
+
+    def _start_tls(self) -> None:
+        """Hand the socket to the loop's TLS (engine.tls.handoff keeps any early ClientHello
+        bytes for it); no protocol callback reaches us until the handshake is done, and
+        smtpd_timeout still covers a stalled handshake."""
+        handoff = TlsHandoff(self.transport, self._after_header)  # bytes behind a PROXY header
+        self._after_header = b""
+        self._handshake = asyncio.get_running_loop().create_task(self._run_handshake(handoff))
+
+    async def _run_handshake(self, handoff: TlsHandoff) -> None:
+        try:
+            done = await handoff.start(self.ctx.tls, timeout=self.ctx.config.smtpd_timeout)
+        except Exception as error:  # noqa: BLE001 - every failure ends the session the same way
+            self._tls_failed(handoff.transport, error)
+            return
+        finally:
+            self._handshake = None
+        self.transport = transport = done.transport  # from now on every write is encrypted
+        transport.set_protocol(self)
+        self.origin.tls = describe_tls(transport.get_extra_info("ssl_object"))
+        self.origin.helo, self.origin.esmtp = None, False  # the client says EHLO again
+        self._log(f"Anonymous TLS connection established from {self.origin.client}: "
+                  f"{self.origin.tls}")
+        self._last_activity = time.monotonic()
+        self.session.tls_started()
+        if self._paused_by:
+            transport.pause_reading()
+        self._flush()  # smtps: the greeting
+        if done.data:
+            self.data_received(done.data)
+        if done.ended:
+            self._end()
+
+    def _tls_failed(self, plain: asyncio.Transport, error: Exception) -> None:
+        """Postfix's "SSL_accept error from client[ip]: …" and "lost connection after
+        STARTTLS"; the connection is closed, not continued in plaintext."""
+        if not self._closed_by_us:
+            reason = getattr(error, "reason", None)  # OpenSSL's, e.g. "NO_SHARED_CIPHER"
+            reason = reason.lower().replace("_", " ") if reason else str(error)
+            if isinstance(error, ConnectionError | EOFError) or "eof" in reason or not reason:
+                reason = "lost connection"
+            self._log(f"SSL_accept error from {self.origin.client}: {reason}")
+        plain.abort()
+        self._end()
+
     def _on_reset(self, event: server.Reset) -> None:
         self.txn = None
         self._xforward = None
@@ -463,6 +536,9 @@ class SmtpdProtocol(asyncio.Protocol):
     def close_with(self, reply: Reply) -> None:
         """End the session from our side with a 421 (timeout, shutdown)."""
         self._closed_by_us = True
+        if self._handshake is not None:  # no plaintext reply into a TLS handshake: just close
+            self.transport.abort()
+            return
         self.session.send_reply(reply)
         self._pump()
         if self.transport is not None:
@@ -495,6 +571,7 @@ _EVENT_HANDLERS = {
     server.Data: SmtpdProtocol._on_data,
     server.MessageChunk: SmtpdProtocol._on_chunk,
     server.MessageEnd: SmtpdProtocol._on_end,
+    server.StartTls: SmtpdProtocol._on_starttls,
     server.Reset: SmtpdProtocol._on_reset,
     server.Closed: SmtpdProtocol._on_closed,
     server.Xclient: SmtpdProtocol._on_xclient,
