@@ -2,7 +2,7 @@
 
 For arbitrary bytes (biased toward b"\\r\\n.xA"), arbitrary chunkings and an arbitrary sequence
 of read_line / start_data / read_data calls, both return identical results or raise the same
-exception, and hold the same number of bytes after every step.
+exception, hold the same number of bytes and agree on ``bare_lf`` after every step.
 """
 
 import pytest
@@ -43,7 +43,7 @@ def run(module, max_line_length, script):
             result = getattr(reader, name)(*args)
         except Exception as exc:  # the same class and args are expected from both twins
             result = (type(exc), exc.args)
-        seen.append((name, result, len(reader)))
+        seen.append((name, result, len(reader), reader.bare_lf))
     return seen
 
 
@@ -59,6 +59,7 @@ def test_compiled_and_pure_twins_agree(session):
 
 @settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=3000), st.integers(1, 700))
+@example(b"a\n.\nMAIL FROM:<x@y>\r\n\n.\r\n", 3)  # bare LFs around dot lines, split
 def test_twins_agree_on_a_whole_message_in_fixed_chunks(data, chunk_size):
     message = data + b"\r\n.\r\nQUIT\r\n"
     script = [("start_data",)]
