@@ -291,18 +291,18 @@ cdef inline int _dot_line(const char *buf, Py_ssize_t at, Py_ssize_t n) noexcept
 
 cdef inline bint _has_bare_lf(const char *buf, Py_ssize_t n) noexcept:
     """Whether buf[:n] holds an LF not preceded by CR (one at offset 0 counts: the reader never
-    consumes a CR without the LF after it)."""
-    cdef Py_ssize_t at = 0
-    cdef const char *hit
-    while at < n:
-        hit = <const char *>memchr(buf + at, LF, n - at)
-        if hit is NULL:
-            return False
-        at = hit - buf
-        if at == 0 or buf[at - 1] != CR:
-            return True
-        at += 1
-    return False
+    consumes a CR without the LF after it). Branch-free, so the C compiler vectorizes it: this
+    runs over every DATA byte, and costs less than a memchr per line."""
+    cdef const unsigned char *b = <const unsigned char *>buf
+    cdef unsigned char found = 0
+    cdef Py_ssize_t i
+    if n == 0:
+        return False
+    if b[0] == LF:
+        return True
+    for i in range(1, n):
+        found |= (b[i] == LF) & (b[i - 1] != CR)
+    return found != 0
 
 
 cdef inline Py_ssize_t _find_crlf_dot(const char *buf, Py_ssize_t pos, Py_ssize_t n) noexcept:
