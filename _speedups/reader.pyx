@@ -78,6 +78,11 @@ cdef class Reader:
     def __len__(self):
         return self._end - self._start
 
+    def peek(self, Py_ssize_t count):
+        """Up to ``count`` buffered bytes, not consumed (for a log line)."""
+        count = max(0, min(count, self._end - self._start))
+        return PyBytes_FromStringAndSize(self._buf + self._start, count)
+
     def read_line(self):
         """The next command line without its line end (CRLF, or a bare LF as Postfix accepts),
         or None while incomplete. Raises LineTooLong once for a line over the limit."""

@@ -88,7 +88,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
         spool.close()
         raise StartupError(str(error)) from error
     sessions: set = set()  # every listener's: smtpd_connection_limit counts them all
-    anvil = Anvil()  # per-client counters across listeners
+    anvil = Anvil(time_unit=config.anvil_rate_time_unit)  # per-client counters, all listeners
 
     def factory(listener: Listener) -> Callable[[], SmtpdProtocol]:
         context = SmtpdContext(config=config, cleanup=cleanup, maillog=maillog,

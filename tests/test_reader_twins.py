@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
     not compiled.__name__.startswith("engine._compiled."), reason="compiled reader not built"
 )
 
-OPERATIONS = ("read_line", "start_data", "read_data")
+OPERATIONS = ("read_line", "start_data", "read_data", "peek")
 
 # Pieces that make line ends, dot lines and their near misses likely; now and then any bytes.
 alphabet = st.sampled_from(
@@ -39,6 +39,8 @@ def run(module, max_line_length, script):
     reader = module.Reader(max_line_length)
     seen = []
     for name, *args in script:
+        if name == "peek":
+            args = [5]
         try:
             result = getattr(reader, name)(*args)
         except Exception as exc:  # the same class and args are expected from both twins

@@ -44,6 +44,10 @@ class Reader:
     def __len__(self) -> int:
         return len(self._buf)
 
+    def peek(self, count: int) -> bytes:
+        """Up to ``count`` buffered bytes, not consumed (for a log line)."""
+        return bytes(self._buf[: max(count, 0)])
+
     def read_line(self) -> bytes | None:
         """The next command line without its line end (CRLF, or a bare LF as Postfix accepts),
         or None while incomplete. Raises LineTooLong once for a line over the limit."""

@@ -7,13 +7,16 @@ Talks to untrusted clients; everything it learns from them passes through the sa
 """
 
 import asyncio
+import fcntl
+import struct
+import termios
 import time
 from dataclasses import dataclass, field
 
 from engine.cleanup import Cleanup, MessageBuilder, Origin, RecipientRequest
 from engine.config import Config, Listener
 from engine.log import Maillog
-from engine.policy.relay import check_local_recipient, check_relay, client_is_trusted
+from engine.policy.relay import address_in, check_local_recipient, check_relay, client_is_trusted
 from engine.smtp import replies, server
 from engine.smtp.replies import Reply
 from engine.smtpd.anvil import Anvil
@@ -41,6 +44,12 @@ class SmtpdContext:
                 message_size_limit=config.message_size_limit,
                 recipient_limit=config.smtpd_recipient_limit,
                 line_length_limit=config.line_length_limit,
+                hard_error_limit=config.smtpd_hard_error_limit,
+                soft_error_limit=(config.smtpd_soft_error_limit
+                                  if config.smtpd_error_sleep_time > 0 else 0),
+                forbid_unauth_pipelining=config.smtpd_forbid_unauth_pipelining,
+                reject_bare_newline=config.smtpd_forbid_bare_newline == "reject",
+                bare_newline_reject_code=config.smtpd_forbid_bare_newline_reject_code,
             )
 
 
@@ -67,6 +76,11 @@ class SmtpdProtocol(asyncio.Protocol):
         self._last_activity = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False  # over smtpd_connection_limit: answered 421, never a session
+        self._anvil_client: str | None = None  # counted by anvil.connect (not an exception)
+        self._pregreet = False  # input was waiting before the greeting: 554 on arrival
+        self._deadline: float | None = None  # smtpd_per_request_deadline: this request's
+        self._tarpit: asyncio.TimerHandle | None = None  # smtpd_error_sleep_time running
+        self._held: list[bytes] = []  # replies held back by the tarpit
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -86,7 +100,60 @@ class SmtpdProtocol(asyncio.Protocol):
         self.ctx.sessions.add(self)
         self._log(f"connect from {self.origin.client}")
         self._arm_timer()
+        config = self.ctx.config
+        if address_in(client_ip, config.bare_newline_exclusions):
+            self.session.reject_bare_newline = False  # normalize, never reject, for these
+        refusal = self._anvil_connect(client_ip)
+        if refusal is not None:
+            self.close_with(refusal)
+            return
+        if config.smtpd_forbid_unauth_pipelining and (
+                self.session.pending_input or _bytes_waiting(self.transport)):
+            self._pregreet = True  # the client spoke first: answered when its bytes are read
+            if self.session.pending_input:
+                self._synchronization_error()
+            return
         self._flush()
+
+    def _anvil_connect(self, client_ip: str) -> Reply | None:
+        """Postfix's per-client connection limits (anvil): the 421 for a client over its
+        concurrency or connection rate limit, else None. smtpd_client_event_limit_exceptions
+        are not counted at all, as Postfix's smtpd does not tell anvil about them."""
+        config = self.ctx.config
+        if address_in(client_ip, config.event_limit_exceptions):
+            return None
+        self._anvil_client = client_ip
+        sessions, rate = self.ctx.anvil.connect(client_ip)
+        count_limit = config.smtpd_client_connection_count_limit
+        rate_limit = config.smtpd_client_connection_rate_limit
+        if count_limit and sessions > count_limit:
+            what, count = "Connection concurrency", sessions
+        elif rate_limit and rate > rate_limit:
+            what, count = "Connection rate", rate
+        else:
+            return None
+        self._log(f"warning: {what} limit exceeded: {count} from {self.origin.client} "
+                  f"for service {self.ctx.listener.service}")
+        return Reply(421, f"4.7.0 {config.myhostname} Error: too many connections "
+                          f"from {client_ip}")
+
+    def _over_rate(self, event: str, limit: int, what: str) -> bool:
+        """Count a MAIL or RCPT with anvil; True (and the warning logged) when over ``limit``.
+        Postfix counts them whether or not they are accepted."""
+        if not limit or self._anvil_client is None:
+            return False
+        count = self.ctx.anvil.count(event, self._anvil_client)
+        if count <= limit:
+            return False
+        self._log(f"warning: {what} rate limit exceeded: {count} from {self.origin.client} "
+                  f"for service {self.ctx.listener.service}")
+        return True
+
+    def _synchronization_error(self) -> None:
+        self._pregreet = False
+        self._closed_by_us = True
+        self.session.synchronization_error()
+        self._pump()
 
     def _refuse(self, limit: int) -> None:
         """The worker already serves ``limit`` sessions: 421 instead of the greeting, then close.
@@ -101,9 +168,23 @@ class SmtpdProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        self._last_activity = time.monotonic()
+        now = self._last_activity = time.monotonic()
         self.session.receive_data(data)
+        if self._pregreet:
+            self._synchronization_error()
+            return
+        config = self.ctx.config
+        if config.smtpd_per_request_deadline:
+            timeout = config.smtpd_timeout
+            if self._deadline is None:
+                self._deadline = now + timeout  # a request begins
+            elif self.session.state is server.State.DATA:  # smtpd_min_data_rate earns time
+                self._deadline = min(self._deadline + len(data) / config.smtpd_min_data_rate,
+                                     now + timeout)
         self._pump()
+        if self._deadline is not None and not self.session.pending_input and (
+                self.session.state is not server.State.DATA):
+            self._deadline = None  # every request received is complete
 
     def eof_received(self) -> bool:
         if self._refused:
@@ -140,11 +221,19 @@ class SmtpdProtocol(asyncio.Protocol):
         self._pump()
         if self._timer is not None:
             self._timer.cancel()
+        if self._tarpit is not None:
+            self._tarpit.cancel()
+            self._tarpit = None
         self.ctx.sessions.discard(self)
+        if self._anvil_client is not None:
+            self.ctx.anvil.disconnect(self._anvil_client)
+            self._anvil_client = None
 
     # -- the event pump ----------------------------------------------------------------------
 
     def _pump(self) -> None:
+        if self._tarpit is not None:
+            return  # the delayed reply goes first; _end_tarpit pumps again
         session = self.session
         while (event := session.next_event()) is not None:
             handler = _EVENT_HANDLERS[type(event)]
@@ -157,9 +246,34 @@ class SmtpdProtocol(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if out:
+            config = self.ctx.config
+            if self._tarpit is not None or (
+                    config.smtpd_error_sleep_time > 0
+                    and self.session.error_count > config.smtpd_soft_error_limit):
+                self._hold(out)  # smtpd_soft_error_limit passed: every reply is delayed
+                return
             transport.write(out)
         if self.session.closed and not self._committing:
             transport.close()
+
+    def _hold(self, out: bytes) -> None:
+        self._held.append(out)
+        if self._tarpit is None:
+            self._pause("tarpit")
+            loop = asyncio.get_running_loop()
+            self._tarpit = loop.call_later(self.ctx.config.smtpd_error_sleep_time,
+                                           self._end_tarpit)
+
+    def _end_tarpit(self) -> None:
+        self._tarpit = None
+        out = b"".join(self._held)
+        self._held.clear()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(out)
+        self._resume("tarpit")
+        self._pump()  # the next command the core held back, or the close
 
     def _on_helo(self, event: server.Helo) -> None:
         self.origin.helo = event.name
@@ -167,6 +281,11 @@ class SmtpdProtocol(asyncio.Protocol):
         self.session.accept()
 
     def _on_mail(self, event: server.MailFrom) -> None:
+        if self._over_rate("message", self.ctx.config.smtpd_client_message_rate_limit,
+                           "Message delivery request"):
+            self.session.reject(Reply(450, "4.7.1 Error: too much mail from "
+                                           f"{self.origin.client_ip}"))
+            return
         queue_id = self.ctx.cleanup.new_queue_id()
         self.txn = Transaction(queue_id=queue_id, sender=event.sender, params=event.params)
         self._log(f"{queue_id}: client={self.origin.client}")
@@ -174,6 +293,11 @@ class SmtpdProtocol(asyncio.Protocol):
 
     def _on_rcpt(self, event: server.RcptTo) -> None:
         config = self.ctx.config
+        if self._over_rate("recipient", config.smtpd_client_recipient_rate_limit,
+                           "Recipient address"):
+            self.session.reject(Reply(450, "4.7.1 Error: too many recipients from "
+                                           f"{self.origin.client_ip}"))
+            return
         if self._trusted is None:
             self._trusted = client_is_trusted(self.origin.client_ip, config)
         refusal = (check_relay(self.origin.client_ip, event.recipient, config,
@@ -235,6 +359,20 @@ class SmtpdProtocol(asyncio.Protocol):
     def _on_reset(self, event: server.Reset) -> None:
         self.txn = None
 
+    def _on_violation(self, event: server.Violation) -> None:
+        """Postfix's log line for a broken rule; a closing one is no "lost connection"."""
+        client = self.origin.client
+        if event.closing:
+            self._closed_by_us = True
+        if event.what == "improper command pipelining":
+            self._log(f"improper command pipelining after {event.after} from {client}: "
+                      f"{event.detail}")
+        elif event.closing or event.what == "bare <LF> received":
+            self._log(f"{event.what} after {event.after} from {client}")
+        else:
+            detail = f": {event.detail}" if event.detail else ""
+            self._log(f"warning: {event.what} after {event.after} from {client}{detail}")
+
     def _on_closed(self, event: server.Closed) -> None:
         client = self.origin.client
         if not (event.quit or self._closed_by_us):
@@ -252,11 +390,17 @@ class SmtpdProtocol(asyncio.Protocol):
         self._timer = loop.call_at(loop.time() + timeout, self._check_timeout)
 
     def _check_timeout(self) -> None:
-        idle = time.monotonic() - self._last_activity
+        """smtpd_timeout: 421 after that long without input, or (smtpd_per_request_deadline)
+        when a request that began has not been completed by its deadline."""
+        now = time.monotonic()
         timeout = self.ctx.config.smtpd_timeout
-        if idle < timeout or self._committing:
+        due = self._last_activity + timeout
+        if self._deadline is not None:
+            due = min(due, self._deadline)
+        if now < due or self._committing:
             loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(loop.time() + timeout - idle, self._check_timeout)
+            wait = due - now if now < due else timeout
+            self._timer = loop.call_at(loop.time() + wait, self._check_timeout)
             return
         self._timer = None
         self._log(f"timeout after {self.session.last_command} from {self.origin.client}")
@@ -297,4 +441,17 @@ _EVENT_HANDLERS = {
     server.MessageEnd: SmtpdProtocol._on_end,
     server.Reset: SmtpdProtocol._on_reset,
     server.Closed: SmtpdProtocol._on_closed,
+    server.Violation: SmtpdProtocol._on_violation,
 }
+
+
+def _bytes_waiting(transport: asyncio.Transport) -> int:
+    """Bytes the client sent that the kernel holds unread (Postfix's peekfd: FIONREAD)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return struct.unpack("i", raw)[0]
