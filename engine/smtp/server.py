@@ -275,8 +275,8 @@ class ServerSession:
                     continue
                 return self._closed_event(quit=False) if self._eof else None
             soft = self.settings.soft_error_limit
-            if soft and self.error_count > soft and self._out:
-                return None  # tarpit: let the adapter send (and delay) this reply first
+            if soft and self.error_count >= soft and self._out:
+                return None  # tarpit: let the adapter send (and delay) what is queued first
             try:
                 line = self._reader.read_line()
             except LineTooLong:

@@ -105,7 +105,9 @@ class SmtpdProtocol(asyncio.Protocol):
             self.session.reject_bare_newline = False  # normalize, never reject, for these
         refusal = self._anvil_connect(client_ip)
         if refusal is not None:
-            self.close_with(refusal)
+            self._closed_by_us = True
+            self.session.replace_greeting(refusal)  # 421 instead of the 220, then close
+            self._pump()
             return
         if config.smtpd_forbid_unauth_pipelining and (
                 self.session.pending_input or _bytes_waiting(self.transport)):
@@ -232,29 +234,35 @@ class SmtpdProtocol(asyncio.Protocol):
     # -- the event pump ----------------------------------------------------------------------
 
     def _pump(self) -> None:
-        if self._tarpit is not None:
-            return  # the delayed reply goes first; _end_tarpit pumps again
         session = self.session
-        while (event := session.next_event()) is not None:
-            handler = _EVENT_HANDLERS[type(event)]
-            handler(self, event)
-        self._flush()
+        soft_limit = session.settings.soft_error_limit
+        while self._tarpit is None:  # else the delayed reply goes first; _end_tarpit pumps
+            while (event := session.next_event()) is not None:
+                handler = _EVENT_HANDLERS[type(event)]
+                handler(self, event)
+            sent = self._flush()
+            # at the soft error limit the core stops after each reply (so that each can be
+            # delayed): go on with the commands it still holds
+            if not (sent and soft_limit and session.error_count >= soft_limit):
+                return
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
+        """Write the queued replies; True when some went out now (not held by the tarpit)."""
         out = self.session.data_to_send()
         transport = self.transport
         if transport is None or transport.is_closing():
-            return
+            return False
         if out:
             config = self.ctx.config
             if self._tarpit is not None or (
                     config.smtpd_error_sleep_time > 0
                     and self.session.error_count > config.smtpd_soft_error_limit):
                 self._hold(out)  # smtpd_soft_error_limit passed: every reply is delayed
-                return
+                return False
             transport.write(out)
         if self.session.closed and not self._committing:
             transport.close()
+        return bool(out)
 
     def _hold(self, out: bytes) -> None:
         self._held.append(out)
