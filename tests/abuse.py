@@ -20,10 +20,10 @@ READ_TIMEOUT = 5.0  # seconds any one read waits: a test that breaks fails inste
 class Server:
     """``async with Server(**config) as srv``: srv.port, srv.log(), srv.spool, srv.sessions."""
 
-    def __init__(self, **config) -> None:
+    def __init__(self, spool=None, **config) -> None:
         config.setdefault("myhostname", "mx.test")
         self.config = Config(**config)
-        self.spool = MemorySpool()
+        self.spool = spool if spool is not None else MemorySpool()
         self.sessions: set = set()
         self._log = io.StringIO()
 
