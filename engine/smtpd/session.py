@@ -11,12 +11,13 @@ import fcntl
 import struct
 import termios
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.cleanup import Cleanup, MessageBuilder, Origin, RecipientRequest
 from engine.config import Config, Listener
 from engine.log import Maillog
-from engine.policy.relay import address_in, check_local_recipient, check_relay, client_is_trusted
+from engine.policy.relay import address_in
+from engine.policy.restrictions import CONFIG_ERROR, Facts, Policy, SessionChecks
 from engine.smtp import replies, server
 from engine.smtp.replies import Reply
 from engine.smtpd.anvil import Anvil
@@ -34,8 +35,12 @@ class SmtpdContext:
     listener: Listener = field(default_factory=Listener)  # its service, TLS mode, PROXY …
     anvil: Anvil = field(default_factory=Anvil)  # per-client counters, shared by every listener
     settings: server.Settings | None = None
+    policy: Policy | None = None  # the restriction lists, compiled once from config
+    resolver: object | None = None  # engine.dns.Resolver, made when a list needs DNS
 
     def __post_init__(self) -> None:
+        if self.policy is None:
+            self.policy = Policy(self.config)
         if self.settings is None:
             config = self.config
             self.settings = server.Settings(
@@ -68,7 +73,8 @@ class SmtpdProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.session = server.ServerSession(context.settings)
         self.origin = Origin()
-        self._trusted: bool | None = None  # in mynetworks: computed at the first RCPT
+        self.checks = SessionChecks(context.policy)  # .forget_client() when the client changes
+        self._policy_task: asyncio.Task | None = None  # a DNS restriction being answered
         self.txn: Transaction | None = None
         self._commit_task: asyncio.Task | None = None
         self._paused_by: set[str] = set()  # why reading is paused: "commit", "write"
@@ -283,16 +289,70 @@ class SmtpdProtocol(asyncio.Protocol):
         self._resume("tarpit")
         self._pump()  # the next command the core held back, or the close
 
+    # -- restrictions: each decision point asks SessionChecks, synchronously unless a list of
+    # that stage needs DNS; then a task answers later (the core waits, input buffered).
+
+    def _facts(self, *, helo: str | None = None, sender: str | None = None,
+               recipient: str | None = None) -> Facts:
+        origin = self.origin
+        return Facts(origin.client_ip, origin.client_name, helo or origin.helo,
+                     sender, recipient, origin.sasl_username)
+
+    def _decide(self, stage: str, facts: Facts, answer) -> None:
+        """Evaluate the restrictions of ``stage``; ``answer(refusal or None)``."""
+        checks = self.checks
+        if not checks.needs_dns(stage):
+            answer(checks.decide(stage, facts))
+            return
+        self._pause("policy")
+        self._policy_task = asyncio.get_running_loop().create_task(
+            self._decide_later(stage, facts, answer))
+
+    async def _decide_later(self, stage: str, facts: Facts, answer) -> None:
+        ctx = self.ctx
+        if ctx.resolver is None:
+            from engine.dns import Resolver  # only when a restriction needs DNS
+
+            ctx.resolver = Resolver(ctx.config)
+        try:
+            refusal = await self.checks.decide_async(stage, facts, ctx.resolver)
+        except Exception as error:  # noqa: BLE001 - a failed check defers, never permits
+            self._log(f"warning: {stage} restriction check failed: {error!r}")
+            refusal = CONFIG_ERROR
+        self._policy_task = None
+        answer(refusal)
+        self._resume("policy")
+        self._pump()
+
     def _on_helo(self, event: server.Helo) -> None:
-        self.origin.helo = event.name
         self.origin.esmtp = event.extended
+        self._decide("HELO", self._facts(helo=event.name),
+                     lambda refusal: self._answer_helo(event, refusal))
+
+    def _answer_helo(self, event: server.Helo, refusal: Reply | None) -> None:
+        origin = self.origin
+        if refusal is not None:  # as Postfix: logged with the refused name, which is not kept
+            kept, origin.helo = origin.helo, event.name
+            self._log_reject("EHLO" if event.extended else "HELO", refusal)
+            origin.helo = kept
+            self.session.reject(refusal)
+            return
+        origin.helo = event.name
         self.session.accept()
 
     def _on_mail(self, event: server.MailFrom) -> None:
         if self._over_rate("message", self.ctx.config.smtpd_client_message_rate_limit,
-                           "Message delivery request"):
+                           "Message delivery request"):  # before the restrictions, as Postfix
             self.session.reject(Reply(450, "4.7.1 Error: too much mail from "
                                            f"{self.origin.client_ip}"))
+            return
+        self._decide("MAIL", self._facts(sender=event.sender),
+                     lambda refusal: self._answer_mail(event, refusal))
+
+    def _answer_mail(self, event: server.MailFrom, refusal: Reply | None) -> None:
+        if refusal is not None:
+            self._log_reject("MAIL", refusal, sender=event.sender)
+            self.session.reject(refusal)
             return
         queue_id = self.ctx.cleanup.new_queue_id()
         self.txn = Transaction(queue_id=queue_id, sender=event.sender, params=event.params)
@@ -300,17 +360,19 @@ class SmtpdProtocol(asyncio.Protocol):
         self.session.accept()
 
     def _on_rcpt(self, event: server.RcptTo) -> None:
-        config = self.ctx.config
-        if self._over_rate("recipient", config.smtpd_client_recipient_rate_limit,
-                           "Recipient address"):
+        if self._over_rate("recipient", self.ctx.config.smtpd_client_recipient_rate_limit,
+                           "Recipient address"):  # before the restrictions, as Postfix
             self.session.reject(Reply(450, "4.7.1 Error: too many recipients from "
                                            f"{self.origin.client_ip}"))
             return
-        if self._trusted is None:
-            self._trusted = client_is_trusted(self.origin.client_ip, config)
-        refusal = (check_relay(self.origin.client_ip, event.recipient, config,
-                               trusted=self._trusted)
-                   or check_local_recipient(event.recipient, config))
+        facts = self._facts(sender=self.txn.sender, recipient=event.recipient)
+        checks = self.checks
+        if checks.needs_dns("RCPT"):
+            self._decide("RCPT", facts, lambda refusal: self._answer_rcpt(event, refusal))
+        else:  # the per-recipient hot path: no closure, no task
+            self._answer_rcpt(event, checks.decide("RCPT", facts))
+
+    def _answer_rcpt(self, event: server.RcptTo, refusal: Reply | None) -> None:
         if refusal is not None:
             self._log_reject("RCPT", refusal, to=event.recipient)
             self.session.reject(refusal)
@@ -321,11 +383,25 @@ class SmtpdProtocol(asyncio.Protocol):
         self.session.accept()
 
     def _on_data(self, event: server.Data) -> None:
+        """DATA, or the first BDAT chunk: the message builder opens here either way."""
+        recipients = self.txn.recipients
+        only = recipients[0].address if len(recipients) == 1 else None
+        self._decide("DATA", self._facts(sender=self.txn.sender, recipient=only),
+                     lambda refusal: self._answer_data(refusal, only))
+
+    def _answer_data(self, refusal: Reply | None, only: str | None) -> None:
+        if refusal is not None:
+            self._log_reject("DATA", refusal, to=only)
+            self.session.reject(refusal)
+            return
         txn = self.txn
         params = txn.params
+        origin = self.origin
+        if "SMTPUTF8" in params:  # this message's Received: says UTF8SMTP…; the spool keeps it
+            origin = replace(origin, smtputf8=True)
         txn.builder = self.ctx.cleanup.begin(
             queue_id=txn.queue_id, sender=txn.sender, recipients=txn.recipients,
-            origin=self.origin, body_8bit=(params.get("BODY") or "").upper() == "8BITMIME",
+            origin=origin, body_8bit=(params.get("BODY") or "").upper() == "8BITMIME",
             ret=params.get("RET") or "", envid=params.get("ENVID") or "")
         self.session.accept()
 
@@ -340,9 +416,10 @@ class SmtpdProtocol(asyncio.Protocol):
             self.session.reject(replies.TOO_BIG)
             return
         self._pause("commit")
-        self._commit_task = asyncio.get_running_loop().create_task(self._commit(txn))
+        self._commit_task = asyncio.get_running_loop().create_task(
+            self._commit(txn, event.chunked_size))
 
-    async def _commit(self, txn: Transaction) -> None:
+    async def _commit(self, txn: Transaction, chunked_size: int | None = None) -> None:
         try:
             envelope = await self.ctx.cleanup.enqueue(txn.builder)
         except SpoolFull:
@@ -352,7 +429,7 @@ class SmtpdProtocol(asyncio.Protocol):
             self._log(f"warning: {txn.queue_id}: queue file write error: {error}")
             self._answer_commit(replies.SPOOL_ERROR, txn)
             return
-        self._answer_commit(replies.queued(envelope.queue_id), txn)
+        self._answer_commit(replies.queued(envelope.queue_id, chunked_size), txn)
 
     def _answer_commit(self, reply: Reply, txn: Transaction) -> None:
         self._commit_task = None
@@ -383,7 +460,7 @@ class SmtpdProtocol(asyncio.Protocol):
 
     def _on_closed(self, event: server.Closed) -> None:
         client = self.origin.client
-        if not (event.quit or self._closed_by_us):
+        if not (event.quit or event.hangup or self._closed_by_us):
             self._log(f"lost connection after {event.during} from {client}")
         counts = self.session.command_counts
         summary = " ".join(f"{name}={count}" for name, count in counts.items())
@@ -429,8 +506,10 @@ class SmtpdProtocol(asyncio.Protocol):
 
     def _log_reject(self, stage: str, reply: Reply, *, to: str | None = None,
                     queue_id: str | None = None, sender: str | None = None) -> None:
-        """Postfix's ``QID: reject: RCPT from client: 554 5.7.1 …; from=<> to=<> helo=<>``."""
-        queue_id = queue_id or (self.txn.queue_id if self.txn else "NOQUEUE")
+        """Postfix's ``QID: reject: RCPT from client: 554 5.7.1 …; from=<> to=<> helo=<>``.
+        NOQUEUE until a recipient was accepted (when Postfix creates the queue file)."""
+        txn = self.txn
+        queue_id = queue_id or (txn.queue_id if txn and txn.recipients else "NOQUEUE")
         sender = sender if sender is not None else (self.txn.sender if self.txn else "")
         parts = [f"from=<{sender}>"]
         if to is not None:
