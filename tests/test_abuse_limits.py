@@ -3,6 +3,7 @@ disconnect), NUL bytes, over-long command lines and 100 KB without a line end, t
 clients (per-request deadline), and the per-client anvil limits."""
 
 import asyncio
+import socket
 import time
 
 import pytest
@@ -313,3 +314,22 @@ def test_message_and_recipient_rate_limits_per_client():
             "for service smtp") in log
     assert (f"warning: Message delivery request rate limit exceeded: 2 from {CLIENT} "
             "for service smtp") in log
+
+
+def test_tern_serve_applies_the_connection_rate_limit_over_its_time_unit(tern):
+    """The real server: the limits come from the TOML file and serve's Anvil counts over
+    anvil_rate_time_unit (2s). The 4th connection of the window is refused, whatever the
+    fixture's own start-up probe counted for; once the window is over, a client is welcome."""
+    server = tern(worker_count=1, smtpd_client_connection_rate_limit=3,
+                  smtpd_client_event_limit_exceptions=[], anvil_rate_time_unit="2s")
+    greetings = []
+    for _ in range(5):
+        with socket.create_connection(server.address, timeout=10) as client:
+            greetings.append(client.makefile("rb").readline())
+    refusal = b"421 4.7.0 mx.tern.test Error: too many connections from 127.0.0.1\r\n"
+    assert refusal in greetings and greetings[0].startswith(b"220 ")
+    server.wait_log("warning: Connection rate limit exceeded: 4 from unknown[127.0.0.1] "
+                    "for service smtp")
+    time.sleep(2.2)  # the next window (anvil's default unit, 60s, would still refuse)
+    with socket.create_connection(server.address, timeout=10) as client:
+        assert client.makefile("rb").readline().startswith(b"220 ")
