@@ -33,6 +33,7 @@ from engine.smtpd.anvil import Anvil
 from engine.smtpd.session import SmtpdContext, SmtpdProtocol
 from engine.spool.lmdb_spool import LmdbSpool
 from engine.spool.queue_id import QueueIdGenerator
+from engine.tls.server import server_context, validity_warnings
 
 SHUTDOWN_GRACE = 10.0  # seconds sessions get to finish a commit before being cut
 
@@ -89,10 +90,14 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
         raise StartupError(str(error)) from error
     sessions: set = set()  # every listener's: smtpd_connection_limit counts them all
     anvil = Anvil(time_unit=config.anvil_rate_time_unit)  # per-client counters, all listeners
+    tls = server_context(config)  # files checked by load_config; one context for all listeners
+    if shard == 0:  # once, not once per worker
+        for warning in validity_warnings(config):
+            maillog.line("smtpd", f"warning: {warning}")
 
     def factory(listener: Listener) -> Callable[[], SmtpdProtocol]:
         context = SmtpdContext(config=config, cleanup=cleanup, maillog=maillog,
-                               sessions=sessions, listener=listener, anvil=anvil)
+                               sessions=sessions, listener=listener, anvil=anvil, tls=tls)
         return lambda: SmtpdProtocol(context)
 
     servers = []

@@ -25,8 +25,8 @@ parse_mail_from = _grammar.parse_mail_from
 parse_rcpt_to = _grammar.parse_rcpt_to
 
 # ---------------------------------------------------------------------------------------------
-# Events. Requests (Helo, MailFrom, RcptTo, Data, MessageEnd) must be answered with accept() or
-# reject(); MessageChunk, Reset and Closed are notices.
+# Events. Requests (Helo, MailFrom, RcptTo, Data, MessageEnd, StartTls) must be answered with
+# accept() or reject(); MessageChunk, Reset and Closed are notices.
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +68,12 @@ class MessageEnd:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTls:
+    """STARTTLS (RFC 3207): accept() sends 220 and forgets the plaintext pipelined behind it;
+    the adapter then runs the handshake and calls ServerSession.tls_started()."""
+
+
+@dataclass(frozen=True, slots=True)
 class Reset:
     """The open transaction (if any) was abandoned: RSET, HELO/EHLO, or a rejected message."""
 
@@ -91,7 +97,8 @@ class Violation:
     closing: bool = False
 
 
-Event = Helo | MailFrom | RcptTo | Data | MessageChunk | MessageEnd | Reset | Closed | Violation
+Event = (Helo | MailFrom | RcptTo | Data | MessageChunk | MessageEnd | StartTls | Reset | Closed
+         | Violation)
 
 # ---------------------------------------------------------------------------------------------
 # States and the sequencing table: everything that decides which command may come when.
@@ -148,6 +155,7 @@ ON_ACCEPT: dict[type, tuple[State | None, Reply | None]] = {
     RcptTo: (State.RCPT, replies.RECIPIENT_OK),
     Data: (State.DATA, replies.START_DATA),
     MessageEnd: (State.IDLE, replies.OK),
+    StartTls: (State.IDLE, replies.READY_TO_START_TLS),
 }
 
 #: The state a request falls back to when refused (None: stay where it was).
@@ -157,6 +165,7 @@ ON_REJECT: dict[type, State | None] = {
     RcptTo: None,
     Data: None,
     MessageEnd: State.IDLE,
+    StartTls: None,
 }
 
 
@@ -169,6 +178,8 @@ class Settings:
     message_size_limit: int = 10240000
     recipient_limit: int = 1000
     line_length_limit: int = 2048
+    starttls: bool = False  # STARTTLS offered on this listener (a certificate, level may/encrypt)
+    require_tls: bool = False  # smtpd_tls_security_level = encrypt: no MAIL before STARTTLS
     # abuse defences (the adapter passes the configuration's; these defaults keep the core lax)
     hard_error_limit: int = 0  # errors before 421 and disconnect; 0 = none
     # past this many errors, one reply at a time: next_event stops while replies are queued,
@@ -215,10 +226,12 @@ class ServerSession:
         self.state = State.IDLE
         self.helo_name: str | None = None
         self.extended = False  # the client said EHLO
-        self.tls_active = False  # set by the adapter once STARTTLS / SMTPS has its handshake
+        self.tls_active = False  # set by tls_started() once STARTTLS / SMTPS has its handshake
+        self._helo_again = False  # after STARTTLS: MAIL needs a new HELO/EHLO (RFC 3207 §4.2)
         self.last_command = "CONNECT"
         self.command_counts: dict[str, int] = {}
-        self._reader = (reader_class or speedups.Reader)(settings.line_length_limit)
+        self._reader_class = reader_class or speedups.Reader
+        self._reader = self._new_reader()
         self._out: list[bytes] = [Reply(220, settings.banner).encode()]
         self._pending: Event | None = None
         self._ready: list[Event] = []  # events produced but not yet returned
@@ -336,6 +349,7 @@ class ServerSession:
         if isinstance(event, Helo):
             self._reset_transaction()
             self.helo_name, self.extended = event.name, event.extended
+            self._helo_again = False
             default = self._helo_reply(event.extended)
         elif isinstance(event, MailFrom):
             self._smtputf8 = "SMTPUTF8" in event.params
@@ -350,6 +364,8 @@ class ServerSession:
         elif isinstance(event, MessageEnd):
             self._end_transaction()
             self.error_count = 0  # Postfix counts errors "without delivering mail"
+        elif isinstance(event, StartTls):
+            self._forget_plaintext()
         self.state = next_state
         if reply or default:
             self._out.append((reply or default).encode())
@@ -374,7 +390,30 @@ class ServerSession:
             return
         self._error(reply)
 
+    def tls_started(self) -> None:
+        """The adapter finished the TLS handshake (after STARTTLS, or at once on smtps)."""
+        self.tls_active = True
+
+    def tls_refusal(self) -> Reply | None:
+        """530 while smtpd_tls_security_level = encrypt and TLS is not active yet (Postfix
+        refuses MAIL, and AUTH, with it)."""
+        if self.settings.require_tls and not self.tls_active:
+            return replies.NEED_STARTTLS
+        return None
+
     # -- internals --------------------------------------------------------------------------
+
+    def _forget_plaintext(self) -> None:
+        """RFC 3207 §4.2: after 220 to STARTTLS, discard what the client pipelined in plaintext
+        (CVE-2011-0411: it would be read as if sent under TLS) and everything learnt before
+        TLS: HELO/EHLO and any transaction."""
+        self._reader = self._new_reader()
+        self._reset_transaction()
+        self.helo_name, self.extended = None, False
+        self._helo_again = True
+
+    def _new_reader(self):
+        return self._reader_class(self.settings.line_length_limit)
 
     def _take_pending(self) -> Event:
         event = self._pending
@@ -533,7 +572,10 @@ class ServerSession:
         lines = [self.settings.hostname, "PIPELINING"]
         limit = self.settings.message_size_limit  # RFC 1870 §4: bare SIZE when unlimited
         lines.append(f"SIZE {limit}" if limit else "SIZE")
-        lines += ["VRFY", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN"]
+        lines.append("VRFY")
+        if self.settings.starttls and not self.tls_active:
+            lines.append("STARTTLS")
+        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN"]
         lines += ["SMTPUTF8", "CHUNKING"]  # RFC 6531, RFC 3030
         return Reply(250, "\n".join(lines))
 
@@ -545,6 +587,10 @@ class ServerSession:
         return Helo(name=arg, extended=extended)
 
     def _mail(self, arg: str) -> Event | Reply:
+        if self._helo_again and self.helo_name is None:
+            return replies.NEED_HELO
+        if (refusal := self.tls_refusal()) is not None:
+            return refusal
         sender, params = parse_mail_from(arg)
         kept: dict[str, str | None] = {}
         for key, value in params:  # left to right, the first error answers (as Postfix)
@@ -634,6 +680,15 @@ class ServerSession:
     def _help(self, arg: str) -> Reply:
         return replies.HELP
 
+    def _starttls(self, arg: str) -> Event | Reply:
+        if arg:
+            return replies.STARTTLS_SYNTAX
+        if self.tls_active:
+            return replies.TLS_ALREADY_ACTIVE
+        if not self.settings.starttls:
+            return replies.NOT_IMPLEMENTED
+        return StartTls()
+
 
 def _valid_utf8(line: bytes) -> bool:
     try:
@@ -685,4 +740,5 @@ _HANDLERS = {
     "QUIT": ServerSession._quit,
     "VRFY": ServerSession._vrfy,
     "HELP": ServerSession._help,
+    "STARTTLS": ServerSession._starttls,
 }

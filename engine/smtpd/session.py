@@ -8,6 +8,7 @@ Talks to untrusted clients; everything it learns from them passes through the sa
 
 import asyncio
 import fcntl
+import ssl
 import struct
 import termios
 import time
@@ -22,6 +23,8 @@ from engine.smtp import replies, server
 from engine.smtp.replies import Reply
 from engine.smtpd.anvil import Anvil
 from engine.spool import SpoolFull
+from engine.tls.handoff import TlsHandoff
+from engine.tls.server import describe as describe_tls
 
 
 @dataclass
@@ -35,6 +38,7 @@ class SmtpdContext:
     listener: Listener = field(default_factory=Listener)  # its service, TLS mode, PROXY …
     anvil: Anvil = field(default_factory=Anvil)  # per-client counters, shared by every listener
     settings: server.Settings | None = None
+    tls: ssl.SSLContext | None = None  # engine.tls.server.server_context: STARTTLS and smtps
     policy: Policy | None = None  # the restriction lists, compiled once from config
     resolver: object | None = None  # engine.dns.Resolver, made when a list needs DNS
 
@@ -43,12 +47,15 @@ class SmtpdContext:
             self.policy = Policy(self.config)
         if self.settings is None:
             config = self.config
+            tls_level = config.tls_security_level(self.listener.service) if self.tls else "none"
             self.settings = server.Settings(
                 hostname=config.myhostname,
                 banner=config.expand(config.smtpd_banner),
                 message_size_limit=config.message_size_limit,
                 recipient_limit=config.smtpd_recipient_limit,
                 line_length_limit=config.line_length_limit,
+                starttls=tls_level != "none",
+                require_tls=tls_level == "encrypt",
                 hard_error_limit=config.smtpd_hard_error_limit,
                 soft_error_limit=(config.smtpd_soft_error_limit
                                   if config.smtpd_error_sleep_time > 0 else 0),
@@ -87,6 +94,7 @@ class SmtpdProtocol(asyncio.Protocol):
         self._deadline: float | None = None  # smtpd_per_request_deadline: this request's
         self._tarpit: asyncio.TimerHandle | None = None  # smtpd_error_sleep_time running
         self._held: list[bytes] = []  # replies held back by the tarpit
+        self._handshake: asyncio.Task | None = None  # the TLS handshake under way
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -114,6 +122,9 @@ class SmtpdProtocol(asyncio.Protocol):
             self._closed_by_us = True
             self.session.replace_greeting(refusal)  # 421 instead of the 220, then close
             self._pump()
+            return
+        if self.ctx.listener.service == "smtps":  # RFC 8314: TLS first; the greeting after it
+            self._start_tls()
             return
         if config.smtpd_forbid_unauth_pipelining and (
                 self.session.pending_input or _bytes_waiting(self.transport)):
@@ -223,8 +234,12 @@ class SmtpdProtocol(asyncio.Protocol):
         return self._commit_task is not None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._refused:
+        if self._refused or self._handshake is not None:  # a failed handshake ends it itself
             return
+        self._end()
+
+    def _end(self) -> None:
+        """The connection is gone: report it to the core (the disconnect lines), stop timing."""
         self.session.receive_data(b"")
         self._pump()
         if self._timer is not None:
@@ -441,6 +456,59 @@ class SmtpdProtocol(asyncio.Protocol):
         self._resume("commit")
         self._pump()
 
+    # -- TLS: STARTTLS and smtps (engine.tls says how it is layered) -------------------------
+
+    def _on_starttls(self, event: server.StartTls) -> None:
+        if self.ctx.tls is None:
+            self.session.reject(replies.TLS_UNAVAILABLE)
+            return
+        self.session.accept()  # 220, and the plaintext pipelined behind STARTTLS is gone
+        self._flush()
+        self._start_tls()
+
+    def _start_tls(self) -> None:
+        """Hand the socket to the loop's TLS (engine.tls.handoff keeps any early ClientHello
+        bytes for it); no protocol callback reaches us until the handshake is done, and
+        smtpd_timeout still covers a stalled handshake."""
+        handoff = TlsHandoff(self.transport)
+        self._handshake = asyncio.get_running_loop().create_task(self._run_handshake(handoff))
+
+    async def _run_handshake(self, handoff: TlsHandoff) -> None:
+        try:
+            done = await handoff.start(self.ctx.tls, timeout=self.ctx.config.smtpd_timeout)
+        except Exception as error:  # noqa: BLE001 - every failure ends the session the same way
+            self._tls_failed(handoff.transport, error)
+            return
+        finally:
+            self._handshake = None
+        self.transport = transport = done.transport  # from now on every write is encrypted
+        transport.set_protocol(self)
+        self.origin.tls = describe_tls(transport.get_extra_info("ssl_object"))
+        self.origin.helo, self.origin.esmtp = None, False  # the client says EHLO again
+        self._log(f"Anonymous TLS connection established from {self.origin.client}: "
+                  f"{self.origin.tls}")
+        self._last_activity = time.monotonic()
+        self.session.tls_started()
+        if self._paused_by:
+            transport.pause_reading()
+        self._flush()  # smtps: the greeting
+        if done.data:
+            self.data_received(done.data)
+        if done.ended:
+            self._end()
+
+    def _tls_failed(self, plain: asyncio.Transport, error: Exception) -> None:
+        """Postfix's "SSL_accept error from client[ip]: …" and "lost connection after
+        STARTTLS"; the connection is closed, not continued in plaintext."""
+        if not self._closed_by_us:
+            reason = getattr(error, "reason", None)  # OpenSSL's, e.g. "NO_SHARED_CIPHER"
+            reason = reason.lower().replace("_", " ") if reason else str(error)
+            if isinstance(error, ConnectionError | EOFError) or "eof" in reason or not reason:
+                reason = "lost connection"
+            self._log(f"SSL_accept error from {self.origin.client}: {reason}")
+        plain.abort()
+        self._end()
+
     def _on_reset(self, event: server.Reset) -> None:
         self.txn = None
 
@@ -494,6 +562,9 @@ class SmtpdProtocol(asyncio.Protocol):
     def close_with(self, reply: Reply) -> None:
         """End the session from our side with a 421 (timeout, shutdown)."""
         self._closed_by_us = True
+        if self._handshake is not None:  # no plaintext reply into a TLS handshake: just close
+            self.transport.abort()
+            return
         self.session.send_reply(reply)
         self._pump()
         if self.transport is not None:
@@ -526,6 +597,7 @@ _EVENT_HANDLERS = {
     server.Data: SmtpdProtocol._on_data,
     server.MessageChunk: SmtpdProtocol._on_chunk,
     server.MessageEnd: SmtpdProtocol._on_end,
+    server.StartTls: SmtpdProtocol._on_starttls,
     server.Reset: SmtpdProtocol._on_reset,
     server.Closed: SmtpdProtocol._on_closed,
     server.Violation: SmtpdProtocol._on_violation,
