@@ -132,10 +132,10 @@ BDAT_SEQUENCE_ERRORS: dict[State, Reply] = {
     State.MAIL: replies.NO_VALID_RECIPIENTS,
 }
 
-#: Commands that must end a pipelined group (RFC 2920 §3.1; Postfix's SMTPD_CMD_FLAG_LAST):
-#: input already waiting after one of them was sent before its reply could have been read.
-PIPELINE_LAST = frozenset({"EHLO", "HELO", "DATA", "NOOP", "VRFY", "EXPN", "ETRN", "TURN",
-                           "QUIT", "STARTTLS", "AUTH"})
+#: Commands after which input must not already be waiting (Postfix's SMTPD_CMD_FLAG_LAST: the
+#: RFC 2920 §3.1 "last in a group" commands it implements). STARTTLS is not one: the plaintext
+#: pipelined behind it is discarded instead (CVE-2011-0411); nor QUIT, after which nothing runs.
+PIPELINE_LAST = frozenset({"EHLO", "HELO", "DATA", "NOOP", "VRFY"})
 
 #: RFC 3461 parameters: keyword → (value check returning the value to keep or None, the reply
 #: for a malformed or repeated one).
