@@ -1,6 +1,6 @@
 """Unauthorized pipelining (smtpd_forbid_unauth_pipelining, on by default as in Postfix 3.9):
 a client that speaks before the greeting, or sends more after a command that must end a group
-(HELO, EHLO, DATA, NOOP, QUIT …, or anything before EHLO announced PIPELINING) gets
+(HELO, EHLO, DATA, NOOP, VRFY, or anything before EHLO announced PIPELINING) gets
 "554 5.5.0 Error: SMTP protocol synchronization" and is disconnected; legitimate PIPELINING
 after EHLO and ordinary clients (smtplib, smtp-source, swaks) are unaffected."""
 
