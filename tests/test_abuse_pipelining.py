@@ -10,6 +10,7 @@ import smtplib
 import socket
 
 import pytest
+import uvloop
 from abuse import Server, close, replies, settle, until_closed
 
 SYNC = b"554 5.5.0 Error: SMTP protocol synchronization\r\n"
@@ -53,7 +54,8 @@ def test_improper_pipelining_is_554_and_disconnect(first, batch, after, detail):
     assert stored == []
 
 
-def test_client_speaking_before_the_greeting_gets_554_instead_of_220():
+@pytest.mark.parametrize("runner", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_client_speaking_before_the_greeting_gets_554_instead_of_220(runner):
     """The client writes before the server could greet it (here: before the loop even accepts
     the connection), as spam bots do: Postfix's peekfd check at the greeting."""
 
@@ -68,7 +70,7 @@ def test_client_speaking_before_the_greeting_gets_554_instead_of_220():
             await settle(srv)
             return rest, srv.log()
 
-    rest, log = asyncio.run(scenario())
+    rest, log = runner(scenario())
     assert rest == SYNC  # no 220
     assert ("improper command pipelining after CONNECT from unknown[127.0.0.1]: "
             "EHLO bot.test\\r\\nMAIL FROM:<spam@bot.test>\\r\\n") in log
