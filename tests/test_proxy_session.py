@@ -26,6 +26,8 @@ class Server:
     """One listener of the adapter on 127.0.0.1, with an in-memory spool and a captured log."""
 
     def __init__(self, *, proxy_protocol=True, **config):
+        # these tests write whole dialogues at once; the check itself has its own test below
+        config.setdefault("smtpd_forbid_unauth_pipelining", False)
         self.spool = MemorySpool()
         self.log = io.StringIO()
         self.config = Config(myhostname="mx.test", **config)
@@ -99,6 +101,21 @@ def test_header_and_smtp_in_one_packet_are_both_used():
     assert "connect from unknown[192.0.2.7]" in log
     assert ": reject: RCPT from unknown[192.0.2.7]: 554 5.7.1" in log
     assert "127.0.0.1" not in log  # the proxy's own address is nobody's business
+
+
+def test_smtp_sent_behind_the_header_is_pipelining_before_the_greeting():
+    """As Postfix: the proxied client spoke before our greeting."""
+    async def scenario():
+        async with Server(smtpd_forbid_unauth_pipelining=True) as server:
+            reader, writer = await server.connect()
+            writer.write(v1(EXTERNAL_CLIENT, SERVER) + b"EHLO c.test\r\n")
+            sent = await everything(reader)
+            await close(writer)
+            return sent, server.logged()
+
+    sent, log = run(scenario)
+    assert sent == b"554 5.5.0 Error: SMTP protocol synchronization\r\n"  # no greeting
+    assert "improper command pipelining after CONNECT from unknown[192.0.2.7]: EHLO c.test" in log
 
 
 def test_v2_header_client_is_in_received_and_may_relay_from_mynetworks():

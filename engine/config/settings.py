@@ -82,6 +82,25 @@ class Config:
     # who may replace the client's identity (XCLIENT) or forward the previous hop's (XFORWARD)
     smtpd_authorized_xclient_hosts: tuple[Network, ...] = ()
     smtpd_authorized_xforward_hosts: tuple[Network, ...] = ()
+    # abuse defences (smtpd(8), anvil(8)): Postfix's names and defaults, except where noted
+    smtpd_forbid_bare_newline: str = "normalize"  # "normalize" (Postfix 3.9's; "yes") | "reject"
+    # clients exempt from "reject" (None = $mynetworks); they still get "normalize", the floor
+    smtpd_forbid_bare_newline_exclusions: tuple[Network, ...] | None = None
+    smtpd_forbid_bare_newline_reject_code: int = 550  # 521 replies and disconnects
+    smtpd_forbid_unauth_pipelining: bool = True  # Postfix >= 3.9
+    smtpd_soft_error_limit: int = 10  # errors before every reply is delayed ...
+    smtpd_error_sleep_time: float = 1.0  # ... by this long
+    smtpd_hard_error_limit: int = 20  # errors before 421 and disconnect
+    # a deadline per request (command line, or DATA at smtpd_min_data_rate bytes/s) as well as
+    # per read: Tern's default is yes (Postfix's is no), so a trickling client cannot stay
+    smtpd_per_request_deadline: bool = True
+    smtpd_min_data_rate: int = 500
+    smtpd_client_connection_count_limit: int = 50  # concurrent sessions per client; 0 = off
+    smtpd_client_connection_rate_limit: int = 0  # per anvil_rate_time_unit; 0 = off
+    smtpd_client_message_rate_limit: int = 0
+    smtpd_client_recipient_rate_limit: int = 0
+    smtpd_client_event_limit_exceptions: tuple[Network, ...] | None = None  # None = $mynetworks
+    anvil_rate_time_unit: float = 60.0
     # worker processes (each with its own spool shard); 0 = one per core
     worker_count: int = 0
     # queue manager (qmgr(8)): retries, expiry and the active queue
@@ -180,6 +199,16 @@ class Config:
             return self.mydomain
         _, _, rest = self.myhostname.partition(".")
         return rest or "localdomain"
+
+    @property
+    def bare_newline_exclusions(self) -> tuple[Network, ...]:
+        return self.mynetworks if self.smtpd_forbid_bare_newline_exclusions is None else (
+            self.smtpd_forbid_bare_newline_exclusions)
+
+    @property
+    def event_limit_exceptions(self) -> tuple[Network, ...]:
+        return self.mynetworks if self.smtpd_client_event_limit_exceptions is None else (
+            self.smtpd_client_event_limit_exceptions)
 
     @property
     def local_domains(self) -> frozenset[str]:

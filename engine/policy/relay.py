@@ -1,6 +1,5 @@
 """Who is trusted: permit_mynetworks's question (engine.policy.restrictions asks it once per
-client address), and the same question for the other host lists (smtpd_authorized_xclient_hosts
-…). Pure: the caller brings the client address and the configuration.
+client address). Pure: the caller brings the client address and the configuration.
 """
 
 import ipaddress
@@ -10,14 +9,12 @@ from engine.config import Config
 
 def client_is_trusted(client_ip: str, config: Config) -> bool:
     """permit_mynetworks: is the client address inside one of mynetworks?"""
-    return address_in_networks(client_ip, config.mynetworks)
+    return address_in(client_ip, config.mynetworks)
 
 
-def address_in_networks(client_ip: str, networks) -> bool:
-    """Is the address inside one of ``networks`` (mynetworks, smtpd_authorized_xclient_hosts …)?
-    "unknown" or any other non-address is in none."""
-    if not networks:
-        return False
+def address_in(client_ip: str, networks) -> bool:
+    """Is the client address inside one of ``networks`` (an IPv4-mapped IPv6 address counts
+    as its IPv4 address)? Any list with mynetworks' syntax: exclusions, exceptions."""
     try:
         address = ipaddress.ip_address(client_ip)
     except ValueError:

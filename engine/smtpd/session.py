@@ -10,18 +10,21 @@ change who the client is (for the session), or who it was up-stream (for one mes
 """
 
 import asyncio
+import fcntl
 import ssl
+import struct
+import termios
 import time
 from dataclasses import dataclass, field, replace
 
 from engine.cleanup import Cleanup, MessageBuilder, Origin, RecipientRequest
 from engine.config import Config, Listener
 from engine.log import Maillog
-from engine.policy.relay import address_in_networks
+from engine.policy.relay import address_in
 from engine.policy.restrictions import CONFIG_ERROR, Facts, Policy, SessionChecks
 from engine.smtp import replies, server
 from engine.smtp.replies import Reply
-from engine.smtp.xclient import XFORWARD_CLIENT_ATTRIBUTES, printable
+from engine.smtp.xclient import XFORWARD_CLIENT_ATTRIBUTES
 from engine.smtpd import proxy
 from engine.smtpd.anvil import Anvil
 from engine.spool import SpoolFull
@@ -58,6 +61,12 @@ class SmtpdContext:
                 line_length_limit=config.line_length_limit,
                 starttls=tls_level != "none",
                 require_tls=tls_level == "encrypt",
+                hard_error_limit=config.smtpd_hard_error_limit,
+                soft_error_limit=(config.smtpd_soft_error_limit
+                                  if config.smtpd_error_sleep_time > 0 else 0),
+                forbid_unauth_pipelining=config.smtpd_forbid_unauth_pipelining,
+                reject_bare_newline=config.smtpd_forbid_bare_newline == "reject",
+                bare_newline_reject_code=config.smtpd_forbid_bare_newline_reject_code,
             )
 
 
@@ -85,6 +94,11 @@ class SmtpdProtocol(asyncio.Protocol):
         self._last_activity = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False  # over smtpd_connection_limit: answered 421, never a session
+        self._anvil_client: str | None = None  # counted by anvil.connect (not an exception)
+        self._pregreet = False  # input was waiting before the greeting: 554 on arrival
+        self._deadline: float | None = None  # smtpd_per_request_deadline: this request's
+        self._tarpit: asyncio.TimerHandle | None = None  # smtpd_error_sleep_time running
+        self._held: list[bytes] = []  # replies held back by the tarpit
         self._handshake: asyncio.Task | None = None  # the TLS handshake under way
         # a proxy_protocol listener: the PROXY header read so far (None once done, or never)
         self._proxy_header: bytearray | None = None
@@ -121,10 +135,65 @@ class SmtpdProtocol(asyncio.Protocol):
         self.ctx.sessions.add(self)
         self._log(f"connect from {self.origin.client}")
         self._arm_timer()
+        config = self.ctx.config
+        if address_in(client_ip, config.bare_newline_exclusions):
+            self.session.reject_bare_newline = False  # normalize, never reject, for these
+        refusal = self._anvil_connect(client_ip)
+        if refusal is not None:
+            self._closed_by_us = True
+            self.session.replace_greeting(refusal)  # 421 instead of the 220, then close
+            self._pump()
+            return
         if self.ctx.listener.service == "smtps":  # RFC 8314: TLS first; the greeting after it
             self._start_tls()
             return
+        if config.smtpd_forbid_unauth_pipelining and (
+                self.session.pending_input or _bytes_waiting(self.transport)):
+            self._pregreet = True  # the client spoke first: answered when its bytes are read
+            if self.session.pending_input:
+                self._synchronization_error()
+            return
         self._flush()
+
+    def _anvil_connect(self, client_ip: str) -> Reply | None:
+        """Postfix's per-client connection limits (anvil): the 421 for a client over its
+        concurrency or connection rate limit, else None. smtpd_client_event_limit_exceptions
+        are not counted at all, as Postfix's smtpd does not tell anvil about them."""
+        config = self.ctx.config
+        if address_in(client_ip, config.event_limit_exceptions):
+            return None
+        self._anvil_client = client_ip
+        sessions, rate = self.ctx.anvil.connect(client_ip)
+        count_limit = config.smtpd_client_connection_count_limit
+        rate_limit = config.smtpd_client_connection_rate_limit
+        if count_limit and sessions > count_limit:
+            what, count = "Connection concurrency", sessions
+        elif rate_limit and rate > rate_limit:
+            what, count = "Connection rate", rate
+        else:
+            return None
+        self._log(f"warning: {what} limit exceeded: {count} from {self.origin.client} "
+                  f"for service {self.ctx.listener.service}")
+        return Reply(421, f"4.7.0 {config.myhostname} Error: too many connections "
+                          f"from {client_ip}")
+
+    def _over_rate(self, event: str, limit: int, what: str) -> bool:
+        """Count a MAIL or RCPT with anvil; True (and the warning logged) when over ``limit``.
+        Postfix counts them whether or not they are accepted."""
+        if not limit or self._anvil_client is None:
+            return False
+        count = self.ctx.anvil.count(event, self._anvil_client)
+        if count <= limit:
+            return False
+        self._log(f"warning: {what} rate limit exceeded: {count} from {self.origin.client} "
+                  f"for service {self.ctx.listener.service}")
+        return True
+
+    def _synchronization_error(self) -> None:
+        self._pregreet = False
+        self._closed_by_us = True
+        self.session.synchronization_error()
+        self._pump()
 
     def _refuse(self, limit: int) -> None:
         """The worker already serves ``limit`` sessions: 421 instead of the greeting, then close.
@@ -138,12 +207,27 @@ class SmtpdProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._proxy_header is not None:
-            data = self._proxy_received(data)
-        if self._refused or not data:
+            self._proxy_received(data)
             return
-        self._last_activity = time.monotonic()
+        if self._refused:
+            return
+        now = self._last_activity = time.monotonic()
         self.session.receive_data(data)
+        if self._pregreet:
+            self._synchronization_error()
+            return
+        config = self.ctx.config
+        if config.smtpd_per_request_deadline:
+            timeout = config.smtpd_timeout
+            if self._deadline is None:
+                self._deadline = now + timeout  # a request begins
+            elif self.session.state is server.State.DATA:  # smtpd_min_data_rate earns time
+                self._deadline = min(self._deadline + len(data) / config.smtpd_min_data_rate,
+                                     now + timeout)
         self._pump()
+        if self._deadline is not None and not self.session.pending_input and (
+                self.session.state is not server.State.DATA):
+            self._deadline = None  # every request received is complete
 
     def eof_received(self) -> bool:
         if self._proxy_header is not None:
@@ -190,31 +274,47 @@ class SmtpdProtocol(asyncio.Protocol):
         self._pump()
         if self._timer is not None:
             self._timer.cancel()
+        if self._tarpit is not None:
+            self._tarpit.cancel()
+            self._tarpit = None
         self.ctx.sessions.discard(self)
+        if self._anvil_client is not None:
+            self.ctx.anvil.disconnect(self._anvil_client)
+            self._anvil_client = None
 
     # -- the PROXY protocol header ------------------------------------------------------------
 
-    def _proxy_received(self, data: bytes, *, final: bool = False) -> bytes:
-        """Bytes while the header is incomplete: what follows the header once it is parsed
-        (the client's first SMTP bytes), b"" until then. Holds at most proxy.MAX_HEADER."""
+    def _proxy_received(self, data: bytes, *, final: bool = False) -> None:
+        """Bytes while the header is incomplete (held: at most proxy.MAX_HEADER). Once it is
+        parsed the session begins, and what followed the header in the same read is the
+        client's: its first SMTP bytes, sent before our greeting (which _begin_session judges
+        as Postfix does), or on smtps its TLS handshake's."""
         buffer = self._proxy_header
         room = proxy.MAX_HEADER - len(buffer)  # a full buffer always decides: never more
         buffer += data[:room]
         try:
             header = proxy.parse(buffer, final=final)
         except proxy.ProxyError as error:
-            self._proxy_failed(f"{error}: {_escape(buffer)}" if buffer else "EOF")
-            return b""
+            shown = server.escape(bytes(buffer[:200]))
+            self._proxy_failed(f"{error}: {shown}" if buffer else "EOF")
+            return
         if header is None:
-            return b""
-        self._after_header = bytes(buffer[header.length:]) + data[room:]
+            return
+        rest = bytes(buffer[header.length:]) + data[room:]
         self._proxy_header = None
         self._proxy_timer.cancel()
         self._proxy_timer = None
+        smtps = self.ctx.listener.service == "smtps"
+        if smtps:
+            self._after_header = rest  # taken by _start_tls
+        elif rest:
+            self._last_activity = time.monotonic()
+            self.session.receive_data(rest)
         # LOCAL / UNKNOWN: a connection of the proxy's own (a health check), not proxied
         self._begin_session(header.client[0] if header.client else self._peer_ip())
-        rest, self._after_header = self._after_header, b""  # taken by _start_tls on smtps
-        return rest
+        self._after_header = b""
+        if rest and not smtps and not (self._refused or self.session.closed):
+            self._pump()  # smtpd_forbid_unauth_pipelining = no: answered after the greeting
 
     def _proxy_failed(self, reason: str) -> None:
         """No valid header in time: we cannot tell who the client is or what it may do, so
@@ -234,10 +334,10 @@ class SmtpdProtocol(asyncio.Protocol):
     def _authorize_x_commands(self) -> None:
         """Who may use XCLIENT / XFORWARD follows the client address, as it is now."""
         config, client_ip, session = self.ctx.config, self.origin.client_ip, self.session
-        session.xclient_allowed = address_in_networks(client_ip,
-                                                      config.smtpd_authorized_xclient_hosts)
-        session.xforward_allowed = address_in_networks(client_ip,
-                                                       config.smtpd_authorized_xforward_hosts)
+        xclient = config.smtpd_authorized_xclient_hosts  # empty by default: nothing to parse
+        xforward = config.smtpd_authorized_xforward_hosts
+        session.xclient_allowed = bool(xclient) and address_in(client_ip, xclient)
+        session.xforward_allowed = bool(xforward) and address_in(client_ip, xforward)
 
     def _on_xclient(self, event: server.Xclient) -> None:
         """The client is now who XCLIENT says: every later decision (mynetworks, XCLIENT
@@ -290,20 +390,53 @@ class SmtpdProtocol(asyncio.Protocol):
 
     def _pump(self) -> None:
         session = self.session
-        while (event := session.next_event()) is not None:
-            handler = _EVENT_HANDLERS[type(event)]
-            handler(self, event)
-        self._flush()
+        soft_limit = session.settings.soft_error_limit
+        while self._tarpit is None:  # else the delayed reply goes first; _end_tarpit pumps
+            while (event := session.next_event()) is not None:
+                handler = _EVENT_HANDLERS[type(event)]
+                handler(self, event)
+            sent = self._flush()
+            # at the soft error limit the core stops after each reply (so that each can be
+            # delayed): go on with the commands it still holds
+            if not (sent and soft_limit and session.error_count >= soft_limit):
+                return
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
+        """Write the queued replies; True when some went out now (not held by the tarpit)."""
         out = self.session.data_to_send()
         transport = self.transport
         if transport is None or transport.is_closing():
-            return
+            return False
         if out:
+            config = self.ctx.config
+            if self._tarpit is not None or (
+                    config.smtpd_error_sleep_time > 0
+                    and self.session.error_count > config.smtpd_soft_error_limit):
+                self._hold(out)  # smtpd_soft_error_limit passed: every reply is delayed
+                return False
             transport.write(out)
         if self.session.closed and not self._committing:
             transport.close()
+        return bool(out)
+
+    def _hold(self, out: bytes) -> None:
+        self._held.append(out)
+        if self._tarpit is None:
+            self._pause("tarpit")
+            loop = asyncio.get_running_loop()
+            self._tarpit = loop.call_later(self.ctx.config.smtpd_error_sleep_time,
+                                           self._end_tarpit)
+
+    def _end_tarpit(self) -> None:
+        self._tarpit = None
+        out = b"".join(self._held)
+        self._held.clear()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(out)
+        self._resume("tarpit")
+        self._pump()  # the next command the core held back, or the close
 
     # -- restrictions: each decision point asks SessionChecks, synchronously unless a list of
     # that stage needs DNS; then a task answers later (the core waits, input buffered).
@@ -357,6 +490,11 @@ class SmtpdProtocol(asyncio.Protocol):
         self.session.accept()
 
     def _on_mail(self, event: server.MailFrom) -> None:
+        if self._over_rate("message", self.ctx.config.smtpd_client_message_rate_limit,
+                           "Message delivery request"):  # before the restrictions, as Postfix
+            self.session.reject(Reply(450, "4.7.1 Error: too much mail from "
+                                           f"{self.origin.client_ip}"))
+            return
         self._decide("MAIL", self._facts(sender=event.sender),
                      lambda refusal: self._answer_mail(event, refusal))
 
@@ -371,6 +509,11 @@ class SmtpdProtocol(asyncio.Protocol):
         self.session.accept()
 
     def _on_rcpt(self, event: server.RcptTo) -> None:
+        if self._over_rate("recipient", self.ctx.config.smtpd_client_recipient_rate_limit,
+                           "Recipient address"):  # before the restrictions, as Postfix
+            self.session.reject(Reply(450, "4.7.1 Error: too many recipients from "
+                                           f"{self.origin.client_ip}"))
+            return
         facts = self._facts(sender=self.txn.sender, recipient=event.recipient)
         checks = self.checks
         if checks.needs_dns("RCPT"):
@@ -506,6 +649,20 @@ class SmtpdProtocol(asyncio.Protocol):
         self.txn = None
         self._xforward = None
 
+    def _on_violation(self, event: server.Violation) -> None:
+        """Postfix's log line for a broken rule; a closing one is no "lost connection"."""
+        client = self.origin.client
+        if event.closing:
+            self._closed_by_us = True
+        if event.what == "improper command pipelining":
+            self._log(f"improper command pipelining after {event.after} from {client}: "
+                      f"{event.detail}")
+        elif event.closing or event.what == "bare <LF> received":
+            self._log(f"{event.what} after {event.after} from {client}")
+        else:
+            detail = f": {event.detail}" if event.detail else ""
+            self._log(f"warning: {event.what} after {event.after} from {client}{detail}")
+
     def _on_closed(self, event: server.Closed) -> None:
         client = self.origin.client
         if not (event.quit or event.hangup or self._closed_by_us):
@@ -523,11 +680,17 @@ class SmtpdProtocol(asyncio.Protocol):
         self._timer = loop.call_at(loop.time() + timeout, self._check_timeout)
 
     def _check_timeout(self) -> None:
-        idle = time.monotonic() - self._last_activity
+        """smtpd_timeout: 421 after that long without input, or (smtpd_per_request_deadline)
+        when a request that began has not been completed by its deadline."""
+        now = time.monotonic()
         timeout = self.ctx.config.smtpd_timeout
-        if idle < timeout or self._committing:
+        due = self._last_activity + timeout
+        if self._deadline is not None:
+            due = min(due, self._deadline)
+        if now < due or self._committing:
             loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(loop.time() + timeout - idle, self._check_timeout)
+            wait = due - now if now < due else timeout
+            self._timer = loop.call_at(loop.time() + wait, self._check_timeout)
             return
         self._timer = None
         self._log(f"timeout after {self.session.last_command} from {self.origin.client}")
@@ -574,13 +737,19 @@ _EVENT_HANDLERS = {
     server.StartTls: SmtpdProtocol._on_starttls,
     server.Reset: SmtpdProtocol._on_reset,
     server.Closed: SmtpdProtocol._on_closed,
+    server.Violation: SmtpdProtocol._on_violation,
     server.Xclient: SmtpdProtocol._on_xclient,
     server.Xforward: SmtpdProtocol._on_xforward,
 }
 
 
-def _escape(data: bytes, limit: int = 200) -> str:
-    """Header bytes for a warning line, as Postfix escapes them (``\\r\\n``), cut short."""
-    text = data[:limit].decode("latin-1")
-    escaped = text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
-    return printable(escaped) + ("..." if len(data) > limit else "")
+def _bytes_waiting(transport: asyncio.Transport) -> int:
+    """Bytes the client sent that the kernel holds unread (Postfix's peekfd: FIONREAD)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return struct.unpack("i", raw)[0]
