@@ -383,3 +383,27 @@ def test_client_restrictions_judge_the_proxied_then_the_xclient_identity():
     assert answers[2] == "250 2.1.0 Ok"  # 127.0.0.9 is in mynetworks
     assert answers[4] == "220 mx.test ESMTP Tern"
     assert answers[6].startswith("554 5.7.1 <unknown[192.0.2.7]>: Client host rejected")
+
+
+def test_anvil_counts_the_proxied_client_not_the_proxy():
+    """All three connections come from 127.0.0.1 (in mynetworks, so exempt by default);
+    the limit applies to each proxied client."""
+    async def scenario():
+        async with Server(smtpd_client_connection_count_limit=1) as server:
+            first_reader, first_writer = await server.connect()
+            first_writer.write(v1(EXTERNAL_CLIENT, SERVER))
+            first = await replies(first_reader, 1)
+            other_reader, other_writer = await server.connect()
+            other_writer.write(v1(("192.0.2.8", 2), SERVER))
+            other = await replies(other_reader, 1)
+            reader, writer = await server.connect()
+            writer.write(v2(EXTERNAL_CLIENT, SERVER))
+            refused = await everything(reader)
+            for stream in (writer, first_writer, other_writer):
+                await close(stream)
+            return first + other, refused, server.logged()
+
+    greetings, refused, log = run(scenario)
+    assert greetings == ["220 mx.test ESMTP Tern"] * 2
+    assert refused == b"421 4.7.0 mx.test Error: too many connections from 192.0.2.7\r\n"
+    assert "warning: Connection concurrency limit exceeded: 2 from unknown[192.0.2.7]" in log
