@@ -20,6 +20,7 @@ from pathlib import Path
 import lmdb
 
 from engine import __version__
+from engine.auth.passwd_file import PasswdFileError, PasswordFile
 from engine.cleanup import Cleanup
 from engine.config import Config, Listener
 from engine.control import ControlError, ControlServer
@@ -89,10 +90,19 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
         raise StartupError(str(error)) from error
     sessions: set = set()  # every listener's: smtpd_connection_limit counts them all
     anvil = Anvil()  # per-client counters across listeners
+    try:  # AUTH's credentials, one table per worker (re-read when the file changes)
+        authenticator = (PasswordFile(config.smtpd_sasl_password_file)
+                         if config.smtpd_sasl_password_file else None)
+    except PasswdFileError as error:
+        await control.close()
+        await qmgr.stop()
+        spool.close()
+        raise StartupError(f"smtpd_sasl_password_file: {error}") from error
 
     def factory(listener: Listener) -> Callable[[], SmtpdProtocol]:
         context = SmtpdContext(config=config, cleanup=cleanup, maillog=maillog,
-                               sessions=sessions, listener=listener, anvil=anvil)
+                               sessions=sessions, listener=listener, anvil=anvil,
+                               authenticator=authenticator)
         return lambda: SmtpdProtocol(context)
 
     servers = []

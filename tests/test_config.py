@@ -55,6 +55,10 @@ smtpd_recipient_limit = 10
 line_length_limit = 1000
 smtpd_timeout = "1m"
 smtpd_connection_limit = 500
+smtpd_sasl_auth_enable = true
+smtpd_tls_auth_only = false
+smtpd_sasl_password_file = "/dev/null"
+smtpd_client_auth_failure_limit = 3
 worker_count = 3
 minimal_backoff_time = "10m"
 maximal_backoff_time = "1h"
@@ -235,11 +239,11 @@ def test_list_forms(tmp_path, key, value, expected):
 
 
 def test_listen_services_are_easy_to_extend(tmp_path, monkeypatch):
-    text = '[[listen]]\naddress = "127.0.0.1:587"\nservice = "submission"\n'
-    with pytest.raises(ConfigError, match="submission"):
+    text = '[[listen]]\naddress = "127.0.0.1:2526"\nservice = "relay"\n'
+    with pytest.raises(ConfigError, match="relay"):
         load_config(write(tmp_path, text))
-    monkeypatch.setattr(settings, "LISTEN_SERVICES", frozenset({"smtp", "submission"}))
-    assert load_config(write(tmp_path, text)).listen == (Listener("127.0.0.1", 587, "submission"),)
+    monkeypatch.setattr(settings, "LISTEN_SERVICES", frozenset({"smtp", "relay"}))
+    assert load_config(write(tmp_path, text)).listen == (Listener("127.0.0.1", 2526, "relay"),)
 
 
 def test_message_size_limit_zero_means_no_limit(tmp_path):
@@ -496,7 +500,7 @@ ERRORS = [
     ("listen: bad service",
      '[[listen]]\naddress = "127.0.0.1:25"\nservice = "smtp"\n# [[listen]] service = "x"\n'
      '[[listen]]\naddress = "127.0.0.1:110"\nservice = "pop3"\n', 7, "listen.service",
-     'expected one of "smtp", got "pop3"'),
+     'expected one of "smtp", "submission", got "pop3"'),
     ("listen: missing address", '[[listen]]\naddress = "127.0.0.1:25"\n\n[[listen]]\n'
      'service = "smtp"\n', 4, "listen", 'missing "address"'),
     ("listen: duplicate", '[[listen]]\naddress = "127.0.0.1:25"\n[[listen]]\n'
@@ -587,3 +591,58 @@ def test_queue_manager_keys_with_postfix_names(tmp_path):
     assert config.default_destination_rate_delay == 2.0
     assert config.qmgr_message_active_limit == 500
     assert config.smtp_connection_cache_time_limit == 2.0
+
+
+# -- AUTH keys -------------------------------------------------------------------------------
+
+
+def test_auth_keys_defaults_and_values(tmp_path):
+    defaults = Config()
+    assert (defaults.smtpd_sasl_auth_enable, defaults.smtpd_tls_auth_only) == (False, True)
+    assert defaults.smtpd_sasl_password_file == ""
+    assert defaults.smtpd_client_auth_failure_limit == 5
+    passwd = tmp_path / "passwd"
+    passwd.write_text("# users\nalice:{PLAIN}secret\n")
+    config = load_config(write(tmp_path, f'smtpd_sasl_auth_enable = true\n'
+                                         f'smtpd_sasl_password_file = "{passwd}"\n'
+                                         f'smtpd_client_auth_failure_limit = 0\n'))
+    assert config.smtpd_sasl_auth_enable and config.smtpd_sasl_password_file == str(passwd)
+    assert config.smtpd_client_auth_failure_limit == 0  # no limit
+
+
+def test_submission_listener_is_a_known_service(tmp_path):
+    passwd = tmp_path / "passwd"
+    passwd.write_text("")
+    config = load_config(write(tmp_path, f'smtpd_sasl_password_file = "{passwd}"\n[[listen]]\n'
+                                         'address = "127.0.0.1:587"\nservice = "submission"\n'))
+    assert config.listen == (Listener("127.0.0.1", 587, "submission"),)
+
+
+@pytest.mark.parametrize("text, line, fragment", [
+    ('smtpd_sasl_auth_enable = true\n', 1,
+     "smtpd_sasl_password_file: required by smtpd_sasl_auth_enable = true"),
+    ('myhostname = "a.test"\n[[listen]]\naddress = "127.0.0.1:25"\n[[listen]]\n'
+     'address = "127.0.0.1:587"\nservice = "submission"\n', 6,
+     'smtpd_sasl_password_file: required by [[listen]] service "submission"'),
+    ('smtpd_sasl_password_file = "relative/passwd"\n', 1, "expected an absolute path"),
+    ('smtpd_client_auth_failure_limit = -1\n', 1, "of at least 0"),
+    ('smtpd_tls_auth_only = "no"\n', 1, "expected true or false"),
+])  # fmt: skip
+def test_auth_key_errors(tmp_path, text, line, fragment):
+    error, path = config_error(tmp_path, text)
+    assert error.line == line
+    assert fragment in str(error)
+
+
+@pytest.mark.parametrize("content, problem", [
+    (None, ": cannot read: No such file or directory"),
+    ("# ok\nalice:{PLAIN}x\nbob {PLAIN}y\n", ':3: expected "user:{SCHEME}hash"'),
+    ("alice:{MD5-CRYPT}$1$abc$def\n", ":1: user alice: unknown password scheme {MD5-CRYPT}"),
+])  # fmt: skip
+def test_password_file_problems_stop_loading_naming_the_file(tmp_path, content, problem):
+    passwd = tmp_path / "passwd"
+    if content is not None:
+        passwd.write_text(content)
+    error, path = config_error(tmp_path, f'\nsmtpd_sasl_password_file = "{passwd}"\n')
+    assert error.line == 2 and error.key == "smtpd_sasl_password_file"
+    assert f"smtpd_sasl_password_file: {passwd}{problem}" in str(error)

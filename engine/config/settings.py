@@ -14,8 +14,11 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # TOML keys that are not Python names: Postfix's name → the Config field.
 KEY_ALIASES = {"2bounce_notice_recipient": "double_bounce_notice_recipient"}
 
-# Services a [[listen]] table may name. "submission" and "smtps" will join when they exist.
-LISTEN_SERVICES: frozenset[str] = frozenset({"smtp"})
+# Services a [[listen]] table may name. "smtps" will join when it exists.
+LISTEN_SERVICES: frozenset[str] = frozenset({"smtp", "submission"})
+# Services for mail submission (RFC 6409, RFC 8314): AUTH is on and required before MAIL, as
+# Postfix's master.cf submission entry sets smtpd_sasl_auth_enable=yes and requires it.
+SUBMISSION_SERVICES: frozenset[str] = frozenset({"submission", "smtps"})
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,13 @@ class Config:
     smtpd_timeout: float = 300.0
     # sessions one worker serves at once; past it a client gets 421 (master.cf's maxproc role)
     smtpd_connection_limit: int = 20000
+    # SMTP AUTH (RFC 4954): PLAIN and LOGIN, checked against a Dovecot passwd-file
+    smtpd_sasl_auth_enable: bool = False  # on every listener; a submission one has it anyway
+    smtpd_tls_auth_only: bool = True  # offer AUTH only under TLS (unlike Postfix's "no")
+    smtpd_sasl_password_file: str = ""  # absolute path: user:{SCHEME}hash lines (tern passwd)
+    # failed AUTHs one client address may make per anvil time unit: then 421 and no more AUTH
+    # from it until the unit ends; 0 = no limit
+    smtpd_client_auth_failure_limit: int = 5
     # worker processes (each with its own spool shard); 0 = one per core
     worker_count: int = 0
     # queue manager (qmgr(8)): retries, expiry and the active queue

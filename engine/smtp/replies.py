@@ -91,6 +91,22 @@ BAD_NOTIFY = Reply(501, "5.5.4 Error: Bad NOTIFY parameter syntax")
 BAD_ORCPT = Reply(501, "5.5.4 Error: Bad ORCPT parameter syntax")
 UNICODE_NOT_DECLARED = Reply(553, "5.6.7 Must declare SMTPUTF8 to send unicode address")
 
+# AUTH (RFC 4954; Postfix smtpd's wording)
+AUTH_OK = Reply(235, "2.7.0 Authentication successful")
+AUTH_FAILED = Reply(535, "5.7.8 Error: authentication failed: authentication failure")
+AUTH_BAD_MECHANISM = Reply(
+    535, "5.7.8 Error: authentication failed: Invalid authentication mechanism")
+AUTH_ABORTED = Reply(501, "5.7.0 Authentication aborted")
+AUTH_CANNOT_DECODE = Reply(501, "5.5.2 Cannot decode response")
+AUTH_SYNTAX = Reply(501, "5.5.4 Syntax: AUTH mechanism")
+AUTH_NOT_ENABLED = Reply(503, "5.5.1 Error: authentication not enabled")
+AUTH_ALREADY = Reply(503, "5.5.1 Error: already authenticated")
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1 Error: MAIL transaction in progress")
+AUTH_NEEDS_TLS = Reply(504, "5.5.4 Encryption required for requested authentication mechanism")
+AUTH_REQUIRED = Reply(530, "5.7.0 Authentication required")
+AUTH_PARAMETER_DISABLED = Reply(503, "5.5.4 Error: authentication disabled")
+AUTH_PARAMETER_TWICE = Reply(503, "5.5.4 Error: multiple AUTH= options")
+
 # limits
 TOO_BIG = Reply(552, "5.3.4 Message size exceeds fixed limit")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3 Error: too many recipients")
@@ -109,3 +125,7 @@ def relay_denied(recipient: str) -> Reply:
 
 def queued(queue_id: str) -> Reply:
     return Reply(250, f"2.0.0 Ok: queued as {queue_id}")
+
+
+def too_many_auth_failures(hostname: str) -> Reply:
+    return Reply(421, f"4.7.0 {hostname} Error: too many authentication failures")

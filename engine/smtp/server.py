@@ -6,12 +6,14 @@ No sockets, no awaits, no clock. Trusts nothing from the client; decisions that 
 buffered, until the application answers: that is what keeps pipelined replies in order.
 """
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 
 from engine import speedups
+from engine.auth import sasl
 from engine.smtp import replies
-from engine.smtp.grammar import GrammarError, dsn_envid, dsn_notify, dsn_orcpt, dsn_ret
+from engine.smtp.grammar import XTEXT, GrammarError, dsn_envid, dsn_notify, dsn_orcpt, dsn_ret
 from engine.smtp.reader import LineTooLong
 from engine.smtp.replies import Reply
 
@@ -21,8 +23,8 @@ parse_mail_from = _grammar.parse_mail_from
 parse_rcpt_to = _grammar.parse_rcpt_to
 
 # ---------------------------------------------------------------------------------------------
-# Events. Requests (Helo, MailFrom, RcptTo, Data, MessageEnd) must be answered with accept() or
-# reject(); MessageChunk, Reset and Closed are notices.
+# Events. Requests (Helo, MailFrom, RcptTo, Data, MessageEnd, Auth) must be answered with
+# accept() or reject(); MessageChunk, Reset, AuthRefused and Closed are notices.
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +68,33 @@ class Reset:
 
 
 @dataclass(frozen=True, slots=True)
+class Auth:
+    """RFC 4954: a SASL exchange gave these credentials; accept() if the password is right
+    (235), reject() with 535 if not. The password stays out of repr (and so out of logs)."""
+
+    mechanism: str  # PLAIN, LOGIN
+    username: str
+    password: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRefused:
+    """A SASL exchange ended before any password was checked (unknown mechanism, bad base64,
+    aborted …); its reply is already queued. ``reason`` is ours, never client data."""
+
+    mechanism: str
+    reason: str
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
 class Closed:
     during: str  # the last command, for Postfix's "lost connection after DATA"
     quit: bool
 
 
-Event = Helo | MailFrom | RcptTo | Data | MessageChunk | MessageEnd | Reset | Closed
+Event = (Helo | MailFrom | RcptTo | Data | MessageChunk | MessageEnd | Reset | Auth | AuthRefused
+         | Closed)
 
 # ---------------------------------------------------------------------------------------------
 # States and the sequencing table: everything that decides which command may come when.
@@ -112,6 +135,7 @@ ON_ACCEPT: dict[type, tuple[State | None, Reply | None]] = {
     RcptTo: (State.RCPT, replies.RECIPIENT_OK),
     Data: (State.DATA, replies.START_DATA),
     MessageEnd: (State.IDLE, replies.OK),
+    Auth: (State.IDLE, replies.AUTH_OK),  # AUTH is refused inside a transaction
 }
 
 #: The state a request falls back to when refused (None: stay where it was).
@@ -121,6 +145,7 @@ ON_REJECT: dict[type, State | None] = {
     RcptTo: None,
     Data: None,
     MessageEnd: State.IDLE,
+    Auth: None,
 }
 
 
@@ -133,6 +158,9 @@ class Settings:
     message_size_limit: int = 10240000
     recipient_limit: int = 1000
     line_length_limit: int = 2048
+    auth_enabled: bool = False  # smtpd_sasl_auth_enable, and credentials to check exist
+    tls_auth_only: bool = True  # smtpd_tls_auth_only: AUTH only once TLS is active
+    auth_required: bool = False  # a submission service: MAIL needs AUTH first (530)
 
 
 class ServerSession:
@@ -144,6 +172,8 @@ class ServerSession:
         self.helo_name: str | None = None
         self.extended = False  # the client said EHLO
         self.tls_active = False  # set by the adapter once STARTTLS / SMTPS has its handshake
+        self.authenticated = False  # a successful AUTH (RFC 4954: at most one per session)
+        self._sasl: sasl.Exchange | None = None  # an AUTH exchange waiting for a response
         self.last_command = "CONNECT"
         self.command_counts: dict[str, int] = {}
         self._reader = (reader_class or speedups.Reader)(settings.line_length_limit)
@@ -208,11 +238,15 @@ class ServerSession:
             try:
                 line = self._reader.read_line()
             except LineTooLong:
+                self._sasl = None  # an over-long SASL response ends the exchange
                 self._out.append(replies.LINE_TOO_LONG.encode())
                 continue
             if line is None:
                 return self._closed_event(quit=False) if self._eof else None
-            self._command(line)
+            if self._sasl is None:
+                self._command(line)
+            else:  # a response to a 334 challenge: never a command, never logged
+                self._sasl_response(line)
 
     def accept(self, reply: Reply | None = None) -> None:
         """Grant the pending request; ``reply`` overrides the default text (e.g. queue ID)."""
@@ -228,6 +262,8 @@ class ServerSession:
             self._reader.start_data()
         elif isinstance(event, MessageEnd):
             self._recipients = 0
+        elif isinstance(event, Auth):
+            self.authenticated = True
         self.state = next_state
         self._out.append((reply or default).encode())
 
@@ -303,8 +339,35 @@ class ServerSession:
         lines = [self.settings.hostname, "PIPELINING"]
         if self.settings.message_size_limit:
             lines.append(f"SIZE {self.settings.message_size_limit}")
-        lines += ["VRFY", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN"]
+        lines.append("VRFY")
+        if self.auth_offered:
+            lines.append("AUTH " + " ".join(sasl.MECHANISMS))
+        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN"]
         return Reply(250, "\n".join(lines))
+
+    @property
+    def auth_offered(self) -> bool:
+        """AUTH is enabled, and TLS is active unless smtpd_tls_auth_only is off (RFC 4954 §4:
+        plaintext passwords only under TLS)."""
+        settings = self.settings
+        return settings.auth_enabled and (self.tls_active or not settings.tls_auth_only)
+
+    def _sasl_response(self, line: bytes) -> None:
+        text = line.decode("ascii", "surrogateescape").strip(" ")
+        self._sasl_step(self._sasl.respond(text))
+
+    def _sasl_step(self, step: sasl.Step) -> None:
+        """Send the challenge, or end the exchange: credentials become an Auth request, a
+        refusal is answered at once (and reported, for the log and the failure count)."""
+        if isinstance(step, sasl.Challenge):
+            self._out.append(Reply(334, step.text).encode())
+            return
+        exchange, self._sasl = self._sasl, None
+        if isinstance(step, sasl.Credentials):
+            self._ready.append(Auth(exchange.name, step.username, step.password))
+        else:
+            self._out.append(step.reply.encode())
+            self._ready.append(AuthRefused(exchange.name, step.reason, step.reply))
 
     # -- one handler per verb: returns a Reply to send now, or a request event --------------
 
@@ -314,6 +377,8 @@ class ServerSession:
         return Helo(name=arg, extended=extended)
 
     def _mail(self, arg: str) -> Event | Reply:
+        if self.settings.auth_required and not self.authenticated:
+            return replies.AUTH_REQUIRED
         sender, params = parse_mail_from(arg)
         kept: dict[str, str | None] = {}
         for key, value in params:  # left to right, the first error answers (as Postfix)
@@ -331,6 +396,14 @@ class ServerSession:
             elif key in MAIL_DSN_PARAMETERS:
                 if (refusal := _keep_dsn_parameter(MAIL_DSN_PARAMETERS, key, value, kept)):
                     return refusal
+            elif key == "AUTH" and value is not None:
+                # RFC 4954 §5: the original submitter, kept for the log; one that is not
+                # xtext is "unknown" (<>)
+                if not self.settings.auth_enabled:
+                    return replies.AUTH_PARAMETER_DISABLED
+                if key in kept:
+                    return replies.AUTH_PARAMETER_TWICE
+                kept[key] = value if value == "<>" or XTEXT.fullmatch(value) else "<>"
             else:
                 return replies.unsupported_option(key)
         return MailFrom(sender=sender, params=kept)
@@ -369,6 +442,30 @@ class ServerSession:
     def _help(self, arg: str) -> Reply:
         return replies.HELP
 
+    def _auth(self, arg: str) -> Reply | None:
+        """RFC 4954 AUTH, with Postfix's checks in Postfix's order; then the mechanism's
+        exchange starts (an initial response may complete it at once)."""
+        if not self.settings.auth_enabled:
+            return replies.AUTH_NOT_ENABLED
+        if self.state in (State.MAIL, State.RCPT):
+            return replies.AUTH_IN_TRANSACTION
+        if not self.auth_offered:
+            return replies.AUTH_NEEDS_TLS
+        if self.authenticated:
+            return replies.AUTH_ALREADY
+        words = arg.split()
+        if not 1 <= len(words) <= 2:
+            return replies.AUTH_SYNTAX
+        exchange = sasl.begin(words[0])
+        if exchange is None:
+            name = _MECHANISM_NAME.sub("?", words[0].upper()[:20])  # printable, as Postfix
+            self._ready.append(AuthRefused(name, "Invalid authentication mechanism",
+                                           replies.AUTH_BAD_MECHANISM))
+            return replies.AUTH_BAD_MECHANISM
+        self._sasl = exchange
+        self._sasl_step(exchange.start(words[1] if len(words) == 2 else None))
+        return None
+
 
 def _keep_dsn_parameter(table: dict, key: str, value: str | None,
                         kept: dict[str, str | None]) -> Reply | None:
@@ -382,6 +479,8 @@ def _keep_dsn_parameter(table: dict, key: str, value: str | None,
     return None
 
 
+_MECHANISM_NAME = re.compile(r"[^A-Z0-9_-]")  # RFC 4422 §3.1 mechanism name characters
+
 _HANDLERS = {
     "EHLO": lambda s, a: s._helo(a, extended=True),
     "HELO": lambda s, a: s._helo(a, extended=False),
@@ -393,4 +492,5 @@ _HANDLERS = {
     "QUIT": ServerSession._quit,
     "VRFY": ServerSession._vrfy,
     "HELP": ServerSession._help,
+    "AUTH": ServerSession._auth,
 }

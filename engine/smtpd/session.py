@@ -7,11 +7,14 @@ Talks to untrusted clients; everything it learns from them passes through the sa
 """
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass, field
 
+from engine.auth.passwd_file import PasswordFile
 from engine.cleanup import Cleanup, MessageBuilder, Origin, RecipientRequest
 from engine.config import Config, Listener
+from engine.config.settings import SUBMISSION_SERVICES
 from engine.log import Maillog
 from engine.policy.relay import check_local_recipient, check_relay, client_is_trusted
 from engine.smtp import replies, server
@@ -30,17 +33,26 @@ class SmtpdContext:
     sessions: set = field(default_factory=set)  # shared by every listener of the worker
     listener: Listener = field(default_factory=Listener)  # its service, TLS mode, PROXY …
     anvil: Anvil = field(default_factory=Anvil)  # per-client counters, shared by every listener
+    # AUTH's credentials (smtpd_sasl_password_file), shared by the worker's listeners
+    authenticator: PasswordFile | None = None
     settings: server.Settings | None = None
 
     def __post_init__(self) -> None:
+        config = self.config
+        if self.authenticator is None and config.smtpd_sasl_password_file:
+            self.authenticator = PasswordFile(config.smtpd_sasl_password_file)
         if self.settings is None:
-            config = self.config
+            submission = self.listener.service in SUBMISSION_SERVICES
             self.settings = server.Settings(
                 hostname=config.myhostname,
                 banner=config.expand(config.smtpd_banner),
                 message_size_limit=config.message_size_limit,
                 recipient_limit=config.smtpd_recipient_limit,
                 line_length_limit=config.line_length_limit,
+                auth_enabled=self.authenticator is not None and (
+                    submission or config.smtpd_sasl_auth_enable),
+                tls_auth_only=config.smtpd_tls_auth_only,
+                auth_required=submission,
             )
 
 
@@ -67,6 +79,7 @@ class SmtpdProtocol(asyncio.Protocol):
         self._last_activity = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False  # over smtpd_connection_limit: answered 421, never a session
+        self._sasl_method = ""  # the mechanism of the successful AUTH, for the client= line
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -169,7 +182,12 @@ class SmtpdProtocol(asyncio.Protocol):
     def _on_mail(self, event: server.MailFrom) -> None:
         queue_id = self.ctx.cleanup.new_queue_id()
         self.txn = Transaction(queue_id=queue_id, sender=event.sender, params=event.params)
-        self._log(f"{queue_id}: client={self.origin.client}")
+        line = f"{queue_id}: client={self.origin.client}"
+        if self.origin.sasl_username:  # Postfix's smtpd_sasl_mail_log
+            line += f", sasl_method={self._sasl_method}, sasl_username={self.origin.sasl_username}"
+        if event.params.get("AUTH", "<>") != "<>":
+            line += f", sasl_sender={event.params['AUTH']}"
+        self._log(line)
         self.session.accept()
 
     def _on_rcpt(self, event: server.RcptTo) -> None:
@@ -177,7 +195,7 @@ class SmtpdProtocol(asyncio.Protocol):
         if self._trusted is None:
             self._trusted = client_is_trusted(self.origin.client_ip, config)
         refusal = (check_relay(self.origin.client_ip, event.recipient, config,
-                               trusted=self._trusted)
+                               trusted=self._trusted or bool(self.origin.sasl_username))
                    or check_local_recipient(event.recipient, config))
         if refusal is not None:
             self._log_reject("RCPT", refusal, to=event.recipient)
@@ -231,6 +249,72 @@ class SmtpdProtocol(asyncio.Protocol):
             self.session.accept(reply)
         self._resume("commit")
         self._pump()
+
+    # -- AUTH ---------------------------------------------------------------------------------
+
+    def _on_auth(self, event: server.Auth) -> None:
+        """Check the password off the event loop (a bcrypt or argon2 check takes tens of ms);
+        the core holds later pipelined commands until the answer, as for a spool commit."""
+        limit = self.ctx.config.smtpd_client_auth_failure_limit
+        if limit and self.ctx.anvil.peek("auth_failure", self.origin.client_ip) >= limit:
+            self._over_auth_failure_limit(limit, reject=True)
+            return
+        self._pause("auth")
+        future = asyncio.get_running_loop().run_in_executor(
+            None, self.ctx.authenticator.authenticate, event.username, event.password)
+        future.add_done_callback(functools.partial(self._answer_auth, event.mechanism))
+
+    def _answer_auth(self, mechanism: str, future: asyncio.Future) -> None:
+        self._resume("auth")
+        authenticator = self.ctx.authenticator
+        if (error := authenticator.take_reload_error()) is not None:
+            self._log(f"warning: smtpd_sasl_password_file: {error}; keeping the previous table")
+        if self.session.closed:  # shut down meanwhile: only let the core report the close
+            self.session.reject(replies.AUTH_FAILED)
+        elif (username := self._auth_result(future)) is not None:
+            self.origin.sasl_username, self._sasl_method = username, mechanism
+            self.session.accept()
+        else:
+            self.session.reject(replies.AUTH_FAILED)
+            self._auth_failed(mechanism, "authentication failure")
+        self._pump()
+
+    def _auth_result(self, future: asyncio.Future) -> str | None:
+        try:
+            return future.result()
+        except Exception as error:  # noqa: BLE001 - a broken hash is a failure, not a crash
+            self._log(f"warning: {self.origin.client}: password check failed: "
+                      f"{type(error).__name__}")
+            return None
+
+    def _on_auth_refused(self, event: server.AuthRefused) -> None:
+        """The core already answered; log it, and count a 535 as a failure."""
+        if event.reply.code == 535:
+            self._auth_failed(event.mechanism, event.reason)
+        else:
+            self._log(f"warning: {self.origin.client}: SASL {event.mechanism} authentication "
+                      f"{event.reason}")
+
+    def _auth_failed(self, mechanism: str, reason: str) -> None:
+        """Postfix's warning (never the password nor the client's base64), and the failure
+        counted per client address in the worker's anvil: at the limit, 421 and disconnect."""
+        self._log(f"warning: {self.origin.client}: SASL {mechanism} authentication failed: "
+                  f"{reason}")
+        limit = self.ctx.config.smtpd_client_auth_failure_limit
+        if limit and self.ctx.anvil.count("auth_failure", self.origin.client_ip) >= limit:
+            self._over_auth_failure_limit(limit, reject=False)
+
+    def _over_auth_failure_limit(self, limit: int, *, reject: bool) -> None:
+        """421 and disconnect: after the failure that reached the limit, or at an AUTH from a
+        client address already over it (until anvil's time unit ends)."""
+        self._log(f"warning: Authentication failure limit exceeded: {limit} from "
+                  f"{self.origin.client} for service {self.ctx.listener.service}")
+        reply = replies.too_many_auth_failures(self.ctx.config.myhostname)
+        self._closed_by_us = True
+        if reject:
+            self.session.reject(reply)
+        else:
+            self.session.send_reply(reply)
 
     def _on_reset(self, event: server.Reset) -> None:
         self.txn = None
@@ -296,5 +380,7 @@ _EVENT_HANDLERS = {
     server.MessageChunk: SmtpdProtocol._on_chunk,
     server.MessageEnd: SmtpdProtocol._on_end,
     server.Reset: SmtpdProtocol._on_reset,
+    server.Auth: SmtpdProtocol._on_auth,
+    server.AuthRefused: SmtpdProtocol._on_auth_refused,
     server.Closed: SmtpdProtocol._on_closed,
 }
