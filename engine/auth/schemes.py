@@ -177,7 +177,7 @@ def make_hash(scheme: str, password: bytes) -> str:
         if len(password) > BCRYPT_MAX_BYTES:
             raise ValueError(f"BLF-CRYPT uses only the first {BCRYPT_MAX_BYTES} bytes of a "
                              "password: choose SHA512-CRYPT or ARGON2ID for a longer one")
-        stored = bcrypt.hashpw(password, bcrypt.gensalt(BCRYPT_COST, prefix=b"2y")).decode()
+        stored = bcrypt.hashpw(password, bcrypt.gensalt(BCRYPT_COST)).decode()  # $2b$
     elif scheme == "ARGON2ID":
         import argon2
 
