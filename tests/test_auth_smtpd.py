@@ -15,9 +15,11 @@ import time
 import pytest
 
 from engine.auth import schemes
+from engine.auth.passwd_file import PasswordFile
 from engine.cleanup import Cleanup
 from engine.config import Config, Listener
 from engine.log import Maillog
+from engine.smtpd.anvil import Anvil
 from engine.smtpd.session import SmtpdContext, SmtpdProtocol
 from engine.spool.memory import MemorySpool
 
@@ -42,7 +44,8 @@ class AuthServer:
     """SmtpdProtocol on its own event loop in a thread, so that blocking clients (smtplib,
     swaks) can talk to it; the spool is in memory, the maillog a string."""
 
-    def __init__(self, passwd, service: str = "smtp", **settings) -> None:
+    def __init__(self, passwd, service: str = "smtp", *, anvil: Anvil | None = None,
+                 authenticator: PasswordFile | None = None, **settings) -> None:
         options = {"myhostname": "mx.test", "mynetworks": (OUTSIDE,),
                    "smtpd_sasl_password_file": str(passwd), "smtpd_sasl_auth_enable": True,
                    "smtpd_tls_auth_only": False}
@@ -50,6 +53,8 @@ class AuthServer:
         self.config = Config(**options)
         self.spool = MemorySpool()
         self.log_stream = io.StringIO()
+        self.anvil = anvil if anvil is not None else Anvil()  # (an empty Anvil is falsy)
+        self.authenticator = authenticator
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(service, started), daemon=True)
@@ -64,7 +69,8 @@ class AuthServer:
             maillog = Maillog("mx.test", stream=self.log_stream)
             context = SmtpdContext(config=self.config, maillog=maillog,
                                    cleanup=Cleanup(self.spool, maillog, self.config),
-                                   listener=Listener(service=service))
+                                   listener=Listener(service=service), anvil=self.anvil,
+                                   authenticator=self.authenticator)
             self.server = await self.loop.create_server(lambda: SmtpdProtocol(context),
                                                         "127.0.0.1", 0)
             self.port = self.server.sockets[0].getsockname()[1]
@@ -263,6 +269,21 @@ def test_failures_reach_the_limit_then_421_and_the_address_is_refused(auth_serve
     assert "lost connection" not in log
 
 
+def test_the_refusal_ends_with_anvils_time_unit(auth_server):
+    now = [1000.0]
+    server = auth_server(smtpd_client_auth_failure_limit=2,
+                         anvil=Anvil(time_unit=60.0, clock=lambda: now[0]))
+    wrong = f"AUTH PLAIN {plain('bob', 'x')}\r\n".encode()
+    assert raw_session(server.address, wrong * 2, 3)[2] == (
+        "421 4.7.0 mx.test Error: too many authentication failures")
+    right = f"AUTH PLAIN {plain('bob', USERS['bob'][1])}\r\n".encode()
+    now[0] += 59.0
+    assert raw_session(server.address, right, 1) == [
+        "421 4.7.0 mx.test Error: too many authentication failures"]
+    now[0] += 1.0  # the window that counted the failures is over
+    assert raw_session(server.address, right, 1) == ["235 2.7.0 Authentication successful"]
+
+
 def test_mail_without_auth_still_works_for_a_client_over_the_limit(auth_server):
     """Only AUTH is refused to the address; it may still send to our own domains."""
     server = auth_server(smtpd_client_auth_failure_limit=1, relay_domains=("example.net",))
@@ -271,6 +292,36 @@ def test_mail_without_auth_still_works_for_a_client_over_the_limit(auth_server):
     with smtplib.SMTP(*server.address, timeout=10) as client:
         client.ehlo("client.test")
         assert client.sendmail("a@example.org", ["x@example.net"], b"\r\nhi\r\n") == {}
+
+
+class GatedPasswordFile(PasswordFile):
+    """The real table, whose checks wait until the test opens the gate."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.gate = threading.Event()
+        self.waiting = threading.Event()
+
+    def authenticate(self, username, password):
+        self.waiting.set()
+        assert self.gate.wait(10)
+        return super().authenticate(username, password)
+
+
+def test_password_checks_do_not_block_other_sessions(auth_server, passwd):
+    """While one client's password is being checked, the loop serves another client."""
+    table = GatedPasswordFile(passwd)
+    server = auth_server(authenticator=table)
+    with socket.create_connection(server.address, timeout=10) as first:
+        stream = first.makefile("rb")
+        stream.readline()
+        first.sendall(f"AUTH PLAIN {plain('bob', USERS['bob'][1])}\r\nNOOP\r\n".encode())
+        assert table.waiting.wait(10)
+        assert raw_session(server.address, b"NOOP\r\nQUIT\r\n", 2) == [
+            "250 2.0.0 Ok", "221 2.0.0 Bye"]
+        table.gate.set()
+        assert stream.readline() == b"235 2.7.0 Authentication successful\r\n"
+        assert stream.readline() == b"250 2.0.0 Ok\r\n"
 
 
 # -- logs ---------------------------------------------------------------------------------
