@@ -164,3 +164,16 @@ def test_tern_passwd_errors(tmp_path, args, password, message):
     assert done.returncode in (1, 2)
     assert message in done.stderr
     assert not path.exists()
+
+
+def test_an_unknown_user_costs_a_hash_check_like_a_known_one(tmp_path, monkeypatch):
+    """So that timing does not tell which names exist: the check runs against an entry."""
+    path = tmp_path / "passwd"
+    path.write_text(f"bob:{{SHA512-CRYPT}}{SHA}\n")
+    table = PasswordFile(path)
+    checked = []
+    real_verify = schemes.verify
+    monkeypatch.setattr(schemes, "verify",
+                        lambda *args: checked.append(args[:2]) or real_verify(*args))
+    assert table.authenticate("nobody", b"s3cret") is None
+    assert checked == [("SHA512-CRYPT", SHA)]

@@ -8,7 +8,6 @@ against it come from SMTP clients and are only looked up and compared.
 """
 
 import contextlib
-import functools
 import os
 import secrets
 import tempfile
@@ -80,13 +79,6 @@ def load(path: str | os.PathLike) -> dict[str, Entry]:
     return parse(text, path)
 
 
-@functools.cache
-def _decoy() -> str:
-    """A hash checked when the user is unknown, so that a wrong name costs what a wrong
-    password does and the timing does not tell which names exist."""
-    return schemes.sha512_crypt(secrets.token_bytes(16), "$6$decoydecoydecoy")
-
-
 class PasswordFile:
     """The credentials of one passwd-file, re-read when the file changes. ``authenticate``
     blocks for the length of a hash (tens of ms): call it off the event loop."""
@@ -126,9 +118,13 @@ class PasswordFile:
     def authenticate(self, username: str, password: bytes) -> str | None:
         """The user's name as the file spells it when the password matches, else None."""
         self._refresh()
-        entry = self._entries.get(username.lower())
+        entries = self._entries
+        entry = entries.get(username.lower())
         if entry is None:
-            schemes.verify("SHA512-CRYPT", _decoy(), password)
+            # an unknown name costs what a wrong password does: the timing does not tell
+            # which names exist (a random password against an entry of the file)
+            if (decoy := next(iter(entries.values()), None)) is not None:
+                schemes.verify(decoy.scheme, decoy.stored, secrets.token_bytes(16))
             return None
         if schemes.verify(entry.scheme, entry.stored, password):
             return entry.username
