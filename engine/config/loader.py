@@ -431,16 +431,16 @@ def _build(document: dict[str, Any], text: str, file: str) -> Config:
 
 def _check_auth(config: Config, values: dict[str, Any], found: dict, lines: list[str],
                 file: str) -> None:
-    """AUTH needs credentials: a submission listener or smtpd_sasl_auth_enable without
-    smtpd_sasl_password_file, or a password file that cannot be read or has a bad line, stops
-    start-up here rather than at the first client."""
+    """AUTH needs credentials: a submission listener (which requires AUTH) or
+    smtpd_sasl_auth_enable without smtpd_sasl_password_file, or a password file that cannot
+    be read or has a bad line, stops start-up here rather than at the first client."""
     from engine.auth.passwd_file import PasswdFileError, load
 
     key = "smtpd_sasl_password_file"
     path = config.smtpd_sasl_password_file
     if not path:
         submission = [(index, item.service) for index, item in enumerate(config.listen)
-                      if item.service in settings.SUBMISSION_SERVICES]
+                      if item.service in settings.AUTH_REQUIRED_SERVICES]
         if submission:
             index, service = submission[0]
             why, where = f'[[listen]] service "{service}"', ("listen", index, "service")

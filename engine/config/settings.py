@@ -16,9 +16,10 @@ KEY_ALIASES = {"2bounce_notice_recipient": "double_bounce_notice_recipient"}
 
 # Services a [[listen]] table may name. "smtps" will join when it exists.
 LISTEN_SERVICES: frozenset[str] = frozenset({"smtp", "submission"})
-# Services for mail submission (RFC 6409, RFC 8314): AUTH is on and required before MAIL, as
-# Postfix's master.cf submission entry sets smtpd_sasl_auth_enable=yes and requires it.
+# Services for mail submission (RFC 6409, RFC 8314) have AUTH on, as Postfix's master.cf
+# entries set smtpd_sasl_auth_enable=yes; "submission" also requires it before MAIL (530).
 SUBMISSION_SERVICES: frozenset[str] = frozenset({"submission", "smtps"})
+AUTH_REQUIRED_SERVICES: frozenset[str] = frozenset({"submission"})
 
 
 @dataclass(frozen=True)

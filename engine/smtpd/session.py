@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from engine.auth.passwd_file import PasswordFile
 from engine.cleanup import Cleanup, MessageBuilder, Origin, RecipientRequest
 from engine.config import Config, Listener
-from engine.config.settings import SUBMISSION_SERVICES
+from engine.config.settings import AUTH_REQUIRED_SERVICES, SUBMISSION_SERVICES
 from engine.log import Maillog
 from engine.policy.relay import check_local_recipient, check_relay, client_is_trusted
 from engine.smtp import replies, server
@@ -52,7 +52,7 @@ class SmtpdContext:
                 auth_enabled=self.authenticator is not None and (
                     submission or config.smtpd_sasl_auth_enable),
                 tls_auth_only=config.smtpd_tls_auth_only,
-                auth_required=submission,
+                auth_required=self.listener.service in AUTH_REQUIRED_SERVICES,
             )
 
 
