@@ -93,6 +93,26 @@ smtp_quit_timeout = 1.5
 smtp_rset_timeout = "5s"
 dns_servers = ["192.0.2.53", "192.0.2.54:5353", "[2001:db8::53]:53", "2001:db8::54"]
 dns_timeout = 2.5
+smtpd_client_restrictions = "permit_mynetworks, reject"
+smtpd_helo_restrictions = ["reject_invalid_helo_hostname", "reject_non_fqdn_helo_hostname"]
+smtpd_sender_restrictions = "reject_non_fqdn_sender"
+smtpd_relay_restrictions = "permit_mynetworks reject_unauth_destination"
+smtpd_recipient_restrictions = "check_recipient_access inline:{ a@b.test=OK, c.test=REJECT }"
+smtpd_data_restrictions = "permit"
+smtpd_delay_reject = false
+smtpd_reject_unlisted_recipient = false
+smtpd_null_access_lookup_key = "<null>"
+parent_domain_matches_subdomains = "relay_domains"
+access_map_reject_code = 550
+access_map_defer_code = 451
+reject_code = 550
+defer_code = 451
+relay_domains_reject_code = 550
+unknown_address_reject_code = 550
+unknown_hostname_reject_code = 550
+unknown_local_recipient_reject_code = 450
+non_fqdn_reject_code = 550
+invalid_hostname_reject_code = 550
 
 [transport_maps]
 "Example.NET" = "smtp:[127.0.0.1]:10027"

@@ -254,6 +254,43 @@ def _transport_maps(value: Any) -> dict[str, str]:
     return out
 
 
+def _restrictions(key: str) -> Converter:
+    """A restriction list (engine.policy.restrictions): Postfix's "name, name table, …" string
+    or an array; every name known, every check_*_access table opened (read) now."""
+
+    def convert(value: Any) -> tuple[str, ...]:
+        from engine.policy.restrictions import RestrictionError, validate
+
+        if isinstance(value, list):
+            if not all(isinstance(item, str) for item in value):
+                raise _Invalid(f"expected an array of restriction names, got {_show(value)}")
+            entries = [_string(item) for item in value]
+        elif isinstance(value, str):
+            entries = [_string(value)]
+        else:
+            raise _Invalid(f"expected a list of restrictions, got {_show(value)}")
+        try:
+            return validate(key, entries)
+        except RestrictionError as exc:
+            entry = next((item for item in entries if exc.token and exc.token in item), None)
+            raise _Invalid(str(exc), entry=entry) from None
+
+    return convert
+
+
+def _reply_code(first: str) -> Converter:
+    """A reply code: three digits starting with one of ``first`` ("45": 4xx or 5xx)."""
+
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not (
+                100 <= value <= 599 and str(value)[0] in first):
+            kinds = " or ".join(f"{digit}xx" for digit in first)
+            raise _Invalid(f"expected a {kinds} reply code, got {_show(value)}")
+        return value
+
+    return convert
+
+
 _LISTEN_KEYS = ("address", "service")
 
 
@@ -327,6 +364,18 @@ _SPECIAL: dict[str, Converter] = {
     "smtp_helo_name": _helo_name,
     "smtpd_banner": lambda value: _string(value, empty=False),
     "smtpd_sasl_password_file": _optional_path,
+    "smtpd_null_access_lookup_key": lambda value: _string(value, empty=False),
+    **{key: _restrictions(key) for key in (
+        "smtpd_client_restrictions", "smtpd_helo_restrictions", "smtpd_sender_restrictions",
+        "smtpd_relay_restrictions", "smtpd_recipient_restrictions", "smtpd_data_restrictions")},
+    **{key: _reply_code("45") for key in ("access_map_reject_code", "reject_code",
+                                          "relay_domains_reject_code",
+                                          "unknown_local_recipient_reject_code",
+                                          "non_fqdn_reject_code",
+                                          "invalid_hostname_reject_code",
+                                          "unknown_address_reject_code",
+                                          "unknown_hostname_reject_code")},
+    **{key: _reply_code("4") for key in ("access_map_defer_code", "defer_code")},
 }
 
 
@@ -394,6 +443,24 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     return _build(document, text, file)
 
 
+def _check_relay_guard(config: Config, values: dict[str, Any], found: Any, lines: list[str],
+                       file: str) -> None:
+    """As Postfix refuses to start: the relay or recipient list must hold
+    reject_unauth_destination, reject or defer, or the server is an open relay."""
+    from engine.policy.restrictions import ALIASES, RELAY_GUARDS
+
+    names = {ALIASES.get(token.lower(), token.lower()) for token in
+             config.smtpd_relay_restrictions + config.smtpd_recipient_restrictions}
+    if names & RELAY_GUARDS:
+        return
+    key = ("smtpd_relay_restrictions" if "smtpd_relay_restrictions" in values
+           else "smtpd_recipient_restrictions")
+    raise ConfigError(
+        f"{key}: in smtpd_relay_restrictions or smtpd_recipient_restrictions, specify at least "
+        "one of reject_unauth_destination, reject or defer (else this is an open relay)",
+        file=file, line=_line_of(found, lines, (key,)), key=key)
+
+
 def _build(document: dict[str, Any], text: str, file: str) -> Config:
     found = _key_lines(text)
     lines = text.split("\n")
@@ -417,6 +484,7 @@ def _build(document: dict[str, Any], text: str, file: str) -> Config:
             raise ConfigError(message, file=file, line=line, key=label) from None
     config = Config(**values, config_file=file)
     _check_auth(config, values, found, lines, file)
+    _check_relay_guard(config, values, found, lines, file)
     if config.maximal_backoff_time < config.minimal_backoff_time:
         key = "maximal_backoff_time" if "maximal_backoff_time" in values else "minimal_backoff_time"
         raise ConfigError(

@@ -122,6 +122,31 @@ class Config:
     smtp_data_done_timeout: float = 600.0
     smtp_quit_timeout: float = 300.0
     smtp_rset_timeout: float = 20.0
+    # SMTP access restrictions (Postfix >= 2.10 defaults; engine.policy.restrictions). Each is
+    # a list of restriction names, check_*_access followed by its "type:name" table.
+    smtpd_client_restrictions: tuple[str, ...] = ()
+    smtpd_helo_restrictions: tuple[str, ...] = ()
+    smtpd_sender_restrictions: tuple[str, ...] = ()
+    smtpd_relay_restrictions: tuple[str, ...] = (
+        "permit_mynetworks", "permit_sasl_authenticated", "reject_unauth_destination")
+    smtpd_recipient_restrictions: tuple[str, ...] = ()
+    smtpd_data_restrictions: tuple[str, ...] = ()
+    smtpd_delay_reject: bool = True  # client/helo/sender lists wait for RCPT
+    smtpd_reject_unlisted_recipient: bool = True
+    smtpd_null_access_lookup_key: str = "<>"
+    # lookups where "example.com" also matches its subdomains (else ".example.com" does)
+    parent_domain_matches_subdomains: tuple[str, ...] = ("relay_domains", "smtpd_access_maps")
+    # reply codes of the restrictions (Postfix's defaults)
+    access_map_reject_code: int = 554
+    access_map_defer_code: int = 450
+    reject_code: int = 554
+    defer_code: int = 450
+    relay_domains_reject_code: int = 554
+    unknown_address_reject_code: int = 450
+    unknown_hostname_reject_code: int = 450
+    unknown_local_recipient_reject_code: int = 550
+    non_fqdn_reject_code: int = 504
+    invalid_hostname_reject_code: int = 501
     # DNS: servers as "ip" or "ip:port"; empty = the system's resolv.conf
     dns_servers: tuple[str, ...] = ()
     dns_timeout: float = 5.0

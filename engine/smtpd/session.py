@@ -16,7 +16,7 @@ from engine.cleanup import Cleanup, MessageBuilder, Origin, RecipientRequest
 from engine.config import Config, Listener
 from engine.config.settings import AUTH_REQUIRED_SERVICES, SUBMISSION_SERVICES
 from engine.log import Maillog
-from engine.policy.relay import check_local_recipient, check_relay, client_is_trusted
+from engine.policy.restrictions import CONFIG_ERROR, Facts, Policy, SessionChecks
 from engine.smtp import replies, server
 from engine.smtp.replies import Reply
 from engine.smtpd.anvil import Anvil
@@ -36,11 +36,15 @@ class SmtpdContext:
     # AUTH's credentials (smtpd_sasl_password_file), shared by the worker's listeners
     authenticator: PasswordFile | None = None
     settings: server.Settings | None = None
+    policy: Policy | None = None  # the restriction lists, compiled once from config
+    resolver: object | None = None  # engine.dns.Resolver, made when a list needs DNS
 
     def __post_init__(self) -> None:
         config = self.config
         if self.authenticator is None and config.smtpd_sasl_password_file:
             self.authenticator = PasswordFile(config.smtpd_sasl_password_file)
+        if self.policy is None:
+            self.policy = Policy(config)
         if self.settings is None:
             submission = self.listener.service in SUBMISSION_SERVICES
             self.settings = server.Settings(
@@ -71,7 +75,8 @@ class SmtpdProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.session = server.ServerSession(context.settings)
         self.origin = Origin()
-        self._trusted: bool | None = None  # in mynetworks: computed at the first RCPT
+        self.checks = SessionChecks(context.policy)  # .forget_client() when the client changes
+        self._policy_task: asyncio.Task | None = None  # a DNS restriction being answered
         self.txn: Transaction | None = None
         self._commit_task: asyncio.Task | None = None
         self._paused_by: set[str] = set()  # why reading is paused: "commit", "write"
@@ -174,12 +179,66 @@ class SmtpdProtocol(asyncio.Protocol):
         if self.session.closed and not self._committing:
             transport.close()
 
+    # -- restrictions: each decision point asks SessionChecks, synchronously unless a list of
+    # that stage needs DNS; then a task answers later (the core waits, input buffered).
+
+    def _facts(self, *, helo: str | None = None, sender: str | None = None,
+               recipient: str | None = None) -> Facts:
+        origin = self.origin
+        return Facts(origin.client_ip, origin.client_name, helo or origin.helo,
+                     sender, recipient, origin.sasl_username)
+
+    def _decide(self, stage: str, facts: Facts, answer) -> None:
+        """Evaluate the restrictions of ``stage``; ``answer(refusal or None)``."""
+        checks = self.checks
+        if not checks.needs_dns(stage):
+            answer(checks.decide(stage, facts))
+            return
+        self._pause("policy")
+        self._policy_task = asyncio.get_running_loop().create_task(
+            self._decide_later(stage, facts, answer))
+
+    async def _decide_later(self, stage: str, facts: Facts, answer) -> None:
+        ctx = self.ctx
+        if ctx.resolver is None:
+            from engine.dns import Resolver  # only when a restriction needs DNS
+
+            ctx.resolver = Resolver(ctx.config)
+        try:
+            refusal = await self.checks.decide_async(stage, facts, ctx.resolver)
+        except Exception as error:  # noqa: BLE001 - a failed check defers, never permits
+            self._log(f"warning: {stage} restriction check failed: {error!r}")
+            refusal = CONFIG_ERROR
+        self._policy_task = None
+        answer(refusal)
+        self._resume("policy")
+        self._pump()
+
     def _on_helo(self, event: server.Helo) -> None:
-        self.origin.helo = event.name
         self.origin.esmtp = event.extended
+        self._decide("HELO", self._facts(helo=event.name),
+                     lambda refusal: self._answer_helo(event, refusal))
+
+    def _answer_helo(self, event: server.Helo, refusal: Reply | None) -> None:
+        origin = self.origin
+        if refusal is not None:  # as Postfix: logged with the refused name, which is not kept
+            kept, origin.helo = origin.helo, event.name
+            self._log_reject("EHLO" if event.extended else "HELO", refusal)
+            origin.helo = kept
+            self.session.reject(refusal)
+            return
+        origin.helo = event.name
         self.session.accept()
 
     def _on_mail(self, event: server.MailFrom) -> None:
+        self._decide("MAIL", self._facts(sender=event.sender),
+                     lambda refusal: self._answer_mail(event, refusal))
+
+    def _answer_mail(self, event: server.MailFrom, refusal: Reply | None) -> None:
+        if refusal is not None:
+            self._log_reject("MAIL", refusal, sender=event.sender)
+            self.session.reject(refusal)
+            return
         queue_id = self.ctx.cleanup.new_queue_id()
         self.txn = Transaction(queue_id=queue_id, sender=event.sender, params=event.params)
         line = f"{queue_id}: client={self.origin.client}"
@@ -191,12 +250,14 @@ class SmtpdProtocol(asyncio.Protocol):
         self.session.accept()
 
     def _on_rcpt(self, event: server.RcptTo) -> None:
-        config = self.ctx.config
-        if self._trusted is None:
-            self._trusted = client_is_trusted(self.origin.client_ip, config)
-        refusal = (check_relay(self.origin.client_ip, event.recipient, config,
-                               trusted=self._trusted or bool(self.origin.sasl_username))
-                   or check_local_recipient(event.recipient, config))
+        facts = self._facts(sender=self.txn.sender, recipient=event.recipient)
+        checks = self.checks
+        if checks.needs_dns("RCPT"):
+            self._decide("RCPT", facts, lambda refusal: self._answer_rcpt(event, refusal))
+        else:  # the per-recipient hot path: no closure, no task
+            self._answer_rcpt(event, checks.decide("RCPT", facts))
+
+    def _answer_rcpt(self, event: server.RcptTo, refusal: Reply | None) -> None:
         if refusal is not None:
             self._log_reject("RCPT", refusal, to=event.recipient)
             self.session.reject(refusal)
@@ -207,6 +268,16 @@ class SmtpdProtocol(asyncio.Protocol):
         self.session.accept()
 
     def _on_data(self, event: server.Data) -> None:
+        recipients = self.txn.recipients
+        only = recipients[0].address if len(recipients) == 1 else None
+        self._decide("DATA", self._facts(sender=self.txn.sender, recipient=only),
+                     lambda refusal: self._answer_data(refusal, only))
+
+    def _answer_data(self, refusal: Reply | None, only: str | None) -> None:
+        if refusal is not None:
+            self._log_reject("DATA", refusal, to=only)
+            self.session.reject(refusal)
+            return
         txn = self.txn
         params = txn.params
         txn.builder = self.ctx.cleanup.begin(
@@ -361,8 +432,10 @@ class SmtpdProtocol(asyncio.Protocol):
 
     def _log_reject(self, stage: str, reply: Reply, *, to: str | None = None,
                     queue_id: str | None = None, sender: str | None = None) -> None:
-        """Postfix's ``QID: reject: RCPT from client: 554 5.7.1 …; from=<> to=<> helo=<>``."""
-        queue_id = queue_id or (self.txn.queue_id if self.txn else "NOQUEUE")
+        """Postfix's ``QID: reject: RCPT from client: 554 5.7.1 …; from=<> to=<> helo=<>``.
+        NOQUEUE until a recipient was accepted (when Postfix creates the queue file)."""
+        txn = self.txn
+        queue_id = queue_id or (txn.queue_id if txn and txn.recipients else "NOQUEUE")
         sender = sender if sender is not None else (self.txn.sender if self.txn else "")
         parts = [f"from=<{sender}>"]
         if to is not None:
