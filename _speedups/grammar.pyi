@@ -4,6 +4,7 @@ from engine.smtp.grammar import ENVID_LENGTH_LIMIT as ENVID_LENGTH_LIMIT
 from engine.smtp.grammar import MAILBOX as MAILBOX
 from engine.smtp.grammar import ORCPT as ORCPT
 from engine.smtp.grammar import ORCPT_LENGTH_LIMIT as ORCPT_LENGTH_LIMIT
+from engine.smtp.grammar import ORCPT_UTF8 as ORCPT_UTF8
 from engine.smtp.grammar import XTEXT as XTEXT
 from engine.smtp.grammar import GrammarError as GrammarError
 from engine.smtp.grammar import Params as Params

@@ -4,8 +4,8 @@
 Compiled twin of ``engine/smtp/grammar.py`` (same functions, same results, same GrammarError
 carrying the same Reply; see engine.speedups). Trusts nothing: every byte comes from the client.
 The ASCII hot path scans the line's bytes in C instead of running regular expressions; any
-argument holding a non-ASCII character (rare, and always an error or a SMTPUTF8 question) goes
-to the pure twin, whose result is by definition the one to give. The RFC 3461 value checks and
+argument holding a non-ASCII character (rare: an error, or a SMTPUTF8 address, RFC 6531) goes to
+the pure twin, whose result is by definition the one to give. The RFC 3461 value checks and
 the other helpers are the pure twin's own objects, re-exported.
 """
 
@@ -24,6 +24,7 @@ from engine.smtp.grammar import (  # noqa: F401 - the twin's interface
     MAILBOX,
     ORCPT,
     ORCPT_LENGTH_LIMIT,
+    ORCPT_UTF8,
     XTEXT,
     GrammarError,
     Params,

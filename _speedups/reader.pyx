@@ -163,6 +163,18 @@ cdef class Reader:
             pos = k + 3  # stuffed dot dropped
         return self._take(buf, out, pos), False
 
+    def read_exact(self, Py_ssize_t count):
+        """Up to ``count`` bytes exactly as buffered (b"" when none), consumed: a BDAT chunk's
+        payload (RFC 3030 §2). No line scanning, no dot-unstuffing; what follows the count stays
+        buffered for read_line. One copy, into the returned bytes."""
+        cdef Py_ssize_t take = self._end - self._start
+        if count < take:
+            take = count
+        self._scanned = 0
+        if take <= 0:
+            return b""
+        return self._take(self._buf + self._start, take, take)
+
     # -- buffer management -------------------------------------------------------------------
 
     cdef inline object _take(self, const char *buf, Py_ssize_t out, Py_ssize_t consumed):

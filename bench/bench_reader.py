@@ -1,4 +1,5 @@
-"""Compiled vs pure reader: pipelined command lines, and DATA scanning of realistic messages.
+"""Compiled vs pure reader: pipelined command lines, DATA scanning of realistic messages, and
+BDAT chunks read by byte count.
 
 Run: pytest bench --benchmark-enable -p no:cacheprovider (see bench/README.md). Each group holds
 the two twins side by side.
@@ -61,6 +62,27 @@ def read_message(Reader, chunks):
     return size
 
 
+def read_chunked(Reader, pieces, chunk_size):
+    """A BDAT client's stream: ``BDAT n`` lines, each followed by n bytes read by count."""
+    reader = Reader()
+    size = 0
+    left = 0
+    for piece in pieces:
+        reader.feed(piece)
+        while True:
+            if left == 0:
+                line = reader.read_line()
+                if line is None:
+                    break
+                left = int(line.split()[1])
+            payload = reader.read_exact(left)
+            if not payload:
+                break
+            left -= len(payload)
+            size += len(payload)
+    return size
+
+
 def split(data, chunk_size):
     return [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
 
@@ -80,3 +102,13 @@ def test_data_scanning(benchmark, twin, size, chunk_size):
     benchmark.group = f"DATA {size // KB} KB message, {chunk_size // KB} KB chunks"
     payload_size = benchmark(read_message, twin("reader").Reader, chunks)
     assert payload_size == len(data) - 3 - data.count(b"\r\n..")
+
+
+@pytest.mark.parametrize("size", [20 * KB, 1024 * KB], ids=["20KB", "1MB"])
+def test_bdat_chunks(benchmark, twin, size):
+    body = message(size)[:-3]
+    bdat_size = 64 * KB
+    stream = b"".join(b"BDAT %d\r\n" % len(chunk) + chunk for chunk in split(body, bdat_size))
+    pieces = split(stream, 16 * KB)
+    benchmark.group = f"BDAT {size // KB} KB message, 64 KB chunks, 16 KB reads"
+    assert benchmark(read_chunked, twin("reader").Reader, pieces, bdat_size) == len(body)

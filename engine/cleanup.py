@@ -150,6 +150,7 @@ class MessageBuilder:
             body_8bit=self.body_8bit,
             ret=self.ret,
             envid=self.envid,
+            smtputf8=self.origin.smtputf8,
         )
         return QueuedMessage(envelope=envelope, content=self._chunks)
 

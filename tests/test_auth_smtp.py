@@ -191,6 +191,8 @@ def test_over_long_response_ends_the_exchange(smtp):
     ({"tls_auth_only": True}, False, b"",
      "504 5.5.4 Encryption required for requested authentication mechanism"),
     ({}, False, b"MAIL FROM:<a@example.org>\r\n", "503 5.5.1 Error: MAIL transaction in progress"),
+    ({}, False, b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nBDAT 2\r\nhi",
+     "503 5.5.1 Error: MAIL transaction in progress"),
     ({}, False, f"AUTH PLAIN {PLAIN_ALICE}\r\n".encode(), "503 5.5.1 Error: already authenticated"),
     ({}, False, b"", "501 5.5.4 Syntax: AUTH mechanism"),
 ])  # fmt: skip

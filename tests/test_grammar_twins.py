@@ -3,8 +3,8 @@
 For arbitrary command lines biased toward the grammar (MAIL FROM / RCPT TO with parameters,
 quoted local parts, source routes, address literals, DSN parameters, junk, non-ASCII), both
 twins return identical results or raise the same exception (GrammarError with the same Reply).
-Then the server dialogue tests (test_smtp_server, test_dsn_params) run again with each grammar
-twin in the server, over both reader twins.
+Then the server dialogue tests (test_smtp_server, test_dsn_params, test_esmtp) run again with
+each grammar twin in the server, over both reader twins.
 """
 
 import inspect
@@ -12,6 +12,7 @@ import os
 
 import pytest
 import test_dsn_params
+import test_esmtp
 import test_smtp_server
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -71,10 +72,11 @@ text = st.sampled_from
 verbs = text(["MAIL", "mail", "Mail", "RCPT", "rcpt", "HELO", "EHLO", "DATA", "NOOP", "", "X"])
 prefixes = text(["FROM:", "from:", "TO:", "to:", "FROM:", "TO:", "From: ", "FROM", "TO", "FROM: ",
                  "TO:  ", "FRO:", ""])
-atoms = text(["a", "b.c", "user", "first.last", "x+tag", "!#$%&'*/=?^_`{|}~-", "A1", "ı", "ſ"])
+atoms = text(["a", "b.c", "user", "first.last", "x+tag", "!#$%&'*/=?^_`{|}~-", "A1", "ı", "ſ",
+              "jörg", "用户", "a.ü"])  # RFC 6531: UTF-8 in atoms, quoted strings, sub-domains
 quoted = text(['"a b"', '"a\\"b"', '"\\\\"', '""', '"a@b"', '"a', '"\\\x01"', '"é"'])
 locals_ = st.one_of(atoms, quoted, text([".a", "a.", "a..b", "", "a b", "a\tb"]))
-good_labels = text(["example", "com", "a", "a-b", "x1", "1", "mail-01", "Z"])
+good_labels = text(["example", "com", "a", "a-b", "x1", "1", "mail-01", "Z", "bücher", "例子"])
 labels = st.one_of(good_labels, good_labels, text(["-a", "a-", "", "é", "b_c", "a b"]))
 
 
@@ -160,6 +162,9 @@ lines = st.one_of(
 @example(b"mail from:<a@b>\n x")  # "." stops at a newline
 @example("MAİL FRoM:<ſ@b>".encode())
 @example(b"\xff\xfe MAIL")
+@example("MAIL FROM:<jörg@bücher.test> SMTPUTF8".encode())
+@example('RCPT TO:<"ä b"@例子.广告> NOTIFY=NEVER'.encode())
+@example(b"MAIL FROM:<\xc3\xa9\xff@b.test> SMTPUTF8")
 def test_compiled_and_pure_twins_agree(line):
     assert observe(compiled, line) == observe(pure, line)
 
@@ -212,7 +217,7 @@ def smtp(impl, grammar_twin):
     return lambda **kwargs: Driver(reader_class, **kwargs)
 
 
-for _module in (test_smtp_server, test_dsn_params):
+for _module in (test_smtp_server, test_dsn_params, test_esmtp):
     for _name, _test in vars(_module).items():
         if _name.startswith("test_") and "smtp" in inspect.signature(_test).parameters:
             globals()[f"test_server_{_module.__name__[5:]}_{_name[5:]}"] = _test

@@ -1,8 +1,8 @@
 """Differential test: the compiled reader and its pure-Python twin (the oracle) agree.
 
 For arbitrary bytes (biased toward b"\\r\\n.xA"), arbitrary chunkings and an arbitrary sequence
-of read_line / start_data / read_data calls, both return identical results or raise the same
-exception, and hold the same number of bytes after every step.
+of read_line / start_data / read_data / read_exact calls, both return identical results or raise
+the same exception, and hold the same number of bytes after every step.
 """
 
 import pytest
@@ -29,6 +29,7 @@ chunks = st.lists(pieces, max_size=8).map(b"".join)
 steps = st.one_of(
     chunks.map(lambda chunk: ("feed", chunk)),
     st.sampled_from(OPERATIONS).map(lambda op: (op,)),
+    st.integers(-1, 12).map(lambda count: ("read_exact", count)),  # a BDAT chunk's bytes
 )
 # (max_line_length, script): the script is a list of ("feed", bytes) or (operation,).
 sessions = st.tuples(st.sampled_from([0, 1, 2, 5, 16, 2048]), st.lists(steps, max_size=40))
@@ -65,4 +66,20 @@ def test_twins_agree_on_a_whole_message_in_fixed_chunks(data, chunk_size):
     for start in range(0, len(message), chunk_size):
         script += [("feed", message[start : start + chunk_size]), ("read_data",)]
     script += [("read_data",), ("read_line",), ("read_line",)]
+    assert run(compiled, 2048, script) == run(pure, 2048, script)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=6), st.integers(1, 200),
+       st.binary(max_size=40))
+def test_twins_agree_on_bdat_chunks_in_fixed_pieces(chunks, piece_size, after):
+    """BDAT: each chunk's bytes by count (whatever they hold: dots, bare LFs, command-like
+    lines), the command lines after them; the stream cut in arbitrary pieces."""
+    stream = b"".join(b"BDAT %d\r\n" % len(chunk) + chunk for chunk in chunks) + after
+    script = []
+    for start in range(0, len(stream), piece_size):
+        script.append(("feed", stream[start : start + piece_size]))
+    for chunk in chunks:
+        script += [("read_line",)] + [("read_exact", len(chunk))] * 2
+    script += [("read_line",), ("read_line",)]
     assert run(compiled, 2048, script) == run(pure, 2048, script)

@@ -30,11 +30,19 @@ def split_command(line: bytes) -> tuple[str, str]:
 #   Dot-string = Atom *("."  Atom);  Atom = 1*atext
 #   Quoted-string = DQUOTE *QcontentSMTP DQUOTE
 #   Domain = sub-domain *("." sub-domain);  address-literal = "[" ... "]"
+# RFC 6531 §3.3 (SMTPUTF8) extends the classes of a mailbox:
+#   atext =/ UTF8-non-ascii;  qtextSMTP =/ UTF8-non-ascii;  sub-domain =/ U-label
+# UTF8-non-ascii (RFC 6532 §3.1) is every code point past ASCII except the surrogates, which
+# only stand for undecodable bytes here. Whether the client may send such an address (it
+# declared SMTPUTF8) is the dialogue's business: the grammar only says what is well formed.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
-_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_UTF8_NON_ASCII = "\u0080-\ud7ff\ue000-\U0010ffff"
+_ATEXT_UTF8 = rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~{_UTF8_NON_ASCII}-]"
+_DOT_STRING = rf"{_ATEXT_UTF8}+(?:\.{_ATEXT_UTF8}+)*"
+_QUOTED = rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8_NON_ASCII}]|\\[\x20-\x7e])*"'
 _LOCAL_PART = rf"(?:{_DOT_STRING}|{_QUOTED})"
-_SUB_DOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_LET_DIG = f"A-Za-z0-9{_UTF8_NON_ASCII}"
+_SUB_DOMAIN = rf"[{_LET_DIG}](?:[{_LET_DIG}-]*[{_LET_DIG}])?"
 _DOMAIN = rf"{_SUB_DOMAIN}(?:\.{_SUB_DOMAIN})*\.?"
 _ADDRESS_LITERAL = r"\[[^\[\]]*\]"  # shape only; the address itself: engine.ipliteral
 MAILBOX = re.compile(rf"({_LOCAL_PART})@({_DOMAIN}|{_ADDRESS_LITERAL})")
@@ -57,8 +65,6 @@ def parse_path(arg: str, prefix: str, syntax: Reply) -> tuple[str, str]:
     route = _SOURCE_ROUTE.match(address)
     if route:
         address = address[route.end() :]
-    if not address.isascii():
-        raise GrammarError(replies.UNICODE_NOT_DECLARED)
     return address, params.strip(" ")
 
 
@@ -183,11 +189,23 @@ def dsn_notify(value: str | None) -> str | None:
 # "The entire ORCPT parameter MAY be up to 500 characters in length" (here: its value).
 ORCPT_LENGTH_LIMIT = 500
 ORCPT = re.compile(rf"{_ATEXT}+;{_XTEXT}")
+# RFC 6533 §3 (with SMTPUTF8 the original recipient may be a UTF-8 address):
+#   utf-8-type-addr     = "utf-8;" utf-8-enc-addr
+#   utf-8-addr-unitext  = 1*(QUCHAR / EmbeddedUnicodeChar)
+#   QUCHAR              = QCHAR / UTF8-non-ascii
+#   QCHAR               = %x21-2a / %x2c-3c / %x3e-5b / %x5d-7e
+#   EmbeddedUnicodeChar = %x5C.78 "{" HEXPOINT "}"
+# (its ASCII-only forms are xtext already). Whether UTF-8 may be sent at all: the dialogue's.
+ORCPT_UTF8 = re.compile(
+    rf"(?i:utf-8);(?:[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e{_UTF8_NON_ASCII}]"
+    r"|\\x\{[0-9A-F]{2,6}\})+")
 
 
 def dsn_orcpt(value: str | None) -> str | None:
-    """RCPT TO ``ORCPT=`` → ``addr-type;xtext`` as given."""
-    if value is None or len(value) > ORCPT_LENGTH_LIMIT or not ORCPT.fullmatch(value):
+    """RCPT TO ``ORCPT=`` → ``addr-type;xtext`` (or RFC 6533 ``utf-8;`` unitext) as given."""
+    if value is None or len(value) > ORCPT_LENGTH_LIMIT:
+        return None
+    if not (ORCPT.fullmatch(value) or ORCPT_UTF8.fullmatch(value)):
         return None
     return value
 

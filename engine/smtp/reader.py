@@ -2,7 +2,7 @@
 
 Pure-Python twin of ``_speedups/reader.pyx`` (same class, same results; see engine.speedups).
 Trusts nothing: every byte comes from the client. Memory is bounded by the line limit for
-commands; DATA payload is released as it arrives, never accumulated here.
+commands; DATA and BDAT payload is released as it arrives, never accumulated here.
 """
 
 CR = 13
@@ -132,3 +132,16 @@ class Reader:
         if at + 2 >= n:
             return 0
         return 2 if buf[at + 2] == LF else 1
+
+    def read_exact(self, count: int) -> bytes:
+        """Up to ``count`` bytes exactly as buffered (b"" when none), consumed: a BDAT chunk's
+        payload (RFC 3030 §2). No line scanning, no dot-unstuffing; what follows the count stays
+        buffered for read_line."""
+        buf = self._buf
+        take = min(count, len(buf)) if count > 0 else 0
+        self._scanned = 0  # a prefix of buf is consumed: forget the line-end search
+        if take == 0:
+            return b""
+        chunk = bytes(buf[:take])
+        del buf[:take]
+        return chunk

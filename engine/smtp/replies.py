@@ -64,7 +64,7 @@ START_DATA = Reply(354, "End data with <CR><LF>.<CR><LF>")
 BYE = Reply(221, "2.0.0 Bye")
 VRFY_NO_DISCLOSURE = Reply(
     252, "2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
-HELP = Reply(214, "2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
+HELP = Reply(214, "2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP")
 
 # 5.5.x: command syntax and sequence (RFC 5321 §4.2.4, Postfix smtpd wording)
 BAD_SYNTAX = Reply(500, "5.5.2 Error: bad syntax")
@@ -90,6 +90,16 @@ BAD_ENVID = Reply(501, "5.5.4 Bad ENVID parameter syntax")
 BAD_NOTIFY = Reply(501, "5.5.4 Error: Bad NOTIFY parameter syntax")
 BAD_ORCPT = Reply(501, "5.5.4 Error: Bad ORCPT parameter syntax")
 UNICODE_NOT_DECLARED = Reply(553, "5.6.7 Must declare SMTPUTF8 to send unicode address")
+BAD_UTF8 = Reply(500, "5.5.2 Error: bad UTF-8 syntax")  # RFC 6531: a command not in UTF-8
+
+# RFC 3030 BDAT (Postfix smtpd's replies). A malformed BDAT cannot be skipped (its byte count
+# is unknown): 521 and hang up, as Postfix, rather than read message content as commands.
+BDAT_SYNTAX = Reply(521, "5.5.4 Syntax: BDAT count [LAST]")
+NULL_BDAT = Reply(551, "5.7.1 Null BDAT request")
+DATA_AFTER_BDAT = Reply(503, "5.5.1 Error: DATA after BDAT")
+MAIL_AFTER_BDAT = Reply(503, "5.5.1 Error: MAIL after BDAT")
+RCPT_AFTER_BDAT = Reply(503, "5.5.1 Error: RCPT after BDAT")
+CHUNK_TOO_BIG = Reply(552, "5.3.4 Chunk exceeds message size limit")
 
 # AUTH (RFC 4954; Postfix smtpd's wording)
 AUTH_OK = Reply(235, "2.7.0 Authentication successful")
@@ -123,8 +133,22 @@ def relay_denied(recipient: str) -> Reply:
     return Reply(554, f"5.7.1 <{recipient}>: Relay access denied")
 
 
-def queued(queue_id: str) -> Reply:
-    return Reply(250, f"2.0.0 Ok: queued as {queue_id}")
+def queued(queue_id: str, chunked_size: int | None = None) -> Reply:
+    """The message is committed; after BDAT (``chunked_size``: the bytes of every chunk) Postfix
+    also says how much it received."""
+    if chunked_size is None:
+        return Reply(250, f"2.0.0 Ok: queued as {queue_id}")
+    return Reply(250, f"2.0.0 Ok: {chunked_size} bytes queued as {queue_id}")
+
+
+def chunk_received(size: int) -> Reply:
+    """A BDAT chunk other than the last is in (RFC 3030 §2)."""
+    return Reply(250, f"2.0.0 Ok: {size} bytes")
+
+
+def chunk_discarded(size: int) -> Reply:
+    """A BDAT chunk of a transaction that already failed: read and dropped."""
+    return Reply(551, f"5.0.0 Discarded {size} bytes after earlier error")
 
 
 def too_many_auth_failures(hostname: str) -> Reply:

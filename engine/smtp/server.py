@@ -4,6 +4,10 @@
 No sockets, no awaits, no clock. Trusts nothing from the client; decisions that need the world
 (relay control, spool commit) are returned as request events and the session waits, input
 buffered, until the application answers: that is what keeps pipelined replies in order.
+
+Message content comes as DATA (dot-stuffed, RFC 5321 §4.5.2) or as BDAT chunks (a byte count,
+RFC 3030); either way the application sees the same events: Data (the request to begin a
+message), MessageChunk notices, and the MessageEnd request.
 """
 
 import re
@@ -49,17 +53,20 @@ class RcptTo:
 
 @dataclass(frozen=True, slots=True)
 class Data:
-    pass
+    """The client wants to send the message: DATA, or the first BDAT chunk of a transaction
+    (``bdat``: accepting it sends no 354, the chunk's bytes follow by count)."""
+
+    bdat: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class MessageChunk:
-    data: bytes  # unstuffed payload, CRLF line ends kept
+    data: bytes  # DATA: unstuffed payload, CRLF line ends kept; BDAT: the bytes as sent
 
 
 @dataclass(frozen=True, slots=True)
 class MessageEnd:
-    pass
+    chunked_size: int | None = None  # BDAT: the bytes of every chunk (None after DATA)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +98,7 @@ class AuthRefused:
 class Closed:
     during: str  # the last command, for Postfix's "lost connection after DATA"
     quit: bool
+    hangup: bool = False  # the dialogue itself ended it (521 after a malformed BDAT)
 
 
 Event = (Helo | MailFrom | RcptTo | Data | MessageChunk | MessageEnd | Reset | Auth | AuthRefused
@@ -105,6 +113,7 @@ class State(Enum):
     MAIL = "mail"  # MAIL accepted, no recipient yet
     RCPT = "rcpt"  # at least one recipient accepted
     DATA = "data"  # receiving message content
+    BDAT = "bdat"  # between BDAT chunks (RFC 3030), or after a failed one until RSET/BDAT LAST
     CLOSED = "closed"
 
 
@@ -115,6 +124,16 @@ SEQUENCE_ERRORS: dict[tuple[State, str], Reply] = {
     (State.MAIL, "MAIL"): replies.NESTED_MAIL,
     (State.RCPT, "MAIL"): replies.NESTED_MAIL,
     (State.MAIL, "DATA"): replies.NO_VALID_RECIPIENTS,
+    (State.BDAT, "MAIL"): replies.MAIL_AFTER_BDAT,
+    (State.BDAT, "RCPT"): replies.RCPT_AFTER_BDAT,
+    (State.BDAT, "DATA"): replies.DATA_AFTER_BDAT,
+}
+
+#: BDAT outside a transaction with recipients: the chunk is still read (and dropped), so the
+#: stream stays in step, then refused as DATA would be (Postfix's replies).
+BDAT_SEQUENCE_ERRORS: dict[State, Reply] = {
+    State.IDLE: replies.NEED_RCPT,
+    State.MAIL: replies.NO_VALID_RECIPIENTS,
 }
 
 #: RFC 3461 parameters: keyword → (value check returning the value to keep or None, the reply
@@ -163,6 +182,17 @@ class Settings:
     auth_required: bool = False  # a submission service: MAIL needs AUTH first (530)
 
 
+@dataclass(slots=True)
+class _Chunk:
+    """The BDAT chunk being read: its declared size, LAST, the bytes still to come, and the
+    reply that answers it once read when it is being discarded."""
+
+    size: int
+    last: bool
+    left: int
+    refusal: Reply | None = None
+
+
 class ServerSession:
     """One client's SMTP dialogue, from greeting to QUIT or lost connection."""
 
@@ -183,6 +213,11 @@ class ServerSession:
         self._recipients = 0
         self._eof = False
         self._closed_reported = False
+        self._smtputf8 = False  # the open transaction's MAIL FROM said SMTPUTF8 (RFC 6531)
+        self._chunk: _Chunk | None = None  # a BDAT chunk's bytes are being read
+        self._bdat_bytes = 0  # bytes of the accepted BDAT chunks of this transaction
+        self._bdat_failed = False  # a chunk failed: later ones are dropped until RSET/LAST
+        self._hangup = False  # we answered 521 and close
 
     # -- I/O side ---------------------------------------------------------------------------
 
@@ -226,6 +261,10 @@ class ServerSession:
                 return None
             if self.state is State.CLOSED:
                 return self._closed_event(quit=self.last_command == "QUIT")
+            if self._chunk is not None:
+                if self._read_chunk():
+                    continue
+                return self._closed_event(quit=False) if self._eof else None
             if self.state is State.DATA:
                 chunk, ended = self._reader.read_data()
                 if chunk:
@@ -256,26 +295,37 @@ class ServerSession:
             self._reset_transaction()
             self.helo_name, self.extended = event.name, event.extended
             default = self._helo_reply(event.extended)
+        elif isinstance(event, MailFrom):
+            self._smtputf8 = "SMTPUTF8" in event.params
         elif isinstance(event, RcptTo):
             self._recipients += 1
         elif isinstance(event, Data):
-            self._reader.start_data()
+            if event.bdat:  # the chunk's bytes follow; its reply comes once they are read
+                next_state, default, reply = State.BDAT, None, None
+            else:
+                self._reader.start_data()
         elif isinstance(event, MessageEnd):
-            self._recipients = 0
+            self._end_transaction()
         elif isinstance(event, Auth):
             self.authenticated = True
         self.state = next_state
-        self._out.append((reply or default).encode())
+        if reply or default:
+            self._out.append((reply or default).encode())
 
     def reject(self, reply: Reply) -> None:
         """Refuse the pending request with a 4xx/5xx reply."""
         if not reply.is_error:
             raise ValueError(f"reject() needs a 4xx/5xx reply, got {reply}")
         event = self._take_pending()
+        if isinstance(event, Data) and event.bdat:
+            if reply.code != 421:  # the chunk is still read, then refused
+                self._refuse_chunk(reply)
+                return
+            self._chunk = None  # closing: nothing more is read
         fallback = ON_REJECT[type(event)]
         if fallback is not None:
             self.state = fallback
-            self._recipients = 0
+            self._end_transaction()
         self._out.append(reply.encode())
         if reply.code == 421:
             self.state = State.CLOSED
@@ -295,9 +345,12 @@ class ServerSession:
         self._closed_reported = True
         during = self.last_command
         self.state = State.CLOSED
-        return Closed(during=during, quit=quit)
+        return Closed(during=during, quit=quit, hangup=self._hangup)
 
     def _command(self, line: bytes) -> None:
+        if not line.isascii() and not _valid_utf8(line):  # RFC 6531 §3.1, as Postfix
+            self._out.append(replies.BAD_UTF8.encode())
+            return
         verb, arg = split_command(line)
         if not verb:
             self._out.append(replies.BAD_SYNTAX.encode())
@@ -328,21 +381,70 @@ class ServerSession:
         self.command_counts[name] = self.command_counts.get(name, 0) + 1
 
     def _reset_transaction(self) -> None:
-        if self.state in (State.MAIL, State.RCPT):
+        if self._transaction_open():
             self._ready.insert(0, Reset())
         self.state = State.IDLE
+        self._end_transaction()
+
+    def _transaction_open(self) -> bool:
+        """The application holds a transaction (a BDAT one that failed was already reset)."""
+        return self.state in (State.MAIL, State.RCPT) or (
+            self.state is State.BDAT and not self._bdat_failed)
+
+    def _end_transaction(self) -> None:
         self._recipients = 0
+        self._bdat_bytes = 0
+        self._bdat_failed = False
+
+    # -- BDAT chunks (RFC 3030) -------------------------------------------------------------
+
+    def _read_chunk(self) -> bool:
+        """Take what has arrived of the current chunk; False when nothing could be done."""
+        chunk = self._chunk
+        if chunk.left:
+            data = self._reader.read_exact(chunk.left)
+            if not data:
+                return False
+            chunk.left -= len(data)
+            if chunk.refusal is None:
+                self._ready.append(MessageChunk(data))
+            if chunk.left:
+                return True
+        self._chunk = None
+        if chunk.refusal is not None:
+            self._out.append(chunk.refusal.encode())
+        elif chunk.last:
+            self._bdat_bytes += chunk.size
+            self._ready.append(MessageEnd(chunked_size=self._bdat_bytes))
+        else:
+            self._bdat_bytes += chunk.size
+            self._out.append(replies.chunk_received(chunk.size).encode())
+        return True
+
+    def _refuse_chunk(self, reply: Reply) -> None:
+        """Read and drop the current chunk's bytes, then answer ``reply``. The transaction is
+        over: at once after LAST, else once RSET or BDAT LAST comes (Postfix's skip_bdat)."""
+        if self._transaction_open():
+            self._ready.append(Reset())
+        self._chunk.refusal = reply
+        if self._chunk.last:
+            self.state = State.IDLE
+            self._end_transaction()
+        else:
+            self.state = State.BDAT
+            self._bdat_failed = True
 
     def _helo_reply(self, extended: bool) -> Reply:
         if not extended:
             return Reply(250, self.settings.hostname)
         lines = [self.settings.hostname, "PIPELINING"]
-        if self.settings.message_size_limit:
-            lines.append(f"SIZE {self.settings.message_size_limit}")
+        limit = self.settings.message_size_limit  # RFC 1870 §4: bare SIZE when unlimited
+        lines.append(f"SIZE {limit}" if limit else "SIZE")
         lines.append("VRFY")
         if self.auth_offered:
             lines.append("AUTH " + " ".join(sasl.MECHANISMS))
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN"]
+        lines += ["SMTPUTF8", "CHUNKING"]  # RFC 6531, RFC 3030
         return Reply(250, "\n".join(lines))
 
     @property
@@ -383,7 +485,7 @@ class ServerSession:
         kept: dict[str, str | None] = {}
         for key, value in params:  # left to right, the first error answers (as Postfix)
             if key == "SIZE":
-                if value is None or not value.isdigit():
+                if value is None or not (value.isascii() and value.isdigit()):
                     return replies.BAD_SIZE
                 limit = self.settings.message_size_limit
                 if limit and int(value) > limit:
@@ -396,6 +498,10 @@ class ServerSession:
             elif key in MAIL_DSN_PARAMETERS:
                 if (refusal := _keep_dsn_parameter(MAIL_DSN_PARAMETERS, key, value, kept)):
                     return refusal
+            elif key == "SMTPUTF8":  # RFC 6531 §3.4: a keyword without a value
+                if value is not None:
+                    return replies.unsupported_option(f"{key}={value}")
+                kept[key] = None
             elif key == "AUTH" and value is not None:
                 # RFC 4954 §5: the original submitter, kept for the log; one that is not
                 # xtext is "unknown" (<>)
@@ -406,6 +512,8 @@ class ServerSession:
                 kept[key] = value if value == "<>" or XTEXT.fullmatch(value) else "<>"
             else:
                 return replies.unsupported_option(key)
+        if not sender.isascii() and "SMTPUTF8" not in kept:
+            return replies.UNICODE_NOT_DECLARED
         return MailFrom(sender=sender, params=kept)
 
     def _rcpt(self, arg: str) -> Event | Reply:
@@ -416,12 +524,40 @@ class ServerSession:
                 return replies.unsupported_option(key)
             if (refusal := _keep_dsn_parameter(RCPT_DSN_PARAMETERS, key, value, kept)):
                 return refusal
+        if not self._smtputf8 and not (recipient.isascii() and kept.get("ORCPT", "").isascii()):
+            return replies.UNICODE_NOT_DECLARED
         if self._recipients >= self.settings.recipient_limit:
             return replies.TOO_MANY_RECIPIENTS
         return RcptTo(recipient=recipient, params=kept)
 
     def _data(self, arg: str) -> Event | Reply:
         return replies.NO_ARGUMENTS if arg else Data()
+
+    def _bdat(self, arg: str) -> Event | Reply | None:
+        """``BDAT <size> [LAST]`` (RFC 3030 §2), the checks in Postfix's order. Every chunk
+        with a readable size is read, whatever becomes of it."""
+        parsed = _bdat_arguments(arg)
+        if parsed is None:
+            self.state = State.CLOSED
+            self._hangup = True
+            return replies.BDAT_SYNTAX
+        size, last = parsed
+        self._chunk = _Chunk(size=size, last=last, left=size)
+        limit = self.settings.message_size_limit
+        if size == 0 and not last:
+            refusal = replies.NULL_BDAT
+        elif self._bdat_failed:
+            refusal = replies.chunk_discarded(size)
+        elif self.state in BDAT_SEQUENCE_ERRORS:
+            refusal = BDAT_SEQUENCE_ERRORS[self.state]
+        elif limit and self._bdat_bytes + size > limit:
+            refusal = replies.CHUNK_TOO_BIG
+        elif self.state is State.RCPT:
+            return Data(bdat=True)  # the first chunk: the application opens the message
+        else:
+            return None  # a further chunk of the open message
+        self._refuse_chunk(refusal)
+        return None
 
     def _rset(self, arg: str) -> Reply:
         if arg:
@@ -447,7 +583,7 @@ class ServerSession:
         exchange starts (an initial response may complete it at once)."""
         if not self.settings.auth_enabled:
             return replies.AUTH_NOT_ENABLED
-        if self.state in (State.MAIL, State.RCPT):
+        if self.state in (State.MAIL, State.RCPT, State.BDAT):
             return replies.AUTH_IN_TRANSACTION
         if not self.auth_offered:
             return replies.AUTH_NEEDS_TLS
@@ -465,6 +601,32 @@ class ServerSession:
         self._sasl = exchange
         self._sasl_step(exchange.start(words[1] if len(words) == 2 else None))
         return None
+
+
+def _valid_utf8(line: bytes) -> bool:
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+_BDAT_SIZE_LIMIT = 2**63 - 1  # Postfix's off_t: a larger count is a syntax error
+
+
+def _bdat_arguments(arg: str) -> tuple[int, bool] | None:
+    """``<size> [LAST]`` → (size, last), or None when malformed (RFC 3030 §2:
+    bdat-cmd = "BDAT" SP chunk-size [ SP end-marker ] CR LF; chunk-size = 1*DIGIT)."""
+    words = arg.split(" ")
+    words = [word for word in words if word]
+    if not 1 <= len(words) <= 2:
+        return None
+    count = words[0]
+    if not (count.isascii() and count.isdigit()) or int(count) > _BDAT_SIZE_LIMIT:
+        return None
+    if len(words) == 2 and words[1].upper() != "LAST":
+        return None
+    return int(count), len(words) == 2
 
 
 def _keep_dsn_parameter(table: dict, key: str, value: str | None,
@@ -487,6 +649,7 @@ _HANDLERS = {
     "MAIL": ServerSession._mail,
     "RCPT": ServerSession._rcpt,
     "DATA": ServerSession._data,
+    "BDAT": ServerSession._bdat,
     "RSET": ServerSession._rset,
     "NOOP": ServerSession._noop,
     "QUIT": ServerSession._quit,

@@ -9,7 +9,7 @@ Talks to untrusted clients; everything it learns from them passes through the sa
 import asyncio
 import functools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.auth.passwd_file import PasswordFile
 from engine.cleanup import Cleanup, MessageBuilder, Origin, RecipientRequest
@@ -268,6 +268,7 @@ class SmtpdProtocol(asyncio.Protocol):
         self.session.accept()
 
     def _on_data(self, event: server.Data) -> None:
+        """DATA, or the first BDAT chunk: the message builder opens here either way."""
         recipients = self.txn.recipients
         only = recipients[0].address if len(recipients) == 1 else None
         self._decide("DATA", self._facts(sender=self.txn.sender, recipient=only),
@@ -280,9 +281,12 @@ class SmtpdProtocol(asyncio.Protocol):
             return
         txn = self.txn
         params = txn.params
+        origin = self.origin
+        if "SMTPUTF8" in params:  # this message's Received: says UTF8SMTP…; the spool keeps it
+            origin = replace(origin, smtputf8=True)
         txn.builder = self.ctx.cleanup.begin(
             queue_id=txn.queue_id, sender=txn.sender, recipients=txn.recipients,
-            origin=self.origin, body_8bit=(params.get("BODY") or "").upper() == "8BITMIME",
+            origin=origin, body_8bit=(params.get("BODY") or "").upper() == "8BITMIME",
             ret=params.get("RET") or "", envid=params.get("ENVID") or "")
         self.session.accept()
 
@@ -297,9 +301,10 @@ class SmtpdProtocol(asyncio.Protocol):
             self.session.reject(replies.TOO_BIG)
             return
         self._pause("commit")
-        self._commit_task = asyncio.get_running_loop().create_task(self._commit(txn))
+        self._commit_task = asyncio.get_running_loop().create_task(
+            self._commit(txn, event.chunked_size))
 
-    async def _commit(self, txn: Transaction) -> None:
+    async def _commit(self, txn: Transaction, chunked_size: int | None = None) -> None:
         try:
             envelope = await self.ctx.cleanup.enqueue(txn.builder)
         except SpoolFull:
@@ -309,7 +314,7 @@ class SmtpdProtocol(asyncio.Protocol):
             self._log(f"warning: {txn.queue_id}: queue file write error: {error}")
             self._answer_commit(replies.SPOOL_ERROR, txn)
             return
-        self._answer_commit(replies.queued(envelope.queue_id), txn)
+        self._answer_commit(replies.queued(envelope.queue_id, chunked_size), txn)
 
     def _answer_commit(self, reply: Reply, txn: Transaction) -> None:
         self._commit_task = None
@@ -392,7 +397,7 @@ class SmtpdProtocol(asyncio.Protocol):
 
     def _on_closed(self, event: server.Closed) -> None:
         client = self.origin.client
-        if not (event.quit or self._closed_by_us):
+        if not (event.quit or event.hangup or self._closed_by_us):
             self._log(f"lost connection after {event.during} from {client}")
         counts = self.session.command_counts
         summary = " ".join(f"{name}={count}" for name, count in counts.items())

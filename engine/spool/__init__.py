@@ -58,6 +58,9 @@ class Envelope:
     ret: str = ""
     envid: str = ""
     notice_retry: float = 0.0  # a notice could not be queued: try again then (0 = none owed)
+    # RFC 6531: sent with MAIL FROM … SMTPUTF8, so a next hop without SMTPUTF8 cannot take it
+    # (5.6.7). Envelopes stored before this field decode with its default.
+    smtputf8: bool = False
 
     def encode(self) -> bytes:
         # vars(), not dataclasses.asdict: asdict deep-copies every field (12% of the event
