@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Debian packages the tests use as real peers: Postfix's smtp-sink/smtp-source (the field's
-# standard next-hop sink and load generator), unbound (a DNS server on a loopback port), swaks.
+# standard next-hop sink and load generator), unbound (a DNS server on a loopback port), swaks
+# with the Perl TLS module its --tls needs (a Recommends, skipped by --no-install-recommends), and
+# the openssl command (s_client tests STARTTLS, smtps and SNI).
 # Installs only what is missing; Postfix is installed unconfigured, so no daemon starts.
 set -euo pipefail
 need=()
@@ -8,6 +10,8 @@ command -v cc >/dev/null || need+=(gcc)  # builds the Cython extensions
 command -v smtp-sink >/dev/null || need+=(postfix)
 command -v unbound >/dev/null || need+=(unbound)
 command -v swaks >/dev/null || need+=(swaks)
+perl -MNet::SSLeay -e1 2>/dev/null || need+=(libnet-ssleay-perl)
+command -v openssl >/dev/null || need+=(openssl)
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"

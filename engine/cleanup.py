@@ -64,11 +64,13 @@ class Origin:
 
 def received_header(origin: Origin, hostname: str, queue_id: str, recipients: list[str],
                     when: float) -> bytes:
-    """RFC 5321 §4.4 trace field, in Postfix's layout."""
+    """RFC 5321 §4.4 trace field, in Postfix's layout (with its "(using TLSv1.3 with cipher …)"
+    line when the client used TLS)."""
     stamp = rfc5322_date(when)
     lines = [
         f"Received: from {origin.helo or origin.client_name} "
         f"({origin.client_name} [{origin.client_ip}])",
+        *([f"\t(using {origin.tls})"] if origin.tls else []),
         f"\tby {hostname} (Tern) with {origin.protocol} id {queue_id}",
     ]
     if len(recipients) == 1:

@@ -34,6 +34,7 @@ from engine.smtpd.anvil import Anvil
 from engine.smtpd.session import SmtpdContext, SmtpdProtocol
 from engine.spool.lmdb_spool import LmdbSpool
 from engine.spool.queue_id import QueueIdGenerator
+from engine.tls.server import server_context, validity_warnings
 
 SHUTDOWN_GRACE = 10.0  # seconds sessions get to finish a commit before being cut
 
@@ -90,6 +91,10 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
         raise StartupError(str(error)) from error
     sessions: set = set()  # every listener's: smtpd_connection_limit counts them all
     anvil = Anvil()  # per-client counters across listeners
+    tls = server_context(config)  # files checked by load_config; one context for all listeners
+    if shard == 0:  # once, not once per worker
+        for warning in validity_warnings(config):
+            maillog.line("smtpd", f"warning: {warning}")
     try:  # AUTH's credentials, one table per worker (re-read when the file changes)
         authenticator = (PasswordFile(config.smtpd_sasl_password_file)
                          if config.smtpd_sasl_password_file else None)
@@ -101,7 +106,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
 
     def factory(listener: Listener) -> Callable[[], SmtpdProtocol]:
         context = SmtpdContext(config=config, cleanup=cleanup, maillog=maillog,
-                               sessions=sessions, listener=listener, anvil=anvil,
+                               sessions=sessions, listener=listener, anvil=anvil, tls=tls,
                                authenticator=authenticator)
         return lambda: SmtpdProtocol(context)
 

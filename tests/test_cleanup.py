@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.cleanup import MessageBuilder, Origin, RecipientRequest
+from engine.cleanup import MessageBuilder, Origin, RecipientRequest, received_header
 
 
 def build(chunks, *, size_limit=10_000, recipients=("rcpt@example.net",), **dsn):
@@ -26,6 +26,16 @@ def test_received_header_comes_first_with_queue_id_and_recipient():
     assert first[0] == b"Received: from client.test (unknown [127.0.0.1])"
     assert first[1] == b"\tby mx.example.test (Tern) with ESMTP id QID123"
     assert first[2].startswith(b"\tfor <rcpt@example.net>; ")
+
+
+def test_received_records_tls_version_and_cipher_as_postfix():
+    origin = Origin(client_ip="127.0.0.1", helo="client.test", esmtp=True,
+                    tls="TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)")
+    lines = received_header(origin, "mx.example.test", "QID1", ["a@x.test"], 0).split(b"\r\n")
+    assert lines[:3] == [
+        b"Received: from client.test (unknown [127.0.0.1])",
+        b"\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))",
+        b"\tby mx.example.test (Tern) with ESMTPS id QID1"]
 
 
 def test_received_omits_for_clause_with_several_recipients():

@@ -9,6 +9,7 @@ from pathlib import Path
 from textwrap import dedent
 
 import pytest
+from tls_certs import make_certs
 
 from engine.config import (
     Config,
@@ -93,6 +94,11 @@ smtp_quit_timeout = 1.5
 smtp_rset_timeout = "5s"
 dns_servers = ["192.0.2.53", "192.0.2.54:5353", "[2001:db8::53]:53", "2001:db8::54"]
 dns_timeout = 2.5
+smtpd_tls_cert_file = "@CERTS@/default.crt"
+smtpd_tls_key_file = "@CERTS@/default.key"
+smtpd_tls_security_level = "encrypt"
+smtpd_tls_protocols = ">=TLSv1.3"
+tls_high_cipherlist = "ECDHE-ECDSA-AES256-GCM-SHA384"
 smtpd_client_restrictions = "permit_mynetworks, reject"
 smtpd_helo_restrictions = ["reject_invalid_helo_hostname", "reject_non_fqdn_helo_hostname"]
 smtpd_sender_restrictions = "reject_non_fqdn_sender"
@@ -113,6 +119,9 @@ unknown_hostname_reject_code = 550
 unknown_local_recipient_reject_code = 450
 non_fqdn_reject_code = 550
 invalid_hostname_reject_code = 550
+
+[tls_server_sni_maps]
+"mail.example.org" = "@CERTS@/sni-mail.example.org.pem"
 
 [transport_maps]
 "Example.NET" = "smtp:[127.0.0.1]:10027"
@@ -207,7 +216,8 @@ def test_tern_home_sets_default_queue_directory(tmp_path, monkeypatch):
 def test_full_file_sets_every_field(tmp_path):
     settable = {f.name for f in dataclasses.fields(Config)} - {"config_file"}
     assert {settings.KEY_ALIASES.get(key, key) for key in tomllib.loads(FULL)} == settable
-    config = load_config(write(tmp_path, FULL))
+    certs = make_certs(tmp_path / "certs")
+    config = load_config(write(tmp_path, FULL.replace("@CERTS@", str(certs.directory))))
     defaults = Config()
     for name in settable:
         assert getattr(config, name) != getattr(defaults, name), name
@@ -259,11 +269,11 @@ def test_list_forms(tmp_path, key, value, expected):
 
 
 def test_listen_services_are_easy_to_extend(tmp_path, monkeypatch):
-    text = '[[listen]]\naddress = "127.0.0.1:2526"\nservice = "relay"\n'
-    with pytest.raises(ConfigError, match="relay"):
+    text = '[[listen]]\naddress = "127.0.0.1:24"\nservice = "lmtp"\n'
+    with pytest.raises(ConfigError, match="lmtp"):
         load_config(write(tmp_path, text))
-    monkeypatch.setattr(settings, "LISTEN_SERVICES", frozenset({"smtp", "relay"}))
-    assert load_config(write(tmp_path, text)).listen == (Listener("127.0.0.1", 2526, "relay"),)
+    monkeypatch.setattr(settings, "LISTEN_SERVICES", frozenset({"smtp", "lmtp"}))
+    assert load_config(write(tmp_path, text)).listen == (Listener("127.0.0.1", 24, "lmtp"),)
 
 
 def test_message_size_limit_zero_means_no_limit(tmp_path):
@@ -520,7 +530,7 @@ ERRORS = [
     ("listen: bad service",
      '[[listen]]\naddress = "127.0.0.1:25"\nservice = "smtp"\n# [[listen]] service = "x"\n'
      '[[listen]]\naddress = "127.0.0.1:110"\nservice = "pop3"\n', 7, "listen.service",
-     'expected one of "smtp", "submission", got "pop3"'),
+     'expected one of "smtp", "smtps", "submission", got "pop3"'),
     ("listen: missing address", '[[listen]]\naddress = "127.0.0.1:25"\n\n[[listen]]\n'
      'service = "smtp"\n', 4, "listen", 'missing "address"'),
     ("listen: duplicate", '[[listen]]\naddress = "127.0.0.1:25"\n[[listen]]\n'
@@ -666,3 +676,108 @@ def test_password_file_problems_stop_loading_naming_the_file(tmp_path, content, 
     error, path = config_error(tmp_path, f'\nsmtpd_sasl_password_file = "{passwd}"\n')
     assert error.line == 2 and error.key == "smtpd_sasl_password_file"
     assert f"smtpd_sasl_password_file: {passwd}{problem}" in str(error)
+
+
+# -- TLS (smtpd_tls_*, tls_server_sni_maps; the files are checked with pyOpenSSL) ----------------
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def tls_text(certs, extra: str = "", *, cert=None, key=None) -> str:
+    return (f'smtpd_tls_cert_file = "{cert or certs.default_cert}"\n'
+            f'smtpd_tls_key_file = "{key or certs.default_key}"\n{extra}')
+
+
+def test_tls_defaults_and_levels_per_service(tmp_path, certs):
+    config = load_config(write(tmp_path, ""))
+    assert config.smtpd_tls_protocols == ">=TLSv1.2"
+    assert [config.tls_security_level(s) for s in ("smtp", "submission", "smtps")] == [
+        "none", "none", "none"]  # no certificate: no STARTTLS anywhere
+    config = load_config(write(tmp_path, tls_text(certs)))
+    assert [config.tls_security_level(s) for s in ("smtp", "submission", "smtps")] == [
+        "may", "encrypt", "none"]  # smtps is TLS from the first byte, not STARTTLS
+    config = load_config(write(tmp_path, tls_text(certs, 'smtpd_tls_security_level = "none"\n')))
+    assert config.tls_security_level("smtp") == "none"
+    assert config.tls_security_level("submission") == "encrypt"  # as master.cf's -o override
+
+
+def test_submission_and_smtps_listeners_load(tmp_path, certs):
+    text = tls_text(certs, 'smtpd_sasl_password_file = "/dev/null"\n'  # submission: AUTH's
+                           '[[listen]]\naddress = "127.0.0.1:587"\nservice = "submission"\n'
+                           '[[listen]]\naddress = "127.0.0.1:465"\nservice = "smtps"\n')
+    assert load_config(write(tmp_path, text)).listen == (
+        Listener("127.0.0.1", 587, "submission"), Listener("127.0.0.1", 465, "smtps"))
+
+
+def test_key_in_the_certificate_file_and_sni_entries_load(tmp_path, certs):
+    pem = certs.sni["example.net"]
+    text = (f'smtpd_tls_cert_file = "{pem}"\n[tls_server_sni_maps]\n"Example.NET" = "{pem}"\n'
+            f'".example.net" = "{pem}"\n')
+    config = load_config(write(tmp_path, text))
+    assert config.smtpd_tls_key_file == ""  # Postfix's default: $smtpd_tls_cert_file
+    assert config.tls_server_sni_maps == {"example.net": str(pem), ".example.net": str(pem)}
+
+
+TLS_ERRORS = [
+    # (id, text builder, line, key as named, part of the message)
+    ("certificate file missing",
+     lambda c, d: tls_text(c, cert=d / "none.pem"), 1, "smtpd_tls_cert_file",
+     "none.pem: cannot read: No such file or directory"),
+    ("certificate file holds a key",
+     lambda c, d: tls_text(c, cert=c.default_key), 1, "smtpd_tls_cert_file",
+     "default.key: no PEM certificate found"),
+    ("key does not match",
+     lambda c, d: tls_text(c, key=c.sni["example.net"]), 2, "smtpd_tls_key_file",
+     "the private key does not match the certificate"),
+    ("key file holds no key",
+     lambda c, d: tls_text(c, key=c.ca), 2, "smtpd_tls_key_file", "ca.pem: no PEM private key"),
+    ("level without certificate",
+     lambda c, d: '\nsmtpd_tls_security_level = "encrypt"\n', 2, "smtpd_tls_security_level",
+     '"encrypt" needs smtpd_tls_cert_file'),
+    ("unknown level",
+     lambda c, d: tls_text(c, 'smtpd_tls_security_level = "secure"\n'), 3,
+     "smtpd_tls_security_level", 'expected one of "none", "may", "encrypt", got "secure"'),
+    ("smtps without certificate",
+     lambda c, d: '[[listen]]\naddress = "127.0.0.1:25"\n[[listen]]\n'
+                  'address = "127.0.0.1:465"\nservice = "smtps"\n', 5, "listen.service",
+     '"smtps" (implicit TLS) needs smtpd_tls_cert_file'),
+    ("unknown protocol",
+     lambda c, d: tls_text(c, 'smtpd_tls_protocols = ">=TLSv1.4"\n'), 3, "smtpd_tls_protocols",
+     "unknown protocol 'TLSv1.4'"),
+    ("protocols with a gap",
+     lambda c, d: tls_text(c, 'smtpd_tls_protocols = "!SSLv2 !SSLv3 !TLSv1.2"\n'), 3,
+     "smtpd_tls_protocols", "leaves a gap between TLSv1 and TLSv1.3"),
+    ("no cipher",
+     lambda c, d: tls_text(c, 'tls_high_cipherlist = "NOT-A-CIPHER"\n'), 3,
+     "tls_high_cipherlist", 'no cipher matches "NOT-A-CIPHER"'),
+    ("sni entry with a bad file",
+     lambda c, d: tls_text(c, f'[tls_server_sni_maps]\n"example.org" = "{c.default_cert}"\n'),
+     4, 'tls_server_sni_maps."example.org"', "default.crt: no PEM private key found"),
+    ("sni entry with a relative path",
+     lambda c, d: tls_text(c, '[tls_server_sni_maps]\n"example.org" = "sni.pem"\n'), 4,
+     'tls_server_sni_maps."example.org"', 'expected the absolute path of a PEM file'),
+    ("sni without a default certificate",
+     lambda c, d: f'\n[tls_server_sni_maps]\n"example.org" = "{c.sni["example.net"]}"\n', 2,
+     "tls_server_sni_maps", "needs smtpd_tls_cert_file"),
+]
+
+
+@pytest.mark.parametrize("build, line, key, fragment",
+                         [case[1:] for case in TLS_ERRORS], ids=[case[0] for case in TLS_ERRORS])
+def test_tls_errors_name_file_line_and_key(tmp_path, certs, build, line, key, fragment):
+    error, path = config_error(tmp_path, build(certs, tmp_path))
+    message = str(error)
+    assert message.startswith(f"{path}:{line}: {key}: "), message
+    assert fragment in message, message
+    assert error.key == key
+    assert "\n" not in message
+
+
+def test_expired_certificate_loads(tmp_path, certs):
+    """An expired certificate still encrypts (MTAs rarely verify); tern serve logs a warning
+    (tests/test_tls_end_to_end.py) rather than refusing to start."""
+    text = tls_text(certs, cert=certs.expired_cert, key=certs.expired_key)
+    assert load_config(write(tmp_path, text)).smtpd_tls_cert_file == str(certs.expired_cert)

@@ -27,6 +27,7 @@ from engine.config.values import (
     parse_nexthop,
 )
 from engine.ipliteral import parse_address_literal
+from engine.tls.protocols import parse_protocols
 
 
 class ConfigError(Exception):
@@ -254,6 +255,41 @@ def _transport_maps(value: Any) -> dict[str, str]:
     return out
 
 
+def _tls_security_level(value: Any) -> str:
+    text = _string(value)
+    if text not in settings.TLS_SECURITY_LEVELS:
+        allowed = ", ".join(_show(level) for level in settings.TLS_SECURITY_LEVELS)
+        raise _Invalid(f"expected one of {allowed}, got {_show(value)}")
+    return text
+
+
+def _tls_protocols(value: Any) -> str:
+    text = _string(value)
+    try:
+        parse_protocols(text)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+    return text
+
+
+def _sni_maps(value: Any) -> dict[str, str]:
+    """``[tls_server_sni_maps]``: SNI domain (or ``.domain`` for its subdomains) -> the PEM file
+    holding that domain's private key and certificate chain, as Postfix's table."""
+    if not isinstance(value, dict):
+        raise _Invalid(f'expected a table of domain = "/path/to/key-and-chain.pem", '
+                       f"got {_show(value)}")
+    out: dict[str, str] = {}
+    for domain, pem in value.items():
+        where = {"sub": (domain,), "label": f"tls_server_sni_maps.{_toml_key(domain)}"}
+        if not _is_hostname(domain[1:] if domain.startswith(".") else domain):
+            raise _Invalid(f"expected a domain or .domain, got {_show(domain)}", **where)
+        if not isinstance(pem, str) or not Path(pem).is_absolute():
+            raise _Invalid(f"expected the absolute path of a PEM file, got {_show(pem)}",
+                           **where)
+        if domain.lower() in out:
+            raise _Invalid(f"{_show(domain)} is listed twice (domains ignore case)", **where)
+        out[domain.lower()] = pem
+    return out
 def _restrictions(key: str) -> Converter:
     """A restriction list (engine.policy.restrictions): Postfix's "name, name table, …" string
     or an array; every name known, every check_*_access table opened (read) now."""
@@ -364,6 +400,10 @@ _SPECIAL: dict[str, Converter] = {
     "smtp_helo_name": _helo_name,
     "smtpd_banner": lambda value: _string(value, empty=False),
     "smtpd_sasl_password_file": _optional_path,
+    "smtpd_tls_security_level": _tls_security_level,
+    "smtpd_tls_protocols": _tls_protocols,
+    "tls_high_cipherlist": lambda value: _string(value, empty=False),
+    "tls_server_sni_maps": _sni_maps,
     "smtpd_null_access_lookup_key": lambda value: _string(value, empty=False),
     **{key: _restrictions(key) for key in (
         "smtpd_client_restrictions", "smtpd_helo_restrictions", "smtpd_sender_restrictions",
@@ -494,6 +534,7 @@ def _build(document: dict[str, Any], text: str, file: str) -> Config:
             line=_line_of(found, lines, (key,)),
             key=key,
         )
+    _check_tls(config, found, lines, file)
     return config
 
 
@@ -523,3 +564,49 @@ def _check_auth(config: Config, values: dict[str, Any], found: dict, lines: list
     except PasswdFileError as error:
         raise ConfigError(f"{key}: {error}", file=file, line=_line_of(found, lines, (key,)),
                           key=key) from None
+
+
+def _check_tls(config: Config, found: dict, lines: list[str], file: str) -> None:
+    """TLS settings that only make sense together, and the certificate files themselves
+    (read and matched with pyOpenSSL, engine.tls.certs), so a bad file stops start-up with
+    its name rather than failing handshakes later."""
+
+    def error(key: str, message: str, sub: tuple = ()) -> ConfigError:
+        label = ".".join([key, *(_toml_key(str(part)) for part in sub if isinstance(part, str))])
+        return ConfigError(f"{label}: {message}", file=file,
+                           line=_line_of(found, lines, (key, *sub)), key=label)
+
+    cert = config.smtpd_tls_cert_file
+    if not cert:
+        for key in ("smtpd_tls_key_file", "tls_server_sni_maps"):
+            if getattr(config, key):
+                raise error(key, "needs smtpd_tls_cert_file (the default certificate)")
+        if config.smtpd_tls_security_level in ("may", "encrypt"):
+            raise error("smtpd_tls_security_level",
+                        f'"{config.smtpd_tls_security_level}" needs smtpd_tls_cert_file')
+        for index, listener in enumerate(config.listen):
+            if listener.service == "smtps":
+                raise error("listen", '"smtps" (implicit TLS) needs smtpd_tls_cert_file',
+                            (index, "service"))
+        return
+    import ssl  # here: the sans-I/O cores import engine.config, and ssl must not come with it
+
+    from engine.tls.certs import CertificateError, check_key_pair
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(config.tls_high_cipherlist)
+    except ssl.SSLError:
+        raise error("tls_high_cipherlist",
+                    f"no cipher matches {_show(config.tls_high_cipherlist)}") from None
+    try:
+        check_key_pair(cert, config.smtpd_tls_key_file)
+    except CertificateError as exc:
+        key_file = config.smtpd_tls_key_file
+        key = ("smtpd_tls_key_file" if key_file and key_file != cert
+               and str(exc).startswith(key_file) else "smtpd_tls_cert_file")
+        raise error(key, str(exc)) from None
+    for domain, pem in config.tls_server_sni_maps.items():
+        try:
+            check_key_pair(pem)
+        except CertificateError as exc:
+            raise error("tls_server_sni_maps", str(exc), (domain,)) from None

@@ -9,13 +9,17 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.tls.protocols import MODERN_CIPHERS
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # TOML keys that are not Python names: Postfix's name → the Config field.
 KEY_ALIASES = {"2bounce_notice_recipient": "double_bounce_notice_recipient"}
 
-# Services a [[listen]] table may name. "smtps" will join when it exists.
-LISTEN_SERVICES: frozenset[str] = frozenset({"smtp", "submission"})
+# Services a [[listen]] table may name: SMTP (25), submission (587, RFC 6409) with STARTTLS,
+# and submission over implicit TLS (465, RFC 8314).
+LISTEN_SERVICES: frozenset[str] = frozenset({"smtp", "submission", "smtps"})
+TLS_SECURITY_LEVELS = ("none", "may", "encrypt")
 # Services for mail submission (RFC 6409, RFC 8314) have AUTH on, as Postfix's master.cf
 # entries set smtpd_sasl_auth_enable=yes; "submission" also requires it before MAIL (530).
 SUBMISSION_SERVICES: frozenset[str] = frozenset({"submission", "smtps"})
@@ -150,6 +154,23 @@ class Config:
     # DNS: servers as "ip" or "ip:port"; empty = the system's resolv.conf
     dns_servers: tuple[str, ...] = ()
     dns_timeout: float = 5.0
+    # smtpd TLS (Postfix's names). The key may sit in the certificate file (key_file "").
+    smtpd_tls_cert_file: str = ""  # PEM chain, leaf first; "" = no TLS
+    smtpd_tls_key_file: str = ""  # "" = $smtpd_tls_cert_file, as in Postfix
+    smtpd_tls_security_level: str = ""  # none | may | encrypt; "" = may with a cert, else none
+    smtpd_tls_protocols: str = ">=TLSv1.2"
+    tls_high_cipherlist: str = MODERN_CIPHERS  # OpenSSL cipher list for TLS 1.2
+    tls_server_sni_maps: dict[str, str] = field(default_factory=dict)  # domain → PEM key+chain
+
+    def tls_security_level(self, service: str) -> str:
+        """The STARTTLS level of a listener: "encrypt" on submission when a certificate is set
+        (as Postfix's master.cf submission entry), the configured level (default "may") on
+        smtp, "none" without a certificate. smtps is TLS from the first byte instead."""
+        if not self.smtpd_tls_cert_file or service == "smtps":
+            return "none"
+        if service == "submission":
+            return "encrypt"
+        return self.smtpd_tls_security_level or "may"
 
     def expand(self, value: str) -> str:
         """Postfix-style ``$myhostname`` / ``$mydomain`` expansion, for the values that use it."""

@@ -89,6 +89,7 @@ BAD_RET = Reply(501, "5.5.4 Bad RET parameter syntax")
 BAD_ENVID = Reply(501, "5.5.4 Bad ENVID parameter syntax")
 BAD_NOTIFY = Reply(501, "5.5.4 Error: Bad NOTIFY parameter syntax")
 BAD_ORCPT = Reply(501, "5.5.4 Error: Bad ORCPT parameter syntax")
+NEED_HELO = Reply(503, "5.5.1 Error: send HELO/EHLO first")
 UNICODE_NOT_DECLARED = Reply(553, "5.6.7 Must declare SMTPUTF8 to send unicode address")
 BAD_UTF8 = Reply(500, "5.5.2 Error: bad UTF-8 syntax")  # RFC 6531: a command not in UTF-8
 
@@ -100,6 +101,14 @@ DATA_AFTER_BDAT = Reply(503, "5.5.1 Error: DATA after BDAT")
 MAIL_AFTER_BDAT = Reply(503, "5.5.1 Error: MAIL after BDAT")
 RCPT_AFTER_BDAT = Reply(503, "5.5.1 Error: RCPT after BDAT")
 CHUNK_TOO_BIG = Reply(552, "5.3.4 Chunk exceeds message size limit")
+
+# STARTTLS (RFC 3207), Postfix's wording
+READY_TO_START_TLS = Reply(220, "2.0.0 Ready to start TLS")
+STARTTLS_SYNTAX = Reply(501, "5.5.4 Syntax: STARTTLS")
+TLS_ALREADY_ACTIVE = Reply(554, "5.5.1 Error: TLS already active")
+NOT_IMPLEMENTED = Reply(502, "5.5.1 Error: command not implemented")
+NEED_STARTTLS = Reply(530, "5.7.0 Must issue a STARTTLS command first")
+TLS_UNAVAILABLE = Reply(454, "4.7.0 TLS not available due to local problem")
 
 # AUTH (RFC 4954; Postfix smtpd's wording)
 AUTH_OK = Reply(235, "2.7.0 Authentication successful")

@@ -27,8 +27,8 @@ parse_mail_from = _grammar.parse_mail_from
 parse_rcpt_to = _grammar.parse_rcpt_to
 
 # ---------------------------------------------------------------------------------------------
-# Events. Requests (Helo, MailFrom, RcptTo, Data, MessageEnd, Auth) must be answered with
-# accept() or reject(); MessageChunk, Reset, AuthRefused and Closed are notices.
+# Events. Requests (Helo, MailFrom, RcptTo, Data, MessageEnd, StartTls, Auth) must be answered
+# with accept() or reject(); MessageChunk, Reset, AuthRefused and Closed are notices.
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +70,12 @@ class MessageEnd:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTls:
+    """STARTTLS (RFC 3207): accept() sends 220 and forgets the plaintext pipelined behind it;
+    the adapter then runs the handshake and calls ServerSession.tls_started()."""
+
+
+@dataclass(frozen=True, slots=True)
 class Reset:
     """The open transaction (if any) was abandoned: RSET, HELO/EHLO, or a rejected message."""
 
@@ -101,8 +107,8 @@ class Closed:
     hangup: bool = False  # the dialogue itself ended it (521 after a malformed BDAT)
 
 
-Event = (Helo | MailFrom | RcptTo | Data | MessageChunk | MessageEnd | Reset | Auth | AuthRefused
-         | Closed)
+Event = (Helo | MailFrom | RcptTo | Data | MessageChunk | MessageEnd | StartTls | Reset | Auth
+         | AuthRefused | Closed)
 
 # ---------------------------------------------------------------------------------------------
 # States and the sequencing table: everything that decides which command may come when.
@@ -154,6 +160,7 @@ ON_ACCEPT: dict[type, tuple[State | None, Reply | None]] = {
     RcptTo: (State.RCPT, replies.RECIPIENT_OK),
     Data: (State.DATA, replies.START_DATA),
     MessageEnd: (State.IDLE, replies.OK),
+    StartTls: (State.IDLE, replies.READY_TO_START_TLS),
     Auth: (State.IDLE, replies.AUTH_OK),  # AUTH is refused inside a transaction
 }
 
@@ -164,6 +171,7 @@ ON_REJECT: dict[type, State | None] = {
     RcptTo: None,
     Data: None,
     MessageEnd: State.IDLE,
+    StartTls: None,
     Auth: None,
 }
 
@@ -177,6 +185,8 @@ class Settings:
     message_size_limit: int = 10240000
     recipient_limit: int = 1000
     line_length_limit: int = 2048
+    starttls: bool = False  # STARTTLS offered on this listener (a certificate, level may/encrypt)
+    require_tls: bool = False  # smtpd_tls_security_level = encrypt: no MAIL before STARTTLS
     auth_enabled: bool = False  # smtpd_sasl_auth_enable, and credentials to check exist
     tls_auth_only: bool = True  # smtpd_tls_auth_only: AUTH only once TLS is active
     auth_required: bool = False  # a submission service: MAIL needs AUTH first (530)
@@ -201,12 +211,14 @@ class ServerSession:
         self.state = State.IDLE
         self.helo_name: str | None = None
         self.extended = False  # the client said EHLO
-        self.tls_active = False  # set by the adapter once STARTTLS / SMTPS has its handshake
+        self.tls_active = False  # set by tls_started() once STARTTLS / SMTPS has its handshake
+        self._helo_again = False  # after STARTTLS: MAIL needs a new HELO/EHLO (RFC 3207 §4.2)
         self.authenticated = False  # a successful AUTH (RFC 4954: at most one per session)
         self._sasl: sasl.Exchange | None = None  # an AUTH exchange waiting for a response
         self.last_command = "CONNECT"
         self.command_counts: dict[str, int] = {}
-        self._reader = (reader_class or speedups.Reader)(settings.line_length_limit)
+        self._reader_class = reader_class or speedups.Reader
+        self._reader = self._new_reader()
         self._out: list[bytes] = [Reply(220, settings.banner).encode()]
         self._pending: Event | None = None
         self._ready: list[Event] = []  # events produced but not yet returned
@@ -294,6 +306,7 @@ class ServerSession:
         if isinstance(event, Helo):
             self._reset_transaction()
             self.helo_name, self.extended = event.name, event.extended
+            self._helo_again = False
             default = self._helo_reply(event.extended)
         elif isinstance(event, MailFrom):
             self._smtputf8 = "SMTPUTF8" in event.params
@@ -308,6 +321,8 @@ class ServerSession:
             self._end_transaction()
         elif isinstance(event, Auth):
             self.authenticated = True
+        elif isinstance(event, StartTls):
+            self._forget_plaintext()
         self.state = next_state
         if reply or default:
             self._out.append((reply or default).encode())
@@ -330,7 +345,31 @@ class ServerSession:
         if reply.code == 421:
             self.state = State.CLOSED
 
+    def tls_started(self) -> None:
+        """The adapter finished the TLS handshake (after STARTTLS, or at once on smtps)."""
+        self.tls_active = True
+
+    def tls_refusal(self) -> Reply | None:
+        """530 while smtpd_tls_security_level = encrypt and TLS is not active yet (Postfix
+        refuses MAIL, and AUTH, with it)."""
+        if self.settings.require_tls and not self.tls_active:
+            return replies.NEED_STARTTLS
+        return None
+
     # -- internals --------------------------------------------------------------------------
+
+    def _forget_plaintext(self) -> None:
+        """RFC 3207 §4.2: after 220 to STARTTLS, discard what the client pipelined in plaintext
+        (CVE-2011-0411: it would be read as if sent under TLS) and everything learnt before
+        TLS: HELO/EHLO, any transaction, and an AUTH (as Postfix logs the client out)."""
+        self._reader = self._new_reader()
+        self._reset_transaction()
+        self.helo_name, self.extended = None, False
+        self._helo_again = True
+        self.authenticated = False
+
+    def _new_reader(self):
+        return self._reader_class(self.settings.line_length_limit)
 
     def _take_pending(self) -> Event:
         event = self._pending
@@ -441,6 +480,8 @@ class ServerSession:
         limit = self.settings.message_size_limit  # RFC 1870 §4: bare SIZE when unlimited
         lines.append(f"SIZE {limit}" if limit else "SIZE")
         lines.append("VRFY")
+        if self.settings.starttls and not self.tls_active:
+            lines.append("STARTTLS")
         if self.auth_offered:
             lines.append("AUTH " + " ".join(sasl.MECHANISMS))
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN"]
@@ -479,6 +520,10 @@ class ServerSession:
         return Helo(name=arg, extended=extended)
 
     def _mail(self, arg: str) -> Event | Reply:
+        if self._helo_again and self.helo_name is None:
+            return replies.NEED_HELO
+        if (refusal := self.tls_refusal()) is not None:
+            return refusal
         if self.settings.auth_required and not self.authenticated:
             return replies.AUTH_REQUIRED
         sender, params = parse_mail_from(arg)
@@ -578,9 +623,19 @@ class ServerSession:
     def _help(self, arg: str) -> Reply:
         return replies.HELP
 
+    def _starttls(self, arg: str) -> Event | Reply:
+        if arg:
+            return replies.STARTTLS_SYNTAX
+        if self.tls_active:
+            return replies.TLS_ALREADY_ACTIVE
+        if not self.settings.starttls:
+            return replies.NOT_IMPLEMENTED
+        return StartTls()
     def _auth(self, arg: str) -> Reply | None:
         """RFC 4954 AUTH, with Postfix's checks in Postfix's order; then the mechanism's
         exchange starts (an initial response may complete it at once)."""
+        if (refusal := self.tls_refusal()) is not None:  # encrypt: STARTTLS first, as Postfix
+            return refusal
         if not self.settings.auth_enabled:
             return replies.AUTH_NOT_ENABLED
         if self.state in (State.MAIL, State.RCPT, State.BDAT):
@@ -655,5 +710,6 @@ _HANDLERS = {
     "QUIT": ServerSession._quit,
     "VRFY": ServerSession._vrfy,
     "HELP": ServerSession._help,
+    "STARTTLS": ServerSession._starttls,
     "AUTH": ServerSession._auth,
 }

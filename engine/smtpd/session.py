@@ -8,6 +8,7 @@ Talks to untrusted clients; everything it learns from them passes through the sa
 
 import asyncio
 import functools
+import ssl
 import time
 from dataclasses import dataclass, field, replace
 
@@ -21,6 +22,8 @@ from engine.smtp import replies, server
 from engine.smtp.replies import Reply
 from engine.smtpd.anvil import Anvil
 from engine.spool import SpoolFull
+from engine.tls.handoff import TlsHandoff
+from engine.tls.server import describe as describe_tls
 
 
 @dataclass
@@ -36,6 +39,7 @@ class SmtpdContext:
     # AUTH's credentials (smtpd_sasl_password_file), shared by the worker's listeners
     authenticator: PasswordFile | None = None
     settings: server.Settings | None = None
+    tls: ssl.SSLContext | None = None  # engine.tls.server.server_context: STARTTLS and smtps
     policy: Policy | None = None  # the restriction lists, compiled once from config
     resolver: object | None = None  # engine.dns.Resolver, made when a list needs DNS
 
@@ -47,6 +51,7 @@ class SmtpdContext:
             self.policy = Policy(config)
         if self.settings is None:
             submission = self.listener.service in SUBMISSION_SERVICES
+            tls_level = config.tls_security_level(self.listener.service) if self.tls else "none"
             self.settings = server.Settings(
                 hostname=config.myhostname,
                 banner=config.expand(config.smtpd_banner),
@@ -57,6 +62,8 @@ class SmtpdContext:
                     submission or config.smtpd_sasl_auth_enable),
                 tls_auth_only=config.smtpd_tls_auth_only,
                 auth_required=self.listener.service in AUTH_REQUIRED_SERVICES,
+                starttls=tls_level != "none",
+                require_tls=tls_level == "encrypt",
             )
 
 
@@ -85,6 +92,7 @@ class SmtpdProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False  # over smtpd_connection_limit: answered 421, never a session
         self._sasl_method = ""  # the mechanism of the successful AUTH, for the client= line
+        self._handshake: asyncio.Task | None = None  # the TLS handshake under way
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -104,6 +112,9 @@ class SmtpdProtocol(asyncio.Protocol):
         self.ctx.sessions.add(self)
         self._log(f"connect from {self.origin.client}")
         self._arm_timer()
+        if self.ctx.listener.service == "smtps":  # RFC 8314: TLS first; the greeting after it
+            self._start_tls()
+            return
         self._flush()
 
     def _refuse(self, limit: int) -> None:
@@ -152,8 +163,12 @@ class SmtpdProtocol(asyncio.Protocol):
         return self._commit_task is not None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._refused:
+        if self._refused or self._handshake is not None:  # a failed handshake ends it itself
             return
+        self._end()
+
+    def _end(self) -> None:
+        """The connection is gone: report it to the core (the disconnect lines), stop timing."""
         self.session.receive_data(b"")
         self._pump()
         if self._timer is not None:
@@ -391,6 +406,59 @@ class SmtpdProtocol(asyncio.Protocol):
             self.session.reject(reply)
         else:
             self.session.send_reply(reply)
+    # -- TLS: STARTTLS and smtps (engine.tls says how it is layered) -------------------------
+
+    def _on_starttls(self, event: server.StartTls) -> None:
+        if self.ctx.tls is None:
+            self.session.reject(replies.TLS_UNAVAILABLE)
+            return
+        self.session.accept()  # 220, and the plaintext pipelined behind STARTTLS is gone
+        self._flush()
+        self._start_tls()
+
+    def _start_tls(self) -> None:
+        """Hand the socket to the loop's TLS (engine.tls.handoff keeps any early ClientHello
+        bytes for it); no protocol callback reaches us until the handshake is done, and
+        smtpd_timeout still covers a stalled handshake."""
+        handoff = TlsHandoff(self.transport)
+        self._handshake = asyncio.get_running_loop().create_task(self._run_handshake(handoff))
+
+    async def _run_handshake(self, handoff: TlsHandoff) -> None:
+        try:
+            done = await handoff.start(self.ctx.tls, timeout=self.ctx.config.smtpd_timeout)
+        except Exception as error:  # noqa: BLE001 - every failure ends the session the same way
+            self._tls_failed(handoff.transport, error)
+            return
+        finally:
+            self._handshake = None
+        self.transport = transport = done.transport  # from now on every write is encrypted
+        transport.set_protocol(self)
+        self.origin.tls = describe_tls(transport.get_extra_info("ssl_object"))
+        self.origin.helo, self.origin.esmtp = None, False  # the client says EHLO again
+        self.origin.sasl_username, self._sasl_method = "", ""  # and AUTH, if it had
+        self._log(f"Anonymous TLS connection established from {self.origin.client}: "
+                  f"{self.origin.tls}")
+        self._last_activity = time.monotonic()
+        self.session.tls_started()
+        if self._paused_by:
+            transport.pause_reading()
+        self._flush()  # smtps: the greeting
+        if done.data:
+            self.data_received(done.data)
+        if done.ended:
+            self._end()
+
+    def _tls_failed(self, plain: asyncio.Transport, error: Exception) -> None:
+        """Postfix's "SSL_accept error from client[ip]: …" and "lost connection after
+        STARTTLS"; the connection is closed, not continued in plaintext."""
+        if not self._closed_by_us:
+            reason = getattr(error, "reason", None)  # OpenSSL's, e.g. "NO_SHARED_CIPHER"
+            reason = reason.lower().replace("_", " ") if reason else str(error)
+            if isinstance(error, ConnectionError | EOFError) or "eof" in reason or not reason:
+                reason = "lost connection"
+            self._log(f"SSL_accept error from {self.origin.client}: {reason}")
+        plain.abort()
+        self._end()
 
     def _on_reset(self, event: server.Reset) -> None:
         self.txn = None
@@ -425,6 +493,9 @@ class SmtpdProtocol(asyncio.Protocol):
     def close_with(self, reply: Reply) -> None:
         """End the session from our side with a 421 (timeout, shutdown)."""
         self._closed_by_us = True
+        if self._handshake is not None:  # no plaintext reply into a TLS handshake: just close
+            self.transport.abort()
+            return
         self.session.send_reply(reply)
         self._pump()
         if self.transport is not None:
@@ -457,6 +528,7 @@ _EVENT_HANDLERS = {
     server.Data: SmtpdProtocol._on_data,
     server.MessageChunk: SmtpdProtocol._on_chunk,
     server.MessageEnd: SmtpdProtocol._on_end,
+    server.StartTls: SmtpdProtocol._on_starttls,
     server.Reset: SmtpdProtocol._on_reset,
     server.Auth: SmtpdProtocol._on_auth,
     server.AuthRefused: SmtpdProtocol._on_auth_refused,
