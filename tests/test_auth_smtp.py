@@ -295,3 +295,23 @@ def test_rset_and_ehlo_keep_the_authentication(smtp):
     driver = smtp(auth_required=True)
     driver.send(f"AUTH PLAIN {PLAIN_ALICE}\r\nRSET\r\nEHLO c.test\r\n".encode())
     assert driver.send(b"MAIL FROM:<a@example.org>\r\n") == ["250 2.1.0 Ok"]
+
+
+def test_starttls_forgets_an_earlier_auth(smtp):
+    """RFC 3207 §4.2: nothing learnt before TLS survives it, an AUTH included (as Postfix)."""
+    driver = smtp(auth_required=True, starttls=True)
+    assert driver.send(f"EHLO c.test\r\nAUTH PLAIN {PLAIN_ALICE}\r\n".encode())[-1] == (
+        "235 2.7.0 Authentication successful")
+    assert driver.send(b"STARTTLS\r\n") == ["220 2.0.0 Ready to start TLS"]
+    driver.session.tls_started()
+    assert not driver.session.authenticated
+    assert driver.send(b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\n")[-1] == (
+        "530 5.7.0 Authentication required")
+    assert driver.send(f"AUTH PLAIN {PLAIN_ALICE}\r\n".encode()) == [
+        "235 2.7.0 Authentication successful"]
+
+
+def test_security_level_encrypt_wants_starttls_before_auth(smtp):
+    driver = smtp(tls_auth_only=True, starttls=True, require_tls=True)
+    assert driver.send(f"AUTH PLAIN {PLAIN_ALICE}\r\n".encode()) == [
+        "530 5.7.0 Must issue a STARTTLS command first"]
