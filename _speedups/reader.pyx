@@ -4,6 +4,7 @@
 Compiled twin of ``engine/smtp/reader.py`` (same class, same results, same exception; see
 engine.speedups). Trusts nothing: every byte comes from the client. The buffer is one C array
 with a consumed prefix (``_start``) and a live region up to ``_end``; scanning is memchr over it.
+Bare line feeds as in the pure twin: a DATA region holding one takes ``_read_data_lines``.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
@@ -43,6 +44,8 @@ cdef class Reader:
     cdef Py_ssize_t _max_line
     cdef bint _discarding  # inside an over-long line: drop through the next LF
     cdef bint _at_line_start  # DATA: the next byte begins a line
+    cdef bint _prev_bare  # DATA: the line before ended in a bare LF
+    cdef public bint bare_lf  # a bare LF ended a line (the session reads and clears it)
 
     def __cinit__(self):
         self._buf = <char *>PyMem_Malloc(INITIAL_CAPACITY)
@@ -61,6 +64,8 @@ cdef class Reader:
         self._max_line = max_line_length
         self._discarding = False
         self._at_line_start = True
+        self._prev_bare = False
+        self.bare_lf = False
 
     def feed(self, data):
         cdef Py_buffer view
@@ -72,6 +77,11 @@ cdef class Reader:
 
     def __len__(self):
         return self._end - self._start
+
+    def peek(self, Py_ssize_t count):
+        """Up to ``count`` buffered bytes, not consumed (for a log line)."""
+        count = max(0, min(count, self._end - self._start))
+        return PyBytes_FromStringAndSize(self._buf + self._start, count)
 
     def read_line(self):
         """The next command line without its line end (CRLF, or a bare LF as Postfix accepts),
@@ -101,7 +111,11 @@ cdef class Reader:
                     raise LineTooLong()
                 self._scanned = length
                 return None
-            end = nl - 1 if nl > 0 and line[nl - 1] == CR else nl
+            if nl > 0 and line[nl - 1] == CR:
+                end = nl - 1
+            else:
+                end = nl
+                self.bare_lf = True
             if end > self._max_line:
                 self._consume(nl + 1)
                 raise LineTooLong()
@@ -112,6 +126,7 @@ cdef class Reader:
     def start_data(self):
         """Enter DATA mode: the next byte begins the first line of the message."""
         self._at_line_start = True
+        self._prev_bare = False
         self._scanned = 0
 
     def read_data(self):
@@ -129,16 +144,19 @@ cdef class Reader:
         cdef Py_ssize_t out = 0  # payload so far is buf[:out]
         cdef Py_ssize_t k, keep
         cdef int verdict
+        if _has_bare_lf(buf, n):
+            return self._read_data_lines()
         if self._at_line_start:
             verdict = _dot_line(buf, 0, n)
             if verdict == UNDECIDED:
                 return b"", False
-            if verdict == END_OF_DATA:
+            if verdict == END_OF_DATA and not self._prev_bare:
                 self._consume(3)
                 self._at_line_start = True
                 return b"", True
             self._at_line_start = False
-            pos = 1 if verdict == STUFFED else 0
+            self._prev_bare = False
+            pos = 0 if verdict == ORDINARY else 1
         while True:
             k = _find_crlf_dot(buf, pos, n)
             if k < 0:
@@ -162,6 +180,51 @@ cdef class Reader:
                 return self._take(buf, out, k + 5), True
             pos = k + 3  # stuffed dot dropped
         return self._take(buf, out, pos), False
+
+    cdef object _read_data_lines(self):
+        """read_data for input holding a bare LF: line by line, each bare LF passed on as CRLF;
+        the end is a "." line ended by CRLF after a line ended by CRLF."""
+        cdef char *buf = self._buf + self._start
+        cdef Py_ssize_t n = self._end - self._start
+        cdef Py_ssize_t pos = 0
+        cdef Py_ssize_t nl, keep
+        cdef const char *hit
+        out = bytearray()
+        self._scanned = 0
+        while True:
+            if self._at_line_start:
+                if pos >= n:
+                    break
+                if buf[pos] == DOT:
+                    if pos + 1 >= n:
+                        break
+                    if buf[pos + 1] == CR:
+                        if pos + 2 >= n:
+                            break
+                        if buf[pos + 2] == LF and not self._prev_bare:
+                            self._consume(pos + 3)
+                            return bytes(out), True
+                    pos += 1  # stuffed dot dropped (a "." line that cannot end DATA too)
+                self._at_line_start = False
+            hit = <const char *>memchr(buf + pos, LF, n - pos)
+            if hit is NULL:
+                keep = 1 if n > pos and buf[n - 1] == CR else 0
+                out += buf[pos : n - keep]
+                pos = n - keep
+                break
+            nl = hit - buf
+            if nl > pos and buf[nl - 1] == CR:
+                out += buf[pos : nl + 1]
+                self._prev_bare = False
+            else:
+                out += buf[pos:nl]
+                out += b"\r\n"
+                self._prev_bare = True
+                self.bare_lf = True
+            pos = nl + 1
+            self._at_line_start = True
+        self._consume(pos)
+        return bytes(out), False
 
     def read_exact(self, Py_ssize_t count):
         """Up to ``count`` bytes exactly as buffered (b"" when none), consumed: a BDAT chunk's
@@ -241,6 +304,22 @@ cdef inline int _dot_line(const char *buf, Py_ssize_t at, Py_ssize_t n) noexcept
     if at + 2 >= n:
         return UNDECIDED
     return END_OF_DATA if buf[at + 2] == LF else STUFFED
+
+
+cdef inline bint _has_bare_lf(const char *buf, Py_ssize_t n) noexcept:
+    """Whether buf[:n] holds an LF not preceded by CR (one at offset 0 counts: the reader never
+    consumes a CR without the LF after it). Branch-free, so the C compiler vectorizes it: this
+    runs over every DATA byte, and costs less than a memchr per line."""
+    cdef const unsigned char *b = <const unsigned char *>buf
+    cdef unsigned char found = 0
+    cdef Py_ssize_t i
+    if n == 0:
+        return False
+    if b[0] == LF:
+        return True
+    for i in range(1, n):
+        found |= (b[i] == LF) & (b[i - 1] != CR)
+    return found != 0
 
 
 cdef inline Py_ssize_t _find_crlf_dot(const char *buf, Py_ssize_t pos, Py_ssize_t n) noexcept:

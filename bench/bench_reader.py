@@ -104,6 +104,17 @@ def test_data_scanning(benchmark, twin, size, chunk_size):
     assert payload_size == len(data) - 3 - data.count(b"\r\n..")
 
 
+def test_data_scanning_bare_lf(benchmark, twin):
+    """The normalize path: a client that ends its lines in bare LF (each becomes CRLF, a dot
+    after one is unstuffed). Only such input leaves the fast path measured above."""
+    data = message(100 * KB)[:-3].replace(b"\r\n", b"\n") + b"\r\n.\r\n"
+    chunks = split(data, 64 * KB)
+    benchmark.group = "DATA 100 KB message with bare LF line ends, 64 KB chunks"
+    payload_size = benchmark(read_message, twin("reader").Reader, chunks)
+    lines = data.count(b"\n") - 1
+    assert payload_size == len(data) - 3 + lines - 1 - data.count(b"\n..")
+
+
 @pytest.mark.parametrize("size", [20 * KB, 1024 * KB], ids=["20KB", "1MB"])
 def test_bdat_chunks(benchmark, twin, size):
     body = message(size)[:-3]

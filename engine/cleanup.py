@@ -108,7 +108,9 @@ class MessageBuilder:
     size: int = 0
     too_big: bool = False
     message_id: str = ""
-    _chunks: list[bytes] = field(default_factory=list)
+    # the content as queued, built as it arrives: one buffer, so the spool stores it without a
+    # joined copy (a large message is in memory once, never twice)
+    _content: bytearray = field(default_factory=bytearray)
     _head: bytearray | None = field(default_factory=bytearray)  # None once headers are done
     _head_scanned: int = 0
 
@@ -119,7 +121,7 @@ class MessageBuilder:
             first.setdefault(request.address, request)  # duplicates: the first one's DSN wins
         self.recipients = list(first.values())
         self._started = self.clock()
-        self._chunks.append(
+        self._content += (
             received_header(self.origin, self.hostname, self.queue_id, list(first),
                             self._started))
 
@@ -127,14 +129,19 @@ class MessageBuilder:
         self.size += len(chunk)
         if self.too_big or (self.size_limit and self.size > self.size_limit):
             self.too_big = True
-            self._chunks.clear()
+            self._content = bytearray()
             self._head = None
             return
         if self._head is None:
-            self._chunks.append(chunk)
+            self._content += chunk
             return
         self._head += chunk
         self._scan_headers(final=False)
+
+    @property
+    def _chunks(self) -> list[bytearray]:
+        """The content so far as a list of pieces (one), for tests: [] when nothing is kept."""
+        return [self._content] if self._content else []
 
     def finish(self) -> QueuedMessage:
         if self._head is not None:
@@ -146,7 +153,7 @@ class MessageBuilder:
             recipients=[Recipient(address=r.address, next_attempt=arrival, notify=r.notify,
                                   orcpt=r.orcpt) for r in self.recipients],
             arrival=arrival,
-            size=sum(len(c) for c in self._chunks),
+            size=len(self._content),
             client=self.origin.client,
             message_id=self.message_id,
             body_8bit=self.body_8bit,
@@ -154,7 +161,7 @@ class MessageBuilder:
             envid=self.envid,
             smtputf8=self.origin.smtputf8,
         )
-        return QueuedMessage(envelope=envelope, content=self._chunks)
+        return QueuedMessage(envelope=envelope, content=[self._content])
 
     def _scan_headers(self, *, final: bool) -> None:
         """Find where the header section ends; once found, add what is missing there."""
@@ -170,12 +177,12 @@ class MessageBuilder:
         self._head = None
         if headers and not headers.endswith(b"\r\n"):
             headers = headers[:-1] + b"\r\n"
-        self._chunks.append(headers)
-        self._chunks.append(self._missing_headers(headers))
+        self._content += headers
+        self._content += self._missing_headers(headers)
         if rest and not rest.startswith((b"\r\n", b"\n")):
-            self._chunks.append(b"\r\n")  # a body line came first: separate it from the headers
+            self._content += b"\r\n"  # a body line came first: separate it from the headers
         if rest:
-            self._chunks.append(rest)
+            self._content += rest
 
     def _missing_headers(self, headers: bytes) -> bytes:
         added = []

@@ -90,7 +90,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
         spool.close()
         raise StartupError(str(error)) from error
     sessions: set = set()  # every listener's: smtpd_connection_limit counts them all
-    anvil = Anvil()  # per-client counters across listeners
+    anvil = Anvil(time_unit=config.anvil_rate_time_unit)  # per-client counters, all listeners
     tls = server_context(config)  # files checked by load_config; one context for all listeners
     if shard == 0:  # once, not once per worker
         for warning in validity_warnings(config):

@@ -315,3 +315,14 @@ def test_security_level_encrypt_wants_starttls_before_auth(smtp):
     driver = smtp(tls_auth_only=True, starttls=True, require_tls=True)
     assert driver.send(f"AUTH PLAIN {PLAIN_ALICE}\r\n".encode()) == [
         "530 5.7.0 Must issue a STARTTLS command first"]
+
+
+def test_failed_auths_count_towards_the_hard_error_limit(smtp):
+    driver = smtp(hard_error_limit=3)
+    wrong = f"AUTH PLAIN {plain(b'', b'alice', b'nope')}\r\n".encode()
+    assert driver.send(wrong + b"AUTH LOGIN\r\n*\r\n" + wrong) == [
+        "535 5.7.8 Error: authentication failed: authentication failure",
+        "334 VXNlcm5hbWU6", "501 5.7.0 Authentication aborted",
+        "535 5.7.8 Error: authentication failed: authentication failure",
+        "421 4.7.0 mx.example.test Error: too many errors"]
+    assert driver.session.closed

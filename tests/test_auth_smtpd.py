@@ -116,20 +116,21 @@ def plain(user: str, password: str) -> str:
     return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
 
 
-def read_until_closed(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes (bounded by the socket timeout)."""
-    data = b""
-    while chunk := sock.recv(4096):
-        data += chunk
-    return data
+def read_reply(stream) -> str:
+    """The next whole reply's last line."""
+    while (line := stream.readline().decode())[3:4] == "-":
+        pass
+    return line.rstrip()
 
 
 def raw_session(address, data: bytes, replies: int) -> list[str]:
-    """Send ``data`` in one write; the first ``replies`` final reply lines (after the
-    greeting)."""
+    """Say EHLO (and wait for the reply: smtpd_forbid_unauth_pipelining), then send ``data``
+    in one write; the first ``replies`` final reply lines to it."""
     with socket.create_connection(address, timeout=10) as sock:
         stream = sock.makefile("rb")
         stream.readline()  # greeting
+        sock.sendall(b"EHLO client.test\r\n")
+        assert read_reply(stream).startswith("250 ")
         sock.sendall(data)
         out = []
         while len(out) < replies:
@@ -233,12 +234,10 @@ def test_submission_requires_auth_before_mail(auth_server):
 def test_pipelined_commands_after_auth_are_answered_in_order(auth_server):
     """Checked off the loop, the password's answer still comes before MAIL's and RCPT's."""
     server = auth_server(service="submission")
-    batch = (f"EHLO client.test\r\nAUTH PLAIN {plain('carol', USERS['carol'][1])}\r\n"
+    batch = (f"AUTH PLAIN {plain('carol', USERS['carol'][1])}\r\n"  # RFC 4954 §4: allowed
              "MAIL FROM:<a@example.org>\r\nRCPT TO:<x@example.net>\r\nQUIT\r\n").encode()
-    ehlo, *rest = raw_session(server.address, batch, 5)
-    assert ehlo.startswith("250 ")
-    assert rest == ["235 2.7.0 Authentication successful", "250 2.1.0 Ok", "250 2.1.5 Ok",
-                    "221 2.0.0 Bye"]
+    assert raw_session(server.address, batch, 4) == [
+        "235 2.7.0 Authentication successful", "250 2.1.0 Ok", "250 2.1.5 Ok", "221 2.0.0 Bye"]
 
 
 # -- failure limit ----------------------------------------------------------------------------
@@ -248,20 +247,26 @@ def test_failures_reach_the_limit_then_421_and_the_address_is_refused(auth_serve
     server = auth_server(smtpd_client_auth_failure_limit=3)
     wrong = plain("alice@example.test", "guess")
     with socket.create_connection(server.address, timeout=10) as sock:
-        sock.recv(1000)
-        sock.sendall(b"EHLO client.test\r\n" + f"AUTH PLAIN {wrong}\r\n".encode() * 3)
-        answer = read_until_closed(sock).decode()
-    lines = [line for line in answer.split("\r\n") if line and line[3] == " "]
+        stream = sock.makefile("rb")
+        stream.readline()
+        sock.sendall(b"EHLO client.test\r\n")
+        read_reply(stream)
+        sock.sendall(f"AUTH PLAIN {wrong}\r\n".encode() * 3)
+        answer = stream.read().decode()  # until the server closes
+    lines = [line for line in answer.split("\r\n") if line]
     failure = "535 5.7.8 Error: authentication failed: authentication failure"
-    assert lines[1:] == [failure, failure, failure,
-                         "421 4.7.0 mx.test Error: too many authentication failures"]
+    assert lines == [failure, failure, failure,
+                     "421 4.7.0 mx.test Error: too many authentication failures"]
     # a new connection from the same address: even the right password is refused at AUTH
     right = plain("alice@example.test", ALICE_PASSWORD)
     with socket.create_connection(server.address, timeout=10) as sock:
-        sock.recv(1000)
-        sock.sendall(f"EHLO client.test\r\nAUTH PLAIN {right}\r\n".encode())
-        answer = read_until_closed(sock).decode()
-    assert answer.endswith("\r\n421 4.7.0 mx.test Error: too many authentication failures\r\n")
+        stream = sock.makefile("rb")
+        stream.readline()
+        sock.sendall(b"EHLO client.test\r\n")
+        read_reply(stream)
+        sock.sendall(f"AUTH PLAIN {right}\r\n".encode())
+        answer = stream.read().decode()  # until the server closes
+    assert answer == "421 4.7.0 mx.test Error: too many authentication failures\r\n"
     log = server.wait_log("disconnect from unknown[127.0.0.1]", count=2)
     assert log.count("SASL PLAIN authentication failed") == 3
     assert log.count("warning: Authentication failure limit exceeded: 3 from "
@@ -282,6 +287,16 @@ def test_the_refusal_ends_with_anvils_time_unit(auth_server):
         "421 4.7.0 mx.test Error: too many authentication failures"]
     now[0] += 1.0  # the window that counted the failures is over
     assert raw_session(server.address, right, 1) == ["235 2.7.0 Authentication successful"]
+
+
+def test_anvil_exceptions_are_not_limited(auth_server):
+    """As Postfix's anvil limits: smtpd_client_event_limit_exceptions ($mynetworks) are exempt."""
+    server = auth_server(smtpd_client_auth_failure_limit=1,
+                         mynetworks=(ipaddress.ip_network("127.0.0.0/8"),))
+    wrong = f"AUTH PLAIN {plain('bob', 'x')}\r\n".encode()
+    failure = "535 5.7.8 Error: authentication failed: authentication failure"
+    assert raw_session(server.address, wrong * 2 + b"QUIT\r\n", 3) == [
+        failure, failure, "221 2.0.0 Bye"]
 
 
 def test_mail_without_auth_still_works_for_a_client_over_the_limit(auth_server):
@@ -315,10 +330,11 @@ def test_password_checks_do_not_block_other_sessions(auth_server, passwd):
     with socket.create_connection(server.address, timeout=10) as first:
         stream = first.makefile("rb")
         stream.readline()
+        first.sendall(b"EHLO client.test\r\n")
+        read_reply(stream)
         first.sendall(f"AUTH PLAIN {plain('bob', USERS['bob'][1])}\r\nNOOP\r\n".encode())
         assert table.waiting.wait(10)
-        assert raw_session(server.address, b"NOOP\r\nQUIT\r\n", 2) == [
-            "250 2.0.0 Ok", "221 2.0.0 Bye"]
+        assert raw_session(server.address, b"NOOP\r\n", 1) == ["250 2.0.0 Ok"]
         table.gate.set()
         assert stream.readline() == b"235 2.7.0 Authentication successful\r\n"
         assert stream.readline() == b"250 2.0.0 Ok\r\n"

@@ -60,6 +60,21 @@ smtpd_sasl_auth_enable = true
 smtpd_tls_auth_only = false
 smtpd_sasl_password_file = "/dev/null"
 smtpd_client_auth_failure_limit = 3
+smtpd_forbid_bare_newline = "reject"
+smtpd_forbid_bare_newline_exclusions = "192.0.2.0/24"
+smtpd_forbid_bare_newline_reject_code = 521
+smtpd_forbid_unauth_pipelining = false
+smtpd_soft_error_limit = 3
+smtpd_error_sleep_time = "2s"
+smtpd_hard_error_limit = 5
+smtpd_per_request_deadline = false
+smtpd_min_data_rate = 1000
+smtpd_client_connection_count_limit = 10
+smtpd_client_connection_rate_limit = 30
+smtpd_client_message_rate_limit = 100
+smtpd_client_recipient_rate_limit = 1000
+smtpd_client_event_limit_exceptions = ["192.0.2.0/24"]
+anvil_rate_time_unit = "2m"
 worker_count = 3
 minimal_backoff_time = "10m"
 maximal_backoff_time = "1h"
@@ -244,7 +259,7 @@ def test_full_file_sets_every_field(tmp_path):
 
 def test_float_fields_are_durations(tmp_path):
     floats = [f.name for f in dataclasses.fields(Config) if f.type is float]
-    suffixes = ("_time", "_timeout", "_delay", "_window", "_lifetime", "_time_limit")
+    suffixes = ("_time", "_timeout", "_delay", "_window", "_lifetime", "_time_limit", "_time_unit")
     assert floats and all(name.endswith(suffixes) for name in floats)
     config = load_config(write(tmp_path, "".join(f'{name} = "2m"\n' for name in floats)))
     assert all(getattr(config, name) == 120.0 for name in floats)
@@ -676,6 +691,43 @@ def test_password_file_problems_stop_loading_naming_the_file(tmp_path, content, 
     error, path = config_error(tmp_path, f'\nsmtpd_sasl_password_file = "{passwd}"\n')
     assert error.line == 2 and error.key == "smtpd_sasl_password_file"
     assert f"smtpd_sasl_password_file: {passwd}{problem}" in str(error)
+def test_abuse_defence_keys_with_postfix_names_and_defaults(tmp_path):
+    defaults = Config()
+    assert defaults.smtpd_forbid_bare_newline == "normalize"
+    assert defaults.bare_newline_exclusions == defaults.mynetworks  # $mynetworks
+    assert defaults.event_limit_exceptions == defaults.mynetworks
+    assert (defaults.smtpd_soft_error_limit, defaults.smtpd_hard_error_limit) == (10, 20)
+    assert defaults.smtpd_error_sleep_time == 1.0
+    assert defaults.smtpd_client_connection_count_limit == 50
+    assert defaults.smtpd_client_connection_rate_limit == 0
+    assert defaults.anvil_rate_time_unit == 60.0
+    config = load_config(write(tmp_path, dedent("""\
+        mynetworks = "10.0.0.0/8"
+        smtpd_forbid_bare_newline = "YES"
+        smtpd_forbid_bare_newline_exclusions = "$mynetworks"
+        smtpd_client_event_limit_exceptions = []
+        smtpd_error_sleep_time = 0
+        smtpd_client_connection_count_limit = 0
+        """)))
+    assert config.smtpd_forbid_bare_newline == "normalize"
+    assert config.bare_newline_exclusions == (net("10.0.0.0/8"),)
+    assert config.event_limit_exceptions == ()
+    assert config.smtpd_error_sleep_time == 0.0
+    assert config.smtpd_client_connection_count_limit == 0
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('smtpd_forbid_bare_newline = "no"', 'expected "normalize" (or "yes") or "reject"'),
+    ("smtpd_forbid_bare_newline_reject_code = 450", "expected a 5xx reply code"),
+    ('smtpd_client_event_limit_exceptions = "not-a-net"', 'bad entry "not-a-net"'),
+    ("smtpd_hard_error_limit = 0", "of at least 1"),
+    ("smtpd_client_recipient_rate_limit = -1", "of at least 0"),
+    ('anvil_rate_time_unit = "0s"', "greater than 0"),
+])  # fmt: skip
+def test_abuse_defence_keys_are_validated(tmp_path, text, fragment):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text + "\n"))
+    assert ":1: " in str(caught.value) and fragment in str(caught.value)
 
 
 # -- TLS (smtpd_tls_*, tls_server_sni_maps; the files are checked with pyOpenSSL) ----------------

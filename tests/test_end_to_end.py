@@ -123,14 +123,18 @@ def test_pipelined_batch_over_a_real_socket_is_answered_in_order(tern, smtp_sink
     with socket.create_connection(server.address, timeout=10) as raw:
         reader = raw.makefile("rb")
         assert reader.readline().startswith(b"220 ")
-        raw.sendall(b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
+        raw.sendall(b"EHLO c.test\r\n")  # a batch may follow EHLO's reply, not EHLO itself
+        while not reader.readline().startswith(b"250 "):
+            pass
+        raw.sendall(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
                     b"RCPT TO:<bad\r\nRCPT TO:<c@example.net>\r\nDATA\r\n")
         codes = []
-        while len(codes) < 6:
+        while len(codes) < 5:
             line = reader.readline()
+            assert line, "the server closed the connection"
             if line[3:4] == b" ":
                 codes.append(line[:3])
-        assert codes == [b"250", b"250", b"250", b"501", b"250", b"354"]
+        assert codes == [b"250", b"250", b"501", b"250", b"354"]
         raw.sendall(b"Subject: p\r\n\r\nbody\r\n.\r\nQUIT\r\n")
         assert reader.readline().startswith(b"250 2.0.0 Ok: queued as ")
         assert reader.readline().startswith(b"221 ")

@@ -243,22 +243,60 @@ def test_dot_inside_a_line_is_kept(Reader):
     tr_data(Reader, b"a.b\r\nend.\r\n.\r\n", b"a.b\r\nend.\r\n")
 
 
+SMUGGLED = b"MAIL FROM:<x@evil>\r\n"
+
+
 @pytest.mark.parametrize(
-    "smuggled",
-    [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r.\r\n", b"\r\n.\n", b"\n.\r"],
-    ids=["lf-dot-lf", "cr-dot-cr", "lf-dot-crlf", "cr-dot-crlf", "crlf-dot-lf", "lf-dot-cr"],
+    "smuggled, payload",
+    [  # smtpd_forbid_bare_newline = normalize: a bare LF is passed on as CRLF, the dot that
+       # begins the next line is unstuffed, and only a "." line ended by CRLF after a line
+       # ended by CRLF ends the data. A bare CR is content.
+        (b"\n.\n", b"a\r\n\r\n" + SMUGGLED),
+        (b"\r.\r", b"a\r.\r" + SMUGGLED),
+        (b"\n.\r\n", b"a\r\n\r\n" + SMUGGLED),
+        (b"\r.\r\n", b"a\r.\r\n" + SMUGGLED),
+        (b"\r\n.\n", b"a\r\n\r\n" + SMUGGLED),
+        (b"\r\n.\r", b"a\r\n\r" + SMUGGLED),
+        (b"\n.\r", b"a\r\n\r" + SMUGGLED),
+    ],
+    ids=["lf-dot-lf", "cr-dot-cr", "lf-dot-crlf", "cr-dot-crlf", "crlf-dot-lf", "crlf-dot-cr",
+         "lf-dot-cr"],
 )
-def test_bare_lf_or_cr_dot_does_not_end_data(Reader, smuggled):
-    data = b"a" + smuggled + b"MAIL FROM:<x@evil>\r\n.\r\n"
-    if smuggled.startswith(b"\r\n."):
-        payload = b"a\r\n" + smuggled[3:] + b"MAIL FROM:<x@evil>\r\n"  # a stuffed dot
-    else:
-        payload = data[: -len(b".\r\n")]
-    tr_data(Reader, data, payload)
+def test_bare_lf_or_cr_dot_does_not_end_data(Reader, smuggled, payload):
+    tr_data(Reader, b"a" + smuggled + SMUGGLED + b".\r\n", payload)
 
 
 def test_bare_lf_dot_at_the_start_does_not_end_data(Reader):
-    tr_data(Reader, b"\n.\r\nx\r\n.\r\n", b"\n.\r\nx\r\n")
+    tr_data(Reader, b"\n.\r\nx\r\n.\r\n", b"\r\n\r\nx\r\n")
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7])
+def test_bare_lf_normalised_across_any_chunking(Reader, chunk):
+    data = b"a\nb\r\n..c\n..d\r\n.\n.\r\ne\r\n.\r\nQUIT\r\n"
+    reader = Reader()
+    reader.start_data()
+    out, done = [], False
+    for start in range(0, len(data), chunk):
+        reader.feed(data[start : start + chunk])
+        payload, done = reader.read_data()
+        out.append(payload)
+        if done:
+            break
+    assert done
+    assert b"".join(out) == b"a\r\nb\r\n.c\r\n.d\r\n\r\n\r\ne\r\n"
+    assert reader.bare_lf
+
+
+def test_bare_lf_flag_is_set_by_command_lines_and_data(Reader):
+    reader = Reader()
+    reader.feed(b"NOOP\r\n")
+    assert reader.read_line() == b"NOOP" and not reader.bare_lf
+    reader.feed(b"NOOP\n")
+    assert reader.read_line() == b"NOOP" and reader.bare_lf
+    reader.bare_lf = False
+    reader.start_data()
+    reader.feed(b"x\r\ny\r\n.\r\n")
+    assert reader.read_data() == (b"x\r\ny\r\n", True) and not reader.bare_lf
 
 
 def test_bytes_after_end_of_data_stay_buffered_for_read_line(Reader):

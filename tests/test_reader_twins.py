@@ -1,8 +1,8 @@
 """Differential test: the compiled reader and its pure-Python twin (the oracle) agree.
 
 For arbitrary bytes (biased toward b"\\r\\n.xA"), arbitrary chunkings and an arbitrary sequence
-of read_line / start_data / read_data / read_exact calls, both return identical results or raise
-the same exception, and hold the same number of bytes after every step.
+of read_line / start_data / read_data / read_exact / peek calls, both return identical results or
+raise the same exception, hold the same number of bytes and agree on ``bare_lf`` after every step.
 """
 
 import pytest
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
     not compiled.__name__.startswith("engine._compiled."), reason="compiled reader not built"
 )
 
-OPERATIONS = ("read_line", "start_data", "read_data")
+OPERATIONS = ("read_line", "start_data", "read_data", "peek")
 
 # Pieces that make line ends, dot lines and their near misses likely; now and then any bytes.
 alphabet = st.sampled_from(
@@ -40,11 +40,13 @@ def run(module, max_line_length, script):
     reader = module.Reader(max_line_length)
     seen = []
     for name, *args in script:
+        if name == "peek":
+            args = [5]
         try:
             result = getattr(reader, name)(*args)
         except Exception as exc:  # the same class and args are expected from both twins
             result = (type(exc), exc.args)
-        seen.append((name, result, len(reader)))
+        seen.append((name, result, len(reader), reader.bare_lf))
     return seen
 
 
@@ -60,6 +62,7 @@ def test_compiled_and_pure_twins_agree(session):
 
 @settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=3000), st.integers(1, 700))
+@example(b"a\n.\nMAIL FROM:<x@y>\r\n\n.\r\n", 3)  # bare LFs around dot lines, split
 def test_twins_agree_on_a_whole_message_in_fixed_chunks(data, chunk_size):
     message = data + b"\r\n.\r\nQUIT\r\n"
     script = [("start_data",)]

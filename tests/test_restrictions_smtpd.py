@@ -110,6 +110,7 @@ def test_dns_restrictions_answer_later_and_keep_pipelined_order(tern, dns_server
     host, port = dns_server(["known.test. 60 IN MX 10 mail.known.test.",
                              "mail.known.test. 60 IN A 127.0.0.1"])
     server = tern(**UNTRUSTED, dns_servers=[f"{host}:{port}"], dns_timeout="3s",
+                  smtpd_forbid_unauth_pipelining=False,  # the batch goes on after NOOP
                   smtpd_sender_restrictions="reject_unknown_sender_domain",
                   smtpd_recipient_restrictions=["reject_unauth_destination",
                                                 "reject_unknown_recipient_domain"])
@@ -186,7 +187,8 @@ def test_pending_dns_check_pauses_reading_and_survives_a_lost_connection():
         asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
         log = io.StringIO()
         config = Config(myhostname="mx.test", mynetworks=(), relay_domains=("relay.test",),
-                        smtpd_sender_restrictions=("reject_unknown_sender_domain",))
+                        smtpd_sender_restrictions=("reject_unknown_sender_domain",),
+                        smtpd_forbid_unauth_pipelining=False)  # the batch follows EHLO
         maillog = Maillog("mx.test", stream=log)
         resolver = GatedResolver()
         context = SmtpdContext(config=config, cleanup=Cleanup(MemorySpool(), maillog, config),

@@ -39,6 +39,9 @@ class GatedSpool(MemorySpool):
 
 async def serve(spool, **config):
     log = io.StringIO()
+    # these clients write a whole transaction at once (EHLO … DATA): improper pipelining, which
+    # tests/test_abuse_pipelining.py covers; here it is allowed so they can test the rest
+    config.setdefault("smtpd_forbid_unauth_pipelining", False)
     config = Config(myhostname="mx.test", **config)
     maillog = Maillog("mx.test", stream=log)
     context = SmtpdContext(config=config, cleanup=Cleanup(spool, maillog, config),

@@ -120,6 +120,24 @@ def _network(value: str) -> Network:
         raise ValueError("expected an address or address/prefix, e.g. 192.0.2.0/24") from None
 
 
+def _client_networks(value: Any) -> tuple[Network, ...] | None:
+    """A list of networks as mynetworks, or "$mynetworks" (kept as None: follows mynetworks)."""
+    if value == "$mynetworks" or value == ["$mynetworks"]:
+        return None
+    return _str_list(_network, "networks")(value)
+
+
+def _bare_newline(value: Any) -> str:
+    """smtpd_forbid_bare_newline: Postfix's values but "no", which would let a bare LF end
+    DATA (SMTP smuggling); "yes" is Postfix's alias for "normalize"."""
+    text = _string(value).lower()
+    if text == "yes":
+        return "normalize"
+    if text not in ("normalize", "reject"):
+        raise _Invalid(f'expected "normalize" (or "yes") or "reject", got {_show(value)}')
+    return text
+
+
 def _dns_server(value: str) -> str:
     parse_dns_server(value)
     return value
@@ -380,12 +398,17 @@ _INT_MINIMUM = {
     "smtp_connection_reuse_count_limit": 0,  # 0 = no limit (Postfix)
     "worker_count": 0,  # 0 = one per core
     "smtpd_client_auth_failure_limit": 0,  # 0 = no limit
+    "smtpd_client_connection_count_limit": 0,  # 0 = off (Postfix)
+    "smtpd_client_connection_rate_limit": 0,
+    "smtpd_client_message_rate_limit": 0,
+    "smtpd_client_recipient_rate_limit": 0,
     "queue_map_size": 65536,
 }
-_DURATION_SUFFIXES = ("_time", "_timeout", "_delay", "_window", "_lifetime", "_time_limit")
+_DURATION_SUFFIXES = ("_time", "_timeout", "_delay", "_window", "_lifetime", "_time_limit",
+                      "_time_unit")
 # 0 = off / at once; every other duration is > 0
 _ZERO_DURATIONS = {"queue_commit_window", "delay_warning_time", "default_destination_rate_delay",
-                   "smtp_connection_cache_time_limit"}
+                   "smtp_connection_cache_time_limit", "smtpd_error_sleep_time"}
 _SPECIAL: dict[str, Converter] = {
     "myhostname": _hostname,
     "mydomain": _optional_hostname,
@@ -400,6 +423,10 @@ _SPECIAL: dict[str, Converter] = {
     "smtp_helo_name": _helo_name,
     "smtpd_banner": lambda value: _string(value, empty=False),
     "smtpd_sasl_password_file": _optional_path,
+    "smtpd_forbid_bare_newline": _bare_newline,
+    "smtpd_forbid_bare_newline_exclusions": _client_networks,
+    "smtpd_forbid_bare_newline_reject_code": _reply_code("5"),
+    "smtpd_client_event_limit_exceptions": _client_networks,
     "smtpd_tls_security_level": _tls_security_level,
     "smtpd_tls_protocols": _tls_protocols,
     "tls_high_cipherlist": lambda value: _string(value, empty=False),

@@ -79,12 +79,31 @@ class Config:
     smtpd_timeout: float = 300.0
     # sessions one worker serves at once; past it a client gets 421 (master.cf's maxproc role)
     smtpd_connection_limit: int = 20000
+    # abuse defences (smtpd(8), anvil(8)): Postfix's names and defaults, except where noted
+    smtpd_forbid_bare_newline: str = "normalize"  # "normalize" (Postfix 3.9's; "yes") | "reject"
+    # clients exempt from "reject" (None = $mynetworks); they still get "normalize", the floor
+    smtpd_forbid_bare_newline_exclusions: tuple[Network, ...] | None = None
+    smtpd_forbid_bare_newline_reject_code: int = 550  # 521 replies and disconnects
+    smtpd_forbid_unauth_pipelining: bool = True  # Postfix >= 3.9
+    smtpd_soft_error_limit: int = 10  # errors before every reply is delayed ...
+    smtpd_error_sleep_time: float = 1.0  # ... by this long
+    smtpd_hard_error_limit: int = 20  # errors before 421 and disconnect
+    # a deadline per request (command line, or DATA at smtpd_min_data_rate bytes/s) as well as
+    # per read: Tern's default is yes (Postfix's is no), so a trickling client cannot stay
+    smtpd_per_request_deadline: bool = True
+    smtpd_min_data_rate: int = 500
+    smtpd_client_connection_count_limit: int = 50  # concurrent sessions per client; 0 = off
+    smtpd_client_connection_rate_limit: int = 0  # per anvil_rate_time_unit; 0 = off
+    smtpd_client_message_rate_limit: int = 0
+    smtpd_client_recipient_rate_limit: int = 0
+    smtpd_client_event_limit_exceptions: tuple[Network, ...] | None = None  # None = $mynetworks
+    anvil_rate_time_unit: float = 60.0
     # SMTP AUTH (RFC 4954): PLAIN and LOGIN, checked against a Dovecot passwd-file
     smtpd_sasl_auth_enable: bool = False  # on every listener; a submission one has it anyway
     smtpd_tls_auth_only: bool = True  # offer AUTH only under TLS (unlike Postfix's "no")
     smtpd_sasl_password_file: str = ""  # absolute path: user:{SCHEME}hash lines (tern passwd)
-    # failed AUTHs one client address may make per anvil time unit: then 421 and no more AUTH
-    # from it until the unit ends; 0 = no limit
+    # failed AUTHs one client address may make per anvil_rate_time_unit: then 421 and no more
+    # AUTH from it until the unit ends (smtpd_client_event_limit_exceptions exempt); 0 = no limit
     smtpd_client_auth_failure_limit: int = 5
     # worker processes (each with its own spool shard); 0 = one per core
     worker_count: int = 0
@@ -184,6 +203,16 @@ class Config:
             return self.mydomain
         _, _, rest = self.myhostname.partition(".")
         return rest or "localdomain"
+
+    @property
+    def bare_newline_exclusions(self) -> tuple[Network, ...]:
+        return self.mynetworks if self.smtpd_forbid_bare_newline_exclusions is None else (
+            self.smtpd_forbid_bare_newline_exclusions)
+
+    @property
+    def event_limit_exceptions(self) -> tuple[Network, ...]:
+        return self.mynetworks if self.smtpd_client_event_limit_exceptions is None else (
+            self.smtpd_client_event_limit_exceptions)
 
     @property
     def local_domains(self) -> frozenset[str]:

@@ -70,6 +70,7 @@ HELP = Reply(214, "2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT 
 BAD_SYNTAX = Reply(500, "5.5.2 Error: bad syntax")
 LINE_TOO_LONG = Reply(500, "5.5.2 Error: line too long")
 NOT_RECOGNIZED = Reply(502, "5.5.2 Error: command not recognized")
+SYNCHRONIZATION_ERROR = Reply(554, "5.5.0 Error: SMTP protocol synchronization")
 NEED_MAIL = Reply(503, "5.5.1 Error: need MAIL command")
 NEED_RCPT = Reply(503, "5.5.1 Error: need RCPT command")
 NESTED_MAIL = Reply(503, "5.5.1 Error: nested MAIL command")

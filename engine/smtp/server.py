@@ -107,8 +107,20 @@ class Closed:
     hangup: bool = False  # the dialogue itself ended it (521 after a malformed BDAT)
 
 
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """Notice: the client broke a rule the dialogue enforces; the reply is already queued (and
+    the session closed when ``closing``). For Postfix's log lines: "too many errors after RCPT",
+    "improper command pipelining after EHLO from …: MAIL FROM:<…>\\r\\n"."""
+
+    what: str  # "too many errors", "improper command pipelining", "bare <LF> received", …
+    after: str  # the command it came with (or before: CONNECT)
+    detail: str = ""  # the offending input, escaped as Postfix does
+    closing: bool = False
+
+
 Event = (Helo | MailFrom | RcptTo | Data | MessageChunk | MessageEnd | StartTls | Reset | Auth
-         | AuthRefused | Closed)
+         | AuthRefused | Closed | Violation)
 
 # ---------------------------------------------------------------------------------------------
 # States and the sequencing table: everything that decides which command may come when.
@@ -141,6 +153,11 @@ BDAT_SEQUENCE_ERRORS: dict[State, Reply] = {
     State.IDLE: replies.NEED_RCPT,
     State.MAIL: replies.NO_VALID_RECIPIENTS,
 }
+
+#: Commands after which input must not already be waiting (Postfix's SMTPD_CMD_FLAG_LAST: the
+#: RFC 2920 §3.1 "last in a group" commands it implements). STARTTLS is not one: the plaintext
+#: pipelined behind it is discarded instead (CVE-2011-0411); nor QUIT, after which nothing runs.
+PIPELINE_LAST = frozenset({"EHLO", "HELO", "DATA", "NOOP", "VRFY"})
 
 #: RFC 3461 parameters: keyword → (value check returning the value to keep or None, the reply
 #: for a malformed or repeated one).
@@ -190,6 +207,31 @@ class Settings:
     auth_enabled: bool = False  # smtpd_sasl_auth_enable, and credentials to check exist
     tls_auth_only: bool = True  # smtpd_tls_auth_only: AUTH only once TLS is active
     auth_required: bool = False  # a submission service: MAIL needs AUTH first (530)
+    # abuse defences (the adapter passes the configuration's; these defaults keep the core lax)
+    hard_error_limit: int = 0  # errors before 421 and disconnect; 0 = none
+    # past this many errors, one reply at a time: next_event stops while replies are queued,
+    # so the adapter can delay each (smtpd_error_sleep_time); 0 = off
+    soft_error_limit: int = 0
+    forbid_unauth_pipelining: bool = False
+    reject_bare_newline: bool = False  # smtpd_forbid_bare_newline = reject (else normalize)
+    bare_newline_reject_code: int = 550
+
+
+def escape(data: bytes) -> str:
+    """Input shown in a log line as Postfix's escape() does: printable ASCII as is, the rest as
+    C escapes (\\r, \\n, \\t, \\\\, else \\ooo)."""
+    out = []
+    for byte in data:
+        if byte == 92:
+            out.append("\\\\")
+        elif 32 <= byte < 127:
+            out.append(chr(byte))
+        else:
+            out.append(_ESCAPES.get(byte) or f"\\{byte:03o}")
+    return "".join(out)
+
+
+_ESCAPES = {13: "\\r", 10: "\\n", 9: "\\t"}
 
 
 @dataclass(slots=True)
@@ -225,6 +267,10 @@ class ServerSession:
         self._recipients = 0
         self._eof = False
         self._closed_reported = False
+        # errors since the last delivered message (Postfix's error_count): 4xx/5xx replies to
+        # the client's commands, not the ones the application sends on its own (timeouts)
+        self.error_count = 0
+        self.reject_bare_newline = settings.reject_bare_newline  # off for excluded clients
         self._smtputf8 = False  # the open transaction's MAIL FROM said SMTPUTF8 (RFC 6531)
         self._chunk: _Chunk | None = None  # a BDAT chunk's bytes are being read
         self._bdat_bytes = 0  # bytes of the accepted BDAT chunks of this transaction
@@ -252,6 +298,26 @@ class ServerSession:
     @property
     def awaiting_answer(self) -> bool:
         return self._pending is not None
+
+    @property
+    def pending_input(self) -> int:
+        """Bytes received and not yet consumed: a partial request, or pipelined ones."""
+        return len(self._reader)
+
+    def replace_greeting(self, reply: Reply) -> None:
+        """Answer the connection with ``reply`` instead of the 220 (a limit refused the
+        client); the session ends."""
+        self._out[:] = [reply.encode()]
+        self.state = State.CLOSED
+
+    def synchronization_error(self, after: str = "CONNECT") -> None:
+        """The client spoke before the greeting (the adapter found input waiting when it was
+        about to greet): Postfix's 554 instead of the 220, and the session ends."""
+        self._out.clear()
+        self._violation("improper command pipelining", after, closing=True,
+                        detail=escape(self._reader.peek(100)))
+        self._out.append(replies.SYNCHRONIZATION_ERROR.encode())
+        self.state = State.CLOSED
 
     def send_reply(self, reply: Reply) -> None:
         """Queue a reply the application originates (timeouts, shutdown)."""
@@ -282,18 +348,29 @@ class ServerSession:
                 if chunk:
                     self._ready.append(MessageChunk(chunk))
                 if ended:
-                    self._ready.append(MessageEnd())
+                    if self.reject_bare_newline and self._reader.bare_lf:
+                        self._refuse_bare_newline("DATA", message=True)
+                    else:
+                        self._ready.append(MessageEnd())
                 if self._ready:
                     continue
                 return self._closed_event(quit=False) if self._eof else None
+            soft = self.settings.soft_error_limit
+            if soft and self.error_count >= soft and self._out:
+                return None  # tarpit: let the adapter send (and delay) what is queued first
             try:
                 line = self._reader.read_line()
             except LineTooLong:
                 self._sasl = None  # an over-long SASL response ends the exchange
-                self._out.append(replies.LINE_TOO_LONG.encode())
+                self._violation("command line too long", self.last_command)
+                self._error(replies.LINE_TOO_LONG)
                 continue
             if line is None:
                 return self._closed_event(quit=False) if self._eof else None
+            if self.reject_bare_newline and self._reader.bare_lf:
+                self._sasl = None  # a refused line also ends an AUTH exchange
+                self._refuse_bare_newline(self.last_command, message=False)
+                continue
             if self._sasl is None:
                 self._command(line)
             else:  # a response to a 334 challenge: never a command, never logged
@@ -317,8 +394,10 @@ class ServerSession:
                 next_state, default, reply = State.BDAT, None, None
             else:
                 self._reader.start_data()
+                self._reader.bare_lf = False  # the message's own, for reject
         elif isinstance(event, MessageEnd):
             self._end_transaction()
+            self.error_count = 0  # Postfix counts errors "without delivering mail"
         elif isinstance(event, Auth):
             self.authenticated = True
         elif isinstance(event, StartTls):
@@ -341,9 +420,11 @@ class ServerSession:
         if fallback is not None:
             self.state = fallback
             self._end_transaction()
-        self._out.append(reply.encode())
         if reply.code == 421:
+            self._out.append(reply.encode())
             self.state = State.CLOSED
+            return
+        self._error(reply)
 
     def tls_started(self) -> None:
         """The adapter finished the TLS handshake (after STARTTLS, or at once on smtps)."""
@@ -387,34 +468,83 @@ class ServerSession:
         return Closed(during=during, quit=quit, hangup=self._hangup)
 
     def _command(self, line: bytes) -> None:
+        if b"\0" in line:  # no command holds a NUL: never let one reach a parser or a log
+            self._violation("NUL character in command", self.last_command,
+                            detail=escape(line[:100]))
+            self._error(replies.BAD_SYNTAX)
+            return
         if not line.isascii() and not _valid_utf8(line):  # RFC 6531 §3.1, as Postfix
-            self._out.append(replies.BAD_UTF8.encode())
+            self._error(replies.BAD_UTF8)
             return
         verb, arg = split_command(line)
         if not verb:
-            self._out.append(replies.BAD_SYNTAX.encode())
+            self._error(replies.BAD_SYNTAX)
             return
         handler = _HANDLERS.get(verb)
         if handler is None:
             self.last_command = "UNKNOWN"
             self._count("unknown")
-            self._out.append(replies.NOT_RECOGNIZED.encode())
+            self._error(replies.NOT_RECOGNIZED)
             return
         self.last_command = verb
         self._count(verb.lower())
+        if (self.settings.forbid_unauth_pipelining and len(self._reader)
+                and (not self.extended or verb in PIPELINE_LAST)):
+            # Postfix: input waiting after a command that must end a group (or after any
+            # command before EHLO announced PIPELINING) was sent before our reply was read
+            self._violation("improper command pipelining", verb, closing=True,
+                            detail=escape(self._reader.peek(100)))
+            self._out.append(replies.SYNCHRONIZATION_ERROR.encode())
+            self.state = State.CLOSED
+            return
         sequence_error = SEQUENCE_ERRORS.get((self.state, verb))
         if sequence_error is not None:
-            self._out.append(sequence_error.encode())
+            self._error(sequence_error)
             return
         try:
             result = handler(self, arg)
         except GrammarError as error:
-            self._out.append(error.reply.encode())
+            self._error(error.reply)
             return
         if isinstance(result, Reply):
-            self._out.append(result.encode())
+            if result.is_error:
+                self._error(result)
+            else:
+                self._out.append(result.encode())
         elif result is not None:
             self._ready.append(result)
+
+    def _error(self, reply: Reply) -> None:
+        """Send a 4xx/5xx reply to a client command and count it; at smtpd_hard_error_limit,
+        Postfix's 421 follows and the session ends."""
+        self._out.append(reply.encode())
+        self.error_count += 1
+        limit = self.settings.hard_error_limit
+        if limit and self.error_count >= limit and self.state is not State.CLOSED:
+            self._out.append(Reply(421, f"4.7.0 {self.settings.hostname} "
+                                        "Error: too many errors").encode())
+            self._ready.clear()
+            self._violation("too many errors", self.last_command, closing=True)
+            self.state = State.CLOSED
+
+    def _violation(self, what: str, after: str, *, detail: str = "",
+                   closing: bool = False) -> None:
+        self._ready.append(Violation(what=what, after=after, detail=detail, closing=closing))
+
+    def _refuse_bare_newline(self, after: str, *, message: bool) -> None:
+        """smtpd_forbid_bare_newline = reject: the command, or the whole message, is refused
+        with the configured code (521 also ends the session)."""
+        self._reader.bare_lf = False
+        code = self.settings.bare_newline_reject_code
+        closing = code == 521
+        if message:
+            self.state = State.IDLE
+            self._end_transaction()
+            self._ready.append(Reset())  # the transaction is abandoned
+        self._violation("bare <LF> received", after, closing=closing)
+        self._error(Reply(code, f"5.5.2 {self.settings.hostname} Error: bare <LF> received"))
+        if closing:
+            self.state = State.CLOSED
 
     def _count(self, name: str) -> None:
         self.command_counts[name] = self.command_counts.get(name, 0) + 1
@@ -509,7 +639,7 @@ class ServerSession:
         if isinstance(step, sasl.Credentials):
             self._ready.append(Auth(exchange.name, step.username, step.password))
         else:
-            self._out.append(step.reply.encode())
+            self._error(step.reply)  # counted as an error, as Postfix's 5xx AUTH replies
             self._ready.append(AuthRefused(exchange.name, step.reason, step.reply))
 
     # -- one handler per verb: returns a Reply to send now, or a request event --------------

@@ -7,8 +7,11 @@ Talks to untrusted clients; everything it learns from them passes through the sa
 """
 
 import asyncio
+import fcntl
 import functools
 import ssl
+import struct
+import termios
 import time
 from dataclasses import dataclass, field, replace
 
@@ -17,6 +20,7 @@ from engine.cleanup import Cleanup, MessageBuilder, Origin, RecipientRequest
 from engine.config import Config, Listener
 from engine.config.settings import AUTH_REQUIRED_SERVICES, SUBMISSION_SERVICES
 from engine.log import Maillog
+from engine.policy.relay import address_in
 from engine.policy.restrictions import CONFIG_ERROR, Facts, Policy, SessionChecks
 from engine.smtp import replies, server
 from engine.smtp.replies import Reply
@@ -64,6 +68,12 @@ class SmtpdContext:
                 auth_required=self.listener.service in AUTH_REQUIRED_SERVICES,
                 starttls=tls_level != "none",
                 require_tls=tls_level == "encrypt",
+                hard_error_limit=config.smtpd_hard_error_limit,
+                soft_error_limit=(config.smtpd_soft_error_limit
+                                  if config.smtpd_error_sleep_time > 0 else 0),
+                forbid_unauth_pipelining=config.smtpd_forbid_unauth_pipelining,
+                reject_bare_newline=config.smtpd_forbid_bare_newline == "reject",
+                bare_newline_reject_code=config.smtpd_forbid_bare_newline_reject_code,
             )
 
 
@@ -92,6 +102,11 @@ class SmtpdProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False  # over smtpd_connection_limit: answered 421, never a session
         self._sasl_method = ""  # the mechanism of the successful AUTH, for the client= line
+        self._anvil_client: str | None = None  # counted by anvil.connect (not an exception)
+        self._pregreet = False  # input was waiting before the greeting: 554 on arrival
+        self._deadline: float | None = None  # smtpd_per_request_deadline: this request's
+        self._tarpit: asyncio.TimerHandle | None = None  # smtpd_error_sleep_time running
+        self._held: list[bytes] = []  # replies held back by the tarpit
         self._handshake: asyncio.Task | None = None  # the TLS handshake under way
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -112,10 +127,65 @@ class SmtpdProtocol(asyncio.Protocol):
         self.ctx.sessions.add(self)
         self._log(f"connect from {self.origin.client}")
         self._arm_timer()
+        config = self.ctx.config
+        if address_in(client_ip, config.bare_newline_exclusions):
+            self.session.reject_bare_newline = False  # normalize, never reject, for these
+        refusal = self._anvil_connect(client_ip)
+        if refusal is not None:
+            self._closed_by_us = True
+            self.session.replace_greeting(refusal)  # 421 instead of the 220, then close
+            self._pump()
+            return
         if self.ctx.listener.service == "smtps":  # RFC 8314: TLS first; the greeting after it
             self._start_tls()
             return
+        if config.smtpd_forbid_unauth_pipelining and (
+                self.session.pending_input or _bytes_waiting(self.transport)):
+            self._pregreet = True  # the client spoke first: answered when its bytes are read
+            if self.session.pending_input:
+                self._synchronization_error()
+            return
         self._flush()
+
+    def _anvil_connect(self, client_ip: str) -> Reply | None:
+        """Postfix's per-client connection limits (anvil): the 421 for a client over its
+        concurrency or connection rate limit, else None. smtpd_client_event_limit_exceptions
+        are not counted at all, as Postfix's smtpd does not tell anvil about them."""
+        config = self.ctx.config
+        if address_in(client_ip, config.event_limit_exceptions):
+            return None
+        self._anvil_client = client_ip
+        sessions, rate = self.ctx.anvil.connect(client_ip)
+        count_limit = config.smtpd_client_connection_count_limit
+        rate_limit = config.smtpd_client_connection_rate_limit
+        if count_limit and sessions > count_limit:
+            what, count = "Connection concurrency", sessions
+        elif rate_limit and rate > rate_limit:
+            what, count = "Connection rate", rate
+        else:
+            return None
+        self._log(f"warning: {what} limit exceeded: {count} from {self.origin.client} "
+                  f"for service {self.ctx.listener.service}")
+        return Reply(421, f"4.7.0 {config.myhostname} Error: too many connections "
+                          f"from {client_ip}")
+
+    def _over_rate(self, event: str, limit: int, what: str) -> bool:
+        """Count a MAIL or RCPT with anvil; True (and the warning logged) when over ``limit``.
+        Postfix counts them whether or not they are accepted."""
+        if not limit or self._anvil_client is None:
+            return False
+        count = self.ctx.anvil.count(event, self._anvil_client)
+        if count <= limit:
+            return False
+        self._log(f"warning: {what} rate limit exceeded: {count} from {self.origin.client} "
+                  f"for service {self.ctx.listener.service}")
+        return True
+
+    def _synchronization_error(self) -> None:
+        self._pregreet = False
+        self._closed_by_us = True
+        self.session.synchronization_error()
+        self._pump()
 
     def _refuse(self, limit: int) -> None:
         """The worker already serves ``limit`` sessions: 421 instead of the greeting, then close.
@@ -130,9 +200,23 @@ class SmtpdProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        self._last_activity = time.monotonic()
+        now = self._last_activity = time.monotonic()
         self.session.receive_data(data)
+        if self._pregreet:
+            self._synchronization_error()
+            return
+        config = self.ctx.config
+        if config.smtpd_per_request_deadline:
+            timeout = config.smtpd_timeout
+            if self._deadline is None:
+                self._deadline = now + timeout  # a request begins
+            elif self.session.state is server.State.DATA:  # smtpd_min_data_rate earns time
+                self._deadline = min(self._deadline + len(data) / config.smtpd_min_data_rate,
+                                     now + timeout)
         self._pump()
+        if self._deadline is not None and not self.session.pending_input and (
+                self.session.state is not server.State.DATA):
+            self._deadline = None  # every request received is complete
 
     def eof_received(self) -> bool:
         if self._refused:
@@ -173,26 +257,65 @@ class SmtpdProtocol(asyncio.Protocol):
         self._pump()
         if self._timer is not None:
             self._timer.cancel()
+        if self._tarpit is not None:
+            self._tarpit.cancel()
+            self._tarpit = None
         self.ctx.sessions.discard(self)
+        if self._anvil_client is not None:
+            self.ctx.anvil.disconnect(self._anvil_client)
+            self._anvil_client = None
 
     # -- the event pump ----------------------------------------------------------------------
 
     def _pump(self) -> None:
         session = self.session
-        while (event := session.next_event()) is not None:
-            handler = _EVENT_HANDLERS[type(event)]
-            handler(self, event)
-        self._flush()
+        soft_limit = session.settings.soft_error_limit
+        while self._tarpit is None:  # else the delayed reply goes first; _end_tarpit pumps
+            while (event := session.next_event()) is not None:
+                handler = _EVENT_HANDLERS[type(event)]
+                handler(self, event)
+            sent = self._flush()
+            # at the soft error limit the core stops after each reply (so that each can be
+            # delayed): go on with the commands it still holds
+            if not (sent and soft_limit and session.error_count >= soft_limit):
+                return
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
+        """Write the queued replies; True when some went out now (not held by the tarpit)."""
         out = self.session.data_to_send()
         transport = self.transport
         if transport is None or transport.is_closing():
-            return
+            return False
         if out:
+            config = self.ctx.config
+            if self._tarpit is not None or (
+                    config.smtpd_error_sleep_time > 0
+                    and self.session.error_count > config.smtpd_soft_error_limit):
+                self._hold(out)  # smtpd_soft_error_limit passed: every reply is delayed
+                return False
             transport.write(out)
         if self.session.closed and not self._committing:
             transport.close()
+        return bool(out)
+
+    def _hold(self, out: bytes) -> None:
+        self._held.append(out)
+        if self._tarpit is None:
+            self._pause("tarpit")
+            loop = asyncio.get_running_loop()
+            self._tarpit = loop.call_later(self.ctx.config.smtpd_error_sleep_time,
+                                           self._end_tarpit)
+
+    def _end_tarpit(self) -> None:
+        self._tarpit = None
+        out = b"".join(self._held)
+        self._held.clear()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(out)
+        self._resume("tarpit")
+        self._pump()  # the next command the core held back, or the close
 
     # -- restrictions: each decision point asks SessionChecks, synchronously unless a list of
     # that stage needs DNS; then a task answers later (the core waits, input buffered).
@@ -246,6 +369,11 @@ class SmtpdProtocol(asyncio.Protocol):
         self.session.accept()
 
     def _on_mail(self, event: server.MailFrom) -> None:
+        if self._over_rate("message", self.ctx.config.smtpd_client_message_rate_limit,
+                           "Message delivery request"):  # before the restrictions, as Postfix
+            self.session.reject(Reply(450, "4.7.1 Error: too much mail from "
+                                           f"{self.origin.client_ip}"))
+            return
         self._decide("MAIL", self._facts(sender=event.sender),
                      lambda refusal: self._answer_mail(event, refusal))
 
@@ -265,6 +393,11 @@ class SmtpdProtocol(asyncio.Protocol):
         self.session.accept()
 
     def _on_rcpt(self, event: server.RcptTo) -> None:
+        if self._over_rate("recipient", self.ctx.config.smtpd_client_recipient_rate_limit,
+                           "Recipient address"):  # before the restrictions, as Postfix
+            self.session.reject(Reply(450, "4.7.1 Error: too many recipients from "
+                                           f"{self.origin.client_ip}"))
+            return
         facts = self._facts(sender=self.txn.sender, recipient=event.recipient)
         checks = self.checks
         if checks.needs_dns("RCPT"):
@@ -346,8 +479,8 @@ class SmtpdProtocol(asyncio.Protocol):
     def _on_auth(self, event: server.Auth) -> None:
         """Check the password off the event loop (a bcrypt or argon2 check takes tens of ms);
         the core holds later pipelined commands until the answer, as for a spool commit."""
-        limit = self.ctx.config.smtpd_client_auth_failure_limit
-        if limit and self.ctx.anvil.peek("auth_failure", self.origin.client_ip) >= limit:
+        limit, client = self.ctx.config.smtpd_client_auth_failure_limit, self._anvil_client
+        if limit and client is not None and self.ctx.anvil.peek("auth_failure", client) >= limit:
             self._over_auth_failure_limit(limit, reject=True)
             return
         self._pause("auth")
@@ -388,11 +521,12 @@ class SmtpdProtocol(asyncio.Protocol):
 
     def _auth_failed(self, mechanism: str, reason: str) -> None:
         """Postfix's warning (never the password nor the client's base64), and the failure
-        counted per client address in the worker's anvil: at the limit, 421 and disconnect."""
+        counted per client address in the worker's anvil (not for the anvil exceptions,
+        smtpd_client_event_limit_exceptions): at the limit, 421 and disconnect."""
         self._log(f"warning: {self.origin.client}: SASL {mechanism} authentication failed: "
                   f"{reason}")
-        limit = self.ctx.config.smtpd_client_auth_failure_limit
-        if limit and self.ctx.anvil.count("auth_failure", self.origin.client_ip) >= limit:
+        limit, client = self.ctx.config.smtpd_client_auth_failure_limit, self._anvil_client
+        if limit and client is not None and self.ctx.anvil.count("auth_failure", client) >= limit:
             self._over_auth_failure_limit(limit, reject=False)
 
     def _over_auth_failure_limit(self, limit: int, *, reject: bool) -> None:
@@ -404,7 +538,7 @@ class SmtpdProtocol(asyncio.Protocol):
         self._closed_by_us = True
         if reject:
             self.session.reject(reply)
-        else:
+        elif not self.session.closed:  # (smtpd_hard_error_limit may have said 421 already)
             self.session.send_reply(reply)
     # -- TLS: STARTTLS and smtps (engine.tls says how it is layered) -------------------------
 
@@ -463,6 +597,20 @@ class SmtpdProtocol(asyncio.Protocol):
     def _on_reset(self, event: server.Reset) -> None:
         self.txn = None
 
+    def _on_violation(self, event: server.Violation) -> None:
+        """Postfix's log line for a broken rule; a closing one is no "lost connection"."""
+        client = self.origin.client
+        if event.closing:
+            self._closed_by_us = True
+        if event.what == "improper command pipelining":
+            self._log(f"improper command pipelining after {event.after} from {client}: "
+                      f"{event.detail}")
+        elif event.closing or event.what == "bare <LF> received":
+            self._log(f"{event.what} after {event.after} from {client}")
+        else:
+            detail = f": {event.detail}" if event.detail else ""
+            self._log(f"warning: {event.what} after {event.after} from {client}{detail}")
+
     def _on_closed(self, event: server.Closed) -> None:
         client = self.origin.client
         if not (event.quit or event.hangup or self._closed_by_us):
@@ -480,11 +628,17 @@ class SmtpdProtocol(asyncio.Protocol):
         self._timer = loop.call_at(loop.time() + timeout, self._check_timeout)
 
     def _check_timeout(self) -> None:
-        idle = time.monotonic() - self._last_activity
+        """smtpd_timeout: 421 after that long without input, or (smtpd_per_request_deadline)
+        when a request that began has not been completed by its deadline."""
+        now = time.monotonic()
         timeout = self.ctx.config.smtpd_timeout
-        if idle < timeout or self._committing:
+        due = self._last_activity + timeout
+        if self._deadline is not None:
+            due = min(due, self._deadline)
+        if now < due or self._committing:
             loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(loop.time() + timeout - idle, self._check_timeout)
+            wait = due - now if now < due else timeout
+            self._timer = loop.call_at(loop.time() + wait, self._check_timeout)
             return
         self._timer = None
         self._log(f"timeout after {self.session.last_command} from {self.origin.client}")
@@ -533,4 +687,17 @@ _EVENT_HANDLERS = {
     server.Auth: SmtpdProtocol._on_auth,
     server.AuthRefused: SmtpdProtocol._on_auth_refused,
     server.Closed: SmtpdProtocol._on_closed,
+    server.Violation: SmtpdProtocol._on_violation,
 }
+
+
+def _bytes_waiting(transport: asyncio.Transport) -> int:
+    """Bytes the client sent that the kernel holds unread (Postfix's peekfd: FIONREAD)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return struct.unpack("i", raw)[0]

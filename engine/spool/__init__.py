@@ -101,6 +101,12 @@ class QueuedMessage:
     envelope: Envelope
     content: list[bytes] = field(default_factory=list)
 
+    def whole(self) -> bytes | bytearray:
+        """The content in one buffer: the only piece itself when there is one (cleanup's
+        case: no second copy of a large message), else the pieces joined."""
+        content = self.content
+        return content[0] if len(content) == 1 else b"".join(content)
+
 
 class Spool(Protocol):
     """The storage contract every spool keeps."""

@@ -74,7 +74,7 @@ def _no_room(error: Exception, path: Path, ops: list[tuple]) -> str | None:
         return "no space left on the spool file system"
     if code == errno.EIO:
         # LMDB reports a short write as EIO: the file system ran out of space midway.
-        needed = sum(len(envelope or b"") + sum(map(len, content or ()))
+        needed = sum(len(envelope or b"") + len(content or b"")
                      for _, _, content, envelope, _ in ops)
         if 0 <= _free_bytes(path) < needed + _DISK_FULL_MARGIN:
             return "no space left on the spool file system"
@@ -114,7 +114,7 @@ class LmdbSpool:
 
     async def enqueue(self, message: QueuedMessage) -> None:
         envelope = message.envelope
-        await self._submit((_PUT, envelope.queue_id.encode(), message.content, envelope.encode(),
+        await self._submit((_PUT, envelope.queue_id.encode(), message.whole(), envelope.encode(),
                             envelope.index_due))
 
     async def update(self, envelope: Envelope) -> None:
@@ -228,7 +228,7 @@ class LmdbSpool:
                     continue
                 if kind == _PUT:
                     # Never replace a queued message (a queue ID reused after a clock step).
-                    if not txn.put(key, b"".join(content), db=self._content_db, overwrite=False):
+                    if not txn.put(key, content, db=self._content_db, overwrite=False):
                         refused[id(op)] = SpoolError(f"queue ID {key.decode()} is in use")
                         continue
                     new_messages += 1

@@ -13,7 +13,7 @@ class MemorySpool:
 
     async def enqueue(self, message: QueuedMessage) -> None:
         queue_id = message.envelope.queue_id
-        self._content[queue_id] = b"".join(message.content)
+        self._content[queue_id] = message.whole()
         self._envelopes[queue_id] = message.envelope.encode()
 
     async def update(self, envelope: Envelope) -> None:
