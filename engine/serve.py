@@ -20,6 +20,7 @@ from pathlib import Path
 import lmdb
 
 from engine import __version__
+from engine.auth.passwd_file import PasswdFileError, PasswordFile
 from engine.cleanup import Cleanup
 from engine.config import Config, Listener
 from engine.control import ControlError, ControlServer
@@ -94,10 +95,19 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
     if shard == 0:  # once, not once per worker
         for warning in validity_warnings(config):
             maillog.line("smtpd", f"warning: {warning}")
+    try:  # AUTH's credentials, one table per worker (re-read when the file changes)
+        authenticator = (PasswordFile(config.smtpd_sasl_password_file)
+                         if config.smtpd_sasl_password_file else None)
+    except PasswdFileError as error:
+        await control.close()
+        await qmgr.stop()
+        spool.close()
+        raise StartupError(f"smtpd_sasl_password_file: {error}") from error
 
     def factory(listener: Listener) -> Callable[[], SmtpdProtocol]:
         context = SmtpdContext(config=config, cleanup=cleanup, maillog=maillog,
-                               sessions=sessions, listener=listener, anvil=anvil, tls=tls)
+                               sessions=sessions, listener=listener, anvil=anvil, tls=tls,
+                               authenticator=authenticator)
         return lambda: SmtpdProtocol(context)
 
     servers = []

@@ -59,6 +59,10 @@ smtpd_connection_limit = 500
 smtpd_upstream_proxy_timeout = "2s"
 smtpd_authorized_xclient_hosts = "127.0.0.2/32"
 smtpd_authorized_xforward_hosts = ["127.0.0.3", "[::1]"]
+smtpd_sasl_auth_enable = true
+smtpd_tls_auth_only = false
+smtpd_sasl_password_file = "/dev/null"
+smtpd_client_auth_failure_limit = 3
 smtpd_forbid_bare_newline = "reject"
 smtpd_forbid_bare_newline_exclusions = "192.0.2.0/24"
 smtpd_forbid_bare_newline_reject_code = 521
@@ -637,6 +641,59 @@ def test_queue_manager_keys_with_postfix_names(tmp_path):
     assert config.smtp_connection_cache_time_limit == 2.0
 
 
+# -- AUTH keys -------------------------------------------------------------------------------
+
+
+def test_auth_keys_defaults_and_values(tmp_path):
+    defaults = Config()
+    assert (defaults.smtpd_sasl_auth_enable, defaults.smtpd_tls_auth_only) == (False, True)
+    assert defaults.smtpd_sasl_password_file == ""
+    assert defaults.smtpd_client_auth_failure_limit == 5
+    passwd = tmp_path / "passwd"
+    passwd.write_text("# users\nalice:{PLAIN}secret\n")
+    config = load_config(write(tmp_path, f'smtpd_sasl_auth_enable = true\n'
+                                         f'smtpd_sasl_password_file = "{passwd}"\n'
+                                         f'smtpd_client_auth_failure_limit = 0\n'))
+    assert config.smtpd_sasl_auth_enable and config.smtpd_sasl_password_file == str(passwd)
+    assert config.smtpd_client_auth_failure_limit == 0  # no limit
+
+
+def test_submission_listener_is_a_known_service(tmp_path):
+    passwd = tmp_path / "passwd"
+    passwd.write_text("")
+    config = load_config(write(tmp_path, f'smtpd_sasl_password_file = "{passwd}"\n[[listen]]\n'
+                                         'address = "127.0.0.1:587"\nservice = "submission"\n'))
+    assert config.listen == (Listener("127.0.0.1", 587, "submission"),)
+
+
+@pytest.mark.parametrize("text, line, fragment", [
+    ('smtpd_sasl_auth_enable = true\n', 1,
+     "smtpd_sasl_password_file: required by smtpd_sasl_auth_enable = true"),
+    ('myhostname = "a.test"\n[[listen]]\naddress = "127.0.0.1:25"\n[[listen]]\n'
+     'address = "127.0.0.1:587"\nservice = "submission"\n', 6,
+     'smtpd_sasl_password_file: required by [[listen]] service "submission"'),
+    ('smtpd_sasl_password_file = "relative/passwd"\n', 1, "expected an absolute path"),
+    ('smtpd_client_auth_failure_limit = -1\n', 1, "of at least 0"),
+    ('smtpd_tls_auth_only = "no"\n', 1, "expected true or false"),
+])  # fmt: skip
+def test_auth_key_errors(tmp_path, text, line, fragment):
+    error, path = config_error(tmp_path, text)
+    assert error.line == line
+    assert fragment in str(error)
+
+
+@pytest.mark.parametrize("content, problem", [
+    (None, ": cannot read: No such file or directory"),
+    ("# ok\nalice:{PLAIN}x\nbob {PLAIN}y\n", ':3: expected "user:{SCHEME}hash"'),
+    ("alice:{MD5-CRYPT}$1$abc$def\n", ":1: user alice: unknown password scheme {MD5-CRYPT}"),
+])  # fmt: skip
+def test_password_file_problems_stop_loading_naming_the_file(tmp_path, content, problem):
+    passwd = tmp_path / "passwd"
+    if content is not None:
+        passwd.write_text(content)
+    error, path = config_error(tmp_path, f'\nsmtpd_sasl_password_file = "{passwd}"\n')
+    assert error.line == 2 and error.key == "smtpd_sasl_password_file"
+    assert f"smtpd_sasl_password_file: {passwd}{problem}" in str(error)
 def test_abuse_defence_keys_with_postfix_names_and_defaults(tmp_path):
     defaults = Config()
     assert defaults.smtpd_forbid_bare_newline == "normalize"
@@ -703,7 +760,8 @@ def test_tls_defaults_and_levels_per_service(tmp_path, certs):
 
 
 def test_submission_and_smtps_listeners_load(tmp_path, certs):
-    text = tls_text(certs, '[[listen]]\naddress = "127.0.0.1:587"\nservice = "submission"\n'
+    text = tls_text(certs, 'smtpd_sasl_password_file = "/dev/null"\n'  # submission: AUTH's
+                           '[[listen]]\naddress = "127.0.0.1:587"\nservice = "submission"\n'
                            '[[listen]]\naddress = "127.0.0.1:465"\nservice = "smtps"\n')
     assert load_config(write(tmp_path, text)).listen == (
         Listener("127.0.0.1", 587, "submission"), Listener("127.0.0.1", 465, "smtps"))

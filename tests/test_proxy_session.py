@@ -335,12 +335,13 @@ def test_xclient_login_makes_the_message_authenticated():
                          + RELAY_ATTEMPT + MESSAGE)
             answers = await replies(reader, 5)
             await close(writer)
-            return answers, server.content()
+            return answers, server.content(), server.logged()
 
-    answers, (content,) = run(scenario)
+    answers, (content,), log = run(scenario)
     assert answers[-1].startswith("250 2.0.0 Ok: queued as")
     assert content.startswith(b"Received: from client.example (unknown [127.0.0.5])\r\n"
                               b"\tby mx.test (Tern) with ESMTPA id ")
+    assert ": client=unknown[127.0.0.5], sasl_method=XCLIENT, sasl_username=alice\n" in log
 
 
 def test_xforward_names_the_upstream_client_for_one_message():

@@ -27,8 +27,10 @@ def certs(tmp_path_factory):
 def start_tls_server(directory, certs, sink=None, **settings) -> TernServer:
     """A tern with the default certificate on its smtp listener, two SNI entries, and a
     submission and an smtps listener (``server.ports["submission"]``, ``["smtps"]``)."""
+    passwd = directory / "passwd"  # a submission listener needs AUTH's credentials (none here)
+    passwd.touch()
     base = {"smtpd_tls_cert_file": str(certs.default_cert),
-            "smtpd_tls_key_file": str(certs.default_key)}
+            "smtpd_tls_key_file": str(certs.default_key), "smtpd_sasl_password_file": str(passwd)}
     if sink is not None:
         base["relayhost"] = sink.nexthop
     server = TernServer(directory, {**base, **settings})

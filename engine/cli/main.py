@@ -1,5 +1,5 @@
 """The ``tern`` command: serve, queue (list, show, summary, hold, release, delete, requeue,
-flush), version.
+flush), passwd, version.
 
 Parses arguments and hands over to the stage that does the work. Exit status 2 for a usage or
 configuration error (one message on stderr), 1 when a named queue ID is not queued or the work
@@ -90,6 +90,12 @@ def _queue_ids(args: argparse.Namespace, *, allow_none: bool) -> list[str] | Non
     return [_queue_id(word) for word in words]
 
 
+def _cmd_passwd(args: argparse.Namespace) -> int:
+    from engine.cli.passwd import main
+
+    return main(args)
+
+
 def _cmd_version(args: argparse.Namespace) -> int:
     print(f"tern {__version__}")
     for name, implementation in speedups.implementations().items():
@@ -148,6 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
                               "every message not on hold)")
     summary.add_argument("--senders", action="store_true",
                          help="sender domains, counting messages (as qshape -s)")
+
+    from engine.auth.schemes import WRITABLE
+
+    passwd = commands.add_parser(
+        "passwd", help="add an AUTH user or change a password (Dovecot passwd-file)",
+        description="Write USER's entry in the AUTH password file (Dovecot's passwd-file "
+                    "format). The password is read from standard input, or prompted for on a "
+                    "terminal.")
+    passwd.add_argument("user", metavar="USER")
+    passwd.add_argument("--scheme", choices=WRITABLE, default=WRITABLE[0],
+                        help=f"password hash scheme (default {WRITABLE[0]})")
+    passwd.add_argument("--file", "-f", help="the password file (default: "
+                                             "smtpd_sasl_password_file of --config)")
+    passwd.add_argument("--config", "-c", help="TOML configuration file")
+    passwd.set_defaults(func=_cmd_passwd, parser=passwd)
 
     version = commands.add_parser("version", help="version and hot-path implementations")
     version.set_defaults(func=_cmd_version)

@@ -176,6 +176,11 @@ def _path(value: Any) -> Path:
     return path
 
 
+def _optional_path(value: Any) -> str:
+    """"" (none), or an absolute path."""
+    return "" if value == "" else str(_path(value))
+
+
 def _str_list(entry: Callable[[str], Any], what: str) -> Converter:
     """An array of strings, or one string holding entries separated by commas and/or spaces
     (Postfix's list syntax). ``entry`` converts one entry, raising ValueError."""
@@ -398,6 +403,7 @@ _INT_MINIMUM = {
     "message_size_limit": 0,  # 0 = no limit (Postfix)
     "smtp_connection_reuse_count_limit": 0,  # 0 = no limit (Postfix)
     "worker_count": 0,  # 0 = one per core
+    "smtpd_client_auth_failure_limit": 0,  # 0 = no limit
     "smtpd_client_connection_count_limit": 0,  # 0 = off (Postfix)
     "smtpd_client_connection_rate_limit": 0,
     "smtpd_client_message_rate_limit": 0,
@@ -424,6 +430,7 @@ _SPECIAL: dict[str, Converter] = {
     "queue_directory": _path,
     "smtp_helo_name": _helo_name,
     "smtpd_banner": lambda value: _string(value, empty=False),
+    "smtpd_sasl_password_file": _optional_path,
     "smtpd_forbid_bare_newline": _bare_newline,
     "smtpd_forbid_bare_newline_exclusions": _client_networks,
     "smtpd_forbid_bare_newline_reject_code": _reply_code("5"),
@@ -551,6 +558,7 @@ def _build(document: dict[str, Any], text: str, file: str) -> Config:
             line = _line_of(found, lines, (key, *exc.sub), exc.entry)
             raise ConfigError(message, file=file, line=line, key=label) from None
     config = Config(**values, config_file=file)
+    _check_auth(config, values, found, lines, file)
     _check_relay_guard(config, values, found, lines, file)
     if config.maximal_backoff_time < config.minimal_backoff_time:
         key = "maximal_backoff_time" if "maximal_backoff_time" in values else "minimal_backoff_time"
@@ -563,6 +571,34 @@ def _build(document: dict[str, Any], text: str, file: str) -> Config:
         )
     _check_tls(config, found, lines, file)
     return config
+
+
+def _check_auth(config: Config, values: dict[str, Any], found: dict, lines: list[str],
+                file: str) -> None:
+    """AUTH needs credentials: a submission listener (which requires AUTH) or
+    smtpd_sasl_auth_enable without smtpd_sasl_password_file, or a password file that cannot
+    be read or has a bad line, stops start-up here rather than at the first client."""
+    from engine.auth.passwd_file import PasswdFileError, load
+
+    key = "smtpd_sasl_password_file"
+    path = config.smtpd_sasl_password_file
+    if not path:
+        submission = [(index, item.service) for index, item in enumerate(config.listen)
+                      if item.service in settings.AUTH_REQUIRED_SERVICES]
+        if submission:
+            index, service = submission[0]
+            why, where = f'[[listen]] service "{service}"', ("listen", index, "service")
+        elif config.smtpd_sasl_auth_enable:
+            why, where = "smtpd_sasl_auth_enable = true", ("smtpd_sasl_auth_enable",)
+        else:
+            return
+        raise ConfigError(f"{key}: required by {why} (AUTH needs credentials to check)",
+                          file=file, line=_line_of(found, lines, where), key=key)
+    try:
+        load(path)
+    except PasswdFileError as error:
+        raise ConfigError(f"{key}: {error}", file=file, line=_line_of(found, lines, (key,)),
+                          key=key) from None
 
 
 def _check_tls(config: Config, found: dict, lines: list[str], file: str) -> None:

@@ -20,6 +20,10 @@ KEY_ALIASES = {"2bounce_notice_recipient": "double_bounce_notice_recipient"}
 # and submission over implicit TLS (465, RFC 8314).
 LISTEN_SERVICES: frozenset[str] = frozenset({"smtp", "submission", "smtps"})
 TLS_SECURITY_LEVELS = ("none", "may", "encrypt")
+# Services for mail submission (RFC 6409, RFC 8314) have AUTH on, as Postfix's master.cf
+# entries set smtpd_sasl_auth_enable=yes; "submission" also requires it before MAIL (530).
+SUBMISSION_SERVICES: frozenset[str] = frozenset({"submission", "smtps"})
+AUTH_REQUIRED_SERVICES: frozenset[str] = frozenset({"submission"})
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,13 @@ class Config:
     smtpd_client_recipient_rate_limit: int = 0
     smtpd_client_event_limit_exceptions: tuple[Network, ...] | None = None  # None = $mynetworks
     anvil_rate_time_unit: float = 60.0
+    # SMTP AUTH (RFC 4954): PLAIN and LOGIN, checked against a Dovecot passwd-file
+    smtpd_sasl_auth_enable: bool = False  # on every listener; a submission one has it anyway
+    smtpd_tls_auth_only: bool = True  # offer AUTH only under TLS (unlike Postfix's "no")
+    smtpd_sasl_password_file: str = ""  # absolute path: user:{SCHEME}hash lines (tern passwd)
+    # failed AUTHs one client address may make per anvil_rate_time_unit: then 421 and no more
+    # AUTH from it until the unit ends (smtpd_client_event_limit_exceptions exempt); 0 = no limit
+    smtpd_client_auth_failure_limit: int = 5
     # worker processes (each with its own spool shard); 0 = one per core
     worker_count: int = 0
     # queue manager (qmgr(8)): retries, expiry and the active queue

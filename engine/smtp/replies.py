@@ -116,6 +116,22 @@ NOT_IMPLEMENTED = Reply(502, "5.5.1 Error: command not implemented")
 NEED_STARTTLS = Reply(530, "5.7.0 Must issue a STARTTLS command first")
 TLS_UNAVAILABLE = Reply(454, "4.7.0 TLS not available due to local problem")
 
+# AUTH (RFC 4954; Postfix smtpd's wording)
+AUTH_OK = Reply(235, "2.7.0 Authentication successful")
+AUTH_FAILED = Reply(535, "5.7.8 Error: authentication failed: authentication failure")
+AUTH_BAD_MECHANISM = Reply(
+    535, "5.7.8 Error: authentication failed: Invalid authentication mechanism")
+AUTH_ABORTED = Reply(501, "5.7.0 Authentication aborted")
+AUTH_CANNOT_DECODE = Reply(501, "5.5.2 Cannot decode response")
+AUTH_SYNTAX = Reply(501, "5.5.4 Syntax: AUTH mechanism")
+AUTH_NOT_ENABLED = Reply(503, "5.5.1 Error: authentication not enabled")
+AUTH_ALREADY = Reply(503, "5.5.1 Error: already authenticated")
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1 Error: MAIL transaction in progress")
+AUTH_NEEDS_TLS = Reply(504, "5.5.4 Encryption required for requested authentication mechanism")
+AUTH_REQUIRED = Reply(530, "5.7.0 Authentication required")
+AUTH_PARAMETER_DISABLED = Reply(503, "5.5.4 Error: authentication disabled")
+AUTH_PARAMETER_TWICE = Reply(503, "5.5.4 Error: multiple AUTH= options")
+
 # limits
 TOO_BIG = Reply(552, "5.3.4 Message size exceeds fixed limit")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3 Error: too many recipients")
@@ -165,3 +181,7 @@ def chunk_received(size: int) -> Reply:
 def chunk_discarded(size: int) -> Reply:
     """A BDAT chunk of a transaction that already failed: read and dropped."""
     return Reply(551, f"5.0.0 Discarded {size} bytes after earlier error")
+
+
+def too_many_auth_failures(hostname: str) -> Reply:
+    return Reply(421, f"4.7.0 {hostname} Error: too many authentication failures")

@@ -10,12 +10,14 @@ RFC 3030); either way the application sees the same events: Data (the request to
 message), MessageChunk notices, and the MessageEnd request.
 """
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 
 from engine import speedups
+from engine.auth import sasl
 from engine.smtp import replies
-from engine.smtp.grammar import GrammarError, dsn_envid, dsn_notify, dsn_orcpt, dsn_ret
+from engine.smtp.grammar import XTEXT, GrammarError, dsn_envid, dsn_notify, dsn_orcpt, dsn_ret
 from engine.smtp.reader import LineTooLong
 from engine.smtp.replies import Reply
 from engine.smtp.xclient import XCLIENT_ATTRIBUTES, XFORWARD_ATTRIBUTES, parse_attributes
@@ -26,8 +28,9 @@ parse_mail_from = _grammar.parse_mail_from
 parse_rcpt_to = _grammar.parse_rcpt_to
 
 # ---------------------------------------------------------------------------------------------
-# Events. Requests (Helo, MailFrom, RcptTo, Data, MessageEnd, StartTls, Xclient, Xforward) must
-# be answered with accept() or reject(); MessageChunk, Reset and Closed are notices.
+# Events. Requests (Helo, MailFrom, RcptTo, Data, MessageEnd, StartTls, Auth, Xclient, Xforward)
+# must be answered with accept() or reject(); MessageChunk, Reset, AuthRefused and Closed are
+# notices.
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,26 @@ class Reset:
 
 
 @dataclass(frozen=True, slots=True)
+class Auth:
+    """RFC 4954: a SASL exchange gave these credentials; accept() if the password is right
+    (235), reject() with 535 if not. The password stays out of repr (and so out of logs)."""
+
+    mechanism: str  # PLAIN, LOGIN
+    username: str
+    password: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRefused:
+    """A SASL exchange ended before any password was checked (unknown mechanism, bad base64,
+    aborted …); its reply is already queued. ``reason`` is ours, never client data."""
+
+    mechanism: str
+    reason: str
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
 class Xclient:
     """An authorized client replaces the session's client identity (Postfix's XCLIENT_README).
     Accepting it starts the session over with a new 220 greeting."""
@@ -114,8 +137,8 @@ class Violation:
     closing: bool = False
 
 
-Event = (Helo | MailFrom | RcptTo | Data | MessageChunk | MessageEnd | StartTls | Reset | Closed
-         | Violation | Xclient | Xforward)
+Event = (Helo | MailFrom | RcptTo | Data | MessageChunk | MessageEnd | StartTls | Reset | Auth
+         | AuthRefused | Closed | Violation | Xclient | Xforward)
 
 # ---------------------------------------------------------------------------------------------
 # States and the sequencing table: everything that decides which command may come when.
@@ -173,6 +196,7 @@ ON_ACCEPT: dict[type, tuple[State | None, Reply | None]] = {
     Data: (State.DATA, replies.START_DATA),
     MessageEnd: (State.IDLE, replies.OK),
     StartTls: (State.IDLE, replies.READY_TO_START_TLS),
+    Auth: (State.IDLE, replies.AUTH_OK),  # AUTH is refused inside a transaction
     Xclient: (State.IDLE, None),  # reply: the greeting again
     Xforward: (None, replies.OK),  # None: the state does not change
 }
@@ -185,6 +209,7 @@ ON_REJECT: dict[type, State | None] = {
     Data: None,
     MessageEnd: State.IDLE,
     StartTls: None,
+    Auth: None,
     Xclient: None,
     Xforward: None,
 }
@@ -201,6 +226,9 @@ class Settings:
     line_length_limit: int = 2048
     starttls: bool = False  # STARTTLS offered on this listener (a certificate, level may/encrypt)
     require_tls: bool = False  # smtpd_tls_security_level = encrypt: no MAIL before STARTTLS
+    auth_enabled: bool = False  # smtpd_sasl_auth_enable, and credentials to check exist
+    tls_auth_only: bool = True  # smtpd_tls_auth_only: AUTH only once TLS is active
+    auth_required: bool = False  # a submission service: MAIL needs AUTH first (530)
     # abuse defences (the adapter passes the configuration's; these defaults keep the core lax)
     hard_error_limit: int = 0  # errors before 421 and disconnect; 0 = none
     # past this many errors, one reply at a time: next_event stops while replies are queued,
@@ -249,6 +277,8 @@ class ServerSession:
         self.extended = False  # the client said EHLO
         self.tls_active = False  # set by tls_started() once STARTTLS / SMTPS has its handshake
         self._helo_again = False  # after STARTTLS: MAIL needs a new HELO/EHLO (RFC 3207 §4.2)
+        self.authenticated = False  # a successful AUTH (RFC 4954: at most one per session)
+        self._sasl: sasl.Exchange | None = None  # an AUTH exchange waiting for a response
         # set by the adapter from the client address (smtpd_authorized_xclient/xforward_hosts)
         self.xclient_allowed = False
         self.xforward_allowed = False
@@ -356,15 +386,20 @@ class ServerSession:
             try:
                 line = self._reader.read_line()
             except LineTooLong:
+                self._sasl = None  # an over-long SASL response ends the exchange
                 self._violation("command line too long", self.last_command)
                 self._error(replies.LINE_TOO_LONG)
                 continue
             if line is None:
                 return self._closed_event(quit=False) if self._eof else None
             if self.reject_bare_newline and self._reader.bare_lf:
+                self._sasl = None  # a refused line also ends an AUTH exchange
                 self._refuse_bare_newline(self.last_command, message=False)
                 continue
-            self._command(line)
+            if self._sasl is None:
+                self._command(line)
+            else:  # a response to a 334 challenge: never a command, never logged
+                self._sasl_response(line)
 
     def accept(self, reply: Reply | None = None) -> None:
         """Grant the pending request; ``reply`` overrides the default text (e.g. queue ID)."""
@@ -388,6 +423,8 @@ class ServerSession:
         elif isinstance(event, MessageEnd):
             self._end_transaction()
             self.error_count = 0  # Postfix counts errors "without delivering mail"
+        elif isinstance(event, Auth):
+            self.authenticated = True
         elif isinstance(event, StartTls):
             self._forget_plaintext()
         elif isinstance(event, Xclient):  # back to the greeting, keeping what XCLIENT said
@@ -435,11 +472,12 @@ class ServerSession:
     def _forget_plaintext(self) -> None:
         """RFC 3207 §4.2: after 220 to STARTTLS, discard what the client pipelined in plaintext
         (CVE-2011-0411: it would be read as if sent under TLS) and everything learnt before
-        TLS: HELO/EHLO and any transaction."""
+        TLS: HELO/EHLO, any transaction, and an AUTH (as Postfix logs the client out)."""
         self._reader = self._new_reader()
         self._reset_transaction()
         self.helo_name, self.extended = None, False
         self._helo_again = True
+        self.authenticated = False
 
     def _new_reader(self):
         return self._reader_class(self.settings.line_length_limit)
@@ -604,6 +642,8 @@ class ServerSession:
         lines.append("VRFY")
         if self.settings.starttls and not self.tls_active:
             lines.append("STARTTLS")
+        if self.auth_offered:
+            lines.append("AUTH " + " ".join(sasl.MECHANISMS))
         if self.xclient_allowed:
             lines.append("XCLIENT " + " ".join(XCLIENT_ATTRIBUTES))
         if self.xforward_allowed:
@@ -611,6 +651,30 @@ class ServerSession:
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN"]
         lines += ["SMTPUTF8", "CHUNKING"]  # RFC 6531, RFC 3030
         return Reply(250, "\n".join(lines))
+
+    @property
+    def auth_offered(self) -> bool:
+        """AUTH is enabled, and TLS is active unless smtpd_tls_auth_only is off (RFC 4954 §4:
+        plaintext passwords only under TLS)."""
+        settings = self.settings
+        return settings.auth_enabled and (self.tls_active or not settings.tls_auth_only)
+
+    def _sasl_response(self, line: bytes) -> None:
+        text = line.decode("ascii", "surrogateescape").strip(" ")
+        self._sasl_step(self._sasl.respond(text))
+
+    def _sasl_step(self, step: sasl.Step) -> None:
+        """Send the challenge, or end the exchange: credentials become an Auth request, a
+        refusal is answered at once (and reported, for the log and the failure count)."""
+        if isinstance(step, sasl.Challenge):
+            self._out.append(Reply(334, step.text).encode())
+            return
+        exchange, self._sasl = self._sasl, None
+        if isinstance(step, sasl.Credentials):
+            self._ready.append(Auth(exchange.name, step.username, step.password))
+        else:
+            self._error(step.reply)  # counted as an error, as Postfix's 5xx AUTH replies
+            self._ready.append(AuthRefused(exchange.name, step.reason, step.reply))
 
     # -- one handler per verb: returns a Reply to send now, or a request event --------------
 
@@ -624,6 +688,8 @@ class ServerSession:
             return replies.NEED_HELO
         if (refusal := self.tls_refusal()) is not None:
             return refusal
+        if self.settings.auth_required and not self.authenticated:
+            return replies.AUTH_REQUIRED
         sender, params = parse_mail_from(arg)
         kept: dict[str, str | None] = {}
         for key, value in params:  # left to right, the first error answers (as Postfix)
@@ -645,6 +711,14 @@ class ServerSession:
                 if value is not None:
                     return replies.unsupported_option(f"{key}={value}")
                 kept[key] = None
+            elif key == "AUTH" and value is not None:
+                # RFC 4954 §5: the original submitter, kept for the log; one that is not
+                # xtext is "unknown" (<>)
+                if not self.settings.auth_enabled:
+                    return replies.AUTH_PARAMETER_DISABLED
+                if key in kept:
+                    return replies.AUTH_PARAMETER_TWICE
+                kept[key] = value if value == "<>" or XTEXT.fullmatch(value) else "<>"
             else:
                 return replies.unsupported_option(key)
         if not sender.isascii() and "SMTPUTF8" not in kept:
@@ -721,6 +795,31 @@ class ServerSession:
         if not self.settings.starttls:
             return replies.NOT_IMPLEMENTED
         return StartTls()
+    def _auth(self, arg: str) -> Reply | None:
+        """RFC 4954 AUTH, with Postfix's checks in Postfix's order; then the mechanism's
+        exchange starts (an initial response may complete it at once)."""
+        if (refusal := self.tls_refusal()) is not None:  # encrypt: STARTTLS first, as Postfix
+            return refusal
+        if not self.settings.auth_enabled:
+            return replies.AUTH_NOT_ENABLED
+        if self.state in (State.MAIL, State.RCPT, State.BDAT):
+            return replies.AUTH_IN_TRANSACTION
+        if not self.auth_offered:
+            return replies.AUTH_NEEDS_TLS
+        if self.authenticated:
+            return replies.AUTH_ALREADY
+        words = arg.split()
+        if not 1 <= len(words) <= 2:
+            return replies.AUTH_SYNTAX
+        exchange = sasl.begin(words[0])
+        if exchange is None:
+            name = _MECHANISM_NAME.sub("?", words[0].upper()[:20])  # printable, as Postfix
+            self._ready.append(AuthRefused(name, "Invalid authentication mechanism",
+                                           replies.AUTH_BAD_MECHANISM))
+            return replies.AUTH_BAD_MECHANISM
+        self._sasl = exchange
+        self._sasl_step(exchange.start(words[1] if len(words) == 2 else None))
+        return None
 
     def _xcommand(self, verb: str, arg: str, allowed: bool) -> Event | Reply:
         """XCLIENT / XFORWARD, checked in Postfix's order: syntax, transaction, authorization,
@@ -775,6 +874,8 @@ def _keep_dsn_parameter(table: dict, key: str, value: str | None,
     return None
 
 
+_MECHANISM_NAME = re.compile(r"[^A-Z0-9_-]")  # RFC 4422 §3.1 mechanism name characters
+
 _HANDLERS = {
     "EHLO": lambda s, a: s._helo(a, extended=True),
     "HELO": lambda s, a: s._helo(a, extended=False),
@@ -788,6 +889,7 @@ _HANDLERS = {
     "VRFY": ServerSession._vrfy,
     "HELP": ServerSession._help,
     "STARTTLS": ServerSession._starttls,
+    "AUTH": ServerSession._auth,
     "XCLIENT": lambda s, a: s._xcommand("XCLIENT", a, s.xclient_allowed),
     "XFORWARD": lambda s, a: s._xcommand("XFORWARD", a, s.xforward_allowed),
 }

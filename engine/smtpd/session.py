@@ -11,14 +11,17 @@ change who the client is (for the session), or who it was up-stream (for one mes
 
 import asyncio
 import fcntl
+import functools
 import ssl
 import struct
 import termios
 import time
 from dataclasses import dataclass, field, replace
 
+from engine.auth.passwd_file import PasswordFile
 from engine.cleanup import Cleanup, MessageBuilder, Origin, RecipientRequest
 from engine.config import Config, Listener
+from engine.config.settings import AUTH_REQUIRED_SERVICES, SUBMISSION_SERVICES
 from engine.log import Maillog
 from engine.policy.relay import address_in
 from engine.policy.restrictions import CONFIG_ERROR, Facts, Policy, SessionChecks
@@ -42,16 +45,21 @@ class SmtpdContext:
     sessions: set = field(default_factory=set)  # shared by every listener of the worker
     listener: Listener = field(default_factory=Listener)  # its service, TLS mode, PROXY …
     anvil: Anvil = field(default_factory=Anvil)  # per-client counters, shared by every listener
+    # AUTH's credentials (smtpd_sasl_password_file), shared by the worker's listeners
+    authenticator: PasswordFile | None = None
     settings: server.Settings | None = None
     tls: ssl.SSLContext | None = None  # engine.tls.server.server_context: STARTTLS and smtps
     policy: Policy | None = None  # the restriction lists, compiled once from config
     resolver: object | None = None  # engine.dns.Resolver, made when a list needs DNS
 
     def __post_init__(self) -> None:
+        config = self.config
+        if self.authenticator is None and config.smtpd_sasl_password_file:
+            self.authenticator = PasswordFile(config.smtpd_sasl_password_file)
         if self.policy is None:
-            self.policy = Policy(self.config)
+            self.policy = Policy(config)
         if self.settings is None:
-            config = self.config
+            submission = self.listener.service in SUBMISSION_SERVICES
             tls_level = config.tls_security_level(self.listener.service) if self.tls else "none"
             self.settings = server.Settings(
                 hostname=config.myhostname,
@@ -59,6 +67,10 @@ class SmtpdContext:
                 message_size_limit=config.message_size_limit,
                 recipient_limit=config.smtpd_recipient_limit,
                 line_length_limit=config.line_length_limit,
+                auth_enabled=self.authenticator is not None and (
+                    submission or config.smtpd_sasl_auth_enable),
+                tls_auth_only=config.smtpd_tls_auth_only,
+                auth_required=self.listener.service in AUTH_REQUIRED_SERVICES,
                 starttls=tls_level != "none",
                 require_tls=tls_level == "encrypt",
                 hard_error_limit=config.smtpd_hard_error_limit,
@@ -94,6 +106,7 @@ class SmtpdProtocol(asyncio.Protocol):
         self._last_activity = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False  # over smtpd_connection_limit: answered 421, never a session
+        self._sasl_method = ""  # the mechanism of the successful AUTH, for the client= line
         self._anvil_client: str | None = None  # counted by anvil.connect (not an exception)
         self._pregreet = False  # input was waiting before the greeting: 554 on arrival
         self._deadline: float | None = None  # smtpd_per_request_deadline: this request's
@@ -347,8 +360,10 @@ class SmtpdProtocol(asyncio.Protocol):
             origin.client_name = attributes["NAME"] or "unknown"
         if "ADDR" in attributes:
             origin.client_ip = attributes["ADDR"] or "unknown"
-        if "LOGIN" in attributes:
+        if "LOGIN" in attributes:  # as if authenticated: Postfix's sasl_method=XCLIENT
             origin.sasl_username = attributes["LOGIN"] or ""
+            self._sasl_method = "XCLIENT" if origin.sasl_username else ""
+            self.session.authenticated = bool(origin.sasl_username)
         origin.helo = attributes.get("HELO")
         origin.esmtp = attributes.get("PROTO") == "ESMTP"
         self.checks.forget_client()
@@ -505,7 +520,12 @@ class SmtpdProtocol(asyncio.Protocol):
             return
         queue_id = self.ctx.cleanup.new_queue_id()
         self.txn = Transaction(queue_id=queue_id, sender=event.sender, params=event.params)
-        self._log(f"{queue_id}: client={self.origin.client}{self._forwarded_log()}")
+        line = f"{queue_id}: client={self.origin.client}"
+        if self.origin.sasl_username:  # Postfix's smtpd_sasl_mail_log
+            line += f", sasl_method={self._sasl_method}, sasl_username={self.origin.sasl_username}"
+        if event.params.get("AUTH", "<>") != "<>":
+            line += f", sasl_sender={event.params['AUTH']}"
+        self._log(line + self._forwarded_log())
         self.session.accept()
 
     def _on_rcpt(self, event: server.RcptTo) -> None:
@@ -591,6 +611,72 @@ class SmtpdProtocol(asyncio.Protocol):
         self._resume("commit")
         self._pump()
 
+    # -- AUTH ---------------------------------------------------------------------------------
+
+    def _on_auth(self, event: server.Auth) -> None:
+        """Check the password off the event loop (a bcrypt or argon2 check takes tens of ms);
+        the core holds later pipelined commands until the answer, as for a spool commit."""
+        limit, client = self.ctx.config.smtpd_client_auth_failure_limit, self._anvil_client
+        if limit and client is not None and self.ctx.anvil.peek("auth_failure", client) >= limit:
+            self._over_auth_failure_limit(limit, reject=True)
+            return
+        self._pause("auth")
+        future = asyncio.get_running_loop().run_in_executor(
+            None, self.ctx.authenticator.authenticate, event.username, event.password)
+        future.add_done_callback(functools.partial(self._answer_auth, event.mechanism))
+
+    def _answer_auth(self, mechanism: str, future: asyncio.Future) -> None:
+        self._resume("auth")
+        authenticator = self.ctx.authenticator
+        if (error := authenticator.take_reload_error()) is not None:
+            self._log(f"warning: smtpd_sasl_password_file: {error}; keeping the previous table")
+        if self.session.closed:  # shut down meanwhile: only let the core report the close
+            self.session.reject(replies.AUTH_FAILED)
+        elif (username := self._auth_result(future)) is not None:
+            self.origin.sasl_username, self._sasl_method = username, mechanism
+            self.session.accept()
+        else:
+            self.session.reject(replies.AUTH_FAILED)
+            self._auth_failed(mechanism, "authentication failure")
+        self._pump()
+
+    def _auth_result(self, future: asyncio.Future) -> str | None:
+        try:
+            return future.result()
+        except Exception as error:  # noqa: BLE001 - a broken hash is a failure, not a crash
+            self._log(f"warning: {self.origin.client}: password check failed: "
+                      f"{type(error).__name__}")
+            return None
+
+    def _on_auth_refused(self, event: server.AuthRefused) -> None:
+        """The core already answered; log it, and count a 535 as a failure."""
+        if event.reply.code == 535:
+            self._auth_failed(event.mechanism, event.reason)
+        else:
+            self._log(f"warning: {self.origin.client}: SASL {event.mechanism} authentication "
+                      f"{event.reason}")
+
+    def _auth_failed(self, mechanism: str, reason: str) -> None:
+        """Postfix's warning (never the password nor the client's base64), and the failure
+        counted per client address in the worker's anvil (not for the anvil exceptions,
+        smtpd_client_event_limit_exceptions): at the limit, 421 and disconnect."""
+        self._log(f"warning: {self.origin.client}: SASL {mechanism} authentication failed: "
+                  f"{reason}")
+        limit, client = self.ctx.config.smtpd_client_auth_failure_limit, self._anvil_client
+        if limit and client is not None and self.ctx.anvil.count("auth_failure", client) >= limit:
+            self._over_auth_failure_limit(limit, reject=False)
+
+    def _over_auth_failure_limit(self, limit: int, *, reject: bool) -> None:
+        """421 and disconnect: after the failure that reached the limit, or at an AUTH from a
+        client address already over it (until anvil's time unit ends)."""
+        self._log(f"warning: Authentication failure limit exceeded: {limit} from "
+                  f"{self.origin.client} for service {self.ctx.listener.service}")
+        reply = replies.too_many_auth_failures(self.ctx.config.myhostname)
+        self._closed_by_us = True
+        if reject:
+            self.session.reject(reply)
+        elif not self.session.closed:  # (smtpd_hard_error_limit may have said 421 already)
+            self.session.send_reply(reply)
     # -- TLS: STARTTLS and smtps (engine.tls says how it is layered) -------------------------
 
     def _on_starttls(self, event: server.StartTls) -> None:
@@ -621,6 +707,7 @@ class SmtpdProtocol(asyncio.Protocol):
         transport.set_protocol(self)
         self.origin.tls = describe_tls(transport.get_extra_info("ssl_object"))
         self.origin.helo, self.origin.esmtp = None, False  # the client says EHLO again
+        self.origin.sasl_username, self._sasl_method = "", ""  # and AUTH, if it had
         self._log(f"Anonymous TLS connection established from {self.origin.client}: "
                   f"{self.origin.tls}")
         self._last_activity = time.monotonic()
@@ -736,6 +823,8 @@ _EVENT_HANDLERS = {
     server.MessageEnd: SmtpdProtocol._on_end,
     server.StartTls: SmtpdProtocol._on_starttls,
     server.Reset: SmtpdProtocol._on_reset,
+    server.Auth: SmtpdProtocol._on_auth,
+    server.AuthRefused: SmtpdProtocol._on_auth_refused,
     server.Closed: SmtpdProtocol._on_closed,
     server.Violation: SmtpdProtocol._on_violation,
     server.Xclient: SmtpdProtocol._on_xclient,
