@@ -373,6 +373,24 @@ def test_the_maillog_never_holds_a_password(auth_server):
         assert secret.encode().hex() not in log
 
 
+@pytest.mark.parametrize("data, warning", [
+    (b"EHLO x\r\nAUTH PLAIN AGFsaWNlAHMzY3JldFBX\r\n", "improper command pipelining after EHLO"),
+    (b"AUTH PLAIN AGFsaWNlAHMzY3JldFBX\0\r\n", "NUL character in command"),
+    (b"AUTH LOGIN\r\nYWxpY2U=\r\nczNjcmV0UFc=\r\n", "SASL LOGIN authentication failed"),
+])
+def test_warnings_that_quote_input_never_hold_a_password(auth_server, data, warning):
+    """Warnings that quote what the client sent (pipelining, NUL) redact AUTH: only "AUTH MECH"
+    is shown, never the initial response, a pipelined SASL response or the decoded password."""
+    server = auth_server(smtpd_forbid_unauth_pipelining=True)
+    raw_session(server.address, data, replies=1)
+    log = server.wait_log(warning)
+    if "AUTH PLAIN" in data.decode():
+        assert log.split(warning, 1)[1].splitlines()[0].endswith("AUTH PLAIN ...")
+    for secret in ("AGFsaWNlAHMzY3JldFBX", "s3cretPW", "czNjcmV0UFc=", "YWxpY2U="):
+        assert secret not in log
+        assert secret.encode().hex() not in log
+
+
 # -- swaks ----------------------------------------------------------------------------------
 
 

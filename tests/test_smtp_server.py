@@ -245,3 +245,17 @@ def test_core_imports_no_io_modules():
             "print(sorted({'asyncio','socket','ssl','lmdb','dns','selectors'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("data, shown", [
+    (b"NOOP\r\n", "NOOP\\r\\n"),
+    (b"EHLO x\r\nAUTH PLAIN AGFsaWNlAHMzY3JldFBX\r\n", "EHLO x\\r\\nAUTH PLAIN ..."),
+    (b"auth login\r\nYWxpY2U=\r\nczNjcmV0UFc=\r\n", "AUTH login ..."),
+    (b"AUTH PLAIN AGFsaWNlAHMzY3JldFBX\0\r\n", "AUTH PLAIN ..."),
+    (b"NOOP\rAUTH PLAIN AGFsaWNlAHMzY3JldFBX", "NOOP\\rAUTH PLAIN ..."),
+])
+def test_logged_command_text_redacts_auth(data, shown):
+    """Every warning that quotes client input (before the greeting, pipelining, NUL, PROXY)
+    goes through escape_command: AUTH keeps only its mechanism."""
+    assert server.escape_command(data) == shown
+    assert server.escape_command(b"czNjcmV0UFc=\r\n", sasl_response=True) == "..."

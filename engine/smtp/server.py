@@ -256,6 +256,25 @@ def escape(data: bytes) -> str:
 _ESCAPES = {13: "\\r", 10: "\\n", 9: "\\t"}
 
 
+def escape_command(data: bytes, *, sasl_response: bool = False) -> str:
+    """Client command text for a log line, escaped, with AUTH credentials redacted: from the
+    first AUTH verb on (even after a NUL or a bare CR), only "AUTH MECH" is kept and the rest,
+    including any pipelined SASL response lines, becomes "..."; with ``sasl_response`` the text
+    is itself a response to a 334 challenge and is never shown. One function for every warning
+    that quotes client input, so a password never reaches the maillog."""
+    if sasl_response:
+        return "..." if data else ""
+    found = _AUTH_VERB.search(data)
+    if found is None:
+        return escape(data)
+    mech = data[found.end():].split(None, 1)[:1]
+    shown = escape(data[:found.start(1)]) + "AUTH"
+    return shown + (" " + escape(mech[0][:20]) + " ..." if mech else "")
+
+
+_AUTH_VERB = re.compile(rb"(?:^|[^A-Za-z0-9])(auth)(?=[\s\0]|$)", re.IGNORECASE)
+
+
 @dataclass(slots=True)
 class _Chunk:
     """The BDAT chunk being read: its declared size, LAST, the bytes still to come, and the
@@ -340,7 +359,7 @@ class ServerSession:
         about to greet): Postfix's 554 instead of the 220, and the session ends."""
         self._out.clear()
         self._violation("improper command pipelining", after, closing=True,
-                        detail=escape(self._reader.peek(100)))
+                        detail=escape_command(self._reader.peek(100)))
         self._out.append(replies.SYNCHRONIZATION_ERROR.encode())
         self.state = State.CLOSED
 
@@ -500,7 +519,7 @@ class ServerSession:
     def _command(self, line: bytes) -> None:
         if b"\0" in line:  # no command holds a NUL: never let one reach a parser or a log
             self._violation("NUL character in command", self.last_command,
-                            detail=escape(line[:100]))
+                            detail=escape_command(line[:100]))
             self._error(replies.BAD_SYNTAX)
             return
         if not line.isascii() and not _valid_utf8(line):  # RFC 6531 §3.1, as Postfix
@@ -523,7 +542,8 @@ class ServerSession:
             # Postfix: input waiting after a command that must end a group (or after any
             # command before EHLO announced PIPELINING) was sent before our reply was read
             self._violation("improper command pipelining", verb, closing=True,
-                            detail=escape(self._reader.peek(100)))
+                            detail=escape_command(self._reader.peek(100),
+                                                  sasl_response=verb == "AUTH"))
             self._out.append(replies.SYNCHRONIZATION_ERROR.encode())
             self.state = State.CLOSED
             return

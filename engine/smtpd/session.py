@@ -308,7 +308,7 @@ class SmtpdProtocol(asyncio.Protocol):
         try:
             header = proxy.parse(buffer, final=final)
         except proxy.ProxyError as error:
-            shown = server.escape(bytes(buffer[:200]))
+            shown = server.escape_command(bytes(buffer[:200]))
             self._proxy_failed(f"{error}: {shown}" if buffer else "EOF")
             return
         if header is None:
