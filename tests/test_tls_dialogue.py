@@ -117,6 +117,15 @@ def test_encrypt_level_refuses_mail_before_tls(smtp):
         "250 2.1.0 Ok")
 
 
+@pytest.mark.parametrize("line", [b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.org>",
+                                  b"DATA", b"VRFY postmaster", b"HELP", b"AUTH PLAIN"])
+def test_encrypt_level_answers_530_to_every_command_not_allowed_before_tls(smtp, line):
+    driver = smtp(starttls=True, require_tls=True)
+    assert driver.send(b"EHLO client.test\r\n" + line + b"\r\n")[-1] == (
+        "530 5.7.0 Must issue a STARTTLS command first")
+    assert driver.send(b"NOOP\r\n") == ["250 2.0.0 Ok"]  # the commands Postfix allows
+
+
 def test_implicit_tls_session_takes_mail_at_once(smtp):
     """smtps: the adapter calls tls_started() before the greeting; no EHLO is owed."""
     driver = smtp(require_tls=True)

@@ -176,6 +176,10 @@ BDAT_SEQUENCE_ERRORS: dict[State, Reply] = {
 #: RFC 2920 §3.1 "last in a group" commands it implements). STARTTLS is not one: the plaintext
 #: pipelined behind it is discarded instead (CVE-2011-0411); nor QUIT, after which nothing runs.
 PIPELINE_LAST = frozenset({"EHLO", "HELO", "DATA", "NOOP", "VRFY"})
+#: Commands smtpd_tls_security_level = encrypt allows before STARTTLS (Postfix's PRE_TLS flag);
+#: every other one gets 530. BDAT goes on to its own refusal, which still reads the chunk.
+PRE_TLS = frozenset({"EHLO", "HELO", "STARTTLS", "NOOP", "RSET", "QUIT", "XCLIENT", "XFORWARD",
+                     "BDAT"})
 
 #: RFC 3461 parameters: keyword → (value check returning the value to keep or None, the reply
 #: for a malformed or repeated one).
@@ -480,8 +484,8 @@ class ServerSession:
         self.tls_active = True
 
     def tls_refusal(self) -> Reply | None:
-        """530 while smtpd_tls_security_level = encrypt and TLS is not active yet (Postfix
-        refuses MAIL, and AUTH, with it)."""
+        """530 while smtpd_tls_security_level = encrypt and TLS is not active yet: Postfix's
+        answer to every command but those in PRE_TLS."""
         if self.settings.require_tls and not self.tls_active:
             return replies.NEED_STARTTLS
         return None
@@ -546,6 +550,9 @@ class ServerSession:
                                                   sasl_response=verb == "AUTH"))
             self._out.append(replies.SYNCHRONIZATION_ERROR.encode())
             self.state = State.CLOSED
+            return
+        if verb not in PRE_TLS and (refusal := self.tls_refusal()) is not None:
+            self._error(refusal)
             return
         sequence_error = SEQUENCE_ERRORS.get((self.state, verb))
         if sequence_error is not None:
@@ -706,8 +713,6 @@ class ServerSession:
     def _mail(self, arg: str) -> Event | Reply:
         if self._helo_again and self.helo_name is None:
             return replies.NEED_HELO
-        if (refusal := self.tls_refusal()) is not None:
-            return refusal
         if self.settings.auth_required and not self.authenticated:
             return replies.AUTH_REQUIRED
         sender, params = parse_mail_from(arg)
@@ -818,8 +823,6 @@ class ServerSession:
     def _auth(self, arg: str) -> Reply | None:
         """RFC 4954 AUTH, with Postfix's checks in Postfix's order; then the mechanism's
         exchange starts (an initial response may complete it at once)."""
-        if (refusal := self.tls_refusal()) is not None:  # encrypt: STARTTLS first, as Postfix
-            return refusal
         if not self.settings.auth_enabled:
             return replies.AUTH_NOT_ENABLED
         if self.state in (State.MAIL, State.RCPT, State.BDAT):
