@@ -152,6 +152,9 @@ class Config:
     smtp_data_done_timeout: float = 600.0
     smtp_quit_timeout: float = 300.0
     smtp_rset_timeout: float = 20.0
+    # EHLO keywords the client acts as if the server had not offered ("chunking": DATA, not
+    # BDAT; "pipelining", "size", "8bitmime", "smtputf8", "dsn"…), case ignored
+    smtp_discard_ehlo_keywords: tuple[str, ...] = ()
     # SMTP access restrictions (Postfix >= 2.10 defaults; engine.policy.restrictions). Each is
     # a list of restriction names, check_*_access followed by its "type:name" table.
     smtpd_client_restrictions: tuple[str, ...] = ()

@@ -37,6 +37,7 @@ from engine.smtp.client import (
 )
 
 READ_SIZE = 65536
+CHUNK_SIZE = 1 << 20  # the largest BDAT chunk: one write, bounded memory at the next hop
 
 # Postfix's smtp_*_timeout for each stage (the greeting falls under smtp_helo_timeout).
 STAGE_TIMEOUTS = {
@@ -48,6 +49,7 @@ STAGE_TIMEOUTS = {
     Stage.DATA: "smtp_data_init_timeout",
     Stage.BODY: "smtp_data_xfer_timeout",
     Stage.DOT: "smtp_data_done_timeout",
+    Stage.BDAT: "smtp_data_done_timeout",  # the last chunk's reply is the message's
     Stage.RSET: "smtp_rset_timeout",  # short: it probes whether a cached connection lives
     Stage.QUIT: "smtp_quit_timeout",
 }
@@ -76,6 +78,7 @@ async def deliver(
         envid=request.envid,
         notify=request.notify,
         orcpt=request.orcpt,
+        smtputf8=request.smtputf8,
     )
     if connections is not None:
         while (cached := connections.take(hop.destination)) is not None:
@@ -132,7 +135,13 @@ async def _connect(config: Config, host: str, address: str, port: int) -> Connec
     except OSError as exc:
         why = os.strerror(exc.errno) if exc.errno else str(exc)
         raise TransientFailure("4.4.1", f"connect to {relay}: {why}") from None
-    client = Client(config.expand(config.smtp_helo_name), peer=peer, relay=relay)
+    client = Client(
+        config.expand(config.smtp_helo_name),
+        peer=peer,
+        relay=relay,
+        discard_ehlo_keywords=config.smtp_discard_ehlo_keywords,
+        chunk_size=CHUNK_SIZE,
+    )
     return Connection(client, reader, writer)
 
 

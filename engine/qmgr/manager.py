@@ -296,6 +296,7 @@ class QueueManager(QueueOperations):
                 content=self.spool.content(job.queue_id),
                 nexthop=job.nexthop,
                 body_8bit=envelope.body_8bit,
+                smtputf8=envelope.smtputf8,
                 # RFC 3461 §5.2.1: passed on when the next hop offers DSN
                 ret=envelope.ret,
                 envid=envelope.envid,
