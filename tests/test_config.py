@@ -110,6 +110,11 @@ smtp_data_xfer_timeout = "1m"
 smtp_data_done_timeout = "1w"
 smtp_quit_timeout = 1.5
 smtp_rset_timeout = "5s"
+smtp_discard_ehlo_keywords = ["chunking", "pipelining"]
+smtp_address_preference = "ipv6"
+smtp_mx_address_limit = 0
+smtp_mx_session_limit = 3
+dns_attempts = 3
 dns_servers = ["192.0.2.53", "192.0.2.54:5353", "[2001:db8::53]:53", "2001:db8::54"]
 dns_timeout = 2.5
 smtpd_tls_cert_file = "@CERTS@/default.crt"
@@ -247,6 +252,10 @@ def test_full_file_sets_every_field(tmp_path):
     assert config.queue_commit_window == 0.0
     assert config.smtp_quit_timeout == 1.5
     assert config.smtp_data_done_timeout == 7 * 86400.0
+    assert config.smtp_discard_ehlo_keywords == ("chunking", "pipelining")
+    assert config.smtp_address_preference == "ipv6"
+    assert (config.smtp_mx_address_limit, config.smtp_mx_session_limit) == (0, 3)
+    assert config.dns_attempts == 3
     assert config.dns_servers[1] == "192.0.2.54:5353"
     assert config.transport_maps == {
         "example.net": "smtp:[127.0.0.1]:10027",
@@ -452,6 +461,9 @@ ERRORS = [
     ("int: negative size", "message_size_limit = -1\n", 1, "message_size_limit",
      "expected a size in bytes of at least 0, got -1"),
     ("int: below minimum", "line_length_limit = 100\n", 1, "line_length_limit", "at least 512"),
+    ("int: no dns attempts", "dns_attempts = 0\n", 1, "dns_attempts", "of at least 1, got 0"),
+    ("choice", 'smtp_address_preference = "ipv5"\n', 1, "smtp_address_preference",
+     'expected one of "ipv4", "ipv6", "any", got "ipv5"'),
     # durations
     ("duration: junk", 'smtpd_timeout = "soon"\n', 1, "smtpd_timeout", "expected a duration"),
     ("duration: negative", "minimal_backoff_time = -5\n", 1, "minimal_backoff_time",

@@ -39,8 +39,7 @@ def test_bdat_to_tern_unless_chunking_is_discarded(tern, smtp_sink, discard, com
     outcome = run(deliver(request(server.port), settings, Resolver(settings)))
     ((status, dsn, reply),) = [(r.status, r.dsn, r.reply) for r in outcome.results]
     assert (status, dsn) == ("sent", "2.0.0") and "queued as" in reply
-    log = server.wait_log("disconnect from")
-    assert f"ehlo=1 mail=1 rcpt=1 {commands} quit=1 commands=5" in log
+    server.wait_log(f"ehlo=1 mail=1 rcpt=1 {commands} quit=1 commands=5")
     (message,) = sink.wait_messages(1, timeout=15)
     # the content as sent, through Tern's server and its own client (which add headers)
     assert same_message(message.content, CONTENT + b"\r\n")
@@ -56,8 +55,7 @@ def test_bdat_message_in_several_chunks_arrives_whole(tern, smtp_sink, monkeypat
     settings = config()
     outcome = run(deliver(request(server.port, content), settings, Resolver(settings)))
     assert outcome.results[0].status == "sent"
-    assert "bdat=" in server.wait_log("disconnect from")
-    assert f"bdat={-(-len(content) // 4096)} quit" in server.log()
+    server.wait_log(f"rcpt=1 bdat={-(-len(content) // 4096)} quit=1")
     (message,) = sink.wait_messages(1, timeout=15)
     assert same_message(message.content, content)
 
@@ -75,8 +73,8 @@ def test_message_over_the_next_hops_size_bounces_unsent(tern):
             " 127.0.0.1[127.0.0.1]",
         )
     ]
-    log = server.wait_log("disconnect from")
-    assert "ehlo=1 quit=1 commands=2" in log  # no MAIL FROM, nothing sent
+    log = server.wait_log("ehlo=1 quit=1 commands=2")  # no MAIL FROM, nothing sent
+    assert "mail=" not in log
 
 
 def test_smtputf8_message_to_smtp_sink_bounces_5_6_7(smtp_sink):

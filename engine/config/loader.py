@@ -273,6 +273,17 @@ def _transport_maps(value: Any) -> dict[str, str]:
     return out
 
 
+def _choice(*allowed: str) -> Converter:
+    def convert(value: Any) -> str:
+        text = _string(value)
+        if text not in allowed:
+            names = ", ".join(_show(name) for name in allowed)
+            raise _Invalid(f"expected one of {names}, got {_show(value)}")
+        return text
+
+    return convert
+
+
 def _tls_security_level(value: Any) -> str:
     text = _string(value)
     if text not in settings.TLS_SECURITY_LEVELS:
@@ -402,6 +413,8 @@ _INT_MINIMUM = {
     "line_length_limit": 512,  # RFC 5321 command lines; Postfix's minimum too
     "message_size_limit": 0,  # 0 = no limit (Postfix)
     "smtp_connection_reuse_count_limit": 0,  # 0 = no limit (Postfix)
+    "smtp_mx_address_limit": 0,  # 0 = no limit (Postfix)
+    "smtp_mx_session_limit": 0,  # 0 = no limit (Postfix)
     "worker_count": 0,  # 0 = one per core
     "smtpd_client_auth_failure_limit": 0,  # 0 = no limit
     "smtpd_client_connection_count_limit": 0,  # 0 = off (Postfix)
@@ -436,6 +449,7 @@ _SPECIAL: dict[str, Converter] = {
     "smtpd_forbid_bare_newline_reject_code": _reply_code("5"),
     "smtpd_client_event_limit_exceptions": _client_networks,
     "smtpd_tls_security_level": _tls_security_level,
+    "smtp_address_preference": _choice("ipv4", "ipv6", "any"),
     "smtpd_tls_protocols": _tls_protocols,
     "tls_high_cipherlist": lambda value: _string(value, empty=False),
     "tls_server_sni_maps": _sni_maps,

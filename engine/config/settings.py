@@ -155,6 +155,10 @@ class Config:
     # EHLO keywords the client acts as if the server had not offered ("chunking": DATA, not
     # BDAT; "pipelining", "size", "8bitmime", "smtputf8", "dsn"…), case ignored
     smtp_discard_ehlo_keywords: tuple[str, ...] = ()
+    # which address family of an MX host goes first: ipv4 | ipv6 | any (random order)
+    smtp_address_preference: str = "any"
+    smtp_mx_address_limit: int = 5  # addresses tried per delivery, over all MX hosts; 0 = all
+    smtp_mx_session_limit: int = 2  # sessions that got past EHLO per delivery; 0 = no limit
     # SMTP access restrictions (Postfix >= 2.10 defaults; engine.policy.restrictions). Each is
     # a list of restriction names, check_*_access followed by its "type:name" table.
     smtpd_client_restrictions: tuple[str, ...] = ()
@@ -182,7 +186,8 @@ class Config:
     invalid_hostname_reject_code: int = 501
     # DNS: servers as "ip" or "ip:port"; empty = the system's resolv.conf
     dns_servers: tuple[str, ...] = ()
-    dns_timeout: float = 5.0
+    dns_timeout: float = 5.0  # per query and server (resolv.conf's "timeout")
+    dns_attempts: int = 2  # rounds over the servers (resolv.conf's "attempts")
     # smtpd TLS (Postfix's names). The key may sit in the certificate file (key_file "").
     smtpd_tls_cert_file: str = ""  # PEM chain, leaf first; "" = no TLS
     smtpd_tls_key_file: str = ""  # "" = $smtpd_tls_cert_file, as in Postfix
