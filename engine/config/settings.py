@@ -4,6 +4,7 @@ Trusts its callers: load_config (engine.config.loader) validates a file's values
 here. With no file, these defaults make a loopback-only server that is not an open relay.
 """
 
+import dataclasses
 import ipaddress
 import os
 from dataclasses import dataclass, field
@@ -71,6 +72,13 @@ class Config:
     relay_domains: tuple[str, ...] = ()
     relayhost: str = ""  # "" = deliver by MX; "[host]:port" = no MX lookup
     transport_maps: dict[str, str] = field(default_factory=dict)
+    # Postfix's sender_dependent_default_transport_maps: sender address or "@domain" ->
+    # "transport:nexthop" for mail that transport_maps and the local domains leave to the
+    # default transport (IP pools chosen by sender; by destination: transport_maps)
+    sender_dependent_default_transport_maps: dict[str, str] = field(default_factory=dict)
+    # [transport.NAME]: SMTP transports of their own, each with smtp_* settings that override
+    # the main ones (Postfix's master.cf entry with -o), e.g. smtp_bind_address, smtp_helo_name
+    transport: dict[str, dict[str, object]] = field(default_factory=dict)
     listen: tuple[Listener, ...] = (Listener(),)
     maillog_file: str = ""  # "" = stderr
     smtpd_banner: str = "$myhostname ESMTP Tern"
@@ -143,6 +151,8 @@ class Config:
     smtp_connection_reuse_count_limit: int = 0  # 0 = no limit on transactions
     # smtp client (Postfix's names and defaults)
     smtp_helo_name: str = "$myhostname"
+    smtp_bind_address: str = ""  # local IPv4 address of outgoing connections; "" = any
+    smtp_bind_address6: str = ""  # local IPv6 address of outgoing connections; "" = any
     smtp_connect_timeout: float = 30.0
     smtp_helo_timeout: float = 300.0
     smtp_mail_timeout: float = 300.0
@@ -205,6 +215,14 @@ class Config:
         if service == "submission":
             return "encrypt"
         return self.smtpd_tls_security_level or "may"
+
+    def for_transport(self, name: str) -> "Config":
+        """The settings of SMTP transport ``name``: these, with its ``[transport.NAME]``
+        overrides (the same object for a transport without any)."""
+        overrides = self.transport.get(name)
+        if not overrides:
+            return self
+        return dataclasses.replace(self, **overrides)  # type: ignore[arg-type]
 
     def expand(self, value: str) -> str:
         """Postfix-style ``$myhostname`` / ``$mydomain`` expansion, for the values that use it."""

@@ -161,9 +161,13 @@ async def _connect(config: Config, host: str, address: str, port: int) -> Connec
     """A TCP connection to ``address`` with a new client core (no bytes exchanged yet)."""
     peer = f"{host}[{address}]"
     relay = f"{peer}:{port}"
+    # Postfix's smtp_bind_address / smtp_bind_address6: the source address of this family
+    bind = config.smtp_bind_address6 if ":" in address else config.smtp_bind_address
     try:
         async with asyncio.timeout(config.smtp_connect_timeout):
-            reader, writer = await asyncio.open_connection(address, port)
+            reader, writer = await asyncio.open_connection(
+                address, port, local_addr=(bind, 0) if bind else None
+            )
     except TimeoutError:  # no session: Postfix logs relay=none
         raise TransientFailure("4.4.1", f"connect to {relay}: Connection timed out") from None
     except OSError as exc:

@@ -209,7 +209,8 @@ class QueueManager(QueueOperations):
             if recipient.final or recipient.next_attempt > now:
                 continue
             try:
-                nexthop = nexthop_for(self._domain(recipient.address), self.config)
+                nexthop = nexthop_for(self._domain(recipient.address), self.config,
+                                      envelope.sender)
             except PermanentFailure as failure:
                 immediate.append(RecipientResult(recipient.address, "bounced", failure.dsn,
                                                  failure.text))
