@@ -111,6 +111,7 @@ smtp_data_done_timeout = "1w"
 smtp_quit_timeout = 1.5
 smtp_rset_timeout = "5s"
 smtp_discard_ehlo_keywords = ["chunking", "pipelining"]
+disable_mime_output_conversion = true
 smtp_bind_address = "192.0.2.1"
 smtp_bind_address6 = "2001:db8::1"
 smtp_address_preference = "ipv6"
@@ -266,6 +267,7 @@ def test_full_file_sets_every_field(tmp_path):
     assert config.smtp_address_preference == "ipv6"
     assert (config.smtp_mx_address_limit, config.smtp_mx_session_limit) == (0, 3)
     assert config.dns_attempts == 3
+    assert config.disable_mime_output_conversion is True
     assert (config.smtp_bind_address, config.smtp_bind_address6) == ("192.0.2.1", "2001:db8::1")
     assert config.sender_dependent_default_transport_maps == {"@example.org": "out2:"}
     assert config.transport == {"out2": {"smtp_bind_address": "192.0.2.2",

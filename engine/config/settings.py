@@ -165,6 +165,8 @@ class Config:
     # EHLO keywords the client acts as if the server had not offered ("chunking": DATA, not
     # BDAT; "pipelining", "size", "8bitmime", "smtputf8", "dsn"…), case ignored
     smtp_discard_ehlo_keywords: tuple[str, ...] = ()
+    # no 8BITMIME to 7BIT (quoted-printable) conversion for a server without 8BITMIME
+    disable_mime_output_conversion: bool = False
     # which address family of an MX host goes first: ipv4 | ipv6 | any (random order)
     smtp_address_preference: str = "any"
     smtp_mx_address_limit: int = 5  # addresses tried per delivery, over all MX hosts; 0 = all

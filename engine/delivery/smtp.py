@@ -179,6 +179,7 @@ async def _connect(config: Config, host: str, address: str, port: int) -> Connec
         relay=relay,
         discard_ehlo_keywords=config.smtp_discard_ehlo_keywords,
         chunk_size=CHUNK_SIZE,
+        mime_downgrade=not config.disable_mime_output_conversion,
     )
     return Connection(client, reader, writer)
 

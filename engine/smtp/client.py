@@ -25,10 +25,11 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum, StrEnum
 
 from engine.delivery import RecipientResult
+from engine.delivery.mime7bit import downgrade
 from engine.smtp.reader import LineTooLong
 from engine.smtp.replies import Reply
 from engine.speedups import Reader
@@ -293,7 +294,9 @@ class Client:
     ("host[ip]:port") in the results. ``pipelining=False`` never pipelines (RFC 2920).
     ``discard_ehlo_keywords`` (Postfix's smtp_discard_ehlo_keywords, lower or upper case) are
     EHLO keywords to act as if the server had not offered them, e.g. "chunking" for DATA
-    instead of BDAT. ``chunk_size``: the largest BDAT chunk."""
+    instead of BDAT. ``chunk_size``: the largest BDAT chunk. ``mime_downgrade``: 8-bit MIME
+    parts go as quoted-printable to a server without 8BITMIME (Postfix's default; False is
+    disable_mime_output_conversion = yes: the 8-bit content goes as it is)."""
 
     def __init__(
         self,
@@ -305,6 +308,7 @@ class Client:
         max_reply_size: int = 65536,
         discard_ehlo_keywords: Sequence[str] = (),
         chunk_size: int = 1 << 20,
+        mime_downgrade: bool = True,
     ) -> None:
         if any(c in helo_name for c in "\r\n\0 ") or not helo_name:
             raise LocalProtocolError(f"bad HELO name {helo_name!r}")
@@ -314,6 +318,7 @@ class Client:
         self.use_pipelining = pipelining
         self.discard_ehlo_keywords = frozenset(k.upper() for k in discard_ehlo_keywords)
         self.chunk_size = chunk_size
+        self.mime_downgrade = mime_downgrade
         self.esmtp = False
         self.extensions: dict[str, str] = {}
         self.transactions = 0  # started on this connection (Postfix's conn_use)
@@ -386,6 +391,12 @@ class Client:
         for rcpt in envelope.recipients:
             _check_param("NOTIFY", envelope.notify.get(rcpt, ""))
             _check_param("ORCPT", envelope.orcpt.get(rcpt, ""))
+        if (
+            self.mime_downgrade
+            and "8BITMIME" not in self.extensions
+            and not envelope.content.isascii()
+        ):
+            envelope = replace(envelope, content=downgrade(envelope.content))
         self.phase = Phase.TRANSACTION
         self._new_transaction(envelope)
         self.transactions += 1
