@@ -174,6 +174,7 @@ cdef class Reader:
             if verdict == UNDECIDED:
                 pos = k + 2
                 self._at_line_start = True
+                self._prev_bare = False  # the line before this one ended in the CRLF at k
                 break
             if verdict == END_OF_DATA:
                 self._at_line_start = True

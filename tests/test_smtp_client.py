@@ -750,6 +750,10 @@ def test_start_transaction_out_of_turn_is_a_local_error():
         (b"", b""),
         (b"bare\nlf\n.dot\n", b"bare\r\nlf\r\n..dot\r\n"),
         (b"mixed\r\nbare\n", b"mixed\r\nbare\r\n"),
+        # stray CRs become spaces: no <CR>.<CR> reaches a next hop (SMTP smuggling)
+        (b"hi\r.\rMAIL FROM:<x@y>\r\n", b"hi . MAIL FROM:<x@y>\r\n"),
+        (b"a\r\r\nb\r", b"a \r\nb \r\n"),
+        (b"a\r\n.\rb\n", b"a\r\n.. b\r\n"),
     ],
 )
 def test_dot_stuff(content, payload):

@@ -23,6 +23,7 @@ answered MAIL FROM has delivered nothing, and says so with ReuseFailed instead o
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -138,11 +139,20 @@ class ReplyBuffer:
             return reply
 
 
+_STRAY_CR = re.compile(rb"\r(?!\n)")  # a CR that does not begin a CRLF
+
+
 def dot_stuff(content: bytes) -> bytes:
     """The DATA payload for ``content``, without the final ".\\r\\n": CRLF line ends (a bare LF
-    becomes CRLF, RFC 5321 §2.3.8), a dot doubled at the start of every line (§4.5.2), and a
-    final CRLF. A few C-level passes over the bytes, never a Python loop per line."""
-    if content.count(b"\n") != content.count(b"\r\n"):
+    becomes CRLF, RFC 5321 §2.3.8; a bare CR becomes a space, as Postfix 3.9's
+    cleanup_replace_stray_cr_lf, so no next hop can read ``<CR>.<CR>`` as an end of data and
+    take what follows as a smuggled transaction), a dot doubled at the start of every line
+    (§4.5.2), and a final CRLF. A few C-level passes over the bytes, never a Python loop per
+    line."""
+    crlf = content.count(b"\r\n")
+    if content.count(b"\r") != crlf:  # a stray CR becomes a space (cleanup_replace_stray_cr_lf)
+        content = _STRAY_CR.sub(b" ", content)
+    if content.count(b"\n") != crlf:
         content = content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     stuffed = content.replace(b"\r\n.", b"\r\n..")
     if stuffed.startswith(b"."):

@@ -130,6 +130,7 @@ class Reader:
             if verdict == 0:
                 pos = k + 2
                 self._at_line_start = True
+                self._prev_bare = False  # the line before this one ended in the CRLF at k
                 break
             if verdict == 2:
                 del buf[: k + 5]
