@@ -37,9 +37,20 @@ def _ip_literal(host: str) -> str | None:
     return None
 
 
+def _ordered(addresses: list[str], preference: str) -> list[str]:
+    """``addresses`` (IPv4 before IPv6, as found) in ``preference`` order."""
+    if preference == "ipv4":
+        return addresses
+    if preference == "ipv6":
+        return sorted(addresses, key=lambda address: ":" not in address)
+    return random.sample(addresses, len(addresses))
+
+
 class Resolver:
     """MX and address lookups through ``config.dns_servers`` ("ip" or "ip:port"; empty: the
-    system's resolv.conf), each lookup bounded by ``config.dns_timeout`` seconds."""
+    system's resolv.conf), as resolv(5) does: each query waits ``config.dns_timeout`` seconds
+    for a server and every server is tried ``config.dns_attempts`` times. Answers are cached
+    for their TTL (dnspython's cache, shared by every delivery through this resolver)."""
 
     def __init__(self, config: Config) -> None:
         if config.dns_servers:
@@ -54,10 +65,11 @@ class Resolver:
             except dns.resolver.NoResolverConfiguration:
                 resolver = dns.asyncresolver.Resolver(configure=False)
                 resolver.nameservers = ["127.0.0.1"]  # as the C library does without resolv.conf
-        resolver.lifetime = config.dns_timeout
-        resolver.timeout = min(resolver.timeout, config.dns_timeout)
+        resolver.timeout = config.dns_timeout
+        resolver.lifetime = config.dns_timeout * config.dns_attempts * len(resolver.nameservers)
         resolver.cache = dns.resolver.LRUCache()
         self._resolver = resolver
+        self._preference = config.smtp_address_preference
 
     async def _query(self, name: str, rtype: str) -> dns.resolver.Answer | None:
         """The answer, or None when the name exists without records of that type. Raises
@@ -91,7 +103,8 @@ class Resolver:
         return hosts
 
     async def addresses(self, host: str) -> list[str]:
-        """IPv4 then IPv6 addresses of ``host``; an IP literal is returned as is. Raises
+        """The addresses of ``host`` in ``smtp_address_preference`` order (Postfix): "ipv4" or
+        "ipv6" first, else ("any") in random order; an IP literal is returned as is. Raises
         PermanentFailure (5.4.4) when the host has none (5.1.2 for a bad literal),
         TransientFailure (4.4.3) when DNS failed and no address was found."""
         literal = _ip_literal(host)
@@ -108,7 +121,7 @@ class Resolver:
             for record in answer
         ]
         if found:
-            return list(dict.fromkeys(found))
+            return _ordered(list(dict.fromkeys(found)), self._preference)
         for error in answers:
             if isinstance(error, TransientFailure):
                 raise error

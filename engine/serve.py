@@ -76,6 +76,9 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
     connections = ConnectionCache(config)  # idle SMTP sessions reused for the next message
     agents = {"smtp": functools.partial(smtp_delivery.deliver, config=config, resolver=resolver,
                                         connections=connections)}
+    for name in config.transport:  # [transport.NAME]: SMTP with its own smtp_* settings
+        agents[name] = functools.partial(smtp_delivery.deliver, config=config.for_transport(name),
+                                         resolver=resolver, connections=connections)
     qmgr = QueueManager(spool, config, maillog, agents)
     # cleanup queues client mail and, for qmgr, Tern's own notices (bounces, delay warnings)
     cleanup = Cleanup(spool, maillog, config, on_queued=qmgr.notify_new,

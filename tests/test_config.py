@@ -110,6 +110,14 @@ smtp_data_xfer_timeout = "1m"
 smtp_data_done_timeout = "1w"
 smtp_quit_timeout = 1.5
 smtp_rset_timeout = "5s"
+smtp_discard_ehlo_keywords = ["chunking", "pipelining"]
+disable_mime_output_conversion = true
+smtp_bind_address = "192.0.2.1"
+smtp_bind_address6 = "2001:db8::1"
+smtp_address_preference = "ipv6"
+smtp_mx_address_limit = 0
+smtp_mx_session_limit = 3
+dns_attempts = 3
 dns_servers = ["192.0.2.53", "192.0.2.54:5353", "[2001:db8::53]:53", "2001:db8::54"]
 dns_timeout = 2.5
 smtpd_tls_cert_file = "@CERTS@/default.crt"
@@ -146,6 +154,14 @@ invalid_hostname_reject_code = 550
 ".example.net" = "relay:mx.example.net:2525"
 "example.com" = "smtp:"
 "*" = "smtp:[::1]:25"
+
+[sender_dependent_default_transport_maps]
+"@example.org" = "out2:"
+
+[transport.out2]
+smtp_bind_address = "192.0.2.2"
+smtp_bind_address6 = "2001:db8::2"
+smtp_helo_name = "out2.example.test"
 
 [[listen]]
 address = "[::1]:2525"
@@ -247,6 +263,16 @@ def test_full_file_sets_every_field(tmp_path):
     assert config.queue_commit_window == 0.0
     assert config.smtp_quit_timeout == 1.5
     assert config.smtp_data_done_timeout == 7 * 86400.0
+    assert config.smtp_discard_ehlo_keywords == ("chunking", "pipelining")
+    assert config.smtp_address_preference == "ipv6"
+    assert (config.smtp_mx_address_limit, config.smtp_mx_session_limit) == (0, 3)
+    assert config.dns_attempts == 3
+    assert config.disable_mime_output_conversion is True
+    assert (config.smtp_bind_address, config.smtp_bind_address6) == ("192.0.2.1", "2001:db8::1")
+    assert config.sender_dependent_default_transport_maps == {"@example.org": "out2:"}
+    assert config.transport == {"out2": {"smtp_bind_address": "192.0.2.2",
+                                         "smtp_bind_address6": "2001:db8::2",
+                                         "smtp_helo_name": "out2.example.test"}}
     assert config.dns_servers[1] == "192.0.2.54:5353"
     assert config.transport_maps == {
         "example.net": "smtp:[127.0.0.1]:10027",
@@ -452,6 +478,9 @@ ERRORS = [
     ("int: negative size", "message_size_limit = -1\n", 1, "message_size_limit",
      "expected a size in bytes of at least 0, got -1"),
     ("int: below minimum", "line_length_limit = 100\n", 1, "line_length_limit", "at least 512"),
+    ("int: no dns attempts", "dns_attempts = 0\n", 1, "dns_attempts", "of at least 1, got 0"),
+    ("choice", 'smtp_address_preference = "ipv5"\n', 1, "smtp_address_preference",
+     'expected one of "ipv4", "ipv6", "any", got "ipv5"'),
     # durations
     ("duration: junk", 'smtpd_timeout = "soon"\n', 1, "smtpd_timeout", "expected a duration"),
     ("duration: negative", "minimal_backoff_time = -5\n", 1, "minimal_backoff_time",
@@ -561,6 +590,20 @@ ERRORS = [
     # TOML syntax
     ("syntax: missing value", 'myhostname = "a.example"\n\nmessage_size_limit = \n', 3, "",
      "TOML syntax error: Invalid value"),
+    ("bind address family", 'smtp_bind_address = "::1"\n', 1, "smtp_bind_address",
+     'expected an IPv4 address, got "::1"'),
+    ("bind address6 junk", 'smtp_bind_address6 = "x"\n', 1, "smtp_bind_address6",
+     'expected an IPv6 address, got "x"'),
+    ("transport: not smtp_", '[transport.out2]\n\nmyhostname = "a.test"\n', 3,
+     "transport.out2.myhostname", 'unknown key "myhostname" (an smtp_* setting)'),
+    ("transport: bad value", '[transport.out2]\nsmtp_helo_name = "x"\nsmtp_bind_address = "1"\n',
+     3, "transport.out2.smtp_bind_address", 'expected an IPv4 address, got "1"'),
+    ("transport: bad name", '[transport."out 2"]\nsmtp_helo_name = "x"\n', 1,
+     "transport", "bad transport name"),
+    ("sender map: bad key", '[sender_dependent_default_transport_maps]\n"x.test" = "out2:"\n',
+     2, "sender_dependent_default_transport_maps", 'expected "user@domain" or "@domain"'),
+    ("sender map: bad value", '[sender_dependent_default_transport_maps]\n"@x.test" = "out2"\n',
+     2, "sender_dependent_default_transport_maps", 'expected "transport:nexthop"'),
     ("syntax: duplicate key", 'message_size_limit = 1\nmessage_size_limit = 2\n', 2, "",
      "TOML syntax error: Cannot overwrite a value"),
     ("syntax: unterminated string", 'myhostname = "a.example"\nrelayhost = "x\n', 2, "",
@@ -836,3 +879,28 @@ def test_expired_certificate_loads(tmp_path, certs):
     (tests/test_tls_end_to_end.py) rather than refusing to start."""
     text = tls_text(certs, cert=certs.expired_cert, key=certs.expired_key)
     assert load_config(write(tmp_path, text)).smtpd_tls_cert_file == str(certs.expired_cert)
+
+
+def test_transport_tables_override_smtp_settings(tmp_path):
+    config = load_config(write(tmp_path, """\
+smtp_helo_name = "main.tern.test"
+smtp_bind_address6 = "::1"
+[sender_dependent_default_transport_maps]
+"@X.test" = "out2:"
+"boss@y.test" = "out3:[relay.test]:2525"
+[transport.out2]
+smtp_bind_address = "127.0.0.2"
+smtp_helo_name = "out2.tern.test"
+smtp_connect_timeout = "5s"
+[transport.out3]
+smtp_bind_address = "127.0.0.3"
+"""))
+    assert config.sender_dependent_default_transport_maps == {
+        "@x.test": "out2:", "boss@y.test": "out3:[relay.test]:2525"}
+    out2 = config.for_transport("out2")
+    assert (out2.smtp_bind_address, out2.smtp_bind_address6) == ("127.0.0.2", "::1")
+    assert (out2.smtp_helo_name, out2.smtp_connect_timeout) == ("out2.tern.test", 5.0)
+    out3 = config.for_transport("out3")
+    assert (out3.smtp_bind_address, out3.smtp_helo_name) == ("127.0.0.3", "main.tern.test")
+    assert config.for_transport("smtp") is config
+    assert (config.smtp_bind_address, config.smtp_helo_name) == ("", "main.tern.test")

@@ -221,13 +221,13 @@ def test_expired_deferred_mail_bounces():
     assert "dsn=4.4.1, status=expired (still down)" in asyncio.run(scenario())
 
 
-def route_with_faults(domain, config):
+def route_with_faults(domain, config, sender=""):
     """nexthop_for, except that bad.test cannot be routed and boom.test hits a bug."""
     if domain == "bad.test":
         raise PermanentFailure("5.1.2", "bad destination: bad.test")
     if domain == "boom.test":
         raise RuntimeError("routing bug")
-    return nexthop_for(domain, config)
+    return nexthop_for(domain, config, sender)
 
 
 def test_unroutable_recipient_bounces_alone_and_a_bug_does_not_stop_the_queue(monkeypatch):

@@ -154,3 +154,26 @@ def test_transport_lookup_without_match():
 
 def test_address_literal_has_no_parent_domains():
     assert transport_lookup("[192.0.2.1]", {".1]": "smtp:[x.example]"}) is None
+
+
+def test_sender_dependent_default_transport_picks_the_pool():
+    config = Config(
+        mydestination=("local.test",),
+        relayhost="[relay.test]",
+        transport_maps={"dest.test": "out3:"},
+        sender_dependent_default_transport_maps={
+            "@x.test": "out2:",
+            "boss@x.test": "out4:[boss-relay.test]:2525",
+        },
+    )
+    assert nexthop_for("y.test", config, "a@X.test") == NextHop("out2", "relay.test", 25, False)
+    assert nexthop_for("y.test", config, "boss@x.test") == NextHop(
+        "out4", "boss-relay.test", 2525, False)
+    assert nexthop_for("y.test", config, "a@other.test") == NextHop(
+        "smtp", "relay.test", 25, False)
+    assert nexthop_for("y.test", config, "") == NextHop("smtp", "relay.test", 25, False)
+    # transport_maps and local domains come first, as in Postfix
+    assert nexthop_for("dest.test", config, "a@x.test") == NextHop("out3", "dest.test", 25, True)
+    assert nexthop_for("local.test", config, "a@x.test").transport == "local"
+    no_relayhost = Config(sender_dependent_default_transport_maps={"@x.test": "out2:"})
+    assert nexthop_for("y.test", no_relayhost, "a@x.test") == NextHop("out2", "y.test", 25, True)

@@ -241,6 +241,83 @@ def _bool(value: Any) -> bool:
     return value
 
 
+def _transport_target(target: Any, where: dict[str, Any]) -> None:
+    """A transport_maps-style value: ``"transport:nexthop"`` (the next hop may be empty)."""
+    if not isinstance(target, str):
+        raise _Invalid(f'expected "transport:nexthop", got {_show(target)}', **where)
+    transport, colon, nexthop = target.partition(":")
+    if not colon:
+        raise _Invalid(f'expected "transport:nexthop", got {_show(target)}', **where)
+    if not _TRANSPORT.fullmatch(transport):
+        raise _Invalid(
+            f"bad transport name {_show(transport)} (letters, digits and -) in {_show(target)}",
+            **where,
+        )
+    try:
+        parse_nexthop(nexthop)
+    except ValueError as exc:
+        raise _Invalid(f"bad next hop: {exc}", **where) from None
+
+
+def _sender_transport_maps(value: Any) -> dict[str, str]:
+    """``[sender_dependent_default_transport_maps]``: a sender address ("user@domain") or
+    "@domain" -> ``"transport:nexthop"``, as Postfix's; keys ignore case."""
+    name = "sender_dependent_default_transport_maps"
+    if not isinstance(value, dict):
+        raise _Invalid(f'expected a table of sender = "transport:nexthop", got {_show(value)}')
+    out: dict[str, str] = {}
+    for sender, target in value.items():
+        where = {"sub": (sender,), "label": f"{name}.{_toml_key(sender)}"}
+        local, at, domain = sender.rpartition("@")
+        if not at or not _is_hostname(domain) or any(c in local for c in " <>@\"\r\n"):
+            raise _Invalid(f'expected "user@domain" or "@domain", got {_show(sender)}', **where)
+        _transport_target(target, where)
+        out[sender.lower()] = target
+    return out
+
+
+def _transport_tables(value: Any) -> dict[str, dict[str, Any]]:
+    """``[transport.NAME]`` tables: an SMTP transport of its own, with smtp_* settings (each
+    checked as the main one) that override the main ones for it."""
+    if not isinstance(value, dict):
+        raise _Invalid(f"expected [transport.NAME] tables, got {_show(value)}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, table in value.items():
+        where = {"sub": (name,), "label": f"transport.{_toml_key(name)}"}
+        if not _TRANSPORT.fullmatch(name):
+            raise _Invalid(f"bad transport name {_show(name)} (letters, digits and -)", **where)
+        if not isinstance(table, dict):
+            raise _Invalid(f"expected a table of smtp_* settings, got {_show(table)}", **where)
+        settings_of: dict[str, Any] = {}
+        for key, raw in table.items():
+            label = f"transport.{_toml_key(name)}.{_toml_key(key)}"
+            if not key.startswith("smtp_") or key not in _CONVERTERS:
+                raise _Invalid(f'unknown key "{_toml_key(key)}" (an smtp_* setting)',
+                               sub=(name, key), label=label)
+            try:
+                settings_of[key] = _CONVERTERS[key](raw)
+            except _Invalid as exc:
+                raise _Invalid(str(exc), sub=(name, key, *exc.sub), label=label) from None
+        out[name] = settings_of
+    return out
+
+
+def _bind_address(version: int) -> Converter:
+    def convert(value: Any) -> str:
+        text = _string(value)
+        if not text:
+            return ""
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            address = None
+        if address is None or address.version != version:
+            raise _Invalid(f"expected an IPv{version} address, got {_show(value)}")
+        return str(address)
+
+    return convert
+
+
 def _transport_maps(value: Any) -> dict[str, str]:
     """``[transport_maps]``: domain (or ``.domain`` for its subdomains, or ``*``) ->
     ``"transport:nexthop"``, as in Postfix's transport(5)."""
@@ -253,24 +330,22 @@ def _transport_maps(value: Any) -> dict[str, str]:
         pattern = domain[1:] if domain.startswith(".") else domain
         if domain != "*" and not _is_hostname(pattern):
             raise _Invalid(f"expected a domain, .domain or *, got {_show(domain)}", **where)
-        if not isinstance(target, str):
-            raise _Invalid(f'expected "transport:nexthop", got {_show(target)}', **where)
-        transport, colon, nexthop = target.partition(":")
-        if not colon:
-            raise _Invalid(f'expected "transport:nexthop", got {_show(target)}', **where)
-        if not _TRANSPORT.fullmatch(transport):
-            raise _Invalid(
-                f"bad transport name {_show(transport)} (letters, digits and -) in {_show(target)}",
-                **where,
-            )
-        try:
-            parse_nexthop(nexthop)
-        except ValueError as exc:
-            raise _Invalid(f"bad next hop: {exc}", **where) from None
+        _transport_target(target, where)
         if domain.lower() in out:
             raise _Invalid(f"{_show(domain)} is listed twice (domains ignore case)", **where)
         out[domain.lower()] = target
     return out
+
+
+def _choice(*allowed: str) -> Converter:
+    def convert(value: Any) -> str:
+        text = _string(value)
+        if text not in allowed:
+            names = ", ".join(_show(name) for name in allowed)
+            raise _Invalid(f"expected one of {names}, got {_show(value)}")
+        return text
+
+    return convert
 
 
 def _tls_security_level(value: Any) -> str:
@@ -402,6 +477,8 @@ _INT_MINIMUM = {
     "line_length_limit": 512,  # RFC 5321 command lines; Postfix's minimum too
     "message_size_limit": 0,  # 0 = no limit (Postfix)
     "smtp_connection_reuse_count_limit": 0,  # 0 = no limit (Postfix)
+    "smtp_mx_address_limit": 0,  # 0 = no limit (Postfix)
+    "smtp_mx_session_limit": 0,  # 0 = no limit (Postfix)
     "worker_count": 0,  # 0 = one per core
     "smtpd_client_auth_failure_limit": 0,  # 0 = no limit
     "smtpd_client_connection_count_limit": 0,  # 0 = off (Postfix)
@@ -426,6 +503,10 @@ _SPECIAL: dict[str, Converter] = {
     "dns_servers": _str_list(_dns_server, "addresses"),
     "relayhost": _relayhost,
     "transport_maps": _transport_maps,
+    "sender_dependent_default_transport_maps": _sender_transport_maps,
+    "transport": _transport_tables,
+    "smtp_bind_address": _bind_address(4),
+    "smtp_bind_address6": _bind_address(6),
     "listen": _listen,
     "queue_directory": _path,
     "smtp_helo_name": _helo_name,
@@ -436,6 +517,7 @@ _SPECIAL: dict[str, Converter] = {
     "smtpd_forbid_bare_newline_reject_code": _reply_code("5"),
     "smtpd_client_event_limit_exceptions": _client_networks,
     "smtpd_tls_security_level": _tls_security_level,
+    "smtp_address_preference": _choice("ipv4", "ipv6", "any"),
     "smtpd_tls_protocols": _tls_protocols,
     "tls_high_cipherlist": lambda value: _string(value, empty=False),
     "tls_server_sni_maps": _sni_maps,

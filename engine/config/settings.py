@@ -4,6 +4,7 @@ Trusts its callers: load_config (engine.config.loader) validates a file's values
 here. With no file, these defaults make a loopback-only server that is not an open relay.
 """
 
+import dataclasses
 import ipaddress
 import os
 from dataclasses import dataclass, field
@@ -71,6 +72,13 @@ class Config:
     relay_domains: tuple[str, ...] = ()
     relayhost: str = ""  # "" = deliver by MX; "[host]:port" = no MX lookup
     transport_maps: dict[str, str] = field(default_factory=dict)
+    # Postfix's sender_dependent_default_transport_maps: sender address or "@domain" ->
+    # "transport:nexthop" for mail that transport_maps and the local domains leave to the
+    # default transport (IP pools chosen by sender; by destination: transport_maps)
+    sender_dependent_default_transport_maps: dict[str, str] = field(default_factory=dict)
+    # [transport.NAME]: SMTP transports of their own, each with smtp_* settings that override
+    # the main ones (Postfix's master.cf entry with -o), e.g. smtp_bind_address, smtp_helo_name
+    transport: dict[str, dict[str, object]] = field(default_factory=dict)
     listen: tuple[Listener, ...] = (Listener(),)
     maillog_file: str = ""  # "" = stderr
     smtpd_banner: str = "$myhostname ESMTP Tern"
@@ -143,6 +151,8 @@ class Config:
     smtp_connection_reuse_count_limit: int = 0  # 0 = no limit on transactions
     # smtp client (Postfix's names and defaults)
     smtp_helo_name: str = "$myhostname"
+    smtp_bind_address: str = ""  # local IPv4 address of outgoing connections; "" = any
+    smtp_bind_address6: str = ""  # local IPv6 address of outgoing connections; "" = any
     smtp_connect_timeout: float = 30.0
     smtp_helo_timeout: float = 300.0
     smtp_mail_timeout: float = 300.0
@@ -152,6 +162,15 @@ class Config:
     smtp_data_done_timeout: float = 600.0
     smtp_quit_timeout: float = 300.0
     smtp_rset_timeout: float = 20.0
+    # EHLO keywords the client acts as if the server had not offered ("chunking": DATA, not
+    # BDAT; "pipelining", "size", "8bitmime", "smtputf8", "dsn"…), case ignored
+    smtp_discard_ehlo_keywords: tuple[str, ...] = ()
+    # no 8BITMIME to 7BIT (quoted-printable) conversion for a server without 8BITMIME
+    disable_mime_output_conversion: bool = False
+    # which address family of an MX host goes first: ipv4 | ipv6 | any (random order)
+    smtp_address_preference: str = "any"
+    smtp_mx_address_limit: int = 5  # addresses tried per delivery, over all MX hosts; 0 = all
+    smtp_mx_session_limit: int = 2  # sessions that got past EHLO per delivery; 0 = no limit
     # SMTP access restrictions (Postfix >= 2.10 defaults; engine.policy.restrictions). Each is
     # a list of restriction names, check_*_access followed by its "type:name" table.
     smtpd_client_restrictions: tuple[str, ...] = ()
@@ -179,7 +198,8 @@ class Config:
     invalid_hostname_reject_code: int = 501
     # DNS: servers as "ip" or "ip:port"; empty = the system's resolv.conf
     dns_servers: tuple[str, ...] = ()
-    dns_timeout: float = 5.0
+    dns_timeout: float = 5.0  # per query and server (resolv.conf's "timeout")
+    dns_attempts: int = 2  # rounds over the servers (resolv.conf's "attempts")
     # smtpd TLS (Postfix's names). The key may sit in the certificate file (key_file "").
     smtpd_tls_cert_file: str = ""  # PEM chain, leaf first; "" = no TLS
     smtpd_tls_key_file: str = ""  # "" = $smtpd_tls_cert_file, as in Postfix
@@ -197,6 +217,14 @@ class Config:
         if service == "submission":
             return "encrypt"
         return self.smtpd_tls_security_level or "may"
+
+    def for_transport(self, name: str) -> "Config":
+        """The settings of SMTP transport ``name``: these, with its ``[transport.NAME]``
+        overrides (the same object for a transport without any)."""
+        overrides = self.transport.get(name)
+        if not overrides:
+            return self
+        return dataclasses.replace(self, **overrides)  # type: ignore[arg-type]
 
     def expand(self, value: str) -> str:
         """Postfix-style ``$myhostname`` / ``$mydomain`` expansion, for the values that use it."""

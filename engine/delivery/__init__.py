@@ -67,6 +67,7 @@ class DeliveryRequest:
     content: bytes
     nexthop: NextHop
     body_8bit: bool = False
+    smtputf8: bool = False  # the sender asked for SMTPUTF8 (RFC 6531)
     # RFC 3461 DSN request as the spool stores it, passed on when the next hop offers DSN
     # (§5.2.1): RET ("FULL" / "HDRS", "" = not given) and ENVID (xtext) for the message;
     # NOTIFY ("SUCCESS,FAILURE,DELAY" / "NEVER") and ORCPT ("addr-type;xtext") per recipient

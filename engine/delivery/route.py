@@ -60,10 +60,23 @@ def _nexthop(transport: str, nexthop: str, domain: str) -> NextHop:
     return NextHop(transport, host, port or default_port, mx_lookup)
 
 
-def nexthop_for(domain: str, config: Config) -> NextHop:
+def sender_transport(sender: str, maps: dict[str, str]) -> str | None:
+    """The sender_dependent_default_transport_maps value for ``sender``: the address, then its
+    "@domain" (Postfix's lookup order); None for the null sender or no match."""
+    if not sender or not maps:
+        return None
+    sender = sender.lower()
+    if sender in maps:
+        return maps[sender]
+    _, at, domain = sender.rpartition("@")
+    return maps.get("@" + domain) if at else None
+
+
+def nexthop_for(domain: str, config: Config, sender: str = "") -> NextHop:
     """Where mail for ``domain`` goes, in Postfix's order: a transport_maps match; else a local
-    domain (``config.local_domains``) to the local transport; else relayhost; else the domain's
-    MX hosts on port 25 (an address literal: that address, no MX lookup). Raises
+    domain (``config.local_domains``) to the local transport; else the default transport
+    (``sender``'s sender_dependent_default_transport_maps entry, else smtp) to relayhost, else
+    to the domain's MX hosts on port 25 (an address literal: that address, no MX lookup). Raises
     PermanentFailure (5.1.2) for a domain that cannot be routed; never for one the SMTP grammar
     accepted."""
     domain = domain.rstrip(".").lower()
@@ -73,6 +86,10 @@ def nexthop_for(domain: str, config: Config) -> NextHop:
         return _nexthop(transport, nexthop, domain)
     if domain in config.local_domains:
         return NextHop(LOCAL_TRANSPORT, domain, mx_lookup=False)
+    entry = sender_transport(sender, config.sender_dependent_default_transport_maps)
+    if entry is not None:
+        transport, _, nexthop = entry.partition(":")
+        return _nexthop(transport, nexthop or config.relayhost, domain)
     if config.relayhost:
         return _nexthop(DEFAULT_TRANSPORT, config.relayhost, domain)
     return _domain_hop(DEFAULT_TRANSPORT, domain, DEFAULT_PORTS[DEFAULT_TRANSPORT])

@@ -8,6 +8,7 @@ Trusts the request (from the spool) and the configuration; nothing from the netw
 """
 
 import asyncio
+import dataclasses
 import os
 import time
 
@@ -17,6 +18,7 @@ from engine.delivery import (
     DeliveryOutcome,
     DeliveryRequest,
     NextHop,
+    RecipientResult,
     TransientFailure,
 )
 from engine.delivery.connections import Connection, ConnectionCache
@@ -37,6 +39,7 @@ from engine.smtp.client import (
 )
 
 READ_SIZE = 65536
+CHUNK_SIZE = 1 << 20  # the largest BDAT chunk: one write, bounded memory at the next hop
 
 # Postfix's smtp_*_timeout for each stage (the greeting falls under smtp_helo_timeout).
 STAGE_TIMEOUTS = {
@@ -48,6 +51,7 @@ STAGE_TIMEOUTS = {
     Stage.DATA: "smtp_data_init_timeout",
     Stage.BODY: "smtp_data_xfer_timeout",
     Stage.DOT: "smtp_data_done_timeout",
+    Stage.BDAT: "smtp_data_done_timeout",  # the last chunk's reply is the message's
     Stage.RSET: "smtp_rset_timeout",  # short: it probes whether a cached connection lives
     Stage.QUIT: "smtp_quit_timeout",
 }
@@ -76,6 +80,7 @@ async def deliver(
         envid=request.envid,
         notify=request.notify,
         orcpt=request.orcpt,
+        smtputf8=request.smtputf8,
     )
     if connections is not None:
         while (cached := connections.take(hop.destination)) is not None:
@@ -85,19 +90,51 @@ async def deliver(
                 continue  # nothing was sent: try the next cached one, then a new connection
     hosts = await resolver.mx_hosts(hop.host) if hop.mx_lookup else [hop.host]
     failures: list[DeliveryError] = []
+    servers: list[tuple[str, str]] = []  # (host, address), at most smtp_mx_address_limit
+    address_limit = config.smtp_mx_address_limit
     for host in hosts:
+        if address_limit and len(servers) >= address_limit:
+            break
         try:
             addresses = await resolver.addresses(host)
         except DeliveryError as exc:
             failures.append(exc)
             continue
-        for address in addresses:
-            try:
-                connection = await _connect(config, host, address, hop.port)
-                return await _transact(connection, envelope, config, started, connections, hop)
-            except DeliveryError as exc:
-                failures.append(exc)
-    raise _no_server_took_it(failures, hop.host)
+        servers += [(host, address) for address in addresses]
+    if address_limit:
+        del servers[address_limit:]
+    final: dict[str, RecipientResult] = {}
+    outcome: DeliveryOutcome | None = None
+    sessions = 0
+    dsn_passed = True  # every server that got a recipient owes its DSN notices
+    for index, (host, address) in enumerate(servers):
+        try:
+            connection = await _connect(config, host, address, hop.port)
+            outcome = await _transact(connection, envelope, config, started, connections, hop)
+        except DeliveryError as exc:  # no session: not counted against smtp_mx_session_limit
+            failures.append(exc)
+            continue
+        sessions += 1
+        dsn_passed = dsn_passed and outcome.dsn_passed
+        retry = [r.recipient for r in outcome.results if _next_server_may_take(r)]
+        final.update((r.recipient, r) for r in outcome.results)
+        last = index == len(servers) - 1
+        if not retry or last or sessions == config.smtp_mx_session_limit:
+            break
+        # Postfix: recipients a server deferred go to the next MX host in the same delivery
+        envelope = dataclasses.replace(envelope, recipients=retry)
+    if outcome is None:
+        raise _no_server_took_it(failures, hop.host)
+    outcome.results = [final[r] for r in request.recipients]
+    outcome.dsn_passed = dsn_passed
+    return outcome
+
+
+def _next_server_may_take(result: RecipientResult) -> bool:
+    """Whether another MX host may get ``result``'s recipient in the same delivery: a server
+    deferred it with a 4xx reply. A lost connection or a timeout (4.4.2) is not retried there:
+    after the end of data the message may have been taken already."""
+    return result.status == "deferred" and result.reply.startswith("host ")
 
 
 class _DeadSession(TransientFailure):
@@ -124,15 +161,26 @@ async def _connect(config: Config, host: str, address: str, port: int) -> Connec
     """A TCP connection to ``address`` with a new client core (no bytes exchanged yet)."""
     peer = f"{host}[{address}]"
     relay = f"{peer}:{port}"
+    # Postfix's smtp_bind_address / smtp_bind_address6: the source address of this family
+    bind = config.smtp_bind_address6 if ":" in address else config.smtp_bind_address
     try:
         async with asyncio.timeout(config.smtp_connect_timeout):
-            reader, writer = await asyncio.open_connection(address, port)
+            reader, writer = await asyncio.open_connection(
+                address, port, local_addr=(bind, 0) if bind else None
+            )
     except TimeoutError:  # no session: Postfix logs relay=none
         raise TransientFailure("4.4.1", f"connect to {relay}: Connection timed out") from None
     except OSError as exc:
         why = os.strerror(exc.errno) if exc.errno else str(exc)
         raise TransientFailure("4.4.1", f"connect to {relay}: {why}") from None
-    client = Client(config.expand(config.smtp_helo_name), peer=peer, relay=relay)
+    client = Client(
+        config.expand(config.smtp_helo_name),
+        peer=peer,
+        relay=relay,
+        discard_ehlo_keywords=config.smtp_discard_ehlo_keywords,
+        chunk_size=CHUNK_SIZE,
+        mime_downgrade=not config.disable_mime_output_conversion,
+    )
     return Connection(client, reader, writer)
 
 

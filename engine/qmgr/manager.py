@@ -209,7 +209,8 @@ class QueueManager(QueueOperations):
             if recipient.final or recipient.next_attempt > now:
                 continue
             try:
-                nexthop = nexthop_for(self._domain(recipient.address), self.config)
+                nexthop = nexthop_for(self._domain(recipient.address), self.config,
+                                      envelope.sender)
             except PermanentFailure as failure:
                 immediate.append(RecipientResult(recipient.address, "bounced", failure.dsn,
                                                  failure.text))
@@ -296,6 +297,7 @@ class QueueManager(QueueOperations):
                 content=self.spool.content(job.queue_id),
                 nexthop=job.nexthop,
                 body_8bit=envelope.body_8bit,
+                smtputf8=envelope.smtputf8,
                 # RFC 3461 §5.2.1: passed on when the next hop offers DSN
                 ret=envelope.ret,
                 envid=envelope.envid,

@@ -26,10 +26,11 @@ from __future__ import annotations
 import re
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum, StrEnum
 
 from engine.delivery import RecipientResult
+from engine.delivery.mime7bit import downgrade
 from engine.smtp.reader import LineTooLong
 from engine.smtp.replies import Reply
 from engine.speedups import Reader
@@ -54,6 +55,7 @@ class Stage(StrEnum):
     DATA = "data"  # waiting for 354
     BODY = "body"  # writing the message content
     DOT = "dot"  # waiting for the reply to the final "."
+    BDAT = "bdat"  # waiting for the reply to a BDAT chunk (RFC 3030)
     RSET = "rset"
     QUIT = "quit"
 
@@ -68,6 +70,7 @@ DOING = {
     Stage.DATA: "sending DATA command",
     Stage.BODY: "sending message body",
     Stage.DOT: "sending end of data -- message may be sent more than once",
+    Stage.BDAT: "sending BDAT -- message may be sent more than once",
     Stage.RSET: "sending RSET",
     Stage.QUIT: "sending QUIT",
 }
@@ -80,6 +83,7 @@ COMMAND = {
     Stage.RCPT: "RCPT TO",
     Stage.DATA: "DATA",
     Stage.DOT: "end of DATA",
+    Stage.BDAT: "BDAT",
     Stage.RSET: "RSET",
     Stage.QUIT: "QUIT",
 }
@@ -158,12 +162,46 @@ def dot_stuff(content: bytes) -> bytes:
     return stuffed
 
 
+def bdat_chunks(content: bytes, chunk_size: int) -> list[bytes]:
+    """The BDAT commands with their chunks for ``content`` (RFC 3030): CRLF line ends as for
+    DATA and a final CRLF, but no dot-stuffing and no ".". At most ``chunk_size`` bytes a
+    chunk; the last one says LAST (an empty message is one "BDAT 0 LAST")."""
+    if content.count(b"\n") != content.count(b"\r\n"):
+        content = content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if content and not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    pieces = [content[i:i + chunk_size] for i in range(0, len(content), chunk_size)] or [b""]
+    last = len(pieces) - 1
+    return [
+        f"BDAT {len(piece)}{' LAST' if i == last else ''}\r\n".encode() + piece
+        for i, piece in enumerate(pieces)
+    ]
+
+
+def needs_smtputf8(envelope: Envelope) -> bool:
+    """Whether the message cannot go without SMTPUTF8: the sender asked for it (RFC 6531) and
+    the envelope or the header section holds non-ASCII text (Postfix's SMTPUTF8_FLAG_SENDER /
+    RECIPIENT / HEADER). A request with nothing but ASCII goes on without it, as in Postfix."""
+    if not envelope.smtputf8:
+        return False
+    if not envelope.sender.isascii() or not all(r.isascii() for r in envelope.recipients):
+        return True
+    content = envelope.content
+    end = content.find(b"\n\n")
+    crlf_end = content.find(b"\r\n\r\n")
+    if end < 0 or (0 <= crlf_end < end):
+        end = crlf_end
+    headers = content if end < 0 else content[:end]
+    return not headers.isascii()
+
+
 @dataclass(frozen=True)
 class Envelope:
     """One transaction: envelope sender (may be ""), recipients, the message as stored, and the
     RFC 3461 DSN request (sent only to a server that offers DSN): RET and ENVID for MAIL FROM,
     NOTIFY and ORCPT per recipient address for RCPT TO ("" or no entry: the parameter is left
-    out). The values go out as given (xtext where the RFC says so)."""
+    out). The values go out as given (xtext where the RFC says so). ``smtputf8``: the sender
+    asked for SMTPUTF8 (RFC 6531), as the spool records it."""
 
     sender: str
     recipients: Sequence[str]
@@ -173,6 +211,7 @@ class Envelope:
     envid: str = ""
     notify: Mapping[str, str] = field(default_factory=dict)
     orcpt: Mapping[str, str] = field(default_factory=dict)
+    smtputf8: bool = False
 
 
 # Events returned by Client.next_event()
@@ -262,7 +301,12 @@ def _check_param(name: str, value: str) -> str:
 
 class Client:
     """One SMTP client connection. ``peer`` ("host[ip]") appears in texts, ``relay``
-    ("host[ip]:port") in the results. ``pipelining=False`` never pipelines (RFC 2920)."""
+    ("host[ip]:port") in the results. ``pipelining=False`` never pipelines (RFC 2920).
+    ``discard_ehlo_keywords`` (Postfix's smtp_discard_ehlo_keywords, lower or upper case) are
+    EHLO keywords to act as if the server had not offered them, e.g. "chunking" for DATA
+    instead of BDAT. ``chunk_size``: the largest BDAT chunk. ``mime_downgrade``: 8-bit MIME
+    parts go as quoted-printable to a server without 8BITMIME (Postfix's default; False is
+    disable_mime_output_conversion = yes: the 8-bit content goes as it is)."""
 
     def __init__(
         self,
@@ -272,6 +316,9 @@ class Client:
         relay: str = "none",
         pipelining: bool = True,
         max_reply_size: int = 65536,
+        discard_ehlo_keywords: Sequence[str] = (),
+        chunk_size: int = 1 << 20,
+        mime_downgrade: bool = True,
     ) -> None:
         if any(c in helo_name for c in "\r\n\0 ") or not helo_name:
             raise LocalProtocolError(f"bad HELO name {helo_name!r}")
@@ -279,6 +326,9 @@ class Client:
         self.peer = peer
         self.relay = relay
         self.use_pipelining = pipelining
+        self.discard_ehlo_keywords = frozenset(k.upper() for k in discard_ehlo_keywords)
+        self.chunk_size = chunk_size
+        self.mime_downgrade = mime_downgrade
         self.esmtp = False
         self.extensions: dict[str, str] = {}
         self.transactions = 0  # started on this connection (Postfix's conn_use)
@@ -351,24 +401,37 @@ class Client:
         for rcpt in envelope.recipients:
             _check_param("NOTIFY", envelope.notify.get(rcpt, ""))
             _check_param("ORCPT", envelope.orcpt.get(rcpt, ""))
+        if (
+            self.mime_downgrade
+            and "8BITMIME" not in self.extensions
+            and not envelope.content.isascii()
+        ):
+            envelope = replace(envelope, content=downgrade(envelope.content))
         self.phase = Phase.TRANSACTION
         self._new_transaction(envelope)
         self.transactions += 1
         limit = self.size_limit
         if limit and len(envelope.content) > limit:  # RFC 1870 §6
-            text = (
+            self._bounce_unsent(
+                "5.3.4",
                 f"message size {len(envelope.content)} exceeds size limit {limit}"
-                f" of server {self.peer}"
+                f" of server {self.peer}",
             )
-            self._results = [
-                RecipientResult(r, "bounced", "5.3.4", text, self.relay)
-                for r in envelope.recipients
-            ]
-            self._finish_transaction()
+        elif "SMTPUTF8" not in self.extensions and needs_smtputf8(envelope):  # RFC 6531 §3.2
+            self._bounce_unsent(
+                "5.6.7", f"SMTPUTF8 is required, but was not offered by host {self.peer}"
+            )
         elif self.transactions > 1:  # clean up after the last one, and see the session lives
             self._send(b"RSET\r\n", Stage.RSET)
         else:
             self._send_mail()
+
+    def _bounce_unsent(self, dsn: str, text: str) -> None:
+        """Every recipient bounces before MAIL FROM: the server cannot take this message."""
+        self._results = [
+            RecipientResult(r, "bounced", dsn, text, self.relay) for r in self._env.recipients
+        ]
+        self._finish_transaction()
 
     def quit(self) -> None:
         """End the session politely (no-op once closing or closed)."""
@@ -393,7 +456,11 @@ class Client:
     def _on_ehlo(self, reply: Reply, stage: Stage) -> None:
         if reply.ok:
             self.esmtp = True
-            self.extensions = _extensions(reply)
+            self.extensions = {
+                keyword: params
+                for keyword, params in _extensions(reply).items()
+                if keyword not in self.discard_ehlo_keywords
+            }
             self._ready()
         elif reply.code >= 500:  # RFC 5321 §3.2: fall back to HELO
             self._send(f"HELO {self.helo_name}\r\n".encode(), Stage.HELO)
@@ -436,14 +503,18 @@ class Client:
                 self._accepted.append(index)
             else:
                 self._fail(index, reply, stage)
-        if self._pipelined:
+        if self._pipelined and not self._chunking:
             return
         if self._rcpt_sent < len(self._env.recipients):
             self._send_rcpt()
-        elif self._accepted:
-            self._send(b"DATA\r\n", Stage.DATA)
-        else:
+        elif self._rcpt_replied < self._rcpt_sent:  # pipelined for BDAT: more replies owed
+            return
+        elif not self._accepted:
             self._finish_transaction()
+        elif self._chunking:
+            self._send_chunks()
+        else:
+            self._send(b"DATA\r\n", Stage.DATA)
 
     def _on_data(self, reply: Reply, stage: Stage) -> None:
         if reply.code == 354:
@@ -468,6 +539,31 @@ class Client:
                     self._fail(index, reply, stage)
         self._finish_transaction()
 
+    def _on_bdat(self, reply: Reply, stage: Stage) -> None:
+        """A chunk's reply (RFC 3030 §2): the last one is the message's, like the reply to
+        "."; a failed earlier one fails the message (later chunks' replies are still read)."""
+        self._chunks_replied += 1
+        if self._bdat_failure is None and not reply.ok:
+            self._bdat_failure = reply
+        if self._chunks_replied < self._chunks_sent:
+            if self._chunks:  # not pipelined: the next chunk, or none after a failure
+                if self._bdat_failure is None:
+                    self._send(self._chunks.popleft(), Stage.BODY, Stage.BDAT)
+                    return
+                self._chunks.clear()
+                self._chunks_sent = self._chunks_replied
+            else:
+                return
+        final = self._bdat_failure or reply
+        for index in self._accepted:
+            if final.ok:
+                self._results[index] = RecipientResult(
+                    self._env.recipients[index], "sent", final.dsn, final.flat, self.relay
+                )
+            else:
+                self._fail(index, final, stage)
+        self._finish_transaction()
+
     def _on_quit(self, reply: Reply, stage: Stage) -> None:
         self._close()
 
@@ -480,6 +576,7 @@ class Client:
         Stage.RCPT: _on_rcpt,
         Stage.DATA: _on_data,
         Stage.DOT: _on_dot,
+        Stage.BDAT: _on_bdat,
         Stage.QUIT: _on_quit,
     }
 
@@ -502,6 +599,11 @@ class Client:
         self._rcpt_replied = 0
         self._discard_dot = False
         self._dsn = False  # DSN parameters go with this transaction (the server offers DSN)
+        self._chunking = False  # the content goes as BDAT chunks (the server offers CHUNKING)
+        self._chunks_sent = 0
+        self._chunks_replied = 0
+        self._bdat_failure: Reply | None = None
+        self._chunks: deque[bytes] = deque()  # not yet sent (no PIPELINING: one a reply)
 
     def _send_mail(self) -> None:
         env = self._env
@@ -510,6 +612,8 @@ class Client:
             params += f" SIZE={len(env.content)}"
         if env.body_8bit and "8BITMIME" in self.extensions:
             params += " BODY=8BITMIME"
+        if env.smtputf8 and "SMTPUTF8" in self.extensions:
+            params += " SMTPUTF8"
         # RFC 3461 §5.2.1: pass the DSN request on, but only to a server that offers DSN
         self._dsn = "DSN" in self.extensions
         if self._dsn and env.ret:
@@ -517,17 +621,34 @@ class Client:
         if self._dsn and env.envid:
             params += f" ENVID={env.envid}"
         mail = f"MAIL FROM:<{env.sender}>{params}\r\n".encode()
+        self._chunking = "CHUNKING" in self.extensions
         self._pipelined = self.use_pipelining and "PIPELINING" in self.extensions
         if not self._pipelined:
             self._send(mail, Stage.MAIL)
             return
         # RFC 2920 §3.1: MAIL, every RCPT and DATA in one write; the replies come in order.
+        # With CHUNKING the content waits for the RCPT replies: no chunk goes to a
+        # transaction without recipients (RFC 3030 has no 354 to stop it).
         rcpts = b"".join(self._rcpt_command(r) for r in env.recipients)
-        self._events.append(Send(mail + rcpts + b"DATA\r\n", Stage.MAIL))
+        data = b"" if self._chunking else b"DATA\r\n"
+        self._events.append(Send(mail + rcpts + data, Stage.MAIL))
         self._expect.append(Stage.MAIL)
         self._expect.extend([Stage.RCPT] * len(env.recipients))
-        self._expect.append(Stage.DATA)
         self._rcpt_sent = len(env.recipients)
+        if not self._chunking:  # else the last RCPT reply sends the chunks (or ends)
+            self._expect.append(Stage.DATA)
+
+    def _send_chunks(self) -> None:
+        """The content as BDAT chunks: all in one go when the server pipelines (RFC 3030 §4.2),
+        else one chunk a reply (the reply to a chunk sends the next)."""
+        self._chunks = deque(bdat_chunks(self._env.content, self.chunk_size))
+        self._chunks_sent = len(self._chunks)
+        if self.use_pipelining and "PIPELINING" in self.extensions:
+            self._events.append(Send(b"".join(self._chunks), Stage.BODY))
+            self._expect.extend([Stage.BDAT] * self._chunks_sent)
+            self._chunks.clear()
+        else:
+            self._send(self._chunks.popleft(), Stage.BODY, Stage.BDAT)
 
     def _send_rcpt(self) -> None:
         rcpt = self._env.recipients[self._rcpt_sent]
