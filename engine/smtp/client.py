@@ -252,7 +252,9 @@ def _check_param(name: str, value: str) -> str:
 
 class Client:
     """One SMTP client connection. ``peer`` ("host[ip]") appears in texts, ``relay``
-    ("host[ip]:port") in the results. ``pipelining=False`` never pipelines (RFC 2920)."""
+    ("host[ip]:port") in the results. ``pipelining=False`` never pipelines (RFC 2920).
+    ``lmtp=True`` speaks LMTP (RFC 2033): LHLO instead of EHLO (no HELO fallback), and after
+    the final "." one reply per accepted recipient, in RCPT order."""
 
     def __init__(
         self,
@@ -262,6 +264,7 @@ class Client:
         relay: str = "none",
         pipelining: bool = True,
         max_reply_size: int = 65536,
+        lmtp: bool = False,
     ) -> None:
         if any(c in helo_name for c in "\r\n\0 ") or not helo_name:
             raise LocalProtocolError(f"bad HELO name {helo_name!r}")
@@ -269,6 +272,7 @@ class Client:
         self.peer = peer
         self.relay = relay
         self.use_pipelining = pipelining
+        self.lmtp = lmtp
         self.esmtp = False
         self.extensions: dict[str, str] = {}
         self.transactions = 0  # started on this connection (Postfix's conn_use)
@@ -376,7 +380,8 @@ class Client:
 
     def _on_greeting(self, reply: Reply, stage: Stage) -> None:
         if reply.ok:
-            self._send(f"EHLO {self.helo_name}\r\n".encode(), Stage.EHLO)
+            hello = "LHLO" if self.lmtp else "EHLO"
+            self._send(f"{hello} {self.helo_name}\r\n".encode(), Stage.EHLO)
         else:
             self._session_failed(reply, f"host {self.peer} refused to talk to me: {reply.flat}")
 
@@ -385,7 +390,7 @@ class Client:
             self.esmtp = True
             self.extensions = _extensions(reply)
             self._ready()
-        elif reply.code >= 500:  # RFC 5321 §3.2: fall back to HELO
+        elif reply.code >= 500 and not self.lmtp:  # RFC 5321 §3.2: fall back to HELO
             self._send(f"HELO {self.helo_name}\r\n".encode(), Stage.HELO)
         else:
             self._session_failed(reply, self._said(reply, stage))
@@ -439,6 +444,8 @@ class Client:
         if reply.code == 354:
             if self._mail_ok and self._accepted:
                 self._send(dot_stuff(self._env.content) + b".\r\n", Stage.BODY, Stage.DOT)
+                if self.lmtp:  # RFC 2033 §4.2: one reply per accepted recipient
+                    self._expect.extend([Stage.DOT] * (len(self._accepted) - 1))
             else:  # RFC 2920 §3.1: 354 with no valid recipient: send an empty message, ignore it
                 self._discard_dot = True
                 self._send(b".\r\n", Stage.DOT)
@@ -448,7 +455,18 @@ class Client:
         self._finish_transaction()
 
     def _on_dot(self, reply: Reply, stage: Stage) -> None:
-        if not self._discard_dot:
+        if self.lmtp and not self._discard_dot:
+            index = self._accepted[self._dot_replied]
+            self._dot_replied += 1
+            if reply.ok:
+                self._results[index] = RecipientResult(
+                    self._env.recipients[index], "sent", reply.dsn, reply.flat, self.relay
+                )
+            else:
+                self._fail(index, reply, stage)
+            if self._dot_replied < len(self._accepted):
+                return
+        elif not self._discard_dot:
             for index in self._accepted:
                 if reply.ok:
                     self._results[index] = RecipientResult(
@@ -491,6 +509,7 @@ class Client:
         self._rcpt_sent = 0
         self._rcpt_replied = 0
         self._discard_dot = False
+        self._dot_replied = 0  # LMTP: replies to "." so far
         self._dsn = False  # DSN parameters go with this transaction (the server offers DSN)
 
     def _send_mail(self) -> None:
@@ -534,7 +553,8 @@ class Client:
         return f"RCPT TO:<{rcpt}>{params}\r\n".encode()
 
     def _said(self, reply: Reply, stage: Stage) -> str:
-        return f"host {self.peer} said: {reply.flat} (in reply to {COMMAND[stage]} command)"
+        command = "LHLO" if self.lmtp and stage is Stage.EHLO else COMMAND[stage]
+        return f"host {self.peer} said: {reply.flat} (in reply to {command} command)"
 
     def _fail(self, index: int, reply: Reply, stage: Stage) -> None:
         """Recipient ``index`` gets a 4xx (deferred) or 5xx (bounced) reply."""
