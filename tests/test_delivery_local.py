@@ -108,7 +108,8 @@ def test_mbox_delivery_with_from_lines_and_quoting(user, world):
     assert text.startswith(b"From alice@example.org  ")
     assert entries[1].startswith(b"MAILER-DAEMON  ")
     body = (b"Subject: hello\n\n>From the start of a line\n>From quoted already\nbye\n")
-    assert (entries[0] + b"\n").endswith(b"Delivered-To: " + f"{name}@example.test\n".encode() + body)
+    assert (entries[0] + b"\n").endswith(
+        b"Delivered-To: " + f"{name}@example.test\n".encode() + body)
     assert text.endswith(b"Return-Path: <>\nDelivered-To: "
                          + f"{name.upper()}@example.test\n".encode() + body + b"\n")
 
