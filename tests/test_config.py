@@ -135,6 +135,7 @@ relay_domains_reject_code = 550
 unknown_address_reject_code = 550
 unknown_hostname_reject_code = 550
 unknown_local_recipient_reject_code = 450
+unknown_virtual_mailbox_reject_code = 450
 non_fqdn_reject_code = 550
 invalid_hostname_reject_code = 550
 recipient_delimiter = "+"

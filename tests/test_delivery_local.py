@@ -279,3 +279,31 @@ def test_virtual_mailboxes(world):
     (result,) = run(local_agent.deliver(request(["ann@virtual.test"], "virtual"), below,
                                         virtual=True)).results
     assert result.status == "deferred" and "virtual_minimum_uid" in result.reply
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed")
+def test_swaks_to_tern_to_maildir(tern, user):
+    """End to end: smtpd accepts the passwd user, qmgr routes the local domain to the local
+    agent, the Maildir file appears owned by the user, and the log says so."""
+    name, uid, _, home = user
+    server = tern(home_mailbox="Maildir/", recipient_delimiter="+")
+    swaks = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{server.port}", "--helo", "client.test",
+         "--from", "alice@example.org", "--to", f"{name}+box@mx.tern.test",
+         "--header", "Subject: end to end", "--body", "hello Maildir"],
+        capture_output=True, text=True, timeout=30)
+    assert swaks.returncode == 0, swaks.stdout + swaks.stderr
+    refused = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{server.port}", "--helo", "client.test",
+         "--from", "alice@example.org", "--to", "nosuchuser9@mx.tern.test"],
+        capture_output=True, text=True, timeout=30)
+    assert "550 5.1.1 <nosuchuser9@mx.tern.test>: Recipient address rejected: User unknown " \
+           "in local recipient table" in refused.stdout
+    log = server.wait_log("status=sent (delivered to maildir)")
+    assert "tern/local" in log and f"to=<{name}+box@mx.tern.test>, relay=local, " in log
+    (path,) = (home / "Maildir" / "new").iterdir()
+    assert path.stat().st_uid == uid
+    content = path.read_bytes()
+    assert content.startswith(f"Return-Path: <alice@example.org>\nDelivered-To: "
+                              f"{name}+box@mx.tern.test\nReceived: ".encode())
+    assert b"Subject: end to end\n" in content and b"\n\nhello Maildir\n" in content

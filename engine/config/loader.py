@@ -508,6 +508,7 @@ _SPECIAL: dict[str, Converter] = {
     **{key: _reply_code("45") for key in ("access_map_reject_code", "reject_code",
                                           "relay_domains_reject_code",
                                           "unknown_local_recipient_reject_code",
+                                          "unknown_virtual_mailbox_reject_code",
                                           "non_fqdn_reject_code",
                                           "invalid_hostname_reject_code",
                                           "unknown_address_reject_code",

@@ -202,6 +202,7 @@ class Config:
     unknown_address_reject_code: int = 450
     unknown_hostname_reject_code: int = 450
     unknown_local_recipient_reject_code: int = 550
+    unknown_virtual_mailbox_reject_code: int = 550
     non_fqdn_reject_code: int = 504
     invalid_hostname_reject_code: int = 501
     # DNS: servers as "ip" or "ip:port"; empty = the system's resolv.conf

@@ -20,7 +20,7 @@ import signal
 from dataclasses import dataclass
 
 from engine.config import Config
-from engine.delivery import DeliveryOutcome, DeliveryRequest, RecipientResult
+from engine.delivery import DeliveryOutcome, DeliveryRequest, RecipientResult, split_local
 from engine.delivery.mailbox import (
     MailboxError,
     deliver_maildir,
@@ -40,18 +40,6 @@ class Mailbox:
     maildir: bool
     uid: int
     gid: int
-
-
-def split_local(address: str, delimiter: str) -> tuple[str, str, str]:
-    """``(user, extension, domain)`` of ``user+ext@domain`` with ``recipient_delimiter``
-    characters (Postfix: any one of them separates the extension)."""
-    local, _, domain = address.rpartition("@") if "@" in address else (address, "", "")
-    extension = ""
-    for index, char in enumerate(local):
-        if char in delimiter and index > 0:
-            local, extension = local[:index], local[index + 1:]
-            break
-    return local, extension, domain.lower()
 
 
 def local_mailbox(recipient: str, config: Config) -> Mailbox:

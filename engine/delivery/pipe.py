@@ -19,8 +19,13 @@ import re
 
 from engine.config import Config
 from engine.config.settings import PipeTransport
-from engine.delivery import DeliveryOutcome, DeliveryRequest, RecipientResult, TransientFailure
-from engine.delivery.local import split_local
+from engine.delivery import (
+    DeliveryOutcome,
+    DeliveryRequest,
+    RecipientResult,
+    TransientFailure,
+    split_local,
+)
 
 OUTPUT_LIMIT = 2048  # bytes of command output kept for the reason text
 _MACRO = re.compile(r"\$\{(\w+)\}|\$(\w+)")
