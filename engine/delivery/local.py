@@ -14,6 +14,7 @@ write runs in a thread as Tern's own user.
 
 import asyncio
 import contextlib
+import functools
 import os
 import pwd
 import signal
@@ -30,6 +31,9 @@ from engine.delivery.mailbox import (
     unix_lines,
 )
 from engine.tables import open_table
+
+# the virtual tables, read once per process (as Postfix's texthash at process start)
+_table = functools.lru_cache(maxsize=16)(open_table)
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ async def virtual_mailbox(recipient: str, config: Config) -> Mailbox:
     virtual_uid_maps / virtual_gid_maps. Raises MailboxError 5.1.1 for an unknown address."""
     address = recipient.lower()
     keys = (address, "@" + address.rpartition("@")[2])
-    maps = open_table(config.virtual_mailbox_maps) if config.virtual_mailbox_maps else None
+    maps = _table(config.virtual_mailbox_maps) if config.virtual_mailbox_maps else None
     relative = None
     for key in keys if maps else ():
         if (relative := await maps.lookup(key)) is not None:
@@ -74,7 +78,7 @@ async def virtual_mailbox(recipient: str, config: Config) -> Mailbox:
                        ("virtual_gid_maps", config.virtual_gid_maps)):
         value = None
         for key in keys if spec else ():
-            if (value := await open_table(spec).lookup(key)) is not None:
+            if (value := await _table(spec).lookup(key)) is not None:
                 break
         if value is None or not value.strip().isdigit():
             raise MailboxError("4.3.5", f"{name}: no valid id for {address}")
