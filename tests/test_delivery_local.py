@@ -307,3 +307,16 @@ def test_swaks_to_tern_to_maildir(tern, user):
     assert content.startswith(f"Return-Path: <alice@example.org>\nDelivered-To: "
                               f"{name}+box@mx.tern.test\nReceived: ".encode())
     assert b"Subject: end to end\n" in content and b"\n\nhello Maildir\n" in content
+
+
+def test_a_message_already_delivered_to_the_recipient_is_a_loop(user):
+    name, *_ = user
+    config = Config(home_mailbox="Maildir/")
+    looped = DeliveryRequest("4Q", "s@x.test", [f"{name}@example.test"],
+                             f"DELIVERED-TO: {name.upper()}@example.test\r\n"
+                             f"Subject: x\r\n\r\nDelivered-To: other\r\n".encode(),
+                             NextHop("local", "example.test", mx_lookup=False))
+    (result,) = run(local_agent.deliver(looped, config)).results
+    assert (result.status, result.dsn, result.reply) == (
+        "bounced", "5.4.6", f"mail forwarding loop for {name}@example.test")
+    assert not (user[3] / "Maildir").exists()

@@ -164,9 +164,12 @@ async def deliver(request: DeliveryRequest, config: Config, virtual: bool = Fals
     """Each recipient's copy (with its own Delivered-To) into its mailbox; one result each."""
     relay = "virtual" if virtual else "local"
     body = unix_lines(request.content)
+    delivered_to = _delivered_to(body)
     results = []
     for recipient in request.recipients:
         try:
+            if recipient.lower() in delivered_to:  # local(8)'s loop check
+                raise MailboxError("5.4.6", f"mail forwarding loop for {recipient}")
             if virtual:
                 mailbox = await virtual_mailbox(recipient, config)
             else:
@@ -183,3 +186,10 @@ async def deliver(request: DeliveryRequest, config: Config, virtual: bool = Fals
         results.append(RecipientResult(recipient, "sent", "2.0.0", f"delivered to {where}",
                                        relay))
     return DeliveryOutcome(results)
+
+
+def _delivered_to(message: bytes) -> set[str]:
+    """The addresses of the Delivered-To headers already in the message (lower case)."""
+    header = message.split(b"\n\n", 1)[0]
+    return {line[13:].strip().decode("utf-8", "replace").lower()
+            for line in header.split(b"\n") if line[:13].lower() == b"delivered-to:"}
