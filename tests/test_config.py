@@ -154,6 +154,7 @@ deliver_lock_delay = "2s"
 argv = ["/usr/bin/filter", "-f", "${sender}", "--", "${recipient}"]
 user = "nobody"
 time_limit = "5m"
+flags = "DRhu"
 
 [tls_server_sni_maps]
 "mail.example.org" = "@CERTS@/sni-mail.example.org.pem"
@@ -272,7 +273,7 @@ def test_full_file_sets_every_field(tmp_path):
         "*": "smtp:[::1]:25",
     }
     assert config.pipe_transports == {"filter": settings.PipeTransport(
-        ("/usr/bin/filter", "-f", "${sender}", "--", "${recipient}"), "nobody", 300.0)}
+        ("/usr/bin/filter", "-f", "${sender}", "--", "${recipient}"), "nobody", 300.0, "DRhu")}
     assert config.virtual_domains == {"virtual.example.test"}
     assert config.listen == (
         Listener(host="::1", port=2525, service="smtp"),
@@ -547,6 +548,9 @@ ERRORS = [
     ("pipe_transports: builtin name",
      '[pipe_transports.local]\nargv = ["/bin/cat"]\nuser = "nobody"\n', 1,
      "pipe_transports.local", "bad transport name"),
+    ("pipe_transports: unknown flag",
+     '[pipe_transports.filter]\nargv = ["/bin/cat"]\nuser = "nobody"\nflags = "DX"\n', 4,
+     "pipe_transports.filter.flags", "expected flags among"),
     ("virtual_mailbox_maps: not a table", 'virtual_mailbox_maps = "/etc/vmailbox"\n', 1,
      "virtual_mailbox_maps", '"type:name"'),
     ("transport_maps: bad transport name", '[transport_maps]\n"example.net" = "sm tp:host"\n', 2,

@@ -145,3 +145,33 @@ def test_pipe_transport_from_config_and_transport_maps(tmp_path, world):
                     f'user = "nobody"\n')
     with pytest.raises(ConfigError, match=r"unknown macro \$\{recipeint\}"):
         load_config(path)
+
+
+def test_flags_add_headers_and_run_once_per_recipient_with_D(world):
+    out = world / "out"
+    command = script(world, f'cat >> {out}\necho "argv:$1" >> {out}\n')
+    transport = PipeTransport((command, "${recipient}"), "nobody", 10.0, "FRDhu>.B")
+    request = DeliveryRequest("4Q", "s@x.test", ["Ann@EXAMPLE.test", "bob@example.test"],
+                              b"Subject: f\r\n\r\nFrom here\r\n.dot\r\n",
+                              NextHop("lda", "example.test", 0, False))
+    outcome = run(pipe_agent.deliver(request, Config(), "lda", transport))
+    assert [r.status for r in outcome.results] == ["sent", "sent"]
+    text = out.read_text()
+    first, second = text.split("argv:ann@example.test\n")
+    assert first.startswith("From s@x.test  ")
+    assert first.split("\n", 1)[1] == ("Return-Path: <s@x.test>\nDelivered-To: Ann@EXAMPLE.test\n"
+                                       "Subject: f\n\n>From here\n..dot\n\n")
+    assert "Delivered-To: bob@example.test\n" in second
+    assert second.endswith("argv:bob@example.test\n")
+
+
+def test_without_flags_the_message_goes_as_it_is(world):
+    out = world / "out"
+    command = script(world, f"cat > {out}\n")
+    transport = PipeTransport((command,), "nobody", 10.0)
+    request = DeliveryRequest("4Q", "s@x.test", ["a@example.test", "b@example.test"],
+                              b"Subject: f\r\n\r\nFrom here\r\n.dot\r\n",
+                              NextHop("p", "example.test", 0, False))
+    assert [r.status for r in run(pipe_agent.deliver(request, Config(), "p",
+                                                     transport)).results] == ["sent", "sent"]
+    assert out.read_bytes() == b"Subject: f\n\nFrom here\n.dot\n"

@@ -397,13 +397,14 @@ def _listen(value: Any) -> tuple[Listener, ...]:
     return tuple(out)
 
 
-_PIPE_KEYS = ("argv", "user", "time_limit")
+_PIPE_KEYS = ("argv", "user", "time_limit", "flags")
 
 
 def _pipe_transports(value: Any) -> dict[str, PipeTransport]:
     """``[pipe_transports.NAME]`` tables, Postfix's master.cf pipe(8) entries: ``argv`` (the
     command and its arguments, with ${sender} ${recipient}… macros), ``user`` (who runs it:
-    never root, as Postfix) and ``time_limit`` (seconds, Postfix's command_time_limit)."""
+    never root, as Postfix), ``time_limit`` (seconds, Postfix's command_time_limit) and
+    ``flags`` (Postfix's pipe flags: B D F O R h u . >)."""
     if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
         raise _Invalid(f"expected [pipe_transports.NAME] tables, got {_show(value)}")
     out: dict[str, PipeTransport] = {}
@@ -435,7 +436,13 @@ def _pipe_transports(value: Any) -> dict[str, PipeTransport]:
         except _Invalid as exc:
             raise _Invalid(str(exc), sub=(name, "time_limit"),
                            label=f"{label}.time_limit") from None
-        out[name] = PipeTransport(tuple(argv), user, limit)
+        from engine.delivery.pipe import FLAGS
+
+        flags = table.get("flags", "")
+        if not isinstance(flags, str) or not set(flags) <= set(FLAGS):
+            raise _Invalid(f"expected flags among {FLAGS!r}, got {_show(flags)}",
+                           sub=(name, "flags"), label=f"{label}.flags")
+        out[name] = PipeTransport(tuple(argv), user, limit, flags)
     return out
 
 

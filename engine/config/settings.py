@@ -43,11 +43,13 @@ class Listener:
 @dataclass(frozen=True)
 class PipeTransport:
     """A pipe(8) service: the command's argv template (``${sender}``, ``${recipient}``…), the
-    user it runs as (required, never root, as Postfix) and its time limit in seconds."""
+    user it runs as (required, never root, as Postfix), its time limit in seconds and its
+    flags (engine.delivery.pipe.FLAGS)."""
 
     argv: tuple[str, ...]
     user: str
     time_limit: float = 1000.0  # Postfix's command_time_limit
+    flags: str = ""  # Postfix's pipe flags: B D F O R h u . >
 
 
 def default_myhostname() -> str:

@@ -13,9 +13,11 @@ Tern's own identity never changes), else as Tern's own user.
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import pwd
 import re
+import time
 
 from engine.config import Config
 from engine.config.settings import PipeTransport
@@ -26,6 +28,7 @@ from engine.delivery import (
     TransientFailure,
     split_local,
 )
+from engine.delivery.mailbox import mbox_quote
 
 OUTPUT_LIMIT = 2048  # bytes of command output kept for the reason text
 _MACRO = re.compile(r"\$\{(\w+)\}|\$(\w+)")
@@ -54,18 +57,34 @@ SYSEXITS = {
 }
 
 
+# Postfix's pipe flags that Tern has: B (blank line at the end), D (Delivered-To), F (From
+# line), O (X-Original-To), R (Return-Path), h (lower-case domains), u (lower-case local
+# parts), "." (dot-stuff lines), ">" (quote "From " lines).
+FLAGS = "BDFORhu.>"
+
+
 def unknown_macros(argv: tuple[str, ...]) -> set[str]:
     """Macro names in ``argv`` that pipe does not know (the configuration refuses them)."""
     return {a or b for arg in argv for a, b in _MACRO.findall(arg)} - MACROS
 
 
-def expand_argv(argv: tuple[str, ...], request: DeliveryRequest, delimiter: str) -> list[str]:
+def _fold(address: str, flags: str) -> str:
+    """``u`` lower-cases the local part, ``h`` the domain."""
+    local, at, domain = address.rpartition("@") if "@" in address else (address, "", "")
+    return ((local.lower() if "u" in flags else local) + at
+            + (domain.lower() if "h" in flags else domain))
+
+
+def expand_argv(argv: tuple[str, ...], request: DeliveryRequest, delimiter: str,
+                flags: str = "") -> list[str]:
     """The command line for ``request``: message macros filled in, and each argument with a
     recipient macro repeated for every recipient."""
-    common = {"sender": request.sender, "nexthop": request.nexthop.host,
+    nexthop = request.nexthop.host.lower() if "h" in flags else request.nexthop.host
+    common = {"sender": request.sender, "nexthop": nexthop,
               "size": str(len(request.content)), "queue_id": request.queue_id}
     per_recipient = []
     for recipient in request.recipients:
+        recipient = _fold(recipient, flags)
         user, extension, domain = split_local(recipient, delimiter)
         mailbox = recipient.rpartition("@")[0] if "@" in recipient else recipient
         per_recipient.append({"recipient": recipient, "original_recipient": recipient,
@@ -100,9 +119,47 @@ def _verdict(name: str, argv0: str, returncode: int, output: bytes) -> tuple[str
     return "bounced", "5.3.0", f'Command died with status {returncode}: "{argv0}"{tail}'
 
 
+def message_data(request: DeliveryRequest, flags: str) -> bytes:
+    """What the command reads: the message with LF line ends, and what the flags add."""
+    body = request.content.replace(b"\r\n", b"\n")
+    if ">" in flags:
+        body = mbox_quote(body)
+    if "." in flags:
+        body = (b"." + body if body.startswith(b".") else body).replace(b"\n.", b"\n..")
+    head = ""
+    if "F" in flags:
+        head += f"From {request.sender or 'MAILER-DAEMON'}  {time.asctime()}\n"
+    if "R" in flags:
+        head += f"Return-Path: <{request.sender}>\n"
+    if "O" in flags:
+        head += f"X-Original-To: {request.recipients[0]}\n"
+    if "D" in flags:
+        head += f"Delivered-To: {request.recipients[0]}\n"
+    if "B" in flags and not body.endswith(b"\n\n"):
+        body += b"\n" if body.endswith(b"\n") else b"\n\n"
+    return head.encode() + body
+
+
 async def deliver(request: DeliveryRequest, config: Config, name: str,
                   transport: PipeTransport) -> DeliveryOutcome:
-    argv = expand_argv(transport.argv, request, config.recipient_delimiter)
+    """Run the command; with the D or O flag (a per-recipient header) once per recipient, as
+    Postfix needs destination_recipient_limit = 1 for them."""
+    if len(request.recipients) > 1 and set("DO") & set(transport.flags):
+        results = []
+        for recipient in request.recipients:
+            one = dataclasses.replace(request, recipients=[recipient])
+            try:
+                results += (await _run(one, config, name, transport)).results
+            except TransientFailure as failure:
+                results.append(RecipientResult(recipient, "deferred", failure.dsn, failure.text,
+                                               name))
+        return DeliveryOutcome(results)
+    return await _run(request, config, name, transport)
+
+
+async def _run(request: DeliveryRequest, config: Config, name: str,
+               transport: PipeTransport) -> DeliveryOutcome:
+    argv = expand_argv(transport.argv, request, config.recipient_delimiter, transport.flags)
     identity: dict = {}
     if os.geteuid() == 0:
         try:
@@ -123,7 +180,7 @@ async def deliver(request: DeliveryRequest, config: Config, name: str,
     except OSError as exc:
         raise TransientFailure("4.3.0", f'{name}: cannot run "{argv[0]}": {exc.strerror}',
                                name) from None
-    data = request.content.replace(b"\r\n", b"\n")
+    data = message_data(request, transport.flags)
     try:
         async with asyncio.timeout(transport.time_limit):
             output, _ = await process.communicate(data)
