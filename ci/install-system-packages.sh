@@ -3,7 +3,9 @@
 # standard next-hop sink and load generator), unbound (a DNS server on a loopback port), swaks
 # with the Perl TLS module its --tls needs (a Recommends, skipped by --no-install-recommends),
 # the openssl command (s_client tests STARTTLS, smtps and SNI), and haproxy (PROXY protocol v1/v2
-# in front of Tern; run by the tests, its service never started).
+# in front of Tern; run by the tests, its service never started), and Dovecot's LMTP server (the
+# LMTP agent's real peer: the tests run a throwaway instance with its own config, never the
+# packaged service).
 # Installs only what is missing; Postfix is installed unconfigured, so no daemon starts.
 set -euo pipefail
 need=()
@@ -14,6 +16,7 @@ command -v swaks >/dev/null || need+=(swaks)
 perl -MNet::SSLeay -e1 2>/dev/null || need+=(libnet-ssleay-perl)
 command -v openssl >/dev/null || need+=(openssl)
 [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+[ -x /usr/lib/dovecot/lmtp ] || need+=(dovecot-lmtpd)
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -10,7 +10,6 @@ inherited listening sockets. Trusts the validated Config.
 
 import asyncio
 import contextlib
-import functools
 import os
 import signal
 import socket
@@ -24,7 +23,7 @@ from engine.auth.passwd_file import PasswdFileError, PasswordFile
 from engine.cleanup import Cleanup
 from engine.config import Config, Listener
 from engine.control import ControlError, ControlServer
-from engine.delivery import smtp as smtp_delivery
+from engine.delivery.agents import build_agents
 from engine.delivery.connections import ConnectionCache
 from engine.dns import Resolver
 from engine.log import Maillog
@@ -74,11 +73,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
                            f"{getattr(error, 'strerror', None) or error}") from error
     resolver = Resolver(config)
     connections = ConnectionCache(config)  # idle SMTP sessions reused for the next message
-    agents = {"smtp": functools.partial(smtp_delivery.deliver, config=config, resolver=resolver,
-                                        connections=connections)}
-    for name in config.transport:  # [transport.NAME]: SMTP with its own smtp_* settings
-        agents[name] = functools.partial(smtp_delivery.deliver, config=config.for_transport(name),
-                                         resolver=resolver, connections=connections)
+    agents = build_agents(config, resolver, connections)
     qmgr = QueueManager(spool, config, maillog, agents)
     # cleanup queues client mail and, for qmgr, Tern's own notices (bounces, delay warnings)
     cleanup = Cleanup(spool, maillog, config, on_queued=qmgr.notify_new,

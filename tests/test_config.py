@@ -143,8 +143,26 @@ relay_domains_reject_code = 550
 unknown_address_reject_code = 550
 unknown_hostname_reject_code = 550
 unknown_local_recipient_reject_code = 450
+unknown_virtual_mailbox_reject_code = 450
 non_fqdn_reject_code = 550
 invalid_hostname_reject_code = 550
+recipient_delimiter = "+"
+home_mailbox = "Maildir/"
+mail_spool_directory = "/var/spool/mail"
+virtual_mailbox_domains = "virtual.example.test"
+virtual_mailbox_base = "/srv/vmail"
+virtual_mailbox_maps = "texthash:/etc/tern/vmailbox"
+virtual_uid_maps = "static:5000"
+virtual_gid_maps = "static:5000"
+virtual_minimum_uid = 1000
+deliver_lock_attempts = 5
+deliver_lock_delay = "2s"
+
+[pipe_transports.filter]
+argv = ["/usr/bin/filter", "-f", "${sender}", "--", "${recipient}"]
+user = "nobody"
+time_limit = "5m"
+flags = "DRhu"
 
 [tls_server_sni_maps]
 "mail.example.org" = "@CERTS@/sni-mail.example.org.pem"
@@ -280,6 +298,9 @@ def test_full_file_sets_every_field(tmp_path):
         "example.com": "smtp:",
         "*": "smtp:[::1]:25",
     }
+    assert config.pipe_transports == {"filter": settings.PipeTransport(
+        ("/usr/bin/filter", "-f", "${sender}", "--", "${recipient}"), "nobody", 300.0, "DRhu")}
+    assert config.virtual_domains == {"virtual.example.test"}
     assert config.listen == (
         Listener(host="::1", port=2525, service="smtp"),
         Listener(host="localhost", port=0, service="smtp"),
@@ -545,6 +566,22 @@ ERRORS = [
      'myhostname = "mx.example.test"\n[transport_maps]\n"example.org" = "smtp:"\n'
      '"example.net" = "smtp:[127.0.0.1]:port"\n', 4, 'transport_maps."example.net"',
      "bad next hop"),
+    ("transport_maps: lmtp unix socket not absolute",
+     '[transport_maps]\n"example.net" = "lmtp:unix:run/lmtp"\n', 2,
+     'transport_maps."example.net"', "expected unix:/absolute/path"),
+    ("pipe_transports: root", '[pipe_transports.filter]\nargv = ["/bin/cat"]\nuser = "root"\n',
+     3, "pipe_transports.filter.user", "other than root"),
+    ("pipe_transports: relative command",
+     '[pipe_transports.filter]\nargv = ["cat"]\nuser = "nobody"\n', 2,
+     "pipe_transports.filter.argv", "absolute path"),
+    ("pipe_transports: builtin name",
+     '[pipe_transports.local]\nargv = ["/bin/cat"]\nuser = "nobody"\n', 1,
+     "pipe_transports.local", "bad transport name"),
+    ("pipe_transports: unknown flag",
+     '[pipe_transports.filter]\nargv = ["/bin/cat"]\nuser = "nobody"\nflags = "DX"\n', 4,
+     "pipe_transports.filter.flags", "expected flags among"),
+    ("virtual_mailbox_maps: not a table", 'virtual_mailbox_maps = "/etc/vmailbox"\n', 1,
+     "virtual_mailbox_maps", '"type:name"'),
     ("transport_maps: bad transport name", '[transport_maps]\n"example.net" = "sm tp:host"\n', 2,
      'transport_maps."example.net"', 'bad transport name "sm tp"'),
     ("transport_maps: no colon", '[transport_maps]\n"example.net" = "smtp"\n', 2,

@@ -54,8 +54,31 @@ def test_default_configuration_is_not_an_open_relay():
 
 
 @pytest.mark.parametrize("client", ["127.0.0.1", "192.0.2.1"])
-@pytest.mark.parametrize("recipient", ["user@mx.example.test", "user@LOCALHOST", "postmaster"])
-def test_local_recipients_are_unknown_until_local_delivery_exists(client, recipient):
+@pytest.mark.parametrize("recipient", ["nosuchuser9@mx.example.test", "nosuchuser9@LOCALHOST",
+                                       "nosuchuser9"])
+def test_local_recipients_not_in_passwd_are_unknown(client, recipient):
     assert str(rcpt(client, recipient)) == (
         f"550 5.1.1 <{recipient}>: Recipient address rejected: "
         "User unknown in local recipient table")
+
+
+@pytest.mark.parametrize("client", ["127.0.0.1", "192.0.2.1"])
+@pytest.mark.parametrize("recipient", ["nobody@mx.example.test", "NoBody+tag@localhost",
+                                       "nobody"])
+def test_local_recipients_in_passwd_are_accepted(client, recipient):
+    config = Config(**{**CONFIG.__dict__, "recipient_delimiter": "+"})
+    assert rcpt(client, recipient, config) is None
+
+
+def test_virtual_mailbox_recipients(tmp_path):
+    maps = tmp_path / "vmailbox"
+    maps.write_text("ann@virtual.test virtual.test/ann/\n@catchall.test catchall/\n")
+    config = Config(**{**CONFIG.__dict__,
+                       "virtual_mailbox_domains": ("virtual.test", "catchall.test"),
+                       "virtual_mailbox_maps": f"texthash:{maps}"})
+    assert rcpt("192.0.2.1", "Ann@Virtual.test", config) is None
+    assert rcpt("192.0.2.1", "anyone@catchall.test", config) is None
+    assert str(rcpt("192.0.2.1", "bob@virtual.test", config)) == (
+        "550 5.1.1 <bob@virtual.test>: Recipient address rejected: "
+        "User unknown in virtual mailbox table")
+    assert rcpt("192.0.2.1", "bob@elsewhere.test", config).code == 554  # not a relay

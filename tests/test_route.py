@@ -161,6 +161,7 @@ def test_sender_dependent_default_transport_picks_the_pool():
         mydestination=("local.test",),
         relayhost="[relay.test]",
         transport_maps={"dest.test": "out3:"},
+        transport={"out2": {}, "out3": {}, "out4": {}},  # SMTP transports of their own
         sender_dependent_default_transport_maps={
             "@x.test": "out2:",
             "boss@x.test": "out4:[boss-relay.test]:2525",
@@ -175,5 +176,6 @@ def test_sender_dependent_default_transport_picks_the_pool():
     # transport_maps and local domains come first, as in Postfix
     assert nexthop_for("dest.test", config, "a@x.test") == NextHop("out3", "dest.test", 25, True)
     assert nexthop_for("local.test", config, "a@x.test").transport == "local"
-    no_relayhost = Config(sender_dependent_default_transport_maps={"@x.test": "out2:"})
+    no_relayhost = Config(sender_dependent_default_transport_maps={"@x.test": "out2:"},
+                          transport={"out2": {}})
     assert nexthop_for("y.test", no_relayhost, "a@x.test") == NextHop("out2", "y.test", 25, True)

@@ -13,7 +13,12 @@ from engine.config.settings import (
     default_myhostname,
     default_queue_directory,
 )
-from engine.config.values import parse_dns_server, parse_duration, parse_nexthop
+from engine.config.values import (
+    parse_dns_server,
+    parse_duration,
+    parse_nexthop,
+    parse_transport_nexthop,
+)
 
 __all__ = [
     "LISTEN_SERVICES",
@@ -27,4 +32,5 @@ __all__ = [
     "parse_dns_server",
     "parse_duration",
     "parse_nexthop",
+    "parse_transport_nexthop",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 
 from engine.config import settings
 from engine.config.keylines import _key_lines, _line_of, _toml_key
-from engine.config.settings import KEY_ALIASES, Config, Listener, Network
+from engine.config.settings import KEY_ALIASES, Config, Listener, Network, PipeTransport
 from engine.config.values import (
     _is_hostname,
     _parse_listen_address,
@@ -25,6 +25,7 @@ from engine.config.values import (
     parse_dns_server,
     parse_duration,
     parse_nexthop,
+    parse_transport_nexthop,
 )
 from engine.ipliteral import parse_address_literal
 from engine.tls.protocols import parse_protocols
@@ -254,7 +255,7 @@ def _transport_target(target: Any, where: dict[str, Any]) -> None:
             **where,
         )
     try:
-        parse_nexthop(nexthop)
+        parse_transport_nexthop(transport, nexthop)
     except ValueError as exc:
         raise _Invalid(f"bad next hop: {exc}", **where) from None
 
@@ -471,6 +472,67 @@ def _listen(value: Any) -> tuple[Listener, ...]:
     return tuple(out)
 
 
+_PIPE_KEYS = ("argv", "user", "time_limit", "flags")
+
+
+def _pipe_transports(value: Any) -> dict[str, PipeTransport]:
+    """``[pipe_transports.NAME]`` tables, Postfix's master.cf pipe(8) entries: ``argv`` (the
+    command and its arguments, with ${sender} ${recipient}… macros), ``user`` (who runs it:
+    never root, as Postfix), ``time_limit`` (seconds, Postfix's command_time_limit) and
+    ``flags`` (Postfix's pipe flags: B D F O R h u . >)."""
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise _Invalid(f"expected [pipe_transports.NAME] tables, got {_show(value)}")
+    out: dict[str, PipeTransport] = {}
+    for name, table in value.items():
+        label = f"pipe_transports.{_toml_key(name)}"
+        if not _TRANSPORT.fullmatch(name) or name in settings.BUILTIN_TRANSPORTS:
+            raise _Invalid(f"bad transport name {_show(name)} (letters, digits and -, not one of "
+                           f"{', '.join(settings.BUILTIN_TRANSPORTS)})", sub=(name,), label=label)
+        for key in table:
+            if key not in _PIPE_KEYS:
+                raise _Invalid(f'unknown key "{label}.{key}"{_suggest(key, _PIPE_KEYS)}',
+                               sub=(name, key), label=f"{label}.{key}", bare=True)
+        argv = table.get("argv")
+        if (not isinstance(argv, list) or not argv
+                or not all(isinstance(a, str) and a for a in argv) or not argv[0].startswith("/")):
+            raise _Invalid(f"expected an array of strings, the first an absolute path, got "
+                           f"{_show(argv)}", sub=(name, "argv"), label=f"{label}.argv")
+        from engine.delivery.pipe import unknown_macros
+
+        if unknown := unknown_macros(tuple(argv)):
+            raise _Invalid(f"unknown macro ${{{sorted(unknown)[0]}}} in {_show(argv)}",
+                           sub=(name, "argv"), label=f"{label}.argv")
+        user = table.get("user")
+        if not isinstance(user, str) or not user or user == "root" or user.startswith("0"):
+            raise _Invalid(f"expected a user name other than root, got {_show(user)}",
+                           sub=(name, "user"), label=f"{label}.user")
+        try:
+            limit = _duration(allow_zero=False)(table.get("time_limit", 1000))
+        except _Invalid as exc:
+            raise _Invalid(str(exc), sub=(name, "time_limit"),
+                           label=f"{label}.time_limit") from None
+        from engine.delivery.pipe import FLAGS
+
+        flags = table.get("flags", "")
+        if not isinstance(flags, str) or not set(flags) <= set(FLAGS):
+            raise _Invalid(f"expected flags among {FLAGS!r}, got {_show(flags)}",
+                           sub=(name, "flags"), label=f"{label}.flags")
+        out[name] = PipeTransport(tuple(argv), user, limit, flags)
+    return out
+
+
+def _table_spec(value: Any) -> str:
+    """"" (none) or a lookup table "type:name" (engine.tables)."""
+    from engine.tables import TABLE_TYPES
+
+    text = _string(value)
+    kind, colon, name = text.partition(":")
+    if text and (not colon or not name or kind.lower() not in TABLE_TYPES):
+        raise _Invalid(f'expected "type:name" with a type among {", ".join(TABLE_TYPES)}, '
+                       f"got {_show(value)}")
+    return text
+
+
 _SIZE_FIELDS = {"message_size_limit", "line_length_limit", "queue_map_size",
                 "queue_map_size_limit", "bounce_size_limit"}
 _INT_MINIMUM = {
@@ -507,6 +569,13 @@ _SPECIAL: dict[str, Converter] = {
     "transport": _transport_tables,
     "smtp_bind_address": _bind_address(4),
     "smtp_bind_address6": _bind_address(6),
+    "pipe_transports": _pipe_transports,
+    "virtual_mailbox_domains": _str_list(_domain, "domains"),
+    "virtual_mailbox_maps": _table_spec,
+    "virtual_uid_maps": _table_spec,
+    "virtual_gid_maps": _table_spec,
+    "virtual_mailbox_base": _optional_path,
+    "mail_spool_directory": lambda value: _string(value, empty=False),
     "listen": _listen,
     "queue_directory": _path,
     "smtp_helo_name": _helo_name,
@@ -528,6 +597,7 @@ _SPECIAL: dict[str, Converter] = {
     **{key: _reply_code("45") for key in ("access_map_reject_code", "reject_code",
                                           "relay_domains_reject_code",
                                           "unknown_local_recipient_reject_code",
+                                          "unknown_virtual_mailbox_reject_code",
                                           "non_fqdn_reject_code",
                                           "invalid_hostname_reject_code",
                                           "unknown_address_reject_code",

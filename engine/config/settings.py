@@ -20,6 +20,9 @@ KEY_ALIASES = {"2bounce_notice_recipient": "double_bounce_notice_recipient"}
 # Services a [[listen]] table may name: SMTP (25), submission (587, RFC 6409) with STARTTLS,
 # and submission over implicit TLS (465, RFC 8314).
 LISTEN_SERVICES: frozenset[str] = frozenset({"smtp", "submission", "smtps"})
+# Delivery agents Tern has under these transport names (engine.delivery.agents); a
+# [pipe_transports.NAME] table adds more.
+BUILTIN_TRANSPORTS = ("smtp", "lmtp", "local", "virtual", "error", "discard")
 TLS_SECURITY_LEVELS = ("none", "may", "encrypt")
 # Services for mail submission (RFC 6409, RFC 8314) have AUTH on, as Postfix's master.cf
 # entries set smtpd_sasl_auth_enable=yes; "submission" also requires it before MAIL (530).
@@ -36,6 +39,18 @@ class Listener:
     service: str = "smtp"
     # a PROXY protocol v1/v2 header (HAProxy) comes first and names the real client
     proxy_protocol: bool = False
+
+
+@dataclass(frozen=True)
+class PipeTransport:
+    """A pipe(8) service: the command's argv template (``${sender}``, ``${recipient}``…), the
+    user it runs as (required, never root, as Postfix), its time limit in seconds and its
+    flags (engine.delivery.pipe.FLAGS)."""
+
+    argv: tuple[str, ...]
+    user: str
+    time_limit: float = 1000.0  # Postfix's command_time_limit
+    flags: str = ""  # Postfix's pipe flags: B D F O R h u . >
 
 
 def default_myhostname() -> str:
@@ -79,6 +94,20 @@ class Config:
     # [transport.NAME]: SMTP transports of their own, each with smtp_* settings that override
     # the main ones (Postfix's master.cf entry with -o), e.g. smtp_bind_address, smtp_helo_name
     transport: dict[str, dict[str, object]] = field(default_factory=dict)
+    # local(8) and virtual(8) delivery (engine.delivery.local), Postfix's names and defaults
+    recipient_delimiter: str = ""  # e.g. "+": user+ext@domain is user's
+    home_mailbox: str = ""  # under the user's home; "Maildir/" = Maildir; "" = the spool
+    mail_spool_directory: str = "/var/mail"  # mbox files (a trailing "/": Maildirs)
+    virtual_mailbox_domains: tuple[str, ...] = ()
+    virtual_mailbox_base: str = ""
+    virtual_mailbox_maps: str = ""  # "type:name": address or @domain -> path under the base
+    virtual_uid_maps: str = ""  # "type:name", e.g. "static:5000"
+    virtual_gid_maps: str = ""
+    virtual_minimum_uid: int = 100
+    deliver_lock_attempts: int = 20  # mbox locks (dotlock, fcntl): tries, then defer
+    deliver_lock_delay: float = 1.0  # between tries
+    # pipe(8) transports, Postfix's master.cf entries: name -> {argv, user, time_limit}
+    pipe_transports: dict[str, "PipeTransport"] = field(default_factory=dict)
     listen: tuple[Listener, ...] = (Listener(),)
     maillog_file: str = ""  # "" = stderr
     smtpd_banner: str = "$myhostname ESMTP Tern"
@@ -194,6 +223,7 @@ class Config:
     unknown_address_reject_code: int = 450
     unknown_hostname_reject_code: int = 450
     unknown_local_recipient_reject_code: int = 550
+    unknown_virtual_mailbox_reject_code: int = 550
     non_fqdn_reject_code: int = 504
     invalid_hostname_reject_code: int = 501
     # DNS: servers as "ip" or "ip:port"; empty = the system's resolv.conf
@@ -252,3 +282,7 @@ class Config:
     @property
     def local_domains(self) -> frozenset[str]:
         return frozenset(self.expand(d).lower() for d in self.mydestination)
+
+    @property
+    def virtual_domains(self) -> frozenset[str]:
+        return frozenset(self.expand(d).lower() for d in self.virtual_mailbox_domains)

@@ -183,3 +183,19 @@ def _parse_listen_address(value: Any) -> tuple[str, int]:
     except ValueError as exc:
         raise ValueError(f"{exc} in {_show(value)}") from None
     return host, port
+
+
+def parse_transport_nexthop(transport: str, nexthop: str) -> tuple[str, int | None, bool]:
+    """A transport_maps next hop for ``transport``. smtp: parse_nexthop's forms. lmtp: those,
+    ``inet:`` before them, or ``unix:/path`` (returned as ``("unix:/path", None, False)``).
+    Every other transport (local, virtual, error, discard, pipe) takes free text: a reason,
+    a domain, or nothing (returned as ``(text, None, False)``). Raises ValueError."""
+    if transport == "lmtp":
+        if nexthop.startswith("unix:"):
+            if not nexthop[5:].startswith("/"):
+                raise ValueError(f"expected unix:/absolute/path, got {_show(nexthop)}")
+            return nexthop, None, False
+        return parse_nexthop(nexthop.removeprefix("inet:"))
+    if transport == "smtp":
+        return parse_nexthop(nexthop)
+    return nexthop, None, False

@@ -89,3 +89,15 @@ class DeliveryOutcome:
     # The server offered DSN, so the request's DSN parameters went with the transaction and the
     # next hop now owes the notices: no "relayed" success notice from here (RFC 3461 §5.2.1).
     dsn_passed: bool = False
+
+
+def split_local(address: str, delimiter: str) -> tuple[str, str, str]:
+    """``(user, extension, domain)`` of ``user+ext@domain`` with ``recipient_delimiter``
+    characters (Postfix: any one of them separates the extension)."""
+    local, _, domain = address.rpartition("@") if "@" in address else (address, "", "")
+    extension = ""
+    for index, char in enumerate(local):
+        if char in delimiter and index > 0:
+            local, extension = local[:index], local[index + 1:]
+            break
+    return local, extension, domain.lower()

@@ -7,17 +7,18 @@ domain comes from a client, so whatever it holds ends in a NextHop or a Permanen
 
 import functools
 
-from engine.config import Config, parse_nexthop
+from engine.config import Config, parse_transport_nexthop
 from engine.delivery import NextHop, PermanentFailure
 from engine.ipliteral import parse_ip
 
 DEFAULT_TRANSPORT = "smtp"
 LOCAL_TRANSPORT = "local"
+VIRTUAL_TRANSPORT = "virtual"
 DEFAULT_PORTS = {"smtp": 25, "lmtp": 24}
 
 
 # The same few next hops (relayhost, transport_maps values) are parsed for every message.
-_parsed_nexthop = functools.lru_cache(maxsize=1024)(parse_nexthop)
+_parsed_nexthop = functools.lru_cache(maxsize=1024)(parse_transport_nexthop)
 
 
 def transport_lookup(domain: str, transport_maps: dict[str, str]) -> str | None:
@@ -47,14 +48,20 @@ def _domain_hop(transport: str, domain: str, port: int) -> NextHop:
     return NextHop(transport, domain, port, True)
 
 
-def _nexthop(transport: str, nexthop: str, domain: str) -> NextHop:
-    """``transport`` to ``nexthop`` (Postfix form; empty means the recipient domain, by MX)."""
+def _nexthop(transport: str, nexthop: str, domain: str, config: Config) -> NextHop:
+    """``transport`` to ``nexthop`` (Postfix form; empty means the recipient domain, by MX).
+    A ``[transport.NAME]`` transport speaks SMTP: its next hop is parsed as smtp's."""
     transport = transport or DEFAULT_TRANSPORT
-    default_port = DEFAULT_PORTS.get(transport, 25)
+    protocol = "smtp" if transport in config.transport else transport
+    if protocol not in DEFAULT_PORTS:  # local, virtual, error, discard, pipe: free text
+        return NextHop(transport, nexthop or domain, 0, False)
+    default_port = DEFAULT_PORTS[protocol]
     try:
-        host, port, mx_lookup = _parsed_nexthop(nexthop)
+        host, port, mx_lookup = _parsed_nexthop(protocol, nexthop)
     except ValueError as exc:  # only a Config built without load_config can hold one
         raise PermanentFailure("5.3.5", f"bad next hop {nexthop!r} for {domain}: {exc}") from None
+    if host.startswith("unix:"):  # lmtp:unix:/path
+        return NextHop(transport, host, 0, False)
     if not host:
         return _domain_hop(transport, domain, port or default_port)
     return NextHop(transport, host, port or default_port, mx_lookup)
@@ -74,22 +81,25 @@ def sender_transport(sender: str, maps: dict[str, str]) -> str | None:
 
 def nexthop_for(domain: str, config: Config, sender: str = "") -> NextHop:
     """Where mail for ``domain`` goes, in Postfix's order: a transport_maps match; else a local
-    domain (``config.local_domains``) to the local transport; else the default transport
-    (``sender``'s sender_dependent_default_transport_maps entry, else smtp) to relayhost, else
-    to the domain's MX hosts on port 25 (an address literal: that address, no MX lookup). Raises
+    domain (``config.local_domains``) to the local transport; a virtual_mailbox_domains one
+    to the virtual transport; else the default transport (``sender``'s
+    sender_dependent_default_transport_maps entry, else smtp) to relayhost, else to the domain's
+    MX hosts on port 25 (an address literal: that address, no MX lookup). Raises
     PermanentFailure (5.1.2) for a domain that cannot be routed; never for one the SMTP grammar
     accepted."""
     domain = domain.rstrip(".").lower()
     entry = transport_lookup(domain, config.transport_maps)
     if entry is not None:
         transport, _, nexthop = entry.partition(":")
-        return _nexthop(transport, nexthop, domain)
+        return _nexthop(transport, nexthop, domain, config)
     if domain in config.local_domains:
         return NextHop(LOCAL_TRANSPORT, domain, mx_lookup=False)
+    if domain in config.virtual_domains:
+        return NextHop(VIRTUAL_TRANSPORT, domain, mx_lookup=False)
     entry = sender_transport(sender, config.sender_dependent_default_transport_maps)
     if entry is not None:
         transport, _, nexthop = entry.partition(":")
-        return _nexthop(transport, nexthop or config.relayhost, domain)
+        return _nexthop(transport, nexthop or config.relayhost, domain, config)
     if config.relayhost:
-        return _nexthop(DEFAULT_TRANSPORT, config.relayhost, domain)
+        return _nexthop(DEFAULT_TRANSPORT, config.relayhost, domain, config)
     return _domain_hop(DEFAULT_TRANSPORT, domain, DEFAULT_PORTS[DEFAULT_TRANSPORT])

@@ -16,11 +16,13 @@ Trusts nothing in the facts (client input); trusts the configuration it was comp
 
 from __future__ import annotations
 
+import pwd
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from engine.delivery import split_local
 from engine.ipliteral import parse_address_literal
 from engine.policy.access import address_keys, client_keys, domain_keys, first_match, parse_result
 from engine.policy.relay import client_is_trusted
@@ -195,6 +197,9 @@ class Policy:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.local_domains = config.local_domains
+        self.virtual_domains = config.virtual_domains
+        self.virtual_mailboxes = (open_table(config.virtual_mailbox_maps)
+                                  if config.virtual_mailbox_maps else None)
         self.relay_domains = tuple(d.lower().lstrip(".") for d in config.relay_domains)
         self.parent_style = "smtpd_access_maps" in config.parent_domain_matches_subdomains
         self.relay_parent_style = "relay_domains" in config.parent_domain_matches_subdomains
@@ -220,18 +225,36 @@ class Policy:
         _, domain, routed = split_address(recipient)
         if routed:
             return False
-        return self.is_local(domain) or self.is_relayed(domain)
+        return self.is_local(domain) or domain in self.virtual_domains or self.is_relayed(domain)
 
     def unlisted_recipient(self, facts: Facts) -> Reply | None:
-        """reject_unlisted_recipient for local domains. Tern has no local delivery agent yet,
-        so no local recipient is known: accepting one would queue undeliverable mail. Relay
-        domains have no relay_recipient_maps yet: every recipient there is listed."""
+        """reject_unlisted_recipient: a local domain's recipient must be a passwd user
+        (Postfix's default local_recipient_maps), a virtual mailbox domain's must be in
+        virtual_mailbox_maps (the address, else @domain). Relay domains have no
+        relay_recipient_maps yet: every recipient there is listed."""
         recipient = facts.recipient
-        if recipient is None or not self.is_local(split_address(recipient)[1]):
+        if recipient is None:
             return None
-        code = self.config.unknown_local_recipient_reject_code
-        return refuse(code, f"{code // 100}.1.1", "recipient", facts,
-                      "User unknown in local recipient table")
+        local, domain, _ = split_address(recipient)
+        if self.is_local(domain):
+            user = split_local(local, self.config.recipient_delimiter)[0].lower()
+            try:
+                pwd.getpwnam(user)
+                return None
+            except KeyError:
+                code = self.config.unknown_local_recipient_reject_code
+                return refuse(code, f"{code // 100}.1.1", "recipient", facts,
+                              "User unknown in local recipient table")
+        if domain in self.virtual_domains:
+            table = self.virtual_mailboxes
+            if table is not None and (table.remote or any(
+                    table.get(key) is not None for key in (f"{local}@{domain}".lower(),
+                                                           f"@{domain}"))):
+                return None
+            code = self.config.unknown_virtual_mailbox_reject_code
+            return refuse(code, f"{code // 100}.1.1", "recipient", facts,
+                          "User unknown in virtual mailbox table")
+        return None
 
 
 # -- the restrictions, by name ----------------------------------------------------------------

@@ -25,6 +25,7 @@ from engine.delivery import (
     RecipientResult,
     TransientFailure,
 )
+from engine.delivery.agents import service_name
 from engine.delivery.route import nexthop_for
 from engine.log import Maillog, format_delay
 from engine.qmgr.notices import Notices
@@ -264,7 +265,8 @@ class QueueManager(QueueOperations):
                 retry_after=self.config.minimal_backoff_time)
         try:
             outcome = attempt.outcome
-            self._record(envelope, outcome.results, job.nexthop.transport,
+            self._record(envelope, outcome.results,
+                         service_name(job.nexthop.transport, self.config),
                          self._delays(envelope, job.activated, started, outcome),
                          conn_use=outcome.conn_use)
             if outcome.dsn_passed:  # the next hop took the DSN duty: no "relayed" notice

@@ -306,7 +306,9 @@ class Client:
     EHLO keywords to act as if the server had not offered them, e.g. "chunking" for DATA
     instead of BDAT. ``chunk_size``: the largest BDAT chunk. ``mime_downgrade``: 8-bit MIME
     parts go as quoted-printable to a server without 8BITMIME (Postfix's default; False is
-    disable_mime_output_conversion = yes: the 8-bit content goes as it is)."""
+    disable_mime_output_conversion = yes: the 8-bit content goes as it is).
+    ``lmtp=True`` speaks LMTP (RFC 2033): LHLO instead of EHLO (no HELO fallback), and after
+    the final "." one reply per accepted recipient, in RCPT order."""
 
     def __init__(
         self,
@@ -319,6 +321,7 @@ class Client:
         discard_ehlo_keywords: Sequence[str] = (),
         chunk_size: int = 1 << 20,
         mime_downgrade: bool = True,
+        lmtp: bool = False,
     ) -> None:
         if any(c in helo_name for c in "\r\n\0 ") or not helo_name:
             raise LocalProtocolError(f"bad HELO name {helo_name!r}")
@@ -329,6 +332,7 @@ class Client:
         self.discard_ehlo_keywords = frozenset(k.upper() for k in discard_ehlo_keywords)
         self.chunk_size = chunk_size
         self.mime_downgrade = mime_downgrade
+        self.lmtp = lmtp
         self.esmtp = False
         self.extensions: dict[str, str] = {}
         self.transactions = 0  # started on this connection (Postfix's conn_use)
@@ -449,7 +453,8 @@ class Client:
 
     def _on_greeting(self, reply: Reply, stage: Stage) -> None:
         if reply.ok:
-            self._send(f"EHLO {self.helo_name}\r\n".encode(), Stage.EHLO)
+            hello = "LHLO" if self.lmtp else "EHLO"
+            self._send(f"{hello} {self.helo_name}\r\n".encode(), Stage.EHLO)
         else:
             self._session_failed(reply, f"host {self.peer} refused to talk to me: {reply.flat}")
 
@@ -462,7 +467,7 @@ class Client:
                 if keyword not in self.discard_ehlo_keywords
             }
             self._ready()
-        elif reply.code >= 500:  # RFC 5321 §3.2: fall back to HELO
+        elif reply.code >= 500 and not self.lmtp:  # RFC 5321 §3.2: fall back to HELO
             self._send(f"HELO {self.helo_name}\r\n".encode(), Stage.HELO)
         else:
             self._session_failed(reply, self._said(reply, stage))
@@ -520,6 +525,8 @@ class Client:
         if reply.code == 354:
             if self._mail_ok and self._accepted:
                 self._send(dot_stuff(self._env.content) + b".\r\n", Stage.BODY, Stage.DOT)
+                if self.lmtp:  # RFC 2033 §4.2: one reply per accepted recipient
+                    self._expect.extend([Stage.DOT] * (len(self._accepted) - 1))
             else:  # RFC 2920 §3.1: 354 with no valid recipient: send an empty message, ignore it
                 self._discard_dot = True
                 self._send(b".\r\n", Stage.DOT)
@@ -529,7 +536,18 @@ class Client:
         self._finish_transaction()
 
     def _on_dot(self, reply: Reply, stage: Stage) -> None:
-        if not self._discard_dot:
+        if self.lmtp and not self._discard_dot:
+            index = self._accepted[self._dot_replied]
+            self._dot_replied += 1
+            if reply.ok:
+                self._results[index] = RecipientResult(
+                    self._env.recipients[index], "sent", reply.dsn, reply.flat, self.relay
+                )
+            else:
+                self._fail(index, reply, stage)
+            if self._dot_replied < len(self._accepted):
+                return
+        elif not self._discard_dot:
             for index in self._accepted:
                 if reply.ok:
                     self._results[index] = RecipientResult(
@@ -598,6 +616,7 @@ class Client:
         self._rcpt_sent = 0
         self._rcpt_replied = 0
         self._discard_dot = False
+        self._dot_replied = 0  # LMTP: replies to "." so far
         self._dsn = False  # DSN parameters go with this transaction (the server offers DSN)
         self._chunking = False  # the content goes as BDAT chunks (the server offers CHUNKING)
         self._chunks_sent = 0
@@ -621,7 +640,8 @@ class Client:
         if self._dsn and env.envid:
             params += f" ENVID={env.envid}"
         mail = f"MAIL FROM:<{env.sender}>{params}\r\n".encode()
-        self._chunking = "CHUNKING" in self.extensions
+        # LMTP's per-recipient replies after BDAT LAST are not read yet: DATA there for now
+        self._chunking = "CHUNKING" in self.extensions and not self.lmtp
         self._pipelined = self.use_pipelining and "PIPELINING" in self.extensions
         if not self._pipelined:
             self._send(mail, Stage.MAIL)
@@ -665,7 +685,8 @@ class Client:
         return f"RCPT TO:<{rcpt}>{params}\r\n".encode()
 
     def _said(self, reply: Reply, stage: Stage) -> str:
-        return f"host {self.peer} said: {reply.flat} (in reply to {COMMAND[stage]} command)"
+        command = "LHLO" if self.lmtp and stage is Stage.EHLO else COMMAND[stage]
+        return f"host {self.peer} said: {reply.flat} (in reply to {command} command)"
 
     def _fail(self, index: int, reply: Reply, stage: Stage) -> None:
         """Recipient ``index`` gets a 4xx (deferred) or 5xx (bounced) reply."""

@@ -1,0 +1,42 @@
+"""The delivery agents by transport name: what the queue manager calls for a NextHop.
+
+Postfix's master.cf in one function: smtp, lmtp, local, virtual, error, discard, and one pipe
+agent per ``[pipe_transports.NAME]`` table. Each agent takes a DeliveryRequest and returns a
+DeliveryOutcome (or raises TransientFailure / PermanentFailure for the whole request).
+"""
+
+import functools
+from collections.abc import Awaitable, Callable
+
+from engine.config import Config
+from engine.delivery import DeliveryOutcome, DeliveryRequest, lmtp, local, pipe, smtp, trivial
+from engine.delivery.connections import ConnectionCache
+from engine.dns import Resolver
+
+Agent = Callable[[DeliveryRequest], Awaitable[DeliveryOutcome]]
+
+
+def build_agents(config: Config, resolver: Resolver,
+                 connections: ConnectionCache | None = None) -> dict[str, Agent]:
+    agents: dict[str, Agent] = {
+        "smtp": functools.partial(smtp.deliver, config=config, resolver=resolver,
+                                  connections=connections),
+        "lmtp": functools.partial(lmtp.deliver, config=config, resolver=resolver),
+        "local": functools.partial(local.deliver, config=config),
+        "virtual": functools.partial(local.deliver, config=config, virtual=True),
+        "error": functools.partial(trivial.error, config=config),
+        "discard": functools.partial(trivial.discard, config=config),
+    }
+    for name in config.transport:  # [transport.NAME]: SMTP with its own smtp_* settings
+        agents[name] = functools.partial(smtp.deliver, config=config.for_transport(name),
+                                         resolver=resolver, connections=connections)
+    for name, transport in config.pipe_transports.items():
+        agents[name] = functools.partial(pipe.deliver, config=config, name=name,
+                                         transport=transport)
+    return agents
+
+
+def service_name(transport: str, config: Config) -> str:
+    """The program name a delivery's log line carries, as Postfix's: a pipe transport logs as
+    "pipe" (its name is in relay=), every other agent under its transport name."""
+    return "pipe" if transport in config.pipe_transports else transport

@@ -1,0 +1,195 @@
+"""Local and virtual mailbox delivery agents (Postfix's local(8) and virtual(8)).
+
+``local``: the recipient's local part (lower-cased, minus a ``recipient_delimiter`` extension)
+must be a user in the passwd database (Postfix's default local_recipient_maps); the mailbox is
+``home_mailbox`` under the user's home (Maildir when it ends in "/"), else
+``mail_spool_directory``/user as mbox. ``virtual``: ``virtual_mailbox_maps`` maps the address
+(or ``@domain``) to a path under ``virtual_mailbox_base`` ("/" at the end = Maildir), owned by
+``virtual_uid_maps`` / ``virtual_gid_maps``.
+
+When Tern runs as root, the file is written by a forked child that takes the recipient's uid
+and gid before it opens anything, never by changing the server's own identity; otherwise the
+write runs in a thread as Tern's own user.
+"""
+
+import asyncio
+import contextlib
+import functools
+import os
+import pwd
+import signal
+from dataclasses import dataclass
+
+from engine.config import Config
+from engine.delivery import DeliveryOutcome, DeliveryRequest, RecipientResult, split_local
+from engine.delivery.mailbox import (
+    MailboxError,
+    deliver_maildir,
+    deliver_mbox,
+    delivery_headers,
+    mbox_entry,
+    unix_lines,
+)
+from engine.tables import open_table
+
+# the virtual tables, read once per process (as Postfix's texthash at process start)
+_table = functools.lru_cache(maxsize=16)(open_table)
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    """Where one recipient's copy goes, and as whom it is written."""
+
+    path: str
+    maildir: bool
+    uid: int
+    gid: int
+
+
+def local_mailbox(recipient: str, config: Config) -> Mailbox:
+    """The passwd user's mailbox. Raises MailboxError 5.1.1 for an unknown user."""
+    user = split_local(recipient, config.recipient_delimiter)[0].lower()
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise MailboxError("5.1.1", f'unknown user: "{user}"') from None
+    if config.home_mailbox:
+        path = os.path.join(entry.pw_dir, config.home_mailbox)
+        return Mailbox(path, config.home_mailbox.endswith("/"), entry.pw_uid, entry.pw_gid)
+    spool = config.mail_spool_directory
+    return Mailbox(os.path.join(spool, user) + ("/" if spool.endswith("/") else ""),
+                   spool.endswith("/"), entry.pw_uid, entry.pw_gid)
+
+
+async def virtual_mailbox(recipient: str, config: Config) -> Mailbox:
+    """The virtual_mailbox_maps entry for the address, else for ``@domain``; its owner from
+    virtual_uid_maps / virtual_gid_maps. Raises MailboxError 5.1.1 for an unknown address."""
+    address = recipient.lower()
+    keys = (address, "@" + address.rpartition("@")[2])
+    maps = _table(config.virtual_mailbox_maps) if config.virtual_mailbox_maps else None
+    relative = None
+    for key in keys if maps else ():
+        if (relative := await maps.lookup(key)) is not None:
+            break
+    if relative is None:
+        raise MailboxError("5.1.1", f'unknown user: "{address}"')
+    ids = []
+    for name, spec in (("virtual_uid_maps", config.virtual_uid_maps),
+                       ("virtual_gid_maps", config.virtual_gid_maps)):
+        value = None
+        for key in keys if spec else ():
+            if (value := await _table(spec).lookup(key)) is not None:
+                break
+        if value is None or not value.strip().isdigit():
+            raise MailboxError("4.3.5", f"{name}: no valid id for {address}")
+        ids.append(int(value))
+    if ids[0] < config.virtual_minimum_uid:
+        raise MailboxError("4.3.5", f"virtual_uid_maps: uid {ids[0]} for {address} is below "
+                                    f"virtual_minimum_uid {config.virtual_minimum_uid}")
+    base = config.virtual_mailbox_base
+    path = os.path.normpath(os.path.join(base, relative.lstrip("/")))
+    if not path.startswith(os.path.normpath(base) + os.sep):
+        raise MailboxError("4.3.5", f"virtual_mailbox_maps: {relative!r} leaves "
+                                    f"virtual_mailbox_base")
+    return Mailbox(path, relative.endswith("/"), ids[0], ids[1])
+
+
+async def write_mailbox(mailbox: Mailbox, data: bytes, config: Config) -> None:
+    """Write with the mailbox owner's identity: in a forked child that becomes that uid/gid
+    when Tern is root and the owner is someone else, else in a thread as Tern itself."""
+    locking = (config.deliver_lock_attempts, config.deliver_lock_delay)
+    if mailbox.maildir:
+        write, args = deliver_maildir, (mailbox.path, data)
+    else:
+        write, args = deliver_mbox, (mailbox.path, data, *locking)
+    if os.geteuid() != 0 or mailbox.uid == 0:
+        await asyncio.to_thread(write, *args)
+        return
+    # the locks' patience, plus a minute for the write itself
+    await as_user(mailbox.uid, mailbox.gid, 60 + locking[0] * locking[1], write, *args)
+
+
+async def as_user(uid: int, gid: int, time_limit: float, write, *args) -> None:
+    """Run ``write(*args)`` in a forked child that first drops to ``uid``/``gid`` (no
+    supplementary groups, umask 077). No exec: the child only runs already imported code and
+    plain system calls, then _exit()s; its MailboxError comes back through a pipe."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 70
+        try:
+            os.close(read_fd)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            os.umask(0o077)
+            write(*args)
+            code = 0
+        except MailboxError as exc:
+            code = 75 if exc.transient else 1
+            os.write(write_fd, f"{exc.dsn} {exc.text}".encode()[:4000])
+        except BaseException as exc:  # noqa: BLE001 - reported, and the child must _exit
+            with contextlib.suppress(BaseException):
+                os.write(write_fd, f"4.3.0 mailbox writer failed: {exc!r}".encode()[:4000])
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    try:
+        async with asyncio.timeout(time_limit):
+            report, status = await asyncio.to_thread(_collect, read_fd, pid)
+    except TimeoutError:
+        os.kill(pid, signal.SIGKILL)  # the thread's waitpid then returns, and reaps it
+        raise MailboxError("4.2.0", f"mailbox delivery to {args[0]} timed out") from None
+    if status != 0:
+        dsn, _, text = report.decode("utf-8", "replace").partition(" ")
+        if not text or dsn[:1] not in "45":
+            dsn, text = "4.3.0", f"mailbox writer failed with status {status}"
+        raise MailboxError(dsn, text)
+
+
+def _collect(read_fd: int, pid: int) -> tuple[bytes, int]:
+    """The child's report (until EOF) and exit status."""
+    chunks = []
+    try:
+        while chunk := os.read(read_fd, 4096):
+            chunks.append(chunk)
+    finally:
+        os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    return b"".join(chunks), os.waitstatus_to_exitcode(status)
+
+
+async def deliver(request: DeliveryRequest, config: Config, virtual: bool = False
+                  ) -> DeliveryOutcome:
+    """Each recipient's copy (with its own Delivered-To) into its mailbox; one result each."""
+    relay = "virtual" if virtual else "local"
+    body = unix_lines(request.content)
+    delivered_to = _delivered_to(body)
+    results = []
+    for recipient in request.recipients:
+        try:
+            if recipient.lower() in delivered_to:  # local(8)'s loop check
+                raise MailboxError("5.4.6", f"mail forwarding loop for {recipient}")
+            if virtual:
+                mailbox = await virtual_mailbox(recipient, config)
+            else:
+                mailbox = local_mailbox(recipient, config)
+            data = delivery_headers(request.sender, recipient) + body
+            if not mailbox.maildir:
+                data = mbox_entry(request.sender, data)
+            await write_mailbox(mailbox, data, config)
+        except MailboxError as exc:
+            status = "deferred" if exc.transient else "bounced"
+            results.append(RecipientResult(recipient, status, exc.dsn, exc.text, relay))
+            continue
+        where = "maildir" if mailbox.maildir else "mailbox"
+        results.append(RecipientResult(recipient, "sent", "2.0.0", f"delivered to {where}",
+                                       relay))
+    return DeliveryOutcome(results)
+
+
+def _delivered_to(message: bytes) -> set[str]:
+    """The addresses of the Delivered-To headers already in the message (lower case)."""
+    header = message.split(b"\n\n", 1)[0]
+    return {line[13:].strip().decode("utf-8", "replace").lower()
+            for line in header.split(b"\n") if line[:13].lower() == b"delivered-to:"}

@@ -1,0 +1,170 @@
+"""Mailbox files: Maildir and mbox writes, as Postfix's local(8) and virtual(8) make them.
+
+Plain, blocking file operations with no knowledge of users or the queue: engine.delivery.local
+runs them in a thread, or, to write with a recipient's identity when Tern runs as root, in a
+forked child that takes that uid/gid first, so the serving process never changes identity. A
+failure is a MailboxError whose ``transient`` says defer or bounce.
+"""
+
+import errno
+import fcntl
+import os
+import socket
+import time
+
+LOCK_ATTEMPTS = 20  # Postfix's deliver_lock_attempts
+LOCK_DELAY = 1.0  # Postfix's deliver_lock_delay (seconds)
+STALE_LOCK_TIME = 500  # Postfix's stale_lock_time: a dotlock older than this is removed
+
+
+class MailboxError(Exception):
+    def __init__(self, dsn: str, text: str) -> None:
+        super().__init__(text)
+        self.dsn = dsn
+        self.text = text
+
+    @property
+    def transient(self) -> bool:
+        return self.dsn.startswith("4")
+
+
+def delivery_headers(sender: str, recipient: str) -> bytes:
+    """What local(8) prepends: Return-Path (the envelope sender) and Delivered-To."""
+    return f"Return-Path: <{sender}>\nDelivered-To: {recipient}\n".encode()
+
+
+def unix_lines(content: bytes) -> bytes:
+    """Mailbox files hold LF line ends, as Postfix writes them."""
+    return content.replace(b"\r\n", b"\n")
+
+
+_counter = 0
+
+
+def maildir_name() -> str:
+    """A unique file name (Maildir's time.unique.host, with microseconds, PID and a counter:
+    unique within this host even for two deliveries in one microsecond)."""
+    global _counter
+    _counter += 1
+    now = time.time()
+    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+    return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{_counter}R{os.urandom(4).hex()}.{host}"
+
+
+def deliver_maildir(directory: str, data: bytes) -> str:
+    """Write ``data`` into the Maildir ``directory`` (made with mode 0700 if missing): a 0600
+    file in tmp/, synced, then linked into new/ (never overwriting) and unlinked from tmp/.
+    Returns the new file's path."""
+    try:
+        for sub in ("", "tmp", "new", "cur"):
+            os.makedirs(os.path.join(directory, sub), mode=0o700, exist_ok=True)
+        name = maildir_name()
+        tmp = os.path.join(directory, "tmp", name)
+        new = os.path.join(directory, "new", name)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        try:
+            os.link(tmp, new)  # fails rather than replace an existing file
+        finally:
+            os.unlink(tmp)
+        return new
+    except OSError as exc:
+        raise _os_error(f"maildir delivery failed: create maildir file {directory}", exc) from None
+
+
+def mbox_quote(content: bytes) -> bytes:
+    """The body with ">" before every line that starts with "From " (mbox "From " quoting)."""
+    if content.startswith(b"From "):
+        content = b">" + content
+    return content.replace(b"\nFrom ", b"\n>From ")
+
+
+def mbox_entry(sender: str, data: bytes, now: float | None = None) -> bytes:
+    """One mbox message: the "From sender date" line, the quoted message and an empty line."""
+    stamp = time.asctime(time.localtime(now))
+    body = mbox_quote(data)
+    if not body.endswith(b"\n"):
+        body += b"\n"
+    return f"From {sender or 'MAILER-DAEMON'}  {stamp}\n".encode() + body + b"\n"
+
+
+def deliver_mbox(path: str, entry: bytes, attempts: int = LOCK_ATTEMPTS,
+                 delay: float = LOCK_DELAY) -> None:
+    """Append ``entry`` to the mbox file ``path`` (made 0600 if missing) under both of
+    Postfix's default locks: a ``path.lock`` dotlock and an fcntl lock. A lock held by someone
+    else is retried ``attempts`` times, ``delay`` apart, then the delivery defers (4.2.0). A
+    failed write truncates the file back, so no half message stays."""
+    lock = path + ".lock"
+    _dotlock(lock, attempts, delay)
+    try:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise _os_error(f"cannot open file {path}", exc) from None
+        try:
+            _fcntl_lock(fd, path, attempts, delay)
+            size = os.fstat(fd).st_size
+            try:
+                _write_all(fd, entry)
+                os.fsync(fd)
+            except OSError as exc:
+                os.ftruncate(fd, size)
+                raise _os_error(f"error writing message to file {path}", exc) from None
+        finally:
+            os.close(fd)  # also releases the fcntl lock
+    finally:
+        os.unlink(lock)
+
+
+def _dotlock(lock: str, attempts: int, delay: float) -> None:
+    for attempt in range(attempts):
+        try:
+            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            return
+        except FileExistsError:
+            try:
+                if time.time() - os.stat(lock).st_mtime > STALE_LOCK_TIME:
+                    os.unlink(lock)  # left by a crashed writer (Postfix's stale_lock_time)
+                    continue
+            except FileNotFoundError:
+                continue
+        except OSError as exc:
+            raise _os_error(f"cannot create dotlock {lock}", exc, transient=True) from None
+        if attempt + 1 < attempts:
+            time.sleep(delay)
+    raise MailboxError("4.2.0", f"cannot update mailbox {lock[:-5]}: unable to lock for "
+                                f"exclusive access: {lock}: File exists")
+
+
+def _fcntl_lock(fd: int, path: str, attempts: int, delay: float) -> None:
+    for attempt in range(attempts):
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise _os_error(f"cannot lock {path}", exc, transient=True) from None
+        if attempt + 1 < attempts:
+            time.sleep(delay)
+    raise MailboxError("4.2.0", f"cannot update mailbox {path}: unable to lock for exclusive "
+                                f"access: Resource temporarily unavailable")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _os_error(what: str, exc: OSError, transient: bool = True) -> MailboxError:
+    """As Postfix's local: a file problem defers (5.2.2 only for a full mailbox quota)."""
+    if exc.errno in (errno.EDQUOT, errno.EFBIG):
+        return MailboxError("5.2.2", f"{what}: {exc.strerror}")
+    return MailboxError("4.2.0" if transient else "5.2.0", f"{what}: {exc.strerror}")

@@ -1,0 +1,203 @@
+"""The pipe(8) delivery agent: hand the message to a command, as Postfix's pipe does.
+
+A ``[pipe_transports.NAME]`` table gives the argv template, the user and the time limit. The
+message goes to the command's standard input (LF line ends); its exit status decides, as
+sysexits(3) say: 0 sent, 75 (EX_TEMPFAIL) deferred, anything else bounced; killed by a signal or
+by the time limit: deferred. What the command printed goes into the reason (the log and the
+bounce). One command runs for all the request's recipients: an argument that holds a recipient
+macro is repeated once per recipient, as Postfix expands ``${recipient}``.
+
+The command runs as the configured user when Tern is root (Popen's user/group, in the child:
+Tern's own identity never changes), else as Tern's own user.
+"""
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import pwd
+import re
+import time
+
+from engine.config import Config
+from engine.config.settings import PipeTransport
+from engine.delivery import (
+    DeliveryOutcome,
+    DeliveryRequest,
+    RecipientResult,
+    TransientFailure,
+    split_local,
+)
+from engine.delivery.mailbox import mbox_quote
+
+OUTPUT_LIMIT = 2048  # bytes of command output kept for the reason text
+_MACRO = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+RECIPIENT_MACROS = frozenset({"recipient", "original_recipient", "user", "extension", "mailbox",
+                              "domain"})
+MESSAGE_MACROS = frozenset({"sender", "nexthop", "size", "queue_id"})
+MACROS = RECIPIENT_MACROS | MESSAGE_MACROS
+
+# sysexits(3) as Postfix's sys_exits table words them: status -> (dsn, text)
+SYSEXITS = {
+    64: ("5.3.0", "command line usage error"),
+    65: ("5.6.0", "data format error"),
+    66: ("5.3.0", "cannot open input"),
+    67: ("5.1.1", "user unknown"),
+    68: ("5.1.2", "host name unknown"),
+    69: ("5.3.0", "service unavailable"),
+    70: ("5.3.0", "internal software error"),
+    71: ("5.3.0", "system resource problem"),
+    72: ("5.3.0", "critical OS file missing"),
+    73: ("5.2.0", "can't create user output file"),
+    74: ("5.3.0", "input/output error"),
+    75: ("4.3.0", "temporary failure"),
+    76: ("5.5.0", "remote error in protocol"),
+    77: ("5.7.0", "permission denied"),
+    78: ("5.3.5", "local configuration error"),
+}
+
+
+# Postfix's pipe flags that Tern has: B (blank line at the end), D (Delivered-To), F (From
+# line), O (X-Original-To), R (Return-Path), h (lower-case domains), u (lower-case local
+# parts), "." (dot-stuff lines), ">" (quote "From " lines).
+FLAGS = "BDFORhu.>"
+
+
+def unknown_macros(argv: tuple[str, ...]) -> set[str]:
+    """Macro names in ``argv`` that pipe does not know (the configuration refuses them)."""
+    return {a or b for arg in argv for a, b in _MACRO.findall(arg)} - MACROS
+
+
+def _fold(address: str, flags: str) -> str:
+    """``u`` lower-cases the local part, ``h`` the domain."""
+    local, at, domain = address.rpartition("@") if "@" in address else (address, "", "")
+    return ((local.lower() if "u" in flags else local) + at
+            + (domain.lower() if "h" in flags else domain))
+
+
+def expand_argv(argv: tuple[str, ...], request: DeliveryRequest, delimiter: str,
+                flags: str = "") -> list[str]:
+    """The command line for ``request``: message macros filled in, and each argument with a
+    recipient macro repeated for every recipient."""
+    nexthop = request.nexthop.host.lower() if "h" in flags else request.nexthop.host
+    common = {"sender": request.sender, "nexthop": nexthop,
+              "size": str(len(request.content)), "queue_id": request.queue_id}
+    per_recipient = []
+    for recipient in request.recipients:
+        recipient = _fold(recipient, flags)
+        user, extension, domain = split_local(recipient, delimiter)
+        mailbox = recipient.rpartition("@")[0] if "@" in recipient else recipient
+        per_recipient.append({"recipient": recipient, "original_recipient": recipient,
+                              "user": user, "extension": extension, "mailbox": mailbox,
+                              "domain": domain})
+    out: list[str] = []
+    for arg in argv:
+        names = {a or b for a, b in _MACRO.findall(arg)}
+        values = per_recipient if names & RECIPIENT_MACROS else [{}]
+        for extra in values:
+            table = {**common, **extra}
+            out.append(_MACRO.sub(lambda m, t=table: t.get(m.group(1) or m.group(2), ""), arg))
+    return out
+
+
+def _output_text(output: bytes) -> str:
+    text = output[:OUTPUT_LIMIT].decode("utf-8", "replace")
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+
+
+def _verdict(name: str, argv0: str, returncode: int, output: bytes) -> tuple[str, str, str]:
+    """(status, dsn, reason) for the command's end."""
+    said = _output_text(output)
+    tail = f". Command output: {said}" if said else ""
+    if returncode == 0:
+        return "sent", "2.0.0", f"delivered via {name} service{f' ({said})' if said else ''}"
+    if returncode < 0:
+        return "deferred", "4.3.0", f'Command died with signal {-returncode}: "{argv0}"{tail}'
+    if returncode in SYSEXITS:
+        dsn, text = SYSEXITS[returncode]
+        return ("deferred" if returncode == 75 else "bounced"), dsn, text + tail
+    return "bounced", "5.3.0", f'Command died with status {returncode}: "{argv0}"{tail}'
+
+
+def message_data(request: DeliveryRequest, flags: str) -> bytes:
+    """What the command reads: the message with LF line ends, and what the flags add."""
+    body = request.content.replace(b"\r\n", b"\n")
+    if ">" in flags:
+        body = mbox_quote(body)
+    if "." in flags:
+        body = (b"." + body if body.startswith(b".") else body).replace(b"\n.", b"\n..")
+    head = ""
+    if "F" in flags:
+        head += f"From {request.sender or 'MAILER-DAEMON'}  {time.asctime()}\n"
+    if "R" in flags:
+        head += f"Return-Path: <{request.sender}>\n"
+    if "O" in flags:
+        head += f"X-Original-To: {request.recipients[0]}\n"
+    if "D" in flags:
+        head += f"Delivered-To: {request.recipients[0]}\n"
+    if "B" in flags and not body.endswith(b"\n\n"):
+        body += b"\n" if body.endswith(b"\n") else b"\n\n"
+    return head.encode() + body
+
+
+async def deliver(request: DeliveryRequest, config: Config, name: str,
+                  transport: PipeTransport) -> DeliveryOutcome:
+    """Run the command; with the D or O flag (a per-recipient header) once per recipient, as
+    Postfix needs destination_recipient_limit = 1 for them."""
+    if len(request.recipients) > 1 and set("DO") & set(transport.flags):
+        results = []
+        for recipient in request.recipients:
+            one = dataclasses.replace(request, recipients=[recipient])
+            try:
+                results += (await _run(one, config, name, transport)).results
+            except TransientFailure as failure:
+                results.append(RecipientResult(recipient, "deferred", failure.dsn, failure.text,
+                                               name))
+        return DeliveryOutcome(results)
+    return await _run(request, config, name, transport)
+
+
+async def _run(request: DeliveryRequest, config: Config, name: str,
+               transport: PipeTransport) -> DeliveryOutcome:
+    argv = expand_argv(transport.argv, request, config.recipient_delimiter, transport.flags)
+    identity: dict = {}
+    if os.geteuid() == 0:
+        try:
+            entry = pwd.getpwnam(transport.user)
+        except KeyError:
+            raise TransientFailure("4.3.5", f"{name}: unknown user {transport.user}",
+                                   name) from None
+        if entry.pw_uid == 0:
+            raise TransientFailure("4.3.5", f"{name}: user {transport.user} has root privileges",
+                                   name)
+        identity = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": [],
+                    "cwd": "/"}
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            env={"PATH": "/usr/bin:/bin", "SHELL": "/bin/sh", "LANG": "C"}, **identity)
+    except OSError as exc:
+        raise TransientFailure("4.3.0", f'{name}: cannot run "{argv[0]}": {exc.strerror}',
+                               name) from None
+    data = message_data(request, transport.flags)
+    try:
+        async with asyncio.timeout(transport.time_limit):
+            output, _ = await process.communicate(data)
+    except TimeoutError:
+        _kill_group(process)
+        await process.wait()
+        raise TransientFailure("4.3.0", f'Command time limit exceeded: "{argv[0]}"',
+                               name) from None
+    except BrokenPipeError:  # the command did not read it all: its exit status decides
+        output = await process.stdout.read(OUTPUT_LIMIT) if process.stdout else b""
+        await process.wait()
+    status, dsn, reason = _verdict(name, argv[0], process.returncode, output)
+    return DeliveryOutcome([RecipientResult(r, status, dsn, reason, name)
+                            for r in request.recipients])
+
+
+def _kill_group(process: asyncio.subprocess.Process) -> None:
+    """The command and whatever it started (its own session): SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, 9)

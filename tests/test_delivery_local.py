@@ -1,0 +1,322 @@
+"""The local and virtual delivery agents: Maildir and mbox files, locks, modes and owners.
+
+Runs as root where it can (CI does): a throwaway user made with useradd receives the mail, and
+the files must be written with that user's identity by a child, never by Tern changing its own.
+"""
+
+import asyncio
+import fcntl
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from engine.config import Config
+from engine.delivery import DeliveryRequest, NextHop
+from engine.delivery import local as local_agent
+from engine.delivery.mailbox import MailboxError, deliver_mbox, mbox_entry, mbox_quote
+from engine.delivery.route import nexthop_for
+
+CONTENT = b"Subject: hello\r\n\r\nFrom the start of a line\r\n>From quoted already\r\nbye\r\n"
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (useradd, setuid)")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def request(recipients, transport="local", sender="alice@example.org"):
+    return DeliveryRequest("4Q1d", sender, list(recipients), CONTENT,
+                           NextHop(transport, "example.test", mx_lookup=False))
+
+
+@pytest.fixture
+def world():
+    """A 0755 directory under /tmp (pytest's base temp is 0700: another uid cannot reach it)."""
+    path = Path(tempfile.mkdtemp(prefix="tern-local-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def user(world):
+    """A throwaway system user with its home under ``world``."""
+    if os.geteuid() != 0:
+        entry = pwd.getpwuid(os.getuid())
+        home = world / "home"
+        home.mkdir()
+        return entry.pw_name, entry.pw_uid, entry.pw_gid, home
+    name = "tt" + uuid.uuid4().hex[:10]
+    home = world / name
+    subprocess.run(["useradd", "--no-user-group", "--gid", "nogroup", "--home-dir", str(home),
+                    "--create-home", "--shell", "/usr/sbin/nologin", name], check=True)
+    entry = pwd.getpwnam(name)
+    yield name, entry.pw_uid, entry.pw_gid, home
+    subprocess.run(["userdel", name], check=False)
+
+
+def test_maildir_delivery_as_the_user(user):
+    name, uid, gid, home = user
+    config = Config(myhostname="mx.example.test", home_mailbox="Maildir/")
+    outcome = run(local_agent.deliver(request([f"{name}@example.test"] * 2), config))
+    assert [(r.status, r.dsn, r.reply, r.relay) for r in outcome.results] == [
+        ("sent", "2.0.0", "delivered to maildir", "local")] * 2
+    maildir = home / "Maildir"
+    files = sorted((maildir / "new").iterdir())
+    assert len(files) == 2 and files[0].name != files[1].name  # unique names
+    assert list((maildir / "tmp").iterdir()) == []
+    for directory in (maildir, maildir / "tmp", maildir / "new", maildir / "cur"):
+        info = directory.stat()
+        assert stat.S_IMODE(info.st_mode) == 0o700
+        assert (info.st_uid, info.st_gid) == (uid, gid)
+    for path in files:
+        info = path.stat()
+        assert stat.S_IMODE(info.st_mode) == 0o600
+        assert (info.st_uid, info.st_gid) == (uid, gid)
+        assert path.read_bytes() == (
+            f"Return-Path: <alice@example.org>\nDelivered-To: {name}@example.test\n".encode()
+            + CONTENT.replace(b"\r\n", b"\n"))
+    assert os.geteuid() == pwd.getpwnam(pwd.getpwuid(os.geteuid()).pw_name).pw_uid
+
+
+def test_mbox_delivery_with_from_lines_and_quoting(user, world):
+    name, uid, gid, _ = user
+    spool = world / "mail"
+    spool.mkdir(mode=0o1777)
+    spool.chmod(0o1777)  # as /var/mail on systems without a setgid delivery agent
+    config = Config(myhostname="mx.example.test", mail_spool_directory=str(spool))
+    first = run(local_agent.deliver(request([f"{name}@example.test"]), config))
+    second = run(local_agent.deliver(request([f"{name.upper()}@example.test"], sender=""),
+                                     config))
+    assert [r.reply for r in first.results + second.results] == ["delivered to mailbox"] * 2
+    mbox = spool / name
+    info = mbox.stat()
+    assert stat.S_IMODE(info.st_mode) == 0o600 and (info.st_uid, info.st_gid) == (uid, gid)
+    assert not (spool / f"{name}.lock").exists()
+    text = mbox.read_bytes()
+    entries = text.split(b"\n\nFrom ")
+    assert len(entries) == 2
+    assert text.startswith(b"From alice@example.org  ")
+    assert entries[1].startswith(b"MAILER-DAEMON  ")
+    body = (b"Subject: hello\n\n>From the start of a line\n>From quoted already\nbye\n")
+    assert (entries[0] + b"\n").endswith(
+        b"Delivered-To: " + f"{name}@example.test\n".encode() + body)
+    assert text.endswith(b"Return-Path: <>\nDelivered-To: "
+                         + f"{name.upper()}@example.test\n".encode() + body + b"\n")
+
+
+def test_mbox_quoting():
+    assert mbox_quote(b"From x\nFrom y\n From z\nFromage\n") == (
+        b">From x\n>From y\n From z\nFromage\n")
+    entry = mbox_entry("s@x", b"a\nb", now=0)
+    assert entry.startswith(b"From s@x  ") and entry.endswith(b"\na\nb\n\n")
+
+
+@root_only
+def test_the_write_happens_with_the_users_identity(user, world):
+    """A mailbox the user may not create (a root-owned 0755 directory) is refused to the
+    child, proving it does not write as root; the server keeps its own identity."""
+    name, *_ = user
+    spool = world / "rootonly"
+    spool.mkdir(mode=0o755)
+    config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=1)
+    (result,) = run(local_agent.deliver(request([f"{name}@example.test"]), config)).results
+    assert (result.status, result.dsn) == ("deferred", "4.2.0")
+    assert "Permission denied" in result.reply
+    assert list(spool.iterdir()) == []
+    assert os.geteuid() == 0 and os.getegid() == 0
+
+
+def test_unknown_local_user_bounces(world):
+    config = Config(mail_spool_directory=str(world))
+    (result,) = run(local_agent.deliver(request(["no-such-user-x1@example.test"]),
+                                        config)).results
+    assert (result.status, result.dsn, result.reply) == (
+        "bounced", "5.1.1", 'unknown user: "no-such-user-x1"')
+
+
+def test_recipient_delimiter_strips_the_extension(user, world):
+    name, *_ = user
+    config = Config(home_mailbox="Maildir/", recipient_delimiter="+")
+    (result,) = run(local_agent.deliver(request([f"{name}+lists@example.test"]),
+                                        config)).results
+    assert result.status == "sent"
+    (path,) = (user[3] / "Maildir" / "new").iterdir()
+    assert f"Delivered-To: {name}+lists@example.test\n".encode() in path.read_bytes()
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o600)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def _hold_fcntl_lock(path, seconds):
+    """Another process holding the mbox's fcntl lock for ``seconds``."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path), str(seconds)],
+                              stdout=subprocess.PIPE)
+    assert holder.stdout.readline() == b"locked\n"
+    return holder
+
+
+def test_mbox_locked_by_another_writer_defers(world):
+    mbox = world / "box"
+    holder = _hold_fcntl_lock(mbox, 30)
+    try:
+        with pytest.raises(MailboxError) as caught:
+            deliver_mbox(str(mbox), b"From x  now\nhello\n\n", attempts=3, delay=0.01)
+        assert caught.value.transient and caught.value.dsn == "4.2.0"
+        assert "unable to lock for exclusive access" in caught.value.text
+        assert mbox.read_bytes() == b""
+        assert not (world / "box.lock").exists()  # the dotlock is released again
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+def test_mbox_waits_for_a_lock_released_in_time(world):
+    mbox = world / "box"
+    holder = _hold_fcntl_lock(mbox, 0.3)
+    try:
+        started = time.monotonic()
+        deliver_mbox(str(mbox), b"From x  now\nhello\n\n", attempts=200, delay=0.05)
+        assert time.monotonic() - started >= 0.05  # it waited at least one delay
+        assert mbox.read_bytes() == b"From x  now\nhello\n\n"
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+def test_mbox_dotlock_held_defers_through_the_agent(user, world):
+    name, *_ = user
+    spool = world / "mail"
+    spool.mkdir()
+    spool.chmod(0o1777)
+    lock = spool / f"{name}.lock"
+    lock.write_bytes(b"")  # another writer's dotlock (fresh: not stale)
+    config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=2,
+                    deliver_lock_delay=0.01)
+    (result,) = run(local_agent.deliver(request([f"{name}@example.test"]), config)).results
+    assert (result.status, result.dsn) == ("deferred", "4.2.0")
+    assert "unable to lock for exclusive access" in result.reply
+    assert lock.exists() and not (spool / name).exists()
+
+
+def test_fcntl_lock_is_taken_while_writing(world, monkeypatch):
+    """The file is fcntl-locked during the write (another process cannot lock it then)."""
+    mbox = world / "box"
+    seen = []
+
+    def probe(fd, data):
+        probe_fd = os.open(mbox, os.O_WRONLY)
+        script = ("import fcntl,os,sys\nfd=os.open(sys.argv[1],os.O_WRONLY)\n"
+                  "try:\n fcntl.lockf(fd,fcntl.LOCK_EX|fcntl.LOCK_NB)\nexcept OSError:\n"
+                  " sys.exit(3)\n")
+        seen.append(subprocess.run([sys.executable, "-c", script, str(mbox)]).returncode)
+        seen.append((world / "box.lock").exists())
+        os.close(probe_fd)
+        os.write(fd, data)
+
+    from engine.delivery import mailbox
+    monkeypatch.setattr(mailbox, "_write_all", probe)
+    deliver_mbox(str(mbox), b"From x  now\nhi\n\n", attempts=1, delay=0.01)
+    assert seen == [3, True]
+    assert mbox.read_bytes() == b"From x  now\nhi\n\n"
+    fd = os.open(mbox, os.O_WRONLY)
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released afterwards
+    os.close(fd)
+
+
+def test_virtual_mailboxes(world):
+    base = world / "vmail"
+    base.mkdir()
+    owner = 65534 if os.geteuid() == 0 else os.getuid()  # nobody
+    if os.geteuid() == 0:
+        os.chown(base, owner, owner)
+    maps = world / "vmailbox"
+    maps.write_text("ann@virtual.test  virtual.test/ann/\n"
+                    "bob@virtual.test  virtual.test/bob.mbox\n"
+                    "evil@virtual.test ../../etc/x/\n")
+    config = Config(virtual_mailbox_domains=("virtual.test",), virtual_mailbox_base=str(base),
+                    virtual_mailbox_maps=f"texthash:{maps}",
+                    virtual_uid_maps=f"static:{owner}", virtual_gid_maps=f"static:{owner}",
+                    virtual_minimum_uid=0)
+    assert nexthop_for("virtual.test", config) == NextHop("virtual", "virtual.test",
+                                                          mx_lookup=False)
+    (base / "virtual.test").mkdir()
+    if os.geteuid() == 0:
+        os.chown(base / "virtual.test", owner, owner)
+    outcome = run(local_agent.deliver(request(
+        ["ann@virtual.test", "Bob@Virtual.test", "carl@virtual.test", "evil@virtual.test"],
+        transport="virtual"), config, virtual=True))
+    assert [(r.status, r.dsn, r.reply, r.relay) for r in outcome.results] == [
+        ("sent", "2.0.0", "delivered to maildir", "virtual"),
+        ("sent", "2.0.0", "delivered to mailbox", "virtual"),
+        ("bounced", "5.1.1", 'unknown user: "carl@virtual.test"', "virtual"),
+        ("deferred", "4.3.5", "virtual_mailbox_maps: '../../etc/x/' leaves "
+                              "virtual_mailbox_base", "virtual"),
+    ]
+    (ann,) = (base / "virtual.test" / "ann" / "new").iterdir()
+    bob = base / "virtual.test" / "bob.mbox"
+    for path in (ann, bob):
+        assert path.stat().st_uid == owner and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert b"Delivered-To: Bob@Virtual.test\n" in bob.read_bytes()
+    below = Config(**{**config.__dict__, "virtual_minimum_uid": owner + 1})
+    (result,) = run(local_agent.deliver(request(["ann@virtual.test"], "virtual"), below,
+                                        virtual=True)).results
+    assert result.status == "deferred" and "virtual_minimum_uid" in result.reply
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed")
+def test_swaks_to_tern_to_maildir(tern, user):
+    """End to end: smtpd accepts the passwd user, qmgr routes the local domain to the local
+    agent, the Maildir file appears owned by the user, and the log says so."""
+    name, uid, _, home = user
+    server = tern(home_mailbox="Maildir/", recipient_delimiter="+")
+    swaks = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{server.port}", "--helo", "client.test",
+         "--from", "alice@example.org", "--to", f"{name}+box@mx.tern.test",
+         "--header", "Subject: end to end", "--body", "hello Maildir"],
+        capture_output=True, text=True, timeout=30)
+    assert swaks.returncode == 0, swaks.stdout + swaks.stderr
+    refused = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{server.port}", "--helo", "client.test",
+         "--from", "alice@example.org", "--to", "nosuchuser9@mx.tern.test"],
+        capture_output=True, text=True, timeout=30)
+    assert "550 5.1.1 <nosuchuser9@mx.tern.test>: Recipient address rejected: User unknown " \
+           "in local recipient table" in refused.stdout
+    log = server.wait_log("status=sent (delivered to maildir)")
+    assert "tern/local" in log and f"to=<{name}+box@mx.tern.test>, relay=local, " in log
+    (path,) = (home / "Maildir" / "new").iterdir()
+    assert path.stat().st_uid == uid
+    content = path.read_bytes()
+    assert content.startswith(f"Return-Path: <alice@example.org>\nDelivered-To: "
+                              f"{name}+box@mx.tern.test\nReceived: ".encode())
+    assert b"Subject: end to end\n" in content and b"\n\nhello Maildir\n" in content
+
+
+def test_a_message_already_delivered_to_the_recipient_is_a_loop(user):
+    name, *_ = user
+    config = Config(home_mailbox="Maildir/")
+    looped = DeliveryRequest("4Q", "s@x.test", [f"{name}@example.test"],
+                             f"DELIVERED-TO: {name.upper()}@example.test\r\n"
+                             f"Subject: x\r\n\r\nDelivered-To: other\r\n".encode(),
+                             NextHop("local", "example.test", mx_lookup=False))
+    (result,) = run(local_agent.deliver(looped, config)).results
+    assert (result.status, result.dsn, result.reply) == (
+        "bounced", "5.4.6", f"mail forwarding loop for {name}@example.test")
+    assert not (user[3] / "Maildir").exists()

@@ -1,0 +1,177 @@
+"""The pipe delivery agent with real /bin/sh scripts: argv macros, sysexits, output, time limit,
+and the user the command runs as."""
+
+import asyncio
+import os
+import pwd
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from engine.config import Config, ConfigError, load_config
+from engine.config.settings import PipeTransport
+from engine.delivery import DeliveryRequest, NextHop, TransientFailure
+from engine.delivery import pipe as pipe_agent
+from engine.delivery.agents import build_agents, service_name
+from engine.delivery.route import nexthop_for
+from engine.dns import Resolver
+
+CONTENT = b"Subject: piped\r\n\r\nbody line\r\n"
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def world():
+    """A 0755 directory the pipe user (nobody, when root) can reach and write in."""
+    path = Path(tempfile.mkdtemp(prefix="tern-pipe-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def script(world: Path, body: str) -> str:
+    path = world / "command.sh"
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def deliver(world, body, argv_tail=(), recipients=("u1+ext@example.test",), time_limit=10.0,
+            user="nobody"):
+    command = script(world, body)
+    transport = PipeTransport((command, *argv_tail), user, time_limit)
+    config = Config(myhostname="mx.example.test", recipient_delimiter="+")
+    request = DeliveryRequest("4PipeQ", "sender@example.org", list(recipients), CONTENT,
+                              NextHop("filter", "example.test", 0, False))
+    return run(pipe_agent.deliver(request, config, "filter", transport))
+
+
+def test_exit_0_is_sent_with_macros_expanded(world):
+    out = world / "out"
+    outcome = deliver(world, f'printf "%s|" "$@" > {out}\ncat > {out}.msg\nid -u > {out}.uid\n',
+                      ("-f", "${sender}", "${nexthop}", "--", "${recipient}", "${user}",
+                       "${extension}", "${domain}", "${mailbox}", "q=${queue_id}"),
+                      recipients=("u1+ext@example.test", "u2@Example.test"))
+    assert [(r.recipient, r.status, r.dsn, r.reply, r.relay) for r in outcome.results] == [
+        ("u1+ext@example.test", "sent", "2.0.0", "delivered via filter service", "filter"),
+        ("u2@Example.test", "sent", "2.0.0", "delivered via filter service", "filter")]
+    assert out.read_text().split("|")[:-1] == [
+        "-f", "sender@example.org", "example.test", "--",
+        "u1+ext@example.test", "u2@Example.test", "u1", "u2", "ext", "",
+        "example.test", "example.test", "u1+ext", "u2", "q=4PipeQ"]
+    assert (world / "out.msg").read_bytes() == CONTENT.replace(b"\r\n", b"\n")
+    uid = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.getuid()
+    assert int((world / "out.uid").read_text()) == uid
+
+
+def test_exit_75_defers_with_the_command_output(world):
+    (result,) = deliver(world, "cat >/dev/null\necho 'mailbox busy' >&2\nexit 75\n").results
+    assert (result.status, result.dsn, result.reply) == (
+        "deferred", "4.3.0", "temporary failure. Command output: mailbox busy")
+
+
+@pytest.mark.parametrize("code, dsn, text", [
+    (67, "5.1.1", "user unknown"),
+    (77, "5.7.0", "permission denied"),
+])
+def test_sysexits_bounce_with_their_meaning(world, code, dsn, text):
+    (result,) = deliver(world, f"cat >/dev/null\necho no such box\nexit {code}\n").results
+    assert (result.status, result.dsn, result.reply) == (
+        "bounced", dsn, f"{text}. Command output: no such box")
+
+
+def test_other_exit_status_bounces(world):
+    command = script(world, "echo 'line one'\nprintf 'two\\tthree\\n'\nexit 1\n")
+    transport = PipeTransport((command,), "nobody", 10.0)
+    request = DeliveryRequest("4Q", "", ["a@example.test"], CONTENT,
+                              NextHop("filter", "example.test", 0, False))
+    (result,) = run(pipe_agent.deliver(request, Config(), "filter", transport)).results
+    assert (result.status, result.dsn, result.reply) == (
+        "bounced", "5.3.0", f'Command died with status 1: "{command}". '
+                            "Command output: line one two three")
+
+
+def test_command_not_reading_its_input_still_decides(world):
+    big = CONTENT + b"x" * 1_000_000
+    command = script(world, "exit 0\n")
+    request = DeliveryRequest("4Q", "", ["a@example.test"], big,
+                              NextHop("filter", "example.test", 0, False))
+    (result,) = run(pipe_agent.deliver(request, Config(), "filter",
+                                       PipeTransport((command,), "nobody", 10.0))).results
+    assert result.status == "sent"
+
+
+def test_time_limit_defers_and_kills_the_command(world):
+    marker = world / "alive"
+    with pytest.raises(TransientFailure) as caught:
+        deliver(world, f"sleep 30 &\necho $! > {marker}\nwait\n", time_limit=0.5)
+    assert caught.value.dsn == "4.3.0"
+    assert caught.value.text.startswith("Command time limit exceeded:")
+    child = int(marker.read_text())
+    for _ in range(100):  # the whole process group got SIGKILL: the sleep ends too
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{child}/stat") as stat:
+            if stat.read().split(") ")[1].startswith("Z"):
+                break
+        asyncio.run(asyncio.sleep(0.02))
+    else:
+        pytest.fail("the command's child survived the time limit")
+
+
+def test_pipe_transport_from_config_and_transport_maps(tmp_path, world):
+    command = script(world, "cat >/dev/null\n")
+    path = tmp_path / "tern.toml"
+    path.write_text(f'[transport_maps]\n"lists.example.test" = "mailman:"\n'
+                    f'[pipe_transports.mailman]\nargv = ["{command}", "${{recipient}}"]\n'
+                    f'user = "nobody"\ntime_limit = "30s"\n')
+    config = load_config(path)
+    hop = nexthop_for("lists.example.test", config)
+    assert hop == NextHop("mailman", "lists.example.test", 0, False)
+    agents = build_agents(config, Resolver(config))
+    assert service_name("mailman", config) == "pipe"
+    request = DeliveryRequest("4Q", "s@x.test", ["l@lists.example.test"], CONTENT, hop)
+    (result,) = run(agents["mailman"](request)).results
+    assert (result.status, result.reply, result.relay) == (
+        "sent", "delivered via mailman service", "mailman")
+    path.write_text(f'[pipe_transports.mailman]\nargv = ["{command}", "${{recipeint}}"]\n'
+                    f'user = "nobody"\n')
+    with pytest.raises(ConfigError, match=r"unknown macro \$\{recipeint\}"):
+        load_config(path)
+
+
+def test_flags_add_headers_and_run_once_per_recipient_with_D(world):
+    out = world / "out"
+    command = script(world, f'cat >> {out}\necho "argv:$1" >> {out}\n')
+    transport = PipeTransport((command, "${recipient}"), "nobody", 10.0, "FRDhu>.B")
+    request = DeliveryRequest("4Q", "s@x.test", ["Ann@EXAMPLE.test", "bob@example.test"],
+                              b"Subject: f\r\n\r\nFrom here\r\n.dot\r\n",
+                              NextHop("lda", "example.test", 0, False))
+    outcome = run(pipe_agent.deliver(request, Config(), "lda", transport))
+    assert [r.status for r in outcome.results] == ["sent", "sent"]
+    text = out.read_text()
+    first, second = text.split("argv:ann@example.test\n")
+    assert first.startswith("From s@x.test  ")
+    assert first.split("\n", 1)[1] == ("Return-Path: <s@x.test>\nDelivered-To: Ann@EXAMPLE.test\n"
+                                       "Subject: f\n\n>From here\n..dot\n\n")
+    assert "Delivered-To: bob@example.test\n" in second
+    assert second.endswith("argv:bob@example.test\n")
+
+
+def test_without_flags_the_message_goes_as_it_is(world):
+    out = world / "out"
+    command = script(world, f"cat > {out}\n")
+    transport = PipeTransport((command,), "nobody", 10.0)
+    request = DeliveryRequest("4Q", "s@x.test", ["a@example.test", "b@example.test"],
+                              b"Subject: f\r\n\r\nFrom here\r\n.dot\r\n",
+                              NextHop("p", "example.test", 0, False))
+    assert [r.status for r in run(pipe_agent.deliver(request, Config(), "p",
+                                                     transport)).results] == ["sent", "sent"]
+    assert out.read_bytes() == b"Subject: f\n\nFrom here\n.dot\n"
