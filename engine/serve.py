@@ -75,7 +75,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
     resolver = Resolver(config)
     connections = ConnectionCache(config)  # idle SMTP sessions reused for the next message
     agents = {"smtp": functools.partial(smtp_delivery.deliver, config=config, resolver=resolver,
-                                        connections=connections)}
+                                        connections=connections, maillog=maillog)}
     qmgr = QueueManager(spool, config, maillog, agents)
     # cleanup queues client mail and, for qmgr, Tern's own notices (bounces, delay warnings)
     cleanup = Cleanup(spool, maillog, config, on_queued=qmgr.notify_new,

@@ -152,6 +152,16 @@ class Config:
     smtp_data_done_timeout: float = 600.0
     smtp_quit_timeout: float = 300.0
     smtp_rset_timeout: float = 20.0
+    # Outbound TLS (engine.tls.client): Postfix's names and defaults
+    smtp_tls_security_level: str = ""  # "" = none; may | encrypt | fingerprint | verify | secure
+    smtp_tls_policy_maps: str = ""  # "type:name": next-hop domain → "level [match=…]"
+    smtp_tls_wrappermode: bool = False  # TLS from the first byte (smtps, port 465)
+    smtp_tls_CAfile: str = ""  # PEM CAs for verify/secure; "" = the system's
+    smtp_tls_protocols: str = ">=TLSv1.2"
+    smtp_starttls_timeout: float = 300.0  # the TLS handshake (Postfix's name and default)
+    smtp_tls_fingerprint_digest: str = "sha256"
+    smtp_tls_verify_cert_match: str = "hostname"
+    smtp_tls_secure_cert_match: str = "nexthop, dot-nexthop"
     # SMTP access restrictions (Postfix >= 2.10 defaults; engine.policy.restrictions). Each is
     # a list of restriction names, check_*_access followed by its "type:name" table.
     smtpd_client_restrictions: tuple[str, ...] = ()

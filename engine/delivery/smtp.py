@@ -3,13 +3,20 @@
 Resolves the next hop, tries its addresses in order until one takes the transaction, and returns
 one result per recipient. With a ConnectionCache it first tries an idle session to the same
 destination, and gives the session back after the transaction instead of QUIT. Thin on purpose:
-every protocol decision is in the sans-I/O client.
+every protocol decision is in the sans-I/O client. Outbound TLS (engine.tls.client): the
+destination's policy picks STARTTLS's mode for the client core, or TLS from the first byte
+(smtp_tls_wrappermode); on StartTls this adapter runs the handshake with the loop's
+``start_tls``, logs Postfix's "… TLS connection established to …" line and checks the
+certificate against the policy. At "may", a failed handshake is retried once in plaintext on
+a new connection to the same address, as Postfix does.
 Trusts the request (from the spool) and the configuration; nothing from the network.
 """
 
 import asyncio
 import os
+import ssl
 import time
+from dataclasses import dataclass
 
 from engine.config import Config
 from engine.delivery import (
@@ -21,6 +28,7 @@ from engine.delivery import (
 )
 from engine.delivery.connections import Connection, ConnectionCache
 from engine.dns import Resolver
+from engine.log import Maillog
 from engine.smtp.client import (
     Client,
     Closed,
@@ -33,8 +41,11 @@ from engine.smtp.client import (
     Send,
     SessionFailed,
     Stage,
+    StartTls,
     TransactionDone,
 )
+from engine.tls.client import PolicyError, PolicyFinder, TlsPolicy, check_peer, client_context
+from engine.tls.server import describe
 
 READ_SIZE = 65536
 
@@ -50,6 +61,7 @@ STAGE_TIMEOUTS = {
     Stage.DOT: "smtp_data_done_timeout",
     Stage.RSET: "smtp_rset_timeout",  # short: it probes whether a cached connection lives
     Stage.QUIT: "smtp_quit_timeout",
+    Stage.STARTTLS: "smtp_helo_timeout",
 }
 
 
@@ -58,6 +70,7 @@ async def deliver(
     config: Config,
     resolver: Resolver,
     connections: ConnectionCache | None = None,
+    maillog: Maillog | None = None,
 ) -> DeliveryOutcome:
     """Deliver ``request`` to its next hop. Raises DeliveryError when no server took the
     transaction (DNS failure, every address refused or failed before MAIL FROM). With
@@ -83,6 +96,10 @@ async def deliver(
                 return await _transact(cached, envelope, config, started, connections, hop)
             except _DeadSession:
                 continue  # nothing was sent: try the next cached one, then a new connection
+    try:
+        policy = _policy_finder(config).policy(hop.host)
+    except PolicyError as exc:  # never deliver with less TLS than the administrator wrote
+        raise TransientFailure("4.7.5", f"TLS policy lookup for {hop.host}: {exc}") from None
     hosts = await resolver.mx_hosts(hop.host) if hop.mx_lookup else [hop.host]
     failures: list[DeliveryError] = []
     for host in hosts:
@@ -92,8 +109,18 @@ async def deliver(
             failures.append(exc)
             continue
         for address in addresses:
+            tls = _TlsJob(policy, host, hop.host, maillog)
             try:
-                connection = await _connect(config, host, address, hop.port)
+                connection = await _connect(config, host, address, hop.port, tls)
+                return await _transact(connection, envelope, config, started, connections, hop)
+            except _PlaintextRetry:
+                pass  # "may": the handshake failed; Postfix tries the same server in plaintext
+            except DeliveryError as exc:
+                failures.append(exc)
+                continue
+            try:
+                plain = _TlsJob(TlsPolicy("none"), host, hop.host, maillog)
+                connection = await _connect(config, host, address, hop.port, plain)
                 return await _transact(connection, envelope, config, started, connections, hop)
             except DeliveryError as exc:
                 failures.append(exc)
@@ -102,6 +129,37 @@ async def deliver(
 
 class _DeadSession(TransientFailure):
     """A cached session failed before the server answered MAIL FROM (ReuseFailed)."""
+
+
+class _PlaintextRetry(TransientFailure):
+    """The TLS handshake failed at an opportunistic level: try again without TLS."""
+
+
+@dataclass(frozen=True)
+class _TlsJob:
+    """What one connection needs for TLS: the destination's policy, the MX host name and the
+    next-hop domain (for certificate name matching), and where to log the outcome."""
+
+    policy: TlsPolicy
+    host: str
+    nexthop: str
+    maillog: Maillog | None
+
+    def log(self, text: str) -> None:
+        if self.maillog is not None:
+            self.maillog.line("smtp", text)
+
+
+_FINDERS: dict[int, tuple[object, PolicyFinder]] = {}
+
+
+def _policy_finder(config: Config) -> PolicyFinder:
+    """One PolicyFinder (with its opened smtp_tls_policy_maps) per Config object."""
+    entry = _FINDERS.get(id(config))
+    if entry is None or entry[0] is not config:
+        entry = (config, PolicyFinder(config))
+        _FINDERS[id(config)] = entry
+    return entry[1]
 
 
 def _no_server_took_it(failures: list[DeliveryError], destination: str) -> DeliveryError:
@@ -120,10 +178,14 @@ def _no_server_took_it(failures: list[DeliveryError], destination: str) -> Deliv
     return TransientFailure("4" + reason.dsn[1:], reason.text, reason.relay)
 
 
-async def _connect(config: Config, host: str, address: str, port: int) -> Connection:
-    """A TCP connection to ``address`` with a new client core (no bytes exchanged yet)."""
+async def _connect(config: Config, host: str, address: str, port: int,
+                   tls: _TlsJob | None = None) -> Connection:
+    """A TCP connection to ``address`` with a new client core (no SMTP bytes exchanged yet; in
+    wrapper mode the TLS handshake is done and checked)."""
     peer = f"{host}[{address}]"
     relay = f"{peer}:{port}"
+    policy = tls.policy if tls is not None else TlsPolicy("none")
+    wrapped = config.smtp_tls_wrappermode and policy.level != "none"
     try:
         async with asyncio.timeout(config.smtp_connect_timeout):
             reader, writer = await asyncio.open_connection(address, port)
@@ -132,8 +194,49 @@ async def _connect(config: Config, host: str, address: str, port: int) -> Connec
     except OSError as exc:
         why = os.strerror(exc.errno) if exc.errno else str(exc)
         raise TransientFailure("4.4.1", f"connect to {relay}: {why}") from None
-    client = Client(config.expand(config.smtp_helo_name), peer=peer, relay=relay)
-    return Connection(client, reader, writer)
+    starttls = "none" if wrapped or policy.level == "none" else (
+        "require" if policy.mandatory else "may")
+    client = Client(config.expand(config.smtp_helo_name), peer=peer, relay=relay,
+                    starttls=starttls, tls_active=wrapped)
+    connection = Connection(client, reader, writer, tls=tls)
+    if wrapped:
+        try:
+            await _handshake(connection, config)
+        except BaseException:
+            await connection.close()
+            raise
+    return connection
+
+
+async def _handshake(connection: Connection, config: Config) -> None:
+    """TLS on the connection (after STARTTLS's 220, or at once in wrapper mode), logged and
+    checked against the policy. Raises TransientFailure (or _PlaintextRetry at "may")."""
+    tls: _TlsJob = connection.tls
+    client = connection.client
+    try:
+        async with asyncio.timeout(config.smtp_starttls_timeout):
+            await connection.writer.start_tls(client_context(config, tls.policy),
+                                              server_hostname=None)
+    except ssl.SSLCertVerificationError as exc:
+        tls.log(f"server certificate verification failed for {client.relay}:"
+                f" {exc.verify_message}")
+        raise TransientFailure("4.7.5", "Server certificate not trusted", client.relay) from None
+    except (ssl.SSLError, OSError, TimeoutError) as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else (
+            getattr(exc, "reason", None) or str(exc) or type(exc).__name__)
+        tls.log(f"SSL_connect error to {client.relay}: {why}")
+        if tls.policy.mandatory:
+            raise TransientFailure("4.7.5", "Cannot start TLS: handshake failure",
+                                   client.relay) from None
+        raise _PlaintextRetry("4.7.5", "Cannot start TLS: handshake failure",
+                              client.relay) from None
+    ssl_object = connection.writer.get_extra_info("ssl_object")
+    check = check_peer(tls.policy, ssl_object, tls.host, tls.nexthop,
+                       config.smtp_tls_fingerprint_digest)
+    tls.log(f"{check.trust} TLS connection established to {client.relay}:"
+            f" {describe(ssl_object)}")
+    if check.failure:
+        raise TransientFailure("4.7.5", check.failure, client.relay)
 
 
 async def _transact(
@@ -192,6 +295,9 @@ async def _next_event(connection: Connection, config: Config) -> Event:
                 await _write(connection.writer, data, _timeout(config, stage), client)
             case NeedData(stage=stage):
                 await _read(connection.reader, _timeout(config, stage), client)
+            case StartTls():
+                await _handshake(connection, config)
+                client.tls_started()
             case event:
                 return event
 

@@ -55,6 +55,7 @@ class Stage(StrEnum):
     DOT = "dot"  # waiting for the reply to the final "."
     RSET = "rset"
     QUIT = "quit"
+    STARTTLS = "starttls"
 
 
 # Postfix's words for "lost connection with H while …" / "conversation with H timed out while …".
@@ -69,6 +70,7 @@ DOING = {
     Stage.DOT: "sending end of data -- message may be sent more than once",
     Stage.RSET: "sending RSET",
     Stage.QUIT: "sending QUIT",
+    Stage.STARTTLS: "sending STARTTLS",
 }
 
 # Postfix's "(in reply to … command)".
@@ -81,6 +83,7 @@ COMMAND = {
     Stage.DOT: "end of DATA",
     Stage.RSET: "RSET",
     Stage.QUIT: "QUIT",
+    Stage.STARTTLS: "STARTTLS",
 }
 
 # RFC 3463 §2: status-code = class "." subject "." detail, at the start of the reply text.
@@ -221,11 +224,18 @@ class TransactionDone:
 
 
 @dataclass(frozen=True)
+class StartTls:
+    """The server said 220 to STARTTLS (RFC 3207): run the TLS handshake on the connection,
+    then call ``tls_started()``; a failed handshake ends the connection (close it)."""
+
+
+@dataclass(frozen=True)
 class Closed:
     """The connection is finished; close the socket."""
 
 
-Event = Send | NeedData | Ready | SessionFailed | ReuseFailed | TransactionDone | Closed
+Event = (Send | NeedData | Ready | SessionFailed | ReuseFailed | TransactionDone | StartTls
+         | Closed)
 
 
 class Phase(Enum):
@@ -252,7 +262,11 @@ def _check_param(name: str, value: str) -> str:
 
 class Client:
     """One SMTP client connection. ``peer`` ("host[ip]") appears in texts, ``relay``
-    ("host[ip]:port") in the results. ``pipelining=False`` never pipelines (RFC 2920)."""
+    ("host[ip]:port") in the results. ``pipelining=False`` never pipelines (RFC 2920).
+    ``starttls``: "none" never sends STARTTLS, "may" sends it when offered and goes on in
+    plaintext when it is refused, "require" ends the session when it is not offered or refused
+    (engine.tls.client decides which, per destination). ``tls_active``: the connection is
+    already TLS (wrapper mode), so no STARTTLS."""
 
     def __init__(
         self,
@@ -262,6 +276,8 @@ class Client:
         relay: str = "none",
         pipelining: bool = True,
         max_reply_size: int = 65536,
+        starttls: str = "none",
+        tls_active: bool = False,
     ) -> None:
         if any(c in helo_name for c in "\r\n\0 ") or not helo_name:
             raise LocalProtocolError(f"bad HELO name {helo_name!r}")
@@ -269,6 +285,10 @@ class Client:
         self.peer = peer
         self.relay = relay
         self.use_pipelining = pipelining
+        if starttls not in ("none", "may", "require"):
+            raise LocalProtocolError(f"bad starttls mode {starttls!r}")
+        self.starttls = starttls
+        self.tls_active = tls_active
         self.esmtp = False
         self.extensions: dict[str, str] = {}
         self.transactions = 0  # started on this connection (Postfix's conn_use)
@@ -300,7 +320,8 @@ class Client:
             if self.phase is Phase.CLOSED:
                 return Closed()
             if not self._expect:
-                raise LocalProtocolError("idle: call start_transaction() or quit()")
+                raise LocalProtocolError(
+                    "idle: call start_transaction(), quit() or (after StartTls) tls_started()")
             try:
                 reply = self._replies.read_reply()
             except RemoteProtocolError as exc:
@@ -326,6 +347,16 @@ class Client:
             self._connection_failed(
                 f"conversation with {self.peer} timed out while {DOING[self._stage]}"
             )
+
+    def tls_started(self) -> None:
+        """The adapter finished the TLS handshake after StartTls: forget what the server said
+        in plaintext (its extensions, and any bytes it sent behind the 220: RFC 3207 §4.2 and
+        the CVE-2011-0411 class) and say EHLO again."""
+        self.tls_active = True
+        self.esmtp = False
+        self.extensions = {}
+        self._replies = ReplyBuffer(self._replies._max)
+        self._send(f"EHLO {self.helo_name}\r\n".encode(), Stage.EHLO)
 
     def start_transaction(self, envelope: Envelope) -> None:
         """Send one message (after Ready or TransactionDone)."""
@@ -384,6 +415,13 @@ class Client:
         if reply.ok:
             self.esmtp = True
             self.extensions = _extensions(reply)
+            if self.starttls != "none" and not self.tls_active:
+                if "STARTTLS" in self.extensions:
+                    self._send(b"STARTTLS\r\n", Stage.STARTTLS)
+                    return
+                if self.starttls == "require":
+                    self._tls_missing()
+                    return
             self._ready()
         elif reply.code >= 500:  # RFC 5321 §3.2: fall back to HELO
             self._send(f"HELO {self.helo_name}\r\n".encode(), Stage.HELO)
@@ -391,10 +429,26 @@ class Client:
             self._session_failed(reply, self._said(reply, stage))
 
     def _on_helo(self, reply: Reply, stage: Stage) -> None:
-        if reply.ok:
+        if reply.ok and self.starttls == "require" and not self.tls_active:
+            self._tls_missing()  # HELO offers no STARTTLS
+        elif reply.ok:
             self._ready()
         else:
             self._session_failed(reply, self._said(reply, stage))
+
+    def _on_starttls(self, reply: Reply, stage: Stage) -> None:
+        if reply.code == 220:
+            self._events.append(StartTls())
+        elif self.starttls == "require":
+            self._session_failed(reply, f"TLS is required, but host {self.peer} refused to"
+                                 f" start TLS: {reply.flat}")
+        else:  # opportunistic: the session goes on in plaintext, as Postfix's "may"
+            self._ready()
+
+    def _tls_missing(self) -> None:
+        self._events.append(SessionFailed(
+            "4.7.4", f"TLS is required, but was not offered by host {self.peer}"))
+        self.quit()
 
     def _on_rset(self, reply: Reply, stage: Stage) -> None:
         if reply.ok:
@@ -471,6 +525,7 @@ class Client:
         Stage.DATA: _on_data,
         Stage.DOT: _on_dot,
         Stage.QUIT: _on_quit,
+        Stage.STARTTLS: _on_starttls,
     }
 
     # ---- helpers ----
