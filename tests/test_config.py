@@ -824,9 +824,9 @@ TLS_ERRORS = [
      lambda c, d: tls_text(c, '[tls_server_sni_maps]\n"example.org" = "sni.pem"\n'), 4,
      'tls_server_sni_maps."example.org"', 'expected the absolute path of a PEM file'),
     ("unknown outbound level",
-     lambda c, d: '\nsmtp_tls_security_level = "dane-only"\n', 2, "smtp_tls_security_level",
-     'expected one of "none", "may", "encrypt", "fingerprint", "verify", "secure",'
-     ' got "dane-only"'),
+     lambda c, d: '\nsmtp_tls_security_level = "daneonly"\n', 2, "smtp_tls_security_level",
+     'expected one of "none", "may", "encrypt", "dane", "dane-only", "fingerprint", "verify",'
+     ' "secure", got "daneonly"'),
     ("outbound policy table that does not open",
      lambda c, d: '\nsmtp_tls_policy_maps = "hash:/etc/tern/tls_policy"\n', 2,
      "smtp_tls_policy_maps", 'unsupported table type "hash"'),

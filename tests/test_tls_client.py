@@ -56,7 +56,7 @@ def tls13_server(tmp_path_factory, certs, sink):
     server.stop()
 
 
-def send(port, *, tmp_path=None, policy_entries=None, **settings):
+def send(port, *, tmp_path=None, policy_entries=None, _host="127.0.0.1", **settings):
     """deliver() one message to 127.0.0.1:port; returns (outcome or the TransientFailure,
     the maillog text, the marker in the message)."""
     if policy_entries is not None:
@@ -68,7 +68,7 @@ def send(port, *, tmp_path=None, policy_entries=None, **settings):
     marker = uuid.uuid4().hex
     request = DeliveryRequest("4Xyz", "a@x.test", ["b@example.net"],
                               f"Subject: {marker}\r\n\r\nbody\r\n".encode(),
-                              NextHop("smtp", "127.0.0.1", port, False))
+                              NextHop("smtp", _host, port, False))
     stream = io.StringIO()
     maillog = Maillog("client.tern.test", stream=stream)
 
@@ -218,7 +218,7 @@ def test_policy_table_entry_of_a_parent_domain_overrides_the_default(sink, tmp_p
 
 
 def test_policy_table_entry_that_cannot_be_applied_defers(sink, tmp_path):
-    result, _, _ = send(sink.port, tmp_path=tmp_path, policy_entries={"127.0.0.1": "dane"})
+    result, _, _ = send(sink.port, tmp_path=tmp_path, policy_entries={"127.0.0.1": "danger"})
     assert isinstance(result, TransientFailure)
     assert result.dsn == "4.7.5"
     assert result.text.startswith("TLS policy lookup for 127.0.0.1: unsupported TLS security")

@@ -149,7 +149,7 @@ def test_policy_syntax_as_postfix(text, policy):
 
 
 @pytest.mark.parametrize("text, fragment", [
-    ("dane", "unsupported TLS security level 'dane'"),
+    ("tlsa", "unsupported TLS security level 'tlsa'"),
     ("encrypt ciphers=high", "unsupported policy attribute 'ciphers=high'"),
     ("fingerprint", "fingerprint level needs match="),
     ("", "empty policy"),

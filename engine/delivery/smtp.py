@@ -44,7 +44,15 @@ from engine.smtp.client import (
     StartTls,
     TransactionDone,
 )
-from engine.tls.client import PolicyError, PolicyFinder, TlsPolicy, check_peer, client_context
+from engine.tls import dane
+from engine.tls.client import (
+    PolicyError,
+    PolicyFinder,
+    TlsPolicy,
+    check_peer,
+    client_context,
+    resolve_dane,
+)
 from engine.tls.server import describe
 
 READ_SIZE = 65536
@@ -108,8 +116,13 @@ async def deliver(
         except DeliveryError as exc:
             failures.append(exc)
             continue
+        try:
+            host_policy = await resolve_dane(policy, _dnssec_resolver(config), host, hop.port)
+        except DeliveryError as exc:
+            failures.append(exc)
+            continue
         for address in addresses:
-            tls = _TlsJob(policy, host, hop.host, maillog)
+            tls = _TlsJob(host_policy, host, hop.host, maillog)
             try:
                 connection = await _connect(config, host, address, hop.port, tls)
                 return await _transact(connection, envelope, config, started, connections, hop)
@@ -151,6 +164,18 @@ class _TlsJob:
 
 
 _FINDERS: dict[int, tuple[object, PolicyFinder]] = {}
+
+
+_DNSSEC: dict[int, tuple[object, object]] = {}
+
+
+def _dnssec_resolver(config: Config):
+    """One DNSSEC-asking resolver (for TLSA) per Config object."""
+    entry = _DNSSEC.get(id(config))
+    if entry is None or entry[0] is not config:
+        entry = (config, dane.dnssec_resolver(config))
+        _DNSSEC[id(config)] = entry
+    return entry[1]
 
 
 def _policy_finder(config: Config) -> PolicyFinder:
@@ -235,6 +260,9 @@ async def _handshake(connection: Connection, config: Config) -> None:
                        config.smtp_tls_fingerprint_digest)
     tls.log(f"{check.trust} TLS connection established to {client.relay}:"
             f" {describe(ssl_object)}")
+    if check.detail:
+        tls.log(f"{check.detail.partition(':')[0]} for {client.relay}:"
+                f"{check.detail.partition(':')[2]}")
     if check.failure:
         raise TransientFailure("4.7.5", check.failure, client.relay)
 

@@ -5,8 +5,11 @@ Postfix's model (smtp_tls_security_level, smtp_tls_policy_maps): ``none`` never 
 connection; ``encrypt`` insists on TLS but not on who is at the other end; ``fingerprint``
 trusts a server whose certificate digest is listed; ``verify`` and ``secure`` want a chain up to
 a CA of ``smtp_tls_CAfile`` and a certificate name that matches (``verify``: the MX host name by
-default, ``secure``: the next-hop domain or a subdomain of it). ``dane`` and ``dane-only`` are
-not built yet: the loader refuses them rather than quietly weakening them to ``may``.
+default, ``secure``: the next-hop domain or a subdomain of it). ``dane`` and ``dane-only``
+(RFC 7672, engine.tls.dane) look up each MX host's TLSA records before connecting
+(``resolve_dane``): DNSSEC-validated usable records make TLS mandatory and the chain must match
+them; with no secure records ``dane`` is ``may`` (RFC 7672 §2.2) and ``dane-only`` defers;
+secure records that are all unusable make it ``encrypt``.
 
 The standard library's ``ssl`` does the handshake (through the loop's ``start_tls``) with one
 context per (level, CA file): verifying levels use CERT_REQUIRED so OpenSSL checks the chain,
@@ -21,12 +24,16 @@ Pure except for building contexts; trusts the validated Config, nothing from the
 
 from __future__ import annotations
 
+import _ssl
 import hashlib
 import ssl
 from dataclasses import dataclass
 
+from engine.delivery import TransientFailure
 from engine.tables import Table, open_table
+from engine.tls import dane
 from engine.tls.policy import (
+    DANE,
     MANDATORY,
     VERIFYING,
     PolicyError,
@@ -111,6 +118,38 @@ class PeerCheck:
 
     trust: str
     failure: str | None = None
+    detail: str = ""  # why, for the log (a TLSA mismatch)
+
+
+async def resolve_dane(policy: TlsPolicy, resolver, host: str, port: int) -> TlsPolicy:
+    """A dane/dane-only policy made concrete for one MX host from its TLSA records (see the
+    module docstring); other policies as they are. Raises TransientFailure (lookup error, or
+    dane-only without usable secure records)."""
+    if policy.level not in DANE:
+        return policy
+    answer = await dane.lookup_tlsa(resolver, host, port)
+    if answer.secure and answer.records:
+        return TlsPolicy("dane", tlsa=answer.records)
+    if answer.secure and answer.found:  # RFC 7672 §2.2: TLS, but no authentication
+        return TlsPolicy("encrypt")
+    if policy.level == "dane-only":
+        why = "no DNSSEC-validated" if answer.found else "no"
+        raise TransientFailure("4.7.5", f"TLS is required, but there are {why} TLSA records"
+                               f" for {answer.name}")
+    return TlsPolicy("may")
+
+
+def peer_chain(ssl_object) -> list[bytes]:
+    """The certificates the server sent, leaf first, DER. Python 3.11's SSLObject has no public
+    get_unverified_chain (3.13 has); its C object has had it since 3.10, so it is used directly;
+    without it only the leaf is known (DANE-TA then fails closed)."""
+    get_chain = getattr(ssl_object, "get_unverified_chain", None) or getattr(
+        getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
+    if get_chain is not None:
+        chain = get_chain() or []
+        return [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in chain]
+    leaf = ssl_object.getpeercert(binary_form=True)
+    return [leaf] if leaf else []
 
 
 def check_peer(policy: TlsPolicy, ssl_object, hostname: str, nexthop: str,
@@ -118,6 +157,13 @@ def check_peer(policy: TlsPolicy, ssl_object, hostname: str, nexthop: str,
     """The established session against ``policy`` (the chain was already verified by OpenSSL
     for verify/secure, or the handshake would have failed)."""
     der = ssl_object.getpeercert(binary_form=True)
+    if policy.level == "dane" and der is not None:
+        why = dane.verify_chain(policy.tlsa, peer_chain(ssl_object),
+                                wanted_names(TlsPolicy("dane", ("hostname", "nexthop")),
+                                             hostname, nexthop))
+        if why is None:
+            return PeerCheck("Verified")
+        return PeerCheck("Untrusted", "Server certificate not verified", f"TLSA mismatch: {why}")
     if der is None:
         if policy.mandatory and policy.level != "encrypt":
             return PeerCheck("Anonymous", "Server certificate not verified")

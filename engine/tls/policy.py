@@ -8,9 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: smtp_tls_security_level values Tern implements, weakest first.
-LEVELS = ("none", "may", "encrypt", "fingerprint", "verify", "secure")
+LEVELS = ("none", "may", "encrypt", "dane", "dane-only", "fingerprint", "verify", "secure")
 #: Levels that refuse to deliver without TLS.
-MANDATORY = frozenset({"encrypt", "fingerprint", "verify", "secure"})
+MANDATORY = frozenset({"encrypt", "dane", "dane-only", "fingerprint", "verify", "secure"})
+#: Levels that look up TLSA records (per MX host, at delivery).
+DANE = frozenset({"dane", "dane-only"})
 #: Levels that need a CA-verified chain and a name match.
 VERIFYING = frozenset({"verify", "secure"})
 
@@ -26,6 +28,7 @@ class TlsPolicy:
 
     level: str = "none"
     match: tuple[str, ...] = ()
+    tlsa: tuple = ()  # engine.tls.dane.Tlsa records (a "dane" policy resolved for one host)
 
     @property
     def mandatory(self) -> bool:
