@@ -56,7 +56,8 @@ def tls13_server(tmp_path_factory, certs, sink):
     server.stop()
 
 
-def send(port, *, tmp_path=None, policy_entries=None, _host="127.0.0.1", **settings):
+def send(port, *, tmp_path=None, policy_entries=None, _host="127.0.0.1", _mx=False,
+         **settings):
     """deliver() one message to 127.0.0.1:port; returns (outcome or the TransientFailure,
     the maillog text, the marker in the message)."""
     if policy_entries is not None:
@@ -68,7 +69,7 @@ def send(port, *, tmp_path=None, policy_entries=None, _host="127.0.0.1", **setti
     marker = uuid.uuid4().hex
     request = DeliveryRequest("4Xyz", "a@x.test", ["b@example.net"],
                               f"Subject: {marker}\r\n\r\nbody\r\n".encode(),
-                              NextHop("smtp", _host, port, False))
+                              NextHop("smtp", _host, port, _mx))
     stream = io.StringIO()
     maillog = Maillog("client.tern.test", stream=stream)
 

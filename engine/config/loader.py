@@ -470,6 +470,7 @@ _SPECIAL: dict[str, Converter] = {
     "smtp_tls_security_level": _smtp_tls_level,
     "smtp_tls_policy_maps": _smtp_tls_policy_maps,
     "smtp_tls_CAfile": _optional_path,
+    "smtp_mta_sts_CAfile": _optional_path,
     "smtp_tls_fingerprint_digest": _digest,
     "tls_high_cipherlist": lambda value: _string(value, empty=False),
     "tls_server_sni_maps": _sni_maps,

@@ -162,6 +162,10 @@ class Config:
     smtp_tls_fingerprint_digest: str = "sha256"
     smtp_tls_verify_cert_match: str = "hostname"
     smtp_tls_secure_cert_match: str = "nexthop, dot-nexthop"
+    # MTA-STS (RFC 8461, engine.tls.sts_fetch); not a Postfix setting (Postfix uses a policy daemon)
+    smtp_mta_sts_enable: bool = False
+    smtp_mta_sts_CAfile: str = ""  # PEM CAs for the policy's HTTPS host; "" = the system's
+    smtp_mta_sts_https_port: int = 443
     # SMTP access restrictions (Postfix >= 2.10 defaults; engine.policy.restrictions). Each is
     # a list of restriction names, check_*_access followed by its "type:name" table.
     smtpd_client_restrictions: tuple[str, ...] = ()

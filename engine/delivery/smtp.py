@@ -54,6 +54,7 @@ from engine.tls.client import (
     resolve_dane,
 )
 from engine.tls.server import describe
+from engine.tls.sts_fetch import sts_policy
 
 READ_SIZE = 65536
 
@@ -109,8 +110,22 @@ async def deliver(
     except PolicyError as exc:  # never deliver with less TLS than the administrator wrote
         raise TransientFailure("4.7.5", f"TLS policy lookup for {hop.host}: {exc}") from None
     hosts = await resolver.mx_hosts(hop.host) if hop.mx_lookup else [hop.host]
+    sts = None  # RFC 8461: only for MX delivery, and never weakening a stronger local policy
+    if config.smtp_mta_sts_enable and hop.mx_lookup and policy.level in ("none", "may"):
+        sts = await sts_policy(config, _dnssec_resolver(config), resolver, hop.host)
     failures: list[DeliveryError] = []
     for host in hosts:
+        if sts is not None and sts.mode != "none":
+            if not sts.mx_allowed(host):
+                text = f"MX host {host} does not match the MTA-STS policy of {hop.host}"
+                if sts.mode == "enforce":
+                    failures.append(TransientFailure("4.7.5", text))
+                    continue
+                if maillog is not None:
+                    maillog.line("smtp", f"{request.queue_id}: MTA-STS testing: {text}")
+            # enforce: a valid certificate for the MX name (§4.2); testing: opportunistic
+            policy = TlsPolicy("verify", ("hostname",)) if sts.mode == "enforce" else \
+                TlsPolicy("may")
         try:
             addresses = await resolver.addresses(host)
         except DeliveryError as exc:
