@@ -188,6 +188,8 @@ def _dnssec_resolver(config: Config):
     """One DNSSEC-asking resolver (for TLSA) per Config object."""
     entry = _DNSSEC.get(id(config))
     if entry is None or entry[0] is not config:
+        if len(_DNSSEC) > 16:  # a process has one Config; tests make many
+            _DNSSEC.clear()
         entry = (config, dane.dnssec_resolver(config))
         _DNSSEC[id(config)] = entry
     return entry[1]
@@ -197,6 +199,8 @@ def _policy_finder(config: Config) -> PolicyFinder:
     """One PolicyFinder (with its opened smtp_tls_policy_maps) per Config object."""
     entry = _FINDERS.get(id(config))
     if entry is None or entry[0] is not config:
+        if len(_FINDERS) > 16:  # a process has one Config; tests make many
+            _FINDERS.clear()
         entry = (config, PolicyFinder(config))
         _FINDERS[id(config)] = entry
     return entry[1]
