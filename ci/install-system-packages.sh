@@ -3,9 +3,10 @@
 # standard next-hop sink and load generator), unbound (a DNS server on a loopback port), swaks
 # with the Perl TLS module its --tls needs (a Recommends, skipped by --no-install-recommends),
 # the openssl command (s_client tests STARTTLS, smtps and SNI), and haproxy (PROXY protocol v1/v2
-# in front of Tern; run by the tests, its service never started), and Dovecot's LMTP server (the
+# in front of Tern; run by the tests, its service never started), Dovecot's LMTP server (the
 # LMTP agent's real peer: the tests run a throwaway instance with its own config, never the
-# packaged service).
+# packaged service), nsd and ldnsutils (a zone signed at test time and served to a validating
+# unbound, for DANE).
 # Installs only what is missing; Postfix is installed unconfigured, so no daemon starts.
 set -euo pipefail
 need=()
@@ -17,6 +18,8 @@ perl -MNet::SSLeay -e1 2>/dev/null || need+=(libnet-ssleay-perl)
 command -v openssl >/dev/null || need+=(openssl)
 [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 [ -x /usr/lib/dovecot/lmtp ] || need+=(dovecot-lmtpd)
+[ -x /usr/sbin/nsd ] || need+=(nsd)  # serves the DNSSEC-signed zone of the DANE tests
+command -v ldns-signzone >/dev/null || need+=(ldnsutils)  # ldns-keygen, ldns-signzone
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"

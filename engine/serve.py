@@ -73,7 +73,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
                            f"{getattr(error, 'strerror', None) or error}") from error
     resolver = Resolver(config)
     connections = ConnectionCache(config)  # idle SMTP sessions reused for the next message
-    agents = build_agents(config, resolver, connections)
+    agents = build_agents(config, resolver, connections, maillog)
     qmgr = QueueManager(spool, config, maillog, agents)
     # cleanup queues client mail and, for qmgr, Tern's own notices (bounces, delay warnings)
     cleanup = Cleanup(spool, maillog, config, on_queued=qmgr.notify_new,

@@ -26,5 +26,5 @@ def load_or_skip(name, implementation):
         pytest.skip(f"{implementation} {name} not built")
 
 
-from peers import dns_server, smtp_sink  # noqa: E402, F401
+from peers import dns_server, dnssec_server, smtp_sink  # noqa: E402, F401
 from tern_process import tern  # noqa: E402, F401 - fixture: tern serve as a real process

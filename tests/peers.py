@@ -88,7 +88,8 @@ def _wait_until(ready: Callable[[], bool], proc: subprocess.Popen, what: str, lo
 # ---- DNS: unbound serving static local zones ----
 
 
-def _unbound_config(port: int, directory: Path, records: Sequence[str], zones: Sequence[str]):
+def _unbound_config(port: int, directory: Path, records: Sequence[str], zones: Sequence[str],
+                    *, module_config: str = "iterator", extra: Sequence[str] = ()):
     lines = [
         "server:",
         f"  interface: {LOOPBACK}@{port}",
@@ -103,7 +104,8 @@ def _unbound_config(port: int, directory: Path, records: Sequence[str], zones: S
         "  do-not-query-localhost: no",
         "  access-control: 127.0.0.0/8 allow",
         "  num-threads: 1",
-        '  module-config: "iterator"',
+        f'  module-config: "{module_config}"',
+        *extra,
     ]
     lines += [f'  local-zone: "{zone}" static' for zone in zones]
     for record in records:  # a record holding double quotes (TXT) goes in single quotes
@@ -112,9 +114,9 @@ def _unbound_config(port: int, directory: Path, records: Sequence[str], zones: S
     return "\n".join(lines)
 
 
-def _dns_answers(port: int) -> bool:
+def _dns_answers(port: int, name: str = "test.") -> bool:
     try:
-        dns.query.udp(dns.message.make_query("test.", "SOA"), LOOPBACK, timeout=0.2, port=port)
+        dns.query.udp(dns.message.make_query(name, "SOA"), LOOPBACK, timeout=0.2, port=port)
     except (OSError, dns.exception.DNSException):
         return False
     return True
@@ -146,6 +148,93 @@ def dns_server(tmp_path_factory) -> Iterator[Callable[..., tuple[str, int]]]:
 
     yield start
     for proc in procs:
+        _stop_process(proc)
+
+
+# ---- DNSSEC: a zone signed with ldns-signzone, served by nsd, validated by unbound ----
+
+NSD = "/usr/sbin/nsd"
+LDNS_KEYGEN = "/usr/bin/ldns-keygen"
+LDNS_SIGNZONE = "/usr/bin/ldns-signzone"
+
+
+def _signed_zone(directory: Path, zone: str, records: Sequence[str]) -> str:
+    """Writes ZONE.zone.signed (a KSK and a ZSK, ECDSA P-256, NSEC3) in ``directory`` and
+    returns the KSK's DNSKEY line (the trust anchor). ``records`` are zone-file lines with
+    absolute names; the SOA and NS are added."""
+    name = zone.rstrip(".")
+    lines = [f"{zone} 60 IN SOA ns.{zone} hostmaster.{zone} 1 3600 600 86400 60",
+             f"{zone} 60 IN NS ns.{zone}", f"ns.{zone} 60 IN A {LOOPBACK}", *records]
+    keys = []
+    for flags in (["-k"], []):
+        keys.append(subprocess.run([LDNS_KEYGEN, "-a", "ECDSAP256SHA256", *flags, name],
+                                   cwd=directory, check=True, capture_output=True,
+                                   text=True).stdout.strip())
+    anchor = (directory / f"{keys[0]}.key").read_text().strip()
+    zone_file = directory / f"{name}.zone"
+    zone_file.write_text("\n".join(lines) + "\n" + anchor + "\n"
+                         + (directory / f"{keys[1]}.key").read_text())
+    subprocess.run([LDNS_SIGNZONE, "-n", str(zone_file), *keys], cwd=directory, check=True,
+                   capture_output=True)
+    return anchor
+
+
+def _nsd_config(port: int, directory: Path, zone: str) -> str:
+    name = zone.rstrip(".")
+    return "\n".join([
+        "server:", f"  ip-address: {LOOPBACK}@{port}", f"  port: {port}",
+        f'  zonesdir: "{directory}"', '  database: ""', '  username: ""', '  chroot: ""',
+        f'  pidfile: "{directory}/nsd.pid"', f'  logfile: "{directory}/nsd.log"',
+        f'  xfrdfile: "{directory}/xfrd.state"', f'  zonelistfile: "{directory}/zone.list"',
+        f'  xfrdir: "{directory}"', "  server-count: 1", "  verbosity: 1",
+        "remote-control:", "  control-enable: no",
+        "zone:", f"  name: {name}", f'  zonefile: "{name}.zone.signed"', ""])
+
+
+@pytest.fixture
+def dnssec_server(tmp_path_factory) -> Iterator[Callable[..., tuple[str, int]]]:
+    """Factory: ``dnssec_server(records, zone="dane.test.", signed=True) -> (host, port)`` of a
+    validating unbound (``module-config: "validator iterator"``) whose only trust anchor is the
+    KSK of ``zone``, a zone signed at start with ldns-signzone and served by nsd on loopback
+    (a stub zone). Its answers for the zone carry the AD bit. ``signed=False`` configures no
+    trust anchor: the same answers come back without AD (an insecure zone)."""
+    for tool in (UNBOUND, NSD, LDNS_KEYGEN, LDNS_SIGNZONE):
+        if not os.access(tool, os.X_OK):
+            pytest.skip(f"{tool} not installed")
+    procs: list[subprocess.Popen] = []
+
+    def start(records: Sequence[str], *, zone: str = "dane.test.",
+              signed: bool = True) -> tuple[str, int]:
+        directory = tmp_path_factory.mktemp("dnssec")
+        anchor = _signed_zone(directory, zone, records)
+        nsd_port = free_port(udp=True)
+        nsd_conf = directory / "nsd.conf"
+        nsd_conf.write_text(_nsd_config(nsd_port, directory, zone))
+        nsd_log = directory / "nsd.out"
+        with nsd_log.open("wb") as out:
+            procs.append(subprocess.Popen([NSD, "-d", "-c", str(nsd_conf)], stdout=out,
+                                          stderr=subprocess.STDOUT))
+        _wait_until(lambda: _dns_answers(nsd_port, zone), procs[-1], "nsd", nsd_log)
+        port = free_port(udp=True)
+        extra = [f'  local-zone: "{zone}" nodefault', f'  domain-insecure: "{zone}"']
+        if signed:
+            (directory / "anchor.key").write_text(anchor + "\n")
+            extra = [f'  local-zone: "{zone}" nodefault',
+                     f'  trust-anchor-file: "{directory}/anchor.key"']
+        extra += ['  local-zone: "test." nodefault', "stub-zone:", f'  name: "{zone}"',
+                  f"  stub-addr: {LOOPBACK}@{nsd_port}"]
+        conf = directory / "unbound.conf"
+        conf.write_text(_unbound_config(port, directory, [], [],
+                                        module_config="validator iterator", extra=extra))
+        log = directory / "unbound.log"
+        with log.open("wb") as out:
+            procs.append(subprocess.Popen([UNBOUND, "-d", "-c", str(conf)], stdout=out,
+                                          stderr=subprocess.STDOUT))
+        _wait_until(lambda: _dns_answers(port, zone), procs[-1], "unbound", log)
+        return LOOPBACK, port
+
+    yield start
+    for proc in reversed(procs):
         _stop_process(proc)
 
 

@@ -118,6 +118,18 @@ smtp_address_preference = "ipv6"
 smtp_mx_address_limit = 0
 smtp_mx_session_limit = 3
 dns_attempts = 3
+smtp_tls_security_level = "may"
+smtp_tls_policy_maps = "inline:{ example.com=secure }"
+smtp_tls_wrappermode = true
+smtp_tls_CAfile = "@CERTS@/ca.pem"
+smtp_tls_protocols = ">=TLSv1.3"
+smtp_starttls_timeout = "1m"
+smtp_tls_fingerprint_digest = "sha512"
+smtp_tls_verify_cert_match = "hostname, nexthop"
+smtp_tls_secure_cert_match = "nexthop"
+smtp_mta_sts_enable = true
+smtp_mta_sts_CAfile = "@CERTS@/ca.pem"
+smtp_mta_sts_https_port = 8443
 dns_servers = ["192.0.2.53", "192.0.2.54:5353", "[2001:db8::53]:53", "2001:db8::54"]
 dns_timeout = 2.5
 smtpd_tls_cert_file = "@CERTS@/default.crt"
@@ -894,6 +906,19 @@ TLS_ERRORS = [
     ("sni entry with a relative path",
      lambda c, d: tls_text(c, '[tls_server_sni_maps]\n"example.org" = "sni.pem"\n'), 4,
      'tls_server_sni_maps."example.org"', 'expected the absolute path of a PEM file'),
+    ("unknown outbound level",
+     lambda c, d: '\nsmtp_tls_security_level = "daneonly"\n', 2, "smtp_tls_security_level",
+     'expected one of "none", "may", "encrypt", "dane", "dane-only", "fingerprint", "verify",'
+     ' "secure", got "daneonly"'),
+    ("outbound policy table that does not open",
+     lambda c, d: '\nsmtp_tls_policy_maps = "hash:/etc/tern/tls_policy"\n', 2,
+     "smtp_tls_policy_maps", 'unsupported table type "hash"'),
+    ("unknown fingerprint digest",
+     lambda c, d: '\nsmtp_tls_fingerprint_digest = "md5"\n', 2,
+     "smtp_tls_fingerprint_digest", 'expected "sha1", "sha256" or "sha512", got "md5"'),
+    ("outbound protocols",
+     lambda c, d: '\nsmtp_tls_protocols = ">=TLSv1.4"\n', 2, "smtp_tls_protocols",
+     "unknown protocol 'TLSv1.4'"),
     ("sni without a default certificate",
      lambda c, d: f'\n[tls_server_sni_maps]\n"example.org" = "{c.sni["example.net"]}"\n', 2,
      "tls_server_sni_maps", "needs smtpd_tls_cert_file"),

@@ -28,6 +28,8 @@ from engine.config.values import (
     parse_transport_nexthop,
 )
 from engine.ipliteral import parse_address_literal
+from engine.tables import TableError, open_table
+from engine.tls import policy as tls_policy
 from engine.tls.protocols import parse_protocols
 
 
@@ -357,6 +359,33 @@ def _tls_security_level(value: Any) -> str:
     return text
 
 
+def _smtp_tls_level(value: Any) -> str:
+    text = _string(value)
+    if text and text not in tls_policy.LEVELS:
+        allowed = ", ".join(_show(level) for level in tls_policy.LEVELS)
+        raise _Invalid(f"expected one of {allowed}, got {_show(value)}")
+    return text
+
+
+def _smtp_tls_policy_maps(value: Any) -> str:
+    """A lookup table that opens (an entry Tern cannot apply defers its deliveries, so a typo
+    never weakens TLS)."""
+    text = _string(value)
+    if text:
+        try:
+            open_table(text)
+        except TableError as exc:
+            raise _Invalid(str(exc)) from None
+    return text
+
+
+def _digest(value: Any) -> str:
+    text = _string(value).lower()
+    if text not in ("sha1", "sha256", "sha512"):
+        raise _Invalid(f'expected "sha1", "sha256" or "sha512", got {_show(value)}')
+    return text
+
+
 def _tls_protocols(value: Any) -> str:
     text = _string(value)
     try:
@@ -588,6 +617,12 @@ _SPECIAL: dict[str, Converter] = {
     "smtpd_tls_security_level": _tls_security_level,
     "smtp_address_preference": _choice("ipv4", "ipv6", "any"),
     "smtpd_tls_protocols": _tls_protocols,
+    "smtp_tls_protocols": _tls_protocols,
+    "smtp_tls_security_level": _smtp_tls_level,
+    "smtp_tls_policy_maps": _smtp_tls_policy_maps,
+    "smtp_tls_CAfile": _optional_path,
+    "smtp_mta_sts_CAfile": _optional_path,
+    "smtp_tls_fingerprint_digest": _digest,
     "tls_high_cipherlist": lambda value: _string(value, empty=False),
     "tls_server_sni_maps": _sni_maps,
     "smtpd_null_access_lookup_key": lambda value: _string(value, empty=False),

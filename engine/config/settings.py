@@ -200,6 +200,20 @@ class Config:
     smtp_address_preference: str = "any"
     smtp_mx_address_limit: int = 5  # addresses tried per delivery, over all MX hosts; 0 = all
     smtp_mx_session_limit: int = 2  # sessions that got past EHLO per delivery; 0 = no limit
+    # Outbound TLS (engine.tls.client): Postfix's names and defaults
+    smtp_tls_security_level: str = ""  # "" = none; may | encrypt | fingerprint | verify | secure
+    smtp_tls_policy_maps: str = ""  # "type:name": next-hop domain → "level [match=…]"
+    smtp_tls_wrappermode: bool = False  # TLS from the first byte (smtps, port 465)
+    smtp_tls_CAfile: str = ""  # PEM CAs for verify/secure; "" = the system's
+    smtp_tls_protocols: str = ">=TLSv1.2"
+    smtp_starttls_timeout: float = 300.0  # the TLS handshake (Postfix's name and default)
+    smtp_tls_fingerprint_digest: str = "sha256"
+    smtp_tls_verify_cert_match: str = "hostname"
+    smtp_tls_secure_cert_match: str = "nexthop, dot-nexthop"
+    # MTA-STS (RFC 8461, engine.tls.sts_fetch); not a Postfix setting (Postfix uses a policy daemon)
+    smtp_mta_sts_enable: bool = False
+    smtp_mta_sts_CAfile: str = ""  # PEM CAs for the policy's HTTPS host; "" = the system's
+    smtp_mta_sts_https_port: int = 443
     # SMTP access restrictions (Postfix >= 2.10 defaults; engine.policy.restrictions). Each is
     # a list of restriction names, check_*_access followed by its "type:name" table.
     smtpd_client_restrictions: tuple[str, ...] = ()

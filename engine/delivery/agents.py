@@ -12,15 +12,17 @@ from engine.config import Config
 from engine.delivery import DeliveryOutcome, DeliveryRequest, lmtp, local, pipe, smtp, trivial
 from engine.delivery.connections import ConnectionCache
 from engine.dns import Resolver
+from engine.log import Maillog
 
 Agent = Callable[[DeliveryRequest], Awaitable[DeliveryOutcome]]
 
 
 def build_agents(config: Config, resolver: Resolver,
-                 connections: ConnectionCache | None = None) -> dict[str, Agent]:
+                 connections: ConnectionCache | None = None,
+                 maillog: Maillog | None = None) -> dict[str, Agent]:
     agents: dict[str, Agent] = {
         "smtp": functools.partial(smtp.deliver, config=config, resolver=resolver,
-                                  connections=connections),
+                                  connections=connections, maillog=maillog),
         "lmtp": functools.partial(lmtp.deliver, config=config, resolver=resolver),
         "local": functools.partial(local.deliver, config=config),
         "virtual": functools.partial(local.deliver, config=config, virtual=True),
@@ -29,7 +31,8 @@ def build_agents(config: Config, resolver: Resolver,
     }
     for name in config.transport:  # [transport.NAME]: SMTP with its own smtp_* settings
         agents[name] = functools.partial(smtp.deliver, config=config.for_transport(name),
-                                         resolver=resolver, connections=connections)
+                                         resolver=resolver, connections=connections,
+                                         maillog=maillog)
     for name, transport in config.pipe_transports.items():
         agents[name] = functools.partial(pipe.deliver, config=config, name=name,
                                          transport=transport)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.config import Config
 from engine.smtp.client import Client, Phase, Send
@@ -28,6 +29,7 @@ class Connection:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     opened_at: float = field(default_factory=time.monotonic)
+    tls: Any = None  # engine.delivery.smtp's TLS job (policy, context, names) for STARTTLS
 
     def ready(self) -> bool:
         """Between transactions and not seen closed; only RSET tells more."""

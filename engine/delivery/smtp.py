@@ -3,14 +3,21 @@
 Resolves the next hop, tries its addresses in order until one takes the transaction, and returns
 one result per recipient. With a ConnectionCache it first tries an idle session to the same
 destination, and gives the session back after the transaction instead of QUIT. Thin on purpose:
-every protocol decision is in the sans-I/O client.
+every protocol decision is in the sans-I/O client. Outbound TLS (engine.tls.client): the
+destination's policy picks STARTTLS's mode for the client core, or TLS from the first byte
+(smtp_tls_wrappermode); on StartTls this adapter runs the handshake with the loop's
+``start_tls``, logs Postfix's "… TLS connection established to …" line and checks the
+certificate against the policy. At "may", a failed handshake is retried once in plaintext on
+a new connection to the same address, as Postfix does.
 Trusts the request (from the spool) and the configuration; nothing from the network.
 """
 
 import asyncio
 import dataclasses
 import os
+import ssl
 import time
+from dataclasses import dataclass
 
 from engine.config import Config
 from engine.delivery import (
@@ -23,6 +30,7 @@ from engine.delivery import (
 )
 from engine.delivery.connections import Connection, ConnectionCache
 from engine.dns import Resolver
+from engine.log import Maillog
 from engine.smtp.client import (
     Client,
     Closed,
@@ -35,8 +43,20 @@ from engine.smtp.client import (
     Send,
     SessionFailed,
     Stage,
+    StartTls,
     TransactionDone,
 )
+from engine.tls import dane
+from engine.tls.client import (
+    PolicyError,
+    PolicyFinder,
+    TlsPolicy,
+    check_peer,
+    client_context,
+    resolve_dane,
+)
+from engine.tls.server import describe
+from engine.tls.sts_fetch import sts_policy
 
 READ_SIZE = 65536
 CHUNK_SIZE = 1 << 20  # the largest BDAT chunk: one write, bounded memory at the next hop
@@ -54,6 +74,7 @@ STAGE_TIMEOUTS = {
     Stage.BDAT: "smtp_data_done_timeout",  # the last chunk's reply is the message's
     Stage.RSET: "smtp_rset_timeout",  # short: it probes whether a cached connection lives
     Stage.QUIT: "smtp_quit_timeout",
+    Stage.STARTTLS: "smtp_helo_timeout",
 }
 
 
@@ -62,6 +83,7 @@ async def deliver(
     config: Config,
     resolver: Resolver,
     connections: ConnectionCache | None = None,
+    maillog: Maillog | None = None,
 ) -> DeliveryOutcome:
     """Deliver ``request`` to its next hop. Raises DeliveryError when no server took the
     transaction (DNS failure, every address refused or failed before MAIL FROM). With
@@ -88,29 +110,50 @@ async def deliver(
                 return await _transact(cached, envelope, config, started, connections, hop)
             except _DeadSession:
                 continue  # nothing was sent: try the next cached one, then a new connection
+    try:
+        policy = _policy_finder(config).policy(hop.host)
+    except PolicyError as exc:  # never deliver with less TLS than the administrator wrote
+        raise TransientFailure("4.7.5", f"TLS policy lookup for {hop.host}: {exc}") from None
     hosts = await resolver.mx_hosts(hop.host) if hop.mx_lookup else [hop.host]
+    sts = None  # RFC 8461: only for MX delivery, and never weakening a stronger local policy
+    if config.smtp_mta_sts_enable and hop.mx_lookup and policy.level in ("none", "may"):
+        sts = await sts_policy(config, _dnssec_resolver(config), resolver, hop.host)
     failures: list[DeliveryError] = []
     servers: list[tuple[str, str]] = []  # (host, address), at most smtp_mx_address_limit
     address_limit = config.smtp_mx_address_limit
     for host in hosts:
         if address_limit and len(servers) >= address_limit:
             break
+        host_policy = policy
+        if sts is not None and sts.mode != "none":
+            if not sts.mx_allowed(host):
+                text = f"MX host {host} does not match the MTA-STS policy of {hop.host}"
+                if sts.mode == "enforce":
+                    failures.append(TransientFailure("4.7.5", text))
+                    continue
+                if maillog is not None:
+                    maillog.line("smtp", f"{request.queue_id}: MTA-STS testing: {text}")
+            # enforce: a valid certificate for the MX name (§4.2); testing: opportunistic
+            host_policy = TlsPolicy("verify", ("hostname",)) if sts.mode == "enforce" else \
+                TlsPolicy("may")
         try:
             addresses = await resolver.addresses(host)
+            host_policy = await resolve_dane(host_policy, _dnssec_resolver(config), host,
+                                             hop.port)
         except DeliveryError as exc:
             failures.append(exc)
             continue
-        servers += [(host, address) for address in addresses]
+        servers += [(host, address, host_policy) for address in addresses]
     if address_limit:
         del servers[address_limit:]
     final: dict[str, RecipientResult] = {}
     outcome: DeliveryOutcome | None = None
     sessions = 0
     dsn_passed = True  # every server that got a recipient owes its DSN notices
-    for index, (host, address) in enumerate(servers):
+    for index, (host, address, host_policy) in enumerate(servers):
         try:
-            connection = await _connect(config, host, address, hop.port)
-            outcome = await _transact(connection, envelope, config, started, connections, hop)
+            outcome = await _session(config, host, address, host_policy, envelope, started,
+                                     connections, hop, maillog)
         except DeliveryError as exc:  # no session: not counted against smtp_mx_session_limit
             failures.append(exc)
             continue
@@ -130,6 +173,22 @@ async def deliver(
     return outcome
 
 
+async def _session(config: Config, host: str, address: str, policy: TlsPolicy,
+                   envelope: Envelope, started: float, connections: ConnectionCache | None,
+                   hop: NextHop, maillog: Maillog | None) -> DeliveryOutcome:
+    """One server's session under its TLS policy; at "may", a failed handshake is followed by
+    the same server in plaintext, as Postfix."""
+    tls = _TlsJob(policy, host, hop.host, maillog)
+    try:
+        connection = await _connect(config, host, address, hop.port, tls)
+        return await _transact(connection, envelope, config, started, connections, hop)
+    except _PlaintextRetry:
+        pass
+    plain = _TlsJob(TlsPolicy("none"), host, hop.host, maillog)
+    connection = await _connect(config, host, address, hop.port, plain)
+    return await _transact(connection, envelope, config, started, connections, hop)
+
+
 def _next_server_may_take(result: RecipientResult) -> bool:
     """Whether another MX host may get ``result``'s recipient in the same delivery: a server
     deferred it with a 4xx reply. A lost connection or a timeout (4.4.2) is not retried there:
@@ -139,6 +198,53 @@ def _next_server_may_take(result: RecipientResult) -> bool:
 
 class _DeadSession(TransientFailure):
     """A cached session failed before the server answered MAIL FROM (ReuseFailed)."""
+
+
+class _PlaintextRetry(TransientFailure):
+    """The TLS handshake failed at an opportunistic level: try again without TLS."""
+
+
+@dataclass(frozen=True)
+class _TlsJob:
+    """What one connection needs for TLS: the destination's policy, the MX host name and the
+    next-hop domain (for certificate name matching), and where to log the outcome."""
+
+    policy: TlsPolicy
+    host: str
+    nexthop: str
+    maillog: Maillog | None
+
+    def log(self, text: str) -> None:
+        if self.maillog is not None:
+            self.maillog.line("smtp", text)
+
+
+_FINDERS: dict[int, tuple[object, PolicyFinder]] = {}
+
+
+_DNSSEC: dict[int, tuple[object, object]] = {}
+
+
+def _dnssec_resolver(config: Config):
+    """One DNSSEC-asking resolver (for TLSA) per Config object."""
+    entry = _DNSSEC.get(id(config))
+    if entry is None or entry[0] is not config:
+        if len(_DNSSEC) > 16:  # a process has one Config; tests make many
+            _DNSSEC.clear()
+        entry = (config, dane.dnssec_resolver(config))
+        _DNSSEC[id(config)] = entry
+    return entry[1]
+
+
+def _policy_finder(config: Config) -> PolicyFinder:
+    """One PolicyFinder (with its opened smtp_tls_policy_maps) per Config object."""
+    entry = _FINDERS.get(id(config))
+    if entry is None or entry[0] is not config:
+        if len(_FINDERS) > 16:  # a process has one Config; tests make many
+            _FINDERS.clear()
+        entry = (config, PolicyFinder(config))
+        _FINDERS[id(config)] = entry
+    return entry[1]
 
 
 def _no_server_took_it(failures: list[DeliveryError], destination: str) -> DeliveryError:
@@ -157,12 +263,16 @@ def _no_server_took_it(failures: list[DeliveryError], destination: str) -> Deliv
     return TransientFailure("4" + reason.dsn[1:], reason.text, reason.relay)
 
 
-async def _connect(config: Config, host: str, address: str, port: int) -> Connection:
-    """A TCP connection to ``address`` with a new client core (no bytes exchanged yet)."""
+async def _connect(config: Config, host: str, address: str, port: int,
+                   tls: _TlsJob | None = None) -> Connection:
+    """A TCP connection to ``address`` with a new client core (no SMTP bytes exchanged yet; in
+    wrapper mode the TLS handshake is done and checked)."""
     peer = f"{host}[{address}]"
     relay = f"{peer}:{port}"
     # Postfix's smtp_bind_address / smtp_bind_address6: the source address of this family
     bind = config.smtp_bind_address6 if ":" in address else config.smtp_bind_address
+    policy = tls.policy if tls is not None else TlsPolicy("none")
+    wrapped = config.smtp_tls_wrappermode and policy.level != "none"
     try:
         async with asyncio.timeout(config.smtp_connect_timeout):
             reader, writer = await asyncio.open_connection(
@@ -173,6 +283,8 @@ async def _connect(config: Config, host: str, address: str, port: int) -> Connec
     except OSError as exc:
         why = os.strerror(exc.errno) if exc.errno else str(exc)
         raise TransientFailure("4.4.1", f"connect to {relay}: {why}") from None
+    starttls = "none" if wrapped or policy.level == "none" else (
+        "require" if policy.mandatory else "may")
     client = Client(
         config.expand(config.smtp_helo_name),
         peer=peer,
@@ -180,8 +292,51 @@ async def _connect(config: Config, host: str, address: str, port: int) -> Connec
         discard_ehlo_keywords=config.smtp_discard_ehlo_keywords,
         chunk_size=CHUNK_SIZE,
         mime_downgrade=not config.disable_mime_output_conversion,
+        starttls=starttls,
+        tls_active=wrapped,
     )
-    return Connection(client, reader, writer)
+    connection = Connection(client, reader, writer, tls=tls)
+    if wrapped:
+        try:
+            await _handshake(connection, config)
+        except BaseException:
+            await connection.close()
+            raise
+    return connection
+
+
+async def _handshake(connection: Connection, config: Config) -> None:
+    """TLS on the connection (after STARTTLS's 220, or at once in wrapper mode), logged and
+    checked against the policy. Raises TransientFailure (or _PlaintextRetry at "may")."""
+    tls: _TlsJob = connection.tls
+    client = connection.client
+    try:
+        async with asyncio.timeout(config.smtp_starttls_timeout):
+            await connection.writer.start_tls(client_context(config, tls.policy),
+                                              server_hostname=None)
+    except ssl.SSLCertVerificationError as exc:
+        tls.log(f"server certificate verification failed for {client.relay}:"
+                f" {exc.verify_message}")
+        raise TransientFailure("4.7.5", "Server certificate not trusted", client.relay) from None
+    except (ssl.SSLError, OSError, TimeoutError) as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else (
+            getattr(exc, "reason", None) or str(exc) or type(exc).__name__)
+        tls.log(f"SSL_connect error to {client.relay}: {why}")
+        if tls.policy.mandatory:
+            raise TransientFailure("4.7.5", "Cannot start TLS: handshake failure",
+                                   client.relay) from None
+        raise _PlaintextRetry("4.7.5", "Cannot start TLS: handshake failure",
+                              client.relay) from None
+    ssl_object = connection.writer.get_extra_info("ssl_object")
+    check = check_peer(tls.policy, ssl_object, tls.host, tls.nexthop,
+                       config.smtp_tls_fingerprint_digest)
+    tls.log(f"{check.trust} TLS connection established to {client.relay}:"
+            f" {describe(ssl_object)}")
+    if check.detail:
+        tls.log(f"{check.detail.partition(':')[0]} for {client.relay}:"
+                f"{check.detail.partition(':')[2]}")
+    if check.failure:
+        raise TransientFailure("4.7.5", check.failure, client.relay)
 
 
 async def _transact(
@@ -240,6 +395,9 @@ async def _next_event(connection: Connection, config: Config) -> Event:
                 await _write(connection.writer, data, _timeout(config, stage), client)
             case NeedData(stage=stage):
                 await _read(connection.reader, _timeout(config, stage), client)
+            case StartTls():
+                await _handshake(connection, config)
+                client.tls_started()
             case event:
                 return event
 

@@ -58,6 +58,7 @@ class Stage(StrEnum):
     BDAT = "bdat"  # waiting for the reply to a BDAT chunk (RFC 3030)
     RSET = "rset"
     QUIT = "quit"
+    STARTTLS = "starttls"
 
 
 # Postfix's words for "lost connection with H while …" / "conversation with H timed out while …".
@@ -73,6 +74,7 @@ DOING = {
     Stage.BDAT: "sending BDAT -- message may be sent more than once",
     Stage.RSET: "sending RSET",
     Stage.QUIT: "sending QUIT",
+    Stage.STARTTLS: "sending STARTTLS",
 }
 
 # Postfix's "(in reply to … command)".
@@ -86,6 +88,7 @@ COMMAND = {
     Stage.BDAT: "BDAT",
     Stage.RSET: "RSET",
     Stage.QUIT: "QUIT",
+    Stage.STARTTLS: "STARTTLS",
 }
 
 # RFC 3463 §2: status-code = class "." subject "." detail, at the start of the reply text.
@@ -270,11 +273,18 @@ class TransactionDone:
 
 
 @dataclass(frozen=True)
+class StartTls:
+    """The server said 220 to STARTTLS (RFC 3207): run the TLS handshake on the connection,
+    then call ``tls_started()``; a failed handshake ends the connection (close it)."""
+
+
+@dataclass(frozen=True)
 class Closed:
     """The connection is finished; close the socket."""
 
 
-Event = Send | NeedData | Ready | SessionFailed | ReuseFailed | TransactionDone | Closed
+Event = (Send | NeedData | Ready | SessionFailed | ReuseFailed | TransactionDone | StartTls
+         | Closed)
 
 
 class Phase(Enum):
@@ -308,7 +318,11 @@ class Client:
     parts go as quoted-printable to a server without 8BITMIME (Postfix's default; False is
     disable_mime_output_conversion = yes: the 8-bit content goes as it is).
     ``lmtp=True`` speaks LMTP (RFC 2033): LHLO instead of EHLO (no HELO fallback), and after
-    the final "." one reply per accepted recipient, in RCPT order."""
+    the final "." one reply per accepted recipient, in RCPT order.
+    ``starttls``: "none" never sends STARTTLS, "may" sends it when offered and goes on in
+    plaintext when it is refused, "require" ends the session when it is not offered or refused
+    (engine.tls.client decides which, per destination). ``tls_active``: the connection is
+    already TLS (wrapper mode), so no STARTTLS."""
 
     def __init__(
         self,
@@ -322,6 +336,8 @@ class Client:
         chunk_size: int = 1 << 20,
         mime_downgrade: bool = True,
         lmtp: bool = False,
+        starttls: str = "none",
+        tls_active: bool = False,
     ) -> None:
         if any(c in helo_name for c in "\r\n\0 ") or not helo_name:
             raise LocalProtocolError(f"bad HELO name {helo_name!r}")
@@ -333,6 +349,10 @@ class Client:
         self.chunk_size = chunk_size
         self.mime_downgrade = mime_downgrade
         self.lmtp = lmtp
+        if starttls not in ("none", "may", "require"):
+            raise LocalProtocolError(f"bad starttls mode {starttls!r}")
+        self.starttls = starttls
+        self.tls_active = tls_active
         self.esmtp = False
         self.extensions: dict[str, str] = {}
         self.transactions = 0  # started on this connection (Postfix's conn_use)
@@ -364,7 +384,8 @@ class Client:
             if self.phase is Phase.CLOSED:
                 return Closed()
             if not self._expect:
-                raise LocalProtocolError("idle: call start_transaction() or quit()")
+                raise LocalProtocolError(
+                    "idle: call start_transaction(), quit() or (after StartTls) tls_started()")
             try:
                 reply = self._replies.read_reply()
             except RemoteProtocolError as exc:
@@ -390,6 +411,17 @@ class Client:
             self._connection_failed(
                 f"conversation with {self.peer} timed out while {DOING[self._stage]}"
             )
+
+    def tls_started(self) -> None:
+        """The adapter finished the TLS handshake after StartTls: forget what the server said
+        in plaintext (its extensions, and any bytes it sent behind the 220: RFC 3207 §4.2 and
+        the CVE-2011-0411 class) and say EHLO again."""
+        self.tls_active = True
+        self.esmtp = False
+        self.extensions = {}
+        self._replies = ReplyBuffer(self._replies._max)
+        hello = "LHLO" if self.lmtp else "EHLO"
+        self._send(f"{hello} {self.helo_name}\r\n".encode(), Stage.EHLO)
 
     def start_transaction(self, envelope: Envelope) -> None:
         """Send one message (after Ready or TransactionDone)."""
@@ -466,6 +498,13 @@ class Client:
                 for keyword, params in _extensions(reply).items()
                 if keyword not in self.discard_ehlo_keywords
             }
+            if self.starttls != "none" and not self.tls_active:
+                if "STARTTLS" in self.extensions:
+                    self._send(b"STARTTLS\r\n", Stage.STARTTLS)
+                    return
+                if self.starttls == "require":
+                    self._tls_missing()
+                    return
             self._ready()
         elif reply.code >= 500 and not self.lmtp:  # RFC 5321 §3.2: fall back to HELO
             self._send(f"HELO {self.helo_name}\r\n".encode(), Stage.HELO)
@@ -473,10 +512,26 @@ class Client:
             self._session_failed(reply, self._said(reply, stage))
 
     def _on_helo(self, reply: Reply, stage: Stage) -> None:
-        if reply.ok:
+        if reply.ok and self.starttls == "require" and not self.tls_active:
+            self._tls_missing()  # HELO offers no STARTTLS
+        elif reply.ok:
             self._ready()
         else:
             self._session_failed(reply, self._said(reply, stage))
+
+    def _on_starttls(self, reply: Reply, stage: Stage) -> None:
+        if reply.code == 220:
+            self._events.append(StartTls())
+        elif self.starttls == "require":
+            self._session_failed(reply, f"TLS is required, but host {self.peer} refused to"
+                                 f" start TLS: {reply.flat}")
+        else:  # opportunistic: the session goes on in plaintext, as Postfix's "may"
+            self._ready()
+
+    def _tls_missing(self) -> None:
+        self._events.append(SessionFailed(
+            "4.7.4", f"TLS is required, but was not offered by host {self.peer}"))
+        self.quit()
 
     def _on_rset(self, reply: Reply, stage: Stage) -> None:
         if reply.ok:
@@ -596,6 +651,7 @@ class Client:
         Stage.DOT: _on_dot,
         Stage.BDAT: _on_bdat,
         Stage.QUIT: _on_quit,
+        Stage.STARTTLS: _on_starttls,
     }
 
     # ---- helpers ----

@@ -19,6 +19,15 @@ chain DANE needs. engine.tls.server builds the contexts: TLS 1.2 and later by de
 ECDHE ciphers for TLS 1.2, no compression, server cipher preference, and per-domain certificates
 chosen by SNI from ``tls_server_sni_maps``.
 
+The SMTP client's TLS (engine.tls.client, engine.tls.dane) uses the same loop ``start_tls``,
+client side, from engine.delivery.smtp. DANE needs the server's whole chain, which Python 3.11's
+``ssl`` does not publish (``SSLObject.get_unverified_chain`` is public from 3.13). Decision: keep
+the loop's TLS (no second TLS stack on the delivery path) and read the chain from the SSLObject's
+C object, whose ``get_unverified_chain`` exists since 3.10 (``client.peer_chain``; it uses the
+public method where there is one, and with neither only the leaf is known, so DANE-TA fails
+closed while DANE-EE still works from ``getpeercert(binary_form=True)``). pyOpenSSL then checks
+that the leaf chains up to the DANE-TA certificate (an ``X509Store`` holding only that anchor).
+
 This package's ``__init__`` imports nothing, so the configuration loader can use the pure
 ``protocols`` module without pulling ``ssl`` into the sans-I/O cores.
 """

@@ -1,0 +1,182 @@
+"""Outbound TLS: the security level per destination and the checks on the server's certificate.
+
+Postfix's model (smtp_tls_security_level, smtp_tls_policy_maps): ``none`` never starts TLS;
+``may`` starts it when offered and, when the handshake fails, delivers in plaintext on a new
+connection; ``encrypt`` insists on TLS but not on who is at the other end; ``fingerprint``
+trusts a server whose certificate digest is listed; ``verify`` and ``secure`` want a chain up to
+a CA of ``smtp_tls_CAfile`` and a certificate name that matches (``verify``: the MX host name by
+default, ``secure``: the next-hop domain or a subdomain of it). ``dane`` and ``dane-only``
+(RFC 7672, engine.tls.dane) look up each MX host's TLSA records before connecting
+(``resolve_dane``): DNSSEC-validated usable records make TLS mandatory and the chain must match
+them; with no secure records ``dane`` is ``may`` (RFC 7672 §2.2) and ``dane-only`` defers;
+secure records that are all unusable make it ``encrypt``.
+
+The standard library's ``ssl`` does the handshake (through the loop's ``start_tls``) with one
+context per (level, CA file): verifying levels use CERT_REQUIRED so OpenSSL checks the chain,
+and Tern matches the names itself (``check_hostname`` is off: Postfix's match rules are not
+the browser's). The other levels use CERT_NONE and read the leaf with
+``getpeercert(binary_form=True)`` (for a fingerprint or for the log). The result is logged as
+Postfix does: "Verified" (chain and name, or fingerprint), "Trusted" (chain only),
+"Untrusted" (not checked or failed), "Anonymous" (no certificate).
+
+Pure except for building contexts; trusts the validated Config, nothing from the peer.
+"""
+
+from __future__ import annotations
+
+import _ssl
+import hashlib
+import ssl
+from dataclasses import dataclass
+
+from engine.delivery import TransientFailure
+from engine.tables import Table, open_table
+from engine.tls import dane
+from engine.tls.policy import (
+    DANE,
+    MANDATORY,
+    VERIFYING,
+    PolicyError,
+    TlsPolicy,
+    certificate_names,
+    name_matches,
+    parse_policy,
+    policy_lookup_keys,
+    wanted_names,
+)
+from engine.tls.protocols import parse_protocols
+
+__all__ = ["MANDATORY", "PolicyError", "PolicyFinder", "PeerCheck", "check_peer", "client_context"]
+
+_VERSIONS = {
+    "TLSv1": ssl.TLSVersion.TLSv1, "TLSv1.1": ssl.TLSVersion.TLSv1_1,
+    "TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3,
+}
+
+
+class PolicyFinder:
+    """The policy for a next-hop domain: the first smtp_tls_policy_maps entry among its lookup
+    keys, else ``smtp_tls_security_level`` (Postfix's default: none). With
+    ``smtp_tls_wrappermode`` the session is TLS from the first byte, so a weaker level than
+    encrypt becomes encrypt (Postfix insists on the same)."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.table: Table | None = (open_table(config.smtp_tls_policy_maps)
+                                    if config.smtp_tls_policy_maps else None)
+        self.default = self._parse(config.smtp_tls_security_level or "none")
+
+    def _parse(self, text: str) -> TlsPolicy:
+        return parse_policy(text, verify_match=self.config.smtp_tls_verify_cert_match,
+                            secure_match=self.config.smtp_tls_secure_cert_match)
+
+    def policy(self, nexthop: str) -> TlsPolicy:
+        policy = self.default
+        if self.table is not None:
+            for key in policy_lookup_keys(nexthop):
+                value = self.table.get(key)
+                if value is not None:
+                    policy = self._parse(value)
+                    break
+        if self.config.smtp_tls_wrappermode and not policy.mandatory:
+            policy = TlsPolicy("encrypt")
+        return policy
+
+
+_CONTEXTS: dict[tuple, ssl.SSLContext] = {}
+
+
+def client_context(config, policy: TlsPolicy) -> ssl.SSLContext:
+    """The (cached) context for ``policy``: chain verification against smtp_tls_CAfile for
+    verify/secure, none otherwise; names are checked by ``check_peer``."""
+    verifying = policy.level in VERIFYING
+    key = (verifying, config.smtp_tls_CAfile, config.smtp_tls_protocols)
+    context = _CONTEXTS.get(key)
+    if context is None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        lowest, highest = parse_protocols(config.smtp_tls_protocols)
+        context.minimum_version = _VERSIONS[lowest]
+        context.maximum_version = _VERSIONS[highest]
+        context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+        if verifying:
+            context.verify_mode = ssl.CERT_REQUIRED
+            if config.smtp_tls_CAfile:
+                context.load_verify_locations(cafile=str(config.smtp_tls_CAfile))
+            else:
+                context.load_default_certs()
+        else:
+            context.verify_mode = ssl.CERT_NONE
+        _CONTEXTS[key] = context
+    return context
+
+
+@dataclass(frozen=True)
+class PeerCheck:
+    """What ``check_peer`` found: Postfix's trust word for the log, and the deferral text
+    when the policy is not met (None: go on)."""
+
+    trust: str
+    failure: str | None = None
+    detail: str = ""  # why, for the log (a TLSA mismatch)
+
+
+async def resolve_dane(policy: TlsPolicy, resolver, host: str, port: int) -> TlsPolicy:
+    """A dane/dane-only policy made concrete for one MX host from its TLSA records (see the
+    module docstring); other policies as they are. Raises TransientFailure (lookup error, or
+    dane-only without usable secure records)."""
+    if policy.level not in DANE:
+        return policy
+    answer = await dane.lookup_tlsa(resolver, host, port)
+    if answer.secure and answer.records:
+        return TlsPolicy("dane", tlsa=answer.records)
+    if answer.secure and answer.found:  # RFC 7672 §2.2: TLS, but no authentication
+        return TlsPolicy("encrypt")
+    if policy.level == "dane-only":
+        why = "no DNSSEC-validated" if answer.found else "no"
+        raise TransientFailure("4.7.5", f"TLS is required, but there are {why} TLSA records"
+                               f" for {answer.name}")
+    return TlsPolicy("may")
+
+
+def peer_chain(ssl_object) -> list[bytes]:
+    """The certificates the server sent, leaf first, DER. Python 3.11's SSLObject has no public
+    get_unverified_chain (3.13 has); its C object has had it since 3.10, so it is used directly;
+    without it only the leaf is known (DANE-TA then fails closed)."""
+    get_chain = getattr(ssl_object, "get_unverified_chain", None) or getattr(
+        getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
+    if get_chain is not None:
+        chain = get_chain() or []
+        return [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in chain]
+    leaf = ssl_object.getpeercert(binary_form=True)
+    return [leaf] if leaf else []
+
+
+def check_peer(policy: TlsPolicy, ssl_object, hostname: str, nexthop: str,
+               digest: str = "sha256") -> PeerCheck:
+    """The established session against ``policy`` (the chain was already verified by OpenSSL
+    for verify/secure, or the handshake would have failed)."""
+    der = ssl_object.getpeercert(binary_form=True)
+    if policy.level == "dane" and der is not None:
+        why = dane.verify_chain(policy.tlsa, peer_chain(ssl_object),
+                                wanted_names(TlsPolicy("dane", ("hostname", "nexthop")),
+                                             hostname, nexthop))
+        if why is None:
+            return PeerCheck("Verified")
+        return PeerCheck("Untrusted", "Server certificate not verified", f"TLSA mismatch: {why}")
+    if der is None:
+        if policy.mandatory and policy.level != "encrypt":
+            return PeerCheck("Anonymous", "Server certificate not verified")
+        return PeerCheck("Anonymous")
+    if policy.level == "fingerprint":
+        if hashlib.new(digest, der).hexdigest() in policy.match:
+            return PeerCheck("Verified")
+        return PeerCheck("Untrusted", "Server certificate not verified")
+    if policy.level in VERIFYING:
+        names = certificate_names(ssl_object.getpeercert())
+        wanted = wanted_names(policy, hostname, nexthop)
+        if any(name_matches(n, w) for n in names for w in wanted):
+            return PeerCheck("Verified")
+        return PeerCheck("Trusted", "Server certificate not verified")
+    return PeerCheck("Untrusted")
+

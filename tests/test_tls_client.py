@@ -1,0 +1,239 @@
+"""Outbound TLS end to end: engine.delivery.smtp.deliver() against a real ``tern serve``
+(STARTTLS on its smtp listener, implicit TLS on its smtps listener) and Postfix's smtp-sink
+(no STARTTLS), at every security level, with Postfix's log lines and deferral texts."""
+
+import asyncio
+import hashlib
+import io
+import ssl
+import uuid
+
+import pytest
+import uvloop
+from peers import SmtpSink
+from test_tls_end_to_end import message_with, start_tls_server
+from tls_certs import make_certs
+
+from engine.config import Config
+from engine.delivery import DeliveryRequest, NextHop, TransientFailure
+from engine.delivery.smtp import deliver
+from engine.dns import Resolver
+from engine.log import Maillog
+
+ESTABLISHED = "TLS connection established to 127.0.0.1[127.0.0.1]:{port}: TLSv1.3 with cipher TLS_"
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def other_ca(tmp_path_factory):
+    return make_certs(tmp_path_factory.mktemp("other"))
+
+
+@pytest.fixture(scope="module")
+def sink():
+    sink = SmtpSink().start()
+    yield sink
+    sink.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, certs, sink):
+    server = start_tls_server(tmp_path_factory.mktemp("tern"), certs, sink)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tls13_server(tmp_path_factory, certs, sink):
+    """Offers STARTTLS but speaks TLS 1.3 only: a TLS 1.2-only client's handshake fails."""
+    server = start_tls_server(tmp_path_factory.mktemp("tern13"), certs, sink,
+                              smtpd_tls_protocols=">=TLSv1.3")
+    yield server
+    server.stop()
+
+
+def send(port, *, tmp_path=None, policy_entries=None, _host="127.0.0.1", _mx=False,
+         **settings):
+    """deliver() one message to 127.0.0.1:port; returns (outcome or the TransientFailure,
+    the maillog text, the marker in the message)."""
+    if policy_entries is not None:
+        table = tmp_path / "tls_policy"
+        table.write_text("".join(f"{key} {value}\n" for key, value in policy_entries.items()))
+        settings["smtp_tls_policy_maps"] = f"texthash:{table}"
+    config = Config(myhostname="client.tern.test", smtp_connect_timeout=5.0,
+                    smtp_starttls_timeout=10.0, **settings)
+    marker = uuid.uuid4().hex
+    request = DeliveryRequest("4Xyz", "a@x.test", ["b@example.net"],
+                              f"Subject: {marker}\r\n\r\nbody\r\n".encode(),
+                              NextHop("smtp", _host, port, _mx))
+    stream = io.StringIO()
+    maillog = Maillog("client.tern.test", stream=stream)
+
+    async def run():
+        try:
+            return await deliver(request, config, Resolver(config), maillog=maillog)
+        except TransientFailure as exc:
+            return exc
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        result = runner.run(run())
+    maillog.flush()
+    return result, stream.getvalue(), marker
+
+
+def assert_sent(result):
+    assert not isinstance(result, Exception), result
+    assert [r.status for r in result.results] == ["sent"]
+
+
+def received_over_tls(sink, marker) -> bool:
+    return b"with ESMTPS id" in message_with(sink, marker)
+
+
+# ---- none, may, encrypt ----------------------------------------------------------------------
+
+
+def test_none_is_the_default_and_sends_in_plaintext(server, sink):
+    result, log, marker = send(server.port)
+    assert_sent(result)
+    assert not received_over_tls(sink, marker)
+    assert "TLS connection established" not in log
+
+
+def test_may_uses_starttls_and_logs_untrusted(server, sink):
+    result, log, marker = send(server.port, smtp_tls_security_level="may")
+    assert_sent(result)
+    assert received_over_tls(sink, marker)
+    assert "Untrusted " + ESTABLISHED.format(port=server.port) in log
+
+
+def test_may_without_starttls_delivers_in_plaintext(sink):
+    result, log, _ = send(sink.port, smtp_tls_security_level="may")
+    assert_sent(result)
+    assert "TLS connection established" not in log
+
+
+def test_encrypt_to_a_server_without_starttls_defers(sink):
+    result, _, _ = send(sink.port, smtp_tls_security_level="encrypt")
+    assert isinstance(result, TransientFailure)
+    assert (result.dsn, result.text) == (
+        "4.7.4", "TLS is required, but was not offered by host 127.0.0.1[127.0.0.1]")
+
+
+def test_may_retries_in_plaintext_after_a_failed_handshake(tls13_server, sink):
+    result, log, marker = send(tls13_server.port, smtp_tls_security_level="may",
+                               smtp_tls_protocols="TLSv1.2")
+    assert_sent(result)
+    assert f"SSL_connect error to 127.0.0.1[127.0.0.1]:{tls13_server.port}: " in log
+    assert not received_over_tls(sink, marker)
+
+
+def test_encrypt_defers_after_a_failed_handshake(tls13_server):
+    result, log, _ = send(tls13_server.port, smtp_tls_security_level="encrypt",
+                          smtp_tls_protocols="TLSv1.2")
+    assert isinstance(result, TransientFailure)
+    assert (result.dsn, result.text) == ("4.7.5", "Cannot start TLS: handshake failure")
+    assert result.relay == f"127.0.0.1[127.0.0.1]:{tls13_server.port}"
+
+
+def test_encrypt_delivers_over_tls(server, sink):
+    result, log, marker = send(server.port, smtp_tls_security_level="encrypt")
+    assert_sent(result)
+    assert received_over_tls(sink, marker)
+
+
+# ---- verify, secure, fingerprint -------------------------------------------------------------
+
+
+def test_verify_with_a_matching_name_logs_verified(server, sink, certs, tmp_path):
+    result, log, marker = send(server.port, tmp_path=tmp_path, smtp_tls_CAfile=str(certs.ca),
+                               policy_entries={"127.0.0.1": "verify match=mx.tern.test"})
+    assert_sent(result)
+    assert received_over_tls(sink, marker)
+    assert "Verified " + ESTABLISHED.format(port=server.port) in log
+
+
+def test_secure_with_a_name_mismatch_is_trusted_but_defers(server, certs):
+    """secure's default match is the next hop (here 127.0.0.1) and its subdomains: the
+    chain is trusted, the name mx.tern.test is not."""
+    result, log, _ = send(server.port, smtp_tls_security_level="secure",
+                          smtp_tls_CAfile=str(certs.ca))
+    assert isinstance(result, TransientFailure)
+    assert (result.dsn, result.text) == ("4.7.5", "Server certificate not verified")
+    assert "Trusted " + ESTABLISHED.format(port=server.port) in log
+
+
+def test_secure_with_parent_domain_match(server, certs, tmp_path):
+    result, log, _ = send(server.port, tmp_path=tmp_path, smtp_tls_CAfile=str(certs.ca),
+                          policy_entries={"127.0.0.1": "secure match=.tern.test"})
+    assert_sent(result)
+    assert "Verified " + ESTABLISHED.format(port=server.port) in log
+
+
+def test_verify_with_an_unknown_ca_defers_untrusted(server, other_ca):
+    result, log, _ = send(server.port, smtp_tls_security_level="verify",
+                          smtp_tls_CAfile=str(other_ca.ca))
+    assert isinstance(result, TransientFailure)
+    assert (result.dsn, result.text) == ("4.7.5", "Server certificate not trusted")
+    assert f"server certificate verification failed for 127.0.0.1[127.0.0.1]:{server.port}:" \
+        in log
+
+
+def leaf_fingerprint(certs, digest="sha256") -> str:
+    pem = certs.default_cert.read_text()
+    der = ssl.PEM_cert_to_DER_cert(pem[:pem.index("-----END CERTIFICATE-----") + 25])
+    value = hashlib.new(digest, der).hexdigest().upper()
+    return ":".join(value[i:i + 2] for i in range(0, len(value), 2))
+
+
+@pytest.mark.parametrize("digest", ["sha256", "sha512"])
+def test_fingerprint_match_is_verified(server, certs, tmp_path, digest):
+    result, log, _ = send(server.port, tmp_path=tmp_path, smtp_tls_fingerprint_digest=digest,
+                          policy_entries={"127.0.0.1": "fingerprint match="
+                                          + leaf_fingerprint(certs, digest)})
+    assert_sent(result)
+    assert "Verified " + ESTABLISHED.format(port=server.port) in log
+
+
+def test_fingerprint_mismatch_defers(server, other_ca, tmp_path):
+    result, log, _ = send(server.port, tmp_path=tmp_path,
+                          policy_entries={"127.0.0.1": "fingerprint match="
+                                          + leaf_fingerprint(other_ca)})
+    assert isinstance(result, TransientFailure)
+    assert (result.dsn, result.text) == ("4.7.5", "Server certificate not verified")
+    assert "Untrusted " + ESTABLISHED.format(port=server.port) in log
+
+
+# ---- policy table, wrapper mode --------------------------------------------------------------
+
+
+def test_policy_table_entry_of_a_parent_domain_overrides_the_default(sink, tmp_path):
+    """The next hop 127.0.0.1 finds ".0.1" (Postfix's parent-domain keys)."""
+    result, _, _ = send(sink.port, tmp_path=tmp_path, smtp_tls_security_level="may",
+                        policy_entries={".0.1": "encrypt"})
+    assert isinstance(result, TransientFailure) and result.dsn == "4.7.4"
+
+
+def test_policy_table_entry_that_cannot_be_applied_defers(sink, tmp_path):
+    result, _, _ = send(sink.port, tmp_path=tmp_path, policy_entries={"127.0.0.1": "danger"})
+    assert isinstance(result, TransientFailure)
+    assert result.dsn == "4.7.5"
+    assert result.text.startswith("TLS policy lookup for 127.0.0.1: unsupported TLS security")
+
+
+def test_wrappermode_speaks_tls_from_the_first_byte(server, sink):
+    port = server.ports["smtps"]
+    result, log, marker = send(port, smtp_tls_wrappermode=True)
+    assert_sent(result)
+    assert received_over_tls(sink, marker)
+    assert "Untrusted " + ESTABLISHED.format(port=port) in log
+
+
+def test_wrappermode_to_a_plaintext_server_fails(sink):
+    result, log, _ = send(sink.port, smtp_tls_wrappermode=True, smtp_helo_timeout=3.0)
+    assert isinstance(result, TransientFailure)
+    assert result.text == "Cannot start TLS: handshake failure"
