@@ -582,7 +582,8 @@ _DURATION_SUFFIXES = ("_time", "_timeout", "_delay", "_window", "_lifetime", "_t
                       "_time_unit")
 # 0 = off / at once; every other duration is > 0
 _ZERO_DURATIONS = {"queue_commit_window", "delay_warning_time", "default_destination_rate_delay",
-                   "smtp_connection_cache_time_limit", "smtpd_error_sleep_time"}
+                   "smtp_connection_cache_time_limit", "smtpd_error_sleep_time",
+                   "lmtp_connect_timeout"}
 _SPECIAL: dict[str, Converter] = {
     "myhostname": _hostname,
     "mydomain": _optional_hostname,
@@ -608,6 +609,7 @@ _SPECIAL: dict[str, Converter] = {
     "listen": _listen,
     "queue_directory": _path,
     "smtp_helo_name": _helo_name,
+    "lmtp_lhlo_name": _helo_name,
     "smtpd_banner": lambda value: _string(value, empty=False),
     "smtpd_sasl_password_file": _optional_path,
     "smtpd_forbid_bare_newline": _bare_newline,

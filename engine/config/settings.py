@@ -194,6 +194,19 @@ class Config:
     # EHLO keywords the client acts as if the server had not offered ("chunking": DATA, not
     # BDAT; "pipelining", "size", "8bitmime", "smtputf8", "dsn"…), case ignored
     smtp_discard_ehlo_keywords: tuple[str, ...] = ()
+    # lmtp client (engine.delivery.lmtp): Postfix's lmtp_* twins of the smtp_* settings, with
+    # Postfix's defaults; lmtp_connect_timeout 0 = the operating system's own limit
+    lmtp_lhlo_name: str = "$myhostname"
+    lmtp_connect_timeout: float = 0.0
+    lmtp_lhlo_timeout: float = 300.0  # the greeting and LHLO
+    lmtp_mail_timeout: float = 300.0
+    lmtp_rcpt_timeout: float = 300.0
+    lmtp_data_init_timeout: float = 120.0
+    lmtp_data_xfer_timeout: float = 180.0
+    lmtp_data_done_timeout: float = 600.0  # every per-recipient reply after "." / BDAT LAST
+    lmtp_quit_timeout: float = 300.0
+    lmtp_rset_timeout: float = 20.0
+    lmtp_discard_lhlo_keywords: tuple[str, ...] = ()  # "chunking": DATA, not BDAT
     # no 8BITMIME to 7BIT (quoted-printable) conversion for a server without 8BITMIME
     disable_mime_output_conversion: bool = False
     # which address family of an MX host goes first: ipv4 | ipv6 | any (random order)
