@@ -26,6 +26,7 @@ from engine.smtp.client import (
     NeedData,
     Ready,
     Send,
+    Stage,
     TransactionDone,
 )
 
@@ -382,3 +383,105 @@ def test_lmtp_discard_lhlo_keywords_chunking_sends_data_to_dovecot(dovecot, tmp_
     peer = "127.0.0.1[127.0.0.1]"
     relay = f"{peer}:{outcome.results[0].relay.rpartition(':')[2]}"
     check_per_recipient_results(outcome, peer, relay, dovecot, "end of DATA")
+
+
+# -- lmtp_* settings: a stalled LMTP server ------------------------------------------------------
+
+class StallingLmtp:
+    """A loopback LMTP server that answers (no PIPELINING, no CHUNKING) until the command
+    named by ``stall_at`` ("LHLO", "MAIL", "RCPT", "DATA" or "." for the end of the content),
+    then stays silent with the connection open. Keeps the command lines it got."""
+
+    def __init__(self, stall_at: str) -> None:
+        self.stall_at = stall_at
+        self.lines: list[bytes] = []
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _session(self, reader, writer) -> None:
+        replies = {b"LHLO": b"250-lmtp.test\r\n250 8BITMIME\r\n", b"MAIL": b"250 2.1.0 ok\r\n",
+                   b"RCPT": b"250 2.1.5 ok\r\n", b"DATA": b"354 go\r\n"}
+        writer.write(b"220 lmtp.test LMTP ready\r\n")
+        try:
+            async with asyncio.timeout(30):
+                while line := await reader.readline():
+                    self.lines.append(line)
+                    verb = line[:4].upper()
+                    if verb == b"DATA" and self.stall_at != "DATA":
+                        writer.write(replies[verb])
+                        while await reader.readline() not in (b".\r\n", b""):
+                            pass
+                        if self.stall_at == ".":
+                            await reader.read()  # silent until the client gives up
+                            break
+                        writer.write(b"250 2.0.0 saved\r\n")
+                    elif verb.decode() == self.stall_at:
+                        await reader.read()
+                        break
+                    else:
+                        writer.write(replies.get(verb, b"221 bye\r\n"))
+                    await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        writer.close()
+
+
+STALLS = [
+    ("LHLO", "lmtp_lhlo_timeout", "performing the LHLO handshake"),
+    ("MAIL", "lmtp_mail_timeout", "sending MAIL FROM"),
+    ("RCPT", "lmtp_rcpt_timeout", "sending RCPT TO"),
+    ("DATA", "lmtp_data_init_timeout", "sending DATA command"),
+    (".", "lmtp_data_done_timeout", "sending end of data -- message may be sent more than once"),
+]
+SMTP_TIMEOUTS = ("smtp_connect_timeout", "smtp_helo_timeout", "smtp_mail_timeout",
+                 "smtp_rcpt_timeout", "smtp_data_init_timeout", "smtp_data_xfer_timeout",
+                 "smtp_data_done_timeout", "smtp_quit_timeout", "smtp_rset_timeout")
+
+
+@pytest.mark.parametrize("stall_at, key, doing", STALLS)
+def test_stalled_lmtp_server_defers_after_the_lmtp_timeout(stall_at, key, doing):
+    """The lmtp agent waits lmtp_*_timeout, not smtp_*_timeout (those are tiny here), then
+    defers with Postfix's "conversation with … timed out while …"; LHLO says lmtp_lhlo_name."""
+    config = Config(myhostname="client.tern.test", lmtp_lhlo_name="lhlo.tern.test",
+                    **{name: 0.001 for name in SMTP_TIMEOUTS}, **{key: 0.3})
+
+    async def attempt():
+        async with StallingLmtp(stall_at) as server:
+            hop = NextHop("lmtp", "127.0.0.1", server.port, False)
+            started = time.monotonic()
+            try:
+                outcome = await lmtp_agent.deliver(lmtp_request(hop, ("bob",)), config,
+                                                   Resolver(config))
+            except TransientFailure as exc:
+                outcome = exc
+            return outcome, time.monotonic() - started, server.lines
+
+    outcome, elapsed, lines = run(attempt())
+    assert lines[0] == b"LHLO lhlo.tern.test\r\n"
+    text = f"conversation with 127.0.0.1[127.0.0.1] timed out while {doing}"
+    if stall_at == "LHLO":  # no session: the whole request defers
+        assert (outcome.dsn, outcome.text) == ("4.4.2", text)
+    else:
+        (result,) = outcome.results
+        assert (result.status, result.dsn, result.reply) == ("deferred", "4.4.2", text)
+    assert elapsed >= 0.3
+
+
+def test_each_client_stage_waits_its_lmtp_timeout():
+    """Every stage of the shared I/O loop reads the lmtp_* twin under the lmtp agent."""
+    names = {"lmtp_lhlo_timeout": 1.0, "lmtp_mail_timeout": 2.0, "lmtp_rcpt_timeout": 3.0,
+             "lmtp_data_init_timeout": 4.0, "lmtp_data_xfer_timeout": 5.0,
+             "lmtp_data_done_timeout": 6.0, "lmtp_quit_timeout": 7.0, "lmtp_rset_timeout": 8.0}
+    view = lmtp_agent.lmtp_view(Config(**names))
+    expected = {Stage.GREETING: 1.0, Stage.EHLO: 1.0, Stage.HELO: 1.0, Stage.STARTTLS: 1.0,
+                Stage.MAIL: 2.0, Stage.RCPT: 3.0, Stage.DATA: 4.0, Stage.BODY: 5.0,
+                Stage.DOT: 6.0, Stage.BDAT: 6.0, Stage.QUIT: 7.0, Stage.RSET: 8.0}
+    assert {stage: smtp_agent._timeout(view, stage) for stage in Stage} == expected
+    assert lmtp_agent.lmtp_view(Config()).smtp_data_done_timeout == 600.0
