@@ -180,6 +180,13 @@ virtual_gid_maps = "static:5000"
 virtual_minimum_uid = 1000
 deliver_lock_attempts = 5
 deliver_lock_delay = "2s"
+alias_maps = ["inline:{ postmaster=root }"]
+forward_path = ["$home/.forward"]
+allow_mail_to_commands = ["alias"]
+allow_mail_to_files = ["alias", "forward", "include"]
+default_privs = "daemon"
+command_time_limit = "10m"
+duplicate_filter_limit = 50
 
 [pipe_transports.filter]
 argv = ["/usr/bin/filter", "-f", "${sender}", "--", "${recipient}"]
@@ -391,6 +398,33 @@ def test_lmtp_keys_are_validated(tmp_path):
     assert str(error).startswith(f"{path}:1: lmtp_lhlo_name: expected a host name")
     config = load_config(write(tmp_path, 'lmtp_lhlo_name = "$mydomain"\nmyhostname = "h.a.test"\n'))
     assert config.expand(config.lmtp_lhlo_name) == "a.test"
+
+
+def test_alias_keys_are_validated(tmp_path):
+    """alias_maps written in the file are read at start-up (a missing or malformed aliases(5)
+    file names itself); the default /etc/aliases may be absent."""
+    aliases = tmp_path / "aliases"
+    aliases.write_text("postmaster: root\nteam: a, b,\n  c\n")
+    config = load_config(write(tmp_path, f'alias_maps = "texthash:{aliases}"\n'))
+    assert config.alias_maps == (f"texthash:{aliases}",)
+    assert Config().alias_maps == ("texthash:/etc/aliases",)
+    assert Config().allow_mail_to_commands == ("alias", "forward")
+    error, path = config_error(tmp_path, f'alias_maps = "texthash:{tmp_path}/none"\n')
+    assert str(error) == (f"{path}:1: alias_maps: {tmp_path}/none: cannot read: No such file "
+                          "or directory")
+    aliases.write_text("postmaster root\n")
+    error, path = config_error(tmp_path, f'alias_maps = "texthash:{aliases}"\n')
+    assert str(error) == (f'{path}:1: alias_maps: {aliases}:1: expected "name: value", got '
+                          '"postmaster root"')
+    error, path = config_error(tmp_path, 'alias_maps = "texthash:etc/aliases"\n')
+    assert "alias_maps: bad entry" in str(error) and "absolute path" in str(error)
+    error, path = config_error(tmp_path, 'allow_mail_to_commands = ["alias", "everyone"]\n')
+    assert 'expected "alias", "forward" or "include"' in str(error)
+    error, path = config_error(tmp_path, 'default_privs = "root"\n')
+    assert str(error) == f'{path}:1: default_privs: "root" is a privileged user (Postfix ' \
+                         'refuses it too)'
+    error, path = config_error(tmp_path, 'forward_path = ["~/.forward"]\n')
+    assert "absolute path" in str(error)
 
 
 def test_ipv6_tag_in_listen_address(tmp_path):

@@ -106,6 +106,17 @@ class Config:
     virtual_minimum_uid: int = 100
     deliver_lock_attempts: int = 20  # mbox locks (dotlock, fcntl): tries, then defer
     deliver_lock_delay: float = 1.0  # between tries
+    # local(8) aliases and .forward (engine.delivery.aliases), Postfix's names and defaults.
+    # alias_maps: aliases(5) files as "texthash:/path" (a missing file: no aliases), or other
+    # "type:name" tables
+    alias_maps: tuple[str, ...] = ("texthash:/etc/aliases",)
+    forward_path: tuple[str, ...] = ("$home/.forward${recipient_delimiter}${extension}",
+                                     "$home/.forward")
+    allow_mail_to_commands: tuple[str, ...] = ("alias", "forward")  # and/or "include"
+    allow_mail_to_files: tuple[str, ...] = ("alias", "forward")
+    default_privs: str = "nobody"  # rights of commands and files of root-owned aliases
+    command_time_limit: float = 1000.0  # a |command's run time
+    duplicate_filter_limit: int = 1000  # destinations remembered per recipient's expansion
     # pipe(8) transports, Postfix's master.cf entries: name -> {argv, user, time_limit}
     pipe_transports: dict[str, "PipeTransport"] = field(default_factory=dict)
     listen: tuple[Listener, ...] = (Listener(),)
