@@ -5,7 +5,9 @@ result per recipient; and end to end, swaks -> tern -> an alias to two Maildirs 
 import asyncio
 import os
 import pwd
+import re
 import shutil
+import smtplib
 import subprocess
 import tempfile
 from pathlib import Path
@@ -205,3 +207,24 @@ def test_swaks_to_an_alias_of_two_maildirs_and_a_pipe(tern, world):
          "--from", "alice@example.org", "--to", "nosuchalias7@mx.tern.test"],
         capture_output=True, text=True, timeout=30)
     assert "550 5.1.1 <nosuchalias7@mx.tern.test>: Recipient address rejected" in unknown.stdout
+
+
+def test_alias_to_a_remote_address_is_forwarded_through_cleanup(tern, smtp_sink, world):
+    """The forwarded copy is a new queued message (from the original sender, marked
+    Delivered-To: the alias) that goes out like any mail: here to smtp-sink."""
+    sink = smtp_sink()
+    aliases = world / "aliases"
+    aliases.write_text("fw: someone@remote.test\n")
+    server = tern(alias_maps=[f"texthash:{aliases}"],
+                  transport_maps={"remote.test": f"smtp:{sink.nexthop}"})
+    with smtplib.SMTP(*server.address, timeout=10) as client:
+        client.sendmail("alice@example.org", ["fw@mx.tern.test"], CONTENT)
+    log = server.wait_log("to=<someone@remote.test>")
+    forwarded = re.search(r"to=<fw@mx\.tern\.test>, relay=local, .*status=sent "
+                          r"\(forwarded as (\w+)\)", log)
+    assert forwarded, log
+    assert f"{forwarded.group(1)}: from=<alice@example.org>" in log
+    (message,) = sink.wait_messages(1)
+    assert (message.sender, message.recipients) == ("alice@example.org", ("someone@remote.test",))
+    assert b"\r\nDelivered-To: fw@mx.tern.test\r\n" in message.content
+    assert message.content.endswith(b"\r\n\r\nhello team\r\n")
