@@ -2,6 +2,7 @@
 socket), and the client core's LMTP mode fed bytes."""
 
 import asyncio
+import contextlib
 import os
 import pwd
 import shutil
@@ -313,6 +314,7 @@ class Tap:
     def __init__(self, port: int) -> None:
         self.target = port
         self.sent = bytearray()
+        self.relays: set[asyncio.Task] = set()
 
     async def __aenter__(self):
         self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
@@ -321,22 +323,36 @@ class Tap:
 
     async def __aexit__(self, *exc) -> None:
         self.server.close()
+        if self.relays:  # both sides are done after QUIT: let the relays see their EOFs
+            await asyncio.wait(self.relays, timeout=10)
+        for task in self.relays:
+            task.cancel()
+        await asyncio.gather(*self.relays, return_exceptions=True)
         await self.server.wait_closed()
 
     async def _relay(self, reader, writer) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self.relays.add(asyncio.current_task())
+        up_writer = None
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
 
-        async def pump(source, sink, keep) -> None:
-            while data := await source.read(65536):
-                if keep:
-                    self.sent += data
-                sink.write(data)
-                await sink.drain()
-            sink.close()
+            async def pump(source, sink, keep) -> None:
+                while data := await source.read(65536):
+                    if keep:
+                        self.sent += data
+                    sink.write(data)
+                    await sink.drain()
+                sink.close()
 
-        async with asyncio.timeout(30):
-            await asyncio.gather(pump(reader, up_writer, True), pump(up_reader, writer, False),
-                                 return_exceptions=True)
+            async with asyncio.timeout(30):
+                await asyncio.gather(pump(reader, up_writer, True),
+                                     pump(up_reader, writer, False), return_exceptions=True)
+        finally:
+            for side in (writer, up_writer):
+                if side is not None:
+                    side.close()
+                    with contextlib.suppress(Exception):
+                        await side.wait_closed()
 
 
 async def deliver_through_tap(dovecot, config, recipients):
@@ -485,3 +501,30 @@ def test_each_client_stage_waits_its_lmtp_timeout():
                 Stage.DOT: 6.0, Stage.BDAT: 6.0, Stage.QUIT: 7.0, Stage.RSET: 8.0}
     assert {stage: smtp_agent._timeout(view, stage) for stage in Stage} == expected
     assert lmtp_agent.lmtp_view(Config()).smtp_data_done_timeout == 600.0
+
+
+@needs_dovecot
+def test_smtputf8_message_to_dovecot_lmtp(dovecot):
+    """Dovecot 2.3's LMTP offers no SMTPUTF8: a message that needs it (a UTF-8 sender)
+    bounces 5.6.7 before MAIL FROM, as from the smtp agent; one that only asked for it goes
+    on without the parameter."""
+    config = Config(myhostname="client.tern.test")
+
+    async def both():
+        async with Tap(dovecot.port) as tap:
+            hop = NextHop("lmtp", "127.0.0.1", tap.port, False)
+            utf8 = DeliveryRequest("4Utf8", "jörg@example.org", ["bob"], CONTENT, hop,
+                                   smtputf8=True)
+            first = await lmtp_agent.deliver(utf8, config, Resolver(config))
+            ascii_ = DeliveryRequest("4Asc", "jorg@example.org", ["dave"], CONTENT, hop,
+                                     smtputf8=True)
+            second = await lmtp_agent.deliver(ascii_, config, Resolver(config))
+        return first, second, bytes(tap.sent)
+
+    first, second, sent = run(both())
+    assert [(r.status, r.dsn, r.reply) for r in first.results] == [
+        ("bounced", "5.6.7", "SMTPUTF8 is required, but was not offered by host "
+                             "127.0.0.1[127.0.0.1]")]
+    assert "jörg".encode() not in sent and b"MAIL FROM:<jorg@example.org>\r\n" in sent
+    assert second.results[0].status == "sent" and dovecot.messages("bob") == []
+    assert len(dovecot.messages("dave")) == 1

@@ -62,7 +62,10 @@ async def deliver(request: DeliveryRequest, config: Config, resolver: Resolver
         return DeliveryOutcome([])
     config = lmtp_view(config)
     hop = request.nexthop
-    envelope = Envelope(request.sender, request.recipients, request.content, request.body_8bit)
+    # as smtp's: SMTPUTF8 (5.6.7 when needed and not offered) and the DSN request go along
+    envelope = Envelope(request.sender, request.recipients, request.content, request.body_8bit,
+                        ret=request.ret, envid=request.envid, notify=request.notify,
+                        orcpt=request.orcpt, smtputf8=request.smtputf8)
     if hop.host.startswith("unix:"):
         connection = await _connect_unix(config, hop.host[5:])
         return await smtp_agent._transact(connection, envelope, config, started, None, hop)
