@@ -501,6 +501,9 @@ def test_each_client_stage_waits_its_lmtp_timeout():
                 Stage.DOT: 6.0, Stage.BDAT: 6.0, Stage.QUIT: 7.0, Stage.RSET: 8.0}
     assert {stage: smtp_agent._timeout(view, stage) for stage in Stage} == expected
     assert lmtp_agent.lmtp_view(Config()).smtp_data_done_timeout == 600.0
+    # lmtp_connect_timeout: 0 (Postfix's default) leaves the connect to the system's limit
+    assert lmtp_agent._connect_timeout(Config()) is None
+    assert lmtp_agent._connect_timeout(Config(lmtp_connect_timeout=2.5)) == 2.5
 
 
 @needs_dovecot
