@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 from test_delivery_local import user  # noqa: F401 - the throwaway-user fixture
 
+from engine.cleanup import RecipientRequest
 from engine.config import Config
 from engine.delivery import DeliveryRequest, NextHop
 from engine.delivery import aliases as aliases_module
@@ -53,9 +54,11 @@ def setup(world, text, **settings):
     return Config(myhostname="mx.test", alias_maps=(f"texthash:{aliases}",), **settings)
 
 
-def deliver(config, recipients, content=CONTENT, inject=None, sender="alice@example.org"):
+def deliver(config, recipients, content=CONTENT, inject=None, sender="alice@example.org",
+            **dsn):
     request = DeliveryRequest("4Qa1", sender, list(recipients), content,
-                              NextHop("local", "mx.test", mx_lookup=False), smtputf8=False)
+                              NextHop("local", "mx.test", mx_lookup=False), smtputf8=False,
+                              **dsn)
     return asyncio.run(local_agent.deliver(request, config, inject=inject)).results
 
 
@@ -124,16 +127,36 @@ def test_remote_addresses_are_forwarded_once_with_delivered_to(world):
     assert [(r.status, r.reply) for r in results] == [("sent", "forwarded as 4Fwd1"),
                                                       ("sent", "forwarded as 4Fwd2")]
     (sender, recipients, content, options), second = inject.calls
-    assert (sender, recipients, options) == ("owner-list@mx.test",
-                                             ["x@remote.test", "Y@other.test"],
-                                             {"smtputf8": False})
+    assert (sender, recipients, options) == (
+        "owner-list@mx.test", [RecipientRequest("x@remote.test"), RecipientRequest("Y@other.test")],
+        {"smtputf8": False, "ret": "", "envid": ""})
     assert content == b"Delivered-To: list@mx.test\r\n" + CONTENT
-    assert second[:2] == ("alice@example.org", ["z@remote.test"])  # no owner-: the sender
+    assert second[:2] == ("alice@example.org", [RecipientRequest("z@remote.test")])
     # the copy comes back here (a remote alias pointing back): a loop, bounced
     (looped,) = deliver(config, ["list@mx.test"], content=content, inject=inject)
     assert (looped.status, looped.dsn, looped.reply) == (
         "bounced", "5.4.6", "mail forwarding loop for list@mx.test")
     assert len(inject.calls) == 2
+
+
+def test_forwarded_copies_carry_the_dsn_request_without_success(world):
+    """As local(8): NOTIFY goes on without SUCCESS (NEVER when that was all), ORCPT, RET and
+    ENVID go on while the sender is kept, and not for a list with an owner- alias."""
+    config = setup(world, "fw: x@remote.test\nonly: y@remote.test\n"
+                          "list: z@remote.test\nowner-list: admin\n")
+    inject = Inject()
+    notify = {"fw@mx.test": "SUCCESS,FAILURE", "only@mx.test": "SUCCESS",
+              "list@mx.test": "FAILURE,DELAY"}
+    orcpt = {r: f"rfc822;{r}" for r in notify}
+    deliver(config, list(notify), inject=inject, notify=notify, orcpt=orcpt, ret="HDRS",
+            envid="Q+2B1")
+    fw, only, listed = inject.calls
+    assert (fw[1], fw[3]) == ([RecipientRequest("x@remote.test", "FAILURE", "rfc822;fw@mx.test")],
+                              {"smtputf8": False, "ret": "HDRS", "envid": "Q+2B1"})
+    assert only[1] == [RecipientRequest("y@remote.test", "NEVER", "rfc822;only@mx.test")]
+    assert (listed[0], listed[1], listed[3]) == (
+        "owner-list@mx.test", [RecipientRequest("z@remote.test", "FAILURE,DELAY", "")],
+        {"smtputf8": False, "ret": "", "envid": ""})
 
 
 def test_forwarding_without_cleanup_defers(world):

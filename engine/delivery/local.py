@@ -29,6 +29,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from engine.cleanup import RecipientRequest
 from engine.config import Config
 from engine.delivery import DeliveryOutcome, DeliveryRequest, RecipientResult, split_local
 from engine.delivery.aliases import Expander, Target
@@ -301,13 +302,24 @@ async def _command(target: Target, recipient: str, request: DeliveryRequest, dat
 async def _forward(addresses: list[str], recipient: str, owner: str | None,
                    request: DeliveryRequest, inject: Inject | None) -> str:
     """One new message to the non-local ``addresses``, from the sender (or the owner- alias),
-    marked Delivered-To the recipient (local(8)'s forward, prepend_delivered_header)."""
+    marked Delivered-To the recipient (local(8)'s forward, prepend_delivered_header). The DSN
+    request goes along as local(8) passes it: NOTIFY without SUCCESS (this host reports that
+    the alias was expanded); ORCPT, RET and ENVID only when the sender is kept (a mailing list
+    with an owner- alias starts afresh)."""
     if inject is None:
         raise MailboxError("4.3.0", "forwarding is not available in this process")
     content = f"Delivered-To: {recipient}\r\n".encode() + request.content
+    notify = request.notify.get(recipient, "")
+    if notify:
+        kept = [n for n in notify.split(",") if n.strip().upper() != "SUCCESS"]
+        notify = ",".join(kept) or "NEVER"
+    keep = owner is None
+    orcpt = request.orcpt.get(recipient, "") if keep else ""
     try:
-        queued = await inject(request.sender if owner is None else owner, addresses, content,
-                              smtputf8=request.smtputf8)
+        queued = await inject(request.sender if keep else owner,
+                              [RecipientRequest(a, notify, orcpt) for a in addresses], content,
+                              smtputf8=request.smtputf8, ret=request.ret if keep else "",
+                              envid=request.envid if keep else "")
     except Exception as exc:  # noqa: BLE001 - spool full, I/O: the recipient is retried
         raise MailboxError("4.3.0", f"cannot forward: {exc}") from None
     return f"forwarded as {queued.queue_id}"
