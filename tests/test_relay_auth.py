@@ -123,8 +123,15 @@ def test_a_wrong_password_defers_with_the_servers_reply(servers, tmp_path, certs
             "127.0.0.1[127.0.0.1] said: 535 5.7.8 Error: authentication failed: "
             "authentication failure)") in log
     relay.wait_log("SASL PLAIN authentication failed")
+    # smtp_sasl_auth_soft_bounce = no: the 535 bounces the mail instead
+    hard = relaying(servers, tmp_path, relay, password="wrong staple", table="sasl_passwd2",
+                    smtp_sasl_auth_soft_bounce=False)
+    send(hard)
+    log = hard.wait_log("status=bounced")
+    assert ("dsn=5.7.8, status=bounced (SASL authentication failed; server 127.0.0.1[127.0.0.1]"
+            " said: 535 5.7.8 Error: authentication failed: authentication failure)") in log
     assert sink.messages() == []
-    assert_no_secret(server, relay)
+    assert_no_secret(server, hard, relay)
 
 
 def test_no_password_in_clear_without_tls_unless_allowed(servers, tmp_path, smtp_sink):
