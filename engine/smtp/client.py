@@ -372,7 +372,7 @@ class Client:
         self.tls_active = tls_active
         self.sasl = sasl
         self.sasl_soft_bounce = sasl_soft_bounce
-        self.sasl_mechanism: str | None = None  # the mechanism AUTH succeeded with
+        self.sasl_mechanism: str | None = None  # of the AUTH sent (None again if refused)
         self.sasl_warning: str | None = None  # for the adapter's log (no usable mechanism)
         self._sasl_responses: list[bytes] = []  # answers to the server's 334 challenges
         self._sasl_cancelled = False
