@@ -169,6 +169,18 @@ virtual_gid_maps = "static:5000"
 virtual_minimum_uid = 1000
 deliver_lock_attempts = 5
 deliver_lock_delay = "2s"
+smtp_sasl_auth_enable = true
+smtp_sasl_password_maps = "inline:{ [smarthost.example.test]:587=relayuser:secret }"
+smtp_sasl_mechanism_filter = "login, PLAIN"
+smtp_sasl_security_options = "noanonymous"
+smtp_sasl_tls_security_options = ["noanonymous", "noplaintext"]
+smtp_sasl_auth_soft_bounce = false
+smtp_sender_dependent_authentication = true
+empty_address_relayhost_maps_lookup_key = "<null>"
+
+[sender_dependent_relayhost_maps]
+"@Example.org" = "[relay2.example.test]:587"
+"<null>" = "bounces.example.test"
 
 [pipe_transports.filter]
 argv = ["/usr/bin/filter", "-f", "${sender}", "--", "${recipient}"]
@@ -300,6 +312,11 @@ def test_full_file_sets_every_field(tmp_path):
     assert config.disable_mime_output_conversion is True
     assert (config.smtp_bind_address, config.smtp_bind_address6) == ("192.0.2.1", "2001:db8::1")
     assert config.sender_dependent_default_transport_maps == {"@example.org": "out2:"}
+    assert config.sender_dependent_relayhost_maps == {
+        "@example.org": "[relay2.example.test]:587", "<null>": "bounces.example.test"}
+    assert config.smtp_sasl_mechanism_filter == ("LOGIN", "PLAIN")
+    assert config.smtp_sasl_security_options == ("noanonymous",)
+    assert config.smtp_sasl_tls_security_options == ("noanonymous", "noplaintext")
     assert config.transport == {"out2": {"smtp_bind_address": "192.0.2.2",
                                          "smtp_bind_address6": "2001:db8::2",
                                          "smtp_helo_name": "out2.example.test"}}
@@ -653,6 +670,33 @@ ERRORS = [
      2, "sender_dependent_default_transport_maps", 'expected "user@domain" or "@domain"'),
     ("sender map: bad value", '[sender_dependent_default_transport_maps]\n"@x.test" = "out2"\n',
      2, "sender_dependent_default_transport_maps", 'expected "transport:nexthop"'),
+    # client AUTH and sender-dependent relay hosts
+    ("sasl: maps do not open", 'smtp_sasl_password_maps = "texthash:/nonexistent/sasl"\n', 1,
+     "smtp_sasl_password_maps", "/nonexistent/sasl: cannot read"),
+    ("sasl: maps not a table", 'smtp_sasl_password_maps = "hash:/etc/sasl"\n', 1,
+     "smtp_sasl_password_maps", 'unsupported table type "hash"'),
+    ("sasl: enabled without maps", 'myhostname = "a.test"\nsmtp_sasl_auth_enable = true\n', 2,
+     "smtp_sasl_auth_enable", "needs smtp_sasl_password_maps"),
+    ("sasl: enabled in a transport without maps",
+     '[transport.out2]\nsmtp_helo_name = "x.test"\nsmtp_sasl_auth_enable = true\n', 3,
+     "transport.out2.smtp_sasl_auth_enable", "needs smtp_sasl_password_maps"),
+    ("sasl: bad option", 'smtp_sasl_security_options = "noanonymous, noplain"\n', 1,
+     "smtp_sasl_security_options", 'bad entry "noplain": expected one of'),
+    ("sasl: bad tls option", 'smtp_sasl_tls_security_options = ["x"]\n', 1,
+     "smtp_sasl_tls_security_options", 'bad entry "x"'),
+    ("sasl: filter without ours", 'smtp_sasl_mechanism_filter = "cram-md5"\n', 1,
+     "smtp_sasl_mechanism_filter", "lets none of Tern's mechanisms through (PLAIN, LOGIN)"),
+    ("sasl: filter junk", 'smtp_sasl_mechanism_filter = ["login", "lo gin"]\n', 1,
+     "smtp_sasl_mechanism_filter", 'bad entry "lo gin"'),
+    ("sender relayhost: bad value",
+     '[sender_dependent_relayhost_maps]\n"@a.test" = "[relay"\n', 2,
+     'sender_dependent_relayhost_maps."@a.test"', "bad relay host"),
+    ("sender relayhost: bad key",
+     '[sender_dependent_relayhost_maps]\n"@a.test" = "[relay.test]"\n"x y" = "[r.test]"\n', 3,
+     'sender_dependent_relayhost_maps."x y"', 'expected "user@domain", "@domain" or "<>"'),
+    ("sender relayhost: not the null key",
+     '[sender_dependent_relayhost_maps]\n"@a.test" = "[relay.test]"\nnobody = "[r.test]"\n',
+     3, "sender_dependent_relayhost_maps.nobody", "the null sender's key \"<>\""),
     ("syntax: duplicate key", 'message_size_limit = 1\nmessage_size_limit = 2\n', 2, "",
      "TOML syntax error: Cannot overwrite a value"),
     ("syntax: unterminated string", 'myhostname = "a.example"\nrelayhost = "x\n', 2, "",

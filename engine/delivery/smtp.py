@@ -9,6 +9,8 @@ destination's policy picks STARTTLS's mode for the client core, or TLS from the 
 ``start_tls``, logs Postfix's "… TLS connection established to …" line and checks the
 certificate against the policy. At "may", a failed handshake is retried once in plaintext on
 a new connection to the same address, as Postfix does.
+SMTP AUTH (engine.delivery.sasl): the credentials for each server go to the client core, and
+a session authenticated with a sender's own credentials is cached under a key naming them.
 Trusts the request (from the spool) and the configuration; nothing from the network.
 """
 
@@ -25,8 +27,10 @@ from engine.delivery import (
     DeliveryOutcome,
     DeliveryRequest,
     NextHop,
+    PermanentFailure,
     RecipientResult,
     TransientFailure,
+    sasl,
 )
 from engine.delivery.connections import Connection, ConnectionCache
 from engine.dns import Resolver
@@ -46,6 +50,7 @@ from engine.smtp.client import (
     StartTls,
     TransactionDone,
 )
+from engine.smtp.sasl_client import SaslLogin
 from engine.tls import dane
 from engine.tls.client import (
     PolicyError,
@@ -75,6 +80,7 @@ STAGE_TIMEOUTS = {
     Stage.RSET: "smtp_rset_timeout",  # short: it probes whether a cached connection lives
     Stage.QUIT: "smtp_quit_timeout",
     Stage.STARTTLS: "smtp_helo_timeout",
+    Stage.AUTH: "smtp_helo_timeout",  # Postfix's AUTH dialogue is part of its EHLO stage
 }
 
 
@@ -104,10 +110,13 @@ async def deliver(
         orcpt=request.orcpt,
         smtputf8=request.smtputf8,
     )
+    auth = await sasl.for_delivery(config, request.sender)
+    cache_key = auth.cache_key(hop.destination)
     if connections is not None:
-        while (cached := connections.take(hop.destination)) is not None:
+        while (cached := connections.take(cache_key)) is not None:
             try:
-                return await _transact(cached, envelope, config, started, connections, hop)
+                return await _transact(cached, envelope, config, started, connections, hop,
+                                       cache_key)
             except _DeadSession:
                 continue  # nothing was sent: try the next cached one, then a new connection
     try:
@@ -153,7 +162,7 @@ async def deliver(
     for index, (host, address, host_policy) in enumerate(servers):
         try:
             outcome = await _session(config, host, address, host_policy, envelope, started,
-                                     connections, hop, maillog)
+                                     connections, hop, maillog, auth)
         except DeliveryError as exc:  # no session: not counted against smtp_mx_session_limit
             failures.append(exc)
             continue
@@ -175,18 +184,21 @@ async def deliver(
 
 async def _session(config: Config, host: str, address: str, policy: TlsPolicy,
                    envelope: Envelope, started: float, connections: ConnectionCache | None,
-                   hop: NextHop, maillog: Maillog | None) -> DeliveryOutcome:
+                   hop: NextHop, maillog: Maillog | None,
+                   auth: sasl.DeliveryAuth | None = None) -> DeliveryOutcome:
     """One server's session under its TLS policy; at "may", a failed handshake is followed by
-    the same server in plaintext, as Postfix."""
+    the same server in plaintext, as Postfix. With ``auth``, its credentials for this server."""
+    login = await auth.login(host, hop) if auth is not None else None
+    key = auth.cache_key(hop.destination) if auth is not None else None
     tls = _TlsJob(policy, host, hop.host, maillog)
     try:
-        connection = await _connect(config, host, address, hop.port, tls)
-        return await _transact(connection, envelope, config, started, connections, hop)
+        connection = await _connect(config, host, address, hop.port, tls, login)
+        return await _transact(connection, envelope, config, started, connections, hop, key)
     except _PlaintextRetry:
         pass
     plain = _TlsJob(TlsPolicy("none"), host, hop.host, maillog)
-    connection = await _connect(config, host, address, hop.port, plain)
-    return await _transact(connection, envelope, config, started, connections, hop)
+    connection = await _connect(config, host, address, hop.port, plain, login)
+    return await _transact(connection, envelope, config, started, connections, hop, key)
 
 
 def _next_server_may_take(result: RecipientResult) -> bool:
@@ -264,9 +276,9 @@ def _no_server_took_it(failures: list[DeliveryError], destination: str) -> Deliv
 
 
 async def _connect(config: Config, host: str, address: str, port: int,
-                   tls: _TlsJob | None = None) -> Connection:
+                   tls: _TlsJob | None = None, login: SaslLogin | None = None) -> Connection:
     """A TCP connection to ``address`` with a new client core (no SMTP bytes exchanged yet; in
-    wrapper mode the TLS handshake is done and checked)."""
+    wrapper mode the TLS handshake is done and checked). ``login``: AUTH with it."""
     peer = f"{host}[{address}]"
     relay = f"{peer}:{port}"
     # Postfix's smtp_bind_address / smtp_bind_address6: the source address of this family
@@ -294,6 +306,8 @@ async def _connect(config: Config, host: str, address: str, port: int,
         mime_downgrade=not config.disable_mime_output_conversion,
         starttls=starttls,
         tls_active=wrapped,
+        sasl=login,
+        sasl_soft_bounce=config.smtp_sasl_auth_soft_bounce,
     )
     connection = Connection(client, reader, writer, tls=tls)
     if wrapped:
@@ -346,10 +360,13 @@ async def _transact(
     started: float,
     cache: ConnectionCache | None,
     hop: NextHop,
+    cache_key: str | None = None,
 ) -> DeliveryOutcome:
     """One transaction on ``connection`` (new, or cached and ready), then the connection goes
-    to ``cache`` or is closed. Raises TransientFailure when the session never got to a
-    transaction (so the caller tries the next address), _DeadSession for a dead cached one."""
+    to ``cache`` (under ``cache_key``, default the destination) or is closed. Raises
+    TransientFailure when the session never got to a transaction (so the caller tries the next
+    address; PermanentFailure for a refused AUTH without soft bounce), _DeadSession for a dead
+    cached one."""
     client = connection.client
     kept = False
     try:
@@ -359,12 +376,14 @@ async def _transact(
             client.start_transaction(envelope)
         event = await _next_event(connection, config)
         if isinstance(event, Ready):  # a new session: greeting and EHLO done
+            if client.sasl_warning and connection.tls is not None:
+                connection.tls.log(f"warning: {client.sasl_warning}")
             ready_at = time.monotonic()
             client.start_transaction(envelope)
             event = await _next_event(connection, config)
         if isinstance(event, TransactionDone):
             done_at = time.monotonic()
-            kept = cache is not None and cache.put(hop.destination, connection)
+            kept = cache is not None and cache.put(cache_key or hop.destination, connection)
             if not kept:
                 client.quit()
                 await _finish(connection, config)
@@ -380,7 +399,8 @@ async def _transact(
             raise _DeadSession("4.4.2", event.text, client.relay)
         if not isinstance(event, SessionFailed):
             event = SessionFailed("4.4.2", f"lost connection with {client.peer}")
-        raise TransientFailure(event.dsn, event.text, client.relay)
+        failure = PermanentFailure if event.permanent else TransientFailure
+        raise failure(event.dsn, event.text, client.relay)
     finally:
         if not kept:
             await connection.close()
