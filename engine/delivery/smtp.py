@@ -46,15 +46,16 @@ from engine.smtp.client import (
     StartTls,
     TransactionDone,
 )
-from engine.tls import dane
 from engine.tls.client import (
     PolicyError,
     PolicyFinder,
     TlsPolicy,
     check_peer,
     client_context,
+    not_dane,
     resolve_dane,
 )
+from engine.tls.policy import DANE
 from engine.tls.server import describe
 from engine.tls.sts_fetch import sts_policy
 
@@ -114,10 +115,15 @@ async def deliver(
         policy = _policy_finder(config).policy(hop.host)
     except PolicyError as exc:  # never deliver with less TLS than the administrator wrote
         raise TransientFailure("4.7.5", f"TLS policy lookup for {hop.host}: {exc}") from None
-    hosts = await resolver.mx_hosts(hop.host) if hop.mx_lookup else [hop.host]
+    hosts = [hop.host]
+    if hop.mx_lookup:  # DNSSEC status only when DANE needs it (RFC 7672 §2.2.1: secure MX)
+        mx = await resolver.mx_lookup(hop.host, dnssec=policy.level in DANE)
+        hosts = mx.items
+        if policy.level in DANE and not mx.secure:
+            policy = not_dane(policy, "non DNSSEC destination")
     sts = None  # RFC 8461: only for MX delivery, and never weakening a stronger local policy
     if config.smtp_mta_sts_enable and hop.mx_lookup and policy.level in ("none", "may"):
-        sts = await sts_policy(config, _dnssec_resolver(config), resolver, hop.host)
+        sts = await sts_policy(config, resolver.dnssec, resolver, hop.host)
     failures: list[DeliveryError] = []
     servers: list[tuple[str, str]] = []  # (host, address), at most smtp_mx_address_limit
     address_limit = config.smtp_mx_address_limit
@@ -137,9 +143,10 @@ async def deliver(
             host_policy = TlsPolicy("verify", ("hostname",)) if sts.mode == "enforce" else \
                 TlsPolicy("may")
         try:
-            addresses = await resolver.addresses(host)
-            host_policy = await resolve_dane(host_policy, _dnssec_resolver(config), host,
-                                             hop.port)
+            found = await resolver.address_lookup(host, dnssec=host_policy.level in DANE)
+            addresses = found.items
+            host_policy = await resolve_dane(host_policy, resolver.dnssec, host, hop.port,
+                                             secure=found.secure)
         except DeliveryError as exc:
             failures.append(exc)
             continue
@@ -220,20 +227,6 @@ class _TlsJob:
 
 
 _FINDERS: dict[int, tuple[object, PolicyFinder]] = {}
-
-
-_DNSSEC: dict[int, tuple[object, object]] = {}
-
-
-def _dnssec_resolver(config: Config):
-    """One DNSSEC-asking resolver (for TLSA) per Config object."""
-    entry = _DNSSEC.get(id(config))
-    if entry is None or entry[0] is not config:
-        if len(_DNSSEC) > 16:  # a process has one Config; tests make many
-            _DNSSEC.clear()
-        entry = (config, dane.dnssec_resolver(config))
-        _DNSSEC[id(config)] = entry
-    return entry[1]
 
 
 def _policy_finder(config: Config) -> PolicyFinder:

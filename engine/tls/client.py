@@ -7,9 +7,10 @@ trusts a server whose certificate digest is listed; ``verify`` and ``secure`` wa
 a CA of ``smtp_tls_CAfile`` and a certificate name that matches (``verify``: the MX host name by
 default, ``secure``: the next-hop domain or a subdomain of it). ``dane`` and ``dane-only``
 (RFC 7672, engine.tls.dane) look up each MX host's TLSA records before connecting
-(``resolve_dane``): DNSSEC-validated usable records make TLS mandatory and the chain must match
-them; with no secure records ``dane`` is ``may`` (RFC 7672 §2.2) and ``dane-only`` defers;
-secure records that are all unusable make it ``encrypt``.
+(``resolve_dane``), only for a host whose MX and address answers were DNSSEC-validated (RFC 7672
+§2.2.1-2): DNSSEC-validated usable records make TLS mandatory and the chain must match them;
+an insecure MX or host, or no secure records, make ``dane`` ``may`` (RFC 7672 §2.2) and make
+``dane-only`` defer; secure records that are all unusable make ``dane`` ``encrypt``.
 
 The standard library's ``ssl`` does the handshake (through the loop's ``start_tls``) with one
 context per (level, CA file): verifying levels use CERT_REQUIRED so OpenSSL checks the chain,
@@ -46,7 +47,8 @@ from engine.tls.policy import (
 )
 from engine.tls.protocols import parse_protocols
 
-__all__ = ["MANDATORY", "PolicyError", "PolicyFinder", "PeerCheck", "check_peer", "client_context"]
+__all__ = ["MANDATORY", "PolicyError", "PolicyFinder", "PeerCheck", "check_peer", "client_context",
+           "not_dane", "resolve_dane"]
 
 _VERSIONS = {
     "TLSv1": ssl.TLSVersion.TLSv1, "TLSv1.1": ssl.TLSVersion.TLSv1_1,
@@ -121,22 +123,33 @@ class PeerCheck:
     detail: str = ""  # why, for the log (a TLSA mismatch)
 
 
-async def resolve_dane(policy: TlsPolicy, resolver, host: str, port: int) -> TlsPolicy:
-    """A dane/dane-only policy made concrete for one MX host from its TLSA records (see the
-    module docstring); other policies as they are. Raises TransientFailure (lookup error, or
-    dane-only without usable secure records)."""
+def not_dane(policy: TlsPolicy, why: str, *, cannot_authenticate: bool = False) -> TlsPolicy:
+    """What a dane/dane-only policy becomes when DANE does not apply (Postfix's
+    dane_incompat): "dane" falls back to "may" (to "encrypt" when TLSA records exist but
+    none is usable: TLS without authentication, RFC 7672 §2.2); "dane-only" defers with
+    ``why`` (TransientFailure 4.7.5)."""
+    if policy.level == "dane-only":
+        raise TransientFailure("4.7.5", why)
+    return TlsPolicy("encrypt" if cannot_authenticate else "may")
+
+
+async def resolve_dane(policy: TlsPolicy, resolver, host: str, port: int, *,
+                       secure: bool = True) -> TlsPolicy:
+    """A dane/dane-only policy made concrete for one MX host (see the module docstring);
+    other policies as they are. ``secure``: whether the host's MX and address answers were
+    DNSSEC-validated (RFC 7672 §2.2.1-2): if not, no TLSA lookup and no DANE. Raises
+    TransientFailure: the TLSA lookup failed (SERVFAIL, bogus: "TLSA lookup error"), or
+    dane-only and DANE does not apply."""
     if policy.level not in DANE:
         return policy
+    if not secure:
+        return not_dane(policy, "non DNSSEC destination")
     answer = await dane.lookup_tlsa(resolver, host, port)
     if answer.secure and answer.records:
         return TlsPolicy("dane", tlsa=answer.records)
-    if answer.secure and answer.found:  # RFC 7672 §2.2: TLS, but no authentication
-        return TlsPolicy("encrypt")
-    if policy.level == "dane-only":
-        why = "no DNSSEC-validated" if answer.found else "no"
-        raise TransientFailure("4.7.5", f"TLS is required, but there are {why} TLSA records"
-                               f" for {answer.name}")
-    return TlsPolicy("may")
+    if answer.secure and answer.found:
+        return not_dane(policy, "TLSA records unusable", cannot_authenticate=True)
+    return not_dane(policy, "no TLSA records found")  # none, or not validated (§2.2)
 
 
 def peer_chain(ssl_object) -> list[bytes]:

@@ -24,14 +24,13 @@ from dataclasses import dataclass
 import dns.asyncresolver
 import dns.exception
 import dns.flags
-import dns.nameserver
 import dns.resolver
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 
-from engine.config import parse_dns_server
 from engine.delivery import TransientFailure
+from engine.dns import make_resolver
 from engine.tls.policy import name_matches
 
 USAGES = {2: "DANE-TA", 3: "DANE-EE"}
@@ -66,23 +65,9 @@ class TlsaAnswer:
 
 
 def dnssec_resolver(config) -> dns.asyncresolver.Resolver:
-    """A resolver for the configured servers (else resolv.conf) that asks for DNSSEC: DO in
-    EDNS0 and AD in the query, so that the validating resolver reports what it validated."""
-    if config.dns_servers:
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        resolver.nameservers = [dns.nameserver.Do53Nameserver(*parse_dns_server(entry))
-                                for entry in config.dns_servers]
-    else:
-        try:
-            resolver = dns.asyncresolver.Resolver()
-        except dns.resolver.NoResolverConfiguration:
-            resolver = dns.asyncresolver.Resolver(configure=False)
-            resolver.nameservers = ["127.0.0.1"]
-    resolver.use_edns(0, dns.flags.DO, 1232)
-    resolver.flags = dns.flags.RD | dns.flags.AD
-    resolver.lifetime = config.dns_timeout
-    resolver.timeout = min(resolver.timeout, config.dns_timeout)
-    return resolver
+    """A resolver for the configured servers that asks for DNSSEC (DO, and AD in the query),
+    so that the validating resolver reports what it validated."""
+    return make_resolver(config, dnssec=True)
 
 
 async def lookup_tlsa(resolver: dns.asyncresolver.Resolver, host: str, port: int) -> TlsaAnswer:
