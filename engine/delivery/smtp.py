@@ -58,6 +58,7 @@ from engine.tls.client import (
 from engine.tls.policy import DANE
 from engine.tls.server import describe
 from engine.tls.sts_fetch import sts_policy
+from engine.tls.trust import trust_store
 
 READ_SIZE = 65536
 CHUNK_SIZE = 1 << 20  # the largest BDAT chunk: one write, bounded memory at the next hop
@@ -140,8 +141,8 @@ async def deliver(
                 if maillog is not None:
                     maillog.line("smtp", f"{request.queue_id}: MTA-STS testing: {text}")
             # enforce: a valid certificate for the MX name (§4.2); testing: opportunistic
-            host_policy = TlsPolicy("verify", ("hostname",)) if sts.mode == "enforce" else \
-                TlsPolicy("may")
+            host_policy = TlsPolicy("verify", ("hostname",), webpki=True) \
+                if sts.mode == "enforce" else TlsPolicy("may")
         try:
             found = await resolver.address_lookup(host, dnssec=host_policy.level in DANE)
             addresses = found.items
@@ -307,10 +308,6 @@ async def _handshake(connection: Connection, config: Config) -> None:
         async with asyncio.timeout(config.smtp_starttls_timeout):
             await connection.writer.start_tls(client_context(config, tls.policy),
                                               server_hostname=None)
-    except ssl.SSLCertVerificationError as exc:
-        tls.log(f"server certificate verification failed for {client.relay}:"
-                f" {exc.verify_message}")
-        raise TransientFailure("4.7.5", "Server certificate not trusted", client.relay) from None
     except (ssl.SSLError, OSError, TimeoutError) as exc:
         why = "timed out" if isinstance(exc, TimeoutError) else (
             getattr(exc, "reason", None) or str(exc) or type(exc).__name__)
@@ -322,12 +319,13 @@ async def _handshake(connection: Connection, config: Config) -> None:
                               client.relay) from None
     ssl_object = connection.writer.get_extra_info("ssl_object")
     check = check_peer(tls.policy, ssl_object, tls.host, tls.nexthop,
-                       config.smtp_tls_fingerprint_digest)
-    tls.log(f"{check.trust} TLS connection established to {client.relay}:"
-            f" {describe(ssl_object)}")
-    if check.detail:
+                       config.smtp_tls_fingerprint_digest,
+                       trust_store(config, webpki=tls.policy.webpki))
+    if check.detail:  # as Postfix: what failed in the certificate check, then the session
         tls.log(f"{check.detail.partition(':')[0]} for {client.relay}:"
                 f"{check.detail.partition(':')[2]}")
+    tls.log(f"{check.trust} TLS connection established to {client.relay}:"
+            f" {describe(ssl_object)}")
     if check.failure:
         raise TransientFailure("4.7.5", check.failure, client.relay)
 

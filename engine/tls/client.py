@@ -13,12 +13,12 @@ an insecure MX or host, or no secure records, make ``dane`` ``may`` (RFC 7672 §
 ``dane-only`` defer; secure records that are all unusable make ``dane`` ``encrypt``.
 
 The standard library's ``ssl`` does the handshake (through the loop's ``start_tls``) with one
-context per (level, CA file): verifying levels use CERT_REQUIRED so OpenSSL checks the chain,
-and Tern matches the names itself (``check_hostname`` is off: Postfix's match rules are not
-the browser's). The other levels use CERT_NONE and read the leaf with
-``getpeercert(binary_form=True)`` (for a fingerprint or for the log). The result is logged as
-Postfix does: "Verified" (chain and name, or fingerprint), "Trusted" (chain only),
-"Untrusted" (not checked or failed), "Anonymous" (no certificate).
+CERT_NONE context; ``check_peer`` then judges the certificates the server sent: the chain
+against the trusted CAs (engine.tls.trust: smtp_tls_CAfile, smtp_tls_CApath,
+tls_append_default_CA), the names by Postfix's match rules (not the browser's), the TLSA
+records or the fingerprint. The result is logged as Postfix does: "Verified" (chain and name,
+TLSA or fingerprint), "Trusted" (chain only, at any level), "Untrusted" (a certificate not
+trusted), "Anonymous" (no certificate); a level that needs more defers after the line.
 
 Pure except for building contexts; trusts the validated Config, nothing from the peer.
 """
@@ -39,13 +39,13 @@ from engine.tls.policy import (
     VERIFYING,
     PolicyError,
     TlsPolicy,
-    certificate_names,
     name_matches,
     parse_policy,
     policy_lookup_keys,
     wanted_names,
 )
 from engine.tls.protocols import parse_protocols
+from engine.tls.trust import TrustStore
 
 __all__ = ["MANDATORY", "PolicyError", "PolicyFinder", "PeerCheck", "check_peer", "client_context",
            "not_dane", "resolve_dane"]
@@ -89,26 +89,25 @@ _CONTEXTS: dict[tuple, ssl.SSLContext] = {}
 
 
 def client_context(config, policy: TlsPolicy) -> ssl.SSLContext:
-    """The (cached) context for ``policy``: chain verification against smtp_tls_CAfile for
-    verify/secure, none otherwise; names are checked by ``check_peer``."""
-    verifying = policy.level in VERIFYING
-    key = (verifying, config.smtp_tls_CAfile, config.smtp_tls_protocols)
+    """The (cached) context for ``policy``: ``tls_medium_cipherlist`` (without anonymous
+    suites above "encrypt", as Postfix). The handshake never checks the chain
+    (CERT_NONE): ``check_peer`` does afterwards (engine.tls.trust), so that every level sees
+    the session and logs Postfix's line, and only the policy decides whether to go on."""
+    ciphers = config.tls_medium_cipherlist
+    if ciphers and policy.level not in ("may", "encrypt"):  # these want a certificate
+        ciphers += ":!aNULL"
+    key = (config.smtp_tls_protocols, ciphers)
     context = _CONTEXTS.get(key)
     if context is None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if ciphers:
+            context.set_ciphers(ciphers)
         context.check_hostname = False
         lowest, highest = parse_protocols(config.smtp_tls_protocols)
         context.minimum_version = _VERSIONS[lowest]
         context.maximum_version = _VERSIONS[highest]
         context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-        if verifying:
-            context.verify_mode = ssl.CERT_REQUIRED
-            if config.smtp_tls_CAfile:
-                context.load_verify_locations(cafile=str(config.smtp_tls_CAfile))
-            else:
-                context.load_default_certs()
-        else:
-            context.verify_mode = ssl.CERT_NONE
+        context.verify_mode = ssl.CERT_NONE
         _CONTEXTS[key] = context
     return context
 
@@ -166,30 +165,37 @@ def peer_chain(ssl_object) -> list[bytes]:
 
 
 def check_peer(policy: TlsPolicy, ssl_object, hostname: str, nexthop: str,
-               digest: str = "sha256") -> PeerCheck:
-    """The established session against ``policy`` (the chain was already verified by OpenSSL
-    for verify/secure, or the handshake would have failed)."""
+               digest: str = "sha256", trust: TrustStore | None = None) -> PeerCheck:
+    """The established session against ``policy``, with Postfix's trust word: "Verified"
+    (TLSA, fingerprint, or CA chain and name match), "Trusted" (the chain leads to a CA of
+    ``trust``, the name was not asked for or does not match), "Untrusted" (a certificate
+    without any of these), "Anonymous" (none). The chain is checked against ``trust`` only
+    where it decides something: verify/secure, and may/encrypt when a CA is configured."""
     der = ssl_object.getpeercert(binary_form=True)
-    if policy.level == "dane" and der is not None:
+    if der is None:
+        if policy.mandatory and policy.level != "encrypt":
+            return PeerCheck("Anonymous", "Server certificate not verified")
+        return PeerCheck("Anonymous")
+    if policy.level == "dane":
         why = dane.verify_chain(policy.tlsa, peer_chain(ssl_object),
                                 wanted_names(TlsPolicy("dane", ("hostname", "nexthop")),
                                              hostname, nexthop))
         if why is None:
             return PeerCheck("Verified")
         return PeerCheck("Untrusted", "Server certificate not verified", f"TLSA mismatch: {why}")
-    if der is None:
-        if policy.mandatory and policy.level != "encrypt":
-            return PeerCheck("Anonymous", "Server certificate not verified")
-        return PeerCheck("Anonymous")
     if policy.level == "fingerprint":
         if hashlib.new(digest, der).hexdigest() in policy.match:
             return PeerCheck("Verified")
         return PeerCheck("Untrusted", "Server certificate not verified")
     if policy.level in VERIFYING:
-        names = certificate_names(ssl_object.getpeercert())
+        why = trust.verify(peer_chain(ssl_object)) if trust is not None else "no trusted CA"
+        if why is not None:
+            return PeerCheck("Untrusted", "Server certificate not trusted",
+                             f"server certificate verification failed: {why}")
         wanted = wanted_names(policy, hostname, nexthop)
-        if any(name_matches(n, w) for n in names for w in wanted):
+        if any(name_matches(n, w) for n in dane.leaf_names(der) for w in wanted):
             return PeerCheck("Verified")
         return PeerCheck("Trusted", "Server certificate not verified")
+    if trust is not None and not trust.empty and trust.verify(peer_chain(ssl_object)) is None:
+        return PeerCheck("Trusted")
     return PeerCheck("Untrusted")
-

@@ -114,7 +114,7 @@ def _chains_to(leaf: bytes, anchor: bytes, intermediates: list[bytes]) -> bool:
     return True
 
 
-def _names(der: bytes) -> list[str]:
+def leaf_names(der: bytes) -> list[str]:
     """The leaf's DNS names: subjectAltName DNS entries, else the subject's common name."""
     cert = x509.load_der_x509_certificate(der)
     try:
@@ -143,7 +143,7 @@ def verify_chain(records: tuple[Tlsa, ...], chain: list[bytes],
         for index, der in enumerate(chain[1:], start=1):
             if record_matches(record, der) and _chains_to(leaf, der, chain[1:index]):
                 anchored = True
-                if any(name_matches(n, w) for n in _names(leaf) for w in wanted):
+                if any(name_matches(n, w) for n in leaf_names(leaf) for w in wanted):
                     return None
     if anchored:
         return "the certificate chains to a DANE-TA trust anchor but its name does not match"
