@@ -16,6 +16,7 @@ from engine.config import Config
 from engine.delivery import TransientFailure
 from engine.dns import Resolver
 from engine.tls.dane import Tlsa, verify_chain
+from engine.tls.tlsrpt_store import ResultStore, today
 
 ZONE = "tern.test."
 # test_tls_client's module fixtures (tern serve with the test CA's chain, its smtp-sink, CAs)
@@ -244,3 +245,34 @@ def test_verify_chain_rules(certs, other_ca):
     forged = [der(leaf), der(other_root)]
     ta_other = Tlsa(2, 0, 1, hashlib.sha256(der(other_root)).digest())
     assert verify_chain((ta_other,), forged, ["mx.tern.test"]) is not None
+
+
+# ---- TLS-RPT (RFC 8460 §4.3.2.1): what DANE deliveries record ---------------------------------
+
+
+def test_tlsrpt_records_dane_results(dnssec_server, server, certs, other_ca, tmp_path):
+    leaf = load(certs.default_cert)[0]
+    wrong = load(other_ca.default_cert)[0]
+    good = hashlib.sha256(spki(leaf)).hexdigest()
+    dns = dnssec_server([*tlsa("ee", server.port, 3, 1, 1, spki(leaf)),
+                         *tlsa("wrong", server.port, 3, 1, 1, spki(wrong)),
+                         "none.tern.test. 60 IN A 127.0.0.1",
+                         f"bad.{ZONE} 60 IN A 127.0.0.1"], zone=ZONE,
+                        bogus={f"_tcp.bad.{ZONE}": [
+                            f"_{server.port}._tcp.bad.{ZONE} 60 IN TLSA 3 1 1 {good}"]})
+    cases = [("ee", "dane", "success"), ("wrong", "dane", "tlsa-invalid"),
+             ("bad", "dane", "dnssec-invalid"), ("none", "dane-only", "dane-required")]
+    for name, level, _ in cases:
+        dane_send(dns, server.port, name, level=level, smtp_tlsrpt_enable=True,
+                  queue_directory=tmp_path / name)
+    found = {name: ResultStore(tmp_path / name).read(today()) for name, _, _ in cases}
+    assert {name: [r.result for r in results] for name, results in found.items()} == {
+        name: [kind] for name, _, kind in cases}
+    (success,) = found["ee"]
+    assert (success.policy_domain, success.policy_type) == ("ee.tern.test", "tlsa")
+    assert success.policy_string == (f"3 1 1 {good}",)
+    assert (success.mx_host, success.receiving_mx, success.receiving_ip, success.sending_ip) == (
+        ("ee.tern.test",), "ee.tern.test", "127.0.0.1", "127.0.0.1")
+    assert found["wrong"][0].reason.startswith("TLSA mismatch: no TLSA record matches")
+    assert found["bad"][0].reason == f"TLSA lookup error for bad.tern.test:{server.port}"
+    assert found["none"][0].reason == "no TLSA records found"

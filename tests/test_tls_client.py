@@ -21,6 +21,7 @@ from engine.delivery import DeliveryRequest, NextHop, TransientFailure
 from engine.delivery.smtp import deliver
 from engine.dns import Resolver
 from engine.log import Maillog
+from engine.tls.tlsrpt_store import ResultStore, today
 
 ESTABLISHED = "TLS connection established to 127.0.0.1[127.0.0.1]:{port}: TLSv1.3 with cipher TLS_"
 
@@ -363,3 +364,22 @@ def test_verifying_levels_never_offer_anonymous_suites(anonymous_server):
     assert isinstance(result, TransientFailure)
     assert result.text == "Cannot start TLS: handshake failure"
     assert "TLS connection established" not in log
+
+
+def test_tlsrpt_records_tls_failures_without_a_policy(server, expired_server, sink, certs,
+                                                      tmp_path):
+    """No MTA-STS or DANE: the sessions go under "no-policy-found" (RFC 8460 §4.4)."""
+    runs = {
+        "success": (server.port, {"smtp_tls_security_level": "may"}),
+        "starttls-not-supported": (sink.port, {"smtp_tls_security_level": "encrypt"}),
+        "certificate-expired": (expired_server.port, {"smtp_tls_security_level": "verify",
+                                                      "smtp_tls_CAfile": str(certs.ca)}),
+        "certificate-host-mismatch": (server.port, {"smtp_tls_security_level": "secure",
+                                                    "smtp_tls_CAfile": str(certs.ca)}),
+    }
+    for kind, (port, settings) in runs.items():
+        send(port, smtp_tlsrpt_enable=True, queue_directory=tmp_path / kind, **settings)
+        (found,) = ResultStore(tmp_path / kind).read(today())
+        assert (found.policy_domain, found.policy_type, found.result) == (
+            "127.0.0.1", "no-policy-found", kind)
+        assert found.receiving_ip == "127.0.0.1"

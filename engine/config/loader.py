@@ -622,6 +622,7 @@ _SPECIAL: dict[str, Converter] = {
     "smtp_tls_policy_maps": _smtp_tls_policy_maps,
     "smtp_tls_CAfile": _optional_path,
     "smtp_tls_CApath": _optional_path,
+    "tlsrpt_CAfile": _optional_path,
     "smtp_mta_sts_CAfile": _optional_path,
     "smtp_tls_fingerprint_digest": _digest,
     "tls_high_cipherlist": lambda value: _string(value, empty=False),

@@ -222,6 +222,13 @@ class Config:
     smtp_mta_sts_enable: bool = False
     smtp_mta_sts_CAfile: str = ""  # PEM CAs for the policy's HTTPS host; "" = the system's
     smtp_mta_sts_https_port: int = 443
+    # TLS-RPT (RFC 8460; engine.tls.tlsrpt*): Postfix 3.10's switch; the report's fields (in
+    # Postfix, the tlsrpt-reporter's); "" = $mydomain, postmaster@$mydomain
+    smtp_tlsrpt_enable: bool = False
+    tlsrpt_organization_name: str = ""
+    tlsrpt_contact_info: str = ""
+    tlsrpt_sender_address: str = ""
+    tlsrpt_CAfile: str = ""  # PEM CAs for https: report URIs; "" = the system's
     # SMTP access restrictions (Postfix >= 2.10 defaults; engine.policy.restrictions). Each is
     # a list of restriction names, check_*_access followed by its "type:name" table.
     smtpd_client_restrictions: tuple[str, ...] = ()

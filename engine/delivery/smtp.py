@@ -58,6 +58,7 @@ from engine.tls.client import (
 from engine.tls.policy import DANE
 from engine.tls.server import describe
 from engine.tls.sts_fetch import sts_policy
+from engine.tls.tlsrpt_record import Reporter, reporter
 from engine.tls.trust import trust_store
 
 READ_SIZE = 65536
@@ -116,15 +117,26 @@ async def deliver(
         policy = _policy_finder(config).policy(hop.host)
     except PolicyError as exc:  # never deliver with less TLS than the administrator wrote
         raise TransientFailure("4.7.5", f"TLS policy lookup for {hop.host}: {exc}") from None
+    rpt = reporter(config, hop.host)  # TLS-RPT (RFC 8460): None unless smtp_tlsrpt_enable
     hosts = [hop.host]
     if hop.mx_lookup:  # DNSSEC status only when DANE needs it (RFC 7672 §2.2.1: secure MX)
         mx = await resolver.mx_lookup(hop.host, dnssec=policy.level in DANE)
         hosts = mx.items
         if policy.level in DANE and not mx.secure:
-            policy = not_dane(policy, "non DNSSEC destination")
+            try:
+                policy = not_dane(policy, "non DNSSEC destination")
+            except TransientFailure as exc:
+                if rpt is not None:
+                    _record_dane_failure(rpt, hop.host, exc)
+                raise
     sts = None  # RFC 8461: only for MX delivery, and never weakening a stronger local policy
     if config.smtp_mta_sts_enable and hop.mx_lookup and policy.level in ("none", "may"):
-        sts = await sts_policy(config, resolver.dnssec, resolver, hop.host)
+        sts_failures: list[tuple[str, str]] = []
+        sts = await sts_policy(config, resolver.dnssec, resolver, hop.host, sts_failures)
+        if rpt is not None:
+            rpt.sts = sts
+            for result, why in sts_failures:
+                rpt.record(result, reason=why, policy_type="sts")
     failures: list[DeliveryError] = []
     servers: list[tuple[str, str]] = []  # (host, address), at most smtp_mx_address_limit
     address_limit = config.smtp_mx_address_limit
@@ -137,6 +149,8 @@ async def deliver(
                 text = f"MX host {host} does not match the MTA-STS policy of {hop.host}"
                 if sts.mode == "enforce":
                     failures.append(TransientFailure("4.7.5", text))
+                    if rpt is not None:
+                        rpt.record("validation-failure", host=host, reason="mx-mismatch")
                     continue
                 if maillog is not None:
                     maillog.line("smtp", f"{request.queue_id}: MTA-STS testing: {text}")
@@ -150,6 +164,8 @@ async def deliver(
                                              secure=found.secure)
         except DeliveryError as exc:
             failures.append(exc)
+            if rpt is not None and host_policy.level in DANE:
+                _record_dane_failure(rpt, host, exc)
             continue
         servers += [(host, address, host_policy) for address in addresses]
     if address_limit:
@@ -161,7 +177,7 @@ async def deliver(
     for index, (host, address, host_policy) in enumerate(servers):
         try:
             outcome = await _session(config, host, address, host_policy, envelope, started,
-                                     connections, hop, maillog)
+                                     connections, hop, maillog, rpt)
         except DeliveryError as exc:  # no session: not counted against smtp_mx_session_limit
             failures.append(exc)
             continue
@@ -183,15 +199,20 @@ async def deliver(
 
 async def _session(config: Config, host: str, address: str, policy: TlsPolicy,
                    envelope: Envelope, started: float, connections: ConnectionCache | None,
-                   hop: NextHop, maillog: Maillog | None) -> DeliveryOutcome:
+                   hop: NextHop, maillog: Maillog | None,
+                   rpt: Reporter | None = None) -> DeliveryOutcome:
     """One server's session under its TLS policy; at "may", a failed handshake is followed by
-    the same server in plaintext, as Postfix."""
-    tls = _TlsJob(policy, host, hop.host, maillog)
+    the same server in plaintext, as Postfix. With ``rpt``, the TLS outcome is recorded."""
+    tls = _TlsJob(policy, host, hop.host, maillog, rpt, address)
     try:
         connection = await _connect(config, host, address, hop.port, tls)
         return await _transact(connection, envelope, config, started, connections, hop)
     except _PlaintextRetry:
         pass
+    except TransientFailure as exc:
+        if rpt is not None and exc.dsn == "4.7.4":  # mandatory TLS, STARTTLS not offered
+            tls.report("starttls-not-supported", exc.text)
+        raise
     plain = _TlsJob(TlsPolicy("none"), host, hop.host, maillog)
     connection = await _connect(config, host, address, hop.port, plain)
     return await _transact(connection, envelope, config, started, connections, hop)
@@ -221,10 +242,17 @@ class _TlsJob:
     host: str
     nexthop: str
     maillog: Maillog | None
+    rpt: Reporter | None = None  # TLS-RPT's recorder of this destination, when enabled
+    address: str = ""
 
     def log(self, text: str) -> None:
         if self.maillog is not None:
             self.maillog.line("smtp", text)
+
+    def report(self, result: str, reason: str = "", sending_ip: str = "") -> None:
+        if self.rpt is not None:
+            self.rpt.record(result, host=self.host, policy=self.policy, address=self.address,
+                            sending_ip=sending_ip, reason=reason)
 
 
 _FINDERS: dict[int, tuple[object, PolicyFinder]] = {}
@@ -312,6 +340,7 @@ async def _handshake(connection: Connection, config: Config) -> None:
         why = "timed out" if isinstance(exc, TimeoutError) else (
             getattr(exc, "reason", None) or str(exc) or type(exc).__name__)
         tls.log(f"SSL_connect error to {client.relay}: {why}")
+        tls.report("validation-failure", f"handshake: {why}", _local_ip(connection))
         if tls.policy.mandatory:
             raise TransientFailure("4.7.5", "Cannot start TLS: handshake failure",
                                    client.relay) from None
@@ -326,8 +355,24 @@ async def _handshake(connection: Connection, config: Config) -> None:
                 f"{check.detail.partition(':')[2]}")
     tls.log(f"{check.trust} TLS connection established to {client.relay}:"
             f" {describe(ssl_object)}")
+    tls.report(check.result or "success", check.detail, _local_ip(connection))
     if check.failure:
         raise TransientFailure("4.7.5", check.failure, client.relay)
+
+
+def _local_ip(connection: Connection) -> str:
+    """The connection's source address (TLS-RPT's "sending-mta-ip")."""
+    sockname = connection.writer.get_extra_info("sockname")
+    return sockname[0] if sockname else ""
+
+
+def _record_dane_failure(rpt: Reporter, host: str, error: DeliveryError) -> None:
+    """TLS-RPT for a host that DANE rejected before any session (RFC 8460 §4.3.2.1): a TLSA
+    lookup that failed is "dnssec-invalid", dane-only without usable TLSA "dane-required"."""
+    if error.text.startswith("TLSA lookup error"):
+        rpt.record("dnssec-invalid", host=host, reason=error.text, policy_type="tlsa")
+    elif error.dsn == "4.7.5":
+        rpt.record("dane-required", host=host, reason=error.text, policy_type="tlsa")
 
 
 async def _transact(

@@ -120,6 +120,7 @@ class PeerCheck:
     trust: str
     failure: str | None = None
     detail: str = ""  # why, for the log (a TLSA mismatch)
+    result: str = ""  # with a failure: its TLS-RPT result type (RFC 8460 §4.3)
 
 
 def not_dane(policy: TlsPolicy, why: str, *, cannot_authenticate: bool = False) -> TlsPolicy:
@@ -174,7 +175,8 @@ def check_peer(policy: TlsPolicy, ssl_object, hostname: str, nexthop: str,
     der = ssl_object.getpeercert(binary_form=True)
     if der is None:
         if policy.mandatory and policy.level != "encrypt":
-            return PeerCheck("Anonymous", "Server certificate not verified")
+            return PeerCheck("Anonymous", "Server certificate not verified",
+                             result="validation-failure")
         return PeerCheck("Anonymous")
     if policy.level == "dane":
         why = dane.verify_chain(policy.tlsa, peer_chain(ssl_object),
@@ -182,20 +184,25 @@ def check_peer(policy: TlsPolicy, ssl_object, hostname: str, nexthop: str,
                                              hostname, nexthop))
         if why is None:
             return PeerCheck("Verified")
-        return PeerCheck("Untrusted", "Server certificate not verified", f"TLSA mismatch: {why}")
+        return PeerCheck("Untrusted", "Server certificate not verified", f"TLSA mismatch: {why}",
+                         "tlsa-invalid")
     if policy.level == "fingerprint":
         if hashlib.new(digest, der).hexdigest() in policy.match:
             return PeerCheck("Verified")
-        return PeerCheck("Untrusted", "Server certificate not verified")
+        return PeerCheck("Untrusted", "Server certificate not verified",
+                         result="validation-failure")
     if policy.level in VERIFYING:
         why = trust.verify(peer_chain(ssl_object)) if trust is not None else "no trusted CA"
         if why is not None:
+            expired = why.startswith("num=10:")  # X509_V_ERR_CERT_HAS_EXPIRED
             return PeerCheck("Untrusted", "Server certificate not trusted",
-                             f"server certificate verification failed: {why}")
+                             f"server certificate verification failed: {why}",
+                             "certificate-expired" if expired else "certificate-not-trusted")
         wanted = wanted_names(policy, hostname, nexthop)
         if any(name_matches(n, w) for n in dane.leaf_names(der) for w in wanted):
             return PeerCheck("Verified")
-        return PeerCheck("Trusted", "Server certificate not verified")
+        return PeerCheck("Trusted", "Server certificate not verified",
+                         result="certificate-host-mismatch")
     if trust is not None and not trust.empty and trust.verify(peer_chain(ssl_object)) is None:
         return PeerCheck("Trusted")
     return PeerCheck("Untrusted")

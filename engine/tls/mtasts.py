@@ -24,6 +24,8 @@ _MODES = ("enforce", "testing", "none")
 class StsError(ValueError):
     """A record or policy that does not follow RFC 8461."""
 
+    kind = ""  # the TLS-RPT result type when it is not the default (sts_fetch)
+
 
 def parse_txt(strings: list[str]) -> str:
     """The policy id of a ``_mta-sts`` TXT record (its strings already joined per record, RFC
@@ -65,6 +67,11 @@ class StsPolicy:
 
     def mx_allowed(self, host: str) -> bool:
         return any(mx_matches(pattern, host) for pattern in self.mx)
+
+    def lines(self) -> tuple[str, ...]:
+        """The policy as its file's lines (TLS-RPT's "policy-string", RFC 8460 §4.4)."""
+        return ("version: STSv1", f"mode: {self.mode}", *(f"mx: {mx}" for mx in self.mx),
+                f"max_age: {self.max_age}")
 
 
 def parse_policy(body: bytes, policy_id: str = "") -> StsPolicy:
