@@ -190,3 +190,30 @@ def test_tlsrpt_off_records_nothing(dns_server, server, policy_server, certs, tm
                         _host="example.net", _mx=True, queue_directory=tmp_path)
     assert_sent(result)
     assert not (tmp_path / "tlsrpt").exists()
+
+
+def test_tlsrpt_in_testing_mode_reports_what_enforce_would_find(dns_server, server,
+                                                                policy_server, certs, tmp_path):
+    """testing (RFC 8461 §5): mail goes out opportunistically, the report tells the truth."""
+    dns = dns_server(RECORDS, zones=("example.net.", "tern.test."))
+    https = policy_server(policy("testing"))
+    settings = dict(dns_servers=[f"{dns[0]}:{dns[1]}"], smtp_mta_sts_enable=True,
+                    smtp_mta_sts_CAfile=str(certs.ca), smtp_mta_sts_https_port=https.port,
+                    _host="example.net", _mx=True, smtp_tlsrpt_enable=True)
+    result, log, _ = send(server.port, queue_directory=tmp_path / "untrusted", **settings)
+    assert_sent(result)
+    assert "Untrusted TLS connection established to mx.tern.test" in log
+    (found,) = recorded(tmp_path / "untrusted")
+    assert (found.policy_type, found.result) == ("sts", "certificate-not-trusted")
+    assert found.policy_string[1] == "mode: testing"
+    result, _, _ = send(server.port, queue_directory=tmp_path / "trusted",
+                        smtp_tls_CAfile=str(certs.ca), **settings)
+    assert_sent(result)
+    assert [r.result for r in recorded(tmp_path / "trusted")] == ["success"]
+    sts_fetch.CACHE._entries.clear()
+    https.policy = policy("testing", mx="*.example.org")
+    result, _, _ = send(server.port, queue_directory=tmp_path / "mx", smtp_tls_CAfile=str(certs.ca),
+                        **settings)
+    assert_sent(result)
+    assert [(r.result, r.reason) for r in recorded(tmp_path / "mx")] == [
+        ("validation-failure", "mx-mismatch"), ("success", "")]

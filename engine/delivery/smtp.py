@@ -147,10 +147,10 @@ async def deliver(
         if sts is not None and sts.mode != "none":
             if not sts.mx_allowed(host):
                 text = f"MX host {host} does not match the MTA-STS policy of {hop.host}"
+                if rpt is not None:
+                    rpt.record("validation-failure", host=host, reason="mx-mismatch")
                 if sts.mode == "enforce":
                     failures.append(TransientFailure("4.7.5", text))
-                    if rpt is not None:
-                        rpt.record("validation-failure", host=host, reason="mx-mismatch")
                     continue
                 if maillog is not None:
                     maillog.line("smtp", f"{request.queue_id}: MTA-STS testing: {text}")
@@ -355,7 +355,11 @@ async def _handshake(connection: Connection, config: Config) -> None:
                 f"{check.detail.partition(':')[2]}")
     tls.log(f"{check.trust} TLS connection established to {client.relay}:"
             f" {describe(ssl_object)}")
-    tls.report(check.result or "success", check.detail, _local_ip(connection))
+    if tls.rpt is not None:  # MTA-STS testing: report what enforce would have found (§5)
+        audit = check if tls.rpt.audit is None or tls.policy.level != "may" else check_peer(
+            tls.rpt.audit, ssl_object, tls.host, tls.nexthop,
+            trust=trust_store(config, webpki=True))
+        tls.report(audit.result or "success", audit.detail, _local_ip(connection))
     if check.failure:
         raise TransientFailure("4.7.5", check.failure, client.relay)
 

@@ -17,11 +17,24 @@ class Reporter:
     def __init__(self, store: ResultStore, domain: str) -> None:
         self.store = store
         self.domain = domain
-        self.sts = None  # the MTA-STS policy in force for this delivery, if any
+        self._sts = None  # the MTA-STS policy in force for this delivery, if any
+        self.audit: TlsPolicy | None = None  # testing: what the sessions are judged by
+
+    @property
+    def sts(self):
+        return self._sts
+
+    @sts.setter
+    def sts(self, policy) -> None:
+        """The MTA-STS policy; in "testing" mode the sessions go opportunistic, but TLS-RPT
+        reports what "enforce" would have found (RFC 8461 §5)."""
+        self._sts = policy
+        self.audit = (TlsPolicy("verify", ("hostname",), webpki=True)
+                      if policy is not None and policy.mode == "testing" else None)
 
     def _policy(self, host: str, policy: TlsPolicy | None) -> tuple[str, tuple, tuple]:
-        if self.sts is not None and self.sts.mode != "none":
-            return "sts", self.sts.lines(), self.sts.mx
+        if self._sts is not None and self._sts.mode != "none":
+            return "sts", self._sts.lines(), self._sts.mx
         if policy is not None and policy.level in ("dane", "dane-only"):
             records = tuple(f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}"
                             for r in policy.tlsa)
