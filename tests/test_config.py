@@ -122,6 +122,9 @@ smtp_tls_security_level = "may"
 smtp_tls_policy_maps = "inline:{ example.com=secure }"
 smtp_tls_wrappermode = true
 smtp_tls_CAfile = "@CERTS@/ca.pem"
+smtp_tls_CApath = "@CERTS@"
+tls_append_default_CA = true
+tls_medium_cipherlist = "aNULL:-aNULL:HIGH:MEDIUM:@STRENGTH"
 smtp_tls_protocols = ">=TLSv1.3"
 smtp_starttls_timeout = "1m"
 smtp_tls_fingerprint_digest = "sha512"
@@ -130,6 +133,11 @@ smtp_tls_secure_cert_match = "nexthop"
 smtp_mta_sts_enable = true
 smtp_mta_sts_CAfile = "@CERTS@/ca.pem"
 smtp_mta_sts_https_port = 8443
+smtp_tlsrpt_enable = true
+tlsrpt_organization_name = "Example Mail"
+tlsrpt_contact_info = "tls-reports@example.test"
+tlsrpt_sender_address = "tlsrpt@example.test"
+tlsrpt_CAfile = "@CERTS@/ca.pem"
 dns_servers = ["192.0.2.53", "192.0.2.54:5353", "[2001:db8::53]:53", "2001:db8::54"]
 dns_timeout = 2.5
 smtpd_tls_cert_file = "@CERTS@/default.crt"
@@ -568,6 +576,12 @@ ERRORS = [
     ("path: relative", 'queue_directory = "spool"\n', 1, "queue_directory",
      'expected an absolute path, got "spool"'),
     ("path: int", "queue_directory = 5\n", 1, "queue_directory", "expected a string, got 5"),
+    ("smtp_tls_CApath: relative", 'smtp_tls_CApath = "certs"\n', 1, "smtp_tls_CApath",
+     'expected an absolute path, got "certs"'),
+    ("tls_medium_cipherlist: no cipher", 'tls_medium_cipherlist = "NOTHING-AT-ALL"\n', 1,
+     "tls_medium_cipherlist", 'no cipher matches "NOTHING-AT-ALL"'),
+    ("tls_append_default_CA: string", 'tls_append_default_CA = "yes"\n', 1,
+     "tls_append_default_CA", "expected true or false"),
     # lists
     ("list: int", "relay_domains = 5\n", 1, "relay_domains",
      "expected an array of domains (or one string), got 5"),

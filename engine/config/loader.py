@@ -694,9 +694,12 @@ _SPECIAL: dict[str, Converter] = {
     "sender_dependent_relayhost_maps": _sender_relayhost_maps,
     "empty_address_relayhost_maps_lookup_key": lambda value: _string(value, empty=False),
     "smtp_tls_CAfile": _optional_path,
+    "smtp_tls_CApath": _optional_path,
+    "tlsrpt_CAfile": _optional_path,
     "smtp_mta_sts_CAfile": _optional_path,
     "smtp_tls_fingerprint_digest": _digest,
     "tls_high_cipherlist": lambda value: _string(value, empty=False),
+    "tls_medium_cipherlist": _string,
     "tls_server_sni_maps": _sni_maps,
     "smtpd_null_access_lookup_key": lambda value: _string(value, empty=False),
     **{key: _restrictions(key) for key in (
@@ -899,6 +902,14 @@ def _check_tls(config: Config, found: dict, lines: list[str], file: str) -> None
         return ConfigError(f"{label}: {message}", file=file,
                            line=_line_of(found, lines, (key, *sub)), key=label)
 
+    if config.tls_medium_cipherlist:  # the SMTP client's list (engine.tls.client)
+        import ssl
+
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).set_ciphers(config.tls_medium_cipherlist)
+        except ssl.SSLError:
+            raise error("tls_medium_cipherlist",
+                        f"no cipher matches {_show(config.tls_medium_cipherlist)}") from None
     cert = config.smtpd_tls_cert_file
     if not cert:
         for key in ("smtpd_tls_key_file", "tls_server_sni_maps"):

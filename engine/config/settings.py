@@ -226,7 +226,15 @@ class Config:
     smtp_tls_security_level: str = ""  # "" = none; may | encrypt | fingerprint | verify | secure
     smtp_tls_policy_maps: str = ""  # "type:name": next-hop domain → "level [match=…]"
     smtp_tls_wrappermode: bool = False  # TLS from the first byte (smtps, port 465)
-    smtp_tls_CAfile: str = ""  # PEM CAs for verify/secure; "" = the system's
+    # The CAs the client trusts (engine.tls.trust), as Postfix: these files only, the system's
+    # CAs added with tls_append_default_CA; none → "Untrusted" at may, verify/secure defer
+    smtp_tls_CAfile: str = ""  # PEM CAs
+    smtp_tls_CApath: str = ""  # a directory of hashed CA certificates (c_rehash)
+    tls_append_default_CA: bool = False
+    # The SMTP client's OpenSSL cipher list for TLS 1.2 (Postfix's default grade "medium"); ""
+    # = OpenSSL's default. Anonymous (aNULL) suites, when listed, are used at may and encrypt
+    # only (Postfix); OpenSSL 3 offers them only at "@SECLEVEL=0".
+    tls_medium_cipherlist: str = ""
     smtp_tls_protocols: str = ">=TLSv1.2"
     smtp_starttls_timeout: float = 300.0  # the TLS handshake (Postfix's name and default)
     smtp_tls_fingerprint_digest: str = "sha256"
@@ -236,6 +244,13 @@ class Config:
     smtp_mta_sts_enable: bool = False
     smtp_mta_sts_CAfile: str = ""  # PEM CAs for the policy's HTTPS host; "" = the system's
     smtp_mta_sts_https_port: int = 443
+    # TLS-RPT (RFC 8460; engine.tls.tlsrpt*): Postfix 3.10's switch; the report's fields (in
+    # Postfix, the tlsrpt-reporter's); "" = $mydomain, postmaster@$mydomain
+    smtp_tlsrpt_enable: bool = False
+    tlsrpt_organization_name: str = ""
+    tlsrpt_contact_info: str = ""
+    tlsrpt_sender_address: str = ""
+    tlsrpt_CAfile: str = ""  # PEM CAs for https: report URIs; "" = the system's
     # SMTP access restrictions (Postfix >= 2.10 defaults; engine.policy.restrictions). Each is
     # a list of restriction names, check_*_access followed by its "type:name" table.
     smtpd_client_restrictions: tuple[str, ...] = ()
