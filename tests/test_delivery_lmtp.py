@@ -497,6 +497,7 @@ def test_each_client_stage_waits_its_lmtp_timeout():
              "lmtp_data_done_timeout": 6.0, "lmtp_quit_timeout": 7.0, "lmtp_rset_timeout": 8.0}
     view = lmtp_agent.lmtp_view(Config(**names))
     expected = {Stage.GREETING: 1.0, Stage.EHLO: 1.0, Stage.HELO: 1.0, Stage.STARTTLS: 1.0,
+                Stage.AUTH: 1.0,  # Postfix: part of the EHLO stage
                 Stage.MAIL: 2.0, Stage.RCPT: 3.0, Stage.DATA: 4.0, Stage.BODY: 5.0,
                 Stage.DOT: 6.0, Stage.BDAT: 6.0, Stage.QUIT: 7.0, Stage.RSET: 8.0}
     assert {stage: smtp_agent._timeout(view, stage) for stage in Stage} == expected
