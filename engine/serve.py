@@ -73,7 +73,9 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
                            f"{getattr(error, 'strerror', None) or error}") from error
     resolver = Resolver(config)
     connections = ConnectionCache(config)  # idle SMTP sessions reused for the next message
-    agents = build_agents(config, resolver, connections, maillog)
+    # local forwards through cleanup, made below (it needs qmgr, which needs the agents)
+    agents = build_agents(config, resolver, connections, maillog,
+                          inject=lambda *args, **kwargs: cleanup.inject(*args, **kwargs))
     qmgr = QueueManager(spool, config, maillog, agents)
     # cleanup queues client mail and, for qmgr, Tern's own notices (bounces, delay warnings)
     cleanup = Cleanup(spool, maillog, config, on_queued=qmgr.notify_new,

@@ -144,6 +144,15 @@ def test_inject_queues_tern_made_mail_through_the_same_path():
     assert content.startswith(b"Received: from localhost (localhost [127.0.0.1])")
     assert b"with local id " + envelope.queue_id.encode() in content
     assert b"Subject: bounce\r\nMessage-Id: <" in content  # over the size limit: still queued
+    from engine.cleanup import RecipientRequest
+
+    forwarded = asyncio.run(cleanup.inject(
+        "a@example.org", [RecipientRequest("b@example.net", "FAILURE", "rfc822;c@example.org")],
+        b"Subject: fw\r\n\r\nx\r\n", smtputf8=True, ret="HDRS", envid="E+2B1"))
+    assert (forwarded.ret, forwarded.envid, forwarded.smtputf8) == ("HDRS", "E+2B1", True)
+    (recipient,) = forwarded.recipients
+    assert (recipient.address, recipient.notify, recipient.orcpt) == (
+        "b@example.net", "FAILURE", "rfc822;c@example.org")
 
 
 @pytest.mark.parametrize("fields, expected", [

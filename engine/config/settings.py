@@ -106,6 +106,17 @@ class Config:
     virtual_minimum_uid: int = 100
     deliver_lock_attempts: int = 20  # mbox locks (dotlock, fcntl): tries, then defer
     deliver_lock_delay: float = 1.0  # between tries
+    # local(8) aliases and .forward (engine.delivery.aliases), Postfix's names and defaults.
+    # alias_maps: aliases(5) files as "texthash:/path" (a missing file: no aliases), or other
+    # "type:name" tables
+    alias_maps: tuple[str, ...] = ("texthash:/etc/aliases",)
+    forward_path: tuple[str, ...] = ("$home/.forward${recipient_delimiter}${extension}",
+                                     "$home/.forward")
+    allow_mail_to_commands: tuple[str, ...] = ("alias", "forward")  # and/or "include"
+    allow_mail_to_files: tuple[str, ...] = ("alias", "forward")
+    default_privs: str = "nobody"  # rights of commands and files of root-owned aliases
+    command_time_limit: float = 1000.0  # a |command's run time
+    duplicate_filter_limit: int = 1000  # destinations remembered per recipient's expansion
     # pipe(8) transports, Postfix's master.cf entries: name -> {argv, user, time_limit}
     pipe_transports: dict[str, "PipeTransport"] = field(default_factory=dict)
     listen: tuple[Listener, ...] = (Listener(),)
@@ -194,6 +205,19 @@ class Config:
     # EHLO keywords the client acts as if the server had not offered ("chunking": DATA, not
     # BDAT; "pipelining", "size", "8bitmime", "smtputf8", "dsn"…), case ignored
     smtp_discard_ehlo_keywords: tuple[str, ...] = ()
+    # lmtp client (engine.delivery.lmtp): Postfix's lmtp_* twins of the smtp_* settings, with
+    # Postfix's defaults; lmtp_connect_timeout 0 = the operating system's own limit
+    lmtp_lhlo_name: str = "$myhostname"
+    lmtp_connect_timeout: float = 0.0
+    lmtp_lhlo_timeout: float = 300.0  # the greeting and LHLO
+    lmtp_mail_timeout: float = 300.0
+    lmtp_rcpt_timeout: float = 300.0
+    lmtp_data_init_timeout: float = 120.0
+    lmtp_data_xfer_timeout: float = 180.0
+    lmtp_data_done_timeout: float = 600.0  # every per-recipient reply after "." / BDAT LAST
+    lmtp_quit_timeout: float = 300.0
+    lmtp_rset_timeout: float = 20.0
+    lmtp_discard_lhlo_keywords: tuple[str, ...] = ()  # "chunking": DATA, not BDAT
     # no 8BITMIME to 7BIT (quoted-printable) conversion for a server without 8BITMIME
     disable_mime_output_conversion: bool = False
     # which address family of an MX host goes first: ipv4 | ipv6 | any (random order)
