@@ -208,6 +208,49 @@ def test_unreachable_lmtp_socket_defers(tmp_path):
     assert caught.value.text == f"connect to {tmp_path}/none: No such file or directory"
 
 
+@pytest.mark.parametrize("over", ["unix", "tcp"])
+def test_a_refused_lmtp_session_defers_with_a_4xx_code(over, tmp_path):
+    """A 5xx greeting or LHLO reply defers (Postfix's smtp_skip_5xx_greeting), over a unix
+    socket as over TCP: the result's code is 4.x.x, never a 5.x.x with status=deferred."""
+    async def refuse_greeting(reader, writer):
+        writer.write(b"554 5.3.2 not today\r\n")
+        await writer.drain()
+        with contextlib.suppress(OSError):
+            await reader.read(100)
+        writer.close()
+
+    async def refuse_lhlo(reader, writer):
+        writer.write(b"220 lmtp.test ready\r\n")
+        await reader.readline()
+        writer.write(b"550 5.5.1 no LHLO\r\n")
+        await writer.drain()
+        with contextlib.suppress(OSError):
+            await reader.read(100)
+        writer.close()
+
+    async def attempt(handler):
+        if over == "unix":
+            path = f"{tmp_path}/{handler.__name__}.sock"
+            server = await asyncio.start_unix_server(handler, path)
+            hop = NextHop("lmtp", f"unix:{path}", 0, False)
+        else:
+            server = await asyncio.start_server(handler, "127.0.0.1", 0)
+            hop = NextHop("lmtp", "127.0.0.1", server.sockets[0].getsockname()[1], False)
+        config = Config(myhostname="client.tern.test")
+        try:
+            with pytest.raises(TransientFailure) as caught:
+                await lmtp_agent.deliver(lmtp_request(hop), config, Resolver(config))
+        finally:
+            server.close()
+        return caught.value
+
+    for handler, dsn, said in ((refuse_greeting, "4.3.2", "not today"),
+                               (refuse_lhlo, "4.5.1", "no LHLO")):
+        failure = run(attempt(handler))
+        assert failure.dsn == dsn
+        assert said in failure.text
+
+
 def test_lmtp_tcp_default_port_is_24():
     config = Config(transport_maps={"a.test": "lmtp:[192.0.2.1]",
                                     "b.test": "lmtp:inet:h.test:2003"})

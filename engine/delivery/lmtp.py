@@ -67,8 +67,11 @@ async def deliver(request: DeliveryRequest, config: Config, resolver: Resolver
                         ret=request.ret, envid=request.envid, notify=request.notify,
                         orcpt=request.orcpt, smtputf8=request.smtputf8)
     if hop.host.startswith("unix:"):
-        connection = await _connect_unix(config, hop.host[5:])
-        return await smtp_agent._transact(connection, envelope, config, started, None, hop)
+        try:
+            connection = await _connect_unix(config, hop.host[5:])
+            return await smtp_agent._transact(connection, envelope, config, started, None, hop)
+        except DeliveryError as exc:  # a refused session defers with a 4.x.x code, as TCP's
+            raise smtp_agent._no_server_took_it([exc], hop.host) from None
     failures: list[DeliveryError] = []
     try:
         addresses = await resolver.addresses(hop.host)
