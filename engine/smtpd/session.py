@@ -31,7 +31,7 @@ from engine.smtp.xclient import XFORWARD_CLIENT_ATTRIBUTES
 from engine.smtpd import proxy
 from engine.smtpd.anvil import Anvil
 from engine.spool import SpoolFull
-from engine.tls.handoff import TlsHandoff
+from engine.tls.handoff import Handshaken, TlsHandoff
 from engine.tls.server import describe as describe_tls
 
 
@@ -113,6 +113,7 @@ class SmtpdProtocol(asyncio.Protocol):
         self._tarpit: asyncio.TimerHandle | None = None  # smtpd_error_sleep_time running
         self._held: list[bytes] = []  # replies held back by the tarpit
         self._handshake: asyncio.Task | None = None  # the TLS handshake under way
+        self._ended = False  # _end ran: the session's slot and anvil count are given back
         # a proxy_protocol listener: the PROXY header read so far (None once done, or never)
         self._proxy_header: bytearray | None = None
         self._proxy_timer: asyncio.TimerHandle | None = None
@@ -282,18 +283,26 @@ class SmtpdProtocol(asyncio.Protocol):
         self._end()
 
     def _end(self) -> None:
-        """The connection is gone: report it to the core (the disconnect lines), stop timing."""
-        self.session.receive_data(b"")
-        self._pump()
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._tarpit is not None:
-            self._tarpit.cancel()
-            self._tarpit = None
-        self.ctx.sessions.discard(self)
-        if self._anvil_client is not None:
-            self.ctx.anvil.disconnect(self._anvil_client)
-            self._anvil_client = None
+        """The connection is gone: report it to the core (the disconnect lines), stop timing,
+        and give back the session's slot and its anvil count. Once only, whoever calls first
+        (connection_lost, a failed or cut TLS handshake); the slot and the count are given back
+        even if reporting fails, or a stuck session would count against the limits forever."""
+        if self._ended:
+            return
+        self._ended = True
+        try:
+            self.session.receive_data(b"")
+            self._pump()
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            if self._tarpit is not None:
+                self._tarpit.cancel()
+                self._tarpit = None
+            self.ctx.sessions.discard(self)
+            if self._anvil_client is not None:
+                self.ctx.anvil.disconnect(self._anvil_client)
+                self._anvil_client = None
 
     # -- the PROXY protocol header ------------------------------------------------------------
 
@@ -696,13 +705,31 @@ class SmtpdProtocol(asyncio.Protocol):
         self._handshake = asyncio.get_running_loop().create_task(self._run_handshake(handoff))
 
     async def _run_handshake(self, handoff: TlsHandoff) -> None:
+        """The handshake, then the session goes on over TLS; whatever fails on the way ends
+        the session (_end), so that no slot or anvil count outlives the connection. A cut
+        connection may come back from start_tls as None (asyncio) or as a transport without
+        an SSL object (uvloop): a failure too. close_with cancels this task (and ends the
+        session itself) when smtpd_timeout or a shutdown comes first."""
         try:
             done = await handoff.start(self.ctx.tls, timeout=self.ctx.config.smtpd_timeout)
+            transport = done.transport
+            if (transport is None or transport.is_closing()
+                    or transport.get_extra_info("ssl_object") is None):
+                raise ConnectionResetError("connection closed during the TLS handshake")
         except Exception as error:  # noqa: BLE001 - every failure ends the session the same way
+            self._handshake = None
             self._tls_failed(handoff.transport, error)
             return
-        finally:
-            self._handshake = None
+        self._handshake = None
+        try:
+            self._tls_started(done)
+        except Exception as error:  # noqa: BLE001 - a bug here must not leak the session
+            self._log(f"warning: {self.origin.client}: TLS session setup failed: {error!r}")
+            done.transport.abort()
+            self._end()
+
+    def _tls_started(self, done: Handshaken) -> None:
+        """The handshake succeeded: the session goes on over ``done.transport``."""
         self.transport = transport = done.transport  # from now on every write is encrypted
         transport.set_protocol(self)
         self.origin.tls = describe_tls(transport.get_extra_info("ssl_object"))
@@ -787,7 +814,10 @@ class SmtpdProtocol(asyncio.Protocol):
         """End the session from our side with a 421 (timeout, shutdown)."""
         self._closed_by_us = True
         if self._handshake is not None:  # no plaintext reply into a TLS handshake: just close
+            handshake, self._handshake = self._handshake, None
+            handshake.cancel()
             self.transport.abort()
+            self._end()  # no connection_lost reaches us while the handoff holds the socket
             return
         self.session.send_reply(reply)
         self._pump()
