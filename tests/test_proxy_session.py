@@ -7,6 +7,8 @@ import contextlib
 import io
 import ipaddress
 
+import pytest
+import uvloop
 from test_proxy import v1, v2
 
 from engine.cleanup import Cleanup
@@ -233,6 +235,30 @@ def test_slow_header_times_out_without_a_greeting():
     assert sent == b"421 4.3.0 mx.test Server local error\r\n"
     assert waited >= 0.1
     assert "warning: haproxy read: timeout error" in log
+
+
+@pytest.mark.parametrize("loop_factory", [uvloop.new_event_loop, asyncio.new_event_loop],
+                         ids=["uvloop", "asyncio"])
+def test_a_bad_header_is_refused_once_not_again_at_the_header_timeout(loop_factory):
+    errors = []
+
+    async def scenario():
+        asyncio.get_running_loop().set_exception_handler(lambda _, error: errors.append(error))
+        async with Server(smtpd_upstream_proxy_timeout=0.2) as server:
+            reader, writer = await server.connect()
+            writer.write(b"EHLO c.test\r\n")
+            sent = await everything(reader)
+            await close(writer)
+            await asyncio.sleep(0.5)  # well past the header timeout
+            return sent, server.logged()
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        sent, log = runner.run(scenario())
+    assert sent == b"421 4.3.0 mx.test Server local error\r\n"
+    assert log.count("warning: haproxy read:") == 1 and "timeout error" not in log
+    assert log.count(": connect from unknown[127.0.0.1]") == 1
+    assert log.count(": disconnect from unknown[127.0.0.1]") == 1
+    assert errors == []  # uvloop: the timer wrote to the closed transport (RuntimeError)
 
 
 def test_header_timer_stops_once_the_header_is_read():

@@ -342,6 +342,7 @@ class SmtpdProtocol(asyncio.Protocol):
         """No valid header in time: we cannot tell who the client is or what it may do, so
         as Postfix: a warning, 421 instead of the greeting, and hang up."""
         self._proxy_header = None
+        self._proxy_timer.cancel()  # (a no-op when it is what called): no second refusal
         self._proxy_timer = None
         self._refused = True
         self.origin.client_ip = self._peer_ip()
