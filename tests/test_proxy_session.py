@@ -3,6 +3,7 @@ first and names the client that mynetworks, logs and Received: see; no valid hea
 means a warning, 421 and hang-up, never a greeting. Also XCLIENT / XFORWARD in the adapter."""
 
 import asyncio
+import base64
 import contextlib
 import io
 import ipaddress
@@ -434,3 +435,56 @@ def test_anvil_counts_the_proxied_client_not_the_proxy():
     assert greetings == ["220 mx.test ESMTP Tern"] * 2
     assert refused == b"421 4.7.0 mx.test Error: too many connections from 192.0.2.7\r\n"
     assert "warning: Connection concurrency limit exceeded: 2 from unknown[192.0.2.7]" in log
+
+
+# -- hosts that may send XCLIENT are not counted by anvil (as Postfix) ----------------------------
+
+XCLIENT_UNCOUNTED = {"proxy_protocol": False, "smtpd_authorized_xclient_hosts": LOOPBACK,
+                     "mynetworks": (), "smtpd_client_event_limit_exceptions": ()}
+
+
+def test_clients_behind_an_xclient_proxy_do_not_share_its_message_rate():
+    """Two clients, one message each, behind one XCLIENT proxy: neither is over a message rate
+    limit of 1 (anvil counted them both against the proxy's address, and refused the second)."""
+    async def scenario():
+        async with Server(smtpd_client_message_rate_limit=1, **XCLIENT_UNCOUNTED) as server:
+            answers = []
+            for address in (b"192.0.2.7", b"192.0.2.8"):
+                reader, writer = await server.connect()
+                await replies(reader, 1)
+                writer.write(b"XCLIENT ADDR=" + address + b"\r\nEHLO c.test\r\n"
+                             b"MAIL FROM:<a@example.org>\r\nQUIT\r\n")
+                answers += await replies(reader, 4)
+                await close(writer)
+            return answers, server.logged()
+
+    answers, log = run(scenario)
+    assert answers.count("250 2.1.0 Ok") == 2, answers
+    assert "rate limit exceeded" not in log
+
+
+def test_auth_failures_behind_an_xclient_proxy_are_not_the_proxy_s(tmp_path):
+    """One failed AUTH from each of three clients behind the proxy: none is refused with
+    421 at smtpd_client_auth_failure_limit = 2 (they were all counted against the proxy)."""
+    passwd = tmp_path / "passwd"
+    passwd.write_text("alice:{PLAIN}secret\n")
+
+    async def scenario():
+        async with Server(smtpd_client_auth_failure_limit=2, smtpd_tls_auth_only=False,
+                          smtpd_sasl_auth_enable=True, smtpd_sasl_password_file=str(passwd),
+                          **XCLIENT_UNCOUNTED) as server:
+            answers = []
+            wrong = base64.b64encode(b"\0alice\0wrong")
+            for address in (b"192.0.2.1", b"192.0.2.2", b"192.0.2.3"):
+                reader, writer = await server.connect()
+                await replies(reader, 1)
+                writer.write(b"XCLIENT ADDR=" + address + b"\r\n")
+                await replies(reader, 1)
+                writer.write(b"EHLO webmail\r\nAUTH PLAIN " + wrong + b"\r\n")
+                answers += (await replies(reader, 2))[1:]
+                await close(writer)
+            return answers, server.logged()
+
+    answers, log = run(scenario)
+    assert answers == ["535 5.7.8 Error: authentication failed: authentication failure"] * 3
+    assert "Authentication failure limit exceeded" not in log

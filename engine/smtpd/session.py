@@ -172,9 +172,12 @@ class SmtpdProtocol(asyncio.Protocol):
     def _anvil_connect(self, client_ip: str) -> Reply | None:
         """Postfix's per-client connection limits (anvil): the 421 for a client over its
         concurrency or connection rate limit, else None. smtpd_client_event_limit_exceptions
-        are not counted at all, as Postfix's smtpd does not tell anvil about them."""
+        are not counted at all, as Postfix's smtpd does not tell anvil about them; nor are
+        the hosts that may send XCLIENT (as Postfix: the address counted at connect must be
+        the one given back at disconnect, and every client behind such a proxy would otherwise
+        share the proxy's count and limits)."""
         config = self.ctx.config
-        if address_in(client_ip, config.event_limit_exceptions):
+        if self.session.xclient_allowed or address_in(client_ip, config.event_limit_exceptions):
             return None
         self._anvil_client = client_ip
         sessions, rate = self.ctx.anvil.connect(client_ip)
