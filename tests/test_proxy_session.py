@@ -371,6 +371,34 @@ def test_xclient_login_makes_the_message_authenticated():
     assert ": client=unknown[127.0.0.5], sasl_method=XCLIENT, sasl_username=alice\n" in log
 
 
+def test_xclient_without_login_logs_the_proxy_s_own_auth_out(tmp_path):
+    """The proxy authenticated as itself; the client it then names by XCLIENT (no LOGIN) is
+    not: it may not relay, and nothing records it as alice."""
+    passwd = tmp_path / "passwd"
+    passwd.write_text("alice:{PLAIN}secret\n")
+
+    async def scenario():
+        async with Server(proxy_protocol=False, smtpd_authorized_xclient_hosts=LOOPBACK,
+                          mynetworks=(), smtpd_tls_auth_only=False, smtpd_sasl_auth_enable=True,
+                          smtpd_sasl_password_file=str(passwd)) as server:
+            reader, writer = await server.connect()
+            await replies(reader, 1)
+            writer.write(b"EHLO proxy.test\r\nAUTH PLAIN "
+                         + base64.b64encode(b"\0alice\0secret") + b"\r\n")
+            authenticated = (await replies(reader, 2))[1]
+            writer.write(b"XCLIENT ADDR=192.0.2.66 NAME=evil.example\r\nEHLO evil.example\r\n"
+                         + RELAY_ATTEMPT)
+            answers = await replies(reader, 4)
+            await close(writer)
+            return authenticated, answers, server.logged()
+
+    authenticated, answers, log = run(scenario)
+    assert authenticated.startswith("235 ")
+    assert answers[2] == "250 2.1.0 Ok" and answers[3] == RELAY_DENIED
+    assert ": client=evil.example[192.0.2.66]\n" in log  # no sasl_username=alice
+    assert "reject: RCPT from evil.example[192.0.2.66]: 554 5.7.1" in log
+
+
 def test_xforward_names_the_upstream_client_for_one_message():
     async def scenario():
         async with Server(proxy_protocol=False, smtpd_authorized_xforward_hosts=LOOPBACK) as server:

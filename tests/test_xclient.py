@@ -78,6 +78,18 @@ def test_xclient_helo_and_proto_survive_the_restart():
     assert (session.core.helo_name, session.core.extended) == ("client.example", True)
 
 
+def test_xclient_is_logged_in_only_with_login():
+    """The proxy's own AUTH never passes to the client XCLIENT names (RFC 4954 state)."""
+    session = Session(xclient=True)
+    session.core.authenticated = True  # the proxy said AUTH
+    session.send(b"XCLIENT ADDR=192.0.2.66\r\n")
+    assert not session.core.authenticated
+    session.send(b"XCLIENT LOGIN=alice\r\n")
+    assert session.core.authenticated
+    session.send(b"XCLIENT LOGIN=[UNAVAILABLE]\r\n")
+    assert not session.core.authenticated
+
+
 def test_xforward_answers_250_and_keeps_the_state():
     session = Session(xforward=True)
     replies = session.send(b"EHLO filter.test\r\nXFORWARD NAME=mail.example.org "

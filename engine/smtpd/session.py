@@ -373,10 +373,10 @@ class SmtpdProtocol(asyncio.Protocol):
             origin.client_name = attributes["NAME"] or "unknown"
         if "ADDR" in attributes:
             origin.client_ip = attributes["ADDR"] or "unknown"
-        if "LOGIN" in attributes:  # as if authenticated: Postfix's sasl_method=XCLIENT
-            origin.sasl_username = attributes["LOGIN"] or ""
-            self._sasl_method = "XCLIENT" if origin.sasl_username else ""
-            self.session.authenticated = bool(origin.sasl_username)
+        # LOGIN: as if authenticated (Postfix's sasl_method=XCLIENT); without it the new
+        # client is not logged in, whoever the proxy itself authenticated as
+        origin.sasl_username = attributes.get("LOGIN") or ""
+        self._sasl_method = "XCLIENT" if origin.sasl_username else ""
         origin.helo = attributes.get("HELO")
         origin.esmtp = attributes.get("PROTO") == "ESMTP"
         self.checks.forget_client()
