@@ -329,7 +329,9 @@ def test_plain_listener_greets_at_once_and_a_header_there_is_just_a_bad_command(
 LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"),)
 
 
-def test_xclient_changes_relay_trust_logs_and_its_own_authorization():
+def test_xclient_changes_relay_trust_and_logs_but_not_its_own_authorization():
+    """As Postfix: XCLIENT/XFORWARD authorization is the connection's (the proxy's), decided
+    once; the proxy may send XCLIENT again after naming an unauthorized client."""
     async def scenario():
         async with Server(proxy_protocol=False, smtpd_authorized_xclient_hosts=LOOPBACK) as server:
             reader, writer = await server.connect()
@@ -348,9 +350,35 @@ def test_xclient_changes_relay_trust_logs_and_its_own_authorization():
     assert before[2] == "250 2.1.5 Ok"
     assert greeting == ["220 mx.test ESMTP Tern"]
     assert after[2] == RELAY_DENIED  # 192.0.2.7 is not in mynetworks
-    assert after[4] == "550 5.7.0 Error: insufficient authorization"  # nor authorized
+    assert after[4] == "220 mx.test ESMTP Tern"  # the proxy is still the proxy
     assert "reject: RCPT from mail.example.org[192.0.2.7]: 554 5.7.1" in log
-    assert "disconnect from mail.example.org[192.0.2.7]" in log
+    assert "disconnect from mail.example.org[127.0.0.1]" in log  # as the XCLIENTs left it
+
+
+def test_xclient_cannot_name_itself_into_the_xforward_hosts():
+    """Only 127.0.0.1 may send XCLIENT, only 192.0.2.7 XFORWARD: a client that XCLIENT names
+    192.0.2.7 does not gain XFORWARD (authorization is the connection's, not XCLIENT's)."""
+    async def scenario():
+        async with Server(proxy_protocol=False, smtpd_authorized_xclient_hosts=LOOPBACK,
+                          smtpd_authorized_xforward_hosts=(ipaddress.ip_network("192.0.2.7"),)
+                          ) as server:
+            reader, writer = await server.connect()
+            await replies(reader, 1)
+            writer.write(b"XCLIENT ADDR=192.0.2.7\r\nEHLO c.test\r\n"
+                         b"XFORWARD NAME=forged.example\r\nQUIT\r\n")
+            answers = []
+            for _ in range(20):  # every line, the EHLO's too
+                line = (await asyncio.wait_for(reader.readline(), 5)).decode().rstrip()
+                answers.append(line)
+                if line.startswith("221"):
+                    break
+            await close(writer)
+            return answers
+
+    answers = run(scenario)
+    assert answers[0] == "220 mx.test ESMTP Tern"
+    assert not any("XFORWARD" in line for line in answers)  # not advertised
+    assert "550 5.7.0 Error: insufficient authorization" in answers
 
 
 def test_xclient_login_makes_the_message_authenticated():

@@ -358,7 +358,10 @@ class SmtpdProtocol(asyncio.Protocol):
     # -- XCLIENT and XFORWARD -----------------------------------------------------------------
 
     def _authorize_x_commands(self) -> None:
-        """Who may use XCLIENT / XFORWARD follows the client address, as it is now."""
+        """Who may use XCLIENT / XFORWARD: decided once per connection, from the address the
+        session began with (the socket's, or the PROXY header's), as Postfix does. Never from
+        an address XCLIENT supplied: that would let an XCLIENT host name itself into
+        smtpd_authorized_xforward_hosts, and lock a proxy out after its first XCLIENT."""
         config, client_ip, session = self.ctx.config, self.origin.client_ip, self.session
         xclient = config.smtpd_authorized_xclient_hosts  # empty by default: nothing to parse
         xforward = config.smtpd_authorized_xforward_hosts
@@ -366,8 +369,9 @@ class SmtpdProtocol(asyncio.Protocol):
         session.xforward_allowed = bool(xforward) and address_in(client_ip, xforward)
 
     def _on_xclient(self, event: server.Xclient) -> None:
-        """The client is now who XCLIENT says: every later decision (mynetworks, XCLIENT
-        authorization itself) and log line is about it, as in Postfix."""
+        """The client is now who XCLIENT says: every later decision (mynetworks, limits,
+        restrictions) and log line is about it, as in Postfix; who may send XCLIENT and
+        XFORWARD stays as decided at connect (_authorize_x_commands)."""
         origin, attributes = self.origin, event.attributes
         if "NAME" in attributes:
             origin.client_name = attributes["NAME"] or "unknown"
@@ -381,7 +385,6 @@ class SmtpdProtocol(asyncio.Protocol):
         origin.esmtp = attributes.get("PROTO") == "ESMTP"
         self.checks.forget_client()
         self._xforward = None
-        self._authorize_x_commands()
         self.session.accept()
 
     def _on_xforward(self, event: server.Xforward) -> None:
