@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from engine.auth.passwd_file import PasswordFile
-from engine.cleanup import Cleanup, MessageBuilder, Origin, RecipientRequest
+from engine.cleanup import Cleanup, MessageBuilder, Origin, RecipientRequest, neuter_helo
 from engine.config import Config, Listener
 from engine.config.settings import AUTH_REQUIRED_SERVICES, SUBMISSION_SERVICES
 from engine.log import Maillog
@@ -517,7 +517,7 @@ class SmtpdProtocol(asyncio.Protocol):
             origin.helo = kept
             self.session.reject(refusal)
             return
-        origin.helo = event.name
+        origin.helo = neuter_helo(event.name)  # once per HELO, not per message
         self.session.accept()
 
     def _on_mail(self, event: server.MailFrom) -> None:
