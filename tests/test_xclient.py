@@ -140,6 +140,17 @@ def test_attribute_names_ignore_case_and_values_are_normalised():
         "DESTPORT": "25", "REVERSE_NAME": "r.example"}
 
 
+def test_forwarded_names_cannot_make_log_fields_of_their_own():
+    """";", "@", "," and "=" become "?" (as Postfix neuters, rather than refusing what an
+    up-stream MTA accepted): an IDENT cannot add an ``, orig_client=…`` to the client= line."""
+    assert parse_attributes("XFORWARD", "IDENT=Q1,orig_client+3Devil.example "
+                            "NAME=a;b HELO=c@d.example PROTO=X+3DY") == {
+        "IDENT": "Q1?orig_client?evil.example", "NAME": "a?b", "HELO": "c?d.example",
+        "PROTO": "X?Y"}
+    assert parse_attributes("XCLIENT", "HELO=x;y LOGIN=alice@example.org") == {
+        "HELO": "x?y", "LOGIN": "alice@example.org"}
+
+
 def test_xclient_in_a_pipelined_batch_answers_in_order():
     session = Session(xclient=True)
     replies = session.send(b"EHLO p.test\r\nXCLIENT ADDR=192.0.2.7\r\nEHLO c.test\r\n"
