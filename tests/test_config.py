@@ -122,6 +122,9 @@ smtp_tls_security_level = "may"
 smtp_tls_policy_maps = "inline:{ example.com=secure }"
 smtp_tls_wrappermode = true
 smtp_tls_CAfile = "@CERTS@/ca.pem"
+smtp_tls_CApath = "@CERTS@"
+tls_append_default_CA = true
+tls_medium_cipherlist = "aNULL:-aNULL:HIGH:MEDIUM:@STRENGTH"
 smtp_tls_protocols = ">=TLSv1.3"
 smtp_starttls_timeout = "1m"
 smtp_tls_fingerprint_digest = "sha512"
@@ -130,6 +133,11 @@ smtp_tls_secure_cert_match = "nexthop"
 smtp_mta_sts_enable = true
 smtp_mta_sts_CAfile = "@CERTS@/ca.pem"
 smtp_mta_sts_https_port = 8443
+smtp_tlsrpt_enable = true
+tlsrpt_organization_name = "Example Mail"
+tlsrpt_contact_info = "tls-reports@example.test"
+tlsrpt_sender_address = "tlsrpt@example.test"
+tlsrpt_CAfile = "@CERTS@/ca.pem"
 dns_servers = ["192.0.2.53", "192.0.2.54:5353", "[2001:db8::53]:53", "2001:db8::54"]
 dns_timeout = 2.5
 smtpd_tls_cert_file = "@CERTS@/default.crt"
@@ -169,6 +177,18 @@ virtual_gid_maps = "static:5000"
 virtual_minimum_uid = 1000
 deliver_lock_attempts = 5
 deliver_lock_delay = "2s"
+smtp_sasl_auth_enable = true
+smtp_sasl_password_maps = "inline:{ [smarthost.example.test]:587=relayuser:secret }"
+smtp_sasl_mechanism_filter = "login, PLAIN"
+smtp_sasl_security_options = "noanonymous"
+smtp_sasl_tls_security_options = ["noanonymous", "noplaintext"]
+smtp_sasl_auth_soft_bounce = false
+smtp_sender_dependent_authentication = true
+empty_address_relayhost_maps_lookup_key = "<null>"
+
+[sender_dependent_relayhost_maps]
+"@Example.org" = "[relay2.example.test]:587"
+"<null>" = "bounces.example.test"
 
 [pipe_transports.filter]
 argv = ["/usr/bin/filter", "-f", "${sender}", "--", "${recipient}"]
@@ -300,6 +320,11 @@ def test_full_file_sets_every_field(tmp_path):
     assert config.disable_mime_output_conversion is True
     assert (config.smtp_bind_address, config.smtp_bind_address6) == ("192.0.2.1", "2001:db8::1")
     assert config.sender_dependent_default_transport_maps == {"@example.org": "out2:"}
+    assert config.sender_dependent_relayhost_maps == {
+        "@example.org": "[relay2.example.test]:587", "<null>": "bounces.example.test"}
+    assert config.smtp_sasl_mechanism_filter == ("LOGIN", "PLAIN")
+    assert config.smtp_sasl_security_options == ("noanonymous",)
+    assert config.smtp_sasl_tls_security_options == ("noanonymous", "noplaintext")
     assert config.transport == {"out2": {"smtp_bind_address": "192.0.2.2",
                                          "smtp_bind_address6": "2001:db8::2",
                                          "smtp_helo_name": "out2.example.test"}}
@@ -551,6 +576,12 @@ ERRORS = [
     ("path: relative", 'queue_directory = "spool"\n', 1, "queue_directory",
      'expected an absolute path, got "spool"'),
     ("path: int", "queue_directory = 5\n", 1, "queue_directory", "expected a string, got 5"),
+    ("smtp_tls_CApath: relative", 'smtp_tls_CApath = "certs"\n', 1, "smtp_tls_CApath",
+     'expected an absolute path, got "certs"'),
+    ("tls_medium_cipherlist: no cipher", 'tls_medium_cipherlist = "NOTHING-AT-ALL"\n', 1,
+     "tls_medium_cipherlist", 'no cipher matches "NOTHING-AT-ALL"'),
+    ("tls_append_default_CA: string", 'tls_append_default_CA = "yes"\n', 1,
+     "tls_append_default_CA", "expected true or false"),
     # lists
     ("list: int", "relay_domains = 5\n", 1, "relay_domains",
      "expected an array of domains (or one string), got 5"),
@@ -653,6 +684,33 @@ ERRORS = [
      2, "sender_dependent_default_transport_maps", 'expected "user@domain" or "@domain"'),
     ("sender map: bad value", '[sender_dependent_default_transport_maps]\n"@x.test" = "out2"\n',
      2, "sender_dependent_default_transport_maps", 'expected "transport:nexthop"'),
+    # client AUTH and sender-dependent relay hosts
+    ("sasl: maps do not open", 'smtp_sasl_password_maps = "texthash:/nonexistent/sasl"\n', 1,
+     "smtp_sasl_password_maps", "/nonexistent/sasl: cannot read"),
+    ("sasl: maps not a table", 'smtp_sasl_password_maps = "hash:/etc/sasl"\n', 1,
+     "smtp_sasl_password_maps", 'unsupported table type "hash"'),
+    ("sasl: enabled without maps", 'myhostname = "a.test"\nsmtp_sasl_auth_enable = true\n', 2,
+     "smtp_sasl_auth_enable", "needs smtp_sasl_password_maps"),
+    ("sasl: enabled in a transport without maps",
+     '[transport.out2]\nsmtp_helo_name = "x.test"\nsmtp_sasl_auth_enable = true\n', 3,
+     "transport.out2.smtp_sasl_auth_enable", "needs smtp_sasl_password_maps"),
+    ("sasl: bad option", 'smtp_sasl_security_options = "noanonymous, noplain"\n', 1,
+     "smtp_sasl_security_options", 'bad entry "noplain": expected one of'),
+    ("sasl: bad tls option", 'smtp_sasl_tls_security_options = ["x"]\n', 1,
+     "smtp_sasl_tls_security_options", 'bad entry "x"'),
+    ("sasl: filter without ours", 'smtp_sasl_mechanism_filter = "cram-md5"\n', 1,
+     "smtp_sasl_mechanism_filter", "lets none of Tern's mechanisms through (PLAIN, LOGIN)"),
+    ("sasl: filter junk", 'smtp_sasl_mechanism_filter = ["login", "lo gin"]\n', 1,
+     "smtp_sasl_mechanism_filter", 'bad entry "lo gin"'),
+    ("sender relayhost: bad value",
+     '[sender_dependent_relayhost_maps]\n"@a.test" = "[relay"\n', 2,
+     'sender_dependent_relayhost_maps."@a.test"', "bad relay host"),
+    ("sender relayhost: bad key",
+     '[sender_dependent_relayhost_maps]\n"@a.test" = "[relay.test]"\n"x y" = "[r.test]"\n', 3,
+     'sender_dependent_relayhost_maps."x y"', 'expected "user@domain", "@domain" or "<>"'),
+    ("sender relayhost: not the null key",
+     '[sender_dependent_relayhost_maps]\n"@a.test" = "[relay.test]"\nnobody = "[r.test]"\n',
+     3, "sender_dependent_relayhost_maps.nobody", "the null sender's key \"<>\""),
     ("syntax: duplicate key", 'message_size_limit = 1\nmessage_size_limit = 2\n', 2, "",
      "TOML syntax error: Cannot overwrite a value"),
     ("syntax: unterminated string", 'myhostname = "a.example"\nrelayhost = "x\n', 2, "",

@@ -33,6 +33,7 @@ from engine.delivery import RecipientResult
 from engine.delivery.mime7bit import downgrade
 from engine.smtp.reader import LineTooLong
 from engine.smtp.replies import Reply
+from engine.smtp.sasl_client import SaslLogin, choose, exchange, filtered, offered
 from engine.speedups import Reader
 
 
@@ -59,6 +60,7 @@ class Stage(StrEnum):
     RSET = "rset"
     QUIT = "quit"
     STARTTLS = "starttls"
+    AUTH = "auth"  # SASL (RFC 4954): the AUTH command and each challenge response
 
 
 # Postfix's words for "lost connection with H while …" / "conversation with H timed out while …".
@@ -75,6 +77,7 @@ DOING = {
     Stage.RSET: "sending RSET",
     Stage.QUIT: "sending QUIT",
     Stage.STARTTLS: "sending STARTTLS",
+    Stage.AUTH: "sending AUTH command",
 }
 
 # Postfix's "(in reply to … command)".
@@ -89,6 +92,7 @@ COMMAND = {
     Stage.RSET: "RSET",
     Stage.QUIT: "QUIT",
     Stage.STARTTLS: "STARTTLS",
+    Stage.AUTH: "AUTH",
 }
 
 # RFC 3463 §2: status-code = class "." subject "." detail, at the start of the reply text.
@@ -245,12 +249,15 @@ class Ready:
 
 @dataclass(frozen=True)
 class SessionFailed:
-    """The session ended before it was ready (greeting, EHLO/HELO, lost connection, timeout):
-    nothing was delivered, another server may be tried."""
+    """The session ended before it was ready (greeting, EHLO/HELO, AUTH, lost connection,
+    timeout): nothing was delivered, another server may be tried. ``permanent``: the
+    recipients bounce rather than wait (a 5xx AUTH reply with smtp_sasl_auth_soft_bounce = no);
+    else they are deferred whatever the code, as Postfix."""
 
     dsn: str
     text: str
     reply: Reply | None = None
+    permanent: bool = False
 
 
 @dataclass(frozen=True)
@@ -322,7 +329,15 @@ class Client:
     ``starttls``: "none" never sends STARTTLS, "may" sends it when offered and goes on in
     plaintext when it is refused, "require" ends the session when it is not offered or refused
     (engine.tls.client decides which, per destination). ``tls_active``: the connection is
-    already TLS (wrapper mode), so no STARTTLS."""
+    already TLS (wrapper mode), so no STARTTLS.
+    ``sasl``: authenticate (RFC 4954) with these credentials after EHLO (and STARTTLS's new
+    EHLO), before the first MAIL, when the server offers AUTH, as Postfix's
+    smtp_sasl_auth_enable: a server without AUTH gets none, one whose mechanisms the
+    smtp_sasl_mechanism_filter removes gets none either (``sasl_warning`` says so), one that
+    offers only mechanisms the security options forbid on this session (PLAIN and LOGIN in
+    plaintext, by default) ends the session (4.7.0), and a refused AUTH ends it with the
+    server's reply ("SASL authentication failed; server … said: …"), the 5xx made 4xx unless
+    ``sasl_soft_bounce`` is False."""
 
     def __init__(
         self,
@@ -338,6 +353,8 @@ class Client:
         lmtp: bool = False,
         starttls: str = "none",
         tls_active: bool = False,
+        sasl: SaslLogin | None = None,
+        sasl_soft_bounce: bool = True,
     ) -> None:
         if any(c in helo_name for c in "\r\n\0 ") or not helo_name:
             raise LocalProtocolError(f"bad HELO name {helo_name!r}")
@@ -353,6 +370,12 @@ class Client:
             raise LocalProtocolError(f"bad starttls mode {starttls!r}")
         self.starttls = starttls
         self.tls_active = tls_active
+        self.sasl = sasl
+        self.sasl_soft_bounce = sasl_soft_bounce
+        self.sasl_mechanism: str | None = None  # of the AUTH sent (None again if refused)
+        self.sasl_warning: str | None = None  # for the adapter's log (no usable mechanism)
+        self._sasl_responses: list[bytes] = []  # answers to the server's 334 challenges
+        self._sasl_cancelled = False
         self.esmtp = False
         self.extensions: dict[str, str] = {}
         self.transactions = 0  # started on this connection (Postfix's conn_use)
@@ -505,7 +528,7 @@ class Client:
                 if self.starttls == "require":
                     self._tls_missing()
                     return
-            self._ready()
+            self._login_or_ready()
         elif reply.code >= 500 and not self.lmtp:  # RFC 5321 §3.2: fall back to HELO
             self._send(f"HELO {self.helo_name}\r\n".encode(), Stage.HELO)
         else:
@@ -526,7 +549,59 @@ class Client:
             self._session_failed(reply, f"TLS is required, but host {self.peer} refused to"
                                  f" start TLS: {reply.flat}")
         else:  # opportunistic: the session goes on in plaintext, as Postfix's "may"
+            self._login_or_ready()
+
+    def _login_or_ready(self) -> None:
+        """After the (last) EHLO: AUTH first when there are credentials and the server offers
+        a mechanism for them (Postfix's smtp_sasl_helo_login), else ready."""
+        mechanisms = offered(self.extensions) if self.sasl is not None else []
+        if not mechanisms:  # no credentials, or no AUTH offered: go on without it, as Postfix
             self._ready()
+            return
+        usable = filtered(self.sasl, mechanisms)
+        if not usable:
+            self.sasl_warning = (f"{self.peer} offered no supported AUTH mechanisms:"
+                                 f" '{' '.join(mechanisms)}'")
+            self._ready()
+            return
+        mechanism = choose(self.sasl, usable, self.tls_active)
+        if mechanism is None:
+            self._events.append(SessionFailed(
+                "4.7.0", f"SASL authentication failed; cannot authenticate to server"
+                f" {self.peer}: no mechanism available"))
+            self.quit()
+            return
+        command, self._sasl_responses = exchange(mechanism, self.sasl)
+        self.sasl_mechanism = mechanism
+        self._send(command, Stage.AUTH)
+
+    def _on_auth(self, reply: Reply, stage: Stage) -> None:
+        if reply.code == 334:  # a challenge: the next response, or cancel (RFC 4954 §4)
+            if self._sasl_responses:
+                self._send(self._sasl_responses.pop(0), Stage.AUTH)
+            elif not self._sasl_cancelled:
+                self._sasl_cancelled = True
+                self._send(b"*\r\n", Stage.AUTH)
+            else:
+                self._sasl_responses = []
+                self._events.append(SessionFailed(
+                    "4.3.0", f"SASL authentication failed; authentication protocol loop with"
+                    f" server {self.peer}"))
+                self.quit()
+            return
+        self._sasl_responses = []
+        if reply.ok:  # 235
+            self._ready()
+            return
+        self.sasl_mechanism = None
+        dsn = reply.dsn
+        permanent = dsn[0] == "5" and not self.sasl_soft_bounce
+        if dsn[0] == "5" and self.sasl_soft_bounce:
+            dsn = "4" + dsn[1:]
+        self._events.append(SessionFailed(
+            dsn, f"SASL authentication failed; server {self.peer} said: {reply.flat}", reply,
+            permanent))
+        self.quit()
 
     def _tls_missing(self) -> None:
         self._events.append(SessionFailed(
@@ -652,6 +727,7 @@ class Client:
         Stage.BDAT: _on_bdat,
         Stage.QUIT: _on_quit,
         Stage.STARTTLS: _on_starttls,
+        Stage.AUTH: _on_auth,
     }
 
     # ---- helpers ----
