@@ -62,6 +62,20 @@ class Origin:
         return base + ("S" if self.tls else "") + ("A" if self.sasl_username else "")
 
 
+# Postfix's smtpd printable() (controls, C1 controls, bytes that were not UTF-8; UTF-8 text
+# itself stays, as with smtputf8_enable) and then its NEUTER_CHARACTERS: what could end the
+# Received: "from" clause or its "(name [addr])" comment, or start its date (";"). Not ":", so
+# that an IPv6 address literal stays as sent (Postfix 3's set).
+_HELO_NEUTER = re.compile(r'[\x00-\x20\x7f-\x9f\ud800-\udfff<>()\\";@]')
+
+
+def neuter_helo(name: str) -> str:
+    """The HELO/EHLO argument as it is kept for Received: and the logs: each control, space
+    or special character becomes ``?`` (Postfix's helo_cmd), so that a client cannot write
+    a trace of its choosing ("EHLO a.example (localhost [10.0.0.1]) by x;")."""
+    return _HELO_NEUTER.sub("?", name)
+
+
 def received_header(origin: Origin, hostname: str, queue_id: str, recipients: list[str],
                     when: float) -> bytes:
     """RFC 5321 §4.4 trace field, in Postfix's layout (with its "(using TLSv1.3 with cipher …)"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.cleanup import MessageBuilder, Origin, RecipientRequest, received_header
+from engine.cleanup import MessageBuilder, Origin, RecipientRequest, neuter_helo, received_header
 
 
 def build(chunks, *, size_limit=10_000, recipients=("rcpt@example.net",), **dsn):
@@ -18,6 +18,22 @@ def build(chunks, *, size_limit=10_000, recipients=("rcpt@example.net",), **dsn)
 
 def content(builder):
     return b"".join(builder.finish().content)
+
+
+@pytest.mark.parametrize("helo, kept", [
+    ("client.test", "client.test"),
+    ("[192.0.2.1]", "[192.0.2.1]"),
+    ("[IPv6:2001:db8::1]", "[IPv6:2001:db8::1]"),  # ":" is not Postfix's to neuter
+    ("trusted.example (localhost [10.0.0.1]) by x;",
+     "trusted.example??localhost?[10.0.0.1]??by?x?"),
+    ('a<b>c"d\\e@f', "a?b?c?d?e?f"),
+    ("tab\there\x00nul", "tab?here?nul"),
+    ("caf\u00e9.example", "caf\u00e9.example"),  # UTF-8 text stays (smtputf8_enable)
+    ("nel\u0085del\x7f", "nel?del?"),
+    ("raw\udcffbyte", "raw?byte"),  # a non-UTF-8 byte (surrogateescape)
+])
+def test_helo_names_are_neutered_as_postfix_s(helo, kept):
+    assert neuter_helo(helo) == kept
 
 
 def test_received_header_comes_first_with_queue_id_and_recipient():
