@@ -144,7 +144,7 @@ def test_a_helo_name_cannot_forge_the_received_trace():
         server, reader, writer, log = await serve(spool)
         writer.write(b"EHLO trusted.example (localhost [10.0.0.1]) by x;\r\n"
                      + TRANSACTION[len(b"EHLO c.test\r\n"):] + b"Subject: x\r\n\r\nbody\r\n.\r\n"
-                     b"MAIL FROM:<a@example.org>\r\nRCPT TO:<postmaster>\r\n")
+                     b"MAIL FROM:<a@example.org>\r\nRCPT TO:<nosuchuser@mx.test>\r\n")
         replies = await read_replies(reader, 7)
         (envelope,) = spool.envelopes()
         content = spool.content(envelope.queue_id)
