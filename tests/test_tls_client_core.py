@@ -82,6 +82,22 @@ def test_bytes_behind_the_220_are_thrown_away():
     assert events[1] == Ready(True, {"PIPELINING": "", "8BITMIME": ""})
 
 
+@pytest.mark.parametrize(("reply", "pending"), [
+    (b"220 2.0.0 Ready to start TLS\r\n", False),
+    (b"220 2.0.0 Ready to start TLS\r\n250 forged\r\n", True),
+    (b"220 2.0.0 Ready to start TLS\r\n25", True),  # even a partial line
+])
+def test_pending_input_tells_the_adapter_of_bytes_behind_the_220(reply, pending):
+    """What the adapter checks before the handshake (it then refuses the session)."""
+    client = Client("client.example", peer=PEER, relay=PEER + ":25", starttls="require")
+    for chunk in (GREETING, EHLO_TLS, reply):
+        while not isinstance(client.next_event(), NeedData | StartTls):
+            pass
+        client.receive_data(chunk)
+    assert isinstance(client.next_event(), StartTls)
+    assert client.pending_input is pending
+
+
 def test_none_never_sends_starttls():
     writes, events, client = converse([GREETING, EHLO_TLS, b"250 2.1.0 Ok\r\n",
                                        b"250 2.1.5 Ok\r\n", b"354 go\r\n", b"250 Ok\r\n"])

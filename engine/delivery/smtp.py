@@ -347,7 +347,19 @@ async def _handshake(connection: Connection, config: Config) -> None:
     checked against the policy. Raises TransientFailure (or _PlaintextRetry at "may")."""
     tls: _TlsJob = connection.tls
     client = connection.client
+    early = client.pending_input or bool(_buffered(connection.reader))
+    if early and not client.tls_active:
+        # Plaintext behind STARTTLS's 220 would be read as replies under TLS (response
+        # injection, the CVE-2011-0411 class): end the session, never drop it silently.
+        # No await between this check and start_tls, which stops reading the plaintext.
+        why = "unexpected data after STARTTLS reply"
+        tls.log(f"warning: {client.relay} sent {why}: possible response injection")
+        tls.report("validation-failure", why, _local_ip(connection))
+        failure = TransientFailure if tls.policy.mandatory else _PlaintextRetry
+        raise failure("4.7.5", f"Cannot start TLS: {why}", client.relay)
     try:
+        if early:  # wrapper mode, and the server spoke first in plaintext: no TLS server
+            raise ssl.SSLError("plaintext data before the TLS handshake")
         async with asyncio.timeout(config.smtp_starttls_timeout):
             await connection.writer.start_tls(client_context(config, tls.policy),
                                               server_hostname=None)
@@ -377,6 +389,11 @@ async def _handshake(connection: Connection, config: Config) -> None:
         tls.report(audit.result or "success", audit.detail, _local_ip(connection))
     if check.failure:
         raise TransientFailure("4.7.5", check.failure, client.relay)
+
+
+def _buffered(reader: asyncio.StreamReader) -> int:
+    """Bytes the StreamReader holds that nobody has read (asyncio has no public accessor)."""
+    return len(reader._buffer)
 
 
 def _local_ip(connection: Connection) -> str:
