@@ -7,6 +7,7 @@ import hashlib
 
 import pytest
 import test_tls_client
+import tls_certs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from test_tls_client import assert_sent, send
@@ -245,6 +246,67 @@ def test_verify_chain_rules(certs, other_ca):
     forged = [der(leaf), der(other_root)]
     ta_other = Tlsa(2, 0, 1, hashlib.sha256(der(other_root)).digest())
     assert verify_chain((ta_other,), forged, ["mx.tern.test"]) is not None
+
+
+@pytest.fixture(scope="module")
+def intermediate_chain(tmp_path_factory):
+    """root → intermediate CA → leaf mx.tern.test; ``files`` holds the leaf and the intermediate
+    only (a server that does not send its root, as most do)."""
+    directory = tmp_path_factory.mktemp("intermediate")
+    root_key, inter_key, leaf_key = tls_certs._key(), tls_certs._key(), tls_certs._key()
+    root = tls_certs._certificate("Tern Root", root_key, "Tern Root", root_key, ca=True)
+    inter = tls_certs._certificate("Tern Intermediate", inter_key, "Tern Root", root_key, ca=True)
+    leaf = tls_certs._certificate("mx.tern.test", leaf_key, "Tern Intermediate", inter_key,
+                                  sans=("mx.tern.test",))
+    cert, key = directory / "chain.pem", directory / "leaf.key"
+    cert.write_bytes(tls_certs._pem_cert(leaf) + tls_certs._pem_cert(inter))
+    key.write_bytes(tls_certs._pem_key(leaf_key))
+    return root, inter, leaf, cert, key
+
+
+@pytest.mark.parametrize("selector, mtype", [(0, 1), (1, 2)])
+def test_dane_ta_may_be_an_intermediate_ca(intermediate_chain, selector, mtype):
+    """RFC 7671 §5.2.2: a DANE-TA record may name an intermediate CA; the chain then ends there
+    (not at a self-signed root), whether or not the server also sends the root."""
+    root, inter, leaf, _, _ = intermediate_chain
+    data = der(inter) if selector == 0 else spki(inter)
+    digest = {1: hashlib.sha256, 2: hashlib.sha512}[mtype](data).digest()
+    record = Tlsa(2, selector, mtype, digest)
+    for chain in ([der(leaf), der(inter)], [der(leaf), der(inter), der(root)]):
+        assert verify_chain((record,), chain, ["mx.tern.test"]) is None
+        assert "name does not match" in verify_chain((record,), chain, ["mx.example.org"])
+
+
+def test_dane_ta_full_record_of_a_root_the_server_left_out(intermediate_chain):
+    """RFC 7671 §5.2.2: a "2 0 0" record carries the whole TA certificate, so the server need not
+    send it; a digest record for a TA that is not in the chain still matches nothing."""
+    root, inter, leaf, _, _ = intermediate_chain
+    chain = [der(leaf), der(inter)]
+    assert verify_chain((Tlsa(2, 0, 0, der(root)),), chain, ["mx.tern.test"]) is None
+    digest = Tlsa(2, 0, 1, hashlib.sha256(der(root)).digest())
+    assert "no TLSA record matches" in verify_chain((digest,), chain, ["mx.tern.test"])
+    garbage = Tlsa(2, 0, 0, b"not a certificate")
+    assert "no TLSA record matches" in verify_chain((garbage,), chain, ["mx.tern.test"])
+
+
+@pytest.fixture(scope="module")
+def intermediate_server(tmp_path_factory, certs, sink, intermediate_chain):
+    *_, cert, key = intermediate_chain
+    server = test_tls_client.start_tls_server(
+        tmp_path_factory.mktemp("tern-inter"), certs, sink, smtpd_tls_cert_file=str(cert),
+        smtpd_tls_key_file=str(key))
+    yield server
+    server.stop()
+
+
+def test_dane_ta_on_the_intermediate_end_to_end(dnssec_server, intermediate_server,
+                                                intermediate_chain):
+    _, inter, _, _, _ = intermediate_chain
+    port = intermediate_server.port
+    dns = dnssec_server(tlsa("mx", port, 2, 1, 2, spki(inter)), zone=ZONE)
+    result, log, _ = dane_send(dns, port, "mx", level="dane-only")
+    assert_sent(result)
+    assert "Verified TLS connection established to mx.tern.test[127.0.0.1]:" in log
 
 
 # ---- TLS-RPT (RFC 8460 §4.3.2.1): what DANE deliveries record ---------------------------------

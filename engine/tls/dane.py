@@ -10,9 +10,11 @@ a trusted path, as with Postfix.
 Usable records are DANE-TA(2) and DANE-EE(3) with selector 0 (the full certificate) or 1 (the
 SubjectPublicKeyInfo), matching type 0 (exact), 1 (SHA-256) or 2 (SHA-512); PKIX-TA(0) and
 PKIX-EE(1) are not used for SMTP (RFC 7672 §3.1.3). DANE-EE matches the leaf alone, without a
-name or date check (§3.1.1). DANE-TA matches a certificate the server sent in its chain; the leaf
-must then chain up to it (checked with pyOpenSSL's X509Store, the TA as the only trusted
-certificate) and carry the TLSA base name or the next-hop domain (§3.2.2). The peer's chain comes
+name or date check (§3.1.1). DANE-TA matches a certificate the server sent in its chain (a root
+or an intermediate CA), or is the certificate of a full "2 0 0" record the server left out (RFC
+7671 §5.2.2); the leaf must then chain up to it (checked with pyOpenSSL's X509Store, the TA as the
+only trusted certificate, partial chains allowed) and carry the TLSA base name or the next-hop
+domain (§3.2.2). The peer's chain comes
 from the TLS object (see engine.tls's docstring for how with Python 3.11).
 """
 
@@ -101,16 +103,20 @@ def record_matches(record: Tlsa, der: bytes) -> bool:
 
 
 def _chains_to(leaf: bytes, anchor: bytes, intermediates: list[bytes]) -> bool:
+    """Whether ``leaf`` chains up to ``anchor`` through ``intermediates``. The anchor may be an
+    intermediate CA (RFC 7671 §5.2.2): PARTIAL_CHAIN lets a trusted certificate that is not
+    self-signed end the chain, as OpenSSL's own DANE code does."""
     store = crypto.X509Store()
-    store.add_cert(crypto.X509.from_cryptography(x509.load_der_x509_certificate(anchor)))
-    chain = [crypto.X509.from_cryptography(x509.load_der_x509_certificate(der))
-             for der in intermediates]
-    context = crypto.X509StoreContext(
-        store, crypto.X509.from_cryptography(x509.load_der_x509_certificate(leaf)), chain)
+    store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
     try:
+        store.add_cert(crypto.X509.from_cryptography(x509.load_der_x509_certificate(anchor)))
+        chain = [crypto.X509.from_cryptography(x509.load_der_x509_certificate(der))
+                 for der in intermediates]
+        context = crypto.X509StoreContext(
+            store, crypto.X509.from_cryptography(x509.load_der_x509_certificate(leaf)), chain)
         context.verify_certificate()
-    except crypto.X509StoreContextError:
-        return False
+    except (crypto.X509StoreContextError, crypto.Error, ValueError):
+        return False  # no chain, or a certificate (or a "2 0 0" record) that does not parse
     return True
 
 
@@ -140,8 +146,13 @@ def verify_chain(records: tuple[Tlsa, ...], chain: list[bytes],
     for record in records:
         if record.usage != 2:
             continue
-        for index, der in enumerate(chain[1:], start=1):
-            if record_matches(record, der) and _chains_to(leaf, der, chain[1:index]):
+        candidates = [(der, chain[1:index]) for index, der in enumerate(chain[1:], start=1)
+                      if record_matches(record, der)]
+        if not candidates and record.selector == 0 and record.mtype == 0:
+            # RFC 7671 §5.2.2: a full "2 0 0" record may stand for a TA the server left out
+            candidates = [(record.data, chain[1:])]
+        for der, intermediates in candidates:
+            if _chains_to(leaf, der, intermediates):
                 anchored = True
                 if any(name_matches(n, w) for n in leaf_names(leaf) for w in wanted):
                     return None
