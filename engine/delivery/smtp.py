@@ -138,8 +138,10 @@ async def deliver(
                 if rpt is not None:
                     _record_dane_failure(rpt, hop.host, exc)
                 raise
-    sts = None  # RFC 8461: only for MX delivery, and never weakening a stronger local policy
-    if config.smtp_mta_sts_enable and hop.mx_lookup and policy.level in ("none", "may"):
+    # RFC 8461: only for MX delivery, and never weakening a stronger local policy. At "dane",
+    # too: it applies to every MX host that DANE does not cover (§2: DANE first).
+    sts = None
+    if config.smtp_mta_sts_enable and hop.mx_lookup and policy.level in ("none", "may", "dane"):
         sts_failures: list[tuple[str, str]] = []
         sts = await sts_policy(config, resolver.dnssec, resolver, hop.host, sts_failures)
         if rpt is not None:
@@ -153,24 +155,21 @@ async def deliver(
         if address_limit and len(servers) >= address_limit:
             break
         host_policy = policy
-        if sts is not None and sts.mode != "none":
-            if not sts.mx_allowed(host):
-                text = f"MX host {host} does not match the MTA-STS policy of {hop.host}"
-                if rpt is not None:
-                    rpt.record("validation-failure", host=host, reason="mx-mismatch")
-                if sts.mode == "enforce":
-                    failures.append(TransientFailure("4.7.5", text))
-                    continue
-                if maillog is not None:
-                    maillog.line("smtp", f"{request.queue_id}: MTA-STS testing: {text}")
-            # enforce: a valid certificate for the MX name (§4.2); testing: opportunistic
-            host_policy = TlsPolicy("verify", ("hostname",), webpki=True) \
-                if sts.mode == "enforce" else TlsPolicy("may")
         try:
+            if sts is not None and sts.mode != "none" and policy.level not in DANE:
+                host_policy = _sts_host_policy(sts, host, TlsPolicy("may"), hop, rpt, maillog,
+                                               request.queue_id)
             found = await resolver.address_lookup(host, dnssec=host_policy.level in DANE)
             addresses = found.items
             host_policy = await resolve_dane(host_policy, resolver.dnssec, host, hop.port,
                                              secure=found.secure)
+            if sts is not None and sts.mode != "none" and host_policy.level not in DANE \
+                    and policy.level in DANE:  # DANE does not cover this host: MTA-STS does
+                host_policy = _sts_host_policy(sts, host, host_policy, hop, rpt, maillog,
+                                               request.queue_id)
+        except _StsRefused as exc:
+            failures.append(exc)
+            continue
         except DeliveryError as exc:
             failures.append(exc)
             if rpt is not None and host_policy.level in DANE:
@@ -229,6 +228,28 @@ async def _session(config: Config, host: str, address: str, policy: TlsPolicy,
     plain = _TlsJob(TlsPolicy("none"), host, hop.host, maillog)
     connection = await _connect(config, host, address, hop.port, plain, login)
     return await _transact(connection, envelope, config, started, connections, hop, key)
+
+
+class _StsRefused(TransientFailure):
+    """MTA-STS enforce: the MX host is not in the policy's mx list."""
+
+
+def _sts_host_policy(sts, host: str, fallback: TlsPolicy, hop: NextHop, rpt: Reporter | None,
+                     maillog: Maillog | None, queue_id: str) -> TlsPolicy:
+    """The TLS policy MTA-STS gives MX ``host``: enforce wants a valid certificate for the MX
+    name (RFC 8461 §4.2), testing leaves ``fallback`` (opportunistic, or what DANE left) and
+    logs. Raises _StsRefused for a host outside the policy's mx patterns under enforce."""
+    if not sts.mx_allowed(host):
+        text = f"MX host {host} does not match the MTA-STS policy of {hop.host}"
+        if rpt is not None:
+            rpt.record("validation-failure", host=host, reason="mx-mismatch")
+        if sts.mode == "enforce":
+            raise _StsRefused("4.7.5", text)
+        if maillog is not None:
+            maillog.line("smtp", f"{queue_id}: MTA-STS testing: {text}")
+    if sts.mode == "enforce":
+        return TlsPolicy("verify", ("hostname",), webpki=True)
+    return fallback
 
 
 def _next_server_may_take(result: RecipientResult) -> bool:
