@@ -2,17 +2,22 @@
 server (the standard library's, with a *.example.net certificate of the test CA) serving the
 policy, and deliver() to a real ``tern serve`` (certificate mx.tern.test) by MX."""
 
+import asyncio
 import http.server
+import socket
 import ssl
 import threading
 
 import pytest
 import test_tls_client
+import uvloop
 from peers import free_port
 from test_tls_client import assert_sent, send
 
+from engine.config import Config
 from engine.delivery import TransientFailure
 from engine.tls import sts_fetch
+from engine.tls.mtasts import StsError
 from engine.tls.tlsrpt_store import ResultStore, today
 
 certs, server, sink = test_tls_client.certs, test_tls_client.server, test_tls_client.sink
@@ -217,3 +222,119 @@ def test_tlsrpt_in_testing_mode_reports_what_enforce_would_find(dns_server, serv
     assert_sent(result)
     assert [(r.result, r.reason) for r in recorded(tmp_path / "mx")] == [
         ("validation-failure", "mx-mismatch"), ("success", "")]
+
+
+# ---- the HTTPS fetch itself (§3.3): a policy whole or not at all -------------------------------
+
+
+class RawPolicyServer:
+    """HTTPS on 127.0.0.1 that answers one request with ``response`` (raw bytes), then either
+    cuts the TCP connection without a TLS close_notify (what an attacker's RST does) or, with
+    ``keep_open``, leaves it open until the client hangs up (a server that ignores
+    "Connection: close")."""
+
+    def __init__(self, pem, response: bytes, keep_open: bool = False):
+        self.response, self.keep_open = response, keep_open
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(10)
+        self.port = self.listener.getsockname()[1]
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(pem)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        raw, _ = self.listener.accept()
+        raw.settimeout(10)
+        try:
+            tls = self.context.wrap_socket(raw, server_side=True)
+            tls.recv(4096)
+            tls.sendall(self.response)
+            if self.keep_open:
+                while tls.recv(4096):
+                    pass
+            raw = socket.socket(fileno=tls.detach())
+            raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            raw.close()
+
+    def close(self):
+        self.thread.join(10)
+        self.listener.close()
+
+
+def raw_fetch(certs, response: bytes, keep_open: bool = False):
+    """sts_fetch.fetch() against a RawPolicyServer: the body, or the StsError's text."""
+    https = RawPolicyServer(certs.sni["example.net"], response, keep_open)
+    config = Config(myhostname="client.tern.test", smtp_mta_sts_CAfile=str(certs.ca),
+                    smtp_mta_sts_https_port=https.port)
+
+    async def run():
+        try:
+            return await sts_fetch.fetch(config, ["127.0.0.1"], "example.net")
+        except StsError as exc:
+            return str(exc)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        result = runner.run(run())
+    https.close()
+    return result
+
+
+BODY = policy("enforce")
+FAILED = "policy fetch from mta-sts.example.net failed: "
+
+
+def response(status="200 OK", body=BODY, *headers):
+    head = [f"HTTP/1.1 {status}", *headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def test_fetch_takes_a_complete_body(certs):
+    assert raw_fetch(certs, response("200 OK", BODY, "Content-Type: text/plain",
+                                          f"Content-Length: {len(BODY)}")) == BODY
+
+
+def test_fetch_stops_at_content_length_when_the_server_keeps_the_connection(certs, monkeypatch):
+    """Without stopping there, the fetch would wait for the server's close (here: the timeout,
+    shortened so that a regression fails soon instead of after a minute)."""
+    monkeypatch.setattr(sts_fetch, "FETCH_TIMEOUT", 5.0)
+    got = raw_fetch(certs, response("200 OK", BODY, "Content-Type: text/plain",
+                                         f"Content-Length: {len(BODY)}", "Connection: keep-alive"),
+                    keep_open=True)
+    assert got == BODY
+
+
+@pytest.mark.parametrize(("raw", "why"), [
+    # an on-path attacker cuts the stream after "max_age: 8": a policy with a tiny max_age
+    (response("200 OK", BODY[:BODY.index(b"86400") + 1], "Content-Type: text/plain",
+              f"Content-Length: {len(BODY)}"), "truncated response"),
+    (response("200 OK", BODY, "Content-Type: text/plain"),
+     "policy response without Content-Length"),
+    (response("200 OK", b"20\r\n" + BODY[:32] + b"\r\n", "Content-Type: text/plain",
+              "Transfer-Encoding: chunked"), "truncated response"),
+    (response("200 OK", b"", "Content-Type: text/plain", "Content-Length: 70000"),
+     "policy larger than 64 KiB"),
+    (response("200 OK", b"8000\r\n%s\r\n8001\r\n%s\r\n0\r\n\r\n" % (b"x" * 0x8000, b"x" * 0x8001),
+              "Content-Type: text/plain", "Transfer-Encoding: chunked"),
+     "policy larger than 64 KiB"),
+    (response("404 Not Found", b"", "Content-Type: text/plain", "Content-Length: 0"),
+     "HTTP status 'HTTP/1.1 404 Not Found'"),
+    (response("301 Moved Permanently", b"", "Location: https://elsewhere.example/",
+              "Content-Type: text/plain", "Content-Length: 0"),
+     "HTTP status 'HTTP/1.1 301 Moved Permanently'"),
+    (response("200 OK", BODY, "Content-Type: text/html", f"Content-Length: {len(BODY)}"),
+     "policy is not text/plain"),
+], ids=["truncated", "no-length", "chunked-truncated", "oversized", "oversized-chunked",
+        "not-found", "redirect", "content-type"])
+def test_fetch_refuses(certs, raw, why):
+    assert raw_fetch(certs, raw) == FAILED + why
+
+
+def test_fetch_takes_a_complete_chunked_body(certs):
+    chunked = b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (10, BODY[:10], len(BODY) - 10, BODY[10:])
+    assert raw_fetch(certs, response("200 OK", chunked,
+                                          "Content-Type: text/plain; charset=utf-8",
+                                          "Transfer-Encoding: chunked")) == BODY
