@@ -88,7 +88,7 @@ class InjectingServer:
 
 def deliver_under_fingerprint(certs, tmp_path, server: InjectingServer):
     table = tmp_path / "tls_policy"
-    table.write_text(f"127.0.0.1 fingerprint match={fingerprint(certs)}\n")
+    table.write_text(f"[127.0.0.1]:{server.port} fingerprint match={fingerprint(certs)}\n")
     config = Config(myhostname="client.tern.test", smtp_connect_timeout=5.0,
                     smtp_starttls_timeout=10.0, smtp_helo_timeout=10.0,
                     smtp_tls_policy_maps=f"texthash:{table}")

@@ -2,6 +2,9 @@
 
 import pytest
 
+from engine.config import Config
+from engine.delivery import NextHop
+from engine.delivery.route import nexthop_as_written
 from engine.smtp.client import (
     Client,
     Closed,
@@ -13,6 +16,7 @@ from engine.smtp.client import (
     StartTls,
     TransactionDone,
 )
+from engine.tls.client import PolicyFinder
 from engine.tls.policy import (
     PolicyError,
     TlsPolicy,
@@ -177,6 +181,33 @@ def test_bad_policies_are_refused(text, fragment):
 
 def test_lookup_keys_walk_up_the_parent_domains():
     assert policy_lookup_keys("mx.Example.COM.") == ["mx.example.com", ".example.com", ".com"]
+
+
+def test_lookup_keys_of_a_next_hop_in_brackets_or_with_a_port_are_only_itself():
+    assert policy_lookup_keys("[Relay.Example.com]:587") == ["[relay.example.com]:587"]
+    assert policy_lookup_keys("[relay.example.com]") == ["[relay.example.com]"]
+    assert policy_lookup_keys("example.com:2525") == ["example.com:2525"]
+    assert policy_lookup_keys("[ipv6:2001:db8::1]") == ["[ipv6:2001:db8::1]"]
+
+
+def test_policy_table_keys_are_next_hops_as_postfix_writes_them(tmp_path):
+    """smtp_tls_policy_maps (texthash) looked up with route.nexthop_as_written, as Postfix."""
+    table = tmp_path / "tls_policy"
+    table.write_text("[relay.example.com]:587 secure match=relay.example.com\n"
+                     "relay.example.com encrypt\n"
+                     ".example.com may\n"
+                     "[mx.example.net] verify\n")
+    finder = PolicyFinder(Config(smtp_tls_policy_maps=f"texthash:{table}"))
+
+    def level(host, port, mx):
+        return finder.policy(nexthop_as_written(NextHop("smtp", host, port, mx))).level
+
+    assert level("relay.example.com", 587, False) == "secure"  # relayhost = [relay…]:587
+    assert level("relay.example.com", 25, False) == "none"  # [relay.example.com]: no entry
+    assert level("relay.example.com", 25, True) == "encrypt"  # the domain itself
+    assert level("other.example.com", 25, True) == "may"  # a parent domain
+    assert level("other.example.com", 2525, True) == "none"  # with a port: only as written
+    assert level("mx.example.net", 25, False) == "verify"
 
 
 @pytest.mark.parametrize("name, pattern, matches", [

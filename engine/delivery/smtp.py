@@ -33,6 +33,7 @@ from engine.delivery import (
     sasl,
 )
 from engine.delivery.connections import Connection, ConnectionCache
+from engine.delivery.route import nexthop_as_written
 from engine.dns import Resolver
 from engine.log import Maillog
 from engine.smtp.client import (
@@ -123,7 +124,7 @@ async def deliver(
             except _DeadSession:
                 continue  # nothing was sent: try the next cached one, then a new connection
     try:
-        policy = _policy_finder(config).policy(hop.host)
+        policy = _policy_finder(config).policy(nexthop_as_written(hop))
     except PolicyError as exc:  # never deliver with less TLS than the administrator wrote
         raise TransientFailure("4.7.5", f"TLS policy lookup for {hop.host}: {exc}") from None
     rpt = reporter(config, hop.host)  # TLS-RPT (RFC 8460): None unless smtp_tlsrpt_enable
