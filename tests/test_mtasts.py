@@ -4,18 +4,24 @@ policy, and deliver() to a real ``tern serve`` (certificate mx.tern.test) by MX.
 
 import asyncio
 import http.server
+import io
 import socket
 import ssl
 import threading
+import uuid
 
 import pytest
 import test_tls_client
 import uvloop
 from peers import free_port
-from test_tls_client import assert_sent, send
+from test_tls_client import assert_sent, received_over_tls, send
 
 from engine.config import Config
-from engine.delivery import TransientFailure
+from engine.delivery import DeliveryRequest, NextHop, TransientFailure
+from engine.delivery.connections import ConnectionCache
+from engine.delivery.smtp import deliver
+from engine.dns import Resolver
+from engine.log import Maillog
 from engine.tls import sts_fetch
 from engine.tls.mtasts import StsError
 from engine.tls.tlsrpt_store import ResultStore, today
@@ -338,3 +344,40 @@ def test_fetch_takes_a_complete_chunked_body(certs):
     assert raw_fetch(certs, response("200 OK", chunked,
                                           "Content-Type: text/plain; charset=utf-8",
                                           "Transfer-Encoding: chunked")) == BODY
+
+
+def test_a_cached_session_never_carries_mail_under_a_policy_that_appeared_since(
+        dns_server, server, sink, policy_server, certs):
+    """The first delivery finds no usable policy and leaves its plaintext session in the
+    connection cache; once the enforce policy is there, the next delivery must not reuse that
+    session (Postfix's TLS-aware connection cache) but open one that MTA-STS verifies."""
+    dns = dns_server(RECORDS, zones=("example.net.", "tern.test."))
+    https = policy_server(b"not a policy")
+    config = Config(myhostname="client.tern.test", dns_servers=(f"{dns[0]}:{dns[1]}",),
+                    smtp_mta_sts_enable=True, smtp_mta_sts_CAfile=str(certs.ca),
+                    smtp_mta_sts_https_port=https.port, smtp_tls_CAfile=str(certs.ca),
+                    smtp_connect_timeout=5.0)
+    markers = [uuid.uuid4().hex, uuid.uuid4().hex]
+    stream = io.StringIO()
+    maillog = Maillog("client.tern.test", stream=stream)
+
+    async def run():
+        cache = ConnectionCache(config)
+        outcomes = []
+        for marker in markers:
+            request = DeliveryRequest("4Xyz", "a@x.test", ["b@example.net"],
+                                      f"Subject: {marker}\r\n\r\nbody\r\n".encode(),
+                                      NextHop("smtp", "example.net", server.port, True))
+            outcomes.append(await deliver(request, config, Resolver(config), cache, maillog))
+            https.policy = policy("enforce")
+        await cache.close()
+        return outcomes
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        first, second = runner.run(run())
+    maillog.flush()
+    assert [r.status for r in first.results + second.results] == ["sent", "sent"]
+    assert second.conn_use == 1  # a new connection
+    assert not received_over_tls(sink, markers[0])
+    assert received_over_tls(sink, markers[1])
+    assert stream.getvalue().count("Verified TLS connection established to mx.tern.test") == 1

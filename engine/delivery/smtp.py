@@ -115,7 +115,22 @@ async def deliver(
         smtputf8=request.smtputf8,
     )
     auth = await sasl.for_delivery(config, request.sender)
-    cache_key = auth.cache_key(hop.destination)
+    try:
+        policy = _policy_finder(config).policy(nexthop_as_written(hop))
+    except PolicyError as exc:  # never deliver with less TLS than the administrator wrote
+        raise TransientFailure("4.7.5", f"TLS policy lookup for {hop.host}: {exc}") from None
+    rpt = reporter(config, hop.host)  # TLS-RPT (RFC 8460): None unless smtp_tlsrpt_enable
+    # RFC 8461: only for MX delivery, and never weakening a stronger local policy. At "dane",
+    # too: it applies to every MX host that DANE does not cover (§2: DANE first).
+    sts = None
+    if config.smtp_mta_sts_enable and hop.mx_lookup and policy.level in ("none", "may", "dane"):
+        sts_failures: list[tuple[str, str]] = []
+        sts = await sts_policy(config, resolver.dnssec, resolver, hop.host, sts_failures)
+        if rpt is not None:
+            rpt.sts = sts
+            for result, why in sts_failures:
+                rpt.record(result, reason=why, policy_type="sts")
+    cache_key = _cache_key(auth.cache_key(hop.destination), policy, sts)
     if connections is not None:
         while (cached := connections.take(cache_key)) is not None:
             try:
@@ -123,11 +138,6 @@ async def deliver(
                                        cache_key)
             except _DeadSession:
                 continue  # nothing was sent: try the next cached one, then a new connection
-    try:
-        policy = _policy_finder(config).policy(nexthop_as_written(hop))
-    except PolicyError as exc:  # never deliver with less TLS than the administrator wrote
-        raise TransientFailure("4.7.5", f"TLS policy lookup for {hop.host}: {exc}") from None
-    rpt = reporter(config, hop.host)  # TLS-RPT (RFC 8460): None unless smtp_tlsrpt_enable
     hosts = [hop.host]
     if hop.mx_lookup:  # DNSSEC status only when DANE needs it (RFC 7672 §2.2.1: secure MX)
         mx = await resolver.mx_lookup(hop.host, dnssec=policy.level in DANE)
@@ -139,16 +149,6 @@ async def deliver(
                 if rpt is not None:
                     _record_dane_failure(rpt, hop.host, exc)
                 raise
-    # RFC 8461: only for MX delivery, and never weakening a stronger local policy. At "dane",
-    # too: it applies to every MX host that DANE does not cover (§2: DANE first).
-    sts = None
-    if config.smtp_mta_sts_enable and hop.mx_lookup and policy.level in ("none", "may", "dane"):
-        sts_failures: list[tuple[str, str]] = []
-        sts = await sts_policy(config, resolver.dnssec, resolver, hop.host, sts_failures)
-        if rpt is not None:
-            rpt.sts = sts
-            for result, why in sts_failures:
-                rpt.record(result, reason=why, policy_type="sts")
     failures: list[DeliveryError] = []
     servers: list[tuple[str, str]] = []  # (host, address), at most smtp_mx_address_limit
     address_limit = config.smtp_mx_address_limit
@@ -186,7 +186,7 @@ async def deliver(
     for index, (host, address, host_policy) in enumerate(servers):
         try:
             outcome = await _session(config, host, address, host_policy, envelope, started,
-                                     connections, hop, maillog, auth, rpt)
+                                     connections, hop, maillog, auth, rpt, cache_key)
         except DeliveryError as exc:  # no session: not counted against smtp_mx_session_limit
             failures.append(exc)
             continue
@@ -210,12 +210,13 @@ async def _session(config: Config, host: str, address: str, policy: TlsPolicy,
                    envelope: Envelope, started: float, connections: ConnectionCache | None,
                    hop: NextHop, maillog: Maillog | None,
                    auth: sasl.DeliveryAuth | None = None,
-                   rpt: Reporter | None = None) -> DeliveryOutcome:
+                   rpt: Reporter | None = None, cache_key: str | None = None) -> DeliveryOutcome:
     """One server's session under its TLS policy; at "may", a failed handshake is followed by
     the same server in plaintext, as Postfix. With ``auth``, its credentials for this server;
-    with ``rpt``, the TLS outcome is recorded (TLS-RPT)."""
+    with ``rpt``, the TLS outcome is recorded (TLS-RPT); ``cache_key``: where the session
+    goes afterwards (default: the destination, and the sender's SASL name)."""
     login = await auth.login(host, hop) if auth is not None else None
-    key = auth.cache_key(hop.destination) if auth is not None else None
+    key = cache_key or (auth.cache_key(hop.destination) if auth is not None else None)
     tls = _TlsJob(policy, host, hop.host, maillog, rpt, address)
     try:
         connection = await _connect(config, host, address, hop.port, tls, login)
@@ -251,6 +252,17 @@ def _sts_host_policy(sts, host: str, fallback: TlsPolicy, hop: NextHop, rpt: Rep
     if sts.mode == "enforce":
         return TlsPolicy("verify", ("hostname",), webpki=True)
     return fallback
+
+
+def _cache_key(key: str, policy: TlsPolicy, sts) -> str:
+    """The connection cache key under the destination's TLS policy, as Postfix's TLS-aware
+    connection cache: a session opened under one policy (say plaintext, before an MTA-STS
+    policy appeared) never carries mail that another policy now governs."""
+    if policy.level != "none":
+        key += f"\0tls={policy.level}:{','.join(policy.match)}"
+    if sts is not None and sts.mode != "none":
+        key += f"\0sts={sts.mode}:{sts.policy_id}"
+    return key
 
 
 def _next_server_may_take(result: RecipientResult) -> bool:
