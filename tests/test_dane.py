@@ -4,6 +4,7 @@ real ``tern serve`` whose chain is leaf (mx.tern.test) + test CA."""
 
 import asyncio
 import hashlib
+import subprocess
 
 import pytest
 import test_tls_client
@@ -18,6 +19,7 @@ from engine.delivery import TransientFailure
 from engine.dns import Resolver
 from engine.tls.dane import Tlsa, verify_chain
 from engine.tls.tlsrpt_store import ResultStore, today
+from engine.tls.trust import TrustStore
 
 ZONE = "tern.test."
 # test_tls_client's module fixtures (tern serve with the test CA's chain, its smtp-sink, CAs)
@@ -307,6 +309,82 @@ def test_dane_ta_on_the_intermediate_end_to_end(dnssec_server, intermediate_serv
     result, log, _ = dane_send(dns, port, "mx", level="dane-only")
     assert_sent(result)
     assert "Verified TLS connection established to mx.tern.test[127.0.0.1]:" in log
+
+
+def openssl(*args, stdin: bytes | None = None) -> bytes:
+    return subprocess.run(["openssl", *args], input=stdin, capture_output=True,
+                          check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def odd_keys(tmp_path_factory):
+    """Self-signed certificates (DER) whose keys ``cryptography`` cannot load or re-encodes:
+    SM2 (a curve it does not support) and RSA-PSS (its SPKI names id-RSASSA-PSS), each with
+    the SPKI as OpenSSL (and so ldns-dane, hash-slinger…) gives it."""
+    directory = tmp_path_factory.mktemp("odd")
+    out = {}
+    for name, keygen in (("sm2", ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:SM2"]),
+                         ("pss", ["-algorithm", "RSA-PSS", "-pkeyopt", "rsa_keygen_bits:2048"])):
+        key = directory / f"{name}.key"
+        try:
+            openssl("genpkey", *keygen, "-out", str(key))
+        except subprocess.CalledProcessError:
+            pytest.skip(f"this openssl cannot make {name} keys")
+        cert = openssl("req", "-new", "-x509", "-key", str(key), "-subj", f"/CN={name}.tern.test",
+                       "-days", "30", "-outform", "DER")
+        spki_bytes = openssl("pkey", "-in", str(key), "-pubout", "-outform", "DER")
+        out[name] = (cert, spki_bytes)
+    return out
+
+
+def test_spki_selector_digests_the_key_as_the_certificate_encodes_it(odd_keys):
+    for name, (cert, key) in odd_keys.items():
+        record = Tlsa(3, 1, 1, hashlib.sha256(key).digest())
+        assert verify_chain((record,), [cert], [f"{name}.tern.test"]) is None, name
+
+
+def test_certificates_that_do_not_parse_match_nothing_and_raise_nothing(certs, odd_keys):
+    """A chain certificate with a key no library here can use (SM2), or whose DER is broken,
+    is a TLSA mismatch like any other (never an exception out of the delivery agent)."""
+    leaf, ca = load(certs.default_cert)
+    sm2, _ = odd_keys["sm2"]
+    other = Tlsa(2, 1, 1, b"\x01" * 32)
+    broken = der(ca)[:40]
+    for chain in ([der(leaf), sm2, der(ca)], [der(leaf), broken], [broken]):
+        assert "no TLSA record matches" in verify_chain((other,), chain, ["mx.tern.test"])
+    ta = Tlsa(2, 1, 1, hashlib.sha256(spki(ca)).digest())
+    assert verify_chain((ta,), [der(leaf), sm2, der(ca)], ["mx.tern.test"]) is None
+    store = TrustStore([str(certs.ca)], [])
+    assert store.verify([der(leaf), der(ca)]) is None
+    assert store.verify([der(leaf), broken]) == "num=0:certificate in chain does not parse"
+
+
+@pytest.fixture(scope="module")
+def sm2_chain_server(tmp_path_factory, certs, sink, odd_keys):
+    """tern serve whose chain is its leaf, an SM2 certificate, then the CA."""
+    directory = tmp_path_factory.mktemp("sm2-chain")
+    leaf, ca = load(certs.default_cert)
+    sm2 = x509.load_der_x509_certificate(odd_keys["sm2"][0])
+    chain = directory / "chain.pem"
+    chain.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM)
+                               for c in (leaf, sm2, ca)))
+    server = test_tls_client.start_tls_server(directory, certs, sink,
+                                              smtpd_tls_cert_file=str(chain))
+    yield server
+    server.stop()
+
+
+def test_odd_chain_certificate_end_to_end(dnssec_server, sm2_chain_server, certs, other_ca):
+    port = sm2_chain_server.port
+    ca = load(certs.ca)[0]
+    dns = dnssec_server([*tlsa("mx", port, 2, 1, 1, spki(ca)),
+                         *tlsa("wrong", port, 2, 1, 1, spki(load(other_ca.ca)[0]))], zone=ZONE)
+    result, log, _ = dane_send(dns, port, "mx", level="dane-only")
+    assert_sent(result)
+    assert "Verified TLS connection established to mx.tern.test[127.0.0.1]:" in log
+    result, log, _ = dane_send(dns, port, "wrong", level="dane-only")
+    assert isinstance(result, TransientFailure)
+    assert (result.dsn, result.text) == ("4.7.5", "Server certificate not verified")
 
 
 # ---- TLS-RPT (RFC 8460 §4.3.2.1): what DANE deliveries record ---------------------------------

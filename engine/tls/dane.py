@@ -28,7 +28,6 @@ import dns.exception
 import dns.flags
 import dns.resolver
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 
 from engine.delivery import TransientFailure
@@ -87,15 +86,52 @@ async def lookup_tlsa(resolver: dns.asyncresolver.Resolver, host: str, port: int
     return TlsaAnswer(name, secure, tuple(r for r in records if r.usable), len(records))
 
 
+def _element(der: bytes, at: int) -> tuple[int, int, int]:
+    """The DER element starting at ``at``: (tag, where its contents start, where it ends).
+    Raises ValueError when it does not fit in ``der``."""
+    if at + 2 > len(der):
+        raise ValueError("truncated DER")
+    tag, first, at = der[at], der[at + 1], at + 2
+    if first < 0x80:
+        length = first
+    else:
+        count = first & 0x7F
+        if not 0 < count <= 4 or at + count > len(der):
+            raise ValueError("bad DER length")
+        length, at = int.from_bytes(der[at:at + count], "big"), at + count
+    if at + length > len(der):
+        raise ValueError("truncated DER")
+    return tag, at, at + length
+
+
+def spki_der(cert: bytes) -> bytes:
+    """The certificate's SubjectPublicKeyInfo exactly as encoded in it (what TLSA selector 1
+    digests), found by walking the DER (RFC 5280 §4.1: the seventh field of tbsCertificate,
+    the sixth without the optional version) rather than by decoding the key: a key algorithm
+    that no library here supports (SM2, GOST…) still has its bytes. Raises ValueError."""
+    _, tbs, _ = _element(cert, 0)  # Certificate ::= SEQUENCE { tbsCertificate, … }
+    tag, at, _ = _element(cert, tbs)
+    if tag != 0x30:
+        raise ValueError("no tbsCertificate")
+    if _element(cert, at)[0] == 0xA0:  # [0] EXPLICIT version
+        at = _element(cert, at)[2]
+    for _ in range(5):  # serialNumber, signature, issuer, validity, subject
+        at = _element(cert, at)[2]
+    tag, _, end = _element(cert, at)
+    if tag != 0x30:
+        raise ValueError("no subjectPublicKeyInfo")
+    return cert[at:end]
+
+
 def _selected(der: bytes, selector: int) -> bytes:
-    if selector == 0:
-        return der
-    return x509.load_der_x509_certificate(der).public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return der if selector == 0 else spki_der(der)
 
 
 def record_matches(record: Tlsa, der: bytes) -> bool:
-    data = _selected(der, record.selector)
+    try:
+        data = _selected(der, record.selector)
+    except ValueError:
+        return False  # not a certificate: it matches nothing
     algorithm = MATCHING[record.mtype]
     if algorithm is not None:
         data = hashlib.new(algorithm, data).digest()
@@ -121,15 +157,19 @@ def _chains_to(leaf: bytes, anchor: bytes, intermediates: list[bytes]) -> bool:
 
 
 def leaf_names(der: bytes) -> list[str]:
-    """The leaf's DNS names: subjectAltName DNS entries, else the subject's common name."""
-    cert = x509.load_der_x509_certificate(der)
+    """The leaf's DNS names: subjectAltName DNS entries, else the subject's common name.
+    Empty for a certificate that does not parse (it then matches no name)."""
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        names = san.value.get_values_for_type(x509.DNSName)
-    except x509.ExtensionNotFound:
-        names = []
-    if not names:
-        names = [str(a.value) for a in cert.subject if a.oid == x509.NameOID.COMMON_NAME]
+        cert = x509.load_der_x509_certificate(der)
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            names = san.value.get_values_for_type(x509.DNSName)
+        except x509.ExtensionNotFound:
+            names = []
+        if not names:
+            names = [str(a.value) for a in cert.subject if a.oid == x509.NameOID.COMMON_NAME]
+    except ValueError:
+        return []
     return [name.lower() for name in names]
 
 
