@@ -320,3 +320,83 @@ def test_a_message_already_delivered_to_the_recipient_is_a_loop(user):
     assert (result.status, result.dsn, result.reply) == (
         "bounced", "5.4.6", f"mail forwarding loop for {name}@example.test")
     assert not (user[3] / "Maildir").exists()
+
+
+def _spool_1777(world):
+    spool = world / "mail"
+    spool.mkdir()
+    spool.chmod(0o1777)  # any local user may create files here (sticky)
+    return spool
+
+
+@root_only
+def test_mbox_created_first_by_another_user_defers_untouched(user, world):
+    """Another local user ("nobody") made the recipient's mailbox first, world-writable, to
+    read the mail: as Postfix's strict_mailbox_ownership, nothing is appended; it defers."""
+    name, *_ = user
+    spool = _spool_1777(world)
+    mbox = spool / name
+    mbox.write_bytes(b"")
+    mbox.chmod(0o666)
+    os.chown(mbox, pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid)
+    config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=1)
+    (result,) = run(local_agent.deliver(request([f"{name}@example.test"]), config)).results
+    assert (result.status, result.dsn, result.reply) == (
+        "deferred", "4.2.0", f"destination {mbox} is not owned by recipient")
+    assert mbox.read_bytes() == b""
+    assert not (spool / f"{name}.lock").exists()
+
+
+@root_only
+def test_mbox_that_is_a_fifo_is_refused_without_blocking(user, world):
+    """A FIFO at the mailbox path: opened without blocking (with or without a reader) and
+    refused as not a regular file (Postfix's 5.2.0), instead of hanging the delivery."""
+    name, uid, gid, _ = user
+    spool = _spool_1777(world)
+    fifo = spool / name
+    os.mkfifo(fifo)
+    os.chown(fifo, uid, gid)  # the kernel's protected_fifos refuses other owners' FIFOs here
+    config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=1)
+    (alone,) = run(local_agent.deliver(request([f"{name}@example.test"]), config)).results
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        (read,) = run(local_agent.deliver(request([f"{name}@example.test"]), config)).results
+        assert os.read(reader, 100) == b""  # nothing was written into it
+    finally:
+        os.close(reader)
+    for result in (alone, read):
+        assert (result.status, result.dsn, result.reply) == (
+            "bounced", "5.2.0", f"destination {fifo} is not a regular file")
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+
+
+@root_only
+def test_mbox_with_a_second_hard_link_is_refused(user, world):
+    """A hard link to another file (here the user's own, so only the link count is wrong)
+    would append the mail to that file: refused as Postfix's safe_open does."""
+    name, uid, gid, home = user
+    spool = _spool_1777(world)
+    other = home / "other-file"
+    other.write_bytes(b"precious\n")
+    os.chown(other, uid, gid)
+    os.link(other, spool / name)
+    config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=1)
+    (result,) = run(local_agent.deliver(request([f"{name}@example.test"]), config)).results
+    assert (result.status, result.dsn, result.reply) == (
+        "bounced", "5.2.0", f"cannot open file {spool / name}: file has 2 hard links")
+    assert other.read_bytes() == b"precious\n"
+
+
+@root_only
+def test_mbox_that_is_a_symlink_is_refused(user, world):
+    name, uid, gid, home = user
+    spool = _spool_1777(world)
+    target = home / "target"
+    target.write_bytes(b"")
+    os.chown(target, uid, gid)
+    (spool / name).symlink_to(target)
+    config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=1)
+    (result,) = run(local_agent.deliver(request([f"{name}@example.test"]), config)).results
+    assert (result.status, result.dsn, result.reply) == (
+        "bounced", "5.2.0", f"cannot open file {spool / name}: file is a symbolic link")
+    assert target.read_bytes() == b""

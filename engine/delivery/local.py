@@ -98,11 +98,12 @@ async def write_mailbox(mailbox: Mailbox, data: bytes, config: Config) -> None:
     """Write with the mailbox owner's identity: in a forked child that becomes that uid/gid
     when Tern is root and the owner is someone else, else in a thread as Tern itself."""
     locking = (config.deliver_lock_attempts, config.deliver_lock_delay)
+    root = os.geteuid() == 0
     if mailbox.maildir:
         write, args = deliver_maildir, (mailbox.path, data)
-    else:
-        write, args = deliver_mbox, (mailbox.path, data, *locking)
-    if os.geteuid() != 0 or mailbox.uid == 0:
+    else:  # as root, the mailbox must be the recipient's own (strict_mailbox_ownership)
+        write, args = deliver_mbox, (mailbox.path, data, *locking, mailbox.uid if root else None)
+    if not root or mailbox.uid == 0:
         await asyncio.to_thread(write, *args)
         return
     # the locks' patience, plus a minute for the write itself

@@ -10,6 +10,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import time
 
 LOCK_ATTEMPTS = 20  # Postfix's deliver_lock_attempts
@@ -96,18 +97,16 @@ def mbox_entry(sender: str, data: bytes, now: float | None = None) -> bytes:
 
 
 def deliver_mbox(path: str, entry: bytes, attempts: int = LOCK_ATTEMPTS,
-                 delay: float = LOCK_DELAY) -> None:
+                 delay: float = LOCK_DELAY, owner: int | None = None) -> None:
     """Append ``entry`` to the mbox file ``path`` (made 0600 if missing) under both of
     Postfix's default locks: a ``path.lock`` dotlock and an fcntl lock. A lock held by someone
-    else is retried ``attempts`` times, ``delay`` apart, then the delivery defers (4.2.0). A
+    else is retried ``attempts`` times, ``delay`` apart, then the delivery defers (4.2.0). The
+    file must be a plain file with one link, owned by ``owner`` when given (see open_mbox). A
     failed write truncates the file back, so no half message stays."""
     lock = path + ".lock"
     _dotlock(lock, attempts, delay)
     try:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        except OSError as exc:
-            raise _os_error(f"cannot open file {path}", exc) from None
+        fd = open_mbox(path, owner)
         try:
             _fcntl_lock(fd, path, attempts, delay)
             size = os.fstat(fd).st_size
@@ -121,6 +120,39 @@ def deliver_mbox(path: str, entry: bytes, attempts: int = LOCK_ATTEMPTS,
             os.close(fd)  # also releases the fcntl lock
     finally:
         os.unlink(lock)
+
+
+def open_mbox(path: str, owner: int | None = None) -> int:
+    """Open (or create, 0600) the mbox file for appending, as Postfix's safe_open and local(8)
+    do: never through a symbolic link, never blocking (a FIFO put there by someone else must
+    not hang the delivery), and only a regular file with exactly one hard link (a link to
+    another file would append the mail there). With ``owner`` (Postfix's
+    strict_mailbox_ownership, when Tern writes as the recipient) a file owned by anyone else
+    defers: another local user may have created it first to read the mail."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise MailboxError("5.2.0", f"cannot open file {path}: file is a symbolic link"
+                               ) from None
+        if exc.errno == errno.ENXIO:  # a FIFO or socket with no reader
+            raise MailboxError("5.2.0", f"destination {path} is not a regular file") from None
+        raise _os_error(f"cannot open file {path}", exc) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise MailboxError("5.2.0", f"destination {path} is not a regular file")
+        if info.st_nlink != 1:
+            raise MailboxError("5.2.0", f"cannot open file {path}: file has {info.st_nlink} "
+                                        f"hard links")
+        if owner is not None and info.st_uid != owner:
+            raise MailboxError("4.2.0", f"destination {path} is not owned by recipient")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _dotlock(lock: str, attempts: int, delay: float) -> None:
