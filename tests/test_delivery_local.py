@@ -123,17 +123,54 @@ def test_mbox_quoting():
 
 @root_only
 def test_the_write_happens_with_the_users_identity(user, world):
-    """A mailbox the user may not create (a root-owned 0755 directory) is refused to the
-    child, proving it does not write as root; the server keeps its own identity."""
-    name, *_ = user
-    spool = world / "rootonly"
-    spool.mkdir(mode=0o755)
-    config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=1)
+    """A home mailbox in a directory the user may not write (root-owned, 0755) is refused to
+    the child, proving it does not write as root; the server keeps its own identity."""
+    name, _, _, home = user
+    (home / "rootonly").mkdir(mode=0o755)
+    config = Config(home_mailbox="rootonly/mbox", deliver_lock_attempts=1)
     (result,) = run(local_agent.deliver(request([f"{name}@example.test"]), config)).results
     assert (result.status, result.dsn) == ("deferred", "4.2.0")
     assert "Permission denied" in result.reply
-    assert list(spool.iterdir()) == []
+    assert list((home / "rootonly").iterdir()) == []
     assert os.geteuid() == 0 and os.getegid() == 0
+
+
+def _delivered_by_spool_rule(user, spool):
+    name, uid, gid, _ = user
+    config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=1)
+    outcome = run(local_agent.deliver(request([f"{name}@example.test"] * 2), config))
+    assert [(r.status, r.reply) for r in outcome.results] == [("sent", "delivered to mailbox")] * 2
+    assert sorted(os.listdir(spool)) == [name]  # no dotlock left
+    assert (spool / name).read_bytes().count(b"\nSubject: hello\n") == 2
+    assert os.geteuid() == 0 and os.getegid() == 0
+    return (spool / name).stat()
+
+
+@root_only
+def test_mbox_in_a_group_writable_mail_spool(user, world):
+    """Debian's /var/mail (2775 root:mail): as Postfix's local(8), the dotlock and the file
+    are made with the recipient's uid and the spool's group (the user's own gid cannot write
+    there), the message appended as the recipient."""
+    import grp
+    _, uid, _, _ = user
+    spool = world / "mail"
+    spool.mkdir()
+    mail_gid = grp.getgrnam("mail").gr_gid
+    os.chown(spool, 0, mail_gid)
+    spool.chmod(0o2775)
+    info = _delivered_by_spool_rule(user, spool)
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (uid, mail_gid, 0o600)
+
+
+@root_only
+def test_mbox_in_a_root_only_mail_spool(user, world):
+    """A spool only root may write (0755): locked and created as root, the new file given to
+    the recipient (Postfix's chown), then written as the recipient."""
+    _, uid, gid, _ = user
+    spool = world / "mail"
+    spool.mkdir(mode=0o755)
+    info = _delivered_by_spool_rule(user, spool)
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (uid, gid, 0o600)
 
 
 def test_unknown_local_user_bounces(world):

@@ -18,12 +18,14 @@ import functools
 import os
 import pwd
 import signal
+import stat
 from dataclasses import dataclass
 
 from engine.config import Config
 from engine.delivery import DeliveryOutcome, DeliveryRequest, RecipientResult, split_local
 from engine.delivery.mailbox import (
     MailboxError,
+    Privileges,
     deliver_maildir,
     deliver_mbox,
     delivery_headers,
@@ -44,6 +46,7 @@ class Mailbox:
     maildir: bool
     uid: int
     gid: int
+    spool: str = ""  # the mail_spool_directory holding this mbox ("" elsewhere)
 
 
 def local_mailbox(recipient: str, config: Config) -> Mailbox:
@@ -58,7 +61,7 @@ def local_mailbox(recipient: str, config: Config) -> Mailbox:
         return Mailbox(path, config.home_mailbox.endswith("/"), entry.pw_uid, entry.pw_gid)
     spool = config.mail_spool_directory
     return Mailbox(os.path.join(spool, user) + ("/" if spool.endswith("/") else ""),
-                   spool.endswith("/"), entry.pw_uid, entry.pw_gid)
+                   spool.endswith("/"), entry.pw_uid, entry.pw_gid, spool)
 
 
 async def virtual_mailbox(recipient: str, config: Config) -> Mailbox:
@@ -106,23 +109,85 @@ async def write_mailbox(mailbox: Mailbox, data: bytes, config: Config) -> None:
     if not root or mailbox.uid == 0:
         await asyncio.to_thread(write, *args)
         return
+    privileges = None
+    if mailbox.spool and not mailbox.maildir:
+        privileges = spool_privileges(mailbox)
+        args = (*args, privileges)
     # the locks' patience, plus a minute for the write itself
-    await as_user(mailbox.uid, mailbox.gid, 60 + locking[0] * locking[1], write, *args)
+    await as_user(mailbox.uid, mailbox.gid, 60 + locking[0] * locking[1], write, *args,
+                  privileges=privileges)
 
 
-async def as_user(uid: int, gid: int, time_limit: float, write, *args) -> None:
+@dataclass(frozen=True)
+class SpoolPrivileges(Privileges):
+    """The identities of an mbox delivery into the mail spool directory, as Postfix's local(8)
+    picks them: the recipient's own in a world-writable spool; the recipient's uid with the
+    spool's group in a group-writable one (Debian's /var/mail, 2775 root:mail), so the dotlock
+    can be made there; root otherwise, the new file then given to the recipient. The message
+    itself is always appended as the recipient. Used in the forked child only."""
+
+    uid: int
+    gid: int
+    spool_uid: int
+    spool_gid: int
+
+    @property
+    def chown(self) -> tuple[int, int] | None:
+        return None if self.spool_uid == self.uid else (self.uid, self.gid)
+
+    def enter(self) -> None:
+        """From root: the locking identity, keeping what ``writing`` and ``locking`` switch
+        between as saved ids (root stays the real uid only when root locks)."""
+        os.setgroups([])
+        if self.spool_uid == 0:
+            os.setgid(0)
+        else:
+            os.setresgid(self.gid, self.spool_gid, self.spool_gid)
+            os.setresuid(self.uid, self.uid, self.uid)
+
+    def locking(self) -> None:
+        if self.spool_uid == 0:
+            os.seteuid(0)
+        os.setegid(self.spool_gid)
+
+    def writing(self) -> None:
+        os.setegid(self.gid)
+        if self.spool_uid == 0:
+            os.seteuid(self.uid)
+
+
+def spool_privileges(mailbox: Mailbox) -> SpoolPrivileges:
+    """Postfix's rule (local/mailbox.c): world-writable spool (or none to stat) → the
+    recipient; group-writable → recipient uid + spool gid; else root."""
+    try:
+        info = os.stat(mailbox.spool)
+    except OSError:
+        return SpoolPrivileges(mailbox.uid, mailbox.gid, mailbox.uid, mailbox.gid)
+    if info.st_mode & stat.S_IWOTH:
+        return SpoolPrivileges(mailbox.uid, mailbox.gid, mailbox.uid, mailbox.gid)
+    if info.st_mode & stat.S_IWGRP:
+        return SpoolPrivileges(mailbox.uid, mailbox.gid, mailbox.uid, info.st_gid)
+    return SpoolPrivileges(mailbox.uid, mailbox.gid, 0, 0)
+
+
+async def as_user(uid: int, gid: int, time_limit: float, write, *args,
+                  privileges: SpoolPrivileges | None = None) -> None:
     """Run ``write(*args)`` in a forked child that first drops to ``uid``/``gid`` (no
-    supplementary groups, umask 077). No exec: the child only runs already imported code and
-    plain system calls, then _exit()s; its MailboxError comes back through a pipe."""
+    supplementary groups, umask 077), or enters ``privileges`` (which ``write`` switches
+    between). No exec: the child only runs already imported code and plain system calls, then
+    _exit()s; its MailboxError comes back through a pipe."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns
         code = 70
         try:
             os.close(read_fd)
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
+            if privileges is not None:
+                privileges.enter()
+            else:
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
             os.umask(0o077)
             write(*args)
             code = 0

@@ -96,8 +96,29 @@ def mbox_entry(sender: str, data: bytes, now: float | None = None) -> bytes:
     return f"From {sender or 'MAILER-DAEMON'}  {stamp}\n".encode() + body + b"\n"
 
 
+class Privileges:
+    """How deliver_mbox changes the process's effective identity between its two phases, as
+    Postfix's local(8) does with set_eugid(): ``locking`` (create the dotlock, open or create
+    the file, remove the lock: the mail spool's privileges) and ``writing`` (append the
+    message: the recipient's). ``chown``: who a newly created file is given to, when the
+    locking identity is not the recipient (root in a root-only spool). This default changes
+    nothing: the caller already has the one identity for everything."""
+
+    chown: tuple[int, int] | None = None
+
+    def locking(self) -> None:
+        pass
+
+    def writing(self) -> None:
+        pass
+
+
+SAME_PRIVILEGES = Privileges()
+
+
 def deliver_mbox(path: str, entry: bytes, attempts: int = LOCK_ATTEMPTS,
-                 delay: float = LOCK_DELAY, owner: int | None = None) -> None:
+                 delay: float = LOCK_DELAY, owner: int | None = None,
+                 privileges: Privileges = SAME_PRIVILEGES) -> None:
     """Append ``entry`` to the mbox file ``path`` (made 0600 if missing) under both of
     Postfix's default locks: a ``path.lock`` dotlock and an fcntl lock. A lock held by someone
     else is retried ``attempts`` times, ``delay`` apart, then the delivery defers (4.2.0). The
@@ -106,8 +127,9 @@ def deliver_mbox(path: str, entry: bytes, attempts: int = LOCK_ATTEMPTS,
     lock = path + ".lock"
     _dotlock(lock, attempts, delay)
     try:
-        fd = open_mbox(path, owner)
+        fd = open_mbox(path, owner, privileges.chown)
         try:
+            privileges.writing()
             _fcntl_lock(fd, path, attempts, delay)
             size = os.fstat(fd).st_size
             try:
@@ -119,19 +141,34 @@ def deliver_mbox(path: str, entry: bytes, attempts: int = LOCK_ATTEMPTS,
         finally:
             os.close(fd)  # also releases the fcntl lock
     finally:
+        privileges.locking()
         os.unlink(lock)
 
 
-def open_mbox(path: str, owner: int | None = None) -> int:
+def open_mbox(path: str, owner: int | None = None, chown: tuple[int, int] | None = None
+              ) -> int:
     """Open (or create, 0600) the mbox file for appending, as Postfix's safe_open and local(8)
     do: never through a symbolic link, never blocking (a FIFO put there by someone else must
     not hang the delivery), and only a regular file with exactly one hard link (a link to
     another file would append the mail there). With ``owner`` (Postfix's
     strict_mailbox_ownership, when Tern writes as the recipient) a file owned by anyone else
-    defers: another local user may have created it first to read the mail."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    defers: another local user may have created it first to read the mail. With ``chown``, a
+    file this call creates is given to that uid/gid (only one it created: O_EXCL)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags, 0o600)
+        if chown is None:
+            fd = os.open(path, flags | os.O_CREAT, 0o600)
+        else:
+            try:
+                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                fd = os.open(path, flags)
+            else:
+                try:
+                    os.fchown(fd, *chown)
+                except OSError:
+                    os.close(fd)
+                    raise
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise MailboxError("5.2.0", f"cannot open file {path}: file is a symbolic link"
