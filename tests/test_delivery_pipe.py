@@ -175,3 +175,43 @@ def test_without_flags_the_message_goes_as_it_is(world):
     assert [r.status for r in run(pipe_agent.deliver(request, Config(), "p",
                                                      transport)).results] == ["sent", "sent"]
     assert out.read_bytes() == b"Subject: f\n\nFrom here\n.dot\n"
+
+
+def _argv_run(world, sender, recipients):
+    """Run a command that records its argv (one per line) for ``recipients``."""
+    out = world / "argv"
+    command = script(world, f'printf "%s\\n" "$@" > {out}\ncat >/dev/null\n')
+    transport = PipeTransport((command, "-f", "${sender}", "--", "${recipient}"), "nobody", 10.0)
+    request = DeliveryRequest("4Q", sender, list(recipients), CONTENT,
+                              NextHop("filter", "example.test", 0, False))
+    outcome = run(pipe_agent.deliver(request, Config(), "filter", transport))
+    argv = out.read_text().splitlines() if out.exists() else None
+    return [(r.recipient, r.status, r.dsn, r.reply) for r in outcome.results], argv
+
+
+def test_recipient_starting_with_a_dash_never_reaches_the_command_line(world):
+    """Postfix's allow_min_user = no where it cannot be bypassed: "-C/tmp/evil.cf@x" would read
+    as an option. It bounces (5.1.3); the others of the request are delivered."""
+    results, argv = _argv_run(world, "s@example.org",
+                              ["a@example.test", "-C/tmp/evil.cf@example.test", "b@example.test"])
+    assert results == [
+        ("a@example.test", "sent", "2.0.0", "delivered via filter service"),
+        ("-C/tmp/evil.cf@example.test", "bounced", "5.1.3", "bad address syntax"),
+        ("b@example.test", "sent", "2.0.0", "delivered via filter service")]
+    assert argv == ["-f", "s@example.org", "--", "a@example.test", "b@example.test"]
+    (world / "argv").unlink()
+    results, argv = _argv_run(world, "s@example.org", ["-oQ/tmp@example.test"])
+    assert results == [("-oQ/tmp@example.test", "bounced", "5.1.3", "bad address syntax")]
+    assert argv is None
+
+
+def test_sender_starting_with_a_dash_runs_no_command(world):
+    results, argv = _argv_run(world, "-X/tmp/log@example.org", ["a@example.test"])
+    assert results == [("a@example.test", "bounced", "5.1.7", "bad sender address syntax")]
+    assert argv is None
+
+
+def test_null_sender_expands_to_mailer_daemon(world):
+    results, argv = _argv_run(world, "", ["a@example.test"])
+    assert results == [("a@example.test", "sent", "2.0.0", "delivered via filter service")]
+    assert argv == ["-f", "MAILER-DAEMON", "--", "a@example.test"]

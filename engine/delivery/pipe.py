@@ -80,7 +80,8 @@ def expand_argv(argv: tuple[str, ...], request: DeliveryRequest, delimiter: str,
     """The command line for ``request``: message macros filled in, and each argument with a
     recipient macro repeated for every recipient."""
     nexthop = request.nexthop.host.lower() if "h" in flags else request.nexthop.host
-    common = {"sender": request.sender, "nexthop": nexthop,
+    # the null sender is MAILER-DAEMON (Postfix pipe(8)'s null_sender default)
+    common = {"sender": request.sender or "MAILER-DAEMON", "nexthop": nexthop,
               "size": str(len(request.content)), "queue_id": request.queue_id}
     per_recipient = []
     for recipient in request.recipients:
@@ -140,10 +141,32 @@ def message_data(request: DeliveryRequest, flags: str) -> bytes:
     return head.encode() + body
 
 
+def refused_addresses(request: DeliveryRequest, name: str) -> list[RecipientResult]:
+    """Postfix's allow_min_user = no, where it cannot be bypassed (smtpd refuses these too,
+    but the sendmail command, the API or an old queue may carry them): an address starting
+    with "-" never reaches a command line, where it would read as an option. A sender so
+    bounces every recipient; such a recipient bounces alone."""
+    if request.sender[:1] == "-":
+        return [RecipientResult(r, "bounced", "5.1.7", "bad sender address syntax", name)
+                for r in request.recipients]
+    return [RecipientResult(r, "bounced", "5.1.3", "bad address syntax", name)
+            for r in request.recipients if r[:1] == "-"]
+
+
 async def deliver(request: DeliveryRequest, config: Config, name: str,
                   transport: PipeTransport) -> DeliveryOutcome:
     """Run the command; with the D or O flag (a per-recipient header) once per recipient, as
     Postfix needs destination_recipient_limit = 1 for them."""
+    if refused := refused_addresses(request, name):
+        left = [r for r in request.recipients if r[:1] != "-"]
+        if request.sender[:1] == "-" or not left:
+            return DeliveryOutcome(refused)
+        outcome = await deliver(dataclasses.replace(request, recipients=left), config, name,
+                                transport)
+        results, bad = iter(outcome.results), iter(refused)  # back in the request's order
+        outcome.results = [next(bad) if r[:1] == "-" else next(results)
+                           for r in request.recipients]
+        return outcome
     if len(request.recipients) > 1 and set("DO") & set(transport.flags):
         results = []
         for recipient in request.recipients:
