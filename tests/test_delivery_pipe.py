@@ -6,6 +6,7 @@ import os
 import pwd
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -112,18 +113,48 @@ def test_time_limit_defers_and_kills_the_command(world):
         deliver(world, f"sleep 30 &\necho $! > {marker}\nwait\n", time_limit=0.5)
     assert caught.value.dsn == "4.3.0"
     assert caught.value.text.startswith("Command time limit exceeded:")
-    child = int(marker.read_text())
-    for _ in range(100):  # the whole process group got SIGKILL: the sleep ends too
+    # the whole process group got SIGKILL: the sleep ends too
+    assert ended(int(marker.read_text())), "the command's child survived the time limit"
+
+
+def ended(pid: int) -> bool:
+    """Whether ``pid`` is gone or a zombie, waiting up to ~2 s for a SIGKILL to land."""
+    for _ in range(100):
         try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            break
-        with open(f"/proc/{child}/stat") as stat:
-            if stat.read().split(") ")[1].startswith("Z"):
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().split(") ")[1].startswith(("Z", "X")):
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_cancelled_delivery_kills_and_reaps_the_command_group(world):
+    """The delivery task cancelled (the queue manager stopping): the command and what it
+    started are killed, and the command reaped, before the cancellation goes on."""
+    pids = world / "pids"
+    command = script(world, f"sleep 30 &\necho $$ $! > {pids}\nwait\n")
+    request = DeliveryRequest("4Q", "s@example.org", ["a@example.test"], CONTENT,
+                              NextHop("filter", "example.test", 0, False))
+
+    async def scenario():
+        task = asyncio.create_task(pipe_agent.deliver(
+            request, Config(), "filter", PipeTransport((command,), "nobody", 60.0)))
+        for _ in range(500):
+            if pids.exists() and pids.read_text().endswith("\n"):
                 break
-        asyncio.run(asyncio.sleep(0.02))
-    else:
-        pytest.fail("the command's child survived the time limit")
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        shell, sleeper = map(int, pids.read_text().split())
+        with pytest.raises(ChildProcessError):
+            os.waitpid(shell, os.WNOHANG)  # already reaped
+        return shell, sleeper
+
+    shell, sleeper = asyncio.run(scenario())
+    assert ended(shell) and ended(sleeper)
 
 
 def test_pipe_transport_from_config_and_transport_maps(tmp_path, world):

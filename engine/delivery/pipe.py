@@ -208,13 +208,17 @@ async def _run(request: DeliveryRequest, config: Config, name: str,
         async with asyncio.timeout(transport.time_limit):
             output, _ = await process.communicate(data)
     except TimeoutError:
-        _kill_group(process)
-        await process.wait()
         raise TransientFailure("4.3.0", f'Command time limit exceeded: "{argv[0]}"',
                                name) from None
     except BrokenPipeError:  # the command did not read it all: its exit status decides
         output = await process.stdout.read(OUTPUT_LIMIT) if process.stdout else b""
         await process.wait()
+    finally:
+        # timed out, cancelled (the queue manager stopping) or failed: the command and what
+        # it started must not outlive the delivery; killed, then reaped
+        if process.returncode is None:
+            _kill_group(process)
+            await asyncio.shield(process.wait())
     status, dsn, reason = _verdict(name, argv[0], process.returncode, output)
     return DeliveryOutcome([RecipientResult(r, status, dsn, reason, name)
                             for r in request.recipients])
