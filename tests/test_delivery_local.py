@@ -437,3 +437,130 @@ def test_mbox_that_is_a_symlink_is_refused(user, world):
     assert (result.status, result.dsn, result.reply) == (
         "bounced", "5.2.0", f"cannot open file {spool / name}: file is a symbolic link")
     assert target.read_bytes() == b""
+
+
+LOCK_MANY = """
+import fcntl, os, sys
+fds = [os.open(path, os.O_WRONLY) for path in sys.argv[1:]]
+for fd in fds:
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()  # held until the test closes our stdin
+"""
+
+
+@pytest.mark.parametrize("as_recipient", [False, True], ids=["thread", "child"])
+def test_deliveries_waiting_for_locks_leave_the_default_executor_free(user, world, as_recipient):
+    """As many mbox deliveries as the loop's default executor has threads, all waiting for
+    locks another program holds, in mailbox threads (Tern's own user) or in children (as the
+    recipient): a job on the default executor (smtpd's AUTH check uses it) still runs, and
+    finishes while every delivery is still waiting; released, they all deliver."""
+    if as_recipient and os.geteuid() != 0:
+        pytest.skip("needs root (setuid)")
+    _, uid, gid, _ = user
+    ids = (uid, gid) if as_recipient else (os.geteuid(), os.getegid())
+    boxes = world / "boxes"
+    boxes.mkdir()
+    os.chown(boxes, *ids)
+    count = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default size
+    paths = [boxes / f"u{i}" for i in range(count)]
+    for path in paths:
+        path.write_bytes(b"")
+        os.chown(path, *ids)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_MANY, *map(str, paths)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    config = Config(deliver_lock_attempts=400, deliver_lock_delay=0.05)
+
+    async def scenario():
+        tasks = [asyncio.create_task(local_agent.write_mailbox(
+            local_agent.Mailbox(str(path), False, *ids), b"From x  now\nhi\n\n", config))
+            for path in paths]
+        await asyncio.sleep(0)  # each has started: submitted to its thread, or forked
+        await asyncio.to_thread(lambda: None)
+        waiting = [not task.done() for task in tasks]
+        holder.stdin.close()
+        await asyncio.gather(*tasks)
+        return waiting
+
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        assert run(scenario()) == [True] * count
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert [path.read_bytes() for path in paths] == [b"From x  now\nhi\n\n"] * count
+
+
+def _hanging_writer(monkeypatch, marker):
+    """The child's write hangs halfway (it inherits this patch through fork), after noting
+    its pid in ``marker``."""
+    from engine.delivery import mailbox
+
+    def hang(fd, data):
+        os.write(fd, data[: len(data) // 2])
+        Path(marker).write_text(str(os.getpid()))
+        time.sleep(20)
+
+    monkeypatch.setattr(mailbox, "_write_all", hang)
+
+
+def _user_spool(user, world):
+    name, uid, gid, _ = user
+    spool = world / "mail"
+    spool.mkdir()
+    os.chown(spool, uid, gid)  # the child (the recipient) makes its dotlock here
+    mbox = spool / name
+    mbox.write_bytes(b"From old  now\nold message\n\n")
+    os.chown(mbox, uid, gid)
+    return spool, mbox
+
+
+@root_only
+def test_mbox_writer_past_its_time_limit_leaves_no_half_message_nor_lock(user, world,
+                                                                        monkeypatch):
+    name, *_ = user
+    spool, mbox = _user_spool(user, world)
+    marker = user[3] / "child"  # the child (the recipient) writes it
+    _hanging_writer(monkeypatch, marker)
+    monkeypatch.setattr(local_agent, "WRITE_TIME_LIMIT", 1.0)
+    config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=1)
+    (result,) = run(local_agent.deliver(request([f"{name}@example.test"]), config)).results
+    assert (result.status, result.dsn, result.reply) == (
+        "deferred", "4.2.0", f"mailbox delivery to {mbox} timed out")
+    assert marker.exists()  # half the message had been written
+    assert mbox.read_bytes() == b"From old  now\nold message\n\n"
+    assert sorted(os.listdir(spool)) == [name]  # no dotlock
+    with pytest.raises(ChildProcessError):
+        os.waitpid(int(marker.read_text()), os.WNOHANG)  # killed and reaped
+
+
+@root_only
+def test_cancelled_mbox_delivery_kills_the_child_and_undoes_its_write(user, world,
+                                                                     monkeypatch):
+    """The delivery task cancelled (the queue manager stopping) while the child writes: the
+    child is killed and reaped, the half message cut off and the dotlock removed, then the
+    cancellation goes on."""
+    name, *_ = user
+    spool, mbox = _user_spool(user, world)
+    marker = user[3] / "child"  # the child (the recipient) writes it
+    _hanging_writer(monkeypatch, marker)
+    config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=1)
+
+    async def scenario():
+        task = asyncio.create_task(local_agent.deliver(request([f"{name}@example.test"]),
+                                                       config))
+        for _ in range(500):
+            if marker.exists() and marker.read_text():
+                break
+            await asyncio.sleep(0.01)
+        assert mbox.stat().st_size > len(b"From old  now\nold message\n\n")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with pytest.raises(ChildProcessError):
+            os.waitpid(int(marker.read_text()), os.WNOHANG)  # killed and reaped
+
+    run(scenario())
+    assert mbox.read_bytes() == b"From old  now\nold message\n\n"
+    assert sorted(os.listdir(spool)) == [name]

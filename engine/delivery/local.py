@@ -9,15 +9,12 @@ must be a user in the passwd database (Postfix's default local_recipient_maps); 
 
 When Tern runs as root, the file is written by a forked child that takes the recipient's uid
 and gid before it opens anything, never by changing the server's own identity; otherwise the
-write runs in a thread as Tern's own user.
+write runs in a mailbox thread as Tern's own user (engine.delivery.writer).
 """
 
-import asyncio
-import contextlib
 import functools
 import os
 import pwd
-import signal
 import stat
 from dataclasses import dataclass
 
@@ -32,7 +29,10 @@ from engine.delivery.mailbox import (
     mbox_entry,
     unix_lines,
 )
+from engine.delivery.writer import as_user, in_thread
 from engine.tables import open_table
+
+WRITE_TIME_LIMIT = 60.0  # seconds for a child's write, beyond its locks' patience
 
 # the virtual tables, read once per process (as Postfix's texthash at process start)
 _table = functools.lru_cache(maxsize=16)(open_table)
@@ -99,7 +99,8 @@ async def virtual_mailbox(recipient: str, config: Config) -> Mailbox:
 
 async def write_mailbox(mailbox: Mailbox, data: bytes, config: Config) -> None:
     """Write with the mailbox owner's identity: in a forked child that becomes that uid/gid
-    when Tern is root and the owner is someone else, else in a thread as Tern itself."""
+    when Tern is root and the owner is someone else, else in a mailbox thread as Tern itself
+    (engine.delivery.writer: neither holds a thread of the loop's default executor)."""
     locking = (config.deliver_lock_attempts, config.deliver_lock_delay)
     root = os.geteuid() == 0
     if mailbox.maildir:
@@ -107,15 +108,16 @@ async def write_mailbox(mailbox: Mailbox, data: bytes, config: Config) -> None:
     else:  # as root, the mailbox must be the recipient's own (strict_mailbox_ownership)
         write, args = deliver_mbox, (mailbox.path, data, *locking, mailbox.uid if root else None)
     if not root or mailbox.uid == 0:
-        await asyncio.to_thread(write, *args)
+        await in_thread(write, *args)
         return
     privileges = None
     if mailbox.spool and not mailbox.maildir:
         privileges = spool_privileges(mailbox)
         args = (*args, privileges)
     # the locks' patience, plus a minute for the write itself
-    await as_user(mailbox.uid, mailbox.gid, 60 + locking[0] * locking[1], write, *args,
-                  privileges=privileges)
+    await as_user(mailbox.uid, mailbox.gid, WRITE_TIME_LIMIT + locking[0] * locking[1],
+                  write, *args,
+                  privileges=privileges, mbox=None if mailbox.maildir else mailbox.path)
 
 
 @dataclass(frozen=True)
@@ -168,61 +170,6 @@ def spool_privileges(mailbox: Mailbox) -> SpoolPrivileges:
     if info.st_mode & stat.S_IWGRP:
         return SpoolPrivileges(mailbox.uid, mailbox.gid, mailbox.uid, info.st_gid)
     return SpoolPrivileges(mailbox.uid, mailbox.gid, 0, 0)
-
-
-async def as_user(uid: int, gid: int, time_limit: float, write, *args,
-                  privileges: SpoolPrivileges | None = None) -> None:
-    """Run ``write(*args)`` in a forked child that first drops to ``uid``/``gid`` (no
-    supplementary groups, umask 077), or enters ``privileges`` (which ``write`` switches
-    between). No exec: the child only runs already imported code and plain system calls, then
-    _exit()s; its MailboxError comes back through a pipe."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns
-        code = 70
-        try:
-            os.close(read_fd)
-            if privileges is not None:
-                privileges.enter()
-            else:
-                os.setgroups([])
-                os.setgid(gid)
-                os.setuid(uid)
-            os.umask(0o077)
-            write(*args)
-            code = 0
-        except MailboxError as exc:
-            code = 75 if exc.transient else 1
-            os.write(write_fd, f"{exc.dsn} {exc.text}".encode()[:4000])
-        except BaseException as exc:  # noqa: BLE001 - reported, and the child must _exit
-            with contextlib.suppress(BaseException):
-                os.write(write_fd, f"4.3.0 mailbox writer failed: {exc!r}".encode()[:4000])
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    try:
-        async with asyncio.timeout(time_limit):
-            report, status = await asyncio.to_thread(_collect, read_fd, pid)
-    except TimeoutError:
-        os.kill(pid, signal.SIGKILL)  # the thread's waitpid then returns, and reaps it
-        raise MailboxError("4.2.0", f"mailbox delivery to {args[0]} timed out") from None
-    if status != 0:
-        dsn, _, text = report.decode("utf-8", "replace").partition(" ")
-        if not text or dsn[:1] not in "45":
-            dsn, text = "4.3.0", f"mailbox writer failed with status {status}"
-        raise MailboxError(dsn, text)
-
-
-def _collect(read_fd: int, pid: int) -> tuple[bytes, int]:
-    """The child's report (until EOF) and exit status."""
-    chunks = []
-    try:
-        while chunk := os.read(read_fd, 4096):
-            chunks.append(chunk)
-    finally:
-        os.close(read_fd)
-    _, status = os.waitpid(pid, 0)
-    return b"".join(chunks), os.waitstatus_to_exitcode(status)
 
 
 async def deliver(request: DeliveryRequest, config: Config, virtual: bool = False

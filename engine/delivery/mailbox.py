@@ -116,25 +116,35 @@ class Privileges:
 SAME_PRIVILEGES = Privileges()
 
 
+def _quiet(step: str) -> None:
+    pass
+
+
 def deliver_mbox(path: str, entry: bytes, attempts: int = LOCK_ATTEMPTS,
                  delay: float = LOCK_DELAY, owner: int | None = None,
-                 privileges: Privileges = SAME_PRIVILEGES) -> None:
+                 privileges: Privileges = SAME_PRIVILEGES, progress=_quiet) -> None:
     """Append ``entry`` to the mbox file ``path`` (made 0600 if missing) under both of
     Postfix's default locks: a ``path.lock`` dotlock and an fcntl lock. A lock held by someone
     else is retried ``attempts`` times, ``delay`` apart, then the delivery defers (4.2.0). The
     file must be a plain file with one link, owned by ``owner`` when given (see open_mbox). A
-    failed write truncates the file back, so no half message stays."""
+    failed write truncates the file back, so no half message stays. ``progress`` hears each
+    step ("locked", "writing SIZE DEV INO", "written", "unlocked"): what someone who kills
+    this writer must undo (engine.delivery.writer.undo_mbox)."""
     lock = path + ".lock"
     _dotlock(lock, attempts, delay)
+    progress("locked")
     try:
         fd = open_mbox(path, owner, privileges.chown)
         try:
             privileges.writing()
             _fcntl_lock(fd, path, attempts, delay)
-            size = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            size = info.st_size
+            progress(f"writing {size} {info.st_dev} {info.st_ino}")
             try:
                 _write_all(fd, entry)
                 os.fsync(fd)
+                progress("written")
             except OSError as exc:
                 os.ftruncate(fd, size)
                 raise _os_error(f"error writing message to file {path}", exc) from None
@@ -143,6 +153,7 @@ def deliver_mbox(path: str, entry: bytes, attempts: int = LOCK_ATTEMPTS,
     finally:
         privileges.locking()
         os.unlink(lock)
+        progress("unlocked")
 
 
 def open_mbox(path: str, owner: int | None = None, chown: tuple[int, int] | None = None
