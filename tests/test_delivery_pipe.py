@@ -76,14 +76,45 @@ def test_exit_75_defers_with_the_command_output(world):
         "deferred", "4.3.0", "temporary failure. Command output: mailbox busy")
 
 
-@pytest.mark.parametrize("code, dsn, text", [
-    (67, "5.1.1", "user unknown"),
-    (77, "5.7.0", "permission denied"),
+# Postfix's sys_exits table (global/sys_exits.c): every sysexits(3) code
+@pytest.mark.parametrize("code, status, dsn, text", [
+    (64, "bounced", "5.3.0", "command line usage error"),
+    (65, "bounced", "5.6.0", "data format error"),
+    (66, "bounced", "5.3.0", "cannot open input"),
+    (67, "bounced", "5.1.1", "user unknown"),
+    (68, "bounced", "5.1.2", "host name unknown"),
+    (69, "bounced", "5.3.0", "service unavailable"),
+    (70, "bounced", "5.3.0", "internal software error"),
+    (71, "deferred", "4.3.0", "system resource problem"),
+    (72, "bounced", "5.3.0", "critical OS file missing"),
+    (73, "bounced", "5.2.0", "can't create user output file"),
+    (74, "bounced", "5.3.0", "input/output error"),
+    (75, "deferred", "4.3.0", "temporary failure"),
+    (76, "bounced", "5.5.0", "remote error in protocol"),
+    (77, "bounced", "5.7.0", "permission denied"),
+    (78, "bounced", "5.3.5", "local configuration error"),
 ])
-def test_sysexits_bounce_with_their_meaning(world, code, dsn, text):
+def test_sysexits_decide_with_their_meaning(world, code, status, dsn, text):
     (result,) = deliver(world, f"cat >/dev/null\necho no such box\nexit {code}\n").results
     assert (result.status, result.dsn, result.reply) == (
-        "bounced", dsn, f"{text}. Command output: no such box")
+        status, dsn, f"{text}. Command output: no such box")
+
+
+@pytest.mark.parametrize("body, status, dsn, text", [
+    ("echo '5.2.2 mailbox full'\nexit 75\n", "bounced", "5.2.2", "mailbox full"),
+    ("echo '4.2.1 try later please'\nexit 1\n", "deferred", "4.2.1", "try later please"),
+    ("echo '5.1.1'\nexit 67\n", "bounced", "5.1.1", "Command died with status 67: \"{}\""),
+    ("echo '5.1.10x not a status'\nexit 67\n", "bounced", "5.1.1",
+     "user unknown. Command output: 5.1.10x not a status"),
+    ("echo '2.0.0 fine'\nexit 1\n", "bounced", "5.3.0",
+     "Command died with status 1: \"{}\". Command output: 2.0.0 fine"),
+])
+def test_command_output_starting_with_a_status_code_decides(world, body, status, dsn, text):
+    """Postfix's pipe(8): after a non-zero exit, output in the form "D.S.N text" gives the
+    status (4 defers, 5 bounces) and the reason."""
+    (result,) = deliver(world, "cat >/dev/null\n" + body).results
+    assert (result.status, result.dsn, result.reply) == (
+        status, dsn, text.format(world / "command.sh"))
 
 
 def test_other_exit_status_bounces(world):
