@@ -5,7 +5,8 @@
 # the openssl command (s_client tests STARTTLS, smtps and SNI), and haproxy (PROXY protocol v1/v2
 # in front of Tern; run by the tests, its service never started), Dovecot's LMTP server (the
 # LMTP agent's real peer: the tests run a throwaway instance with its own config, never the
-# packaged service), nsd and ldnsutils (a zone signed at test time and served to a validating
+# packaged service; its auth service, from dovecot-core, is the SASL back end of the throwaway
+# Postfix that relay-AUTH tests authenticate to), nsd and ldnsutils (a zone signed at test time and served to a validating
 # unbound, for DANE).
 # Installs only what is missing; Postfix is installed unconfigured, so no daemon starts.
 set -euo pipefail
@@ -18,6 +19,7 @@ perl -MNet::SSLeay -e1 2>/dev/null || need+=(libnet-ssleay-perl)
 command -v openssl >/dev/null || need+=(openssl)
 [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 [ -x /usr/lib/dovecot/lmtp ] || need+=(dovecot-lmtpd)
+[ -x /usr/lib/dovecot/auth ] || need+=(dovecot-core)  # Postfix's smtpd_sasl_type = dovecot
 [ -x /usr/sbin/nsd ] || need+=(nsd)  # serves the DNSSEC-signed zone of the DANE tests
 command -v ldns-signzone >/dev/null || need+=(ldnsutils)  # ldns-keygen, ldns-signzone
 [ ${#need[@]} -eq 0 ] && exit 0

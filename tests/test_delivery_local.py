@@ -378,8 +378,8 @@ def test_mbox_created_first_by_another_user_defers_untouched(user, world):
     os.chown(mbox, pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid)
     config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=1)
     (result,) = run(local_agent.deliver(request([f"{name}@example.test"]), config)).results
-    assert (result.status, result.dsn, result.reply) == (
-        "deferred", "4.2.0", f"destination {mbox} is not owned by recipient")
+    assert (result.status, result.dsn) == ("deferred", "4.2.0")
+    assert result.reply.endswith(f"destination {mbox} is not owned by recipient")
     assert mbox.read_bytes() == b""
     assert not (spool / f"{name}.lock").exists()
 
@@ -402,8 +402,8 @@ def test_mbox_that_is_a_fifo_is_refused_without_blocking(user, world):
     finally:
         os.close(reader)
     for result in (alone, read):
-        assert (result.status, result.dsn, result.reply) == (
-            "bounced", "5.2.0", f"destination {fifo} is not a regular file")
+        assert (result.status, result.dsn) == ("bounced", "5.2.0")
+        assert result.reply.endswith(f"destination {fifo} is not a regular file")
     assert stat.S_ISFIFO(fifo.lstat().st_mode)
 
 
@@ -419,8 +419,8 @@ def test_mbox_with_a_second_hard_link_is_refused(user, world):
     os.link(other, spool / name)
     config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=1)
     (result,) = run(local_agent.deliver(request([f"{name}@example.test"]), config)).results
-    assert (result.status, result.dsn, result.reply) == (
-        "bounced", "5.2.0", f"cannot open file {spool / name}: file has 2 hard links")
+    assert (result.status, result.dsn) == ("bounced", "5.2.0")
+    assert result.reply.endswith(f"cannot open file {spool / name}: file has 2 hard links")
     assert other.read_bytes() == b"precious\n"
 
 
@@ -434,8 +434,8 @@ def test_mbox_that_is_a_symlink_is_refused(user, world):
     (spool / name).symlink_to(target)
     config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=1)
     (result,) = run(local_agent.deliver(request([f"{name}@example.test"]), config)).results
-    assert (result.status, result.dsn, result.reply) == (
-        "bounced", "5.2.0", f"cannot open file {spool / name}: file is a symbolic link")
+    assert (result.status, result.dsn) == ("bounced", "5.2.0")
+    assert result.reply.endswith(f"cannot open file {spool / name}: file is a symbolic link")
     assert target.read_bytes() == b""
 
 
@@ -526,8 +526,8 @@ def test_mbox_writer_past_its_time_limit_leaves_no_half_message_nor_lock(user, w
     monkeypatch.setattr(local_agent, "WRITE_TIME_LIMIT", 1.0)
     config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=1)
     (result,) = run(local_agent.deliver(request([f"{name}@example.test"]), config)).results
-    assert (result.status, result.dsn, result.reply) == (
-        "deferred", "4.2.0", f"mailbox delivery to {mbox} timed out")
+    assert (result.status, result.dsn) == ("deferred", "4.2.0")
+    assert result.reply.endswith(f"mailbox delivery to {mbox} timed out")
     assert marker.exists()  # half the message had been written
     assert mbox.read_bytes() == b"From old  now\nold message\n\n"
     assert sorted(os.listdir(spool)) == [name]  # no dotlock

@@ -179,3 +179,38 @@ def test_sender_dependent_default_transport_picks_the_pool():
     no_relayhost = Config(sender_dependent_default_transport_maps={"@x.test": "out2:"},
                           transport={"out2": {}})
     assert nexthop_for("y.test", no_relayhost, "a@x.test") == NextHop("out2", "y.test", 25, True)
+
+
+def test_sender_dependent_relayhost_overrides_relayhost_for_its_senders():
+    config = Config(
+        mydestination=("local.test",),
+        relayhost="[relay.test]",
+        transport_maps={"dest.test": "smtp:[dest-relay.test]"},
+        transport={"out2": {}},
+        sender_dependent_default_transport_maps={"@pool.test": "out2:"},
+        sender_dependent_relayhost_maps={
+            "@x.test": "[x-relay.test]:587",
+            "boss@x.test": "boss-relay.test",  # the address before its domain
+            "@pool.test": "[pool-relay.test]",
+            "<>": "[bounce-relay.test]:2525",
+        },
+    )
+    assert nexthop_for("y.test", config, "a@X.test") == NextHop("smtp", "x-relay.test", 587, False)
+    assert nexthop_for("y.test", config, "Boss@x.test") == NextHop(
+        "smtp", "boss-relay.test", 25, True)
+    assert nexthop_for("y.test", config, "a@other.test") == NextHop(
+        "smtp", "relay.test", 25, False)
+    # the null sender is looked up as empty_address_relayhost_maps_lookup_key
+    assert nexthop_for("y.test", config, "") == NextHop("smtp", "bounce-relay.test", 2525, False)
+    # a sender-dependent transport without its own next hop takes the sender's relay host
+    assert nexthop_for("y.test", config, "a@pool.test") == NextHop(
+        "out2", "pool-relay.test", 25, False)
+    # transport_maps and local domains come first, as in Postfix
+    assert nexthop_for("dest.test", config, "a@x.test").host == "dest-relay.test"
+    assert nexthop_for("local.test", config, "a@x.test").transport == "local"
+    # without relayhost: the sender's relay host, else MX
+    no_relayhost = Config(sender_dependent_relayhost_maps={"@x.test": "[x-relay.test]"},
+                          empty_address_relayhost_maps_lookup_key="MAILER-DAEMON")
+    assert nexthop_for("y.test", no_relayhost, "a@x.test").host == "x-relay.test"
+    assert nexthop_for("y.test", no_relayhost, "a@z.test") == NextHop("smtp", "y.test", 25, True)
+    assert nexthop_for("y.test", no_relayhost, "") == NextHop("smtp", "y.test", 25, True)

@@ -379,6 +379,73 @@ def _smtp_tls_policy_maps(value: Any) -> str:
     return text
 
 
+def _opened_table(value: Any) -> str:
+    """"" (none) or a lookup table "type:name" that opens now (a missing or malformed file
+    stops start-up rather than the first delivery)."""
+    text = _string(value)
+    if text:
+        try:
+            open_table(text)
+        except TableError as exc:
+            raise _Invalid(str(exc)) from None
+    return text
+
+
+def _sasl_mechanism(value: str) -> str:
+    """A SASL mechanism name (RFC 4422 §3.1: 1-20 of A-Z, 0-9, "-", "_"), upper-cased."""
+    name = value.upper()
+    if not re.fullmatch(r"[A-Z0-9_-]{1,20}", name):
+        raise ValueError("expected a SASL mechanism name such as plain or login")
+    return name
+
+
+def _sasl_mechanism_filter(value: Any) -> tuple[str, ...]:
+    """smtp_sasl_mechanism_filter: mechanism names; at least one that Tern's client speaks
+    (PLAIN, LOGIN), else no AUTH could ever be made."""
+    from engine.smtp.sasl_client import MECHANISMS
+
+    names = _str_list(_sasl_mechanism, "SASL mechanism names")(value)
+    if names and not set(names) & set(MECHANISMS):
+        raise _Invalid(f"lets none of Tern's mechanisms through ({', '.join(MECHANISMS)}), "
+                       f"got {_show(value)}")
+    return names
+
+
+def _sasl_option(value: str) -> str:
+    from engine.smtp.sasl_client import SECURITY_OPTIONS
+
+    option = value.lower()
+    if option not in SECURITY_OPTIONS:
+        raise ValueError(f"expected one of {', '.join(sorted(SECURITY_OPTIONS))}")
+    return option
+
+
+def _sender_relayhost_maps(value: Any) -> dict[str, str]:
+    """``[sender_dependent_relayhost_maps]``: a sender address ("user@domain"), "@domain", or
+    the null sender's lookup key ("<>") -> a relayhost (``[host]:port``…), as Postfix's;
+    keys ignore case."""
+    name = "sender_dependent_relayhost_maps"
+    if not isinstance(value, dict):
+        raise _Invalid(f'expected a table of sender = "[host]:port", got {_show(value)}')
+    out: dict[str, str] = {}
+    for sender, target in value.items():
+        where = {"sub": (sender,), "label": f"{name}.{_toml_key(sender)}"}
+        local, at, domain = sender.rpartition("@")
+        if (at and (not _is_hostname(domain) or any(c in local for c in " <>@\"\r\n"))) or (
+                not at and (not sender or any(c.isspace() for c in sender))):
+            raise _Invalid(f'expected "user@domain", "@domain" or "<>", got {_show(sender)}',
+                           **where)
+        if not isinstance(target, str) or not target:
+            raise _Invalid(f'expected a relay host such as "[relay.example]:587", '
+                           f"got {_show(target)}", **where)
+        try:
+            parse_nexthop(target)
+        except ValueError as exc:
+            raise _Invalid(f"bad relay host: {exc}", **where) from None
+        out[sender.lower()] = target
+    return out
+
+
 def _digest(value: Any) -> str:
     text = _string(value).lower()
     if text not in ("sha1", "sha256", "sha512"):
@@ -562,6 +629,43 @@ def _table_spec(value: Any) -> str:
     return text
 
 
+def _alias_map(value: str) -> str:
+    """One alias_maps entry: "type:name"; a texthash file by its absolute path."""
+    from engine.tables import TABLE_TYPES
+
+    kind, colon, name = value.partition(":")
+    if not colon or not name or kind.lower() not in TABLE_TYPES:
+        raise _Invalid(f'expected "type:name" with a type among {", ".join(TABLE_TYPES)}')
+    if kind.lower() == "texthash" and not name.startswith("/"):
+        raise _Invalid("expected an absolute path")
+    return value
+
+
+def _expansion_class(value: str) -> str:
+    if value.lower() not in ("alias", "forward", "include"):
+        raise _Invalid('expected "alias", "forward" or "include"')
+    return value.lower()
+
+
+def _forward_template(value: str) -> str:
+    if not value.startswith(("/", "$")):
+        raise _Invalid('expected an absolute path (e.g. "$home/.forward")')
+    return value
+
+
+def _default_privs(value: Any) -> str:
+    import pwd
+
+    text = _string(value, empty=False)
+    try:
+        privileged = pwd.getpwnam(text).pw_uid == 0
+    except KeyError:
+        privileged = False
+    if privileged:
+        raise _Invalid(f"{_show(value)} is a privileged user (Postfix refuses it too)")
+    return text
+
+
 _SIZE_FIELDS = {"message_size_limit", "line_length_limit", "queue_map_size",
                 "queue_map_size_limit", "bounce_size_limit"}
 _INT_MINIMUM = {
@@ -571,6 +675,7 @@ _INT_MINIMUM = {
     "smtp_mx_address_limit": 0,  # 0 = no limit (Postfix)
     "smtp_mx_session_limit": 0,  # 0 = no limit (Postfix)
     "worker_count": 0,  # 0 = one per core
+    "duplicate_filter_limit": 0,  # 0 = no duplicate filter (Postfix)
     "smtpd_client_auth_failure_limit": 0,  # 0 = no limit
     "smtpd_client_connection_count_limit": 0,  # 0 = off (Postfix)
     "smtpd_client_connection_rate_limit": 0,
@@ -582,7 +687,8 @@ _DURATION_SUFFIXES = ("_time", "_timeout", "_delay", "_window", "_lifetime", "_t
                       "_time_unit")
 # 0 = off / at once; every other duration is > 0
 _ZERO_DURATIONS = {"queue_commit_window", "delay_warning_time", "default_destination_rate_delay",
-                   "smtp_connection_cache_time_limit", "smtpd_error_sleep_time"}
+                   "smtp_connection_cache_time_limit", "smtpd_error_sleep_time",
+                   "lmtp_connect_timeout"}
 _SPECIAL: dict[str, Converter] = {
     "myhostname": _hostname,
     "mydomain": _optional_hostname,
@@ -599,6 +705,11 @@ _SPECIAL: dict[str, Converter] = {
     "smtp_bind_address": _bind_address(4),
     "smtp_bind_address6": _bind_address(6),
     "pipe_transports": _pipe_transports,
+    "alias_maps": _str_list(_alias_map, "tables"),
+    "forward_path": _str_list(_forward_template, "paths"),
+    "allow_mail_to_commands": _str_list(_expansion_class, "names"),
+    "allow_mail_to_files": _str_list(_expansion_class, "names"),
+    "default_privs": _default_privs,
     "virtual_mailbox_domains": _str_list(_domain, "domains"),
     "virtual_mailbox_maps": _table_spec,
     "virtual_uid_maps": _table_spec,
@@ -608,6 +719,7 @@ _SPECIAL: dict[str, Converter] = {
     "listen": _listen,
     "queue_directory": _path,
     "smtp_helo_name": _helo_name,
+    "lmtp_lhlo_name": _helo_name,
     "smtpd_banner": lambda value: _string(value, empty=False),
     "smtpd_sasl_password_file": _optional_path,
     "smtpd_forbid_bare_newline": _bare_newline,
@@ -620,10 +732,19 @@ _SPECIAL: dict[str, Converter] = {
     "smtp_tls_protocols": _tls_protocols,
     "smtp_tls_security_level": _smtp_tls_level,
     "smtp_tls_policy_maps": _smtp_tls_policy_maps,
+    "smtp_sasl_password_maps": _opened_table,
+    "smtp_sasl_mechanism_filter": _sasl_mechanism_filter,
+    "smtp_sasl_security_options": _str_list(_sasl_option, "SASL security options"),
+    "smtp_sasl_tls_security_options": _str_list(_sasl_option, "SASL security options"),
+    "sender_dependent_relayhost_maps": _sender_relayhost_maps,
+    "empty_address_relayhost_maps_lookup_key": lambda value: _string(value, empty=False),
     "smtp_tls_CAfile": _optional_path,
+    "smtp_tls_CApath": _optional_path,
+    "tlsrpt_CAfile": _optional_path,
     "smtp_mta_sts_CAfile": _optional_path,
     "smtp_tls_fingerprint_digest": _digest,
     "tls_high_cipherlist": lambda value: _string(value, empty=False),
+    "tls_medium_cipherlist": _string,
     "tls_server_sni_maps": _sni_maps,
     "smtpd_null_access_lookup_key": lambda value: _string(value, empty=False),
     **{key: _restrictions(key) for key in (
@@ -746,6 +867,7 @@ def _build(document: dict[str, Any], text: str, file: str) -> Config:
             raise ConfigError(message, file=file, line=line, key=label) from None
     config = Config(**values, config_file=file)
     _check_auth(config, values, found, lines, file)
+    _check_client_auth(config, values, found, lines, file)
     _check_relay_guard(config, values, found, lines, file)
     if config.maximal_backoff_time < config.minimal_backoff_time:
         key = "maximal_backoff_time" if "maximal_backoff_time" in values else "minimal_backoff_time"
@@ -757,7 +879,30 @@ def _build(document: dict[str, Any], text: str, file: str) -> Config:
             key=key,
         )
     _check_tls(config, found, lines, file)
+    if "alias_maps" in values:
+        _check_alias_maps(config, found, lines, file)
     return config
+
+
+def _check_alias_maps(config: Config, found: dict, lines: list[str], file: str) -> None:
+    """alias_maps written in the file are read now, so a missing or malformed alias file stops
+    start-up with its name and line (the default /etc/aliases may be absent)."""
+    from engine.delivery.aliases import AliasTable
+    from engine.tables import TableError, open_table
+
+    key = "alias_maps"
+    for spec in config.alias_maps:
+        kind, _, name = spec.partition(":")
+        try:
+            if kind.lower() == "texthash":
+                if not os.path.exists(name):
+                    raise TableError(f"{name}: cannot read: No such file or directory")
+                AliasTable(spec, name)
+            else:
+                open_table(spec)
+        except (TableError, OSError) as error:
+            raise ConfigError(f"{key}: {error}", file=file,
+                              line=_line_of(found, lines, (key,)), key=key) from None
 
 
 def _check_auth(config: Config, values: dict[str, Any], found: dict, lines: list[str],
@@ -788,6 +933,33 @@ def _check_auth(config: Config, values: dict[str, Any], found: dict, lines: list
                           key=key) from None
 
 
+def _check_client_auth(config: Config, values: dict[str, Any], found: dict, lines: list[str],
+                       file: str) -> None:
+    """As Postfix's smtp refuses to run: smtp_sasl_auth_enable needs smtp_sasl_password_maps
+    (here or in each [transport.NAME] that turns it on). And a sender_dependent_relayhost_maps
+    key that is no address is the null sender's, so it must be that lookup key."""
+    for name, overrides in [("", {}), *config.transport.items()]:
+        settings_of = config.for_transport(name) if name else config
+        if settings_of.smtp_sasl_auth_enable and not settings_of.smtp_sasl_password_maps:
+            key = f"transport.{_toml_key(name)}.smtp_sasl_auth_enable" if name else \
+                "smtp_sasl_auth_enable"
+            where = ("transport", name, "smtp_sasl_auth_enable") if name and \
+                "smtp_sasl_auth_enable" in overrides else ("smtp_sasl_auth_enable",)
+            raise ConfigError(f"{key}: needs smtp_sasl_password_maps (the table of"
+                              " username:password per next hop)", file=file,
+                              line=_line_of(found, lines, where), key=key)
+    null_key = config.empty_address_relayhost_maps_lookup_key.lower()
+    for sender in config.sender_dependent_relayhost_maps:
+        if "@" not in sender and sender != null_key:
+            key = f"sender_dependent_relayhost_maps.{_toml_key(sender)}"
+            raise ConfigError(
+                f'{key}: expected "user@domain", "@domain" or the null sender\'s key'
+                f' "{config.empty_address_relayhost_maps_lookup_key}"'
+                " (empty_address_relayhost_maps_lookup_key)", file=file,
+                line=_line_of(found, lines, ("sender_dependent_relayhost_maps", sender)),
+                key=key)
+
+
 def _check_tls(config: Config, found: dict, lines: list[str], file: str) -> None:
     """TLS settings that only make sense together, and the certificate files themselves
     (read and matched with pyOpenSSL, engine.tls.certs), so a bad file stops start-up with
@@ -798,6 +970,14 @@ def _check_tls(config: Config, found: dict, lines: list[str], file: str) -> None
         return ConfigError(f"{label}: {message}", file=file,
                            line=_line_of(found, lines, (key, *sub)), key=label)
 
+    if config.tls_medium_cipherlist:  # the SMTP client's list (engine.tls.client)
+        import ssl
+
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).set_ciphers(config.tls_medium_cipherlist)
+        except ssl.SSLError:
+            raise error("tls_medium_cipherlist",
+                        f"no cipher matches {_show(config.tls_medium_cipherlist)}") from None
     cert = config.smtpd_tls_cert_file
     if not cert:
         for key in ("smtpd_tls_key_file", "tls_server_sni_maps"):

@@ -19,12 +19,15 @@ Agent = Callable[[DeliveryRequest], Awaitable[DeliveryOutcome]]
 
 def build_agents(config: Config, resolver: Resolver,
                  connections: ConnectionCache | None = None,
-                 maillog: Maillog | None = None) -> dict[str, Agent]:
+                 maillog: Maillog | None = None,
+                 inject: local.Inject | None = None) -> dict[str, Agent]:
+    """``inject`` (engine.cleanup.Cleanup.inject) lets local forward aliases and .forward
+    entries that are not local as new messages."""
     agents: dict[str, Agent] = {
         "smtp": functools.partial(smtp.deliver, config=config, resolver=resolver,
                                   connections=connections, maillog=maillog),
         "lmtp": functools.partial(lmtp.deliver, config=config, resolver=resolver),
-        "local": functools.partial(local.deliver, config=config),
+        "local": functools.partial(local.deliver, config=config, inject=inject),
         "virtual": functools.partial(local.deliver, config=config, virtual=True),
         "error": functools.partial(trivial.error, config=config),
         "discard": functools.partial(trivial.discard, config=config),

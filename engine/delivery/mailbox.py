@@ -9,7 +9,7 @@ failure is a MailboxError whose ``transient`` says defer or bounce.
 import errno
 import fcntl
 import os
-import socket
+import platform
 import stat
 import time
 
@@ -48,7 +48,7 @@ def maildir_name() -> str:
     global _counter
     _counter += 1
     now = time.time()
-    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+    host = platform.node().replace("/", "\\057").replace(":", "\\072")  # gethostname()
     return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{_counter}R{os.urandom(4).hex()}.{host}"
 
 
@@ -122,11 +122,13 @@ def _quiet(step: str) -> None:
 
 def deliver_mbox(path: str, entry: bytes, attempts: int = LOCK_ATTEMPTS,
                  delay: float = LOCK_DELAY, owner: int | None = None,
-                 privileges: Privileges = SAME_PRIVILEGES, progress=_quiet) -> None:
+                 privileges: Privileges = SAME_PRIVILEGES, progress=_quiet,
+                 regular_only: bool = True) -> None:
     """Append ``entry`` to the mbox file ``path`` (made 0600 if missing) under both of
     Postfix's default locks: a ``path.lock`` dotlock and an fcntl lock. A lock held by someone
     else is retried ``attempts`` times, ``delay`` apart, then the delivery defers (4.2.0). The
-    file must be a plain file with one link, owned by ``owner`` when given (see open_mbox). A
+    file must have one link, be a plain file (unless not ``regular_only``) and be owned by
+    ``owner`` when given (see open_mbox). A
     failed write truncates the file back, so no half message stays. ``progress`` hears each
     step ("locked", "writing SIZE DEV INO", "written", "unlocked"): what someone who kills
     this writer must undo (engine.delivery.writer.undo_mbox)."""
@@ -134,7 +136,7 @@ def deliver_mbox(path: str, entry: bytes, attempts: int = LOCK_ATTEMPTS,
     _dotlock(lock, attempts, delay)
     progress("locked")
     try:
-        fd = open_mbox(path, owner, privileges.chown)
+        fd = open_mbox(path, owner, privileges.chown, regular_only)
         try:
             privileges.writing()
             _fcntl_lock(fd, path, attempts, delay)
@@ -156,15 +158,17 @@ def deliver_mbox(path: str, entry: bytes, attempts: int = LOCK_ATTEMPTS,
         progress("unlocked")
 
 
-def open_mbox(path: str, owner: int | None = None, chown: tuple[int, int] | None = None
-              ) -> int:
+def open_mbox(path: str, owner: int | None = None, chown: tuple[int, int] | None = None,
+              regular_only: bool = True) -> int:
     """Open (or create, 0600) the mbox file for appending, as Postfix's safe_open and local(8)
     do: never through a symbolic link, never blocking (a FIFO put there by someone else must
     not hang the delivery), and only a regular file with exactly one hard link (a link to
     another file would append the mail there). With ``owner`` (Postfix's
     strict_mailbox_ownership, when Tern writes as the recipient) a file owned by anyone else
     defers: another local user may have created it first to read the mail. With ``chown``, a
-    file this call creates is given to that uid/gid (only one it created: O_EXCL)."""
+    file this call creates is given to that uid/gid (only one it created: O_EXCL). Not
+    ``regular_only``: a file destination of an alias (local(8)'s deliver_file), where a device
+    such as /dev/null is fine."""
     flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         if chown is None:
@@ -184,12 +188,12 @@ def open_mbox(path: str, owner: int | None = None, chown: tuple[int, int] | None
         if exc.errno == errno.ELOOP:
             raise MailboxError("5.2.0", f"cannot open file {path}: file is a symbolic link"
                                ) from None
-        if exc.errno == errno.ENXIO:  # a FIFO or socket with no reader
+        if exc.errno == errno.ENXIO and regular_only:  # a FIFO or socket with no reader
             raise MailboxError("5.2.0", f"destination {path} is not a regular file") from None
         raise _os_error(f"cannot open file {path}", exc) from None
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+        if regular_only and not stat.S_ISREG(info.st_mode):
             raise MailboxError("5.2.0", f"destination {path} is not a regular file")
         if info.st_nlink != 1:
             raise MailboxError("5.2.0", f"cannot open file {path}: file has {info.st_nlink} "

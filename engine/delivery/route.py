@@ -67,11 +67,15 @@ def _nexthop(transport: str, nexthop: str, domain: str, config: Config) -> NextH
     return NextHop(transport, host, port or default_port, mx_lookup)
 
 
-def sender_transport(sender: str, maps: dict[str, str]) -> str | None:
-    """The sender_dependent_default_transport_maps value for ``sender``: the address, then its
-    "@domain" (Postfix's lookup order); None for the null sender or no match."""
-    if not sender or not maps:
+def sender_transport(sender: str, maps: dict[str, str], null_key: str = "") -> str | None:
+    """The sender_dependent_default_transport_maps (or _relayhost_maps) value for ``sender``:
+    the address, then its "@domain" (Postfix's lookup order); for the null sender the entry
+    under ``null_key`` (Postfix's empty_address_relayhost_maps_lookup_key), or None without
+    one; None for no match."""
+    if not maps:
         return None
+    if not sender:
+        return maps.get(null_key.lower()) if null_key else None
     sender = sender.lower()
     if sender in maps:
         return maps[sender]
@@ -83,7 +87,8 @@ def nexthop_for(domain: str, config: Config, sender: str = "") -> NextHop:
     """Where mail for ``domain`` goes, in Postfix's order: a transport_maps match; else a local
     domain (``config.local_domains``) to the local transport; a virtual_mailbox_domains one
     to the virtual transport; else the default transport (``sender``'s
-    sender_dependent_default_transport_maps entry, else smtp) to relayhost, else to the domain's
+    sender_dependent_default_transport_maps entry, else smtp) to its own next hop, else to
+    ``sender``'s sender_dependent_relayhost_maps entry, else to relayhost, else to the domain's
     MX hosts on port 25 (an address literal: that address, no MX lookup). Raises
     PermanentFailure (5.1.2) for a domain that cannot be routed; never for one the SMTP grammar
     accepted."""
@@ -96,10 +101,13 @@ def nexthop_for(domain: str, config: Config, sender: str = "") -> NextHop:
         return NextHop(LOCAL_TRANSPORT, domain, mx_lookup=False)
     if domain in config.virtual_domains:
         return NextHop(VIRTUAL_TRANSPORT, domain, mx_lookup=False)
+    relayhost = sender_transport(
+        sender, config.sender_dependent_relayhost_maps,
+        config.empty_address_relayhost_maps_lookup_key) or config.relayhost
     entry = sender_transport(sender, config.sender_dependent_default_transport_maps)
     if entry is not None:
         transport, _, nexthop = entry.partition(":")
-        return _nexthop(transport, nexthop or config.relayhost, domain, config)
-    if config.relayhost:
-        return _nexthop(DEFAULT_TRANSPORT, config.relayhost, domain, config)
+        return _nexthop(transport, nexthop or relayhost, domain, config)
+    if relayhost:
+        return _nexthop(DEFAULT_TRANSPORT, relayhost, domain, config)
     return _domain_hop(DEFAULT_TRANSPORT, domain, DEFAULT_PORTS[DEFAULT_TRANSPORT])

@@ -33,6 +33,7 @@ from engine.delivery import RecipientResult
 from engine.delivery.mime7bit import downgrade
 from engine.smtp.reader import LineTooLong
 from engine.smtp.replies import Reply
+from engine.smtp.sasl_client import SaslLogin, choose, exchange, filtered, offered
 from engine.speedups import Reader
 
 
@@ -59,6 +60,7 @@ class Stage(StrEnum):
     RSET = "rset"
     QUIT = "quit"
     STARTTLS = "starttls"
+    AUTH = "auth"  # SASL (RFC 4954): the AUTH command and each challenge response
 
 
 # Postfix's words for "lost connection with H while …" / "conversation with H timed out while …".
@@ -75,6 +77,7 @@ DOING = {
     Stage.RSET: "sending RSET",
     Stage.QUIT: "sending QUIT",
     Stage.STARTTLS: "sending STARTTLS",
+    Stage.AUTH: "sending AUTH command",
 }
 
 # Postfix's "(in reply to … command)".
@@ -89,6 +92,7 @@ COMMAND = {
     Stage.RSET: "RSET",
     Stage.QUIT: "QUIT",
     Stage.STARTTLS: "STARTTLS",
+    Stage.AUTH: "AUTH",
 }
 
 # RFC 3463 §2: status-code = class "." subject "." detail, at the start of the reply text.
@@ -245,12 +249,15 @@ class Ready:
 
 @dataclass(frozen=True)
 class SessionFailed:
-    """The session ended before it was ready (greeting, EHLO/HELO, lost connection, timeout):
-    nothing was delivered, another server may be tried."""
+    """The session ended before it was ready (greeting, EHLO/HELO, AUTH, lost connection,
+    timeout): nothing was delivered, another server may be tried. ``permanent``: the
+    recipients bounce rather than wait (a 5xx AUTH reply with smtp_sasl_auth_soft_bounce = no);
+    else they are deferred whatever the code, as Postfix."""
 
     dsn: str
     text: str
     reply: Reply | None = None
+    permanent: bool = False
 
 
 @dataclass(frozen=True)
@@ -318,11 +325,20 @@ class Client:
     parts go as quoted-printable to a server without 8BITMIME (Postfix's default; False is
     disable_mime_output_conversion = yes: the 8-bit content goes as it is).
     ``lmtp=True`` speaks LMTP (RFC 2033): LHLO instead of EHLO (no HELO fallback), and after
-    the final "." one reply per accepted recipient, in RCPT order.
+    the final "." (or BDAT LAST, when the server offers CHUNKING) one reply per accepted
+    recipient, in RCPT order.
     ``starttls``: "none" never sends STARTTLS, "may" sends it when offered and goes on in
     plaintext when it is refused, "require" ends the session when it is not offered or refused
     (engine.tls.client decides which, per destination). ``tls_active``: the connection is
-    already TLS (wrapper mode), so no STARTTLS."""
+    already TLS (wrapper mode), so no STARTTLS.
+    ``sasl``: authenticate (RFC 4954) with these credentials after EHLO (and STARTTLS's new
+    EHLO), before the first MAIL, when the server offers AUTH, as Postfix's
+    smtp_sasl_auth_enable: a server without AUTH gets none, one whose mechanisms the
+    smtp_sasl_mechanism_filter removes gets none either (``sasl_warning`` says so), one that
+    offers only mechanisms the security options forbid on this session (PLAIN and LOGIN in
+    plaintext, by default) ends the session (4.7.0), and a refused AUTH ends it with the
+    server's reply ("SASL authentication failed; server … said: …"), the 5xx made 4xx unless
+    ``sasl_soft_bounce`` is False."""
 
     def __init__(
         self,
@@ -338,6 +354,8 @@ class Client:
         lmtp: bool = False,
         starttls: str = "none",
         tls_active: bool = False,
+        sasl: SaslLogin | None = None,
+        sasl_soft_bounce: bool = True,
     ) -> None:
         if any(c in helo_name for c in "\r\n\0 ") or not helo_name:
             raise LocalProtocolError(f"bad HELO name {helo_name!r}")
@@ -353,6 +371,12 @@ class Client:
             raise LocalProtocolError(f"bad starttls mode {starttls!r}")
         self.starttls = starttls
         self.tls_active = tls_active
+        self.sasl = sasl
+        self.sasl_soft_bounce = sasl_soft_bounce
+        self.sasl_mechanism: str | None = None  # of the AUTH sent (None again if refused)
+        self.sasl_warning: str | None = None  # for the adapter's log (no usable mechanism)
+        self._sasl_responses: list[bytes] = []  # answers to the server's 334 challenges
+        self._sasl_cancelled = False
         self.esmtp = False
         self.extensions: dict[str, str] = {}
         self.transactions = 0  # started on this connection (Postfix's conn_use)
@@ -394,7 +418,7 @@ class Client:
             if reply is None:
                 if self._eof:
                     self._connection_failed(
-                        f"lost connection with {self.peer} while {DOING[self._stage]}"
+                        f"lost connection with {self.peer} while {self._doing()}"
                     )
                     continue
                 self._stage = self._expect[0]
@@ -409,7 +433,7 @@ class Client:
         """The adapter's timer for the current stage ran out: the connection is dead."""
         if self.phase is not Phase.CLOSED:
             self._connection_failed(
-                f"conversation with {self.peer} timed out while {DOING[self._stage]}"
+                f"conversation with {self.peer} timed out while {self._doing()}"
             )
 
     def tls_started(self) -> None:
@@ -505,7 +529,7 @@ class Client:
                 if self.starttls == "require":
                     self._tls_missing()
                     return
-            self._ready()
+            self._login_or_ready()
         elif reply.code >= 500 and not self.lmtp:  # RFC 5321 §3.2: fall back to HELO
             self._send(f"HELO {self.helo_name}\r\n".encode(), Stage.HELO)
         else:
@@ -526,7 +550,59 @@ class Client:
             self._session_failed(reply, f"TLS is required, but host {self.peer} refused to"
                                  f" start TLS: {reply.flat}")
         else:  # opportunistic: the session goes on in plaintext, as Postfix's "may"
+            self._login_or_ready()
+
+    def _login_or_ready(self) -> None:
+        """After the (last) EHLO: AUTH first when there are credentials and the server offers
+        a mechanism for them (Postfix's smtp_sasl_helo_login), else ready."""
+        mechanisms = offered(self.extensions) if self.sasl is not None else []
+        if not mechanisms:  # no credentials, or no AUTH offered: go on without it, as Postfix
             self._ready()
+            return
+        usable = filtered(self.sasl, mechanisms)
+        if not usable:
+            self.sasl_warning = (f"{self.peer} offered no supported AUTH mechanisms:"
+                                 f" '{' '.join(mechanisms)}'")
+            self._ready()
+            return
+        mechanism = choose(self.sasl, usable, self.tls_active)
+        if mechanism is None:
+            self._events.append(SessionFailed(
+                "4.7.0", f"SASL authentication failed; cannot authenticate to server"
+                f" {self.peer}: no mechanism available"))
+            self.quit()
+            return
+        command, self._sasl_responses = exchange(mechanism, self.sasl)
+        self.sasl_mechanism = mechanism
+        self._send(command, Stage.AUTH)
+
+    def _on_auth(self, reply: Reply, stage: Stage) -> None:
+        if reply.code == 334:  # a challenge: the next response, or cancel (RFC 4954 §4)
+            if self._sasl_responses:
+                self._send(self._sasl_responses.pop(0), Stage.AUTH)
+            elif not self._sasl_cancelled:
+                self._sasl_cancelled = True
+                self._send(b"*\r\n", Stage.AUTH)
+            else:
+                self._sasl_responses = []
+                self._events.append(SessionFailed(
+                    "4.3.0", f"SASL authentication failed; authentication protocol loop with"
+                    f" server {self.peer}"))
+                self.quit()
+            return
+        self._sasl_responses = []
+        if reply.ok:  # 235
+            self._ready()
+            return
+        self.sasl_mechanism = None
+        dsn = reply.dsn
+        permanent = dsn[0] == "5" and not self.sasl_soft_bounce
+        if dsn[0] == "5" and self.sasl_soft_bounce:
+            dsn = "4" + dsn[1:]
+        self._events.append(SessionFailed(
+            dsn, f"SASL authentication failed; server {self.peer} said: {reply.flat}", reply,
+            permanent))
+        self.quit()
 
     def _tls_missing(self) -> None:
         self._events.append(SessionFailed(
@@ -592,15 +668,7 @@ class Client:
 
     def _on_dot(self, reply: Reply, stage: Stage) -> None:
         if self.lmtp and not self._discard_dot:
-            index = self._accepted[self._dot_replied]
-            self._dot_replied += 1
-            if reply.ok:
-                self._results[index] = RecipientResult(
-                    self._env.recipients[index], "sent", reply.dsn, reply.flat, self.relay
-                )
-            else:
-                self._fail(index, reply, stage)
-            if self._dot_replied < len(self._accepted):
+            if not self._lmtp_reply(reply, stage):
                 return
         elif not self._discard_dot:
             for index in self._accepted:
@@ -612,16 +680,35 @@ class Client:
                     self._fail(index, reply, stage)
         self._finish_transaction()
 
+    def _lmtp_reply(self, reply: Reply, stage: Stage) -> bool:
+        """One of LMTP's replies after the end of the content (RFC 2033 §4.2, §4.3): the
+        result of the next accepted recipient, in RCPT order. True once every one has its."""
+        index = self._accepted[self._dot_replied]
+        self._dot_replied += 1
+        if reply.ok:
+            self._results[index] = RecipientResult(
+                self._env.recipients[index], "sent", reply.dsn, reply.flat, self.relay
+            )
+        else:
+            self._fail(index, reply, stage)
+        return self._dot_replied == len(self._accepted)
+
     def _on_bdat(self, reply: Reply, stage: Stage) -> None:
         """A chunk's reply (RFC 3030 §2): the last one is the message's, like the reply to
-        "."; a failed earlier one fails the message (later chunks' replies are still read)."""
+        "."; a failed earlier one fails the message (later chunks' replies are still read).
+        LMTP (RFC 2033 §4.3): BDAT LAST gets one reply per accepted recipient; the chunks go
+        one a reply there, so a failed earlier chunk means no BDAT LAST was sent."""
+        if self.lmtp and not self._chunks:  # every earlier chunk got its 250: BDAT LAST's
+            if self._lmtp_reply(reply, stage):
+                self._finish_transaction()
+            return
         self._chunks_replied += 1
         if self._bdat_failure is None and not reply.ok:
             self._bdat_failure = reply
         if self._chunks_replied < self._chunks_sent:
             if self._chunks:  # not pipelined: the next chunk, or none after a failure
                 if self._bdat_failure is None:
-                    self._send(self._chunks.popleft(), Stage.BODY, Stage.BDAT)
+                    self._send_chunk()
                     return
                 self._chunks.clear()
                 self._chunks_sent = self._chunks_replied
@@ -652,6 +739,7 @@ class Client:
         Stage.BDAT: _on_bdat,
         Stage.QUIT: _on_quit,
         Stage.STARTTLS: _on_starttls,
+        Stage.AUTH: _on_auth,
     }
 
     # ---- helpers ----
@@ -696,8 +784,7 @@ class Client:
         if self._dsn and env.envid:
             params += f" ENVID={env.envid}"
         mail = f"MAIL FROM:<{env.sender}>{params}\r\n".encode()
-        # LMTP's per-recipient replies after BDAT LAST are not read yet: DATA there for now
-        self._chunking = "CHUNKING" in self.extensions and not self.lmtp
+        self._chunking = "CHUNKING" in self.extensions
         self._pipelined = self.use_pipelining and "PIPELINING" in self.extensions
         if not self._pipelined:
             self._send(mail, Stage.MAIL)
@@ -716,15 +803,23 @@ class Client:
 
     def _send_chunks(self) -> None:
         """The content as BDAT chunks: all in one go when the server pipelines (RFC 3030 §4.2),
-        else one chunk a reply (the reply to a chunk sends the next)."""
+        else one chunk a reply (the reply to a chunk sends the next). LMTP always goes one
+        chunk a reply: how many replies BDAT LAST gets after a failed chunk is not said by
+        RFC 2033, so no BDAT LAST follows a failed chunk there."""
         self._chunks = deque(bdat_chunks(self._env.content, self.chunk_size))
         self._chunks_sent = len(self._chunks)
-        if self.use_pipelining and "PIPELINING" in self.extensions:
+        if self.use_pipelining and "PIPELINING" in self.extensions and not self.lmtp:
             self._events.append(Send(b"".join(self._chunks), Stage.BODY))
             self._expect.extend([Stage.BDAT] * self._chunks_sent)
             self._chunks.clear()
         else:
-            self._send(self._chunks.popleft(), Stage.BODY, Stage.BDAT)
+            self._send_chunk()
+
+    def _send_chunk(self) -> None:
+        """The next chunk, alone. LMTP: BDAT LAST owes one reply per accepted recipient."""
+        self._send(self._chunks.popleft(), Stage.BODY, Stage.BDAT)
+        if self.lmtp and not self._chunks:
+            self._expect.extend([Stage.BDAT] * (len(self._accepted) - 1))
 
     def _send_rcpt(self) -> None:
         rcpt = self._env.recipients[self._rcpt_sent]
@@ -739,6 +834,12 @@ class Client:
             if orcpt := self._env.orcpt.get(rcpt):
                 params += f" ORCPT={orcpt}"
         return f"RCPT TO:<{rcpt}>{params}\r\n".encode()
+
+    def _doing(self) -> str:
+        """Postfix's "… while <doing>" for the current stage (LMTP's handshake is LHLO)."""
+        if self.lmtp and self._stage is Stage.EHLO:
+            return "performing the LHLO handshake"
+        return DOING[self._stage]
 
     def _said(self, reply: Reply, stage: Stage) -> str:
         command = "LHLO" if self.lmtp and stage is Stage.EHLO else COMMAND[stage]
