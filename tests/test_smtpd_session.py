@@ -259,3 +259,30 @@ def test_connection_over_smtpd_connection_limit_gets_421_and_the_others_go_on():
     assert "warning: connection limit 3 reached: refusing unknown[127.0.0.1]" in log
     assert log.count(": connect from unknown[127.0.0.1]") == 3  # the refused one is no session
     assert log.count(": disconnect from unknown[127.0.0.1]") == 3
+
+
+def test_addresses_starting_with_a_dash_get_501_over_smtplib():
+    """Postfix's allow_min_user = no: "-C/tmp/evil.cf@…" could read as a command option
+    further on (pipe, sendmail), so smtpd refuses it as bad address syntax."""
+    async def scenario():
+        spool = MemorySpool()
+        server, _, writer, _ = await serve(spool)
+        writer.close()
+        port = server.sockets[0].getsockname()[1]
+
+        def client():
+            import smtplib
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                smtp.ehlo("client.test")
+                answers = [smtp.mail("-C/tmp/evil.cf@example.org"), smtp.mail("a@example.org"),
+                           smtp.rcpt("-oQ/tmp@example.net"), smtp.rcpt("b-@example.net")]
+                return answers
+
+        answers = await asyncio.get_running_loop().run_in_executor(None, client)
+        server.close()
+        await server.wait_closed()
+        return answers
+
+    assert asyncio.run(scenario()) == [
+        (501, b"5.1.7 Bad sender address syntax"), (250, b"2.1.0 Ok"),
+        (501, b"5.1.3 Bad recipient address syntax"), (250, b"2.1.5 Ok")]
