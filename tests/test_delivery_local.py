@@ -564,3 +564,21 @@ def test_cancelled_mbox_delivery_kills_the_child_and_undoes_its_write(user, worl
     run(scenario())
     assert mbox.read_bytes() == b"From old  now\nold message\n\n"
     assert sorted(os.listdir(spool)) == [name]
+
+
+def test_maildir_file_and_its_new_directory_entry_are_synced(tmp_path, monkeypatch):
+    """Before the recipient is marked sent, the message's data and its name in new/ are on
+    disk: fsync of the file, then of the new/ directory after the link."""
+    from engine.delivery import mailbox
+
+    synced = []
+    real_fsync = os.fsync
+
+    def record(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    monkeypatch.setattr(mailbox.os, "fsync", record)
+    path = mailbox.deliver_maildir(str(tmp_path / "Maildir"), b"Subject: s\n\nbody\n")
+    assert Path(path).parent == tmp_path / "Maildir" / "new"
+    assert synced == [False, True]  # the file, then the directory holding its new name

@@ -265,3 +265,13 @@ def test_file_destination_needs_no_ownership(world):
     (result,) = deliver(config, ["log@mx.test"])
     assert (result.status, result.reply) == ("sent", f"delivered to file: {shared}")
     assert shared.stat().st_uid == 0 and b"\n\nhello team\n" in shared.read_bytes()
+
+
+def test_dev_null_alias_discards_without_a_dotlock(world):
+    """The classic ``devnull: /dev/null`` alias: local(8) lets a file destination's dotlock
+    fail (MBOX_DOT_LOCK_MAY_FAIL), so the write goes to the device under the fcntl lock alone
+    and the recipient is sent, not deferred for want of /dev/null.lock."""
+    config = setup(world, "devnull: /dev/null\n")
+    (result,) = deliver(config, ["devnull@mx.test"])
+    assert (result.status, result.reply) == ("sent", "delivered to file: /dev/null")
+    assert not os.path.exists("/dev/null.lock")

@@ -75,9 +75,21 @@ def deliver_maildir(directory: str, data: bytes) -> str:
             os.link(tmp, new)  # fails rather than replace an existing file
         finally:
             os.unlink(tmp)
+        _sync_directory(os.path.join(directory, "new"))
         return new
     except OSError as exc:
         raise _os_error(f"maildir delivery failed: create maildir file {directory}", exc) from None
+
+
+def _sync_directory(path: str) -> None:
+    """fsync a directory, so a name just linked into it survives a crash: the queue marks the
+    recipient sent right after, and Tern's contract is that sent means on disk (Postfix's
+    local(8) leaves this to the file system)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def mbox_quote(content: bytes) -> bytes:
@@ -133,8 +145,11 @@ def deliver_mbox(path: str, entry: bytes, attempts: int = LOCK_ATTEMPTS,
     step ("locked", "writing SIZE DEV INO", "written", "unlocked"): what someone who kills
     this writer must undo (engine.delivery.writer.undo_mbox)."""
     lock = path + ".lock"
-    _dotlock(lock, attempts, delay)
-    progress("locked")
+    # local(8)'s file destinations lock with MBOX_DOT_LOCK_MAY_FAIL: a /dev/null alias or a
+    # file in a directory the writer cannot add to is written under the fcntl lock alone
+    locked = _dotlock(lock, attempts, delay, may_fail=not regular_only)
+    if locked:
+        progress("locked")
     try:
         fd = open_mbox(path, owner, privileges.chown, regular_only)
         try:
@@ -145,7 +160,8 @@ def deliver_mbox(path: str, entry: bytes, attempts: int = LOCK_ATTEMPTS,
             progress(f"writing {size} {info.st_dev} {info.st_ino}")
             try:
                 _write_all(fd, entry)
-                os.fsync(fd)
+                if stat.S_ISREG(info.st_mode):  # a device (/dev/null) has nothing to sync
+                    os.fsync(fd)
                 progress("written")
             except OSError as exc:
                 os.ftruncate(fd, size)
@@ -153,9 +169,10 @@ def deliver_mbox(path: str, entry: bytes, attempts: int = LOCK_ATTEMPTS,
         finally:
             os.close(fd)  # also releases the fcntl lock
     finally:
-        privileges.locking()
-        os.unlink(lock)
-        progress("unlocked")
+        if locked:
+            privileges.locking()
+            os.unlink(lock)
+            progress("unlocked")
 
 
 def open_mbox(path: str, owner: int | None = None, chown: tuple[int, int] | None = None,
@@ -207,11 +224,14 @@ def open_mbox(path: str, owner: int | None = None, chown: tuple[int, int] | None
     return fd
 
 
-def _dotlock(lock: str, attempts: int, delay: float) -> None:
+def _dotlock(lock: str, attempts: int, delay: float, may_fail: bool = False) -> bool:
+    """Take the dotlock ``lock`` (True). With ``may_fail``, a lock that cannot be created at
+    all (no permission, read-only directory) is done without (False); one held by someone
+    else is still waited for."""
     for attempt in range(attempts):
         try:
             os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            return
+            return True
         except FileExistsError:
             try:
                 if time.time() - os.stat(lock).st_mtime > STALE_LOCK_TIME:
@@ -220,6 +240,8 @@ def _dotlock(lock: str, attempts: int, delay: float) -> None:
             except FileNotFoundError:
                 continue
         except OSError as exc:
+            if may_fail and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                return False
             raise _os_error(f"cannot create dotlock {lock}", exc, transient=True) from None
         if attempt + 1 < attempts:
             time.sleep(delay)
