@@ -260,11 +260,23 @@ async def _deliver_local(recipient: str, request: DeliveryRequest, body: bytes,
     if failures:
         deferred = [(w, e) for w, e in failures if e.transient]
         dsn = (deferred or failures)[0][1].dsn
-        if len(failures) == 1 and not expansion.targets and failures[0][0] == recipient:
-            raise MailboxError(dsn, failures[0][1].text)
+        if len(failures) == 1 and _unaliased(expansion.targets, failures[0][0], recipient,
+                                             config):
+            raise MailboxError(dsn, failures[0][1].text)  # as Postfix: no "expanded from"
+
         raise MailboxError(dsn, "; ".join(f"{what} (expanded from <{recipient}>): {error.text}"
                                           for what, error in failures))
     return "; ".join(replies)
+
+
+def _unaliased(targets: list[Target], failed: str, recipient: str, config: Config) -> bool:
+    """Whether what ``failed`` is the recipient itself: nothing expanded (the failure is the
+    address), or its one destination is its own mailbox (no alias, or ``name: name``)."""
+    if not targets:
+        return failed == recipient
+    local = split_local(recipient, config.recipient_delimiter)[0].lower()
+    return (len(targets) == 1 and targets[0].kind == "mailbox"
+            and failed == targets[0].value == local)
 
 
 async def _deliver_target(target: Target, recipient: str, request: DeliveryRequest,
