@@ -52,6 +52,7 @@ relayhost = "smarthost.example.test:587"
 maillog_file = "/var/log/tern.log"
 smtpd_banner = "$myhostname ESMTP"
 message_size_limit = 1000
+hopcount_limit = 30
 smtpd_recipient_limit = 10
 line_length_limit = 1000
 smtpd_timeout = "1m"
@@ -1010,3 +1011,10 @@ smtp_bind_address = "127.0.0.3"
     assert (out3.smtp_bind_address, out3.smtp_helo_name) == ("127.0.0.3", "main.tern.test")
     assert config.for_transport("smtp") is config
     assert (config.smtp_bind_address, config.smtp_helo_name) == ("", "main.tern.test")
+
+
+def test_hopcount_limit_defaults_to_postfix_50_and_must_be_positive(tmp_path):
+    assert load_config(write(tmp_path, "")).hopcount_limit == 50
+    assert load_config(write(tmp_path, "hopcount_limit = 20\n")).hopcount_limit == 20
+    error, _ = config_error(tmp_path, "\nhopcount_limit = 0\n")
+    assert error.line == 2 and error.key == "hopcount_limit"

@@ -112,6 +112,7 @@ class Config:
     maillog_file: str = ""  # "" = stderr
     smtpd_banner: str = "$myhostname ESMTP Tern"
     # smtpd limits
+    hopcount_limit: int = 50  # Received: headers (ours included) past which mail is a loop
     message_size_limit: int = 10240000  # 0 = no limit, as in Postfix
     smtpd_recipient_limit: int = 1000
     line_length_limit: int = 2048
