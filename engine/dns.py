@@ -46,6 +46,18 @@ def _ordered(addresses: list[str], preference: str) -> list[str]:
     return random.sample(addresses, len(addresses))
 
 
+class MxHost(str):
+    """An MX host name that remembers its preference: the SMTP client's loop check drops the
+    hosts not better than itself (engine.delivery.smtp); everywhere else it is just the name."""
+
+    preference: int
+
+    def __new__(cls, name: str, preference: int) -> "MxHost":
+        host = super().__new__(cls, name)
+        host.preference = preference
+        return host
+
+
 class Resolver:
     """MX and address lookups through ``config.dns_servers`` ("ip" or "ip:port"; empty: the
     system's resolv.conf), as resolv(5) does: each query waits ``config.dns_timeout`` seconds
@@ -96,7 +108,8 @@ class Resolver:
         if answer is None:
             return [domain]
         records = sorted(answer, key=lambda mx: (mx.preference, random.random()))
-        hosts = [mx.exchange.to_text(omit_final_dot=True).lower() for mx in records]
+        hosts = [MxHost(mx.exchange.to_text(omit_final_dot=True).lower(), mx.preference)
+                 for mx in records]
         hosts = list(dict.fromkeys(host for host in hosts if host not in ("", ".")))
         if not hosts:  # RFC 7505 §3: "0 ." says the domain accepts no mail
             raise PermanentFailure("5.1.10", f"Domain {domain} does not accept mail (nullMX)")

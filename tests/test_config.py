@@ -53,6 +53,7 @@ maillog_file = "/var/log/tern.log"
 smtpd_banner = "$myhostname ESMTP"
 message_size_limit = 1000
 hopcount_limit = 30
+proxy_interfaces = "192.0.2.25"
 smtpd_recipient_limit = 10
 line_length_limit = 1000
 smtpd_timeout = "1m"

@@ -663,6 +663,7 @@ _SPECIAL: dict[str, Converter] = {
     "transport_maps": _transport_maps,
     "sender_dependent_default_transport_maps": _sender_transport_maps,
     "transport": _transport_tables,
+    "proxy_interfaces": _str_list(lambda entry: str(ipaddress.ip_address(entry)), "addresses"),
     "smtp_bind_address": _bind_address(4),
     "smtp_bind_address6": _bind_address(6),
     "pipe_transports": _pipe_transports,

@@ -109,6 +109,9 @@ class Config:
     # pipe(8) transports, Postfix's master.cf entries: name -> {argv, user, time_limit}
     pipe_transports: dict[str, "PipeTransport"] = field(default_factory=dict)
     listen: tuple[Listener, ...] = (Listener(),)
+    # Postfix's proxy_interfaces: addresses of a proxy or NAT that forwards port 25 to Tern;
+    # the SMTP client treats them as itself (no delivery to an MX host there: a mail loop)
+    proxy_interfaces: tuple[str, ...] = ()
     maillog_file: str = ""  # "" = stderr
     smtpd_banner: str = "$myhostname ESMTP Tern"
     # smtpd limits

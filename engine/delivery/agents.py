@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from engine.config import Config
 from engine.delivery import DeliveryOutcome, DeliveryRequest, lmtp, local, pipe, smtp, trivial
 from engine.delivery.connections import ConnectionCache
+from engine.delivery.myself import Myself
 from engine.dns import Resolver
 from engine.log import Maillog
 
@@ -20,9 +21,10 @@ Agent = Callable[[DeliveryRequest], Awaitable[DeliveryOutcome]]
 def build_agents(config: Config, resolver: Resolver,
                  connections: ConnectionCache | None = None,
                  maillog: Maillog | None = None) -> dict[str, Agent]:
+    myself = Myself(config)  # where this Tern takes mail: the SMTP client's loop check
     agents: dict[str, Agent] = {
         "smtp": functools.partial(smtp.deliver, config=config, resolver=resolver,
-                                  connections=connections, maillog=maillog),
+                                  connections=connections, maillog=maillog, myself=myself),
         "lmtp": functools.partial(lmtp.deliver, config=config, resolver=resolver),
         "local": functools.partial(local.deliver, config=config),
         "virtual": functools.partial(local.deliver, config=config, virtual=True),
@@ -32,7 +34,7 @@ def build_agents(config: Config, resolver: Resolver,
     for name in config.transport:  # [transport.NAME]: SMTP with its own smtp_* settings
         agents[name] = functools.partial(smtp.deliver, config=config.for_transport(name),
                                          resolver=resolver, connections=connections,
-                                         maillog=maillog)
+                                         maillog=maillog, myself=myself)
     for name, transport in config.pipe_transports.items():
         agents[name] = functools.partial(pipe.deliver, config=config, name=name,
                                          transport=transport)

@@ -33,6 +33,7 @@ from engine.delivery import (
     sasl,
 )
 from engine.delivery.connections import Connection, ConnectionCache
+from engine.delivery.myself import Myself
 from engine.dns import Resolver
 from engine.log import Maillog
 from engine.smtp.client import (
@@ -90,11 +91,14 @@ async def deliver(
     resolver: Resolver,
     connections: ConnectionCache | None = None,
     maillog: Maillog | None = None,
+    myself: Myself | None = None,
 ) -> DeliveryOutcome:
     """Deliver ``request`` to its next hop. Raises DeliveryError when no server took the
     transaction (DNS failure, every address refused or failed before MAIL FROM). With
     ``connections``, a cached session to the destination goes first (a dead one is dropped and
-    counts as no attempt), and a session that may be reused goes back there afterwards."""
+    counts as no attempt), and a session that may be reused goes back there afterwards.
+    ``myself``: where this Tern takes mail (built from ``config`` when not given), for the
+    loop check."""
     started = time.monotonic()
     if not request.recipients:
         return DeliveryOutcome([])
@@ -155,6 +159,7 @@ async def deliver(
         servers += [(host, address, host_policy) for address in addresses]
     if address_limit:
         del servers[address_limit:]
+    servers = _without_myself(servers, hosts, hop, myself or Myself(config))
     final: dict[str, RecipientResult] = {}
     outcome: DeliveryOutcome | None = None
     sessions = 0
@@ -257,6 +262,25 @@ def _policy_finder(config: Config) -> PolicyFinder:
         entry = (config, PolicyFinder(config))
         _FINDERS[id(config)] = entry
     return entry[1]
+
+
+def _without_myself(servers: list, hosts: list[str], hop: NextHop, myself: Myself) -> list:
+    """The servers minus this Tern and every MX host not better than it, as Postfix's
+    smtp_find_self / smtp_truncate_self. Raises PermanentFailure (5.4.6) "mail for X loops
+    back to myself" when that leaves none (or when a host that is no MX list is this Tern),
+    TransientFailure (4.4.4) when a better MX host had no address."""
+    me = next((host for host, address, _ in servers if (address, hop.port) in myself), None)
+    if me is None:
+        return servers
+    preference = getattr(me, "preference", None)
+    if preference is None:  # [host], a relay host or an implicit MX: no better host to try
+        raise PermanentFailure("5.4.6", f"mail for {hop.host} loops back to myself")
+    better = [server for server in servers if server[0].preference < preference]
+    if better:
+        return better
+    if getattr(hosts[0], "preference", preference) != servers[0][0].preference:
+        raise TransientFailure("4.4.4", f"unable to find primary relay for {hop.host}")
+    raise PermanentFailure("5.4.6", f"mail for {hop.host} loops back to myself")
 
 
 def _no_server_took_it(failures: list[DeliveryError], destination: str) -> DeliveryError:
