@@ -65,7 +65,8 @@ from engine.tls.server import describe
 from engine.tls.sts_fetch import sts_policy
 
 READ_SIZE = 65536
-CHUNK_SIZE = 1 << 20  # the largest BDAT chunk: one write, bounded memory at the next hop
+CHUNK_SIZE = 1 << 20  # the largest BDAT chunk: bounded memory at the next hop
+WRITE_SLICE = 1 << 16  # bytes written between two drains, each under the stage's timeout
 
 # Postfix's smtp_*_timeout for each stage (the greeting falls under smtp_helo_timeout).
 STAGE_TIMEOUTS = {
@@ -457,10 +458,20 @@ def _timeout(config: Config, stage: Stage) -> float:
 
 
 async def _write(writer: asyncio.StreamWriter, data: bytes, timeout: float, client: Client) -> None:
+    """Write ``data`` a slice at a time, each drained within ``timeout``: as Postfix's
+    smtp_*_timeout, the limit is on a stall (no progress), not on the whole message, so a
+    slow but steady next hop gets a large body. Slices are views: the data is never copied."""
     try:
-        writer.write(data)
-        async with asyncio.timeout(timeout):
-            await writer.drain()
+        if len(data) <= WRITE_SLICE:
+            writer.write(data)
+            async with asyncio.timeout(timeout):
+                await writer.drain()
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), WRITE_SLICE):
+            writer.write(view[start:start + WRITE_SLICE])
+            async with asyncio.timeout(timeout):
+                await writer.drain()
     except TimeoutError:
         client.timed_out()
     except OSError:
