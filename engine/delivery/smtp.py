@@ -38,7 +38,6 @@ from engine.dns import Resolver
 from engine.log import Maillog
 from engine.smtp.client import (
     Client,
-    Closed,
     Envelope,
     Event,
     NeedData,
@@ -409,9 +408,8 @@ async def _transact(
         if isinstance(event, TransactionDone):
             done_at = time.monotonic()
             kept = cache is not None and cache.put(cache_key or hop.destination, connection)
-            if not kept:
-                client.quit()
-                await _finish(connection, config)
+            if not kept:  # the outcome is known: it never waits for the QUIT reply
+                connection.quit()
             return DeliveryOutcome(
                 list(event.results),
                 connect_seconds=ready_at - started,
@@ -419,7 +417,7 @@ async def _transact(
                 conn_use=client.transactions,
                 dsn_passed=event.dsn_passed,
             )
-        await _finish(connection, config)
+        connection.quit()  # nor does a failed session, before the next MX host
         if isinstance(event, ReuseFailed):
             raise _DeadSession("4.4.2", event.text, client.relay)
         if not isinstance(event, SessionFailed):
@@ -445,12 +443,6 @@ async def _next_event(connection: Connection, config: Config) -> Event:
                 client.tls_started()
             case event:
                 return event
-
-
-async def _finish(connection: Connection, config: Config) -> None:
-    """Run the client to its end (QUIT and its reply, after quit() or a failed session)."""
-    while not isinstance(await _next_event(connection, config), Closed):
-        pass
 
 
 def _timeout(config: Config, stage: Stage) -> float:
