@@ -5,6 +5,7 @@ delivery agent). Trusts the configuration, which engine.config validated at load
 domain comes from a client, so whatever it holds ends in a NextHop or a PermanentFailure.
 """
 
+import dataclasses
 import functools
 
 from engine.config import Config, parse_transport_nexthop
@@ -67,6 +68,11 @@ def _nexthop(transport: str, nexthop: str, domain: str, config: Config) -> NextH
     return NextHop(transport, host, port or default_port, mx_lookup)
 
 
+def _from_relayhost(hop: NextHop, setting: str) -> NextHop:
+    """``hop``, marked as the relay host of ``setting`` (see NextHop.relayhost)."""
+    return dataclasses.replace(hop, relayhost=setting)
+
+
 def sender_transport(sender: str, maps: dict[str, str], null_key: str = "") -> str | None:
     """The sender_dependent_default_transport_maps (or _relayhost_maps) value for ``sender``:
     the address, then its "@domain" (Postfix's lookup order); for the null sender the entry
@@ -101,13 +107,16 @@ def nexthop_for(domain: str, config: Config, sender: str = "") -> NextHop:
         return NextHop(LOCAL_TRANSPORT, domain, mx_lookup=False)
     if domain in config.virtual_domains:
         return NextHop(VIRTUAL_TRANSPORT, domain, mx_lookup=False)
-    relayhost = sender_transport(
+    sender_relayhost = sender_transport(
         sender, config.sender_dependent_relayhost_maps,
-        config.empty_address_relayhost_maps_lookup_key) or config.relayhost
+        config.empty_address_relayhost_maps_lookup_key)
+    relayhost = sender_relayhost or config.relayhost
+    setting = "sender_dependent_relayhost_maps" if sender_relayhost else "relayhost"
     entry = sender_transport(sender, config.sender_dependent_default_transport_maps)
     if entry is not None:
         transport, _, nexthop = entry.partition(":")
-        return _nexthop(transport, nexthop or relayhost, domain, config)
+        hop = _nexthop(transport, nexthop or relayhost, domain, config)
+        return hop if nexthop or not relayhost else _from_relayhost(hop, setting)
     if relayhost:
-        return _nexthop(DEFAULT_TRANSPORT, relayhost, domain, config)
+        return _from_relayhost(_nexthop(DEFAULT_TRANSPORT, relayhost, domain, config), setting)
     return _domain_hop(DEFAULT_TRANSPORT, domain, DEFAULT_PORTS[DEFAULT_TRANSPORT])

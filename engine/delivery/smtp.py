@@ -93,6 +93,28 @@ async def deliver(
     maillog: Maillog | None = None,
     myself: Myself | None = None,
 ) -> DeliveryOutcome:
+    """``_deliver``, where a relay host that does not resolve or loops back defers with
+    4.3.5 instead of bouncing, as Postfix's smtp_connect.c: it is a configuration problem, not
+    the recipient's. A server's own 5xx (relay != "none") still bounces."""
+    try:
+        return await _deliver(request, config, resolver, connections, maillog, myself)
+    except PermanentFailure as error:
+        setting = request.nexthop.relayhost
+        if not setting or error.relay != "none":
+            raise
+        if maillog is not None:
+            maillog.line("smtp", f"warning: {setting} configuration problem")
+        raise TransientFailure("4.3.5", error.text) from None
+
+
+async def _deliver(
+    request: DeliveryRequest,
+    config: Config,
+    resolver: Resolver,
+    connections: ConnectionCache | None = None,
+    maillog: Maillog | None = None,
+    myself: Myself | None = None,
+) -> DeliveryOutcome:
     """Deliver ``request`` to its next hop. Raises DeliveryError when no server took the
     transaction (DNS failure, every address refused or failed before MAIL FROM). With
     ``connections``, a cached session to the destination goes first (a dead one is dropped and
