@@ -10,6 +10,7 @@ import random
 
 import dns.asyncresolver
 import dns.exception
+import dns.name
 import dns.nameserver
 import dns.resolver
 
@@ -20,6 +21,11 @@ from engine.ipliteral import parse_ip
 NOT_FOUND = "Host not found"
 TRY_AGAIN = "Host not found, try again"
 NO_DATA = "Host found but no data record of requested type"
+MALFORMED = "Malformed domain name"
+# dnspython's errors for a name that cannot be a DNS name (a label over 63 octets, a name over
+# 255, an empty label, a bad escape or IDNA form); caught before DNSException, which defers
+MALFORMED_NAME = (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong,
+                  dns.name.BadEscape, dns.name.IDNAException)
 
 
 def _name_error(name: str, rtype: str, why: str) -> str:
@@ -92,6 +98,8 @@ class Resolver:
             return None
         except dns.resolver.NXDOMAIN:
             raise PermanentFailure("5.1.2", _name_error(name, rtype, NOT_FOUND)) from None
+        except MALFORMED_NAME:  # no query can ever find it: bounce, never defer (Postfix)
+            raise PermanentFailure("5.1.2", _name_error(name, rtype, MALFORMED)) from None
         except (dns.exception.DNSException, OSError):
             raise TransientFailure("4.4.3", _name_error(name, rtype, TRY_AGAIN)) from None
 
