@@ -9,7 +9,7 @@ import dataclasses
 import functools
 
 from engine.config import Config, parse_transport_nexthop
-from engine.delivery import NextHop, PermanentFailure
+from engine.delivery import NextHop, PermanentFailure, TransientFailure
 from engine.ipliteral import parse_ip
 
 DEFAULT_TRANSPORT = "smtp"
@@ -59,8 +59,9 @@ def _nexthop(transport: str, nexthop: str, domain: str, config: Config) -> NextH
     default_port = DEFAULT_PORTS[protocol]
     try:
         host, port, mx_lookup = _parsed_nexthop(protocol, nexthop)
-    except ValueError as exc:  # only a Config built without load_config can hold one
-        raise PermanentFailure("5.3.5", f"bad next hop {nexthop!r} for {domain}: {exc}") from None
+    except ValueError as exc:  # only a Config built without load_config can hold one: the
+        # administrator's to fix, so it defers (Postfix: a configuration problem is 4.3.5)
+        raise TransientFailure("4.3.5", f"bad next hop {nexthop!r} for {domain}: {exc}") from None
     if host.startswith("unix:"):  # lmtp:unix:/path
         return NextHop(transport, host, 0, False)
     if not host:
