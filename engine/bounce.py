@@ -4,7 +4,8 @@ in the layout of Postfix's bounce(8): failure, delay and success notices.
 Pure functions: bytes and dataclasses in, the notice's bytes out; no I/O, no clock (``now`` is
 passed). Trusts the envelope and the config; the recipients' reasons, addresses and DSN
 parameters come from clients and remote servers, so control characters in them are masked
-before they reach a header. The caller queues the result with the null sender ``<>``.
+before they reach a header. The caller queues the result with the null sender ``<>``, flagged
+SMTPUTF8 when the original was (engine.qmgr.notices), as Postfix does.
 """
 
 import re
@@ -118,7 +119,7 @@ def _notice(kind: _Kind, action: str, envelope: Envelope, recipients: list[Recip
     parts = [
         _text_part(kind, recipients, envelope, config, now),
         _status_part(action, kind, envelope, recipients, config, now),
-        _original_part(kind, content, ret_full, config.bounce_size_limit),
+        _original_part(kind, content, ret_full, config.bounce_size_limit, envelope.smtputf8),
     ]
     boundary = _boundary(f"{envelope.queue_id}.{int(now)}/{hostname}", parts)
     stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
@@ -164,7 +165,10 @@ def _text_part(kind: _Kind, recipients: list[Recipient], envelope: Envelope, con
 def _status_part(action: str, kind: _Kind, envelope: Envelope, recipients: list[Recipient],
                  config: Config, now: float) -> bytes:
     """Part 2: message/delivery-status, the per-message fields then one block per recipient
-    (RFC 3464 §2.2, §2.3), in the ABNF's order, extension fields last."""
+    (RFC 3464 §2.2, §2.3), in the ABNF's order, extension fields last. For a message sent
+    with SMTPUTF8, message/global-delivery-status with "utf-8" addresses (RFC 6533 §3, as
+    Postfix's bounce(8) does only then)."""
+    utf8 = envelope.smtputf8
     fields = []
     if envelope.envid:
         fields.append(f"Original-Envelope-Id: {_clean(_xtext_decode(envelope.envid))}")
@@ -172,25 +176,34 @@ def _status_part(action: str, kind: _Kind, envelope: Envelope, recipients: list[
     fields.append(f"Arrival-Date: {rfc5322_date(envelope.arrival)}")
     fields.append(f"X-Tern-Queue-ID: {envelope.queue_id}")
     if envelope.sender:
-        fields.append(f"X-Tern-Sender: rfc822; {_clean(envelope.sender)}")
+        fields.append(f"X-Tern-Sender: {_address_type(envelope.sender, utf8)}; "
+                      f"{_clean(envelope.sender)}")
     retry_until = envelope.arrival + config.maximal_queue_lifetime
     for recipient in recipients:
         fields.append("")
         fields += _recipient_fields(recipient, action, kind, now,
-                                    retry_until if kind is _DELAY else None)
-    return _part(["Content-Description: Delivery report",
-                  "Content-Type: message/delivery-status"], _lines(_fold(f) for f in fields))
+                                    retry_until if kind is _DELAY else None, utf8)
+    content_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
+    return _part(["Content-Description: Delivery report", f"Content-Type: {content_type}"],
+                 _lines(_fold(f) for f in fields))
+
+
+def _address_type(address: str, utf8: bool) -> str:
+    """RFC 6533 §3: "utf-8" for a non-ASCII address of a message sent with SMTPUTF8, else
+    "rfc822" (Postfix's IS_UTF8_ADDRESS test)."""
+    return "utf-8" if utf8 and not address.isascii() else "rfc822"
 
 
 def _recipient_fields(recipient: Recipient, action: str, kind: _Kind, now: float,
-                      retry_until: float | None) -> list[str]:
+                      retry_until: float | None, utf8: bool = False) -> list[str]:
     """One recipient's block (RFC 3464 §2.3)."""
     fields = []
     if recipient.orcpt:
         fields.append(f"Original-Recipient: {_original_recipient(recipient.orcpt)}")
     status = recipient.dsn if _STATUS.fullmatch(recipient.dsn) else kind.default_status
     fields += [
-        f"Final-Recipient: rfc822; {_clean(recipient.address)}",
+        f"Final-Recipient: {_address_type(recipient.address, utf8)}; "
+        f"{_clean(recipient.address)}",
         f"Action: {action}",
         f"Status: {status}",
     ]
@@ -209,21 +222,24 @@ def _recipient_fields(recipient: Recipient, action: str, kind: _Kind, now: float
     return fields
 
 
-def _original_part(kind: _Kind, content: bytes, ret_full: bool, size_limit: int) -> bytes:
+def _original_part(kind: _Kind, content: bytes, ret_full: bool, size_limit: int,
+                   utf8: bool = False) -> bytes:
     """Part 3: the returned original. When it is larger than bounce_size_limit, Postfix does
     not cut it (which could break its MIME structure) but returns its headers only, as
     text/rfc822-headers; so does Tern. The header section is then still cut, at a field
-    boundary, to at most bounce_size_limit bytes, so a notice is always bounded."""
+    boundary, to at most bounce_size_limit bytes, so a notice is always bounded. A message
+    sent with SMTPUTF8 comes back as message/global or message/global-headers (RFC 6532
+    §3.7, RFC 6533 §3), as Postfix returns it."""
     content = _BARE_LF.sub(b"\r\n", content)
     if content and not content.endswith(b"\r\n"):
         content += b"\r\n"
     if ret_full and not (size_limit and len(content) > size_limit):
         head = [f"Content-Description: {kind.description}Message",
-                "Content-Type: message/rfc822"]
+                f"Content-Type: {'message/global' if utf8 else 'message/rfc822'}"]
         body = content
     else:
         head = [f"Content-Description: {kind.description}Message Headers",
-                "Content-Type: text/rfc822-headers"]
+                f"Content-Type: {'message/global-headers' if utf8 else 'text/rfc822-headers'}"]
         body = _header_section(content, size_limit)
     return _part(head, body)
 

@@ -10,7 +10,7 @@ client data and only its header lines are inspected. Never does network I/O.
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.spool import Envelope, QueuedMessage, Recipient
 from engine.spool.queue_id import QueueIdGenerator
@@ -61,6 +61,20 @@ class Origin:
             return "SMTP"
         base = "UTF8SMTP" if self.smtputf8 else "ESMTP"
         return base + ("S" if self.tls else "") + ("A" if self.sasl_username else "")
+
+
+# Postfix's smtpd printable() (controls, C1 controls, bytes that were not UTF-8; UTF-8 text
+# itself stays, as with smtputf8_enable) and then its NEUTER_CHARACTERS: what could end the
+# Received: "from" clause or its "(name [addr])" comment, or start its date (";"). Not ":", so
+# that an IPv6 address literal stays as sent (Postfix 3's set).
+_HELO_NEUTER = re.compile(r'[\x00-\x20\x7f-\x9f\ud800-\udfff<>()\\";@]')
+
+
+def neuter_helo(name: str) -> str:
+    """The HELO/EHLO argument as it is kept for Received: and the logs: each control, space
+    or special character becomes ``?`` (Postfix's helo_cmd), so that a client cannot write
+    a trace of its choosing ("EHLO a.example (localhost [10.0.0.1]) by x;")."""
+    return _HELO_NEUTER.sub("?", name)
 
 
 def received_header(origin: Origin, hostname: str, queue_id: str, recipients: list[str],
@@ -246,14 +260,21 @@ class Cleanup:
         self.on_queued(envelope)
         return envelope
 
-    async def inject(self, sender: str, recipients: list[str], content: bytes,
-                     origin: Origin | None = None) -> Envelope:
-        """Queue a message Tern made itself (a bounce, a delay or success notice): the same
-        path as mail from a client, with Tern as the origin."""
+    async def inject(self, sender: str, recipients: list[str | RecipientRequest],
+                     content: bytes, origin: Origin | None = None, *, smtputf8: bool = False,
+                     ret: str = "", envid: str = "") -> Envelope:
+        """Queue a message Tern made itself (a bounce, a delay or success notice, a copy that
+        local forwards): the same path as mail from a client, with Tern as the origin.
+        ``smtputf8``: queued as if sent with SMTPUTF8 (a notice about a message that was, as
+        Postfix's bounce(8) posts it), so its delivery asks for SMTPUTF8 when its addresses or
+        headers need it. ``ret`` / ``envid`` and RecipientRequests: a DSN request carried on."""
         origin = origin or Origin(client_name="localhost", client_ip="127.0.0.1",
                                   local_protocol="local")
+        if smtputf8:
+            origin = replace(origin, smtputf8=True)
         builder = self.begin(queue_id=self.new_queue_id(), sender=sender,
-                             recipients=recipients, origin=origin, body_8bit=True)
+                             recipients=recipients, origin=origin, body_8bit=True, ret=ret,
+                             envid=envid)
         builder.size_limit = 0  # our own notice is never refused for size
         builder.write(content)
         return await self.enqueue(builder)

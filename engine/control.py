@@ -9,6 +9,7 @@ own spool shard (``shard0``, ``shard1``…): a message lives in exactly one.
     {"op": "delete", "ids": null, "deferred_only": true}
     {"op": "flush", "domain": "example.net" | null}   → {"ok": false, "error": "..."} on failure
     {"op": "active"}                                 → {"ok": true, "ids": [active QIDs]}
+    {"op": "tls-report", "day": "YYYY-MM-DD"}        → {"ok": true, "ids": [reports sent]}
 
 ``null`` ids means ALL. Ops are hold, release, delete, requeue and flush, each one call of the
 same QueueManager method the offline tools use, run one at a time; and active, the IDs in the
@@ -23,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -33,7 +35,8 @@ SUN_PATH_MAX = 107  # bytes in sockaddr_un.sun_path, less the terminating NUL (L
 REQUEST_LIMIT = 1 << 20  # bytes in one request line
 REPLY_LIMIT = 1 << 28  # bytes in one reply line (every ID of a big queue)
 CLOSE_GRACE = 10.0  # seconds an operation in progress gets to finish at shutdown
-CHANGES = frozenset({"hold", "release", "delete", "requeue", "flush"})  # one at a time
+CHANGES = frozenset({"hold", "release", "delete", "requeue", "flush",
+                     "tls-report"})  # one at a time
 OPS = CHANGES | {"active"}
 
 
@@ -99,6 +102,8 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task] = set()
         self._one_at_a_time = asyncio.Lock()
+        # "tls-report": sends one day's TLS-RPT reports (set by engine.serve when enabled)
+        self.tls_report: Callable[[str], Awaitable[list[str]]] | None = None
 
     @classmethod
     async def start(cls, queue_directory: Path, qmgr, maillog=None, *,
@@ -177,6 +182,13 @@ class ControlServer:
             raise ValueError(f'"op" must be one of {", ".join(sorted(OPS))}')
         if op == "active":
             return op, self._active
+        if op == "tls-report":  # TLS-RPT (engine.tls.tlsrpt_send): the server's own hook
+            day = request.get("day")
+            if not isinstance(day, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", day):
+                raise ValueError('"day" must be a date, YYYY-MM-DD')
+            if self.tls_report is None:
+                raise ValueError("TLS-RPT is off (smtp_tlsrpt_enable)")
+            return op, lambda: self.tls_report(day)
         if op == "flush":
             domain = request.get("domain")
             if domain is not None and not isinstance(domain, str):

@@ -73,7 +73,9 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
                            f"{getattr(error, 'strerror', None) or error}") from error
     resolver = Resolver(config)
     connections = ConnectionCache(config)  # idle SMTP sessions reused for the next message
-    agents = build_agents(config, resolver, connections, maillog)
+    # local forwards through cleanup, made below (it needs qmgr, which needs the agents)
+    agents = build_agents(config, resolver, connections, maillog,
+                          inject=lambda *args, **kwargs: cleanup.inject(*args, **kwargs))
     qmgr = QueueManager(spool, config, maillog, agents)
     # cleanup queues client mail and, for qmgr, Tern's own notices (bounces, delay warnings)
     cleanup = Cleanup(spool, maillog, config, on_queued=qmgr.notify_new,
@@ -87,6 +89,13 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
         await qmgr.stop()
         spool.close()
         raise StartupError(str(error)) from error
+    reports = None  # TLS-RPT: one worker sends the daily reports (of every worker's results)
+    if config.smtp_tlsrpt_enable:
+        from engine.tls import tlsrpt_send
+
+        control.tls_report = lambda day: tlsrpt_send.send_reports(config, cleanup, maillog, day)
+        if shard == 0:
+            reports = asyncio.create_task(tlsrpt_send.daily(config, cleanup, maillog))
     sessions: set = set()  # every listener's: smtpd_connection_limit counts them all
     anvil = Anvil(time_unit=config.anvil_rate_time_unit)  # per-client counters, all listeners
     tls = server_context(config)  # files checked by load_config; one context for all listeners
@@ -143,6 +152,10 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
         await asyncio.sleep(0.01)
     for session in list(sessions):
         session.close_with(replies.SHUTTING_DOWN)
+    if reports is not None:
+        reports.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reports
     await spool.drain()
     await qmgr.stop(grace=SHUTDOWN_GRACE)
     await control.close()  # after qmgr: until here `tern queue` ops go through this server

@@ -158,58 +158,85 @@ LDNS_KEYGEN = "/usr/bin/ldns-keygen"
 LDNS_SIGNZONE = "/usr/bin/ldns-signzone"
 
 
-def _signed_zone(directory: Path, zone: str, records: Sequence[str]) -> str:
+def _zone_lines(zone: str, records: Sequence[str]) -> list[str]:
+    return [f"{zone} 60 IN SOA ns.{zone} hostmaster.{zone} 1 3600 600 86400 60",
+            f"{zone} 60 IN NS ns.{zone}", f"ns.{zone} 60 IN A {LOOPBACK}", *records]
+
+
+def _signed_zone(directory: Path, zone: str, records: Sequence[str], *,
+                 expired: bool = False) -> tuple[str, str]:
     """Writes ZONE.zone.signed (a KSK and a ZSK, ECDSA P-256, NSEC3) in ``directory`` and
-    returns the KSK's DNSKEY line (the trust anchor). ``records`` are zone-file lines with
-    absolute names; the SOA and NS are added."""
+    returns the KSK's DNSKEY line (the trust anchor) and its DS line (for the parent).
+    ``records`` are zone-file lines with absolute names; the SOA and NS are added. With
+    ``expired`` the signatures ended in 2020 (a validator finds the zone bogus)."""
     name = zone.rstrip(".")
-    lines = [f"{zone} 60 IN SOA ns.{zone} hostmaster.{zone} 1 3600 600 86400 60",
-             f"{zone} 60 IN NS ns.{zone}", f"ns.{zone} 60 IN A {LOOPBACK}", *records]
     keys = []
     for flags in (["-k"], []):
         keys.append(subprocess.run([LDNS_KEYGEN, "-a", "ECDSAP256SHA256", *flags, name],
                                    cwd=directory, check=True, capture_output=True,
                                    text=True).stdout.strip())
     anchor = (directory / f"{keys[0]}.key").read_text().strip()
+    ds = (directory / f"{keys[0]}.ds").read_text().strip()
     zone_file = directory / f"{name}.zone"
-    zone_file.write_text("\n".join(lines) + "\n" + anchor + "\n"
+    zone_file.write_text("\n".join(_zone_lines(zone, records)) + "\n" + anchor + "\n"
                          + (directory / f"{keys[1]}.key").read_text())
-    subprocess.run([LDNS_SIGNZONE, "-n", str(zone_file), *keys], cwd=directory, check=True,
-                   capture_output=True)
-    return anchor
+    dates = ["-i", "20200101", "-e", "20200201"] if expired else []
+    subprocess.run([LDNS_SIGNZONE, "-n", *dates, str(zone_file), *keys], cwd=directory,
+                   check=True, capture_output=True)
+    return anchor, ds
 
 
-def _nsd_config(port: int, directory: Path, zone: str) -> str:
-    name = zone.rstrip(".")
-    return "\n".join([
+def _nsd_config(port: int, directory: Path, zones: Sequence[str]) -> str:
+    lines = [
         "server:", f"  ip-address: {LOOPBACK}@{port}", f"  port: {port}",
         f'  zonesdir: "{directory}"', '  database: ""', '  username: ""', '  chroot: ""',
         f'  pidfile: "{directory}/nsd.pid"', f'  logfile: "{directory}/nsd.log"',
         f'  xfrdfile: "{directory}/xfrd.state"', f'  zonelistfile: "{directory}/zone.list"',
         f'  xfrdir: "{directory}"', "  server-count: 1", "  verbosity: 1",
-        "remote-control:", "  control-enable: no",
-        "zone:", f"  name: {name}", f'  zonefile: "{name}.zone.signed"', ""])
+        "remote-control:", "  control-enable: no"]
+    for zone in zones:
+        lines += ["zone:", f"  name: {zone.rstrip('.')}", f'  zonefile: "{zone}zone.signed"']
+    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture
 def dnssec_server(tmp_path_factory) -> Iterator[Callable[..., tuple[str, int]]]:
-    """Factory: ``dnssec_server(records, zone="dane.test.", signed=True) -> (host, port)`` of a
-    validating unbound (``module-config: "validator iterator"``) whose only trust anchor is the
-    KSK of ``zone``, a zone signed at start with ldns-signzone and served by nsd on loopback
-    (a stub zone). Its answers for the zone carry the AD bit. ``signed=False`` configures no
-    trust anchor: the same answers come back without AD (an insecure zone)."""
+    """Factory: ``dnssec_server(records, zone="dane.test.", signed=True, insecure={},
+    bogus={}) -> (host, port)`` of a validating unbound (``module-config: "validator
+    iterator"``) whose only trust anchor is the KSK of ``zone``, a zone signed at start with
+    ldns-signzone and served by nsd on loopback (a stub zone). Its answers for the zone carry
+    the AD bit. ``signed=False`` configures no trust anchor: the same answers come back
+    without AD.
+
+    Child zones, delegated from ``zone`` and served by the same nsd, each a mapping
+    ``{"child.dane.test.": [records]}``: ``insecure`` ones are unsigned, with no DS in the
+    parent (provably insecure: answers without AD, as for any unsigned domain on the
+    Internet); ``bogus`` ones are signed with a DS in the parent but with expired
+    signatures (the validator answers SERVFAIL)."""
     for tool in (UNBOUND, NSD, LDNS_KEYGEN, LDNS_SIGNZONE):
         if not os.access(tool, os.X_OK):
             pytest.skip(f"{tool} not installed")
     procs: list[subprocess.Popen] = []
 
-    def start(records: Sequence[str], *, zone: str = "dane.test.",
-              signed: bool = True) -> tuple[str, int]:
+    def start(records: Sequence[str], *, zone: str = "dane.test.", signed: bool = True,
+              insecure: dict[str, Sequence[str]] | None = None,
+              bogus: dict[str, Sequence[str]] | None = None) -> tuple[str, int]:
         directory = tmp_path_factory.mktemp("dnssec")
-        anchor = _signed_zone(directory, zone, records)
+        records = list(records)
+        children = [*(insecure or {}), *(bogus or {})]
+        for child, child_records in (insecure or {}).items():
+            records.append(f"{child} 60 IN NS ns.{zone}")
+            (directory / f"{child}zone.signed").write_text(
+                "\n".join(_zone_lines(child, child_records)).replace(
+                    f"{child} 60 IN NS ns.{child}", f"{child} 60 IN NS ns.{zone}") + "\n")
+        for child, child_records in (bogus or {}).items():
+            records.append(f"{child} 60 IN NS ns.{zone}")
+            _, ds = _signed_zone(directory, child, child_records, expired=True)
+            records.append(ds)
+        anchor, _ = _signed_zone(directory, zone, records)
         nsd_port = free_port(udp=True)
         nsd_conf = directory / "nsd.conf"
-        nsd_conf.write_text(_nsd_config(nsd_port, directory, zone))
+        nsd_conf.write_text(_nsd_config(nsd_port, directory, [zone, *children]))
         nsd_log = directory / "nsd.out"
         with nsd_log.open("wb") as out:
             procs.append(subprocess.Popen([NSD, "-d", "-c", str(nsd_conf)], stdout=out,
@@ -221,8 +248,9 @@ def dnssec_server(tmp_path_factory) -> Iterator[Callable[..., tuple[str, int]]]:
             (directory / "anchor.key").write_text(anchor + "\n")
             extra = [f'  local-zone: "{zone}" nodefault',
                      f'  trust-anchor-file: "{directory}/anchor.key"']
-        extra += ['  local-zone: "test." nodefault', "stub-zone:", f'  name: "{zone}"',
-                  f"  stub-addr: {LOOPBACK}@{nsd_port}"]
+        extra += ['  local-zone: "test." nodefault']
+        for name in (zone, *children):
+            extra += ["stub-zone:", f'  name: "{name}"', f"  stub-addr: {LOOPBACK}@{nsd_port}"]
         conf = directory / "unbound.conf"
         conf.write_text(_unbound_config(port, directory, [], [],
                                         module_config="validator iterator", extra=extra))

@@ -338,6 +338,57 @@ def test_8bit_headers_only_part_is_labelled_when_the_headers_are_8bit():
     assert b"Content-Transfer-Encoding" not in raw
 
 
+UTF8_ORIGINAL = ("From: Jörg <jörg@bücher.test>\r\nTo: René <rené@example.net>\r\n"
+                 "Subject: Grüße\r\n\r\nblåbærsyltetøy\r\n").encode()
+
+
+def utf8_failure(**changes):
+    recipients = [bob(address="rené@example.net", orcpt="utf-8;rené@example.net"),
+                  carol()]
+    return failure(recipients, UTF8_ORIGINAL, **({"sender": "jörg@bücher.test",
+                                                   "smtputf8": True} | changes))
+
+
+def test_notice_of_an_smtputf8_message_is_global():
+    """RFC 6533, as Postfix's bounce(8) for a message sent with SMTPUTF8: message/global-
+    delivery-status with "utf-8" address types for non-ASCII addresses only, and the original
+    returned as message/global; To: and the text keep the UTF-8 addresses readable."""
+    raw = utf8_failure()
+    message = parse(raw)
+    assert message["To"] == "jörg@bücher.test"
+    assert message["Content-Transfer-Encoding"] == "8bit"
+    text, status, original = parts(raw)
+    assert status.get_content_type() == "message/global-delivery-status"
+    assert status["Content-Transfer-Encoding"] == "8bit"
+    block = raw.split(b"Content-Type: message/global-delivery-status")[1].split(b"\r\n--")[0]
+    fields = block.decode().split("\r\n")
+    assert "X-Tern-Sender: utf-8; jörg@bücher.test" in fields
+    assert "Final-Recipient: utf-8; rené@example.net" in fields
+    assert "Original-Recipient: utf-8; rené@example.net" in fields
+    assert "Final-Recipient: rfc822; carol@example.com" in fields  # ASCII stays rfc822
+    assert "<rené@example.net>: host mx.example.net[192.0.2.25] said:" in human(raw)
+    assert text.get_content_charset() == "utf-8"
+    assert original.get_content_type() == "message/global"
+    returned = original.get_payload()[0]  # the stdlib reads message/global as a message
+    assert returned["Subject"] == "Grüße"
+    assert UTF8_ORIGINAL in raw
+    raw = utf8_failure(ret="HDRS")
+    hdrs = parts(raw)[2]
+    assert hdrs.get_content_type() == "message/global-headers"
+    head = UTF8_ORIGINAL.split(b"\r\n\r\n")[0]
+    assert head in raw and "blåbær".encode() not in raw
+
+
+def test_notice_of_a_message_without_smtputf8_keeps_rfc822_types():
+    """Without SMTPUTF8 (Postfix: only a request makes it "global"), even a non-ASCII address
+    from a non-SMTP source keeps the RFC 3464 types."""
+    raw = utf8_failure(smtputf8=False)
+    text, status, original = parts(raw)
+    assert status.get_content_type() == "message/delivery-status"
+    assert original.get_content_type() == "message/rfc822"
+    assert "Final-Recipient: rfc822; rené@example.net".encode() in raw
+
+
 def test_delay_notice():
     recipients = [bob(status="deferred", dsn="4.2.2",
                       last_reply="host mx.example.net[192.0.2.25] said: 452 4.2.2 Mailbox "

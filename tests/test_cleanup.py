@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.cleanup import MessageBuilder, Origin, RecipientRequest, received_header
+from engine.cleanup import MessageBuilder, Origin, RecipientRequest, neuter_helo, received_header
 
 
 def build(chunks, *, size_limit=10_000, recipients=("rcpt@example.net",), **dsn):
@@ -18,6 +18,22 @@ def build(chunks, *, size_limit=10_000, recipients=("rcpt@example.net",), **dsn)
 
 def content(builder):
     return b"".join(builder.finish().content)
+
+
+@pytest.mark.parametrize("helo, kept", [
+    ("client.test", "client.test"),
+    ("[192.0.2.1]", "[192.0.2.1]"),
+    ("[IPv6:2001:db8::1]", "[IPv6:2001:db8::1]"),  # ":" is not Postfix's to neuter
+    ("trusted.example (localhost [10.0.0.1]) by x;",
+     "trusted.example??localhost?[10.0.0.1]??by?x?"),
+    ('a<b>c"d\\e@f', "a?b?c?d?e?f"),
+    ("tab\there\x00nul", "tab?here?nul"),
+    ("caf\u00e9.example", "caf\u00e9.example"),  # UTF-8 text stays (smtputf8_enable)
+    ("nel\u0085del\x7f", "nel?del?"),
+    ("raw\udcffbyte", "raw?byte"),  # a non-UTF-8 byte (surrogateescape)
+])
+def test_helo_names_are_neutered_as_postfix_s(helo, kept):
+    assert neuter_helo(helo) == kept
 
 
 def test_received_header_comes_first_with_queue_id_and_recipient():
@@ -144,6 +160,15 @@ def test_inject_queues_tern_made_mail_through_the_same_path():
     assert content.startswith(b"Received: from localhost (localhost [127.0.0.1])")
     assert b"with local id " + envelope.queue_id.encode() in content
     assert b"Subject: bounce\r\nMessage-Id: <" in content  # over the size limit: still queued
+    from engine.cleanup import RecipientRequest
+
+    forwarded = asyncio.run(cleanup.inject(
+        "a@example.org", [RecipientRequest("b@example.net", "FAILURE", "rfc822;c@example.org")],
+        b"Subject: fw\r\n\r\nx\r\n", smtputf8=True, ret="HDRS", envid="E+2B1"))
+    assert (forwarded.ret, forwarded.envid, forwarded.smtputf8) == ("HDRS", "E+2B1", True)
+    (recipient,) = forwarded.recipients
+    assert (recipient.address, recipient.notify, recipient.orcpt) == (
+        "b@example.net", "FAILURE", "rfc822;c@example.org")
 
 
 @pytest.mark.parametrize("fields, expected", [

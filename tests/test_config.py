@@ -113,6 +113,17 @@ smtp_data_done_timeout = "1w"
 smtp_quit_timeout = 1.5
 smtp_rset_timeout = "5s"
 smtp_discard_ehlo_keywords = ["chunking", "pipelining"]
+lmtp_lhlo_name = "lmtp.example.test"
+lmtp_connect_timeout = "5s"
+lmtp_lhlo_timeout = "2m"
+lmtp_mail_timeout = "2m"
+lmtp_rcpt_timeout = "2m"
+lmtp_data_init_timeout = "3m"
+lmtp_data_xfer_timeout = "4m"
+lmtp_data_done_timeout = "20m"
+lmtp_quit_timeout = "2m"
+lmtp_rset_timeout = "2m"
+lmtp_discard_lhlo_keywords = ["chunking"]
 disable_mime_output_conversion = true
 smtp_bind_address = "192.0.2.1"
 smtp_bind_address6 = "2001:db8::1"
@@ -124,6 +135,9 @@ smtp_tls_security_level = "may"
 smtp_tls_policy_maps = "inline:{ example.com=secure }"
 smtp_tls_wrappermode = true
 smtp_tls_CAfile = "@CERTS@/ca.pem"
+smtp_tls_CApath = "@CERTS@"
+tls_append_default_CA = true
+tls_medium_cipherlist = "aNULL:-aNULL:HIGH:MEDIUM:@STRENGTH"
 smtp_tls_protocols = ">=TLSv1.3"
 smtp_starttls_timeout = "1m"
 smtp_tls_fingerprint_digest = "sha512"
@@ -132,6 +146,11 @@ smtp_tls_secure_cert_match = "nexthop"
 smtp_mta_sts_enable = true
 smtp_mta_sts_CAfile = "@CERTS@/ca.pem"
 smtp_mta_sts_https_port = 8443
+smtp_tlsrpt_enable = true
+tlsrpt_organization_name = "Example Mail"
+tlsrpt_contact_info = "tls-reports@example.test"
+tlsrpt_sender_address = "tlsrpt@example.test"
+tlsrpt_CAfile = "@CERTS@/ca.pem"
 dns_servers = ["192.0.2.53", "192.0.2.54:5353", "[2001:db8::53]:53", "2001:db8::54"]
 dns_timeout = 2.5
 smtpd_tls_cert_file = "@CERTS@/default.crt"
@@ -171,6 +190,13 @@ virtual_gid_maps = "static:5000"
 virtual_minimum_uid = 1000
 deliver_lock_attempts = 5
 deliver_lock_delay = "2s"
+alias_maps = ["inline:{ postmaster=root }"]
+forward_path = ["$home/.forward"]
+allow_mail_to_commands = ["alias"]
+allow_mail_to_files = ["alias", "forward", "include"]
+default_privs = "daemon"
+command_time_limit = "10m"
+duplicate_filter_limit = 50
 smtp_sasl_auth_enable = true
 smtp_sasl_password_maps = "inline:{ [smarthost.example.test]:587=relayuser:secret }"
 smtp_sasl_mechanism_filter = "login, PLAIN"
@@ -308,6 +334,9 @@ def test_full_file_sets_every_field(tmp_path):
     assert config.smtp_quit_timeout == 1.5
     assert config.smtp_data_done_timeout == 7 * 86400.0
     assert config.smtp_discard_ehlo_keywords == ("chunking", "pipelining")
+    assert (config.lmtp_lhlo_name, config.lmtp_connect_timeout) == ("lmtp.example.test", 5.0)
+    assert (config.lmtp_lhlo_timeout, config.lmtp_data_done_timeout) == (120.0, 1200.0)
+    assert config.lmtp_discard_lhlo_keywords == ("chunking",)
     assert config.smtp_address_preference == "ipv6"
     assert (config.smtp_mx_address_limit, config.smtp_mx_session_limit) == (0, 3)
     assert config.dns_attempts == 3
@@ -380,6 +409,49 @@ def test_message_size_limit_zero_means_no_limit(tmp_path):
 def test_helo_name_may_be_an_rfc5321_address_literal(tmp_path, helo):
     config = load_config(write(tmp_path, f'smtp_helo_name = "{helo}"\n'))
     assert config.smtp_helo_name == helo
+
+
+def test_lmtp_keys_are_validated(tmp_path):
+    """Postfix's lmtp_* twins: lmtp_connect_timeout may be 0 (the system's limit), the other
+    timeouts may not; lmtp_lhlo_name is checked as smtp_helo_name is."""
+    assert load_config(write(tmp_path, "lmtp_connect_timeout = 0\n")).lmtp_connect_timeout == 0
+    assert Config().lmtp_connect_timeout == 0 and Config().lmtp_data_done_timeout == 600
+    error, path = config_error(tmp_path, 'myhostname = "a.test"\nlmtp_lhlo_timeout = 0\n')
+    assert str(error) == (f"{path}:2: lmtp_lhlo_timeout: expected a duration greater than 0,"
+                          " got 0")
+    error, path = config_error(tmp_path, 'lmtp_data_done_timeout = "soon"\n')
+    assert str(error).startswith(f"{path}:1: lmtp_data_done_timeout: ")
+    error, path = config_error(tmp_path, 'lmtp_lhlo_name = "bad name"\n')
+    assert str(error).startswith(f"{path}:1: lmtp_lhlo_name: expected a host name")
+    config = load_config(write(tmp_path, 'lmtp_lhlo_name = "$mydomain"\nmyhostname = "h.a.test"\n'))
+    assert config.expand(config.lmtp_lhlo_name) == "a.test"
+
+
+def test_alias_keys_are_validated(tmp_path):
+    """alias_maps written in the file are read at start-up (a missing or malformed aliases(5)
+    file names itself); the default /etc/aliases may be absent."""
+    aliases = tmp_path / "aliases"
+    aliases.write_text("postmaster: root\nteam: a, b,\n  c\n")
+    config = load_config(write(tmp_path, f'alias_maps = "texthash:{aliases}"\n'))
+    assert config.alias_maps == (f"texthash:{aliases}",)
+    assert Config().alias_maps == ("texthash:/etc/aliases",)
+    assert Config().allow_mail_to_commands == ("alias", "forward")
+    error, path = config_error(tmp_path, f'alias_maps = "texthash:{tmp_path}/none"\n')
+    assert str(error) == (f"{path}:1: alias_maps: {tmp_path}/none: cannot read: No such file "
+                          "or directory")
+    aliases.write_text("postmaster root\n")
+    error, path = config_error(tmp_path, f'alias_maps = "texthash:{aliases}"\n')
+    assert str(error) == (f'{path}:1: alias_maps: {aliases}:1: expected "name: value", got '
+                          '"postmaster root"')
+    error, path = config_error(tmp_path, 'alias_maps = "texthash:etc/aliases"\n')
+    assert "alias_maps: bad entry" in str(error) and "absolute path" in str(error)
+    error, path = config_error(tmp_path, 'allow_mail_to_commands = ["alias", "everyone"]\n')
+    assert 'expected "alias", "forward" or "include"' in str(error)
+    error, path = config_error(tmp_path, 'default_privs = "root"\n')
+    assert str(error) == f'{path}:1: default_privs: "root" is a privileged user (Postfix ' \
+                         'refuses it too)'
+    error, path = config_error(tmp_path, 'forward_path = ["~/.forward"]\n')
+    assert "absolute path" in str(error)
 
 
 def test_ipv6_tag_in_listen_address(tmp_path):
@@ -570,6 +642,12 @@ ERRORS = [
     ("path: relative", 'queue_directory = "spool"\n', 1, "queue_directory",
      'expected an absolute path, got "spool"'),
     ("path: int", "queue_directory = 5\n", 1, "queue_directory", "expected a string, got 5"),
+    ("smtp_tls_CApath: relative", 'smtp_tls_CApath = "certs"\n', 1, "smtp_tls_CApath",
+     'expected an absolute path, got "certs"'),
+    ("tls_medium_cipherlist: no cipher", 'tls_medium_cipherlist = "NOTHING-AT-ALL"\n', 1,
+     "tls_medium_cipherlist", 'no cipher matches "NOTHING-AT-ALL"'),
+    ("tls_append_default_CA: string", 'tls_append_default_CA = "yes"\n', 1,
+     "tls_append_default_CA", "expected true or false"),
     # lists
     ("list: int", "relay_domains = 5\n", 1, "relay_domains",
      "expected an array of domains (or one string), got 5"),

@@ -2,6 +2,7 @@
 served by nsd, validated by a real unbound whose trust anchor is the zone's KSK; deliver() to a
 real ``tern serve`` whose chain is leaf (mx.tern.test) + test CA."""
 
+import asyncio
 import hashlib
 
 import pytest
@@ -9,9 +10,13 @@ import test_tls_client
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from test_tls_client import assert_sent, send
+from test_tls_end_to_end import message_with
 
+from engine.config import Config
 from engine.delivery import TransientFailure
+from engine.dns import Resolver
 from engine.tls.dane import Tlsa, verify_chain
+from engine.tls.tlsrpt_store import ResultStore, today
 
 ZONE = "tern.test."
 # test_tls_client's module fixtures (tern serve with the test CA's chain, its smtp-sink, CAs)
@@ -90,13 +95,30 @@ def test_no_tlsa_dane_is_opportunistic_and_dane_only_defers(dnssec_server, serve
     assert "Untrusted TLS connection established to none.tern.test[127.0.0.1]:" in log
     result, _, _ = dane_send(dns, server.port, "none", level="dane-only")
     assert isinstance(result, TransientFailure)
-    assert result.text == (f"TLS is required, but there are no TLSA records for"
-                           f" _{server.port}._tcp.none.tern.test.")
+    assert (result.dsn, result.text) == ("4.7.5", "no TLSA records found")
+
+
+def test_unusable_tlsa_makes_dane_encrypt_and_dane_only_defer(dnssec_server, server, sink, certs):
+    """PKIX-EE(1) records are not used for SMTP (RFC 7672 §3.1.3): TLS without
+    authentication, so a server without STARTTLS (the smtp-sink) is not good enough."""
+    leaf = load(certs.default_cert)[0]
+    dns = dnssec_server([*tlsa("pkix", server.port, 1, 1, 1, spki(leaf)),
+                         *tlsa("nostarttls", sink.port, 1, 1, 1, spki(leaf))], zone=ZONE)
+    result, log, _ = dane_send(dns, server.port, "pkix")
+    assert_sent(result)
+    assert "Untrusted TLS connection established to pkix.tern.test[127.0.0.1]:" in log
+    result, _, _ = dane_send(dns, sink.port, "nostarttls")
+    assert isinstance(result, TransientFailure) and result.dsn == "4.7.4"
+    assert result.text.startswith("TLS is required, but was not offered")
+    result, _, _ = dane_send(dns, server.port, "pkix", level="dane-only")
+    assert isinstance(result, TransientFailure)
+    assert (result.dsn, result.text) == ("4.7.5", "TLSA records unusable")
 
 
 def test_tlsa_without_the_ad_bit_is_not_trusted(dnssec_server, server, other_ca):
-    """The same signed zone, but unbound has no trust anchor for it: the answer comes without
-    AD. A (wrong) TLSA record then counts as none: dane delivers opportunistically."""
+    """The same signed zone, but unbound has no trust anchor for it: no answer has AD. A
+    (wrong) TLSA record then counts as none: dane delivers opportunistically, dane-only
+    defers as Postfix does for a host whose addresses are not DNSSEC-validated."""
     wrong = load(other_ca.default_cert)[0]
     dns = dnssec_server(tlsa("ee", server.port, 3, 1, 1, spki(wrong)), zone=ZONE, signed=False)
     result, log, _ = dane_send(dns, server.port, "ee")
@@ -104,7 +126,111 @@ def test_tlsa_without_the_ad_bit_is_not_trusted(dnssec_server, server, other_ca)
     assert "Untrusted TLS connection established to ee.tern.test[127.0.0.1]:" in log
     result, _, _ = dane_send(dns, server.port, "ee", level="dane-only")
     assert isinstance(result, TransientFailure)
-    assert "there are no DNSSEC-validated TLSA records" in result.text
+    assert (result.dsn, result.text) == ("4.7.5", "non DNSSEC destination")
+
+
+# ---- RFC 7672 §2.2: DANE only behind a validated MX RRset and validated addresses ----------
+
+
+def mx_send(dns, port, domain, level="dane"):
+    return send(port, dns_servers=[f"{dns[0]}:{dns[1]}"], smtp_tls_security_level=level,
+                _host=f"{domain}.{ZONE}".rstrip("."), _mx=True)
+
+
+@pytest.fixture
+def delegated(dnssec_server, server, other_ca):
+    """tern.test (signed) with ee.tern.test whose TLSA record does not match the server, the
+    MX of "secure" (in the signed zone) and of "plain" (an unsigned zone delegated from it);
+    "mixed" (signed) has the MX host mx.plain.tern.test, whose address is insecure."""
+    wrong = spki(load(other_ca.default_cert)[0])
+    return dnssec_server(
+        [*tlsa("ee", server.port, 3, 1, 1, wrong),
+         f"secure.{ZONE} 60 IN MX 10 ee.{ZONE}",
+         f"mixed.{ZONE} 60 IN MX 10 ee.{ZONE}", f"mixed.{ZONE} 60 IN MX 20 mx.plain.{ZONE}",
+         f"onlyplain.{ZONE} 60 IN MX 10 mx.plain.{ZONE}"],
+        zone=ZONE,
+        insecure={f"plain.{ZONE}": [
+            f"plain.{ZONE} 60 IN MX 10 ee.{ZONE}", f"mx.plain.{ZONE} 60 IN A 127.0.0.1",
+            f"_{server.port}._tcp.mx.plain.{ZONE} 60 IN TLSA 3 1 1 {'00' * 32}"]})
+
+
+def test_secure_mx_uses_the_tlsa_records(delegated, server):
+    result, log, _ = mx_send(delegated, server.port, "secure")
+    assert isinstance(result, TransientFailure)
+    assert (result.dsn, result.text) == ("4.7.5", "Server certificate not verified")
+    assert f"TLSA mismatch for ee.tern.test[127.0.0.1]:{server.port}:" in log
+
+
+def test_insecure_mx_makes_dane_opportunistic(delegated, server, sink):
+    """The MX RRset of plain.tern.test is not validated: no TLSA lookup for its MX host
+    (whose records would not match), delivery at "may"."""
+    result, log, marker = mx_send(delegated, server.port, "plain")
+    assert_sent(result)
+    assert f"Untrusted TLS connection established to ee.tern.test[127.0.0.1]:{server.port}" in log
+    assert "TLSA mismatch" not in log
+    assert b"with ESMTPS id" in message_with(sink, marker)
+
+
+def test_insecure_mx_with_dane_only_defers(delegated, server):
+    result, log, _ = mx_send(delegated, server.port, "plain", level="dane-only")
+    assert isinstance(result, TransientFailure)
+    assert (result.dsn, result.text) == ("4.7.5", "non DNSSEC destination")
+    assert "TLS connection established" not in log  # no connection at all
+
+
+def test_insecure_host_address_makes_only_that_host_opportunistic(delegated, server):
+    """mixed.tern.test's MX RRset is secure: its first host keeps DANE (and fails the TLSA
+    match), its second one has insecure addresses and gets "may"."""
+    result, log, _ = mx_send(delegated, server.port, "mixed")
+    assert_sent(result)
+    assert f"TLSA mismatch for ee.tern.test[127.0.0.1]:{server.port}:" in log
+    assert (f"Untrusted TLS connection established to mx.plain.tern.test[127.0.0.1]:"
+            f"{server.port}") in log
+    result, _, _ = mx_send(delegated, server.port, "onlyplain", level="dane-only")
+    assert isinstance(result, TransientFailure)
+    assert (result.dsn, result.text) == ("4.7.5", "non DNSSEC destination")
+
+
+def test_bogus_tlsa_answer_defers_even_at_dane(dnssec_server, server, certs):
+    """The TLSA records live in a child zone whose signatures expired: the validating
+    resolver answers SERVFAIL. The records might exist, so Postfix defers ("TLSA lookup
+    error") rather than deliver without them."""
+    leaf = load(certs.default_cert)[0]
+    good = hashlib.sha256(spki(leaf)).hexdigest()
+    dns = dnssec_server([f"bad.{ZONE} 60 IN A 127.0.0.1"], zone=ZONE,
+                        bogus={f"_tcp.bad.{ZONE}": [
+                            f"_{server.port}._tcp.bad.{ZONE} 60 IN TLSA 3 1 1 {good}"]})
+    result, log, _ = dane_send(dns, server.port, "bad")
+    assert isinstance(result, TransientFailure)
+    assert (result.dsn, result.text) == ("4.7.5", f"TLSA lookup error for bad.tern.test:"
+                                                  f"{server.port}")
+    assert "TLS connection established" not in log
+
+
+def test_resolver_reports_validation_only_when_asked(delegated):
+    """The DNS layer: AD only on DNSSEC-asking lookups, and never for the unsigned zone; the
+    ordinary lookups never ask (no DO/AD) and so report nothing secure."""
+    config = Config(dns_servers=(f"{delegated[0]}:{delegated[1]}",), dns_timeout=2.0)
+
+    async def lookups():
+        resolver = Resolver(config)
+        plain = [await resolver.mx_lookup("secure.tern.test"),
+                 await resolver.address_lookup("ee.tern.test")]
+        assert resolver._dnssec is None  # the ordinary path never made the DNSSEC resolver
+        asked = [await resolver.mx_lookup(name, dnssec=True)
+                 for name in ("secure.tern.test", "plain.tern.test", "ns.tern.test")]
+        hosts = [await resolver.address_lookup(name, dnssec=True)
+                 for name in ("ee.tern.test", "mx.plain.tern.test")]
+        return plain, asked, hosts
+
+    plain, asked, hosts = asyncio.run(lookups())
+    assert [(r.items, r.secure) for r in plain] == [(["ee.tern.test"], False),
+                                                    (["127.0.0.1"], False)]
+    assert [(r.items, r.secure) for r in asked] == [
+        (["ee.tern.test"], True), (["ee.tern.test"], False),
+        (["ns.tern.test"], True)]  # implicit MX: the validated "no MX" answer
+    assert [(r.items, r.secure) for r in hosts] == [(["127.0.0.1"], True),
+                                                    (["127.0.0.1"], False)]
 
 
 def test_verify_chain_rules(certs, other_ca):
@@ -119,3 +245,34 @@ def test_verify_chain_rules(certs, other_ca):
     forged = [der(leaf), der(other_root)]
     ta_other = Tlsa(2, 0, 1, hashlib.sha256(der(other_root)).digest())
     assert verify_chain((ta_other,), forged, ["mx.tern.test"]) is not None
+
+
+# ---- TLS-RPT (RFC 8460 §4.3.2.1): what DANE deliveries record ---------------------------------
+
+
+def test_tlsrpt_records_dane_results(dnssec_server, server, certs, other_ca, tmp_path):
+    leaf = load(certs.default_cert)[0]
+    wrong = load(other_ca.default_cert)[0]
+    good = hashlib.sha256(spki(leaf)).hexdigest()
+    dns = dnssec_server([*tlsa("ee", server.port, 3, 1, 1, spki(leaf)),
+                         *tlsa("wrong", server.port, 3, 1, 1, spki(wrong)),
+                         "none.tern.test. 60 IN A 127.0.0.1",
+                         f"bad.{ZONE} 60 IN A 127.0.0.1"], zone=ZONE,
+                        bogus={f"_tcp.bad.{ZONE}": [
+                            f"_{server.port}._tcp.bad.{ZONE} 60 IN TLSA 3 1 1 {good}"]})
+    cases = [("ee", "dane", "success"), ("wrong", "dane", "tlsa-invalid"),
+             ("bad", "dane", "dnssec-invalid"), ("none", "dane-only", "dane-required")]
+    for name, level, _ in cases:
+        dane_send(dns, server.port, name, level=level, smtp_tlsrpt_enable=True,
+                  queue_directory=tmp_path / name)
+    found = {name: ResultStore(tmp_path / name).read(today()) for name, _, _ in cases}
+    assert {name: [r.result for r in results] for name, results in found.items()} == {
+        name: [kind] for name, _, kind in cases}
+    (success,) = found["ee"]
+    assert (success.policy_domain, success.policy_type) == ("ee.tern.test", "tlsa")
+    assert success.policy_string == (f"3 1 1 {good}",)
+    assert (success.mx_host, success.receiving_mx, success.receiving_ip, success.sending_ip) == (
+        ("ee.tern.test",), "ee.tern.test", "127.0.0.1", "127.0.0.1")
+    assert found["wrong"][0].reason.startswith("TLSA mismatch: no TLSA record matches")
+    assert found["bad"][0].reason == f"TLSA lookup error for bad.tern.test:{server.port}"
+    assert found["none"][0].reason == "no TLSA records found"

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from engine.config import Config, ConfigError, load_config
 from engine.config.settings import PipeTransport
@@ -67,6 +68,23 @@ def test_exit_0_is_sent_with_macros_expanded(world):
     assert (world / "out.msg").read_bytes() == CONTENT.replace(b"\r\n", b"\n")
     uid = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.getuid()
     assert int((world / "out.uid").read_text()) == uid
+
+
+def test_the_command_takes_its_user_under_uvloop_too(world):
+    """tern serve runs on uvloop, whose subprocess has no user/group arguments: the identity
+    is taken in the child all the same (nobody when root, else Tern's own user)."""
+    out = world / "ids"
+    command = script(world, f"id -u > {out}; id -G >> {out}\n")
+    request = DeliveryRequest("4PipeU", "sender@example.org", ["u@example.test"], CONTENT,
+                              NextHop("filter", "example.test", 0, False))
+    outcome = uvloop.run(pipe_agent.deliver(request, Config(), "filter",
+                                            PipeTransport((command,), "nobody", 10.0)))
+    assert outcome.results[0].status == "sent"
+    nobody = pwd.getpwnam("nobody")
+    expected = ([str(nobody.pw_uid), str(nobody.pw_gid)] if os.geteuid() == 0
+                else [str(os.getuid()), " ".join(str(g) for g in os.getgroups())])
+    uid, groups = out.read_text().splitlines()
+    assert uid == expected[0] and (os.geteuid() != 0 or groups == expected[1])
 
 
 def test_exit_75_defers_with_the_command_output(world):

@@ -13,6 +13,7 @@ from test_tls_client import assert_sent, send
 
 from engine.delivery import TransientFailure
 from engine.tls import sts_fetch
+from engine.tls.tlsrpt_store import ResultStore, today
 
 certs, server, sink = test_tls_client.certs, test_tls_client.server, test_tls_client.sink
 
@@ -128,3 +129,91 @@ def test_policy_behind_an_untrusted_https_certificate_is_ignored(dns_server, ser
                           _host="example.net", _mx=True)
     assert_sent(result)
     assert "TLS connection established" not in log  # no policy: smtp_tls_security_level none
+
+
+# ---- TLS-RPT (RFC 8460): what each delivery records under the MTA-STS policy -----------------
+
+
+def recorded(directory):
+    return ResultStore(directory).read(today())
+
+
+def test_tlsrpt_records_sts_sessions_and_fetch_failures(dns_server, server, policy_server,
+                                                        certs, tmp_path):
+    dns = dns_server(RECORDS, zones=("example.net.", "tern.test."))
+    https = policy_server(policy("enforce"))
+    settings = dict(dns_servers=[f"{dns[0]}:{dns[1]}"], smtp_mta_sts_enable=True,
+                    smtp_mta_sts_https_port=https.port, _host="example.net", _mx=True,
+                    smtp_tlsrpt_enable=True)
+    result, _, _ = send(server.port, smtp_mta_sts_CAfile=str(certs.ca),
+                        smtp_tls_CAfile=str(certs.ca), queue_directory=tmp_path / "ok",
+                        **settings)
+    assert_sent(result)
+    (success,) = recorded(tmp_path / "ok")
+    assert (success.policy_domain, success.policy_type, success.result) == (
+        "example.net", "sts", "success")
+    assert success.policy_string == ("version: STSv1", "mode: enforce", "mx: mx.tern.test",
+                                     "max_age: 86400")
+    assert (success.mx_host, success.receiving_mx, success.receiving_ip) == (
+        ("mx.tern.test",), "mx.tern.test", "127.0.0.1")
+    # the MX certificate is not trusted (no CA for it): certificate-not-trusted
+    result, _, _ = send(server.port, smtp_mta_sts_CAfile=str(certs.ca),
+                        queue_directory=tmp_path / "untrusted", **settings)
+    assert isinstance(result, TransientFailure)
+    (failure,) = recorded(tmp_path / "untrusted")
+    assert (failure.policy_type, failure.result) == ("sts", "certificate-not-trusted")
+    # the system's CAs (the Web PKI) do not know the test CA the server sends
+    assert failure.reason == ("server certificate verification failed: num=19:self-signed"
+                              " certificate in certificate chain")
+    # the policy server's certificate is not trusted: sts-webpki-invalid, then no policy
+    sts_fetch.CACHE._entries.clear()
+    result, _, _ = send(server.port, queue_directory=tmp_path / "webpki", **settings)
+    assert_sent(result)
+    (fetch,) = recorded(tmp_path / "webpki")
+    assert (fetch.policy_type, fetch.result) == ("sts", "sts-webpki-invalid")
+    assert "CERTIFICATE_VERIFY_FAILED" in fetch.reason
+    # a policy file that is not one: sts-policy-invalid
+    sts_fetch.CACHE._entries.clear()
+    https.policy = b"version: STSv2\r\n"
+    result, _, _ = send(server.port, smtp_mta_sts_CAfile=str(certs.ca),
+                        queue_directory=tmp_path / "invalid", **settings)
+    assert_sent(result)
+    assert [r.result for r in recorded(tmp_path / "invalid")] == ["sts-policy-invalid"]
+
+
+def test_tlsrpt_off_records_nothing(dns_server, server, policy_server, certs, tmp_path):
+    dns = dns_server(RECORDS, zones=("example.net.", "tern.test."))
+    https = policy_server(policy("enforce"))
+    result, _, _ = send(server.port, dns_servers=[f"{dns[0]}:{dns[1]}"],
+                        smtp_mta_sts_enable=True, smtp_mta_sts_CAfile=str(certs.ca),
+                        smtp_mta_sts_https_port=https.port, smtp_tls_CAfile=str(certs.ca),
+                        _host="example.net", _mx=True, queue_directory=tmp_path)
+    assert_sent(result)
+    assert not (tmp_path / "tlsrpt").exists()
+
+
+def test_tlsrpt_in_testing_mode_reports_what_enforce_would_find(dns_server, server,
+                                                                policy_server, certs, tmp_path):
+    """testing (RFC 8461 §5): mail goes out opportunistically, the report tells the truth."""
+    dns = dns_server(RECORDS, zones=("example.net.", "tern.test."))
+    https = policy_server(policy("testing"))
+    settings = dict(dns_servers=[f"{dns[0]}:{dns[1]}"], smtp_mta_sts_enable=True,
+                    smtp_mta_sts_CAfile=str(certs.ca), smtp_mta_sts_https_port=https.port,
+                    _host="example.net", _mx=True, smtp_tlsrpt_enable=True)
+    result, log, _ = send(server.port, queue_directory=tmp_path / "untrusted", **settings)
+    assert_sent(result)
+    assert "Untrusted TLS connection established to mx.tern.test" in log
+    (found,) = recorded(tmp_path / "untrusted")
+    assert (found.policy_type, found.result) == ("sts", "certificate-not-trusted")
+    assert found.policy_string[1] == "mode: testing"
+    result, _, _ = send(server.port, queue_directory=tmp_path / "trusted",
+                        smtp_tls_CAfile=str(certs.ca), **settings)
+    assert_sent(result)
+    assert [r.result for r in recorded(tmp_path / "trusted")] == ["success"]
+    sts_fetch.CACHE._entries.clear()
+    https.policy = policy("testing", mx="*.example.org")
+    result, _, _ = send(server.port, queue_directory=tmp_path / "mx", smtp_tls_CAfile=str(certs.ca),
+                        **settings)
+    assert_sent(result)
+    assert [(r.result, r.reason) for r in recorded(tmp_path / "mx")] == [
+        ("validation-failure", "mx-mismatch"), ("success", "")]

@@ -4,8 +4,14 @@ own next hop (two Postfix smtp-sinks), from the null sender."""
 
 import email
 import email.policy
+import os
 import re
+import shutil
 import smtplib
+import tempfile
+from pathlib import Path
+
+import pytest
 
 
 def sinks_and_tern(tern, smtp_sink, *accepting_flags, **settings):
@@ -77,3 +83,56 @@ def test_a_dsn_capable_next_hop_gets_the_request_and_tern_sends_no_notice(tern, 
     assert "ORCPT=rfc822;bob@example.org" in message.rcpt_args[0]
     log = server.wait_log(": removed")
     assert "notification" not in log
+
+
+@pytest.fixture
+def world():
+    """A 0755 directory under /tmp (pytest's base temp is 0700: another uid cannot reach it)."""
+    path = Path(tempfile.mkdtemp(prefix="tern-notice-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_bounce_of_an_smtputf8_message_goes_with_smtputf8(tern, world):
+    """A UTF-8 sender's message bounces at Tern A (error: transport); the bounce goes from
+    <> to a second Tern (which offers SMTPUTF8) with MAIL FROM:<> … SMTPUTF8 (its Received:
+    says UTF8SMTP, which only that parameter gives), lands in a Maildir there, and reads as an
+    RFC 6533 report naming the UTF-8 addresses."""
+    base = world / "vmail"
+    (base / "inbox").mkdir(parents=True)
+    owner = 65534 if os.geteuid() == 0 else os.getuid()
+    if os.geteuid() == 0:
+        for path in (base, base / "inbox"):
+            os.chown(path, owner, owner)
+    sink = tern(myhostname="sink.tern.test", virtual_mailbox_domains=["sink.test"],
+                virtual_mailbox_base=str(base), virtual_mailbox_maps="static:inbox/",
+                virtual_uid_maps=f"static:{owner}", virtual_gid_maps=f"static:{owner}",
+                virtual_minimum_uid=1)
+    server = tern(transport_maps={"bad.test": "error:5.1.1 mailbox unavailable",
+                                  "sink.test": f"smtp:[127.0.0.1]:{sink.port}"})
+    original = "Subject: Grüße\r\nFrom: jörg@sink.test\r\n\r\nblåbærsyltetøy\r\n".encode()
+    with smtplib.SMTP(*server.address, timeout=10) as client:
+        client.ehlo("client.test")
+        assert client.sendmail("jörg@sink.test", ["nöbody@bad.test"], original,
+                               mail_options=["SMTPUTF8"]) == {}
+    server.wait_log("sender non-delivery notification")
+    log = sink.wait_log("status=sent (delivered to maildir)")
+    assert "from=<>" in log
+    new = base / "inbox" / "new"
+    (path,) = list(new.iterdir())
+    content = path.read_bytes().replace(b"\n", b"\r\n")  # a Maildir file has LF ends
+    assert content.startswith("Return-Path: <>\r\nDelivered-To: jörg@sink.test\r\n"
+                              "Received: from mx.tern.test (unknown [127.0.0.1])\r\n"
+                              "\tby sink.tern.test (Tern) with UTF8SMTP id ".encode())
+    message, parts = report_of(content)
+    assert message["Subject"] == "Undelivered Mail Returned to Sender"
+    assert str(message["To"]) == "jörg@sink.test"
+    text, status, returned = parts
+    assert "<nöbody@bad.test>: mailbox unavailable" in " ".join(
+        text.get_payload(decode=True).decode("utf-8").split())
+    assert status.get_content_type() == "message/global-delivery-status"
+    assert "\r\nFinal-Recipient: utf-8; nöbody@bad.test\r\n".encode() in content
+    assert returned.get_content_type() == "message/global"
+    assert returned.get_payload()[0]["Subject"] == "Grüße"
+    assert b"\r\n\r\n" + original.split(b"\r\n\r\n")[1] in content

@@ -95,6 +95,10 @@ def test_v1_longest_header_fits_and_one_more_byte_does_not():
     (b"PROXY TCP4 1.2.3.4 4.3.2.1 1 x", "bad or missing server port"),
     (b"PROXY TCP4 1.2.3.4 4.3.2.1 1 2 3", "unexpected data after server port"),
     (b"PROXY TCP4 1.2.3.\xff 4.3.2.1 1 2", "bad or missing client address"),
+    # IPv6 scope ids: Python's ipaddress takes any text after "%" (a LF forges log lines)
+    (b"PROXY TCP6 fe80::1%\nX-Injected:evil 2001:db8::1 1 25", "bad or missing client address"),
+    (b"PROXY TCP6 fe80::1%eth0 2001:db8::1 1 25", "bad or missing client address"),
+    (b"PROXY TCP6 2001:db8::7 fe80::1%1 1 25", "bad or missing server address"),
 ])
 def test_v1_malformed_lines_are_refused_with_postfix_reasons(line, reason):
     with pytest.raises(ProxyError) as refused:
@@ -123,6 +127,8 @@ def test_v1_bare_lf_is_not_a_line_end():
     (("192.0.2.7", 40000), ("198.51.100.1", 25), (("192.0.2.7", 40000), ("198.51.100.1", 25))),
     (("2001:db8::7", 1), ("2001:db8::1", 587), (("2001:db8::7", 1), ("2001:db8::1", 587))),
     (("::ffff:192.0.2.9", 5), ("::ffff:127.0.0.1", 25), (("192.0.2.9", 5), ("127.0.0.1", 25))),
+    # 16 binary bytes have no room for a scope id: a link-local address comes out bare
+    (("fe80::1", 7), ("2001:db8::1", 25), (("fe80::1", 7), ("2001:db8::1", 25))),
 ])
 def test_v2_proxy_command_gives_both_endpoints(client, server, expected):
     header = v2(client, server)

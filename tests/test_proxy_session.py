@@ -3,10 +3,13 @@ first and names the client that mynetworks, logs and Received: see; no valid hea
 means a warning, 421 and hang-up, never a greeting. Also XCLIENT / XFORWARD in the adapter."""
 
 import asyncio
+import base64
 import contextlib
 import io
 import ipaddress
 
+import pytest
+import uvloop
 from test_proxy import v1, v2
 
 from engine.cleanup import Cleanup
@@ -235,6 +238,30 @@ def test_slow_header_times_out_without_a_greeting():
     assert "warning: haproxy read: timeout error" in log
 
 
+@pytest.mark.parametrize("loop_factory", [uvloop.new_event_loop, asyncio.new_event_loop],
+                         ids=["uvloop", "asyncio"])
+def test_a_bad_header_is_refused_once_not_again_at_the_header_timeout(loop_factory):
+    errors = []
+
+    async def scenario():
+        asyncio.get_running_loop().set_exception_handler(lambda _, error: errors.append(error))
+        async with Server(smtpd_upstream_proxy_timeout=0.2) as server:
+            reader, writer = await server.connect()
+            writer.write(b"EHLO c.test\r\n")
+            sent = await everything(reader)
+            await close(writer)
+            await asyncio.sleep(0.5)  # well past the header timeout
+            return sent, server.logged()
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        sent, log = runner.run(scenario())
+    assert sent == b"421 4.3.0 mx.test Server local error\r\n"
+    assert log.count("warning: haproxy read:") == 1 and "timeout error" not in log
+    assert log.count(": connect from unknown[127.0.0.1]") == 1
+    assert log.count(": disconnect from unknown[127.0.0.1]") == 1
+    assert errors == []  # uvloop: the timer wrote to the closed transport (RuntimeError)
+
+
 def test_header_timer_stops_once_the_header_is_read():
     async def scenario():
         async with Server(smtpd_upstream_proxy_timeout=0.2) as server:
@@ -302,7 +329,9 @@ def test_plain_listener_greets_at_once_and_a_header_there_is_just_a_bad_command(
 LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"),)
 
 
-def test_xclient_changes_relay_trust_logs_and_its_own_authorization():
+def test_xclient_changes_relay_trust_and_logs_but_not_its_own_authorization():
+    """As Postfix: XCLIENT/XFORWARD authorization is the connection's (the proxy's), decided
+    once; the proxy may send XCLIENT again after naming an unauthorized client."""
     async def scenario():
         async with Server(proxy_protocol=False, smtpd_authorized_xclient_hosts=LOOPBACK) as server:
             reader, writer = await server.connect()
@@ -321,9 +350,35 @@ def test_xclient_changes_relay_trust_logs_and_its_own_authorization():
     assert before[2] == "250 2.1.5 Ok"
     assert greeting == ["220 mx.test ESMTP Tern"]
     assert after[2] == RELAY_DENIED  # 192.0.2.7 is not in mynetworks
-    assert after[4] == "550 5.7.0 Error: insufficient authorization"  # nor authorized
+    assert after[4] == "220 mx.test ESMTP Tern"  # the proxy is still the proxy
     assert "reject: RCPT from mail.example.org[192.0.2.7]: 554 5.7.1" in log
-    assert "disconnect from mail.example.org[192.0.2.7]" in log
+    assert "disconnect from mail.example.org[127.0.0.1]" in log  # as the XCLIENTs left it
+
+
+def test_xclient_cannot_name_itself_into_the_xforward_hosts():
+    """Only 127.0.0.1 may send XCLIENT, only 192.0.2.7 XFORWARD: a client that XCLIENT names
+    192.0.2.7 does not gain XFORWARD (authorization is the connection's, not XCLIENT's)."""
+    async def scenario():
+        async with Server(proxy_protocol=False, smtpd_authorized_xclient_hosts=LOOPBACK,
+                          smtpd_authorized_xforward_hosts=(ipaddress.ip_network("192.0.2.7"),)
+                          ) as server:
+            reader, writer = await server.connect()
+            await replies(reader, 1)
+            writer.write(b"XCLIENT ADDR=192.0.2.7\r\nEHLO c.test\r\n"
+                         b"XFORWARD NAME=forged.example\r\nQUIT\r\n")
+            answers = []
+            for _ in range(20):  # every line, the EHLO's too
+                line = (await asyncio.wait_for(reader.readline(), 5)).decode().rstrip()
+                answers.append(line)
+                if line.startswith("221"):
+                    break
+            await close(writer)
+            return answers
+
+    answers = run(scenario)
+    assert answers[0] == "220 mx.test ESMTP Tern"
+    assert not any("XFORWARD" in line for line in answers)  # not advertised
+    assert "550 5.7.0 Error: insufficient authorization" in answers
 
 
 def test_xclient_login_makes_the_message_authenticated():
@@ -342,6 +397,34 @@ def test_xclient_login_makes_the_message_authenticated():
     assert content.startswith(b"Received: from client.example (unknown [127.0.0.5])\r\n"
                               b"\tby mx.test (Tern) with ESMTPA id ")
     assert ": client=unknown[127.0.0.5], sasl_method=XCLIENT, sasl_username=alice\n" in log
+
+
+def test_xclient_without_login_logs_the_proxy_s_own_auth_out(tmp_path):
+    """The proxy authenticated as itself; the client it then names by XCLIENT (no LOGIN) is
+    not: it may not relay, and nothing records it as alice."""
+    passwd = tmp_path / "passwd"
+    passwd.write_text("alice:{PLAIN}secret\n")
+
+    async def scenario():
+        async with Server(proxy_protocol=False, smtpd_authorized_xclient_hosts=LOOPBACK,
+                          mynetworks=(), smtpd_tls_auth_only=False, smtpd_sasl_auth_enable=True,
+                          smtpd_sasl_password_file=str(passwd)) as server:
+            reader, writer = await server.connect()
+            await replies(reader, 1)
+            writer.write(b"EHLO proxy.test\r\nAUTH PLAIN "
+                         + base64.b64encode(b"\0alice\0secret") + b"\r\n")
+            authenticated = (await replies(reader, 2))[1]
+            writer.write(b"XCLIENT ADDR=192.0.2.66 NAME=evil.example\r\nEHLO evil.example\r\n"
+                         + RELAY_ATTEMPT)
+            answers = await replies(reader, 4)
+            await close(writer)
+            return authenticated, answers, server.logged()
+
+    authenticated, answers, log = run(scenario)
+    assert authenticated.startswith("235 ")
+    assert answers[2] == "250 2.1.0 Ok" and answers[3] == RELAY_DENIED
+    assert ": client=evil.example[192.0.2.66]\n" in log  # no sasl_username=alice
+    assert "reject: RCPT from evil.example[192.0.2.66]: 554 5.7.1" in log
 
 
 def test_xforward_names_the_upstream_client_for_one_message():
@@ -408,3 +491,56 @@ def test_anvil_counts_the_proxied_client_not_the_proxy():
     assert greetings == ["220 mx.test ESMTP Tern"] * 2
     assert refused == b"421 4.7.0 mx.test Error: too many connections from 192.0.2.7\r\n"
     assert "warning: Connection concurrency limit exceeded: 2 from unknown[192.0.2.7]" in log
+
+
+# -- hosts that may send XCLIENT are not counted by anvil (as Postfix) ----------------------------
+
+XCLIENT_UNCOUNTED = {"proxy_protocol": False, "smtpd_authorized_xclient_hosts": LOOPBACK,
+                     "mynetworks": (), "smtpd_client_event_limit_exceptions": ()}
+
+
+def test_clients_behind_an_xclient_proxy_do_not_share_its_message_rate():
+    """Two clients, one message each, behind one XCLIENT proxy: neither is over a message rate
+    limit of 1 (anvil counted them both against the proxy's address, and refused the second)."""
+    async def scenario():
+        async with Server(smtpd_client_message_rate_limit=1, **XCLIENT_UNCOUNTED) as server:
+            answers = []
+            for address in (b"192.0.2.7", b"192.0.2.8"):
+                reader, writer = await server.connect()
+                await replies(reader, 1)
+                writer.write(b"XCLIENT ADDR=" + address + b"\r\nEHLO c.test\r\n"
+                             b"MAIL FROM:<a@example.org>\r\nQUIT\r\n")
+                answers += await replies(reader, 4)
+                await close(writer)
+            return answers, server.logged()
+
+    answers, log = run(scenario)
+    assert answers.count("250 2.1.0 Ok") == 2, answers
+    assert "rate limit exceeded" not in log
+
+
+def test_auth_failures_behind_an_xclient_proxy_are_not_the_proxy_s(tmp_path):
+    """One failed AUTH from each of three clients behind the proxy: none is refused with
+    421 at smtpd_client_auth_failure_limit = 2 (they were all counted against the proxy)."""
+    passwd = tmp_path / "passwd"
+    passwd.write_text("alice:{PLAIN}secret\n")
+
+    async def scenario():
+        async with Server(smtpd_client_auth_failure_limit=2, smtpd_tls_auth_only=False,
+                          smtpd_sasl_auth_enable=True, smtpd_sasl_password_file=str(passwd),
+                          **XCLIENT_UNCOUNTED) as server:
+            answers = []
+            wrong = base64.b64encode(b"\0alice\0wrong")
+            for address in (b"192.0.2.1", b"192.0.2.2", b"192.0.2.3"):
+                reader, writer = await server.connect()
+                await replies(reader, 1)
+                writer.write(b"XCLIENT ADDR=" + address + b"\r\n")
+                await replies(reader, 1)
+                writer.write(b"EHLO webmail\r\nAUTH PLAIN " + wrong + b"\r\n")
+                answers += (await replies(reader, 2))[1:]
+                await close(writer)
+            return answers, server.logged()
+
+    answers, log = run(scenario)
+    assert answers == ["535 5.7.8 Error: authentication failed: authentication failure"] * 3
+    assert "Authentication failure limit exceeded" not in log

@@ -396,7 +396,7 @@ def bounced_by(request):
 
 
 def run_one(agent, *, recipients=("r@example.net",), sender="s@example.org", notify="",
-            stop_when=lambda spool: spool.envelope("Q1") is None, **settings):
+            stop_when=lambda spool: spool.envelope("Q1") is None, smtputf8=False, **settings):
     async def scenario():
         spool = MemorySpool()
         qmgr, log = manager(spool, agent, notices=True, **settings)
@@ -404,6 +404,7 @@ def run_one(agent, *, recipients=("r@example.net",), sender="s@example.org", not
         await qmgr.start()
         env = envelope("Q1", recipients)
         env.sender = sender
+        env.smtputf8 = smtputf8
         for recipient in env.recipients:
             recipient.notify = notify
         await enqueue(spool, env)
@@ -431,6 +432,28 @@ def test_failure_bounces_to_the_sender_from_the_null_sender():
     assert b"multipart/report; report-type=delivery-status" in content
     assert b"Final-Recipient: rfc822; r@example.net" in content
     assert b"Action: failed" in content
+
+
+def test_bounce_of_an_smtputf8_message_is_itself_smtputf8():
+    """As Postfix's bounce(8): the notice about a message sent with SMTPUTF8 is queued with
+    SMTPUTF8 requested, so its delivery says MAIL FROM:<> … SMTPUTF8 where needed; an ASCII
+    message's notice is not."""
+    requests = []
+
+    async def agent(request):
+        requests.append(request)
+        return bounced_by(request) if request.queue_id == "Q1" else sent(request)
+
+    run_one(agent, sender="jörg@example.org", recipients=("rené@example.net",), smtputf8=True)
+    original, notice = requests
+    assert (original.smtputf8, notice.smtputf8) == (True, True)
+    assert (notice.sender, notice.recipients) == ("", ["jörg@example.org"])
+    assert b"Content-Type: message/global-delivery-status" in notice.content
+    assert "Final-Recipient: utf-8; rené@example.net".encode() in notice.content
+    requests.clear()
+    run_one(agent)
+    assert [r.smtputf8 for r in requests] == [False, False]
+    assert b"Content-Type: message/delivery-status" in requests[1].content
 
 
 def test_notify_never_sends_no_bounce():
@@ -685,11 +708,11 @@ def test_a_notice_that_cannot_be_queued_keeps_the_states_and_is_retried():
         qmgr, log = manager(spool, agent, clock, notices=True)
         real_inject, failures = qmgr.cleanup.inject, [1]
 
-        async def inject(*args):
+        async def inject(*args, **kwargs):
             if failures:
                 failures.pop()
                 raise SpoolFull("map full")
-            return await real_inject(*args)
+            return await real_inject(*args, **kwargs)
 
         qmgr.cleanup.inject = inject
         await qmgr.start()

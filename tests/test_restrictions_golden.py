@@ -1,9 +1,10 @@
 """Restriction lists against golden files, in the style of Postfix's smtpd_check tests.
 
 Each ``tests/data/smtpd_check/*.txt`` is a script. ``key = value`` lines are TOML settings (read
-by the real loader; ``$DATA`` is this directory); ``dns RECORD`` lines are zone records served by
-a real unbound for the file. Then commands set the session's facts and evaluate a stage,
-each followed by the expected answer (``> OK`` or ``> the reply``):
+by the real loader; ``$DATA`` is this directory; alias_maps is ``$DATA/aliases`` unless set);
+``dns RECORD`` lines are zone records served by a real unbound for the file. Then commands set
+the session's facts and evaluate a stage, each followed by the expected answer (``> OK`` or
+``> the reply``):
 
     client 192.0.2.1 [name]    helo NAME    mail ADDR    rcpt ADDR    data    sasl USER
 
@@ -62,7 +63,11 @@ def parse(path: Path) -> tuple[list[str], list[list]]:
 def run_block(settings: list[str], steps: list, tmp_path: Path, dns: list[str]) -> list[str]:
     """Play one block; the list of mismatches ("file line: got X, expected Y")."""
     config_file = tmp_path / "tern.toml"
-    config_file.write_text("\n".join(['myhostname = "mx.example.test"', *dns, *settings]) + "\n")
+    # the aliases are the scripts' own (data/smtpd_check/aliases), never the machine's
+    aliases = [] if any(line.startswith("alias_maps") for line in settings) else [
+        f'alias_maps = ["texthash:{DATA}/aliases"]']
+    config_file.write_text("\n".join(['myhostname = "mx.example.test"', *aliases, *dns,
+                                      *settings]) + "\n")
     config = load_config(config_file)
     policy = Policy(config)
     resolver = Resolver(config) if dns else None

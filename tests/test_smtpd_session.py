@@ -136,6 +136,28 @@ def test_dsn_parameters_are_queued_with_the_message():
         ("b@example.net", "SUCCESS,FAILURE", "rfc822;x@y.test"), ("c@example.net", "", "")]
 
 
+def test_a_helo_name_cannot_forge_the_received_trace():
+    """Postfix's neutering: "(…)", spaces and ";" become "?", so the trace stays one clause
+    naming the real client, and the log says the same."""
+    async def scenario():
+        spool = MemorySpool()
+        server, reader, writer, log = await serve(spool)
+        writer.write(b"EHLO trusted.example (localhost [10.0.0.1]) by x;\r\n"
+                     + TRANSACTION[len(b"EHLO c.test\r\n"):] + b"Subject: x\r\n\r\nbody\r\n.\r\n"
+                     b"MAIL FROM:<a@example.org>\r\nRCPT TO:<postmaster>\r\n")
+        replies = await read_replies(reader, 7)
+        (envelope,) = spool.envelopes()
+        content = spool.content(envelope.queue_id)
+        await finish(server, writer)
+        return replies, content, log.getvalue()
+
+    replies, content, log = asyncio.run(scenario())
+    assert replies[4].startswith("250 2.0.0 Ok: queued as ")
+    assert content.startswith(b"Received: from trusted.example??localhost?[10.0.0.1]??by?x? "
+                              b"(unknown [127.0.0.1])\r\n\tby mx.test (Tern) with ESMTP id ")
+    assert "helo=<trusted.example??localhost?[10.0.0.1]??by?x?>" in log  # the RCPT reject
+
+
 def test_idle_client_gets_421_after_smtpd_timeout():
     async def scenario():
         server, reader, writer, log = await serve(MemorySpool(), smtpd_timeout=0.2)

@@ -6,11 +6,13 @@ import asyncio
 import hashlib
 import io
 import ssl
+import subprocess
+import time
 import uuid
 
 import pytest
 import uvloop
-from peers import SmtpSink
+from peers import SmtpSink, _stop_process, _tcp_listening, free_port
 from test_tls_end_to_end import message_with, start_tls_server
 from tls_certs import make_certs
 
@@ -19,6 +21,7 @@ from engine.delivery import DeliveryRequest, NextHop, TransientFailure
 from engine.delivery.smtp import deliver
 from engine.dns import Resolver
 from engine.log import Maillog
+from engine.tls.tlsrpt_store import ResultStore, today
 
 ESTABLISHED = "TLS connection established to 127.0.0.1[127.0.0.1]:{port}: TLSv1.3 with cipher TLS_"
 
@@ -237,3 +240,146 @@ def test_wrappermode_to_a_plaintext_server_fails(sink):
     result, log, _ = send(sink.port, smtp_tls_wrappermode=True, smtp_helo_timeout=3.0)
     assert isinstance(result, TransientFailure)
     assert result.text == "Cannot start TLS: handshake failure"
+
+
+# ---- Postfix's trust words: Trusted, Untrusted, Verified, Anonymous --------------------------
+
+
+@pytest.fixture(scope="module")
+def expired_server(tmp_path_factory, certs, sink):
+    """STARTTLS with a leaf (mx.tern.test, from the test CA) that expired yesterday."""
+    server = start_tls_server(tmp_path_factory.mktemp("expired"), certs, sink,
+                              smtpd_tls_cert_file=str(certs.expired_cert),
+                              smtpd_tls_key_file=str(certs.expired_key))
+    yield server
+    server.stop()
+
+
+def test_may_with_the_servers_ca_logs_trusted(server, sink, certs):
+    """smtp_tls_CAfile set: the chain is checked at "may" too, and a trusted one says so."""
+    result, log, marker = send(server.port, smtp_tls_security_level="may",
+                               smtp_tls_CAfile=str(certs.ca))
+    assert_sent(result)
+    assert received_over_tls(sink, marker)
+    assert "Trusted " + ESTABLISHED.format(port=server.port) in log
+    assert "Untrusted" not in log and "verification failed" not in log
+
+
+def test_encrypt_with_a_hashed_ca_directory_logs_trusted(server, certs, tmp_path):
+    capath = tmp_path / "capath"
+    capath.mkdir()
+    (capath / "test-ca.pem").write_bytes(certs.ca.read_bytes())
+    subprocess.run(["openssl", "rehash", str(capath)], check=True, capture_output=True)
+    result, log, _ = send(server.port, smtp_tls_security_level="encrypt",
+                          smtp_tls_CApath=str(capath))
+    assert_sent(result)
+    assert "Trusted " + ESTABLISHED.format(port=server.port) in log
+
+
+def test_may_with_another_ca_logs_untrusted_and_delivers(server, other_ca):
+    """Only the levels that need trust log why the chain was not trusted (Postfix)."""
+    result, log, _ = send(server.port, smtp_tls_security_level="may",
+                          smtp_tls_CAfile=str(other_ca.ca))
+    assert_sent(result)
+    assert "Untrusted " + ESTABLISHED.format(port=server.port) in log
+    assert "verification failed" not in log
+
+
+def test_system_cas_only_with_tls_append_default_CA(server, certs, tmp_path, monkeypatch):
+    """OpenSSL's default CAs (here SSL_CERT_FILE = the test CA) are not trusted unless
+    tls_append_default_CA = yes, as Postfix: "Untrusted", then "Trusted"."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs.ca))
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))
+    result, log, _ = send(server.port, smtp_tls_security_level="may")
+    assert_sent(result)
+    assert "Untrusted " + ESTABLISHED.format(port=server.port) in log
+    result, log, _ = send(server.port, smtp_tls_security_level="may", tls_append_default_CA=True)
+    assert_sent(result)
+    assert "Trusted " + ESTABLISHED.format(port=server.port) in log
+    assert "Untrusted" not in log
+
+
+def test_verify_without_any_ca_is_untrusted_and_defers(server):
+    result, log, _ = send(server.port, tmp_path=None, smtp_tls_security_level="verify")
+    assert isinstance(result, TransientFailure)
+    assert (result.dsn, result.text) == ("4.7.5", "Server certificate not trusted")
+    relay = f"127.0.0.1[127.0.0.1]:{server.port}"
+    failed = (f"server certificate verification failed for {relay}:"
+              f" num=20:unable to get local issuer certificate")
+    established = "Untrusted " + ESTABLISHED.format(port=server.port)
+    assert failed in log and established in log
+    assert log.index(failed) < log.index(established)  # Postfix: the check, then the session
+
+
+def test_expired_chain_is_untrusted(expired_server, certs, tmp_path):
+    port = expired_server.port
+    result, log, _ = send(port, smtp_tls_security_level="may", smtp_tls_CAfile=str(certs.ca))
+    assert_sent(result)
+    assert "Untrusted " + ESTABLISHED.format(port=port) in log
+    result, log, _ = send(port, tmp_path=tmp_path, smtp_tls_CAfile=str(certs.ca),
+                          policy_entries={"127.0.0.1": "verify match=mx.tern.test"})
+    assert isinstance(result, TransientFailure)
+    assert result.text == "Server certificate not trusted"
+    assert (f"server certificate verification failed for 127.0.0.1[127.0.0.1]:{port}:"
+            f" num=10:certificate has expired") in log
+
+
+ANONYMOUS_CIPHERS = "aNULL:-aNULL:HIGH:MEDIUM:@STRENGTH:@SECLEVEL=0"
+
+
+@pytest.fixture
+def anonymous_server():
+    """``openssl s_server`` without a certificate (anonymous TLS 1.2 suites only), implicit
+    TLS, replaying one SMTP server's replies from its stdin; one connection."""
+    port = free_port()
+    replies = b"".join(line + b"\r\n" for line in (
+        b"220 anon.test ESMTP", b"250 anon.test", b"250 2.1.0 Ok", b"250 2.1.5 Ok",
+        b"354 End data with <CR><LF>.<CR><LF>", b"250 2.0.0 Ok: queued", b"221 2.0.0 Bye"))
+    proc = subprocess.Popen(
+        ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-nocert", "-naccept", "1",
+         "-cipher", "aNULL:@SECLEVEL=0", "-tls1_2", "-quiet"],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc.stdin.write(replies)
+    proc.stdin.flush()
+    deadline = time.monotonic() + 5
+    while not _tcp_listening("127.0.0.1", port) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield port
+    proc.stdin.close()
+    _stop_process(proc)
+
+
+def test_no_certificate_is_anonymous(anonymous_server):
+    """An anonymous suite at "encrypt" (Postfix offers aNULL below the verifying levels)."""
+    result, log, _ = send(anonymous_server, smtp_tls_security_level="encrypt",
+                          smtp_tls_wrappermode=True, tls_medium_cipherlist=ANONYMOUS_CIPHERS)
+    assert_sent(result)
+    assert (f"Anonymous TLS connection established to 127.0.0.1[127.0.0.1]:{anonymous_server}:"
+            f" TLSv1.2 with cipher ") in log
+
+
+def test_verifying_levels_never_offer_anonymous_suites(anonymous_server):
+    result, log, _ = send(anonymous_server, smtp_tls_security_level="verify",
+                          smtp_tls_wrappermode=True, tls_medium_cipherlist=ANONYMOUS_CIPHERS)
+    assert isinstance(result, TransientFailure)
+    assert result.text == "Cannot start TLS: handshake failure"
+    assert "TLS connection established" not in log
+
+
+def test_tlsrpt_records_tls_failures_without_a_policy(server, expired_server, sink, certs,
+                                                      tmp_path):
+    """No MTA-STS or DANE: the sessions go under "no-policy-found" (RFC 8460 §4.4)."""
+    runs = {
+        "success": (server.port, {"smtp_tls_security_level": "may"}),
+        "starttls-not-supported": (sink.port, {"smtp_tls_security_level": "encrypt"}),
+        "certificate-expired": (expired_server.port, {"smtp_tls_security_level": "verify",
+                                                      "smtp_tls_CAfile": str(certs.ca)}),
+        "certificate-host-mismatch": (server.port, {"smtp_tls_security_level": "secure",
+                                                    "smtp_tls_CAfile": str(certs.ca)}),
+    }
+    for kind, (port, settings) in runs.items():
+        send(port, smtp_tlsrpt_enable=True, queue_directory=tmp_path / kind, **settings)
+        (found,) = ResultStore(tmp_path / kind).read(today())
+        assert (found.policy_domain, found.policy_type, found.result) == (
+            "127.0.0.1", "no-policy-found", kind)
+        assert found.receiving_ip == "127.0.0.1"

@@ -100,6 +100,19 @@ def test_starttls_forgets_helo_and_the_transaction(smtp):
         "250 2.1.0 Ok")
 
 
+@pytest.mark.parametrize("xclient", [b"XCLIENT ADDR=192.0.2.7 HELO=c.example PROTO=ESMTP",
+                                     b"XCLIENT ADDR=192.0.2.7"])
+def test_xclient_under_tls_starts_afresh_without_a_new_ehlo(smtp, xclient):
+    """XCLIENT after STARTTLS is a new start under TLS (the greeting again), not plaintext
+    state carried over: MAIL needs no EHLO more than after a fresh connection."""
+    driver = smtp(**TLS)
+    driver.session.xclient_allowed = True
+    driver.send(b"EHLO proxy.test\r\nSTARTTLS\r\n")
+    handshake(driver)
+    assert driver.send(xclient + b"\r\n") == ["220 mx.example.test ESMTP Tern"]
+    assert driver.send(b"MAIL FROM:<a@example.org>\r\n") == ["250 2.1.0 Ok"]
+
+
 def test_mail_without_helo_is_accepted_when_no_starttls_happened(smtp):
     """HELO stays optional, as in Postfix: only a STARTTLS makes the client say EHLO again."""
     assert smtp(**TLS).send(b"MAIL FROM:<a@example.org>\r\n") == ["250 2.1.0 Ok"]

@@ -310,8 +310,14 @@ def test_security_level_encrypt_refuses_mail_before_starttls(tmp_path, certs):
 
 
 def test_a_stalled_handshake_ends_at_smtpd_timeout(tmp_path, certs):
-    server = start_tls_server(tmp_path, certs, smtpd_timeout="1s")
+    """And gives back what it held: with room for one session (and one per client), the next
+    client is greeted, not refused, once the stalled handshake was cut."""
+    server = start_tls_server(tmp_path, certs, smtpd_timeout="1s", worker_count=1,
+                              smtpd_connection_limit=1, smtpd_client_connection_count_limit=1,
+                              smtpd_client_event_limit_exceptions=[])
     try:
+        disconnect = "disconnect from unknown[127.0.0.1]"
+        server.wait_log(disconnect)  # the start-up probe's session is over
         with socket.create_connection(server.address, timeout=CLIENT_TIMEOUT) as raw:
             stream = raw.makefile("rb")
             stream.readline()
@@ -322,6 +328,12 @@ def test_a_stalled_handshake_ends_at_smtpd_timeout(tmp_path, certs):
             assert time.monotonic() - started >= 0.5
         log = server.wait_log("timeout after STARTTLS from unknown[127.0.0.1]")
         assert "SSL_accept error" not in log  # our timeout, not a handshake failure
+        server.wait_log(f"{disconnect} starttls=1 commands=1")  # the stalled session's
+        with socket.create_connection(server.address, timeout=CLIENT_TIMEOUT) as client:
+            greeting = client.makefile("rb").readline()
+        assert greeting.startswith(b"220 ")  # the slot and the anvil count were given back
+        log = server.wait_log(disconnect, count=3)
+        assert "too many connections" not in log and "connection limit" not in log
     finally:
         server.stop()
 

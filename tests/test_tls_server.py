@@ -12,6 +12,7 @@ from tls_certs import DEFAULT_NAME, make_certs
 from engine.cleanup import Cleanup
 from engine.config import Config, Listener
 from engine.log import Maillog
+from engine.smtp import replies
 from engine.smtpd.session import SmtpdContext, SmtpdProtocol
 from engine.spool.memory import MemorySpool
 from engine.tls.protocols import parse_protocols
@@ -126,14 +127,18 @@ LOOPS = [pytest.param(uvloop.new_event_loop, id="uvloop"),
          pytest.param(asyncio.new_event_loop, id="asyncio")]
 
 
-async def start(certs, service: str):
+async def start(certs, service: str, contexts: list | None = None, **settings):
+    """A listener of ``service`` on loopback with one client connected (``contexts`` gets the
+    listener's SmtpdContext, for a test that looks at its sessions and anvil counts)."""
     log = io.StringIO()
     # a test sends EHLO and NOOP in the packet that ends the handshake: improper pipelining
-    config = tls_config(certs, smtpd_forbid_unauth_pipelining=False)
+    config = tls_config(certs, smtpd_forbid_unauth_pipelining=False, **settings)
     maillog = Maillog("mx.tern.test", stream=log)
     context = SmtpdContext(config=config, cleanup=Cleanup(MemorySpool(), maillog, config),
                            maillog=maillog, listener=Listener(service=service), sessions=SESSIONS,
                            tls=server_context(config))
+    if contexts is not None:
+        contexts.append(context)
     server = await asyncio.get_running_loop().create_server(
         lambda: SmtpdProtocol(context), "127.0.0.1", 0)
     reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
@@ -245,3 +250,48 @@ def test_smtps_client_hello_sent_at_once_reaches_the_tls_layer(certs, loop_facto
     assert lines[0] == b"220 mx.tern.test ESMTP Tern"
     assert lines[1] == b"250-mx.tern.test" and b"250-STARTTLS" not in lines
     assert "SSL_accept error" not in log and "unknown=" not in log
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+@pytest.mark.parametrize("service", ["smtps", "smtp"])
+@pytest.mark.parametrize("cut_by", ["timeout", "shutdown"])
+def test_a_handshake_cut_by_us_gives_back_its_slot_and_anvil_count(certs, loop_factory, service,
+                                                                   cut_by):
+    """A client that never sends its ClientHello: smtpd_timeout or a shutdown cuts the
+    handshake. Its session slot (smtpd_connection_limit) and anvil count must be given back
+    and the disconnect logged, or stalled handshakes would lock every client out."""
+    contexts, errors = [], []
+
+    async def scenario():
+        asyncio.get_running_loop().set_exception_handler(lambda _, error: errors.append(error))
+        server, reader, writer, log = await start(
+            certs, service, contexts, smtpd_timeout=1 if cut_by == "timeout" else 30,
+            smtpd_client_event_limit_exceptions=())  # 127.0.0.1 is counted by anvil
+        context, = contexts
+        if service == "smtp":
+            assert (await reader.readline()).startswith(b"220 ")
+            writer.write(b"STARTTLS\r\n")
+            assert await reader.readline() == b"220 2.0.0 Ready to start TLS\r\n"
+        for _ in range(100):  # the session is in its handshake (smtps: at once)
+            if context.sessions:
+                break
+            await asyncio.sleep(0.01)
+        during = len(context.sessions), context.anvil.sessions("127.0.0.1")
+        if cut_by == "shutdown":  # as engine.serve at the end
+            for session in list(context.sessions):
+                session.close_with(replies.SHUTTING_DOWN)
+        hung_up = await reader.read()  # the server aborts the connection: no plaintext 421
+        await asyncio.sleep(0.05)  # let the loop deliver what the abort causes
+        after = len(context.sessions), context.anvil.sessions("127.0.0.1")
+        writer.close()
+        server.close()
+        return during, hung_up, after, log.getvalue()
+
+    during, hung_up, after, log = run(loop_factory, scenario)
+    assert during == (1, 1)
+    assert hung_up == b""
+    assert after == (0, 0)
+    assert log.count("disconnect from unknown[127.0.0.1]") == 1
+    assert ("timeout after" in log) == (cut_by == "timeout")
+    assert "SSL_accept error" not in log
+    assert errors == []  # no task failed unheard (it did: start_tls gave None, or no SSL object)

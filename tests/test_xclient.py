@@ -78,6 +78,18 @@ def test_xclient_helo_and_proto_survive_the_restart():
     assert (session.core.helo_name, session.core.extended) == ("client.example", True)
 
 
+def test_xclient_is_logged_in_only_with_login():
+    """The proxy's own AUTH never passes to the client XCLIENT names (RFC 4954 state)."""
+    session = Session(xclient=True)
+    session.core.authenticated = True  # the proxy said AUTH
+    session.send(b"XCLIENT ADDR=192.0.2.66\r\n")
+    assert not session.core.authenticated
+    session.send(b"XCLIENT LOGIN=alice\r\n")
+    assert session.core.authenticated
+    session.send(b"XCLIENT LOGIN=[UNAVAILABLE]\r\n")
+    assert not session.core.authenticated
+
+
 def test_xforward_answers_250_and_keeps_the_state():
     session = Session(xforward=True)
     replies = session.send(b"EHLO filter.test\r\nXFORWARD NAME=mail.example.org "
@@ -126,6 +138,17 @@ def test_attribute_names_ignore_case_and_values_are_normalised():
                             "destaddr=198.51.100.1 destport=25 reverse_name=r.example") == {
         "NAME": "mail.example.org", "ADDR": "192.0.2.1", "DESTADDR": "198.51.100.1",
         "DESTPORT": "25", "REVERSE_NAME": "r.example"}
+
+
+def test_forwarded_names_cannot_make_log_fields_of_their_own():
+    """";", "@", "," and "=" become "?" (as Postfix neuters, rather than refusing what an
+    up-stream MTA accepted): an IDENT cannot add an ``, orig_client=…`` to the client= line."""
+    assert parse_attributes("XFORWARD", "IDENT=Q1,orig_client+3Devil.example "
+                            "NAME=a;b HELO=c@d.example PROTO=X+3DY") == {
+        "IDENT": "Q1?orig_client?evil.example", "NAME": "a?b", "HELO": "c?d.example",
+        "PROTO": "X?Y"}
+    assert parse_attributes("XCLIENT", "HELO=x;y LOGIN=alice@example.org") == {
+        "HELO": "x?y", "LOGIN": "alice@example.org"}
 
 
 def test_xclient_in_a_pipelined_batch_answers_in_order():

@@ -1,5 +1,5 @@
 """The ``tern`` command: serve, queue (list, show, summary, hold, release, delete, requeue,
-flush), passwd, version.
+flush), passwd, tls-report, version.
 
 Parses arguments and hands over to the stage that does the work. Exit status 2 for a usage or
 configuration error (one message on stderr), 1 when a named queue ID is not queued or the work
@@ -90,6 +90,30 @@ def _queue_ids(args: argparse.Namespace, *, allow_none: bool) -> list[str] | Non
     return [_queue_id(word) for word in words]
 
 
+def _cmd_tls_report(args: argparse.Namespace) -> int:
+    """Ask the running server to send one day's TLS-RPT reports (RFC 8460) now."""
+    import datetime
+
+    from engine import control
+
+    config = load_config(args.config)
+    day = args.day or (datetime.datetime.now(datetime.UTC).date()
+                       - datetime.timedelta(days=1)).isoformat()
+    for name in control.shard_sockets(0):
+        try:
+            sent = control.request(config.queue_directory, "tls-report", name=name, day=day)
+        except control.ControlUnavailable:
+            continue
+        except control.ControlError as error:
+            print(f"tern: tls-report: {error}", file=sys.stderr)
+            return 1
+        for line in sent:
+            print(line)
+        return 0
+    print("tern: tls-report: no server runs on this queue directory", file=sys.stderr)
+    return 1
+
+
 def _cmd_passwd(args: argparse.Namespace) -> int:
     from engine.cli.passwd import main
 
@@ -169,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
                                              "smtpd_sasl_password_file of --config)")
     passwd.add_argument("--config", "-c", help="TOML configuration file")
     passwd.set_defaults(func=_cmd_passwd, parser=passwd)
+
+    tls_report = commands.add_parser(
+        "tls-report", help="send TLS-RPT reports (RFC 8460) of one day now",
+        description="Send the TLS-RPT aggregate reports of DAY (default: yesterday, UTC) to "
+                    "every policy domain that asks for them (its _smtp._tls TXT record), "
+                    "through the running server, which otherwise does it daily.")
+    tls_report.add_argument("--day", help="the UTC day, YYYY-MM-DD (default: yesterday)")
+    tls_report.add_argument("--config", "-c", help="TOML configuration file")
+    tls_report.set_defaults(func=_cmd_tls_report)
 
     version = commands.add_parser("version", help="version and hot-path implementations")
     version.set_defaults(func=_cmd_version)

@@ -629,6 +629,43 @@ def _table_spec(value: Any) -> str:
     return text
 
 
+def _alias_map(value: str) -> str:
+    """One alias_maps entry: "type:name"; a texthash file by its absolute path."""
+    from engine.tables import TABLE_TYPES
+
+    kind, colon, name = value.partition(":")
+    if not colon or not name or kind.lower() not in TABLE_TYPES:
+        raise _Invalid(f'expected "type:name" with a type among {", ".join(TABLE_TYPES)}')
+    if kind.lower() == "texthash" and not name.startswith("/"):
+        raise _Invalid("expected an absolute path")
+    return value
+
+
+def _expansion_class(value: str) -> str:
+    if value.lower() not in ("alias", "forward", "include"):
+        raise _Invalid('expected "alias", "forward" or "include"')
+    return value.lower()
+
+
+def _forward_template(value: str) -> str:
+    if not value.startswith(("/", "$")):
+        raise _Invalid('expected an absolute path (e.g. "$home/.forward")')
+    return value
+
+
+def _default_privs(value: Any) -> str:
+    import pwd
+
+    text = _string(value, empty=False)
+    try:
+        privileged = pwd.getpwnam(text).pw_uid == 0
+    except KeyError:
+        privileged = False
+    if privileged:
+        raise _Invalid(f"{_show(value)} is a privileged user (Postfix refuses it too)")
+    return text
+
+
 _SIZE_FIELDS = {"message_size_limit", "line_length_limit", "queue_map_size",
                 "queue_map_size_limit", "bounce_size_limit"}
 _INT_MINIMUM = {
@@ -638,6 +675,7 @@ _INT_MINIMUM = {
     "smtp_mx_address_limit": 0,  # 0 = no limit (Postfix)
     "smtp_mx_session_limit": 0,  # 0 = no limit (Postfix)
     "worker_count": 0,  # 0 = one per core
+    "duplicate_filter_limit": 0,  # 0 = no duplicate filter (Postfix)
     "smtpd_client_auth_failure_limit": 0,  # 0 = no limit
     "smtpd_client_connection_count_limit": 0,  # 0 = off (Postfix)
     "smtpd_client_connection_rate_limit": 0,
@@ -649,7 +687,8 @@ _DURATION_SUFFIXES = ("_time", "_timeout", "_delay", "_window", "_lifetime", "_t
                       "_time_unit")
 # 0 = off / at once; every other duration is > 0
 _ZERO_DURATIONS = {"queue_commit_window", "delay_warning_time", "default_destination_rate_delay",
-                   "smtp_connection_cache_time_limit", "smtpd_error_sleep_time"}
+                   "smtp_connection_cache_time_limit", "smtpd_error_sleep_time",
+                   "lmtp_connect_timeout"}
 _SPECIAL: dict[str, Converter] = {
     "myhostname": _hostname,
     "mydomain": _optional_hostname,
@@ -667,6 +706,11 @@ _SPECIAL: dict[str, Converter] = {
     "smtp_bind_address": _bind_address(4),
     "smtp_bind_address6": _bind_address(6),
     "pipe_transports": _pipe_transports,
+    "alias_maps": _str_list(_alias_map, "tables"),
+    "forward_path": _str_list(_forward_template, "paths"),
+    "allow_mail_to_commands": _str_list(_expansion_class, "names"),
+    "allow_mail_to_files": _str_list(_expansion_class, "names"),
+    "default_privs": _default_privs,
     "virtual_mailbox_domains": _str_list(_domain, "domains"),
     "virtual_mailbox_maps": _table_spec,
     "virtual_uid_maps": _table_spec,
@@ -676,6 +720,7 @@ _SPECIAL: dict[str, Converter] = {
     "listen": _listen,
     "queue_directory": _path,
     "smtp_helo_name": _helo_name,
+    "lmtp_lhlo_name": _helo_name,
     "smtpd_banner": lambda value: _string(value, empty=False),
     "smtpd_sasl_password_file": _optional_path,
     "smtpd_forbid_bare_newline": _bare_newline,
@@ -695,9 +740,12 @@ _SPECIAL: dict[str, Converter] = {
     "sender_dependent_relayhost_maps": _sender_relayhost_maps,
     "empty_address_relayhost_maps_lookup_key": lambda value: _string(value, empty=False),
     "smtp_tls_CAfile": _optional_path,
+    "smtp_tls_CApath": _optional_path,
+    "tlsrpt_CAfile": _optional_path,
     "smtp_mta_sts_CAfile": _optional_path,
     "smtp_tls_fingerprint_digest": _digest,
     "tls_high_cipherlist": lambda value: _string(value, empty=False),
+    "tls_medium_cipherlist": _string,
     "tls_server_sni_maps": _sni_maps,
     "smtpd_null_access_lookup_key": lambda value: _string(value, empty=False),
     **{key: _restrictions(key) for key in (
@@ -833,7 +881,30 @@ def _build(document: dict[str, Any], text: str, file: str) -> Config:
             key=key,
         )
     _check_tls(config, found, lines, file)
+    if "alias_maps" in values:
+        _check_alias_maps(config, found, lines, file)
     return config
+
+
+def _check_alias_maps(config: Config, found: dict, lines: list[str], file: str) -> None:
+    """alias_maps written in the file are read now, so a missing or malformed alias file stops
+    start-up with its name and line (the default /etc/aliases may be absent)."""
+    from engine.delivery.aliases import AliasTable
+    from engine.tables import TableError, open_table
+
+    key = "alias_maps"
+    for spec in config.alias_maps:
+        kind, _, name = spec.partition(":")
+        try:
+            if kind.lower() == "texthash":
+                if not os.path.exists(name):
+                    raise TableError(f"{name}: cannot read: No such file or directory")
+                AliasTable(spec, name)
+            else:
+                open_table(spec)
+        except (TableError, OSError) as error:
+            raise ConfigError(f"{key}: {error}", file=file,
+                              line=_line_of(found, lines, (key,)), key=key) from None
 
 
 def _check_auth(config: Config, values: dict[str, Any], found: dict, lines: list[str],
@@ -901,6 +972,14 @@ def _check_tls(config: Config, found: dict, lines: list[str], file: str) -> None
         return ConfigError(f"{label}: {message}", file=file,
                            line=_line_of(found, lines, (key, *sub)), key=label)
 
+    if config.tls_medium_cipherlist:  # the SMTP client's list (engine.tls.client)
+        import ssl
+
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).set_ciphers(config.tls_medium_cipherlist)
+        except ssl.SSLError:
+            raise error("tls_medium_cipherlist",
+                        f"no cipher matches {_show(config.tls_medium_cipherlist)}") from None
     cert = config.smtpd_tls_cert_file
     if not cert:
         for key in ("smtpd_tls_key_file", "tls_server_sni_maps"):

@@ -106,6 +106,17 @@ class Config:
     virtual_minimum_uid: int = 100
     deliver_lock_attempts: int = 20  # mbox locks (dotlock, fcntl): tries, then defer
     deliver_lock_delay: float = 1.0  # between tries
+    # local(8) aliases and .forward (engine.delivery.aliases), Postfix's names and defaults.
+    # alias_maps: aliases(5) files as "texthash:/path" (a missing file: no aliases), or other
+    # "type:name" tables
+    alias_maps: tuple[str, ...] = ("texthash:/etc/aliases",)
+    forward_path: tuple[str, ...] = ("$home/.forward${recipient_delimiter}${extension}",
+                                     "$home/.forward")
+    allow_mail_to_commands: tuple[str, ...] = ("alias", "forward")  # and/or "include"
+    allow_mail_to_files: tuple[str, ...] = ("alias", "forward")
+    default_privs: str = "nobody"  # rights of commands and files of root-owned aliases
+    command_time_limit: float = 1000.0  # a |command's run time
+    duplicate_filter_limit: int = 1000  # destinations remembered per recipient's expansion
     # pipe(8) transports, Postfix's master.cf entries: name -> {argv, user, time_limit}
     pipe_transports: dict[str, "PipeTransport"] = field(default_factory=dict)
     listen: tuple[Listener, ...] = (Listener(),)
@@ -198,6 +209,19 @@ class Config:
     # EHLO keywords the client acts as if the server had not offered ("chunking": DATA, not
     # BDAT; "pipelining", "size", "8bitmime", "smtputf8", "dsn"…), case ignored
     smtp_discard_ehlo_keywords: tuple[str, ...] = ()
+    # lmtp client (engine.delivery.lmtp): Postfix's lmtp_* twins of the smtp_* settings, with
+    # Postfix's defaults; lmtp_connect_timeout 0 = the operating system's own limit
+    lmtp_lhlo_name: str = "$myhostname"
+    lmtp_connect_timeout: float = 0.0
+    lmtp_lhlo_timeout: float = 300.0  # the greeting and LHLO
+    lmtp_mail_timeout: float = 300.0
+    lmtp_rcpt_timeout: float = 300.0
+    lmtp_data_init_timeout: float = 120.0
+    lmtp_data_xfer_timeout: float = 180.0
+    lmtp_data_done_timeout: float = 600.0  # every per-recipient reply after "." / BDAT LAST
+    lmtp_quit_timeout: float = 300.0
+    lmtp_rset_timeout: float = 20.0
+    lmtp_discard_lhlo_keywords: tuple[str, ...] = ()  # "chunking": DATA, not BDAT
     # no 8BITMIME to 7BIT (quoted-printable) conversion for a server without 8BITMIME
     disable_mime_output_conversion: bool = False
     # which address family of an MX host goes first: ipv4 | ipv6 | any (random order)
@@ -230,7 +254,15 @@ class Config:
     smtp_tls_security_level: str = ""  # "" = none; may | encrypt | fingerprint | verify | secure
     smtp_tls_policy_maps: str = ""  # "type:name": next-hop domain → "level [match=…]"
     smtp_tls_wrappermode: bool = False  # TLS from the first byte (smtps, port 465)
-    smtp_tls_CAfile: str = ""  # PEM CAs for verify/secure; "" = the system's
+    # The CAs the client trusts (engine.tls.trust), as Postfix: these files only, the system's
+    # CAs added with tls_append_default_CA; none → "Untrusted" at may, verify/secure defer
+    smtp_tls_CAfile: str = ""  # PEM CAs
+    smtp_tls_CApath: str = ""  # a directory of hashed CA certificates (c_rehash)
+    tls_append_default_CA: bool = False
+    # The SMTP client's OpenSSL cipher list for TLS 1.2 (Postfix's default grade "medium"); ""
+    # = OpenSSL's default. Anonymous (aNULL) suites, when listed, are used at may and encrypt
+    # only (Postfix); OpenSSL 3 offers them only at "@SECLEVEL=0".
+    tls_medium_cipherlist: str = ""
     smtp_tls_protocols: str = ">=TLSv1.2"
     smtp_starttls_timeout: float = 300.0  # the TLS handshake (Postfix's name and default)
     smtp_tls_fingerprint_digest: str = "sha256"
@@ -240,6 +272,13 @@ class Config:
     smtp_mta_sts_enable: bool = False
     smtp_mta_sts_CAfile: str = ""  # PEM CAs for the policy's HTTPS host; "" = the system's
     smtp_mta_sts_https_port: int = 443
+    # TLS-RPT (RFC 8460; engine.tls.tlsrpt*): Postfix 3.10's switch; the report's fields (in
+    # Postfix, the tlsrpt-reporter's); "" = $mydomain, postmaster@$mydomain
+    smtp_tlsrpt_enable: bool = False
+    tlsrpt_organization_name: str = ""
+    tlsrpt_contact_info: str = ""
+    tlsrpt_sender_address: str = ""
+    tlsrpt_CAfile: str = ""  # PEM CAs for https: report URIs; "" = the system's
     # SMTP access restrictions (Postfix >= 2.10 defaults; engine.policy.restrictions). Each is
     # a list of restriction names, check_*_access followed by its "type:name" table.
     smtpd_client_restrictions: tuple[str, ...] = ()

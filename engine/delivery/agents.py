@@ -20,13 +20,16 @@ Agent = Callable[[DeliveryRequest], Awaitable[DeliveryOutcome]]
 
 def build_agents(config: Config, resolver: Resolver,
                  connections: ConnectionCache | None = None,
-                 maillog: Maillog | None = None) -> dict[str, Agent]:
+                 maillog: Maillog | None = None,
+                 inject: local.Inject | None = None) -> dict[str, Agent]:
+    """``inject`` (engine.cleanup.Cleanup.inject) lets local forward aliases and .forward
+    entries that are not local as new messages."""
     myself = Myself(config)  # where this Tern takes mail: the SMTP client's loop check
     agents: dict[str, Agent] = {
         "smtp": functools.partial(smtp.deliver, config=config, resolver=resolver,
                                   connections=connections, maillog=maillog, myself=myself),
         "lmtp": functools.partial(lmtp.deliver, config=config, resolver=resolver),
-        "local": functools.partial(local.deliver, config=config),
+        "local": functools.partial(local.deliver, config=config, inject=inject),
         "virtual": functools.partial(local.deliver, config=config, virtual=True),
         "error": functools.partial(trivial.error, config=config),
         "discard": functools.partial(trivial.discard, config=config),

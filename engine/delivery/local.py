@@ -7,9 +7,16 @@ must be a user in the passwd database (Postfix's default local_recipient_maps); 
 (or ``@domain``) to a path under ``virtual_mailbox_base`` ("/" at the end = Maildir), owned by
 ``virtual_uid_maps`` / ``virtual_gid_maps``.
 
+A local recipient first goes through ``alias_maps`` and the user's ``.forward``
+(engine.delivery.aliases decides where its copies go): mailboxes, files, ``|commands`` (run by
+/bin/sh with the message on their input, sysexits as pipe(8): 75 defers), and addresses that
+are not local, which are forwarded as one new message (through cleanup, with a Delivered-To:
+header naming the recipient, so that a copy coming back is a loop, 5.4.6). The recipient's one
+result sums up its destinations: deferred if any deferred, bounced if any failed, else sent.
+
 When Tern runs as root, the file is written by a forked child that takes the recipient's uid
-and gid before it opens anything, never by changing the server's own identity; otherwise the
-write runs in a thread as Tern's own user.
+and gid before it opens anything (a command runs with that uid and gid), never by changing the
+server's own identity; otherwise the write runs in a thread as Tern's own user.
 """
 
 import asyncio
@@ -18,10 +25,14 @@ import functools
 import os
 import pwd
 import signal
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from engine.cleanup import RecipientRequest
 from engine.config import Config
 from engine.delivery import DeliveryOutcome, DeliveryRequest, RecipientResult, split_local
+from engine.delivery.aliases import Expander, Target
 from engine.delivery.mailbox import (
     MailboxError,
     deliver_maildir,
@@ -30,7 +41,8 @@ from engine.delivery.mailbox import (
     mbox_entry,
     unix_lines,
 )
-from engine.tables import open_table
+from engine.delivery.pipe import SYSEXITS, output_text, run_command
+from engine.tables import TableError, open_table
 
 # the virtual tables, read once per process (as Postfix's texthash at process start)
 _table = functools.lru_cache(maxsize=16)(open_table)
@@ -53,6 +65,12 @@ def local_mailbox(recipient: str, config: Config) -> Mailbox:
         entry = pwd.getpwnam(user)
     except KeyError:
         raise MailboxError("5.1.1", f'unknown user: "{user}"') from None
+    return user_mailbox(entry, config)
+
+
+def user_mailbox(entry: pwd.struct_passwd, config: Config) -> Mailbox:
+    """Where passwd user ``entry``'s mail goes: home_mailbox, else mail_spool_directory."""
+    user = entry.pw_name
     if config.home_mailbox:
         path = os.path.join(entry.pw_dir, config.home_mailbox)
         return Mailbox(path, config.home_mailbox.endswith("/"), entry.pw_uid, entry.pw_gid)
@@ -159,9 +177,14 @@ def _collect(read_fd: int, pid: int) -> tuple[bytes, int]:
     return b"".join(chunks), os.waitstatus_to_exitcode(status)
 
 
-async def deliver(request: DeliveryRequest, config: Config, virtual: bool = False
-                  ) -> DeliveryOutcome:
-    """Each recipient's copy (with its own Delivered-To) into its mailbox; one result each."""
+# engine.cleanup.Cleanup.inject: queues a new message (sender, recipients, content)
+Inject = Callable[..., Awaitable[object]]
+
+
+async def deliver(request: DeliveryRequest, config: Config, virtual: bool = False,
+                  inject: Inject | None = None) -> DeliveryOutcome:
+    """Each recipient's copies (each with its own Delivered-To); one result each. ``inject``
+    queues forwarded copies (without it, an alias to a remote address defers)."""
     relay = "virtual" if virtual else "local"
     body = unix_lines(request.content)
     delivered_to = _delivered_to(body)
@@ -172,20 +195,134 @@ async def deliver(request: DeliveryRequest, config: Config, virtual: bool = Fals
                 raise MailboxError("5.4.6", f"mail forwarding loop for {recipient}")
             if virtual:
                 mailbox = await virtual_mailbox(recipient, config)
+                reply = await _to_mailbox(mailbox, request.sender, recipient, body, config)
             else:
-                mailbox = local_mailbox(recipient, config)
-            data = delivery_headers(request.sender, recipient) + body
-            if not mailbox.maildir:
-                data = mbox_entry(request.sender, data)
-            await write_mailbox(mailbox, data, config)
+                reply = await _deliver_local(recipient, request, body, config, inject)
         except MailboxError as exc:
             status = "deferred" if exc.transient else "bounced"
             results.append(RecipientResult(recipient, status, exc.dsn, exc.text, relay))
             continue
-        where = "maildir" if mailbox.maildir else "mailbox"
-        results.append(RecipientResult(recipient, "sent", "2.0.0", f"delivered to {where}",
-                                       relay))
+        results.append(RecipientResult(recipient, "sent", "2.0.0", reply, relay))
     return DeliveryOutcome(results)
+
+
+async def _to_mailbox(mailbox: Mailbox, sender: str, recipient: str, body: bytes,
+                      config: Config) -> str:
+    data = delivery_headers(sender, recipient) + body
+    if not mailbox.maildir:
+        data = mbox_entry(sender, data)
+    await write_mailbox(mailbox, data, config)
+    return "delivered to maildir" if mailbox.maildir else "delivered to mailbox"
+
+
+async def _deliver_local(recipient: str, request: DeliveryRequest, body: bytes,
+                         config: Config, inject: Inject | None) -> str:
+    """The recipient's expansion (aliases, .forward), every destination delivered; the
+    reply of the one result, or MailboxError summing up what failed."""
+    try:
+        expansion = Expander(config).expand(recipient)
+    except TableError:
+        raise MailboxError("4.3.0", "alias database unavailable") from None
+    replies: list[str] = []
+    failures = [(what, error) for what, error in expansion.failures]
+    forwards = [t.value for t in expansion.targets if t.kind == "forward"]
+    for target in expansion.targets:
+        if target.kind == "forward":
+            continue
+        try:
+            replies.append(await _deliver_target(target, recipient, request, body, config))
+        except MailboxError as exc:
+            failures.append(("|" * (target.kind == "command") + target.value, exc))
+    if forwards:
+        try:
+            replies.append(await _forward(forwards, recipient, expansion.sender, request,
+                                          inject))
+        except MailboxError as exc:
+            failures.append((", ".join(forwards), exc))
+    if failures:
+        deferred = [(w, e) for w, e in failures if e.transient]
+        dsn = (deferred or failures)[0][1].dsn
+        if len(failures) == 1 and not expansion.targets and failures[0][0] == recipient:
+            raise MailboxError(dsn, failures[0][1].text)
+        raise MailboxError(dsn, "; ".join(f"{what} (expanded from <{recipient}>): {error.text}"
+                                          for what, error in failures))
+    return "; ".join(replies)
+
+
+async def _deliver_target(target: Target, recipient: str, request: DeliveryRequest,
+                          body: bytes, config: Config) -> str:
+    if target.kind == "mailbox":
+        mailbox = user_mailbox(pwd.getpwnam(target.value), config)
+        return await _to_mailbox(mailbox, request.sender, recipient, body, config)
+    rights = target.rights
+    head = (f"Return-Path: <{request.sender}>\nX-Original-To: {recipient}\n"
+            f"Delivered-To: {recipient}\n").encode()
+    if target.kind == "file":  # local(8): an mbox file, or a Maildir for a name ending in "/"
+        maildir = target.value.endswith("/")
+        data = head + body if maildir else mbox_entry(request.sender, head + body)
+        await write_mailbox(Mailbox(target.value, maildir, rights.uid, rights.gid), data,
+                            config)
+        return f"delivered to file: {target.value}"
+    return await _command(target, recipient, request, head + body, config)
+
+
+async def _command(target: Target, recipient: str, request: DeliveryRequest, data: bytes,
+                   config: Config) -> str:
+    """``|command``: /bin/sh -c, its rights' uid and gid (when Tern is root), in their home,
+    the message (after a "From " line) on its input; sysexits decide, as pipe(8)."""
+    rights = target.rights
+    local, extension, domain = split_local(recipient, config.recipient_delimiter)
+    env = {"PATH": "/usr/bin:/bin", "SHELL": "/bin/sh", "LANG": "C", "HOME": rights.home,
+           "USER": rights.name, "LOGNAME": rights.name, "SENDER": request.sender,
+           "RECIPIENT": recipient, "ORIGINAL_RECIPIENT": recipient, "LOCAL": local,
+           "EXTENSION": extension, "DOMAIN": domain}
+    identity: dict = {"cwd": rights.home if os.path.isdir(rights.home) else "/"}
+    if os.geteuid() == 0:
+        identity.update(user=rights.uid, group=rights.gid)
+    stamp = time.asctime()
+    data = f"From {request.sender or 'MAILER-DAEMON'}  {stamp}\n".encode() + data
+    command = target.value
+    try:
+        status, output = await run_command(["/bin/sh", "-c", command], data, env, identity,
+                                           config.command_time_limit)
+    except OSError as exc:
+        raise MailboxError("4.3.0", f"cannot run command: {exc.strerror}") from None
+    said = output_text(output)
+    tail = f". Command output: {said}" if said else ""
+    if status is None:
+        raise MailboxError("4.3.0", f"Command time limit exceeded: {command}{tail}")
+    if status == 0:
+        return f"delivered to command: {command}"
+    if status < 0:
+        raise MailboxError("4.3.0", f"Command died with signal {-status}: {command}{tail}")
+    dsn, text = SYSEXITS.get(status, ("5.3.0", f"Command died with status {status}"))
+    raise MailboxError(dsn, f"{text}: {command}{tail}")
+
+
+async def _forward(addresses: list[str], recipient: str, owner: str | None,
+                   request: DeliveryRequest, inject: Inject | None) -> str:
+    """One new message to the non-local ``addresses``, from the sender (or the owner- alias),
+    marked Delivered-To the recipient (local(8)'s forward, prepend_delivered_header). The DSN
+    request goes along as local(8) passes it: NOTIFY without SUCCESS (this host reports that
+    the alias was expanded); ORCPT, RET and ENVID only when the sender is kept (a mailing list
+    with an owner- alias starts afresh)."""
+    if inject is None:
+        raise MailboxError("4.3.0", "forwarding is not available in this process")
+    content = f"Delivered-To: {recipient}\r\n".encode() + request.content
+    notify = request.notify.get(recipient, "")
+    if notify:
+        kept = [n for n in notify.split(",") if n.strip().upper() != "SUCCESS"]
+        notify = ",".join(kept) or "NEVER"
+    keep = owner is None
+    orcpt = request.orcpt.get(recipient, "") if keep else ""
+    try:
+        queued = await inject(request.sender if keep else owner,
+                              [RecipientRequest(a, notify, orcpt) for a in addresses], content,
+                              smtputf8=request.smtputf8, ret=request.ret if keep else "",
+                              envid=request.envid if keep else "")
+    except Exception as exc:  # noqa: BLE001 - spool full, I/O: the recipient is retried
+        raise MailboxError("4.3.0", f"cannot forward: {exc}") from None
+    return f"forwarded as {queued.queue_id}"
 
 
 def _delivered_to(message: bytes) -> set[str]:

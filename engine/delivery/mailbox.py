@@ -9,7 +9,7 @@ failure is a MailboxError whose ``transient`` says defer or bounce.
 import errno
 import fcntl
 import os
-import socket
+import platform
 import time
 
 LOCK_ATTEMPTS = 20  # Postfix's deliver_lock_attempts
@@ -47,7 +47,7 @@ def maildir_name() -> str:
     global _counter
     _counter += 1
     now = time.time()
-    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+    host = platform.node().replace("/", "\\057").replace(":", "\\072")  # gethostname()
     return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{_counter}R{os.urandom(4).hex()}.{host}"
 
 

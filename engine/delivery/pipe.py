@@ -7,13 +7,14 @@ by the time limit: deferred. What the command printed goes into the reason (the 
 bounce). One command runs for all the request's recipients: an argument that holds a recipient
 macro is repeated once per recipient, as Postfix expands ``${recipient}``.
 
-The command runs as the configured user when Tern is root (Popen's user/group, in the child:
-Tern's own identity never changes), else as Tern's own user.
+The command runs as the configured user when Tern is root (set in the child before exec, also
+under uvloop: Tern's own identity never changes), else as Tern's own user.
 """
 
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import pwd
 import re
@@ -100,14 +101,14 @@ def expand_argv(argv: tuple[str, ...], request: DeliveryRequest, delimiter: str,
     return out
 
 
-def _output_text(output: bytes) -> str:
+def output_text(output: bytes) -> str:
     text = output[:OUTPUT_LIMIT].decode("utf-8", "replace")
     return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
 def _verdict(name: str, argv0: str, returncode: int, output: bytes) -> tuple[str, str, str]:
     """(status, dsn, reason) for the command's end."""
-    said = _output_text(output)
+    said = output_text(output)
     tail = f". Command output: {said}" if said else ""
     if returncode == 0:
         return "sent", "2.0.0", f"delivered via {name} service{f' ({said})' if said else ''}"
@@ -170,31 +171,55 @@ async def _run(request: DeliveryRequest, config: Config, name: str,
         if entry.pw_uid == 0:
             raise TransientFailure("4.3.5", f"{name}: user {transport.user} has root privileges",
                                    name)
-        identity = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": [],
-                    "cwd": "/"}
+        identity = {"user": entry.pw_uid, "group": entry.pw_gid, "cwd": "/"}
     try:
-        process = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-            env={"PATH": "/usr/bin:/bin", "SHELL": "/bin/sh", "LANG": "C"}, **identity)
+        returncode, output = await run_command(
+            argv, message_data(request, transport.flags),
+            {"PATH": "/usr/bin:/bin", "SHELL": "/bin/sh", "LANG": "C"}, identity,
+            transport.time_limit)
     except OSError as exc:
         raise TransientFailure("4.3.0", f'{name}: cannot run "{argv[0]}": {exc.strerror}',
                                name) from None
-    data = message_data(request, transport.flags)
+    if returncode is None:
+        raise TransientFailure("4.3.0", f'Command time limit exceeded: "{argv[0]}"', name)
+    status, dsn, reason = _verdict(name, argv[0], returncode, output)
+    return DeliveryOutcome([RecipientResult(r, status, dsn, reason, name)
+                            for r in request.recipients])
+
+
+async def run_command(argv: list[str], data: bytes, env: dict[str, str], identity: dict,
+                      time_limit: float) -> tuple[int | None, bytes]:
+    """Run ``argv`` in its own session with ``data`` on its standard input; ``identity``:
+    user and group ids, and cwd ({} = Tern's own identity). Returns (exit status, negative for
+    a signal, or None when ``time_limit`` killed it and all it started; its output). Raises
+    OSError when it cannot start. Shared by pipe(8) and local(8)'s |command.
+    The identity is taken in the child before exec (no supplementary groups), by a
+    preexec_fn of plain system calls: uvloop's subprocess has no user/group arguments."""
+    options = {"cwd": identity["cwd"]} if "cwd" in identity else {}
+    if "user" in identity:
+        options["preexec_fn"] = functools.partial(_become, identity["user"], identity["group"])
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, start_new_session=True, env=env, **options)
     try:
-        async with asyncio.timeout(transport.time_limit):
-            output, _ = await process.communicate(data)
+        async with asyncio.timeout(time_limit):
+            try:
+                output, _ = await process.communicate(data)
+            except BrokenPipeError:  # the command did not read it all: its exit status decides
+                output = await process.stdout.read(OUTPUT_LIMIT) if process.stdout else b""
+                await process.wait()
     except TimeoutError:
         _kill_group(process)
         await process.wait()
-        raise TransientFailure("4.3.0", f'Command time limit exceeded: "{argv[0]}"',
-                               name) from None
-    except BrokenPipeError:  # the command did not read it all: its exit status decides
-        output = await process.stdout.read(OUTPUT_LIMIT) if process.stdout else b""
-        await process.wait()
-    status, dsn, reason = _verdict(name, argv[0], process.returncode, output)
-    return DeliveryOutcome([RecipientResult(r, status, dsn, reason, name)
-                            for r in request.recipients])
+        return None, b""
+    return process.returncode, output
+
+
+def _become(uid: int, gid: int) -> None:
+    """In the child, before exec: drop to ``uid``/``gid`` with no supplementary groups."""
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
 
 
 def _kill_group(process: asyncio.subprocess.Process) -> None:

@@ -51,17 +51,20 @@ from engine.smtp.client import (
     TransactionDone,
 )
 from engine.smtp.sasl_client import SaslLogin
-from engine.tls import dane
 from engine.tls.client import (
     PolicyError,
     PolicyFinder,
     TlsPolicy,
     check_peer,
     client_context,
+    not_dane,
     resolve_dane,
 )
+from engine.tls.policy import DANE
 from engine.tls.server import describe
 from engine.tls.sts_fetch import sts_policy
+from engine.tls.tlsrpt_record import Reporter, reporter
+from engine.tls.trust import trust_store
 
 READ_SIZE = 65536
 CHUNK_SIZE = 1 << 20  # the largest BDAT chunk: bounded memory at the next hop
@@ -149,10 +152,26 @@ async def _deliver(
         policy = _policy_finder(config).policy(hop.host)
     except PolicyError as exc:  # never deliver with less TLS than the administrator wrote
         raise TransientFailure("4.7.5", f"TLS policy lookup for {hop.host}: {exc}") from None
-    hosts = await resolver.mx_hosts(hop.host) if hop.mx_lookup else [hop.host]
+    rpt = reporter(config, hop.host)  # TLS-RPT (RFC 8460): None unless smtp_tlsrpt_enable
+    hosts = [hop.host]
+    if hop.mx_lookup:  # DNSSEC status only when DANE needs it (RFC 7672 §2.2.1: secure MX)
+        mx = await resolver.mx_lookup(hop.host, dnssec=policy.level in DANE)
+        hosts = mx.items
+        if policy.level in DANE and not mx.secure:
+            try:
+                policy = not_dane(policy, "non DNSSEC destination")
+            except TransientFailure as exc:
+                if rpt is not None:
+                    _record_dane_failure(rpt, hop.host, exc)
+                raise
     sts = None  # RFC 8461: only for MX delivery, and never weakening a stronger local policy
     if config.smtp_mta_sts_enable and hop.mx_lookup and policy.level in ("none", "may"):
-        sts = await sts_policy(config, _dnssec_resolver(config), resolver, hop.host)
+        sts_failures: list[tuple[str, str]] = []
+        sts = await sts_policy(config, resolver.dnssec, resolver, hop.host, sts_failures)
+        if rpt is not None:
+            rpt.sts = sts
+            for result, why in sts_failures:
+                rpt.record(result, reason=why, policy_type="sts")
     failures: list[DeliveryError] = []
     servers: list[tuple[str, str]] = []  # (host, address), at most smtp_mx_address_limit
     address_limit = config.smtp_mx_address_limit
@@ -163,20 +182,25 @@ async def _deliver(
         if sts is not None and sts.mode != "none":
             if not sts.mx_allowed(host):
                 text = f"MX host {host} does not match the MTA-STS policy of {hop.host}"
+                if rpt is not None:
+                    rpt.record("validation-failure", host=host, reason="mx-mismatch")
                 if sts.mode == "enforce":
                     failures.append(TransientFailure("4.7.5", text))
                     continue
                 if maillog is not None:
                     maillog.line("smtp", f"{request.queue_id}: MTA-STS testing: {text}")
             # enforce: a valid certificate for the MX name (§4.2); testing: opportunistic
-            host_policy = TlsPolicy("verify", ("hostname",)) if sts.mode == "enforce" else \
-                TlsPolicy("may")
+            host_policy = TlsPolicy("verify", ("hostname",), webpki=True) \
+                if sts.mode == "enforce" else TlsPolicy("may")
         try:
-            addresses = await resolver.addresses(host)
-            host_policy = await resolve_dane(host_policy, _dnssec_resolver(config), host,
-                                             hop.port)
+            found = await resolver.address_lookup(host, dnssec=host_policy.level in DANE)
+            addresses = found.items
+            host_policy = await resolve_dane(host_policy, resolver.dnssec, host, hop.port,
+                                             secure=found.secure)
         except DeliveryError as exc:
             failures.append(exc)
+            if rpt is not None and host_policy.level in DANE:
+                _record_dane_failure(rpt, host, exc)
             continue
         servers += [(host, address, host_policy) for address in addresses]
     if address_limit:
@@ -189,7 +213,7 @@ async def _deliver(
     for index, (host, address, host_policy) in enumerate(servers):
         try:
             outcome = await _session(config, host, address, host_policy, envelope, started,
-                                     connections, hop, maillog, auth)
+                                     connections, hop, maillog, auth, rpt)
         except DeliveryError as exc:  # no session: not counted against smtp_mx_session_limit
             failures.append(exc)
             continue
@@ -212,17 +236,23 @@ async def _deliver(
 async def _session(config: Config, host: str, address: str, policy: TlsPolicy,
                    envelope: Envelope, started: float, connections: ConnectionCache | None,
                    hop: NextHop, maillog: Maillog | None,
-                   auth: sasl.DeliveryAuth | None = None) -> DeliveryOutcome:
+                   auth: sasl.DeliveryAuth | None = None,
+                   rpt: Reporter | None = None) -> DeliveryOutcome:
     """One server's session under its TLS policy; at "may", a failed handshake is followed by
-    the same server in plaintext, as Postfix. With ``auth``, its credentials for this server."""
+    the same server in plaintext, as Postfix. With ``auth``, its credentials for this server;
+    with ``rpt``, the TLS outcome is recorded (TLS-RPT)."""
     login = await auth.login(host, hop) if auth is not None else None
     key = auth.cache_key(hop.destination) if auth is not None else None
-    tls = _TlsJob(policy, host, hop.host, maillog)
+    tls = _TlsJob(policy, host, hop.host, maillog, rpt, address)
     try:
         connection = await _connect(config, host, address, hop.port, tls, login)
         return await _transact(connection, envelope, config, started, connections, hop, key)
     except _PlaintextRetry:
         pass
+    except TransientFailure as exc:
+        if rpt is not None and exc.dsn == "4.7.4":  # mandatory TLS, STARTTLS not offered
+            tls.report("starttls-not-supported", exc.text)
+        raise
     plain = _TlsJob(TlsPolicy("none"), host, hop.host, maillog)
     connection = await _connect(config, host, address, hop.port, plain, login)
     return await _transact(connection, envelope, config, started, connections, hop, key)
@@ -252,27 +282,20 @@ class _TlsJob:
     host: str
     nexthop: str
     maillog: Maillog | None
+    rpt: Reporter | None = None  # TLS-RPT's recorder of this destination, when enabled
+    address: str = ""
 
     def log(self, text: str) -> None:
         if self.maillog is not None:
             self.maillog.line("smtp", text)
 
+    def report(self, result: str, reason: str = "", sending_ip: str = "") -> None:
+        if self.rpt is not None:
+            self.rpt.record(result, host=self.host, policy=self.policy, address=self.address,
+                            sending_ip=sending_ip, reason=reason)
+
 
 _FINDERS: dict[int, tuple[object, PolicyFinder]] = {}
-
-
-_DNSSEC: dict[int, tuple[object, object]] = {}
-
-
-def _dnssec_resolver(config: Config):
-    """One DNSSEC-asking resolver (for TLSA) per Config object."""
-    entry = _DNSSEC.get(id(config))
-    if entry is None or entry[0] is not config:
-        if len(_DNSSEC) > 16:  # a process has one Config; tests make many
-            _DNSSEC.clear()
-        entry = (config, dane.dnssec_resolver(config))
-        _DNSSEC[id(config)] = entry
-    return entry[1]
 
 
 def _policy_finder(config: Config) -> PolicyFinder:
@@ -374,14 +397,11 @@ async def _handshake(connection: Connection, config: Config) -> None:
         async with asyncio.timeout(config.smtp_starttls_timeout):
             await connection.writer.start_tls(client_context(config, tls.policy),
                                               server_hostname=None)
-    except ssl.SSLCertVerificationError as exc:
-        tls.log(f"server certificate verification failed for {client.relay}:"
-                f" {exc.verify_message}")
-        raise TransientFailure("4.7.5", "Server certificate not trusted", client.relay) from None
     except (ssl.SSLError, OSError, TimeoutError) as exc:
         why = "timed out" if isinstance(exc, TimeoutError) else (
             getattr(exc, "reason", None) or str(exc) or type(exc).__name__)
         tls.log(f"SSL_connect error to {client.relay}: {why}")
+        tls.report("validation-failure", f"handshake: {why}", _local_ip(connection))
         if tls.policy.mandatory:
             raise TransientFailure("4.7.5", "Cannot start TLS: handshake failure",
                                    client.relay) from None
@@ -389,14 +409,35 @@ async def _handshake(connection: Connection, config: Config) -> None:
                               client.relay) from None
     ssl_object = connection.writer.get_extra_info("ssl_object")
     check = check_peer(tls.policy, ssl_object, tls.host, tls.nexthop,
-                       config.smtp_tls_fingerprint_digest)
-    tls.log(f"{check.trust} TLS connection established to {client.relay}:"
-            f" {describe(ssl_object)}")
-    if check.detail:
+                       config.smtp_tls_fingerprint_digest,
+                       trust_store(config, webpki=tls.policy.webpki))
+    if check.detail:  # as Postfix: what failed in the certificate check, then the session
         tls.log(f"{check.detail.partition(':')[0]} for {client.relay}:"
                 f"{check.detail.partition(':')[2]}")
+    tls.log(f"{check.trust} TLS connection established to {client.relay}:"
+            f" {describe(ssl_object)}")
+    if tls.rpt is not None:  # MTA-STS testing: report what enforce would have found (§5)
+        audit = check if tls.rpt.audit is None or tls.policy.level != "may" else check_peer(
+            tls.rpt.audit, ssl_object, tls.host, tls.nexthop,
+            trust=trust_store(config, webpki=True))
+        tls.report(audit.result or "success", audit.detail, _local_ip(connection))
     if check.failure:
         raise TransientFailure("4.7.5", check.failure, client.relay)
+
+
+def _local_ip(connection: Connection) -> str:
+    """The connection's source address (TLS-RPT's "sending-mta-ip")."""
+    sockname = connection.writer.get_extra_info("sockname")
+    return sockname[0] if sockname else ""
+
+
+def _record_dane_failure(rpt: Reporter, host: str, error: DeliveryError) -> None:
+    """TLS-RPT for a host that DANE rejected before any session (RFC 8460 §4.3.2.1): a TLSA
+    lookup that failed is "dnssec-invalid", dane-only without usable TLSA "dane-required"."""
+    if error.text.startswith("TLSA lookup error"):
+        rpt.record("dnssec-invalid", host=host, reason=error.text, policy_type="tlsa")
+    elif error.dsn == "4.7.5":
+        rpt.record("dane-required", host=host, reason=error.text, policy_type="tlsa")
 
 
 async def _transact(

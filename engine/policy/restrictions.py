@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine.delivery import split_local
+from engine.delivery.aliases import alias_tables
 from engine.ipliteral import parse_address_literal
 from engine.policy.access import address_keys, client_keys, domain_keys, first_match, parse_result
 from engine.policy.relay import client_is_trusted
@@ -200,6 +201,10 @@ class Policy:
         self.virtual_domains = config.virtual_domains
         self.virtual_mailboxes = (open_table(config.virtual_mailbox_maps)
                                   if config.virtual_mailbox_maps else None)
+        try:  # Postfix's local_recipient_maps: passwd and $alias_maps
+            self.aliases = alias_tables(tuple(config.alias_maps))
+        except TableError:
+            self.aliases = None  # unreadable: accept, and let the local agent defer
         self.relay_domains = tuple(d.lower().lstrip(".") for d in config.relay_domains)
         self.parent_style = "smtpd_access_maps" in config.parent_domain_matches_subdomains
         self.relay_parent_style = "relay_domains" in config.parent_domain_matches_subdomains
@@ -228,8 +233,8 @@ class Policy:
         return self.is_local(domain) or domain in self.virtual_domains or self.is_relayed(domain)
 
     def unlisted_recipient(self, facts: Facts) -> Reply | None:
-        """reject_unlisted_recipient: a local domain's recipient must be a passwd user
-        (Postfix's default local_recipient_maps), a virtual mailbox domain's must be in
+        """reject_unlisted_recipient: a local domain's recipient must be a passwd user or an
+        alias (Postfix's default local_recipient_maps), a virtual mailbox domain's must be in
         virtual_mailbox_maps (the address, else @domain). Relay domains have no
         relay_recipient_maps yet: every recipient there is listed."""
         recipient = facts.recipient
@@ -242,6 +247,10 @@ class Policy:
                 pwd.getpwnam(user)
                 return None
             except KeyError:
+                if self.aliases is None or any(
+                        table.get(key) is not None for table in self.aliases
+                        for key in (local.lower(), user)):
+                    return None
                 code = self.config.unknown_local_recipient_reject_code
                 return refuse(code, f"{code // 100}.1.1", "recipient", facts,
                               "User unknown in local recipient table")

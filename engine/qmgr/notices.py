@@ -66,7 +66,8 @@ class Notices:
                 if content is None:
                     content = self.spool.content(envelope.queue_id)
                 notice = await self.cleanup.inject(
-                    notice_sender, [to], build(envelope, owed, content, self.config, now))
+                    notice_sender, [to], build(envelope, owed, content, self.config, now),
+                    smtputf8=envelope.smtputf8)  # Postfix: SMTPUTF8 requested as the original
                 self.maillog.line("bounce", f"{envelope.queue_id}: {who} {label} "
                                             f"notification: {notice.queue_id}")
             elif owed and kind == "FAILURE" and envelope.sender == self.double_bounce_sender:

@@ -325,7 +325,8 @@ class Client:
     parts go as quoted-printable to a server without 8BITMIME (Postfix's default; False is
     disable_mime_output_conversion = yes: the 8-bit content goes as it is).
     ``lmtp=True`` speaks LMTP (RFC 2033): LHLO instead of EHLO (no HELO fallback), and after
-    the final "." one reply per accepted recipient, in RCPT order.
+    the final "." (or BDAT LAST, when the server offers CHUNKING) one reply per accepted
+    recipient, in RCPT order.
     ``starttls``: "none" never sends STARTTLS, "may" sends it when offered and goes on in
     plaintext when it is refused, "require" ends the session when it is not offered or refused
     (engine.tls.client decides which, per destination). ``tls_active``: the connection is
@@ -417,7 +418,7 @@ class Client:
             if reply is None:
                 if self._eof:
                     self._connection_failed(
-                        f"lost connection with {self.peer} while {DOING[self._stage]}"
+                        f"lost connection with {self.peer} while {self._doing()}"
                     )
                     continue
                 self._stage = self._expect[0]
@@ -432,7 +433,7 @@ class Client:
         """The adapter's timer for the current stage ran out: the connection is dead."""
         if self.phase is not Phase.CLOSED:
             self._connection_failed(
-                f"conversation with {self.peer} timed out while {DOING[self._stage]}"
+                f"conversation with {self.peer} timed out while {self._doing()}"
             )
 
     def tls_started(self) -> None:
@@ -667,15 +668,7 @@ class Client:
 
     def _on_dot(self, reply: Reply, stage: Stage) -> None:
         if self.lmtp and not self._discard_dot:
-            index = self._accepted[self._dot_replied]
-            self._dot_replied += 1
-            if reply.ok:
-                self._results[index] = RecipientResult(
-                    self._env.recipients[index], "sent", reply.dsn, reply.flat, self.relay
-                )
-            else:
-                self._fail(index, reply, stage)
-            if self._dot_replied < len(self._accepted):
+            if not self._lmtp_reply(reply, stage):
                 return
         elif not self._discard_dot:
             for index in self._accepted:
@@ -687,16 +680,35 @@ class Client:
                     self._fail(index, reply, stage)
         self._finish_transaction()
 
+    def _lmtp_reply(self, reply: Reply, stage: Stage) -> bool:
+        """One of LMTP's replies after the end of the content (RFC 2033 §4.2, §4.3): the
+        result of the next accepted recipient, in RCPT order. True once every one has its."""
+        index = self._accepted[self._dot_replied]
+        self._dot_replied += 1
+        if reply.ok:
+            self._results[index] = RecipientResult(
+                self._env.recipients[index], "sent", reply.dsn, reply.flat, self.relay
+            )
+        else:
+            self._fail(index, reply, stage)
+        return self._dot_replied == len(self._accepted)
+
     def _on_bdat(self, reply: Reply, stage: Stage) -> None:
         """A chunk's reply (RFC 3030 §2): the last one is the message's, like the reply to
-        "."; a failed earlier one fails the message (later chunks' replies are still read)."""
+        "."; a failed earlier one fails the message (later chunks' replies are still read).
+        LMTP (RFC 2033 §4.3): BDAT LAST gets one reply per accepted recipient; the chunks go
+        one a reply there, so a failed earlier chunk means no BDAT LAST was sent."""
+        if self.lmtp and not self._chunks:  # every earlier chunk got its 250: BDAT LAST's
+            if self._lmtp_reply(reply, stage):
+                self._finish_transaction()
+            return
         self._chunks_replied += 1
         if self._bdat_failure is None and not reply.ok:
             self._bdat_failure = reply
         if self._chunks_replied < self._chunks_sent:
             if self._chunks:  # not pipelined: the next chunk, or none after a failure
                 if self._bdat_failure is None:
-                    self._send(self._chunks.popleft(), Stage.BODY, Stage.BDAT)
+                    self._send_chunk()
                     return
                 self._chunks.clear()
                 self._chunks_sent = self._chunks_replied
@@ -772,8 +784,7 @@ class Client:
         if self._dsn and env.envid:
             params += f" ENVID={env.envid}"
         mail = f"MAIL FROM:<{env.sender}>{params}\r\n".encode()
-        # LMTP's per-recipient replies after BDAT LAST are not read yet: DATA there for now
-        self._chunking = "CHUNKING" in self.extensions and not self.lmtp
+        self._chunking = "CHUNKING" in self.extensions
         self._pipelined = self.use_pipelining and "PIPELINING" in self.extensions
         if not self._pipelined:
             self._send(mail, Stage.MAIL)
@@ -792,16 +803,24 @@ class Client:
 
     def _send_chunks(self) -> None:
         """The content as BDAT chunks: all in one go when the server pipelines (RFC 3030 §4.2),
-        else one chunk a reply (the reply to a chunk sends the next)."""
+        else one chunk a reply (the reply to a chunk sends the next). LMTP always goes one
+        chunk a reply: how many replies BDAT LAST gets after a failed chunk is not said by
+        RFC 2033, so no BDAT LAST follows a failed chunk there."""
         self._chunks = deque(bdat_chunks(self._env.content, self.chunk_size))
         self._chunks_sent = len(self._chunks)
-        if self.use_pipelining and "PIPELINING" in self.extensions:
+        if self.use_pipelining and "PIPELINING" in self.extensions and not self.lmtp:
             # one write each, back to back (no copy of the whole content joined)
             self._events.extend(Send(chunk, Stage.BODY) for chunk in self._chunks)
             self._expect.extend([Stage.BDAT] * self._chunks_sent)
             self._chunks.clear()
         else:
-            self._send(self._chunks.popleft(), Stage.BODY, Stage.BDAT)
+            self._send_chunk()
+
+    def _send_chunk(self) -> None:
+        """The next chunk, alone. LMTP: BDAT LAST owes one reply per accepted recipient."""
+        self._send(self._chunks.popleft(), Stage.BODY, Stage.BDAT)
+        if self.lmtp and not self._chunks:
+            self._expect.extend([Stage.BDAT] * (len(self._accepted) - 1))
 
     def _send_rcpt(self) -> None:
         rcpt = self._env.recipients[self._rcpt_sent]
@@ -816,6 +835,12 @@ class Client:
             if orcpt := self._env.orcpt.get(rcpt):
                 params += f" ORCPT={orcpt}"
         return f"RCPT TO:<{rcpt}>{params}\r\n".encode()
+
+    def _doing(self) -> str:
+        """Postfix's "… while <doing>" for the current stage (LMTP's handshake is LHLO)."""
+        if self.lmtp and self._stage is Stage.EHLO:
+            return "performing the LHLO handshake"
+        return DOING[self._stage]
 
     def _said(self, reply: Reply, stage: Stage) -> str:
         command = "LHLO" if self.lmtp and stage is Stage.EHLO else COMMAND[stage]

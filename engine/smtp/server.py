@@ -451,8 +451,11 @@ class ServerSession:
         elif isinstance(event, StartTls):
             self._forget_plaintext()
         elif isinstance(event, Xclient):  # back to the greeting, keeping what XCLIENT said
-            helo, proto = event.attributes.get("HELO"), event.attributes.get("PROTO")
+            attributes = event.attributes
+            helo, proto = attributes.get("HELO"), attributes.get("PROTO")
             self.helo_name, self.extended = helo, proto == "ESMTP"
+            self.authenticated = bool(attributes.get("LOGIN"))  # the proxy's own AUTH is not
+            self._helo_again = False  # a new start under TLS: HELO as optional as at connect
             default = Reply(220, self.settings.banner)
         if next_state is not None:
             self.state = next_state

@@ -67,13 +67,24 @@ def _text(value: str) -> str | None:
     return value
 
 
+# Replaced, not refused (as Postfix's neuter(), so an up-stream MTA's delivery does not fail
+# over a name it accepted): ";" and "@" (Postfix's) would start a Received: date or read as an
+# address; "," and "=" would make a field of their own in the "client=…, orig_queue_id=…"
+# log line.
+_NEUTER = str.maketrans(dict.fromkeys(";@,=", "?"))
+
+
+def _neutered(value: str) -> str | None:
+    return value.translate(_NEUTER)
+
+
 _XCLIENT_CHECKS = {
-    "NAME": _hostname, "REVERSE_NAME": _hostname, "HELO": _text, "LOGIN": _text,
+    "NAME": _hostname, "REVERSE_NAME": _hostname, "HELO": _neutered, "LOGIN": _text,
     "ADDR": _address, "DESTADDR": _address, "PORT": _port, "DESTPORT": _port,
     "PROTO": _keyword("SMTP", "ESMTP"),
 }
-_XFORWARD_CHECKS = {
-    "NAME": _text, "HELO": _text, "IDENT": _text, "PROTO": _text,  # may be non-DNS, non-SMTP
+_XFORWARD_CHECKS = {  # NAME, HELO, IDENT, PROTO may be non-DNS, non-SMTP
+    "NAME": _neutered, "HELO": _neutered, "IDENT": _neutered, "PROTO": _neutered,
     "ADDR": _address, "PORT": _port, "SOURCE": _keyword("LOCAL", "REMOTE"),
 }
 

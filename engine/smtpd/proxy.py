@@ -88,6 +88,8 @@ def _parse_v1(data: bytes, final: bool) -> ProxyHeader | None:
 
 
 def _v1_address(text: bytes, version: int, which: str) -> str:
+    if b"%" in text:  # an IPv6 scope id: any bytes but SP (even LF), straight into the logs
+        raise ProxyError(f"bad or missing {which} address")
     try:
         address = ipaddress.ip_address(text.decode("ascii"))
     except (UnicodeDecodeError, ValueError):

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from engine.auth.passwd_file import PasswordFile
-from engine.cleanup import Cleanup, MessageBuilder, Origin, RecipientRequest
+from engine.cleanup import Cleanup, MessageBuilder, Origin, RecipientRequest, neuter_helo
 from engine.config import Config, Listener
 from engine.config.settings import AUTH_REQUIRED_SERVICES, SUBMISSION_SERVICES
 from engine.log import Maillog
@@ -31,7 +31,7 @@ from engine.smtp.xclient import XFORWARD_CLIENT_ATTRIBUTES
 from engine.smtpd import proxy
 from engine.smtpd.anvil import Anvil
 from engine.spool import SpoolFull
-from engine.tls.handoff import TlsHandoff
+from engine.tls.handoff import Handshaken, TlsHandoff
 from engine.tls.server import describe as describe_tls
 
 
@@ -113,6 +113,7 @@ class SmtpdProtocol(asyncio.Protocol):
         self._tarpit: asyncio.TimerHandle | None = None  # smtpd_error_sleep_time running
         self._held: list[bytes] = []  # replies held back by the tarpit
         self._handshake: asyncio.Task | None = None  # the TLS handshake under way
+        self._ended = False  # _end ran: the session's slot and anvil count are given back
         # a proxy_protocol listener: the PROXY header read so far (None once done, or never)
         self._proxy_header: bytearray | None = None
         self._proxy_timer: asyncio.TimerHandle | None = None
@@ -171,9 +172,12 @@ class SmtpdProtocol(asyncio.Protocol):
     def _anvil_connect(self, client_ip: str) -> Reply | None:
         """Postfix's per-client connection limits (anvil): the 421 for a client over its
         concurrency or connection rate limit, else None. smtpd_client_event_limit_exceptions
-        are not counted at all, as Postfix's smtpd does not tell anvil about them."""
+        are not counted at all, as Postfix's smtpd does not tell anvil about them; nor are
+        the hosts that may send XCLIENT (as Postfix: the address counted at connect must be
+        the one given back at disconnect, and every client behind such a proxy would otherwise
+        share the proxy's count and limits)."""
         config = self.ctx.config
-        if address_in(client_ip, config.event_limit_exceptions):
+        if self.session.xclient_allowed or address_in(client_ip, config.event_limit_exceptions):
             return None
         self._anvil_client = client_ip
         sessions, rate = self.ctx.anvil.connect(client_ip)
@@ -282,18 +286,26 @@ class SmtpdProtocol(asyncio.Protocol):
         self._end()
 
     def _end(self) -> None:
-        """The connection is gone: report it to the core (the disconnect lines), stop timing."""
-        self.session.receive_data(b"")
-        self._pump()
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._tarpit is not None:
-            self._tarpit.cancel()
-            self._tarpit = None
-        self.ctx.sessions.discard(self)
-        if self._anvil_client is not None:
-            self.ctx.anvil.disconnect(self._anvil_client)
-            self._anvil_client = None
+        """The connection is gone: report it to the core (the disconnect lines), stop timing,
+        and give back the session's slot and its anvil count. Once only, whoever calls first
+        (connection_lost, a failed or cut TLS handshake); the slot and the count are given back
+        even if reporting fails, or a stuck session would count against the limits forever."""
+        if self._ended:
+            return
+        self._ended = True
+        try:
+            self.session.receive_data(b"")
+            self._pump()
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            if self._tarpit is not None:
+                self._tarpit.cancel()
+                self._tarpit = None
+            self.ctx.sessions.discard(self)
+            if self._anvil_client is not None:
+                self.ctx.anvil.disconnect(self._anvil_client)
+                self._anvil_client = None
 
     # -- the PROXY protocol header ------------------------------------------------------------
 
@@ -333,6 +345,7 @@ class SmtpdProtocol(asyncio.Protocol):
         """No valid header in time: we cannot tell who the client is or what it may do, so
         as Postfix: a warning, 421 instead of the greeting, and hang up."""
         self._proxy_header = None
+        self._proxy_timer.cancel()  # (a no-op when it is what called): no second refusal
         self._proxy_timer = None
         self._refused = True
         self.origin.client_ip = self._peer_ip()
@@ -345,7 +358,10 @@ class SmtpdProtocol(asyncio.Protocol):
     # -- XCLIENT and XFORWARD -----------------------------------------------------------------
 
     def _authorize_x_commands(self) -> None:
-        """Who may use XCLIENT / XFORWARD follows the client address, as it is now."""
+        """Who may use XCLIENT / XFORWARD: decided once per connection, from the address the
+        session began with (the socket's, or the PROXY header's), as Postfix does. Never from
+        an address XCLIENT supplied: that would let an XCLIENT host name itself into
+        smtpd_authorized_xforward_hosts, and lock a proxy out after its first XCLIENT."""
         config, client_ip, session = self.ctx.config, self.origin.client_ip, self.session
         xclient = config.smtpd_authorized_xclient_hosts  # empty by default: nothing to parse
         xforward = config.smtpd_authorized_xforward_hosts
@@ -353,22 +369,22 @@ class SmtpdProtocol(asyncio.Protocol):
         session.xforward_allowed = bool(xforward) and address_in(client_ip, xforward)
 
     def _on_xclient(self, event: server.Xclient) -> None:
-        """The client is now who XCLIENT says: every later decision (mynetworks, XCLIENT
-        authorization itself) and log line is about it, as in Postfix."""
+        """The client is now who XCLIENT says: every later decision (mynetworks, limits,
+        restrictions) and log line is about it, as in Postfix; who may send XCLIENT and
+        XFORWARD stays as decided at connect (_authorize_x_commands)."""
         origin, attributes = self.origin, event.attributes
         if "NAME" in attributes:
             origin.client_name = attributes["NAME"] or "unknown"
         if "ADDR" in attributes:
             origin.client_ip = attributes["ADDR"] or "unknown"
-        if "LOGIN" in attributes:  # as if authenticated: Postfix's sasl_method=XCLIENT
-            origin.sasl_username = attributes["LOGIN"] or ""
-            self._sasl_method = "XCLIENT" if origin.sasl_username else ""
-            self.session.authenticated = bool(origin.sasl_username)
+        # LOGIN: as if authenticated (Postfix's sasl_method=XCLIENT); without it the new
+        # client is not logged in, whoever the proxy itself authenticated as
+        origin.sasl_username = attributes.get("LOGIN") or ""
+        self._sasl_method = "XCLIENT" if origin.sasl_username else ""
         origin.helo = attributes.get("HELO")
         origin.esmtp = attributes.get("PROTO") == "ESMTP"
         self.checks.forget_client()
         self._xforward = None
-        self._authorize_x_commands()
         self.session.accept()
 
     def _on_xforward(self, event: server.Xforward) -> None:
@@ -501,7 +517,7 @@ class SmtpdProtocol(asyncio.Protocol):
             origin.helo = kept
             self.session.reject(refusal)
             return
-        origin.helo = event.name
+        origin.helo = neuter_helo(event.name)  # once per HELO, not per message
         self.session.accept()
 
     def _on_mail(self, event: server.MailFrom) -> None:
@@ -701,13 +717,31 @@ class SmtpdProtocol(asyncio.Protocol):
         self._handshake = asyncio.get_running_loop().create_task(self._run_handshake(handoff))
 
     async def _run_handshake(self, handoff: TlsHandoff) -> None:
+        """The handshake, then the session goes on over TLS; whatever fails on the way ends
+        the session (_end), so that no slot or anvil count outlives the connection. A cut
+        connection may come back from start_tls as None (asyncio) or as a transport without
+        an SSL object (uvloop): a failure too. close_with cancels this task (and ends the
+        session itself) when smtpd_timeout or a shutdown comes first."""
         try:
             done = await handoff.start(self.ctx.tls, timeout=self.ctx.config.smtpd_timeout)
+            transport = done.transport
+            if (transport is None or transport.is_closing()
+                    or transport.get_extra_info("ssl_object") is None):
+                raise ConnectionResetError("connection closed during the TLS handshake")
         except Exception as error:  # noqa: BLE001 - every failure ends the session the same way
+            self._handshake = None
             self._tls_failed(handoff.transport, error)
             return
-        finally:
-            self._handshake = None
+        self._handshake = None
+        try:
+            self._tls_started(done)
+        except Exception as error:  # noqa: BLE001 - a bug here must not leak the session
+            self._log(f"warning: {self.origin.client}: TLS session setup failed: {error!r}")
+            done.transport.abort()
+            self._end()
+
+    def _tls_started(self, done: Handshaken) -> None:
+        """The handshake succeeded: the session goes on over ``done.transport``."""
         self.transport = transport = done.transport  # from now on every write is encrypted
         transport.set_protocol(self)
         self.origin.tls = describe_tls(transport.get_extra_info("ssl_object"))
@@ -792,7 +826,10 @@ class SmtpdProtocol(asyncio.Protocol):
         """End the session from our side with a 421 (timeout, shutdown)."""
         self._closed_by_us = True
         if self._handshake is not None:  # no plaintext reply into a TLS handshake: just close
+            handshake, self._handshake = self._handshake, None
+            handshake.cancel()
             self.transport.abort()
+            self._end()  # no connection_lost reaches us while the handoff holds the socket
             return
         self.session.send_reply(reply)
         self._pump()

@@ -27,6 +27,12 @@ C object, whose ``get_unverified_chain`` exists since 3.10 (``client.peer_chain`
 public method where there is one, and with neither only the leaf is known, so DANE-TA fails
 closed while DANE-EE still works from ``getpeercert(binary_form=True)``). pyOpenSSL then checks
 that the leaf chains up to the DANE-TA certificate (an ``X509Store`` holding only that anchor).
+The CA trust of the client (engine.tls.trust: Postfix's smtp_tls_CAfile, smtp_tls_CApath,
+tls_append_default_CA) is checked the same way after a CERT_NONE handshake, so every level logs
+Postfix's Trusted/Untrusted/Verified/Anonymous line and only the policy decides. TLS-RPT (RFC
+8460) is in engine.tls.tlsrpt (the pure record, results and report), tlsrpt_record (what a
+delivery records), tlsrpt_store (the result files) and tlsrpt_send (the daily reports by mail
+through Tern's own queue, or HTTPS).
 
 This package's ``__init__`` imports nothing, so the configuration loader can use the pure
 ``protocols`` module without pulling ``ssl`` into the sans-I/O cores.

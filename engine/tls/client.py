@@ -7,17 +7,18 @@ trusts a server whose certificate digest is listed; ``verify`` and ``secure`` wa
 a CA of ``smtp_tls_CAfile`` and a certificate name that matches (``verify``: the MX host name by
 default, ``secure``: the next-hop domain or a subdomain of it). ``dane`` and ``dane-only``
 (RFC 7672, engine.tls.dane) look up each MX host's TLSA records before connecting
-(``resolve_dane``): DNSSEC-validated usable records make TLS mandatory and the chain must match
-them; with no secure records ``dane`` is ``may`` (RFC 7672 §2.2) and ``dane-only`` defers;
-secure records that are all unusable make it ``encrypt``.
+(``resolve_dane``), only for a host whose MX and address answers were DNSSEC-validated (RFC 7672
+§2.2.1-2): DNSSEC-validated usable records make TLS mandatory and the chain must match them;
+an insecure MX or host, or no secure records, make ``dane`` ``may`` (RFC 7672 §2.2) and make
+``dane-only`` defer; secure records that are all unusable make ``dane`` ``encrypt``.
 
 The standard library's ``ssl`` does the handshake (through the loop's ``start_tls``) with one
-context per (level, CA file): verifying levels use CERT_REQUIRED so OpenSSL checks the chain,
-and Tern matches the names itself (``check_hostname`` is off: Postfix's match rules are not
-the browser's). The other levels use CERT_NONE and read the leaf with
-``getpeercert(binary_form=True)`` (for a fingerprint or for the log). The result is logged as
-Postfix does: "Verified" (chain and name, or fingerprint), "Trusted" (chain only),
-"Untrusted" (not checked or failed), "Anonymous" (no certificate).
+CERT_NONE context; ``check_peer`` then judges the certificates the server sent: the chain
+against the trusted CAs (engine.tls.trust: smtp_tls_CAfile, smtp_tls_CApath,
+tls_append_default_CA), the names by Postfix's match rules (not the browser's), the TLSA
+records or the fingerprint. The result is logged as Postfix does: "Verified" (chain and name,
+TLSA or fingerprint), "Trusted" (chain only, at any level), "Untrusted" (a certificate not
+trusted), "Anonymous" (no certificate); a level that needs more defers after the line.
 
 Pure except for building contexts; trusts the validated Config, nothing from the peer.
 """
@@ -38,15 +39,16 @@ from engine.tls.policy import (
     VERIFYING,
     PolicyError,
     TlsPolicy,
-    certificate_names,
     name_matches,
     parse_policy,
     policy_lookup_keys,
     wanted_names,
 )
 from engine.tls.protocols import parse_protocols
+from engine.tls.trust import TrustStore
 
-__all__ = ["MANDATORY", "PolicyError", "PolicyFinder", "PeerCheck", "check_peer", "client_context"]
+__all__ = ["MANDATORY", "PolicyError", "PolicyFinder", "PeerCheck", "check_peer", "client_context",
+           "not_dane", "resolve_dane"]
 
 _VERSIONS = {
     "TLSv1": ssl.TLSVersion.TLSv1, "TLSv1.1": ssl.TLSVersion.TLSv1_1,
@@ -87,26 +89,25 @@ _CONTEXTS: dict[tuple, ssl.SSLContext] = {}
 
 
 def client_context(config, policy: TlsPolicy) -> ssl.SSLContext:
-    """The (cached) context for ``policy``: chain verification against smtp_tls_CAfile for
-    verify/secure, none otherwise; names are checked by ``check_peer``."""
-    verifying = policy.level in VERIFYING
-    key = (verifying, config.smtp_tls_CAfile, config.smtp_tls_protocols)
+    """The (cached) context for ``policy``: ``tls_medium_cipherlist`` (without anonymous
+    suites above "encrypt", as Postfix). The handshake never checks the chain
+    (CERT_NONE): ``check_peer`` does afterwards (engine.tls.trust), so that every level sees
+    the session and logs Postfix's line, and only the policy decides whether to go on."""
+    ciphers = config.tls_medium_cipherlist
+    if ciphers and policy.level not in ("may", "encrypt"):  # these want a certificate
+        ciphers += ":!aNULL"
+    key = (config.smtp_tls_protocols, ciphers)
     context = _CONTEXTS.get(key)
     if context is None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if ciphers:
+            context.set_ciphers(ciphers)
         context.check_hostname = False
         lowest, highest = parse_protocols(config.smtp_tls_protocols)
         context.minimum_version = _VERSIONS[lowest]
         context.maximum_version = _VERSIONS[highest]
         context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-        if verifying:
-            context.verify_mode = ssl.CERT_REQUIRED
-            if config.smtp_tls_CAfile:
-                context.load_verify_locations(cafile=str(config.smtp_tls_CAfile))
-            else:
-                context.load_default_certs()
-        else:
-            context.verify_mode = ssl.CERT_NONE
+        context.verify_mode = ssl.CERT_NONE
         _CONTEXTS[key] = context
     return context
 
@@ -119,24 +120,36 @@ class PeerCheck:
     trust: str
     failure: str | None = None
     detail: str = ""  # why, for the log (a TLSA mismatch)
+    result: str = ""  # with a failure: its TLS-RPT result type (RFC 8460 §4.3)
 
 
-async def resolve_dane(policy: TlsPolicy, resolver, host: str, port: int) -> TlsPolicy:
-    """A dane/dane-only policy made concrete for one MX host from its TLSA records (see the
-    module docstring); other policies as they are. Raises TransientFailure (lookup error, or
-    dane-only without usable secure records)."""
+def not_dane(policy: TlsPolicy, why: str, *, cannot_authenticate: bool = False) -> TlsPolicy:
+    """What a dane/dane-only policy becomes when DANE does not apply (Postfix's
+    dane_incompat): "dane" falls back to "may" (to "encrypt" when TLSA records exist but
+    none is usable: TLS without authentication, RFC 7672 §2.2); "dane-only" defers with
+    ``why`` (TransientFailure 4.7.5)."""
+    if policy.level == "dane-only":
+        raise TransientFailure("4.7.5", why)
+    return TlsPolicy("encrypt" if cannot_authenticate else "may")
+
+
+async def resolve_dane(policy: TlsPolicy, resolver, host: str, port: int, *,
+                       secure: bool = True) -> TlsPolicy:
+    """A dane/dane-only policy made concrete for one MX host (see the module docstring);
+    other policies as they are. ``secure``: whether the host's MX and address answers were
+    DNSSEC-validated (RFC 7672 §2.2.1-2): if not, no TLSA lookup and no DANE. Raises
+    TransientFailure: the TLSA lookup failed (SERVFAIL, bogus: "TLSA lookup error"), or
+    dane-only and DANE does not apply."""
     if policy.level not in DANE:
         return policy
+    if not secure:
+        return not_dane(policy, "non DNSSEC destination")
     answer = await dane.lookup_tlsa(resolver, host, port)
     if answer.secure and answer.records:
         return TlsPolicy("dane", tlsa=answer.records)
-    if answer.secure and answer.found:  # RFC 7672 §2.2: TLS, but no authentication
-        return TlsPolicy("encrypt")
-    if policy.level == "dane-only":
-        why = "no DNSSEC-validated" if answer.found else "no"
-        raise TransientFailure("4.7.5", f"TLS is required, but there are {why} TLSA records"
-                               f" for {answer.name}")
-    return TlsPolicy("may")
+    if answer.secure and answer.found:
+        return not_dane(policy, "TLSA records unusable", cannot_authenticate=True)
+    return not_dane(policy, "no TLSA records found")  # none, or not validated (§2.2)
 
 
 def peer_chain(ssl_object) -> list[bytes]:
@@ -153,30 +166,43 @@ def peer_chain(ssl_object) -> list[bytes]:
 
 
 def check_peer(policy: TlsPolicy, ssl_object, hostname: str, nexthop: str,
-               digest: str = "sha256") -> PeerCheck:
-    """The established session against ``policy`` (the chain was already verified by OpenSSL
-    for verify/secure, or the handshake would have failed)."""
+               digest: str = "sha256", trust: TrustStore | None = None) -> PeerCheck:
+    """The established session against ``policy``, with Postfix's trust word: "Verified"
+    (TLSA, fingerprint, or CA chain and name match), "Trusted" (the chain leads to a CA of
+    ``trust``, the name was not asked for or does not match), "Untrusted" (a certificate
+    without any of these), "Anonymous" (none). The chain is checked against ``trust`` only
+    where it decides something: verify/secure, and may/encrypt when a CA is configured."""
     der = ssl_object.getpeercert(binary_form=True)
-    if policy.level == "dane" and der is not None:
+    if der is None:
+        if policy.mandatory and policy.level != "encrypt":
+            return PeerCheck("Anonymous", "Server certificate not verified",
+                             result="validation-failure")
+        return PeerCheck("Anonymous")
+    if policy.level == "dane":
         why = dane.verify_chain(policy.tlsa, peer_chain(ssl_object),
                                 wanted_names(TlsPolicy("dane", ("hostname", "nexthop")),
                                              hostname, nexthop))
         if why is None:
             return PeerCheck("Verified")
-        return PeerCheck("Untrusted", "Server certificate not verified", f"TLSA mismatch: {why}")
-    if der is None:
-        if policy.mandatory and policy.level != "encrypt":
-            return PeerCheck("Anonymous", "Server certificate not verified")
-        return PeerCheck("Anonymous")
+        return PeerCheck("Untrusted", "Server certificate not verified", f"TLSA mismatch: {why}",
+                         "tlsa-invalid")
     if policy.level == "fingerprint":
         if hashlib.new(digest, der).hexdigest() in policy.match:
             return PeerCheck("Verified")
-        return PeerCheck("Untrusted", "Server certificate not verified")
+        return PeerCheck("Untrusted", "Server certificate not verified",
+                         result="validation-failure")
     if policy.level in VERIFYING:
-        names = certificate_names(ssl_object.getpeercert())
+        why = trust.verify(peer_chain(ssl_object)) if trust is not None else "no trusted CA"
+        if why is not None:
+            expired = why.startswith("num=10:")  # X509_V_ERR_CERT_HAS_EXPIRED
+            return PeerCheck("Untrusted", "Server certificate not trusted",
+                             f"server certificate verification failed: {why}",
+                             "certificate-expired" if expired else "certificate-not-trusted")
         wanted = wanted_names(policy, hostname, nexthop)
-        if any(name_matches(n, w) for n in names for w in wanted):
+        if any(name_matches(n, w) for n in dane.leaf_names(der) for w in wanted):
             return PeerCheck("Verified")
-        return PeerCheck("Trusted", "Server certificate not verified")
+        return PeerCheck("Trusted", "Server certificate not verified",
+                         result="certificate-host-mismatch")
+    if trust is not None and not trust.empty and trust.verify(peer_chain(ssl_object)) is None:
+        return PeerCheck("Trusted")
     return PeerCheck("Untrusted")
-

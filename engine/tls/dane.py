@@ -24,14 +24,13 @@ from dataclasses import dataclass
 import dns.asyncresolver
 import dns.exception
 import dns.flags
-import dns.nameserver
 import dns.resolver
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 
-from engine.config import parse_dns_server
 from engine.delivery import TransientFailure
+from engine.dns import make_resolver
 from engine.tls.policy import name_matches
 
 USAGES = {2: "DANE-TA", 3: "DANE-EE"}
@@ -66,23 +65,9 @@ class TlsaAnswer:
 
 
 def dnssec_resolver(config) -> dns.asyncresolver.Resolver:
-    """A resolver for the configured servers (else resolv.conf) that asks for DNSSEC: DO in
-    EDNS0 and AD in the query, so that the validating resolver reports what it validated."""
-    if config.dns_servers:
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        resolver.nameservers = [dns.nameserver.Do53Nameserver(*parse_dns_server(entry))
-                                for entry in config.dns_servers]
-    else:
-        try:
-            resolver = dns.asyncresolver.Resolver()
-        except dns.resolver.NoResolverConfiguration:
-            resolver = dns.asyncresolver.Resolver(configure=False)
-            resolver.nameservers = ["127.0.0.1"]
-    resolver.use_edns(0, dns.flags.DO, 1232)
-    resolver.flags = dns.flags.RD | dns.flags.AD
-    resolver.lifetime = config.dns_timeout
-    resolver.timeout = min(resolver.timeout, config.dns_timeout)
-    return resolver
+    """A resolver for the configured servers that asks for DNSSEC (DO, and AD in the query),
+    so that the validating resolver reports what it validated."""
+    return make_resolver(config, dnssec=True)
 
 
 async def lookup_tlsa(resolver: dns.asyncresolver.Resolver, host: str, port: int) -> TlsaAnswer:
@@ -129,7 +114,7 @@ def _chains_to(leaf: bytes, anchor: bytes, intermediates: list[bytes]) -> bool:
     return True
 
 
-def _names(der: bytes) -> list[str]:
+def leaf_names(der: bytes) -> list[str]:
     """The leaf's DNS names: subjectAltName DNS entries, else the subject's common name."""
     cert = x509.load_der_x509_certificate(der)
     try:
@@ -158,7 +143,7 @@ def verify_chain(records: tuple[Tlsa, ...], chain: list[bytes],
         for index, der in enumerate(chain[1:], start=1):
             if record_matches(record, der) and _chains_to(leaf, der, chain[1:index]):
                 anchored = True
-                if any(name_matches(n, w) for n in _names(leaf) for w in wanted):
+                if any(name_matches(n, w) for n in leaf_names(leaf) for w in wanted):
                     return None
     if anchored:
         return "the certificate chains to a DANE-TA trust anchor but its name does not match"

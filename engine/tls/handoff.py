@@ -70,15 +70,19 @@ class TlsHandoff:
         handshake = loop.create_task(loop.start_tls(
             self.transport, decrypted, context, server_side=True, ssl_handshake_timeout=timeout))
         layer = self._plain
-        for _ in range(10):  # start_tls installs its layer in its first step (call_soon order)
-            await asyncio.sleep(0)
-            layer = self.transport.get_protocol()
-            if layer is not self._plain or handshake.done():
-                break
-        if self._plain.data and layer is not self._plain:
-            _feed(layer, bytes(self._plain.data))
-            self._plain.data.clear()
-        tls = await handshake
+        try:
+            for _ in range(10):  # start_tls installs its layer in its first step (call_soon)
+                await asyncio.sleep(0)
+                layer = self.transport.get_protocol()
+                if layer is not self._plain or handshake.done():
+                    break
+            if self._plain.data and layer is not self._plain:
+                _feed(layer, bytes(self._plain.data))
+                self._plain.data.clear()
+            tls = await handshake
+        except asyncio.CancelledError:  # the session was cut (smtpd_timeout, shutdown)
+            handshake.cancel()  # start_tls ends too, rather than fail later unheard
+            raise
         return Handshaken(tls, bytes(decrypted.data), decrypted.ended)
 
 

@@ -2,8 +2,8 @@
 matching and the policy cache (max_age and id). No I/O and no clock of its own (``now`` is
 passed in): the DNS lookup and the HTTPS fetch are engine.tls.sts_fetch's, and
 engine.delivery.smtp applies the policy (enforce: only matching MX hosts, each with a
-certificate valid for its name against smtp_tls_CAfile, as the "verify" level; testing: logged,
-opportunistic TLS; none: nothing).
+certificate valid for its name, as the "verify" level, in the Web PKI: smtp_tls_CAfile/CApath,
+else the system's CAs (engine.tls.trust); testing: logged, opportunistic TLS; none: nothing).
 
 Trusts nothing it parses: the TXT record and the policy come from the network. A malformed
 record or policy is "no policy" (RFC 8461 §3.1, §3.2: the sender acts as if none existed).
@@ -23,6 +23,8 @@ _MODES = ("enforce", "testing", "none")
 
 class StsError(ValueError):
     """A record or policy that does not follow RFC 8461."""
+
+    kind = ""  # the TLS-RPT result type when it is not the default (sts_fetch)
 
 
 def parse_txt(strings: list[str]) -> str:
@@ -65,6 +67,11 @@ class StsPolicy:
 
     def mx_allowed(self, host: str) -> bool:
         return any(mx_matches(pattern, host) for pattern in self.mx)
+
+    def lines(self) -> tuple[str, ...]:
+        """The policy as its file's lines (TLS-RPT's "policy-string", RFC 8460 §4.4)."""
+        return ("version: STSv1", f"mode: {self.mode}", *(f"mx: {mx}" for mx in self.mx),
+                f"max_age: {self.max_age}")
 
 
 def parse_policy(body: bytes, policy_id: str = "") -> StsPolicy:

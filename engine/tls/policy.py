@@ -29,6 +29,7 @@ class TlsPolicy:
     level: str = "none"
     match: tuple[str, ...] = ()
     tlsa: tuple = ()  # engine.tls.dane.Tlsa records (a "dane" policy resolved for one host)
+    webpki: bool = False  # MTA-STS: the system's CAs when none is configured (engine.tls.trust)
 
     @property
     def mandatory(self) -> bool:
@@ -74,16 +75,6 @@ def policy_lookup_keys(nexthop: str) -> list[str]:
     leading dot (mx.example.com → .example.com → .com)."""
     labels = nexthop.lower().strip("[]").rstrip(".").split(".")
     return [".".join(labels)] + ["." + ".".join(labels[i:]) for i in range(1, len(labels))]
-
-
-def certificate_names(cert: dict) -> list[str]:
-    """The DNS names of a (verified) certificate as ``getpeercert()`` gives it: the
-    subjectAltName DNS entries, else the subject's common name (as Postfix)."""
-    names = [value.lower() for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"]
-    if names:
-        return names
-    return [value.lower() for rdn in cert.get("subject", ()) for key, value in rdn
-            if key == "commonName"]
 
 
 def name_matches(name: str, pattern: str) -> bool:

@@ -64,7 +64,10 @@ async def fetch(config, addresses, domain: str) -> bytes:
             return _body(response)
         except (OSError, ssl.SSLError, TimeoutError, StsError) as exc:
             last = exc
-    raise StsError(f"policy fetch from {host} failed: {last}")
+    error = StsError(f"policy fetch from {host} failed: {last}")
+    if isinstance(last, ssl.SSLCertVerificationError):
+        error.kind = "sts-webpki-invalid"
+    raise error
 
 
 def _body(response: bytes) -> bytes:
@@ -84,8 +87,12 @@ def _body(response: bytes) -> bytes:
     return body
 
 
-async def sts_policy(config, dns_resolver, resolver, domain: str) -> StsPolicy | None:
-    """The domain's policy: the cached one while valid and its id unchanged, else fetched."""
+async def sts_policy(config, dns_resolver, resolver, domain: str,
+                     failures: list[tuple[str, str]] | None = None) -> StsPolicy | None:
+    """The domain's policy: the cached one while valid and its id unchanged, else fetched.
+    A failed fetch of an announced policy goes to ``failures`` as (TLS-RPT result type,
+    why): "sts-webpki-invalid" (the HTTPS certificate), "sts-policy-invalid" (the file),
+    else "sts-policy-fetch-error"."""
     now = time.monotonic()
     policy_id = await txt_id(dns_resolver, domain)
     cached = CACHE.get(domain, now, policy_id)
@@ -93,10 +100,15 @@ async def sts_policy(config, dns_resolver, resolver, domain: str) -> StsPolicy |
         return cached
     if policy_id is None:
         return CACHE.get(domain, now)  # §5.1: a valid cached policy outlives a missing record
+    kind = "sts-policy-fetch-error"
     try:
         addresses = await resolver.addresses(f"mta-sts.{domain}")
-        policy = parse_policy(await fetch(config, addresses, domain), policy_id)
-    except (StsError, DeliveryError):
+        body = await fetch(config, addresses, domain)
+        kind = "sts-policy-invalid"
+        policy = parse_policy(body, policy_id)
+    except (StsError, DeliveryError) as error:
+        if failures is not None:
+            failures.append((getattr(error, "kind", None) or kind, str(error)))
         return CACHE.get(domain, now)
     CACHE.put(domain, policy, now)
     return policy

@@ -1,0 +1,408 @@
+"""Alias and .forward expansion for the local agent, as Postfix's local(8) does it.
+
+What one local recipient becomes: mailboxes of passwd users, files (``/file/name``, a Maildir
+when it ends in "/"), commands (``|command``) and addresses to forward elsewhere, each with the
+identity its file or command is written or run as. Sources: ``alias_maps`` (aliases(5) files:
+``name: value, value``, ``:include:/file``), then the user's ``.forward`` (``forward_path``).
+Pure: it reads the alias, include and .forward files and the passwd database, and decides;
+engine.delivery.local writes, runs and forwards.
+
+Postfix's rules kept here:
+- an alias is looked up by local part, with its extension first (``user+ext``), then without;
+- an alias that names itself (``user: user, |cmd``) means the user's own mailbox, not the alias
+  again; ``\\user`` in a .forward file is the mailbox without any expansion;
+- nesting deeper than 100 levels bounces 5.4.6 ("alias database loop"), as local(8); more
+  than 1000 destinations examined for one recipient defers the rest (4.3.0);
+- a destination met twice (same mailbox, file, command or address) is delivered once, up to
+  ``duplicate_filter_limit`` remembered destinations;
+- commands and files only where ``allow_mail_to_commands`` / ``allow_mail_to_files`` name the
+  source ("alias", "forward", "include"), else 5.7.1;
+- rights: an alias table owned by root runs commands and writes files as ``default_privs``,
+  one owned by someone else as that owner; a .forward as its user; an include file not owned
+  by root as its owner;
+- a .forward file is used only when it is a regular file, owned by the user or root, and not
+  world-writable (otherwise it is ignored, as local(8) ignores it with a warning);
+- an ``owner-NAME`` alias becomes the envelope sender of what NAME expands to.
+Trusts the administrator's alias files; a .forward or include file is the user's text and is
+only ever parsed into destinations, never run here.
+"""
+
+import functools
+import os
+import pwd
+import re
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine.config import Config
+from engine.delivery import split_local
+from engine.delivery.mailbox import MailboxError
+from engine.tables import Table, TableError, open_table
+from engine.tables.text import read_source
+
+MAX_LEVEL = 100  # local(8): "alias database loop" beyond this nesting
+# destinations examined for one recipient (as Postfix's virtual_alias_expansion_limit): bounds
+# an alias graph that fans out at every level long before MAX_LEVEL stops it
+EXPANSION_LIMIT = 1000
+INCLUDE_LIMIT = 1 << 20  # bytes read from one .forward or :include: file
+
+
+@dataclass(frozen=True)
+class Rights:
+    """Whose identity a file or command gets (uid, gid), and the home and name it runs with."""
+
+    uid: int
+    gid: int
+    name: str = ""
+    home: str = "/"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One final destination. ``kind``: "mailbox" (``value`` a passwd user), "file" (a path),
+    "command" (a shell command) or "forward" (an address that is not local). ``source``: what
+    expanded it ("alias", "forward", "include", "" for the recipient itself); ``parent``: the
+    address it was expanded from."""
+
+    kind: str
+    value: str
+    rights: Rights | None = None
+    source: str = ""
+    parent: str = ""
+
+
+@dataclass
+class Expansion:
+    """Where a recipient's copies go. ``failures``: destinations that cannot be delivered
+    (``(what, MailboxError)``), while the others still are. ``sender``: an owner- alias that
+    replaces the envelope sender of forwarded copies (None: keep it)."""
+
+    targets: list[Target] = field(default_factory=list)
+    failures: list[tuple[str, MailboxError]] = field(default_factory=list)
+    sender: str | None = None
+
+
+class AliasTable(Table):
+    """An aliases(5) file: ``name: value, value`` lines, continued by lines that start with
+    whitespace, ``#`` comments; a name may be quoted (``"a b": x``). Names are case-folded;
+    the first entry of a name wins. A missing file is an empty table (a system without
+    /etc/aliases has no aliases); ``owner`` is the file's uid."""
+
+    def __init__(self, spec: str, path: str) -> None:
+        super().__init__(spec)
+        self._entries: dict[str, str] = {}
+        self.owner = 0
+        if not os.path.exists(path):
+            return
+        self.owner = os.stat(path).st_uid
+        for number, line in read_source(path):
+            name, value = _split_alias_line(line)
+            if name is None or not value:
+                raise TableError(f'{path}:{number}: expected "name: value", got "{line}"')
+            self._entries.setdefault(name.lower(), value)
+
+    def get(self, key: str) -> str | None:
+        return self._entries.get(key)
+
+
+def _split_alias_line(line: str) -> tuple[str | None, str]:
+    if line.startswith('"'):
+        end = line.find('"', 1)
+        if end < 0 or line[end + 1:end + 2] != ":":
+            return None, ""
+        return line[1:end], line[end + 2:].strip()
+    name, colon, value = line.partition(":")
+    if not colon or not name.strip() or any(c.isspace() for c in name.strip()):
+        return None, ""
+    return name.strip(), value.strip()
+
+
+@functools.lru_cache(maxsize=16)
+def alias_tables(specs: tuple[str, ...]) -> tuple[Table, ...]:
+    """The alias_maps, read once per process (as Postfix opens them at start-up): a
+    ``texthash:`` file is read in aliases(5) format; other types as engine.tables opens them
+    (owned by root). Raises TableError."""
+    tables: list[Table] = []
+    for spec in specs:
+        kind, _, name = spec.partition(":")
+        table = AliasTable(spec, name) if kind.lower() == "texthash" else open_table(spec)
+        if table.remote:
+            raise TableError(f"alias_maps: {spec}: only local tables are supported")
+        tables.append(table)
+    return tuple(tables)
+
+
+def split_values(text: str) -> list[str]:
+    """The destinations of an alias value or a .forward / include file: separated by commas
+    or line ends outside double quotes; ``"…"`` around a whole item is removed; ``#`` starts
+    a comment line."""
+    items: list[str] = []
+    for line in text.splitlines() or [""]:
+        if line.lstrip().startswith("#"):
+            continue
+        current: list[str] = []
+        quoted = False
+        for char in line:
+            if char == '"':
+                quoted = not quoted
+            if char == "," and not quoted:
+                items.append("".join(current))
+                current = []
+            else:
+                current.append(char)
+        items.append("".join(current))
+    out = []
+    for item in (i.strip() for i in items):
+        if len(item) > 1 and item[0] == item[-1] == '"':
+            item = item[1:-1].strip()
+        if item:
+            out.append(item)
+    return out
+
+
+class Expander:
+    """Expands local recipients under one Config. ``getpwnam`` is the passwd lookup."""
+
+    def __init__(self, config: Config,
+                 getpwnam: Callable[[str], pwd.struct_passwd] = pwd.getpwnam) -> None:
+        self.config = config
+        self.tables = alias_tables(tuple(config.alias_maps))
+        self.getpwnam = getpwnam
+        self.commands = _classes(config.allow_mail_to_commands)
+        self.files = _classes(config.allow_mail_to_files)
+
+    def expand(self, recipient: str) -> Expansion:
+        """Where ``recipient`` goes (the queue manager routed it to local: its domain is not
+        checked again, an expanded address's is). Raises MailboxError when the recipient
+        itself is unknown (5.1.1)."""
+        state = _State(Expansion(), set(), self.config.duplicate_filter_limit)
+        self._address(recipient, state, level=0, exp_from="", source="", parent="", top=True)
+        return state.result
+
+    # -- one address ------------------------------------------------------------------------
+
+    def _address(self, address: str, state: "_State", *, level: int, exp_from: str,
+                 source: str, parent: str, top: bool = False) -> None:
+        if level > MAX_LEVEL:
+            state.fail(address, MailboxError("5.4.6", f"alias database loop for {address}"))
+            return
+        if not state.step(address):
+            return
+        local, extension, domain = split_local(address, self.config.recipient_delimiter)
+        if not top and domain and domain not in self.config.local_domains:
+            if state.first(("forward", address.lower())):
+                state.result.targets.append(Target("forward", address, None, source, parent))
+            return
+        name = local.lower()
+        full = address.rpartition("@")[0].lower() if "@" in address else address.lower()
+        if name != exp_from and self._alias(address, full, name, extension, state, level):
+            return
+        try:
+            user = self.getpwnam(name)
+        except KeyError:
+            error = MailboxError("5.1.1", f'unknown user: "{name}"')
+            if top:
+                raise error from None
+            state.fail(address, error)
+            return
+        if self._forward(address, user, extension, state, level):
+            return
+        if state.first(("mailbox", user.pw_name)):
+            state.result.targets.append(Target("mailbox", user.pw_name, _rights(user),
+                                               source, parent))
+
+    def _alias(self, address: str, full: str, name: str, extension: str, state: "_State",
+               level: int) -> bool:
+        """Expand ``address`` if an alias table has it: ``user+ext`` first, then ``user``."""
+        keys = [full.rpartition("@")[0] if "@" in full else full] if extension else []
+        keys.append(name)
+        for table in self.tables:
+            for key in keys:
+                value = table.get(key)
+                if value is None:
+                    continue
+                rights = self._table_rights(table, state, address)
+                if rights is False:
+                    return True
+                if table.get(f"owner-{key}") and state.result.sender is None:
+                    state.result.sender = self._qualify(f"owner-{key}")
+                items = split_values(value)
+                if not items:  # local(8): "no recipient in alias lookup result"
+                    state.fail(address, MailboxError("4.3.0", "alias database unavailable"))
+                for item in items:
+                    self._item(item, state, level=level + 1, rights=rights, exp_from=key,
+                               source="alias", parent=address)
+                return True
+        return False
+
+    def _table_rights(self, table: Table, state: "_State", address: str) -> Rights | bool:
+        """A root-owned table's commands and files run as default_privs; another owner's as
+        that owner (local(8)'s DELIVERY RIGHTS)."""
+        owner = getattr(table, "owner", 0)
+        try:
+            entry = (pwd.getpwnam(self.config.default_privs) if owner == 0
+                     else pwd.getpwuid(owner))
+        except KeyError:
+            state.fail(address, MailboxError("4.3.0", "cannot find alias database owner"))
+            return False
+        return _rights(entry)
+
+    def _forward(self, address: str, user: pwd.struct_passwd, extension: str,
+                 state: "_State", level: int) -> bool:
+        """Expand the user's .forward file (the first of forward_path that exists)."""
+        path = self._forward_file(user, extension)
+        if path is None or not state.first(("forward-file", path)):
+            return False
+        text = _read_checked(path, user.pw_uid)
+        if text is None:
+            return False
+        items = split_values(text)
+        if not items:
+            return False
+        rights = _rights(user)
+        for item in items:
+            if item.startswith("\\"):  # "\user": the mailbox, no further expansion
+                target = item[1:].strip()
+                try:
+                    entry = self.getpwnam(split_local(target, "")[0].lower())
+                except KeyError:
+                    state.fail(item, MailboxError("5.1.1", f'unknown user: "{target}"'))
+                    continue
+                if state.first(("mailbox", entry.pw_name)):
+                    state.result.targets.append(Target("mailbox", entry.pw_name,
+                                                       _rights(entry), "forward", address))
+                continue
+            self._item(item, state, level=level + 1, rights=rights,
+                       exp_from=user.pw_name, source="forward", parent=address)
+        return True
+
+    def _forward_file(self, user: pwd.struct_passwd, extension: str) -> str | None:
+        values = {"home": user.pw_dir, "user": user.pw_name, "extension": extension,
+                  "recipient_delimiter": self.config.recipient_delimiter[:1],
+                  "local": user.pw_name}
+        for template in self.config.forward_path:
+            if "${extension}" in template and not extension:
+                continue  # .forward+ext only for an address with an extension
+            path = _MACRO.sub(lambda m: values.get(m.group(1) or m.group(2), ""), template)
+            if path.startswith("/") and os.path.lexists(path):
+                return path
+        return None
+
+    # -- one destination ---------------------------------------------------------------------
+
+    def _item(self, item: str, state: "_State", *, level: int, rights: Rights, exp_from: str,
+              source: str, parent: str) -> None:
+        if not state.step(item):
+            return
+        if item.startswith("|"):
+            if source not in self.commands:
+                state.fail(item, MailboxError("5.7.1", "mail to command is restricted"))
+            elif state.first(("command", item[1:].strip(), rights.uid)):
+                state.result.targets.append(Target("command", item[1:].strip(), rights,
+                                                   source, parent))
+        elif item.startswith("/"):
+            if source not in self.files:
+                state.fail(item, MailboxError("5.7.1", "mail to file is restricted"))
+            elif state.first(("file", os.path.normpath(item) + ("/" * item.endswith("/")))):
+                state.result.targets.append(Target("file", item, rights, source, parent))
+        elif item.lower().startswith(":include:"):
+            self._include(item[9:].strip(), state, level=level, rights=rights,
+                          exp_from=exp_from, parent=parent)
+        else:
+            self._address(self._qualify(item.strip("<>")), state, level=level,
+                          exp_from=exp_from, source=source, parent=parent)
+
+    def _include(self, path: str, state: "_State", *, level: int, rights: Rights,
+                 exp_from: str, parent: str) -> None:
+        """An ``:include:`` file: its destinations with its owner's rights (unless root's)."""
+        if level > MAX_LEVEL:
+            state.fail(path, MailboxError("5.4.6", f"alias database loop for {parent}"))
+            return
+        if not path.startswith("/"):
+            state.fail(path, MailboxError("5.3.5", f"include file {path}: not an absolute path"))
+            return
+        try:
+            info = os.stat(path)
+        except OSError as exc:
+            state.fail(path, MailboxError(
+                "5.3.5", f"unable to lookup include file {path}: {exc.strerror}"))
+            return
+        if not stat.S_ISREG(info.st_mode):
+            state.fail(path, MailboxError("5.3.5", f"not a regular include file: {path}"))
+            return
+        if info.st_uid != 0:
+            try:
+                rights = _rights(pwd.getpwuid(info.st_uid))
+            except KeyError:
+                state.fail(path, MailboxError("4.3.0", f"cannot find owner of {path}"))
+                return
+        text = _read(path)
+        if text is None:
+            state.fail(path, MailboxError("4.3.0", f"cannot open include file {path}"))
+            return
+        for item in split_values(text):
+            self._item(item, state, level=level + 1, rights=rights, exp_from=exp_from,
+                       source="include", parent=parent)
+
+    def _qualify(self, address: str) -> str:
+        """A bare local name is in $myhostname's domain (Postfix's append_at_myorigin)."""
+        return address if "@" in address else f"{address}@{self.config.myhostname}"
+
+
+_MACRO = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
+@dataclass
+class _State:
+    result: Expansion
+    seen: set
+    limit: int
+    steps: int = 0
+
+    def step(self, what: str) -> bool:
+        """Count one destination examined; False (and one failure) past EXPANSION_LIMIT."""
+        self.steps += 1
+        if self.steps == EXPANSION_LIMIT + 1:
+            self.fail(what, MailboxError(
+                "4.3.0", f"unreasonable alias expansion size (more than {EXPANSION_LIMIT})"))
+        return self.steps <= EXPANSION_LIMIT
+
+    def first(self, key: tuple) -> bool:
+        """Whether ``key`` is new (Postfix's duplicate filter, bounded by its limit)."""
+        if key in self.seen:
+            return False
+        if len(self.seen) < self.limit:
+            self.seen.add(key)
+        return True
+
+    def fail(self, what: str, error: MailboxError) -> None:
+        self.result.failures.append((what, error))
+
+
+def _classes(value: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(v.strip().lower() for v in value)
+
+
+def _rights(entry: pwd.struct_passwd) -> Rights:
+    return Rights(entry.pw_uid, entry.pw_gid, entry.pw_name, entry.pw_dir or "/")
+
+
+def _read_checked(path: str, uid: int) -> str | None:
+    """A .forward file's text, when it is a regular file owned by ``uid`` or root and not
+    world-writable (local(8) ignores it otherwise)."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode) or info.st_uid not in (0, uid) or info.st_mode & 0o002:
+        return None
+    return _read(path)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, "rb") as source:
+            return source.read(INCLUDE_LIMIT).decode("utf-8", "replace")
+    except OSError:
+        return None

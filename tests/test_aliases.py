@@ -1,0 +1,264 @@
+"""engine.delivery.aliases: aliases(5) files, .forward and :include: expansion as Postfix's
+local(8) does it, with real files in tmp_path and a passwd stand-in."""
+
+import os
+import pwd
+
+import pytest
+
+from engine.config import Config
+from engine.delivery import aliases
+from engine.delivery.aliases import AliasTable, Expander, Rights, Target, split_values
+from engine.delivery.mailbox import MailboxError
+from engine.tables import TableError
+
+ROOT = os.geteuid() == 0
+ME = pwd.getpwuid(os.getuid())
+
+
+@pytest.fixture(autouse=True)
+def fresh_tables():
+    aliases.alias_tables.cache_clear()  # each test writes its own alias file
+    yield
+    aliases.alias_tables.cache_clear()
+
+
+def entry(name, uid, home):
+    return pwd.struct_passwd((name, "x", uid, uid, "", str(home), "/bin/sh"))
+
+
+@pytest.fixture
+def users(tmp_path):
+    """bob, carol and dave, with homes under tmp_path and this process's uid (so that their
+    .forward files, written by this process, are theirs)."""
+    table = {}
+    for name in ("bob", "carol", "dave"):
+        home = tmp_path / "home" / name
+        home.mkdir(parents=True)
+        table[name] = entry(name, os.getuid(), home)
+    return table
+
+
+def expander(tmp_path, users, text="", **settings):
+    path = tmp_path / "aliases"
+    path.write_text(text)
+    config = Config(myhostname="mx.test", recipient_delimiter="+",
+                    alias_maps=(f"texthash:{path}",), **settings)
+    return Expander(config, getpwnam=lambda name: users[name])
+
+
+def kinds(expansion):
+    return [(t.kind, t.value) for t in expansion.targets]
+
+
+def failures(expansion):
+    return [(what, error.dsn, error.text) for what, error in expansion.failures]
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+def test_split_values_commas_lines_quotes_and_comments():
+    assert split_values('bob, "|/usr/bin/x -a, -b", /var/log/mail\n# no\ncarol ,, dave\n') == [
+        "bob", "|/usr/bin/x -a, -b", "/var/log/mail", "carol", "dave"]
+    assert split_values("") == [] and split_values("  \n# only\n") == []
+
+
+def test_alias_file_format(tmp_path):
+    path = tmp_path / "aliases"
+    path.write_text('# comment\nPostmaster: root\nteam: bob,\n  carol\n\t, dave\n'
+                    '"odd name": bob\npostmaster: ignored\n')
+    table = AliasTable(f"texthash:{path}", str(path))
+    assert table.get("postmaster") == "root"  # names case-folded, the first entry wins
+    assert table.get("team") == "bob, carol , dave"
+    assert table.get("odd name") == "bob"
+    assert table.owner == os.stat(path).st_uid
+    assert AliasTable("texthash:/nonexistent", "/nonexistent").get("postmaster") is None
+    path.write_text("fine: x\nbroken line\n")
+    with pytest.raises(TableError, match=r"aliases:2: expected \"name: value\""):
+        AliasTable(f"texthash:{path}", str(path))
+
+
+# -- aliases ---------------------------------------------------------------------------------
+
+def test_alias_to_local_users_and_a_remote_address(tmp_path, users):
+    ex = expander(tmp_path, users, "team: bob, Carol@MX.test, x@remote.test, dave@localhost\n")
+    result = ex.expand("team@mx.test")
+    assert kinds(result) == [("mailbox", "bob"), ("mailbox", "carol"),
+                             ("forward", "x@remote.test"), ("mailbox", "dave")]
+    assert {t.source for t in result.targets} == {"alias"}
+    assert {t.parent for t in result.targets} == {"team@mx.test"}
+    assert result.failures == [] and result.sender is None
+
+
+def test_a_user_without_alias_is_the_mailbox(tmp_path, users):
+    result = expander(tmp_path, users).expand("bob@mx.test")
+    assert result.targets == [Target("mailbox", "bob", Rights(os.getuid(), os.getuid(), "bob",
+                                                              users["bob"].pw_dir))]
+
+
+def test_an_alias_naming_itself_means_the_mailbox(tmp_path, users):
+    ex = expander(tmp_path, users, 'bob: bob, "|/usr/bin/vacation bob"\n')
+    assert kinds(ex.expand("bob@mx.test")) == [("mailbox", "bob"),
+                                              ("command", "/usr/bin/vacation bob")]
+
+
+def test_extension_alias_first_then_the_plain_name(tmp_path, users):
+    ex = expander(tmp_path, users, "bob+lists: carol\nbob: dave\n")
+    assert kinds(ex.expand("bob+lists@mx.test")) == [("mailbox", "carol")]
+    assert kinds(ex.expand("bob+other@mx.test")) == [("mailbox", "dave")]
+
+
+def test_unknown_user_bounces_the_recipient_or_only_that_destination(tmp_path, users):
+    ex = expander(tmp_path, users, "team: bob, ghost\n")
+    with pytest.raises(MailboxError) as caught:
+        ex.expand("ghost@mx.test")
+    assert (caught.value.dsn, caught.value.text) == ("5.1.1", 'unknown user: "ghost"')
+    result = ex.expand("team@mx.test")
+    assert kinds(result) == [("mailbox", "bob")]
+    assert failures(result) == [("ghost@mx.test", "5.1.1", 'unknown user: "ghost"')]
+
+
+def test_alias_loop_bounces_5_4_6(tmp_path, users):
+    result = expander(tmp_path, users, "a: b\nb: a\n").expand("a@mx.test")
+    assert result.targets == []
+    assert [(dsn, text.split(" for ")[0]) for _, dsn, text in failures(result)] == [
+        ("5.4.6", "alias database loop")]
+
+
+def test_fan_out_is_bounded(tmp_path, users):
+    """Ten-fold at each of six levels: a million paths, far from the nesting limit; the
+    expansion limit ends it after EXPANSION_LIMIT destinations, with one 4.3.0 failure."""
+    text = "".join(f"l{i}: {', '.join([f'l{i + 1}'] * 10)}\n" for i in range(6)) + "l6: bob\n"
+    result = expander(tmp_path, users, text).expand("l0@mx.test")
+    assert kinds(result) == [("mailbox", "bob")]
+    assert [(dsn, text) for _, dsn, text in failures(result)] == [
+        ("4.3.0", f"unreasonable alias expansion size (more than {aliases.EXPANSION_LIMIT})")]
+
+
+def test_duplicates_are_delivered_once_up_to_the_filter_limit(tmp_path, users):
+    text = "team: bob, bob@mx.test, BOB, x@remote.test, X@remote.test, /tmp/f, /tmp/f\n"
+    assert kinds(expander(tmp_path, users, text).expand("team@mx.test")) == [
+        ("mailbox", "bob"), ("forward", "x@remote.test"), ("file", "/tmp/f")]
+    unfiltered = expander(tmp_path, users, text, duplicate_filter_limit=0)
+    assert len(unfiltered.expand("team@mx.test").targets) == 7
+
+
+def test_owner_alias_becomes_the_sender(tmp_path, users):
+    ex = expander(tmp_path, users, "list: x@remote.test\nowner-list: bob\n")
+    assert ex.expand("list@mx.test").sender == "owner-list@mx.test"
+
+
+def test_commands_and_files_of_a_root_owned_alias_file_get_default_privs(tmp_path, users):
+    text = 'run: "|/bin/true"\nsave: /var/tmp/saved, /var/tmp/box/\n'
+    ex = expander(tmp_path, users, text, default_privs="daemon")
+    (command,) = ex.expand("run@mx.test").targets
+    owner = os.stat(tmp_path / "aliases").st_uid
+    who = pwd.getpwnam("daemon") if owner == 0 else pwd.getpwuid(owner)
+    assert (command.kind, command.value, command.rights.uid, command.rights.name) == (
+        "command", "/bin/true", who.pw_uid, who.pw_name)
+    assert [(t.kind, t.value, t.rights.uid) for t in ex.expand("save@mx.test").targets] == [
+        ("file", "/var/tmp/saved", who.pw_uid), ("file", "/var/tmp/box/", who.pw_uid)]
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to give the file to another owner")
+def test_an_alias_file_owned_by_a_user_runs_as_that_user(tmp_path, users):
+    path = tmp_path / "aliases"
+    ex = expander(tmp_path, users, 'run: "|/bin/true"\n')
+    nobody = pwd.getpwnam("nobody")
+    os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    aliases.alias_tables.cache_clear()
+    ex = Expander(ex.config, getpwnam=ex.getpwnam)
+    assert ex.expand("run@mx.test").targets[0].rights.uid == nobody.pw_uid
+
+
+def test_restricted_commands_and_files_bounce_5_7_1(tmp_path, users):
+    ex = expander(tmp_path, users, 'run: "|/bin/true", /tmp/x, bob\n',
+                  allow_mail_to_commands=("forward",), allow_mail_to_files=())
+    result = ex.expand("run@mx.test")
+    assert kinds(result) == [("mailbox", "bob")]
+    assert failures(result) == [("|/bin/true", "5.7.1", "mail to command is restricted"),
+                                ("/tmp/x", "5.7.1", "mail to file is restricted")]
+
+
+# -- :include: ---------------------------------------------------------------------------------
+
+def test_include_file_lists_destinations_with_its_own_restrictions(tmp_path, users):
+    members = tmp_path / "members"
+    members.write_text("bob\ncarol, y@remote.test\n|/usr/bin/archive\n")
+    ex = expander(tmp_path, users, f"list: :include:{members}\n")
+    result = ex.expand("list@mx.test")
+    assert kinds(result) == [("mailbox", "bob"), ("mailbox", "carol"),
+                             ("forward", "y@remote.test")]
+    assert failures(result) == [("|/usr/bin/archive", "5.7.1", "mail to command is restricted")]
+    allowed = expander(tmp_path, users, f"list: :include:{members}\n",
+                       allow_mail_to_commands=("alias", "forward", "include"))
+    (command,) = [t for t in allowed.expand("list@mx.test").targets if t.kind == "command"]
+    assert (command.value, command.source) == ("/usr/bin/archive", "include")
+
+
+def test_missing_include_file_bounces_that_destination(tmp_path, users):
+    result = expander(tmp_path, users, f"list: bob, :include:{tmp_path}/gone\n").expand(
+        "list@mx.test")
+    assert kinds(result) == [("mailbox", "bob")]
+    assert failures(result) == [(f"{tmp_path}/gone", "5.3.5",
+                                 f"unable to lookup include file {tmp_path}/gone: No such file "
+                                 "or directory")]
+
+
+# -- .forward --------------------------------------------------------------------------------
+
+def forward(users, name, text, mode=0o644, suffix=""):
+    path = os.path.join(users[name].pw_dir, ".forward" + suffix)
+    with open(path, "w") as out:
+        out.write(text)
+    os.chmod(path, mode)
+    return path
+
+
+def test_forward_file_redirects_the_user(tmp_path, users):
+    forward(users, "bob", "\\bob, bob@elsewhere.test\n# a comment\ncarol\n")
+    result = expander(tmp_path, users).expand("bob@mx.test")
+    assert kinds(result) == [("mailbox", "bob"), ("forward", "bob@elsewhere.test"),
+                             ("mailbox", "carol")]
+    assert {t.source for t in result.targets} == {"forward"}
+
+
+def test_forward_naming_the_user_again_is_the_mailbox(tmp_path, users):
+    forward(users, "bob", 'bob, "|/usr/bin/procmail"\n')
+    result = expander(tmp_path, users).expand("bob@mx.test")
+    assert kinds(result) == [("mailbox", "bob"), ("command", "/usr/bin/procmail")]
+    assert result.targets[1].rights.name == "bob"  # a .forward runs as its user
+
+
+def test_forward_with_extension_first(tmp_path, users):
+    forward(users, "bob", "carol\n")
+    forward(users, "bob", "dave\n", suffix="+lists")
+    ex = expander(tmp_path, users)
+    assert kinds(ex.expand("bob+lists@mx.test")) == [("mailbox", "dave")]
+    assert kinds(ex.expand("bob+misc@mx.test")) == [("mailbox", "carol")]
+    assert kinds(ex.expand("bob@mx.test")) == [("mailbox", "carol")]
+
+
+def test_world_writable_or_odd_forward_files_are_ignored(tmp_path, users):
+    forward(users, "bob", "x@elsewhere.test\n", mode=0o666)
+    assert kinds(expander(tmp_path, users).expand("bob@mx.test")) == [("mailbox", "bob")]
+    path = forward(users, "bob", "x@elsewhere.test\n")
+    os.unlink(path)
+    os.symlink(tmp_path / "aliases", path)  # not a regular file
+    assert kinds(expander(tmp_path, users).expand("bob@mx.test")) == [("mailbox", "bob")]
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to give the file to another owner")
+def test_forward_owned_by_someone_else_is_ignored(tmp_path, users):
+    path = forward(users, "bob", "x@elsewhere.test\n")
+    os.chown(path, 12345, 12345)
+    assert kinds(expander(tmp_path, users).expand("bob@mx.test")) == [("mailbox", "bob")]
+    users["bob"] = entry("bob", 12345, users["bob"].pw_dir)
+    assert kinds(expander(tmp_path, users).expand("bob@mx.test")) == [
+        ("forward", "x@elsewhere.test")]
+
+
+def test_alias_then_the_users_forward(tmp_path, users):
+    forward(users, "carol", "c@elsewhere.test\n")
+    result = expander(tmp_path, users, "team: bob, carol\n").expand("team@mx.test")
+    assert kinds(result) == [("mailbox", "bob"), ("forward", "c@elsewhere.test")]
