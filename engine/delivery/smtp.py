@@ -95,12 +95,13 @@ async def deliver(
     connections: ConnectionCache | None = None,
     maillog: Maillog | None = None,
     myself: Myself | None = None,
+    finder: PolicyFinder | None = None,
 ) -> DeliveryOutcome:
     """``_deliver``, where a relay host that does not resolve or loops back defers with
     4.3.5 instead of bouncing, as Postfix's smtp_connect.c: it is a configuration problem, not
     the recipient's. A server's own 5xx (relay != "none") still bounces."""
     try:
-        return await _deliver(request, config, resolver, connections, maillog, myself)
+        return await _deliver(request, config, resolver, connections, maillog, myself, finder)
     except PermanentFailure as error:
         setting = request.nexthop.relayhost
         if not setting or error.relay != "none":
@@ -117,13 +118,15 @@ async def _deliver(
     connections: ConnectionCache | None = None,
     maillog: Maillog | None = None,
     myself: Myself | None = None,
+    finder: PolicyFinder | None = None,
 ) -> DeliveryOutcome:
     """Deliver ``request`` to its next hop. Raises DeliveryError when no server took the
     transaction (DNS failure, every address refused or failed before MAIL FROM). With
     ``connections``, a cached session to the destination goes first (a dead one is dropped and
     counts as no attempt), and a session that may be reused goes back there afterwards.
     ``myself``: where this Tern takes mail (built from ``config`` when not given), for the
-    loop check."""
+    loop check; ``finder``: the transport's TLS policy finder (engine.delivery.agents makes
+    one per transport; else one cached per Config)."""
     started = time.monotonic()
     if not request.recipients:
         return DeliveryOutcome([])
@@ -149,7 +152,7 @@ async def _deliver(
             except _DeadSession:
                 continue  # nothing was sent: try the next cached one, then a new connection
     try:
-        policy = _policy_finder(config).policy(hop.host)
+        policy = (finder or _policy_finder(config)).policy(hop.host)
     except PolicyError as exc:  # never deliver with less TLS than the administrator wrote
         raise TransientFailure("4.7.5", f"TLS policy lookup for {hop.host}: {exc}") from None
     rpt = reporter(config, hop.host)  # TLS-RPT (RFC 8460): None unless smtp_tlsrpt_enable
@@ -195,7 +198,8 @@ async def _deliver(
         try:
             found = await resolver.address_lookup(host, dnssec=host_policy.level in DANE)
             addresses = found.items
-            host_policy = await resolve_dane(host_policy, resolver.dnssec, host, hop.port,
+            dnssec = resolver.dnssec if host_policy.level in DANE else None  # made on need
+            host_policy = await resolve_dane(host_policy, dnssec, host, hop.port,
                                              secure=found.secure)
         except DeliveryError as exc:
             failures.append(exc)
@@ -299,7 +303,8 @@ _FINDERS: dict[int, tuple[object, PolicyFinder]] = {}
 
 
 def _policy_finder(config: Config) -> PolicyFinder:
-    """One PolicyFinder (with its opened smtp_tls_policy_maps) per Config object."""
+    """One PolicyFinder (with its opened smtp_tls_policy_maps) per Config object, for callers
+    without the one their transport was built with (build_agents binds one per transport)."""
     entry = _FINDERS.get(id(config))
     if entry is None or entry[0] is not config:
         if len(_FINDERS) > 16:  # a process has one Config; tests make many
