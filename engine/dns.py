@@ -109,6 +109,9 @@ class MxHost(str):
         host.preference = preference
         return host
 
+    def __getnewargs__(self) -> tuple[str, int]:  # copy, deepcopy and pickle keep it whole
+        return str(self), self.preference
+
 
 class Resolver:
     """MX and address lookups (see ``make_resolver``). Answers are cached for their TTL

@@ -128,3 +128,14 @@ def test_malformed_domain_name_is_permanent_never_deferred(resolver, name):
     with pytest.raises(PermanentFailure) as info:
         run(resolver.addresses(name))
     assert info.value.dsn == "5.4.4"
+
+
+def test_mx_hosts_are_names_that_keep_their_preference(resolver):
+    import copy
+    import pickle
+
+    hosts = run(resolver.mx_hosts("mx.test"))
+    assert [(host, host.preference) for host in hosts[:1]] == [("mail1.mx.test", 10)]
+    assert {host.preference for host in hosts[1:]} == {20}
+    for same in (copy.deepcopy(hosts[0]), pickle.loads(pickle.dumps(hosts[0]))):
+        assert (same, same.preference) == ("mail1.mx.test", 10)
