@@ -120,9 +120,13 @@ class Config:
     # pipe(8) transports, Postfix's master.cf entries: name -> {argv, user, time_limit}
     pipe_transports: dict[str, "PipeTransport"] = field(default_factory=dict)
     listen: tuple[Listener, ...] = (Listener(),)
+    # Postfix's proxy_interfaces: addresses of a proxy or NAT that forwards port 25 to Tern;
+    # the SMTP client treats them as itself (no delivery to an MX host there: a mail loop)
+    proxy_interfaces: tuple[str, ...] = ()
     maillog_file: str = ""  # "" = stderr
     smtpd_banner: str = "$myhostname ESMTP Tern"
     # smtpd limits
+    hopcount_limit: int = 50  # Received: headers (ours included) past which mail is a loop
     message_size_limit: int = 10240000  # 0 = no limit, as in Postfix
     smtpd_recipient_limit: int = 1000
     line_length_limit: int = 2048
