@@ -22,7 +22,7 @@ KEY_ALIASES = {"2bounce_notice_recipient": "double_bounce_notice_recipient"}
 LISTEN_SERVICES: frozenset[str] = frozenset({"smtp", "submission", "smtps"})
 # Delivery agents Tern has under these transport names (engine.delivery.agents); a
 # [pipe_transports.NAME] table adds more.
-BUILTIN_TRANSPORTS = ("smtp", "lmtp", "local", "virtual", "error", "discard")
+BUILTIN_TRANSPORTS = ("smtp", "lmtp", "local", "virtual", "error", "retry", "discard")
 TLS_SECURITY_LEVELS = ("none", "may", "encrypt")
 # Services for mail submission (RFC 6409, RFC 8314) have AUTH on, as Postfix's master.cf
 # entries set smtpd_sasl_auth_enable=yes; "submission" also requires it before MAIL (530).

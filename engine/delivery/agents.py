@@ -34,6 +34,7 @@ def build_agents(config: Config, resolver: Resolver,
         "local": functools.partial(local.deliver, config=config, inject=inject),
         "virtual": functools.partial(local.deliver, config=config, virtual=True),
         "error": functools.partial(trivial.error, config=config),
+        "retry": functools.partial(trivial.retry, config=config),
         "discard": functools.partial(trivial.discard, config=config),
     }
     for name in config.transport:  # [transport.NAME]: SMTP with its own smtp_* settings
