@@ -19,6 +19,7 @@ from engine.spool.queue_id import QueueIdGenerator
 _HEADER_LINE = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+[ \t]*:|[ \t])[^\n]*\n")
 _MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
 _DATE = re.compile(rb"^date[ \t]*:", re.IGNORECASE | re.MULTILINE)
+_RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 HEADER_SIZE_LIMIT = 102400  # Postfix's header_size_limit: past it, the rest is body
 
 
@@ -116,6 +117,10 @@ class MessageBuilder:
     hostname: str
     size_limit: int
     body_8bit: bool = False
+    # Postfix's hopcount_limit: a message whose Received: headers (ours included) reach it is
+    # looping; too_many_hops says so once the header section has been seen (0 = no limit)
+    hopcount_limit: int = 0
+    too_many_hops: bool = False
     ret: str = ""  # RFC 3461 §4.3 RET (FULL / HDRS), "" when not given
     envid: str = ""  # RFC 3461 §4.4 ENVID (xtext as given)
     clock: object = time.time
@@ -192,11 +197,20 @@ class MessageBuilder:
         if headers and not headers.endswith(b"\r\n"):
             headers = headers[:-1] + b"\r\n"
         self._content += headers
+        self._count_hops(headers)
         self._content += self._missing_headers(headers)
         if rest and not rest.startswith((b"\r\n", b"\n")):
             self._content += b"\r\n"  # a body line came first: separate it from the headers
         if rest:
             self._content += rest
+
+    def _count_hops(self, headers: bytes) -> None:
+        """Postfix's cleanup counts the Received: headers, its own included (one scan of the
+        header block, as for Message-ID and Date), against hopcount_limit: a mail loop ends
+        there whatever routed it."""
+        if self.hopcount_limit:
+            hops = 1 + len(_RECEIVED.findall(headers))
+            self.too_many_hops = hops >= self.hopcount_limit
 
     def _missing_headers(self, headers: bytes) -> bytes:
         added = []
@@ -233,7 +247,8 @@ class Cleanup:
         return MessageBuilder(queue_id=queue_id, sender=sender, recipients=recipients,
                               origin=origin, hostname=self.config.myhostname,
                               size_limit=self.config.message_size_limit, body_8bit=body_8bit,
-                              ret=ret, envid=envid, clock=self.clock)
+                              hopcount_limit=self.config.hopcount_limit, ret=ret, envid=envid,
+                              clock=self.clock)
 
     async def enqueue(self, builder: MessageBuilder) -> Envelope:
         """Commit the message (returns once synced), log it and tell the queue manager.

@@ -13,6 +13,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.flags
 import dns.message
+import dns.name
 import dns.nameserver
 import dns.resolver
 
@@ -23,6 +24,11 @@ from engine.ipliteral import parse_ip
 NOT_FOUND = "Host not found"
 TRY_AGAIN = "Host not found, try again"
 NO_DATA = "Host found but no data record of requested type"
+MALFORMED = "Malformed domain name"
+# dnspython's errors for a name that cannot be a DNS name (a label over 63 octets, a name over
+# 255, an empty label, a bad escape or IDNA form); caught before DNSException, which defers
+MALFORMED_NAME = (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong,
+                  dns.name.BadEscape, dns.name.IDNAException)
 
 
 def _name_error(name: str, rtype: str, why: str) -> str:
@@ -92,6 +98,21 @@ def _validated(answer: dns.resolver.Answer | dns.message.Message | None) -> bool
     return bool(response.flags & dns.flags.AD)
 
 
+class MxHost(str):
+    """An MX host name that remembers its preference: the SMTP client's loop check drops the
+    hosts not better than itself (engine.delivery.smtp); everywhere else it is just the name."""
+
+    preference: int
+
+    def __new__(cls, name: str, preference: int) -> "MxHost":
+        host = super().__new__(cls, name)
+        host.preference = preference
+        return host
+
+    def __getnewargs__(self) -> tuple[str, int]:  # copy, deepcopy and pickle keep it whole
+        return str(self), self.preference
+
+
 class Resolver:
     """MX and address lookups (see ``make_resolver``). Answers are cached for their TTL
     (dnspython's cache, shared by every delivery through this resolver). Only DANE needs to
@@ -126,6 +147,8 @@ class Resolver:
             return None
         except dns.resolver.NXDOMAIN:
             raise PermanentFailure("5.1.2", _name_error(name, rtype, NOT_FOUND)) from None
+        except MALFORMED_NAME:  # no query can ever find it: bounce, never defer (Postfix)
+            raise PermanentFailure("5.1.2", _name_error(name, rtype, MALFORMED)) from None
         except (dns.exception.DNSException, OSError):
             raise TransientFailure("4.4.3", _name_error(name, rtype, TRY_AGAIN)) from None
 
@@ -148,7 +171,8 @@ class Resolver:
         if answer is None:
             return Secured([domain], dnssec and _validated(nodata[0] if nodata else None))
         records = sorted(answer, key=lambda mx: (mx.preference, random.random()))
-        hosts = [mx.exchange.to_text(omit_final_dot=True).lower() for mx in records]
+        hosts = [MxHost(mx.exchange.to_text(omit_final_dot=True).lower(), mx.preference)
+                 for mx in records]
         hosts = list(dict.fromkeys(host for host in hosts if host not in ("", ".")))
         if not hosts:  # RFC 7505 §3: "0 ." says the domain accepts no mail
             raise PermanentFailure("5.1.10", f"Domain {domain} does not accept mail (nullMX)")

@@ -182,3 +182,20 @@ def test_inject_queues_tern_made_mail_through_the_same_path():
 ])
 def test_origin_protocol_is_rfc3848_keyword(fields, expected):
     assert Origin(**fields).protocol == expected
+
+
+@pytest.mark.parametrize("received, looping", [(48, False), (49, True), (60, True)])
+def test_received_headers_reaching_hopcount_limit_mark_a_loop(received, looping):
+    # Postfix's cleanup counts every Received: header, the one this hop adds included
+    head = b"".join(b"Received: from hop%d.test by x.test; now\r\n" % i for i in range(received))
+    builder = build([head[:50], head[50:] + b"Subject: x\r\n\r\nbody\r\n"], size_limit=0,
+                    hopcount_limit=50)
+    builder.finish()
+    assert builder.too_many_hops is looping
+
+
+def test_received_in_the_body_is_no_hop():
+    body = b"".join(b"Received: from hop%d.test\r\n" % i for i in range(60))
+    builder = build([b"Subject: x\r\n\r\n" + body], size_limit=0, hopcount_limit=50)
+    builder.finish()
+    assert builder.too_many_hops is False

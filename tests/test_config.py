@@ -52,6 +52,8 @@ relayhost = "smarthost.example.test:587"
 maillog_file = "/var/log/tern.log"
 smtpd_banner = "$myhostname ESMTP"
 message_size_limit = 1000
+hopcount_limit = 30
+proxy_interfaces = "192.0.2.25"
 smtpd_recipient_limit = 10
 line_length_limit = 1000
 smtpd_timeout = "1m"
@@ -744,6 +746,23 @@ ERRORS = [
      3, "transport.out2.smtp_bind_address", 'expected an IPv4 address, got "1"'),
     ("transport: bad name", '[transport."out 2"]\nsmtp_helo_name = "x"\n', 1,
      "transport", "bad transport name"),
+    ("transport: bad smtp next hop",  # out2 speaks SMTP: its next hop is checked as smtp's
+     '[transport_maps]\n"a.test" = "relay:"\n"x.test" = "out2:[mail.example:99999"\n'
+     '[transport.out2]\nsmtp_helo_name = "x.test"\n', 3, 'transport_maps."x.test"',
+     'bad next hop: expected "[host]" or "[host]:port"'),
+    ("transport: bad port for an SMTP transport",
+     '[transport.out2]\nsmtp_helo_name = "x.test"\n[sender_dependent_default_transport_maps]'
+     '\n"@x.test" = "out2:[mail.example]:99999"\n', 4,
+     'sender_dependent_default_transport_maps."@x.test"', "bad next hop"),
+    ("transport: a built-in agent's name", 'myhostname = "h.test"\n[transport.local]\n'
+     'smtp_helo_name = "x.test"\n', 2, "transport.local",
+     '"local" is a built-in transport; give this SMTP transport another name'),
+    ("transport: lmtp", '[transport.lmtp]\nsmtp_helo_name = "y.test"\n', 1, "transport.lmtp",
+     '"lmtp" is a built-in transport'),
+    ("transport: also a pipe transport",
+     '[transport.p1]\nsmtp_helo_name = "y.test"\n[pipe_transports.p1]\n'
+     'argv = ["/bin/cat"]\nuser = "nobody"\n', 1, "transport.p1",
+     '"p1" is also a [pipe_transports] table'),
     ("sender map: bad key", '[sender_dependent_default_transport_maps]\n"x.test" = "out2:"\n',
      2, "sender_dependent_default_transport_maps", 'expected "user@domain" or "@domain"'),
     ("sender map: bad value", '[sender_dependent_default_transport_maps]\n"@x.test" = "out2"\n',
@@ -1088,3 +1107,16 @@ smtp_bind_address = "127.0.0.3"
     assert (out3.smtp_bind_address, out3.smtp_helo_name) == ("127.0.0.3", "main.tern.test")
     assert config.for_transport("smtp") is config
     assert (config.smtp_bind_address, config.smtp_helo_name) == ("", "main.tern.test")
+
+
+def test_hopcount_limit_defaults_to_postfix_50_and_must_be_positive(tmp_path):
+    assert load_config(write(tmp_path, "")).hopcount_limit == 50
+    assert load_config(write(tmp_path, "hopcount_limit = 20\n")).hopcount_limit == 20
+    error, _ = config_error(tmp_path, "\nhopcount_limit = 0\n")
+    assert error.line == 2 and error.key == "hopcount_limit"
+
+
+def test_transport_named_smtp_overrides_the_smtp_agents_settings(tmp_path):
+    # Postfix's "smtp unix … smtp -o smtp_helo_name=…": still the SMTP agent, not a clash
+    config = load_config(write(tmp_path, '[transport.smtp]\nsmtp_helo_name = "out.test"\n'))
+    assert config.for_transport("smtp").smtp_helo_name == "out.test"

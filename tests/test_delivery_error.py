@@ -22,9 +22,17 @@ def test_error_bounces_with_the_nexthop_text():
     assert outcome(trivial.error, "mailbox retired") == (
         "bounced", "5.0.0", "mailbox retired", "none")
     assert outcome(trivial.error, "5.7.1 go away") == ("bounced", "5.7.1", "go away", "none")
+    # error(8) bounces whatever class its code names (Postfix: "bounces ... all recipients")
     assert outcome(trivial.error, "4.2.1 try later") == (
-        "deferred", "4.2.1", "try later", "none")
+        "bounced", "5.2.1", "try later", "none")
     assert outcome(trivial.error, "2.0.0 fine") == ("bounced", "5.0.0", "fine", "none")
+
+
+def test_retry_defers_with_the_nexthop_text():
+    assert outcome(trivial.retry, "") == ("deferred", "4.0.0", "mail delivery deferred", "none")
+    assert outcome(trivial.retry, "4.3.2 maintenance") == (
+        "deferred", "4.3.2", "maintenance", "none")
+    assert outcome(trivial.retry, "5.7.1 not yet") == ("deferred", "4.7.1", "not yet", "none")
 
 
 def test_discard_is_sent_with_the_reason():
@@ -35,8 +43,10 @@ def test_discard_is_sent_with_the_reason():
 
 def test_routes_keep_the_nexthop_text():
     config = Config(transport_maps={"old.test": "error:5.1.1 user has moved",
-                                    "null.test": "discard:", ".sub.test": "discard:quiet"})
+                                    "null.test": "discard:", ".sub.test": "discard:quiet",
+                                    "later.test": "retry:4.3.2 maintenance"})
     assert nexthop_for("old.test", config) == NextHop("error", "5.1.1 user has moved", 0, False)
+    assert nexthop_for("later.test", config) == NextHop("retry", "4.3.2 maintenance", 0, False)
     assert nexthop_for("null.test", config) == NextHop("discard", "null.test", 0, False)
     assert nexthop_for("a.sub.test", config).host == "quiet"
 
@@ -56,3 +66,14 @@ def test_error_and_discard_log_lines_from_a_running_server(tern):
                      r"delay=[\d.]+, delays=[\d./]+, dsn=2\.0\.0, status=sent \(null\.example\)",
                      log), log
     assert "sender non-delivery notification" in log
+
+
+def test_retry_log_line_from_a_running_server(tern):
+    server = tern(transport_maps={"later.example": "retry:4.3.2 down for maintenance"})
+    with smtplib.SMTP(*server.address) as client:
+        client.ehlo("client.test")
+        client.sendmail("alice@example.org", ["c@later.example"], b"Subject: x\r\n\r\nbody\r\n")
+    log = server.wait_log("status=deferred")
+    assert re.search(r" tern/retry\[\d+\]: \w+: to=<c@later\.example>, relay=none, "
+                     r"delay=[\d.]+, delays=[\d./]+, dsn=4\.3\.2, status=deferred "
+                     r"\(down for maintenance\)", log), log

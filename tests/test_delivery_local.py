@@ -123,17 +123,54 @@ def test_mbox_quoting():
 
 @root_only
 def test_the_write_happens_with_the_users_identity(user, world):
-    """A mailbox the user may not create (a root-owned 0755 directory) is refused to the
-    child, proving it does not write as root; the server keeps its own identity."""
-    name, *_ = user
-    spool = world / "rootonly"
-    spool.mkdir(mode=0o755)
-    config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=1)
+    """A home mailbox in a directory the user may not write (root-owned, 0755) is refused to
+    the child, proving it does not write as root; the server keeps its own identity."""
+    name, _, _, home = user
+    (home / "rootonly").mkdir(mode=0o755)
+    config = Config(home_mailbox="rootonly/mbox", deliver_lock_attempts=1)
     (result,) = run(local_agent.deliver(request([f"{name}@example.test"]), config)).results
     assert (result.status, result.dsn) == ("deferred", "4.2.0")
     assert "Permission denied" in result.reply
-    assert list(spool.iterdir()) == []
+    assert list((home / "rootonly").iterdir()) == []
     assert os.geteuid() == 0 and os.getegid() == 0
+
+
+def _delivered_by_spool_rule(user, spool):
+    name, uid, gid, _ = user
+    config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=1)
+    outcome = run(local_agent.deliver(request([f"{name}@example.test"] * 2), config))
+    assert [(r.status, r.reply) for r in outcome.results] == [("sent", "delivered to mailbox")] * 2
+    assert sorted(os.listdir(spool)) == [name]  # no dotlock left
+    assert (spool / name).read_bytes().count(b"\nSubject: hello\n") == 2
+    assert os.geteuid() == 0 and os.getegid() == 0
+    return (spool / name).stat()
+
+
+@root_only
+def test_mbox_in_a_group_writable_mail_spool(user, world):
+    """Debian's /var/mail (2775 root:mail): as Postfix's local(8), the dotlock and the file
+    are made with the recipient's uid and the spool's group (the user's own gid cannot write
+    there), the message appended as the recipient."""
+    import grp
+    _, uid, _, _ = user
+    spool = world / "mail"
+    spool.mkdir()
+    mail_gid = grp.getgrnam("mail").gr_gid
+    os.chown(spool, 0, mail_gid)
+    spool.chmod(0o2775)
+    info = _delivered_by_spool_rule(user, spool)
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (uid, mail_gid, 0o600)
+
+
+@root_only
+def test_mbox_in_a_root_only_mail_spool(user, world):
+    """A spool only root may write (0755): locked and created as root, the new file given to
+    the recipient (Postfix's chown), then written as the recipient."""
+    _, uid, gid, _ = user
+    spool = world / "mail"
+    spool.mkdir(mode=0o755)
+    info = _delivered_by_spool_rule(user, spool)
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (uid, gid, 0o600)
 
 
 def test_unknown_local_user_bounces(world):
@@ -320,3 +357,228 @@ def test_a_message_already_delivered_to_the_recipient_is_a_loop(user):
     assert (result.status, result.dsn, result.reply) == (
         "bounced", "5.4.6", f"mail forwarding loop for {name}@example.test")
     assert not (user[3] / "Maildir").exists()
+
+
+def _spool_1777(world):
+    spool = world / "mail"
+    spool.mkdir()
+    spool.chmod(0o1777)  # any local user may create files here (sticky)
+    return spool
+
+
+@root_only
+def test_mbox_created_first_by_another_user_defers_untouched(user, world):
+    """Another local user ("nobody") made the recipient's mailbox first, world-writable, to
+    read the mail: as Postfix's strict_mailbox_ownership, nothing is appended; it defers."""
+    name, *_ = user
+    spool = _spool_1777(world)
+    mbox = spool / name
+    mbox.write_bytes(b"")
+    mbox.chmod(0o666)
+    os.chown(mbox, pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid)
+    config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=1)
+    (result,) = run(local_agent.deliver(request([f"{name}@example.test"]), config)).results
+    assert (result.status, result.dsn) == ("deferred", "4.2.0")
+    assert result.reply == f"destination {mbox} is not owned by recipient"  # no "expanded from"
+    assert mbox.read_bytes() == b""
+    assert not (spool / f"{name}.lock").exists()
+
+
+@root_only
+def test_mbox_that_is_a_fifo_is_refused_without_blocking(user, world):
+    """A FIFO at the mailbox path: opened without blocking (with or without a reader) and
+    refused as not a regular file (Postfix's 5.2.0), instead of hanging the delivery."""
+    name, uid, gid, _ = user
+    spool = _spool_1777(world)
+    fifo = spool / name
+    os.mkfifo(fifo)
+    os.chown(fifo, uid, gid)  # the kernel's protected_fifos refuses other owners' FIFOs here
+    config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=1)
+    (alone,) = run(local_agent.deliver(request([f"{name}@example.test"]), config)).results
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        (read,) = run(local_agent.deliver(request([f"{name}@example.test"]), config)).results
+        assert os.read(reader, 100) == b""  # nothing was written into it
+    finally:
+        os.close(reader)
+    for result in (alone, read):
+        assert (result.status, result.dsn) == ("bounced", "5.2.0")
+        assert result.reply.endswith(f"destination {fifo} is not a regular file")
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+
+
+@root_only
+def test_mbox_with_a_second_hard_link_is_refused(user, world):
+    """A hard link to another file (here the user's own, so only the link count is wrong)
+    would append the mail to that file: refused as Postfix's safe_open does."""
+    name, uid, gid, home = user
+    spool = _spool_1777(world)
+    other = home / "other-file"
+    other.write_bytes(b"precious\n")
+    os.chown(other, uid, gid)
+    os.link(other, spool / name)
+    config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=1)
+    (result,) = run(local_agent.deliver(request([f"{name}@example.test"]), config)).results
+    assert (result.status, result.dsn) == ("bounced", "5.2.0")
+    assert result.reply.endswith(f"cannot open file {spool / name}: file has 2 hard links")
+    assert other.read_bytes() == b"precious\n"
+
+
+@root_only
+def test_mbox_that_is_a_symlink_is_refused(user, world):
+    name, uid, gid, home = user
+    spool = _spool_1777(world)
+    target = home / "target"
+    target.write_bytes(b"")
+    os.chown(target, uid, gid)
+    (spool / name).symlink_to(target)
+    config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=1)
+    (result,) = run(local_agent.deliver(request([f"{name}@example.test"]), config)).results
+    assert (result.status, result.dsn) == ("bounced", "5.2.0")
+    assert result.reply.endswith(f"cannot open file {spool / name}: file is a symbolic link")
+    assert target.read_bytes() == b""
+
+
+LOCK_MANY = """
+import fcntl, os, sys
+fds = [os.open(path, os.O_WRONLY) for path in sys.argv[1:]]
+for fd in fds:
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()  # held until the test closes our stdin
+"""
+
+
+@pytest.mark.parametrize("as_recipient", [False, True], ids=["thread", "child"])
+def test_deliveries_waiting_for_locks_leave_the_default_executor_free(user, world, as_recipient):
+    """As many mbox deliveries as the loop's default executor has threads, all waiting for
+    locks another program holds, in mailbox threads (Tern's own user) or in children (as the
+    recipient): a job on the default executor (smtpd's AUTH check uses it) still runs, and
+    finishes while every delivery is still waiting; released, they all deliver."""
+    if as_recipient and os.geteuid() != 0:
+        pytest.skip("needs root (setuid)")
+    _, uid, gid, _ = user
+    ids = (uid, gid) if as_recipient else (os.geteuid(), os.getegid())
+    boxes = world / "boxes"
+    boxes.mkdir()
+    os.chown(boxes, *ids)
+    count = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default size
+    paths = [boxes / f"u{i}" for i in range(count)]
+    for path in paths:
+        path.write_bytes(b"")
+        os.chown(path, *ids)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_MANY, *map(str, paths)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    config = Config(deliver_lock_attempts=400, deliver_lock_delay=0.05)
+
+    async def scenario():
+        tasks = [asyncio.create_task(local_agent.write_mailbox(
+            local_agent.Mailbox(str(path), False, *ids), b"From x  now\nhi\n\n", config))
+            for path in paths]
+        await asyncio.sleep(0)  # each has started: submitted to its thread, or forked
+        await asyncio.to_thread(lambda: None)
+        waiting = [not task.done() for task in tasks]
+        holder.stdin.close()
+        await asyncio.gather(*tasks)
+        return waiting
+
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        assert run(scenario()) == [True] * count
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert [path.read_bytes() for path in paths] == [b"From x  now\nhi\n\n"] * count
+
+
+def _hanging_writer(monkeypatch, marker):
+    """The child's write hangs halfway (it inherits this patch through fork), after noting
+    its pid in ``marker``."""
+    from engine.delivery import mailbox
+
+    def hang(fd, data):
+        os.write(fd, data[: len(data) // 2])
+        Path(marker).write_text(str(os.getpid()))
+        time.sleep(20)
+
+    monkeypatch.setattr(mailbox, "_write_all", hang)
+
+
+def _user_spool(user, world):
+    name, uid, gid, _ = user
+    spool = world / "mail"
+    spool.mkdir()
+    os.chown(spool, uid, gid)  # the child (the recipient) makes its dotlock here
+    mbox = spool / name
+    mbox.write_bytes(b"From old  now\nold message\n\n")
+    os.chown(mbox, uid, gid)
+    return spool, mbox
+
+
+@root_only
+def test_mbox_writer_past_its_time_limit_leaves_no_half_message_nor_lock(user, world,
+                                                                        monkeypatch):
+    name, *_ = user
+    spool, mbox = _user_spool(user, world)
+    marker = user[3] / "child"  # the child (the recipient) writes it
+    _hanging_writer(monkeypatch, marker)
+    monkeypatch.setattr(local_agent, "WRITE_TIME_LIMIT", 1.0)
+    config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=1)
+    (result,) = run(local_agent.deliver(request([f"{name}@example.test"]), config)).results
+    assert (result.status, result.dsn) == ("deferred", "4.2.0")
+    assert result.reply.endswith(f"mailbox delivery to {mbox} timed out")
+    assert marker.exists()  # half the message had been written
+    assert mbox.read_bytes() == b"From old  now\nold message\n\n"
+    assert sorted(os.listdir(spool)) == [name]  # no dotlock
+    with pytest.raises(ChildProcessError):
+        os.waitpid(int(marker.read_text()), os.WNOHANG)  # killed and reaped
+
+
+@root_only
+def test_cancelled_mbox_delivery_kills_the_child_and_undoes_its_write(user, world,
+                                                                     monkeypatch):
+    """The delivery task cancelled (the queue manager stopping) while the child writes: the
+    child is killed and reaped, the half message cut off and the dotlock removed, then the
+    cancellation goes on."""
+    name, *_ = user
+    spool, mbox = _user_spool(user, world)
+    marker = user[3] / "child"  # the child (the recipient) writes it
+    _hanging_writer(monkeypatch, marker)
+    config = Config(mail_spool_directory=str(spool), deliver_lock_attempts=1)
+
+    async def scenario():
+        task = asyncio.create_task(local_agent.deliver(request([f"{name}@example.test"]),
+                                                       config))
+        for _ in range(500):
+            if marker.exists() and marker.read_text():
+                break
+            await asyncio.sleep(0.01)
+        assert mbox.stat().st_size > len(b"From old  now\nold message\n\n")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with pytest.raises(ChildProcessError):
+            os.waitpid(int(marker.read_text()), os.WNOHANG)  # killed and reaped
+
+    run(scenario())
+    assert mbox.read_bytes() == b"From old  now\nold message\n\n"
+    assert sorted(os.listdir(spool)) == [name]
+
+
+def test_maildir_file_and_its_new_directory_entry_are_synced(tmp_path, monkeypatch):
+    """Before the recipient is marked sent, the message's data and its name in new/ are on
+    disk: fsync of the file, then of the new/ directory after the link."""
+    from engine.delivery import mailbox
+
+    synced = []
+    real_fsync = os.fsync
+
+    def record(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    monkeypatch.setattr(mailbox.os, "fsync", record)
+    path = mailbox.deliver_maildir(str(tmp_path / "Maildir"), b"Subject: s\n\nbody\n")
+    assert Path(path).parent == tmp_path / "Maildir" / "new"
+    assert synced == [False, True]  # the file, then the directory holding its new name

@@ -6,6 +6,7 @@ import os
 import pwd
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -93,14 +94,45 @@ def test_exit_75_defers_with_the_command_output(world):
         "deferred", "4.3.0", "temporary failure. Command output: mailbox busy")
 
 
-@pytest.mark.parametrize("code, dsn, text", [
-    (67, "5.1.1", "user unknown"),
-    (77, "5.7.0", "permission denied"),
+# Postfix's sys_exits table (global/sys_exits.c): every sysexits(3) code
+@pytest.mark.parametrize("code, status, dsn, text", [
+    (64, "bounced", "5.3.0", "command line usage error"),
+    (65, "bounced", "5.6.0", "data format error"),
+    (66, "bounced", "5.3.0", "cannot open input"),
+    (67, "bounced", "5.1.1", "user unknown"),
+    (68, "bounced", "5.1.2", "host name unknown"),
+    (69, "bounced", "5.3.0", "service unavailable"),
+    (70, "bounced", "5.3.0", "internal software error"),
+    (71, "deferred", "4.3.0", "system resource problem"),
+    (72, "bounced", "5.3.0", "critical OS file missing"),
+    (73, "bounced", "5.2.0", "can't create user output file"),
+    (74, "bounced", "5.3.0", "input/output error"),
+    (75, "deferred", "4.3.0", "temporary failure"),
+    (76, "bounced", "5.5.0", "remote error in protocol"),
+    (77, "bounced", "5.7.0", "permission denied"),
+    (78, "bounced", "5.3.5", "local configuration error"),
 ])
-def test_sysexits_bounce_with_their_meaning(world, code, dsn, text):
+def test_sysexits_decide_with_their_meaning(world, code, status, dsn, text):
     (result,) = deliver(world, f"cat >/dev/null\necho no such box\nexit {code}\n").results
     assert (result.status, result.dsn, result.reply) == (
-        "bounced", dsn, f"{text}. Command output: no such box")
+        status, dsn, f"{text}. Command output: no such box")
+
+
+@pytest.mark.parametrize("body, status, dsn, text", [
+    ("echo '5.2.2 mailbox full'\nexit 75\n", "bounced", "5.2.2", "mailbox full"),
+    ("echo '4.2.1 try later please'\nexit 1\n", "deferred", "4.2.1", "try later please"),
+    ("echo '5.1.1'\nexit 67\n", "bounced", "5.1.1", "Command died with status 67: \"{}\""),
+    ("echo '5.1.10x not a status'\nexit 67\n", "bounced", "5.1.1",
+     "user unknown. Command output: 5.1.10x not a status"),
+    ("echo '2.0.0 fine'\nexit 1\n", "bounced", "5.3.0",
+     "Command died with status 1: \"{}\". Command output: 2.0.0 fine"),
+])
+def test_command_output_starting_with_a_status_code_decides(world, body, status, dsn, text):
+    """Postfix's pipe(8): after a non-zero exit, output in the form "D.S.N text" gives the
+    status (4 defers, 5 bounces) and the reason."""
+    (result,) = deliver(world, "cat >/dev/null\n" + body).results
+    assert (result.status, result.dsn, result.reply) == (
+        status, dsn, text.format(world / "command.sh"))
 
 
 def test_other_exit_status_bounces(world):
@@ -130,18 +162,48 @@ def test_time_limit_defers_and_kills_the_command(world):
         deliver(world, f"sleep 30 &\necho $! > {marker}\nwait\n", time_limit=0.5)
     assert caught.value.dsn == "4.3.0"
     assert caught.value.text.startswith("Command time limit exceeded:")
-    child = int(marker.read_text())
-    for _ in range(100):  # the whole process group got SIGKILL: the sleep ends too
+    # the whole process group got SIGKILL: the sleep ends too
+    assert ended(int(marker.read_text())), "the command's child survived the time limit"
+
+
+def ended(pid: int) -> bool:
+    """Whether ``pid`` is gone or a zombie, waiting up to ~2 s for a SIGKILL to land."""
+    for _ in range(100):
         try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            break
-        with open(f"/proc/{child}/stat") as stat:
-            if stat.read().split(") ")[1].startswith("Z"):
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().split(") ")[1].startswith(("Z", "X")):
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_cancelled_delivery_kills_and_reaps_the_command_group(world):
+    """The delivery task cancelled (the queue manager stopping): the command and what it
+    started are killed, and the command reaped, before the cancellation goes on."""
+    pids = world / "pids"
+    command = script(world, f"sleep 30 &\necho $$ $! > {pids}\nwait\n")
+    request = DeliveryRequest("4Q", "s@example.org", ["a@example.test"], CONTENT,
+                              NextHop("filter", "example.test", 0, False))
+
+    async def scenario():
+        task = asyncio.create_task(pipe_agent.deliver(
+            request, Config(), "filter", PipeTransport((command,), "nobody", 60.0)))
+        for _ in range(500):
+            if pids.exists() and pids.read_text().endswith("\n"):
                 break
-        asyncio.run(asyncio.sleep(0.02))
-    else:
-        pytest.fail("the command's child survived the time limit")
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        shell, sleeper = map(int, pids.read_text().split())
+        with pytest.raises(ChildProcessError):
+            os.waitpid(shell, os.WNOHANG)  # already reaped
+        return shell, sleeper
+
+    shell, sleeper = asyncio.run(scenario())
+    assert ended(shell) and ended(sleeper)
 
 
 def test_pipe_transport_from_config_and_transport_maps(tmp_path, world):
@@ -193,3 +255,43 @@ def test_without_flags_the_message_goes_as_it_is(world):
     assert [r.status for r in run(pipe_agent.deliver(request, Config(), "p",
                                                      transport)).results] == ["sent", "sent"]
     assert out.read_bytes() == b"Subject: f\n\nFrom here\n.dot\n"
+
+
+def _argv_run(world, sender, recipients):
+    """Run a command that records its argv (one per line) for ``recipients``."""
+    out = world / "argv"
+    command = script(world, f'printf "%s\\n" "$@" > {out}\ncat >/dev/null\n')
+    transport = PipeTransport((command, "-f", "${sender}", "--", "${recipient}"), "nobody", 10.0)
+    request = DeliveryRequest("4Q", sender, list(recipients), CONTENT,
+                              NextHop("filter", "example.test", 0, False))
+    outcome = run(pipe_agent.deliver(request, Config(), "filter", transport))
+    argv = out.read_text().splitlines() if out.exists() else None
+    return [(r.recipient, r.status, r.dsn, r.reply) for r in outcome.results], argv
+
+
+def test_recipient_starting_with_a_dash_never_reaches_the_command_line(world):
+    """Postfix's allow_min_user = no where it cannot be bypassed: "-C/tmp/evil.cf@x" would read
+    as an option. It bounces (5.1.3); the others of the request are delivered."""
+    results, argv = _argv_run(world, "s@example.org",
+                              ["a@example.test", "-C/tmp/evil.cf@example.test", "b@example.test"])
+    assert results == [
+        ("a@example.test", "sent", "2.0.0", "delivered via filter service"),
+        ("-C/tmp/evil.cf@example.test", "bounced", "5.1.3", "bad address syntax"),
+        ("b@example.test", "sent", "2.0.0", "delivered via filter service")]
+    assert argv == ["-f", "s@example.org", "--", "a@example.test", "b@example.test"]
+    (world / "argv").unlink()
+    results, argv = _argv_run(world, "s@example.org", ["-oQ/tmp@example.test"])
+    assert results == [("-oQ/tmp@example.test", "bounced", "5.1.3", "bad address syntax")]
+    assert argv is None
+
+
+def test_sender_starting_with_a_dash_runs_no_command(world):
+    results, argv = _argv_run(world, "-X/tmp/log@example.org", ["a@example.test"])
+    assert results == [("a@example.test", "bounced", "5.1.7", "bad sender address syntax")]
+    assert argv is None
+
+
+def test_null_sender_expands_to_mailer_daemon(world):
+    results, argv = _argv_run(world, "", ["a@example.test"])
+    assert results == [("a@example.test", "sent", "2.0.0", "delivered via filter service")]
+    assert argv == ["-f", "MAILER-DAEMON", "--", "a@example.test"]

@@ -110,3 +110,32 @@ def test_unreachable_dns_server_is_transient():
     assert time.monotonic() - started < 5
     assert info.value.dsn == "4.4.3"
     assert info.value.text.endswith("name=mx.test type=MX: Host not found, try again")
+
+
+@pytest.mark.parametrize("name", [
+    "a" * 64 + ".test",  # a label over 63 octets
+    ".".join(["a" * 60] * 5) + ".test",  # a name over 255 octets
+    "a..b.test",  # an empty label
+])
+def test_malformed_domain_name_is_permanent_never_deferred(resolver, name):
+    """Postfix's valid_hostname() check: no DNS query can ever find such a name, so it bounces
+    (5.1.2 for the recipient domain, 5.4.4 for a host) instead of deferring until it expires."""
+    with pytest.raises(PermanentFailure) as info:
+        run(resolver.mx_hosts(name))
+    assert (info.value.dsn, info.value.text) == (
+        "5.1.2", f"Host or domain name not found. Name service error for name={name} type=MX: "
+        "Malformed domain name")
+    with pytest.raises(PermanentFailure) as info:
+        run(resolver.addresses(name))
+    assert info.value.dsn == "5.4.4"
+
+
+def test_mx_hosts_are_names_that_keep_their_preference(resolver):
+    import copy
+    import pickle
+
+    hosts = run(resolver.mx_hosts("mx.test"))
+    assert [(host, host.preference) for host in hosts[:1]] == [("mail1.mx.test", 10)]
+    assert {host.preference for host in hosts[1:]} == {20}
+    for same in (copy.deepcopy(hosts[0]), pickle.loads(pickle.dumps(hosts[0]))):
+        assert (same, same.preference) == ("mail1.mx.test", 10)

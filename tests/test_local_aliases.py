@@ -251,3 +251,27 @@ def test_alias_to_a_remote_address_is_forwarded_through_cleanup(tern, smtp_sink,
     assert (message.sender, message.recipients) == ("alice@example.org", ("someone@remote.test",))
     assert b"\r\nDelivered-To: fw@mx.tern.test\r\n" in message.content
     assert message.content.endswith(b"\r\n\r\nhello team\r\n")
+
+
+@root_only
+def test_file_destination_needs_no_ownership(world):
+    """strict_mailbox_ownership is for mailboxes: local(8) appends to an alias's file that
+    someone else owns, when its rights may write it (here a root-owned 0666 file)."""
+    out = world / "out"
+    shared = out / "shared.log"
+    shared.write_bytes(b"")
+    shared.chmod(0o666)
+    config = setup(world, f"log: {shared}\n")
+    (result,) = deliver(config, ["log@mx.test"])
+    assert (result.status, result.reply) == ("sent", f"delivered to file: {shared}")
+    assert shared.stat().st_uid == 0 and b"\n\nhello team\n" in shared.read_bytes()
+
+
+def test_dev_null_alias_discards_without_a_dotlock(world):
+    """The classic ``devnull: /dev/null`` alias: local(8) lets a file destination's dotlock
+    fail (MBOX_DOT_LOCK_MAY_FAIL), so the write goes to the device under the fcntl lock alone
+    and the recipient is sent, not deferred for want of /dev/null.lock."""
+    config = setup(world, "devnull: /dev/null\n")
+    (result,) = deliver(config, ["devnull@mx.test"])
+    assert (result.status, result.reply) == ("sent", "delivered to file: /dev/null")
+    assert not os.path.exists("/dev/null.lock")

@@ -259,3 +259,51 @@ def test_connection_over_smtpd_connection_limit_gets_421_and_the_others_go_on():
     assert "warning: connection limit 3 reached: refusing unknown[127.0.0.1]" in log
     assert log.count(": connect from unknown[127.0.0.1]") == 3  # the refused one is no session
     assert log.count(": disconnect from unknown[127.0.0.1]") == 3
+
+
+def test_message_over_hopcount_limit_gets_554_too_many_hops_and_is_not_queued():
+    async def scenario():
+        spool = MemorySpool()
+        server, reader, writer, log = await serve(spool, hopcount_limit=5)
+        hop = b"Received: from a.test by b.test; now\r\n"
+        looped = hop * 4  # with this hop's own: 5
+        writer.write(TRANSACTION + looped + b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        writer.write(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+                     + hop * 3 + b"Subject: y\r\n\r\nbody\r\n.\r\n")
+        replies = await read_replies(reader, 9)
+        stored = spool.envelopes()
+        await finish(server, writer)
+        return replies, stored, log.getvalue()
+
+    replies, stored, log = asyncio.run(scenario())
+    assert replies[4] == "554 5.4.0 Error: too many hops"
+    assert replies[8].startswith("250 2.0.0 Ok: queued as ")  # one hop fewer: accepted
+    assert len(stored) == 1
+    assert "reject: END-OF-MESSAGE from unknown[127.0.0.1]: 554 5.4.0 Error: too many hops" in log
+
+
+def test_addresses_starting_with_a_dash_get_501_over_smtplib():
+    """Postfix's allow_min_user = no: "-C/tmp/evil.cf@…" could read as a command option
+    further on (pipe, sendmail), so smtpd refuses it as bad address syntax."""
+    async def scenario():
+        spool = MemorySpool()
+        server, _, writer, _ = await serve(spool)
+        writer.close()
+        port = server.sockets[0].getsockname()[1]
+
+        def client():
+            import smtplib
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                smtp.ehlo("client.test")
+                answers = [smtp.mail("-C/tmp/evil.cf@example.org"), smtp.mail("a@example.org"),
+                           smtp.rcpt("-oQ/tmp@example.net"), smtp.rcpt("b-@example.net")]
+                return answers
+
+        answers = await asyncio.get_running_loop().run_in_executor(None, client)
+        server.close()
+        await server.wait_closed()
+        return answers
+
+    assert asyncio.run(scenario()) == [
+        (501, b"5.1.7 Bad sender address syntax"), (250, b"2.1.0 Ok"),
+        (501, b"5.1.3 Bad recipient address syntax"), (250, b"2.1.5 Ok")]

@@ -702,6 +702,7 @@ _SPECIAL: dict[str, Converter] = {
     "transport_maps": _transport_maps,
     "sender_dependent_default_transport_maps": _sender_transport_maps,
     "transport": _transport_tables,
+    "proxy_interfaces": _str_list(lambda entry: str(ipaddress.ip_address(entry)), "addresses"),
     "smtp_bind_address": _bind_address(4),
     "smtp_bind_address6": _bind_address(6),
     "pipe_transports": _pipe_transports,
@@ -869,6 +870,7 @@ def _build(document: dict[str, Any], text: str, file: str) -> Config:
     _check_auth(config, values, found, lines, file)
     _check_client_auth(config, values, found, lines, file)
     _check_relay_guard(config, values, found, lines, file)
+    _check_transport_names(config, found, lines, file)
     if config.maximal_backoff_time < config.minimal_backoff_time:
         key = "maximal_backoff_time" if "maximal_backoff_time" in values else "minimal_backoff_time"
         raise ConfigError(
@@ -1012,3 +1014,35 @@ def _check_tls(config: Config, found: dict, lines: list[str], file: str) -> None
             check_key_pair(pem)
         except CertificateError as exc:
             raise error("tls_server_sni_maps", str(exc), (domain,)) from None
+
+
+# Agents that are not SMTP: a [transport.NAME] table of that name would silently replace them
+_NOT_SMTP = tuple(name for name in settings.BUILTIN_TRANSPORTS if name != "smtp")
+
+
+def _check_transport_names(config: Config, found: dict, lines: list[str], file: str) -> None:
+    """Once every table is read: a [transport.NAME] is no built-in agent but smtp and no
+    [pipe_transports.NAME] too (either would replace an agent without a word), and a
+    transport_maps-style value naming one has a next hop that parses as smtp's (the check at
+    the value itself could not know the name was an SMTP transport)."""
+    for name in config.transport:
+        why = ("a built-in transport" if name in _NOT_SMTP else
+               "also a [pipe_transports] table" if name in config.pipe_transports else "")
+        if why:
+            key = f"transport.{_toml_key(name)}"
+            raise ConfigError(f"{key}: {_show(name)} is {why}; give this SMTP transport another "
+                              "name", file=file, line=_line_of(found, lines, ("transport", name)),
+                              key=key)
+    for table in ("transport_maps", "sender_dependent_default_transport_maps"):
+        for pattern, target in getattr(config, table).items():
+            transport, _, nexthop = target.partition(":")
+            if transport not in config.transport:
+                continue
+            try:
+                parse_transport_nexthop("smtp", nexthop)
+            except ValueError as exc:
+                where = next((path for path in found if len(path) == 2 and path[0] == table
+                              and str(path[1]).lower() == pattern), (table,))  # keys: any case
+                raise ConfigError(f"{table}.{_toml_key(pattern)}: bad next hop: {exc}",
+                                  file=file, line=_line_of(found, lines, where),
+                                  key=f"{table}.{_toml_key(pattern)}") from None

@@ -22,7 +22,7 @@ KEY_ALIASES = {"2bounce_notice_recipient": "double_bounce_notice_recipient"}
 LISTEN_SERVICES: frozenset[str] = frozenset({"smtp", "submission", "smtps"})
 # Delivery agents Tern has under these transport names (engine.delivery.agents); a
 # [pipe_transports.NAME] table adds more.
-BUILTIN_TRANSPORTS = ("smtp", "lmtp", "local", "virtual", "error", "discard")
+BUILTIN_TRANSPORTS = ("smtp", "lmtp", "local", "virtual", "error", "retry", "discard")
 TLS_SECURITY_LEVELS = ("none", "may", "encrypt")
 # Services for mail submission (RFC 6409, RFC 8314) have AUTH on, as Postfix's master.cf
 # entries set smtpd_sasl_auth_enable=yes; "submission" also requires it before MAIL (530).
@@ -120,9 +120,13 @@ class Config:
     # pipe(8) transports, Postfix's master.cf entries: name -> {argv, user, time_limit}
     pipe_transports: dict[str, "PipeTransport"] = field(default_factory=dict)
     listen: tuple[Listener, ...] = (Listener(),)
+    # Postfix's proxy_interfaces: addresses of a proxy or NAT that forwards port 25 to Tern;
+    # the SMTP client treats them as itself (no delivery to an MX host there: a mail loop)
+    proxy_interfaces: tuple[str, ...] = ()
     maillog_file: str = ""  # "" = stderr
     smtpd_banner: str = "$myhostname ESMTP Tern"
     # smtpd limits
+    hopcount_limit: int = 50  # Received: headers (ours included) past which mail is a loop
     message_size_limit: int = 10240000  # 0 = no limit, as in Postfix
     smtpd_recipient_limit: int = 1000
     line_length_limit: int = 2048

@@ -20,6 +20,10 @@ class NextHop:
     host: str  # a domain to look up MX for, or a host name / IP literal
     port: int = 25
     mx_lookup: bool = True
+    # the setting this next hop came from when it is a relay host ("relayhost",
+    # "sender_dependent_relayhost_maps"; "" otherwise): a lookup failure there is the
+    # administrator's to fix, so it defers (Postfix's "relayhost configuration problem")
+    relayhost: str = field(default="", compare=False)
 
     @cached_property
     def destination(self) -> str:

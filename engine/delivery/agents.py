@@ -11,8 +11,10 @@ from collections.abc import Awaitable, Callable
 from engine.config import Config
 from engine.delivery import DeliveryOutcome, DeliveryRequest, lmtp, local, pipe, smtp, trivial
 from engine.delivery.connections import ConnectionCache
+from engine.delivery.myself import Myself
 from engine.dns import Resolver
 from engine.log import Maillog
+from engine.tls.client import PolicyFinder
 
 Agent = Callable[[DeliveryRequest], Awaitable[DeliveryOutcome]]
 
@@ -23,19 +25,24 @@ def build_agents(config: Config, resolver: Resolver,
                  inject: local.Inject | None = None) -> dict[str, Agent]:
     """``inject`` (engine.cleanup.Cleanup.inject) lets local forward aliases and .forward
     entries that are not local as new messages."""
+    myself = Myself(config)  # where this Tern takes mail: the SMTP client's loop check
     agents: dict[str, Agent] = {
         "smtp": functools.partial(smtp.deliver, config=config, resolver=resolver,
-                                  connections=connections, maillog=maillog),
+                                  connections=connections, maillog=maillog, myself=myself,
+                                  finder=PolicyFinder(config)),
         "lmtp": functools.partial(lmtp.deliver, config=config, resolver=resolver),
         "local": functools.partial(local.deliver, config=config, inject=inject),
         "virtual": functools.partial(local.deliver, config=config, virtual=True),
         "error": functools.partial(trivial.error, config=config),
+        "retry": functools.partial(trivial.retry, config=config),
         "discard": functools.partial(trivial.discard, config=config),
     }
     for name in config.transport:  # [transport.NAME]: SMTP with its own smtp_* settings
-        agents[name] = functools.partial(smtp.deliver, config=config.for_transport(name),
-                                         resolver=resolver, connections=connections,
-                                         maillog=maillog)
+        own = config.for_transport(name)  # and its own TLS policy finder, made once here
+        finder = agents["smtp"].keywords["finder"] if own is config else PolicyFinder(own)
+        agents[name] = functools.partial(smtp.deliver, config=own, resolver=resolver,
+                                         connections=connections, maillog=maillog,
+                                         myself=myself, finder=finder)
     for name, transport in config.pipe_transports.items():
         agents[name] = functools.partial(pipe.deliver, config=config, name=name,
                                          transport=transport)

@@ -16,15 +16,14 @@ result sums up its destinations: deferred if any deferred, bounced if any failed
 
 When Tern runs as root, the file is written by a forked child that takes the recipient's uid
 and gid before it opens anything (a command runs with that uid and gid), never by changing the
-server's own identity; otherwise the write runs in a thread as Tern's own user.
+server's own identity; otherwise the write runs in a mailbox thread as Tern's own user
+(engine.delivery.writer).
 """
 
-import asyncio
-import contextlib
 import functools
 import os
 import pwd
-import signal
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from engine.delivery import DeliveryOutcome, DeliveryRequest, RecipientResult, s
 from engine.delivery.aliases import Expander, Target
 from engine.delivery.mailbox import (
     MailboxError,
+    Privileges,
     deliver_maildir,
     deliver_mbox,
     delivery_headers,
@@ -42,7 +42,10 @@ from engine.delivery.mailbox import (
     unix_lines,
 )
 from engine.delivery.pipe import SYSEXITS, output_text, run_command
+from engine.delivery.writer import as_user, in_thread
 from engine.tables import TableError, open_table
+
+WRITE_TIME_LIMIT = 60.0  # seconds for a child's write, beyond its locks' patience
 
 # the virtual tables, read once per process (as Postfix's texthash at process start)
 _table = functools.lru_cache(maxsize=16)(open_table)
@@ -56,6 +59,7 @@ class Mailbox:
     maildir: bool
     uid: int
     gid: int
+    spool: str = ""  # the mail_spool_directory holding this mbox ("" elsewhere)
 
 
 def local_mailbox(recipient: str, config: Config) -> Mailbox:
@@ -76,7 +80,7 @@ def user_mailbox(entry: pwd.struct_passwd, config: Config) -> Mailbox:
         return Mailbox(path, config.home_mailbox.endswith("/"), entry.pw_uid, entry.pw_gid)
     spool = config.mail_spool_directory
     return Mailbox(os.path.join(spool, user) + ("/" if spool.endswith("/") else ""),
-                   spool.endswith("/"), entry.pw_uid, entry.pw_gid)
+                   spool.endswith("/"), entry.pw_uid, entry.pw_gid, spool)
 
 
 async def virtual_mailbox(recipient: str, config: Config) -> Mailbox:
@@ -112,69 +116,83 @@ async def virtual_mailbox(recipient: str, config: Config) -> Mailbox:
     return Mailbox(path, relative.endswith("/"), ids[0], ids[1])
 
 
-async def write_mailbox(mailbox: Mailbox, data: bytes, config: Config) -> None:
+async def write_mailbox(mailbox: Mailbox, data: bytes, config: Config,
+                        file: bool = False) -> None:
     """Write with the mailbox owner's identity: in a forked child that becomes that uid/gid
-    when Tern is root and the owner is someone else, else in a thread as Tern itself."""
+    when Tern is root and the owner is someone else, else in a mailbox thread as Tern itself
+    (engine.delivery.writer: neither holds a thread of the loop's default executor).
+    ``file``: an alias or .forward file destination, not a mailbox: any file its rights may
+    write, a device such as /dev/null too (local(8)'s deliver_file checks no owner)."""
     locking = (config.deliver_lock_attempts, config.deliver_lock_delay)
+    root = os.geteuid() == 0
     if mailbox.maildir:
         write, args = deliver_maildir, (mailbox.path, data)
-    else:
-        write, args = deliver_mbox, (mailbox.path, data, *locking)
-    if os.geteuid() != 0 or mailbox.uid == 0:
-        await asyncio.to_thread(write, *args)
+    else:  # as root, a mailbox must be the recipient's own (strict_mailbox_ownership)
+        write = functools.partial(deliver_mbox, regular_only=not file)
+        args = (mailbox.path, data, *locking, mailbox.uid if root and not file else None)
+    if not root or mailbox.uid == 0:
+        await in_thread(write, *args)
         return
+    privileges = None
+    if mailbox.spool and not mailbox.maildir:
+        privileges = spool_privileges(mailbox)
+        args = (*args, privileges)
     # the locks' patience, plus a minute for the write itself
-    await as_user(mailbox.uid, mailbox.gid, 60 + locking[0] * locking[1], write, *args)
+    await as_user(mailbox.uid, mailbox.gid, WRITE_TIME_LIMIT + locking[0] * locking[1],
+                  write, *args,
+                  privileges=privileges, mbox=None if mailbox.maildir else mailbox.path)
 
 
-async def as_user(uid: int, gid: int, time_limit: float, write, *args) -> None:
-    """Run ``write(*args)`` in a forked child that first drops to ``uid``/``gid`` (no
-    supplementary groups, umask 077). No exec: the child only runs already imported code and
-    plain system calls, then _exit()s; its MailboxError comes back through a pipe."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns
-        code = 70
-        try:
-            os.close(read_fd)
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            os.umask(0o077)
-            write(*args)
-            code = 0
-        except MailboxError as exc:
-            code = 75 if exc.transient else 1
-            os.write(write_fd, f"{exc.dsn} {exc.text}".encode()[:4000])
-        except BaseException as exc:  # noqa: BLE001 - reported, and the child must _exit
-            with contextlib.suppress(BaseException):
-                os.write(write_fd, f"4.3.0 mailbox writer failed: {exc!r}".encode()[:4000])
-        finally:
-            os._exit(code)
-    os.close(write_fd)
+@dataclass(frozen=True)
+class SpoolPrivileges(Privileges):
+    """The identities of an mbox delivery into the mail spool directory, as Postfix's local(8)
+    picks them: the recipient's own in a world-writable spool; the recipient's uid with the
+    spool's group in a group-writable one (Debian's /var/mail, 2775 root:mail), so the dotlock
+    can be made there; root otherwise, the new file then given to the recipient. The message
+    itself is always appended as the recipient. Used in the forked child only."""
+
+    uid: int
+    gid: int
+    spool_uid: int
+    spool_gid: int
+
+    @property
+    def chown(self) -> tuple[int, int] | None:
+        return None if self.spool_uid == self.uid else (self.uid, self.gid)
+
+    def enter(self) -> None:
+        """From root: the locking identity, keeping what ``writing`` and ``locking`` switch
+        between as saved ids (root stays the real uid only when root locks)."""
+        os.setgroups([])
+        if self.spool_uid == 0:
+            os.setgid(0)
+        else:
+            os.setresgid(self.gid, self.spool_gid, self.spool_gid)
+            os.setresuid(self.uid, self.uid, self.uid)
+
+    def locking(self) -> None:
+        if self.spool_uid == 0:
+            os.seteuid(0)
+        os.setegid(self.spool_gid)
+
+    def writing(self) -> None:
+        os.setegid(self.gid)
+        if self.spool_uid == 0:
+            os.seteuid(self.uid)
+
+
+def spool_privileges(mailbox: Mailbox) -> SpoolPrivileges:
+    """Postfix's rule (local/mailbox.c): world-writable spool (or none to stat) → the
+    recipient; group-writable → recipient uid + spool gid; else root."""
     try:
-        async with asyncio.timeout(time_limit):
-            report, status = await asyncio.to_thread(_collect, read_fd, pid)
-    except TimeoutError:
-        os.kill(pid, signal.SIGKILL)  # the thread's waitpid then returns, and reaps it
-        raise MailboxError("4.2.0", f"mailbox delivery to {args[0]} timed out") from None
-    if status != 0:
-        dsn, _, text = report.decode("utf-8", "replace").partition(" ")
-        if not text or dsn[:1] not in "45":
-            dsn, text = "4.3.0", f"mailbox writer failed with status {status}"
-        raise MailboxError(dsn, text)
-
-
-def _collect(read_fd: int, pid: int) -> tuple[bytes, int]:
-    """The child's report (until EOF) and exit status."""
-    chunks = []
-    try:
-        while chunk := os.read(read_fd, 4096):
-            chunks.append(chunk)
-    finally:
-        os.close(read_fd)
-    _, status = os.waitpid(pid, 0)
-    return b"".join(chunks), os.waitstatus_to_exitcode(status)
+        info = os.stat(mailbox.spool)
+    except OSError:
+        return SpoolPrivileges(mailbox.uid, mailbox.gid, mailbox.uid, mailbox.gid)
+    if info.st_mode & stat.S_IWOTH:
+        return SpoolPrivileges(mailbox.uid, mailbox.gid, mailbox.uid, mailbox.gid)
+    if info.st_mode & stat.S_IWGRP:
+        return SpoolPrivileges(mailbox.uid, mailbox.gid, mailbox.uid, info.st_gid)
+    return SpoolPrivileges(mailbox.uid, mailbox.gid, 0, 0)
 
 
 # engine.cleanup.Cleanup.inject: queues a new message (sender, recipients, content)
@@ -242,11 +260,23 @@ async def _deliver_local(recipient: str, request: DeliveryRequest, body: bytes,
     if failures:
         deferred = [(w, e) for w, e in failures if e.transient]
         dsn = (deferred or failures)[0][1].dsn
-        if len(failures) == 1 and not expansion.targets and failures[0][0] == recipient:
-            raise MailboxError(dsn, failures[0][1].text)
+        if len(failures) == 1 and _unaliased(expansion.targets, failures[0][0], recipient,
+                                             config):
+            raise MailboxError(dsn, failures[0][1].text)  # as Postfix: no "expanded from"
+
         raise MailboxError(dsn, "; ".join(f"{what} (expanded from <{recipient}>): {error.text}"
                                           for what, error in failures))
     return "; ".join(replies)
+
+
+def _unaliased(targets: list[Target], failed: str, recipient: str, config: Config) -> bool:
+    """Whether what ``failed`` is the recipient itself: nothing expanded (the failure is the
+    address), or its one destination is its own mailbox (no alias, or ``name: name``)."""
+    if not targets:
+        return failed == recipient
+    local = split_local(recipient, config.recipient_delimiter)[0].lower()
+    return (len(targets) == 1 and targets[0].kind == "mailbox"
+            and failed == targets[0].value == local)
 
 
 async def _deliver_target(target: Target, recipient: str, request: DeliveryRequest,
@@ -261,7 +291,7 @@ async def _deliver_target(target: Target, recipient: str, request: DeliveryReque
         maildir = target.value.endswith("/")
         data = head + body if maildir else mbox_entry(request.sender, head + body)
         await write_mailbox(Mailbox(target.value, maildir, rights.uid, rights.gid), data,
-                            config)
+                            config, file=True)
         return f"delivered to file: {target.value}"
     return await _command(target, recipient, request, head + body, config)
 

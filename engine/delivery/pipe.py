@@ -2,10 +2,12 @@
 
 A ``[pipe_transports.NAME]`` table gives the argv template, the user and the time limit. The
 message goes to the command's standard input (LF line ends); its exit status decides, as
-sysexits(3) say: 0 sent, 75 (EX_TEMPFAIL) deferred, anything else bounced; killed by a signal or
-by the time limit: deferred. What the command printed goes into the reason (the log and the
-bounce). One command runs for all the request's recipients: an argument that holds a recipient
-macro is repeated once per recipient, as Postfix expands ``${recipient}``.
+sysexits(3) say: 0 sent, 71 (EX_OSERR) and 75 (EX_TEMPFAIL) deferred, anything else bounced,
+unless its output starts with an enhanced status code ("4.2.2 mailbox full"), which then
+decides; killed by a signal or by the time limit: deferred. What the command printed goes into
+the reason (the log and the bounce). One command runs for all the request's recipients: an
+argument that holds a recipient macro is repeated once per recipient, as Postfix expands
+``${recipient}``.
 
 The command runs as the configured user when Tern is root (set in the child before exec, also
 under uvloop: Tern's own identity never changes), else as Tern's own user.
@@ -38,7 +40,13 @@ RECIPIENT_MACROS = frozenset({"recipient", "original_recipient", "user", "extens
 MESSAGE_MACROS = frozenset({"sender", "nexthop", "size", "queue_id"})
 MACROS = RECIPIENT_MACROS | MESSAGE_MACROS
 
-# sysexits(3) as Postfix's sys_exits table words them: status -> (dsn, text)
+# Command output that starts with an enhanced status code ("5.1.1 no such user"): after a
+# non-zero exit, that status and the text after it are the result (Postfix's pipe(8)). Only
+# the 4 and 5 classes: a failed command reports no success.
+OUTPUT_DSN = re.compile(r"([45]\.\d{1,3}\.\d{1,3})(?:\s|$)")
+
+# sysexits(3) as Postfix's sys_exits table words them: status -> (dsn, text); a 4.x.x status
+# (EX_OSERR, EX_TEMPFAIL) defers, the others bounce
 SYSEXITS = {
     64: ("5.3.0", "command line usage error"),
     65: ("5.6.0", "data format error"),
@@ -47,7 +55,7 @@ SYSEXITS = {
     68: ("5.1.2", "host name unknown"),
     69: ("5.3.0", "service unavailable"),
     70: ("5.3.0", "internal software error"),
-    71: ("5.3.0", "system resource problem"),
+    71: ("4.3.0", "system resource problem"),
     72: ("5.3.0", "critical OS file missing"),
     73: ("5.2.0", "can't create user output file"),
     74: ("5.3.0", "input/output error"),
@@ -81,7 +89,8 @@ def expand_argv(argv: tuple[str, ...], request: DeliveryRequest, delimiter: str,
     """The command line for ``request``: message macros filled in, and each argument with a
     recipient macro repeated for every recipient."""
     nexthop = request.nexthop.host.lower() if "h" in flags else request.nexthop.host
-    common = {"sender": request.sender, "nexthop": nexthop,
+    # the null sender is MAILER-DAEMON (Postfix pipe(8)'s null_sender default)
+    common = {"sender": request.sender or "MAILER-DAEMON", "nexthop": nexthop,
               "size": str(len(request.content)), "queue_id": request.queue_id}
     per_recipient = []
     for recipient in request.recipients:
@@ -114,10 +123,14 @@ def _verdict(name: str, argv0: str, returncode: int, output: bytes) -> tuple[str
         return "sent", "2.0.0", f"delivered via {name} service{f' ({said})' if said else ''}"
     if returncode < 0:
         return "deferred", "4.3.0", f'Command died with signal {-returncode}: "{argv0}"{tail}'
+    died = f'Command died with status {returncode}: "{argv0}"'
+    if (status := OUTPUT_DSN.match(said)) is not None:  # "D.S.N text" output decides
+        dsn, text = status.group(1), said[status.end():].strip() or died
+        return ("deferred" if dsn[0] == "4" else "bounced"), dsn, text
     if returncode in SYSEXITS:
         dsn, text = SYSEXITS[returncode]
-        return ("deferred" if returncode == 75 else "bounced"), dsn, text + tail
-    return "bounced", "5.3.0", f'Command died with status {returncode}: "{argv0}"{tail}'
+        return ("deferred" if dsn[0] == "4" else "bounced"), dsn, text + tail
+    return "bounced", "5.3.0", died + tail
 
 
 def message_data(request: DeliveryRequest, flags: str) -> bytes:
@@ -141,10 +154,32 @@ def message_data(request: DeliveryRequest, flags: str) -> bytes:
     return head.encode() + body
 
 
+def refused_addresses(request: DeliveryRequest, name: str) -> list[RecipientResult]:
+    """Postfix's allow_min_user = no, where it cannot be bypassed (smtpd refuses these too,
+    but the sendmail command, the API or an old queue may carry them): an address starting
+    with "-" never reaches a command line, where it would read as an option. A sender so
+    bounces every recipient; such a recipient bounces alone."""
+    if request.sender[:1] == "-":
+        return [RecipientResult(r, "bounced", "5.1.7", "bad sender address syntax", name)
+                for r in request.recipients]
+    return [RecipientResult(r, "bounced", "5.1.3", "bad address syntax", name)
+            for r in request.recipients if r[:1] == "-"]
+
+
 async def deliver(request: DeliveryRequest, config: Config, name: str,
                   transport: PipeTransport) -> DeliveryOutcome:
     """Run the command; with the D or O flag (a per-recipient header) once per recipient, as
     Postfix needs destination_recipient_limit = 1 for them."""
+    if refused := refused_addresses(request, name):
+        left = [r for r in request.recipients if r[:1] != "-"]
+        if request.sender[:1] == "-" or not left:
+            return DeliveryOutcome(refused)
+        outcome = await deliver(dataclasses.replace(request, recipients=left), config, name,
+                                transport)
+        results, bad = iter(outcome.results), iter(refused)  # back in the request's order
+        outcome.results = [next(bad) if r[:1] == "-" else next(results)
+                           for r in request.recipients]
+        return outcome
     if len(request.recipients) > 1 and set("DO") & set(transport.flags):
         results = []
         for recipient in request.recipients:
@@ -209,9 +244,13 @@ async def run_command(argv: list[str], data: bytes, env: dict[str, str], identit
                 output = await process.stdout.read(OUTPUT_LIMIT) if process.stdout else b""
                 await process.wait()
     except TimeoutError:
-        _kill_group(process)
-        await process.wait()
         return None, b""
+    finally:
+        # timed out, cancelled (the queue manager stopping) or failed: the command and what
+        # it started must not outlive the delivery; killed, then reaped
+        if process.returncode is None:
+            _kill_group(process)
+            await asyncio.shield(process.wait())
     return process.returncode, output
 
 

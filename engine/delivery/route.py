@@ -5,10 +5,11 @@ delivery agent). Trusts the configuration, which engine.config validated at load
 domain comes from a client, so whatever it holds ends in a NextHop or a PermanentFailure.
 """
 
+import dataclasses
 import functools
 
 from engine.config import Config, parse_transport_nexthop
-from engine.delivery import NextHop, PermanentFailure
+from engine.delivery import NextHop, PermanentFailure, TransientFailure
 from engine.ipliteral import parse_ip
 
 DEFAULT_TRANSPORT = "smtp"
@@ -67,13 +68,19 @@ def _nexthop(transport: str, nexthop: str, domain: str, config: Config) -> NextH
     default_port = DEFAULT_PORTS[protocol]
     try:
         host, port, mx_lookup = _parsed_nexthop(protocol, nexthop)
-    except ValueError as exc:  # only a Config built without load_config can hold one
-        raise PermanentFailure("5.3.5", f"bad next hop {nexthop!r} for {domain}: {exc}") from None
+    except ValueError as exc:  # only a Config built without load_config can hold one: the
+        # administrator's to fix, so it defers (Postfix: a configuration problem is 4.3.5)
+        raise TransientFailure("4.3.5", f"bad next hop {nexthop!r} for {domain}: {exc}") from None
     if host.startswith("unix:"):  # lmtp:unix:/path
         return NextHop(transport, host, 0, False)
     if not host:
         return _domain_hop(transport, domain, port or default_port)
     return NextHop(transport, host, port or default_port, mx_lookup)
+
+
+def _from_relayhost(hop: NextHop, setting: str) -> NextHop:
+    """``hop``, marked as the relay host of ``setting`` (see NextHop.relayhost)."""
+    return dataclasses.replace(hop, relayhost=setting)
 
 
 def sender_transport(sender: str, maps: dict[str, str], null_key: str = "") -> str | None:
@@ -110,13 +117,16 @@ def nexthop_for(domain: str, config: Config, sender: str = "") -> NextHop:
         return NextHop(LOCAL_TRANSPORT, domain, mx_lookup=False)
     if domain in config.virtual_domains:
         return NextHop(VIRTUAL_TRANSPORT, domain, mx_lookup=False)
-    relayhost = sender_transport(
+    sender_relayhost = sender_transport(
         sender, config.sender_dependent_relayhost_maps,
-        config.empty_address_relayhost_maps_lookup_key) or config.relayhost
+        config.empty_address_relayhost_maps_lookup_key)
+    relayhost = sender_relayhost or config.relayhost
+    setting = "sender_dependent_relayhost_maps" if sender_relayhost else "relayhost"
     entry = sender_transport(sender, config.sender_dependent_default_transport_maps)
     if entry is not None:
         transport, _, nexthop = entry.partition(":")
-        return _nexthop(transport, nexthop or relayhost, domain, config)
+        hop = _nexthop(transport, nexthop or relayhost, domain, config)
+        return hop if nexthop or not relayhost else _from_relayhost(hop, setting)
     if relayhost:
-        return _nexthop(DEFAULT_TRANSPORT, relayhost, domain, config)
+        return _from_relayhost(_nexthop(DEFAULT_TRANSPORT, relayhost, domain, config), setting)
     return _domain_hop(DEFAULT_TRANSPORT, domain, DEFAULT_PORTS[DEFAULT_TRANSPORT])

@@ -33,12 +33,12 @@ from engine.delivery import (
     sasl,
 )
 from engine.delivery.connections import Connection, ConnectionCache
+from engine.delivery.myself import Myself
 from engine.delivery.route import nexthop_as_written
 from engine.dns import Resolver
 from engine.log import Maillog
 from engine.smtp.client import (
     Client,
-    Closed,
     Envelope,
     Event,
     NeedData,
@@ -68,7 +68,8 @@ from engine.tls.tlsrpt_record import Reporter, reporter
 from engine.tls.trust import trust_store
 
 READ_SIZE = 65536
-CHUNK_SIZE = 1 << 20  # the largest BDAT chunk: one write, bounded memory at the next hop
+CHUNK_SIZE = 1 << 20  # the largest BDAT chunk: bounded memory at the next hop
+WRITE_SLICE = 1 << 16  # bytes written between two drains, each under the stage's timeout
 
 # Postfix's smtp_*_timeout for each stage (the greeting falls under smtp_helo_timeout).
 STAGE_TIMEOUTS = {
@@ -94,11 +95,39 @@ async def deliver(
     resolver: Resolver,
     connections: ConnectionCache | None = None,
     maillog: Maillog | None = None,
+    myself: Myself | None = None,
+    finder: PolicyFinder | None = None,
+) -> DeliveryOutcome:
+    """``_deliver``, where a relay host that does not resolve or loops back defers with
+    4.3.5 instead of bouncing, as Postfix's smtp_connect.c: it is a configuration problem, not
+    the recipient's. A server's own 5xx (relay != "none") still bounces."""
+    try:
+        return await _deliver(request, config, resolver, connections, maillog, myself, finder)
+    except PermanentFailure as error:
+        setting = request.nexthop.relayhost
+        if not setting or error.relay != "none":
+            raise
+        if maillog is not None:
+            maillog.line("smtp", f"warning: {setting} configuration problem")
+        raise TransientFailure("4.3.5", error.text) from None
+
+
+async def _deliver(
+    request: DeliveryRequest,
+    config: Config,
+    resolver: Resolver,
+    connections: ConnectionCache | None = None,
+    maillog: Maillog | None = None,
+    myself: Myself | None = None,
+    finder: PolicyFinder | None = None,
 ) -> DeliveryOutcome:
     """Deliver ``request`` to its next hop. Raises DeliveryError when no server took the
     transaction (DNS failure, every address refused or failed before MAIL FROM). With
     ``connections``, a cached session to the destination goes first (a dead one is dropped and
-    counts as no attempt), and a session that may be reused goes back there afterwards."""
+    counts as no attempt), and a session that may be reused goes back there afterwards.
+    ``myself``: where this Tern takes mail (built from ``config`` when not given), for the
+    loop check; ``finder``: the transport's TLS policy finder (engine.delivery.agents makes
+    one per transport; else one cached per Config)."""
     started = time.monotonic()
     if not request.recipients:
         return DeliveryOutcome([])
@@ -116,7 +145,7 @@ async def deliver(
     )
     auth = await sasl.for_delivery(config, request.sender)
     try:
-        policy = _policy_finder(config).policy(nexthop_as_written(hop))
+        policy = (finder or _policy_finder(config)).policy(nexthop_as_written(hop))
     except PolicyError as exc:  # never deliver with less TLS than the administrator wrote
         raise TransientFailure("4.7.5", f"TLS policy lookup for {hop.host}: {exc}") from None
     rpt = reporter(config, hop.host)  # TLS-RPT (RFC 8460): None unless smtp_tlsrpt_enable
@@ -162,7 +191,8 @@ async def deliver(
                                                request.queue_id)
             found = await resolver.address_lookup(host, dnssec=host_policy.level in DANE)
             addresses = found.items
-            host_policy = await resolve_dane(host_policy, resolver.dnssec, host, hop.port,
+            dnssec = resolver.dnssec if host_policy.level in DANE else None  # made on need
+            host_policy = await resolve_dane(host_policy, dnssec, host, hop.port,
                                              secure=found.secure)
             if sts is not None and sts.mode != "none" and host_policy.level not in DANE \
                     and policy.level in DANE:  # DANE does not cover this host: MTA-STS does
@@ -179,6 +209,7 @@ async def deliver(
         servers += [(host, address, host_policy) for address in addresses]
     if address_limit:
         del servers[address_limit:]
+    servers = _without_myself(servers, hosts, hop, myself or Myself(config))
     final: dict[str, RecipientResult] = {}
     outcome: DeliveryOutcome | None = None
     sessions = 0
@@ -306,7 +337,8 @@ _FINDERS: dict[int, tuple[object, PolicyFinder]] = {}
 
 
 def _policy_finder(config: Config) -> PolicyFinder:
-    """One PolicyFinder (with its opened smtp_tls_policy_maps) per Config object."""
+    """One PolicyFinder (with its opened smtp_tls_policy_maps) per Config object, for callers
+    without the one their transport was built with (build_agents binds one per transport)."""
     entry = _FINDERS.get(id(config))
     if entry is None or entry[0] is not config:
         if len(_FINDERS) > 16:  # a process has one Config; tests make many
@@ -314,6 +346,25 @@ def _policy_finder(config: Config) -> PolicyFinder:
         entry = (config, PolicyFinder(config))
         _FINDERS[id(config)] = entry
     return entry[1]
+
+
+def _without_myself(servers: list, hosts: list[str], hop: NextHop, myself: Myself) -> list:
+    """The servers minus this Tern and every MX host not better than it, as Postfix's
+    smtp_find_self / smtp_truncate_self. Raises PermanentFailure (5.4.6) "mail for X loops
+    back to myself" when that leaves none (or when a host that is no MX list is this Tern),
+    TransientFailure (4.4.4) when a better MX host had no address."""
+    me = next((host for host, address, _ in servers if (address, hop.port) in myself), None)
+    if me is None:
+        return servers
+    preference = getattr(me, "preference", None)
+    if preference is None:  # [host], a relay host or an implicit MX: no better host to try
+        raise PermanentFailure("5.4.6", f"mail for {hop.host} loops back to myself")
+    better = [server for server in servers if server[0].preference < preference]
+    if better:
+        return better
+    if getattr(hosts[0], "preference", preference) != servers[0][0].preference:
+        raise TransientFailure("4.4.4", f"unable to find primary relay for {hop.host}")
+    raise PermanentFailure("5.4.6", f"mail for {hop.host} loops back to myself")
 
 
 def _no_server_took_it(failures: list[DeliveryError], destination: str) -> DeliveryError:
@@ -476,9 +527,8 @@ async def _transact(
         if isinstance(event, TransactionDone):
             done_at = time.monotonic()
             kept = cache is not None and cache.put(cache_key or hop.destination, connection)
-            if not kept:
-                client.quit()
-                await _finish(connection, config)
+            if not kept:  # the outcome is known: it never waits for the QUIT reply
+                connection.quit()
             return DeliveryOutcome(
                 list(event.results),
                 connect_seconds=ready_at - started,
@@ -486,7 +536,7 @@ async def _transact(
                 conn_use=client.transactions,
                 dsn_passed=event.dsn_passed,
             )
-        await _finish(connection, config)
+        connection.quit()  # nor does a failed session, before the next MX host
         if isinstance(event, ReuseFailed):
             raise _DeadSession("4.4.2", event.text, client.relay)
         if not isinstance(event, SessionFailed):
@@ -514,21 +564,25 @@ async def _next_event(connection: Connection, config: Config) -> Event:
                 return event
 
 
-async def _finish(connection: Connection, config: Config) -> None:
-    """Run the client to its end (QUIT and its reply, after quit() or a failed session)."""
-    while not isinstance(await _next_event(connection, config), Closed):
-        pass
-
-
 def _timeout(config: Config, stage: Stage) -> float:
     return getattr(config, STAGE_TIMEOUTS[stage])
 
 
 async def _write(writer: asyncio.StreamWriter, data: bytes, timeout: float, client: Client) -> None:
+    """Write ``data`` a slice at a time, each drained within ``timeout``: as Postfix's
+    smtp_*_timeout, the limit is on a stall (no progress), not on the whole message, so a
+    slow but steady next hop gets a large body. Slices are views: the data is never copied."""
     try:
-        writer.write(data)
-        async with asyncio.timeout(timeout):
-            await writer.drain()
+        if len(data) <= WRITE_SLICE:
+            writer.write(data)
+            async with asyncio.timeout(timeout):
+                await writer.drain()
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), WRITE_SLICE):
+            writer.write(view[start:start + WRITE_SLICE])
+            async with asyncio.timeout(timeout):
+                await writer.drain()
     except TimeoutError:
         client.timed_out()
     except OSError:

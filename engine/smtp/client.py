@@ -822,7 +822,8 @@ class Client:
         self._chunks = deque(bdat_chunks(self._env.content, self.chunk_size))
         self._chunks_sent = len(self._chunks)
         if self.use_pipelining and "PIPELINING" in self.extensions and not self.lmtp:
-            self._events.append(Send(b"".join(self._chunks), Stage.BODY))
+            # one write each, back to back (no copy of the whole content joined)
+            self._events.extend(Send(chunk, Stage.BODY) for chunk in self._chunks)
             self._expect.extend([Stage.BDAT] * self._chunks_sent)
             self._chunks.clear()
         else:

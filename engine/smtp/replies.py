@@ -134,6 +134,7 @@ AUTH_PARAMETER_TWICE = Reply(503, "5.5.4 Error: multiple AUTH= options")
 
 # limits
 TOO_BIG = Reply(552, "5.3.4 Message size exceeds fixed limit")
+TOO_MANY_HOPS = Reply(554, "5.4.0 Error: too many hops")  # Postfix: cleanup's hopcount_limit
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3 Error: too many recipients")
 SHUTTING_DOWN = Reply(421, "4.3.2 Service shutting down, closing transmission channel")
 SPOOL_FULL = Reply(452, "4.3.1 Insufficient system storage")

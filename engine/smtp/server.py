@@ -719,6 +719,10 @@ class ServerSession:
         if self.settings.auth_required and not self.authenticated:
             return replies.AUTH_REQUIRED
         sender, params = parse_mail_from(arg)
+        # Postfix's allow_min_user = no: an address starting with "-" would read as an option
+        # to a command it reaches (pipe transports, sendmail); refused as a syntax error
+        if sender[:1] == "-":
+            return replies.BAD_SENDER
         kept: dict[str, str | None] = {}
         for key, value in params:  # left to right, the first error answers (as Postfix)
             if key == "SIZE":
@@ -755,6 +759,8 @@ class ServerSession:
 
     def _rcpt(self, arg: str) -> Event | Reply:
         recipient, params = parse_rcpt_to(arg)
+        if recipient[:1] == "-":  # allow_min_user = no, as in _mail
+            return replies.BAD_RECIPIENT
         kept: dict[str, str | None] = {}
         for key, value in params:
             if key not in RCPT_DSN_PARAMETERS:

@@ -601,6 +601,11 @@ class SmtpdProtocol(asyncio.Protocol):
                              sender=txn.sender)
             self.session.reject(replies.TOO_BIG)
             return
+        if txn.builder.too_many_hops:  # a mail loop: refused here, as Postfix's smtpd does
+            self._log_reject("END-OF-MESSAGE", replies.TOO_MANY_HOPS, queue_id=txn.queue_id,
+                             sender=txn.sender)
+            self.session.reject(replies.TOO_MANY_HOPS)
+            return
         self._pause("commit")
         self._commit_task = asyncio.get_running_loop().create_task(
             self._commit(txn, event.chunked_size))
