@@ -250,6 +250,18 @@ def test_wrappermode_to_a_plaintext_server_fails(sink):
     assert result.text == "Cannot start TLS: handshake failure"
 
 
+def test_wrappermode_never_falls_back_to_plaintext(dns_server, sink):
+    """At "dane" without DNSSEC the level is "may", whose failed handshake Postfix follows with
+    plaintext; in wrapper mode (port 465) there is no plaintext to fall back to."""
+    dns = dns_server(["example.net. 60 IN MX 10 mx.tern.test.", "mx.tern.test. 60 IN A 127.0.0.1"],
+                     zones=("example.net.", "tern.test."))
+    result, log, _ = send(sink.port, smtp_tls_wrappermode=True, smtp_tls_security_level="dane",
+                          dns_servers=[f"{dns[0]}:{dns[1]}"], smtp_helo_timeout=3.0,
+                          _host="example.net", _mx=True)
+    assert isinstance(result, TransientFailure), result
+    assert (result.dsn, result.text) == ("4.7.5", "Cannot start TLS: handshake failure")
+
+
 # ---- Postfix's trust words: Trusted, Untrusted, Verified, Anonymous --------------------------
 
 

@@ -392,7 +392,7 @@ async def _connect(config: Config, host: str, address: str, port: int,
     # Postfix's smtp_bind_address / smtp_bind_address6: the source address of this family
     bind = config.smtp_bind_address6 if ":" in address else config.smtp_bind_address
     policy = tls.policy if tls is not None else TlsPolicy("none")
-    wrapped = config.smtp_tls_wrappermode and policy.level != "none"
+    wrapped = config.smtp_tls_wrappermode and tls is not None  # TLS or nothing (never plain)
     try:
         async with asyncio.timeout(config.smtp_connect_timeout):
             reader, writer = await asyncio.open_connection(
@@ -440,7 +440,7 @@ async def _handshake(connection: Connection, config: Config) -> None:
         why = "unexpected data after STARTTLS reply"
         tls.log(f"warning: {client.relay} sent {why}: possible response injection")
         tls.report("validation-failure", why, _local_ip(connection))
-        failure = TransientFailure if tls.policy.mandatory else _PlaintextRetry
+        failure = _PlaintextRetry if _may_retry_plain(tls, config) else TransientFailure
         raise failure("4.7.5", f"Cannot start TLS: {why}", client.relay)
     try:
         if early:  # wrapper mode, and the server spoke first in plaintext: no TLS server
@@ -453,7 +453,7 @@ async def _handshake(connection: Connection, config: Config) -> None:
             getattr(exc, "reason", None) or str(exc) or type(exc).__name__)
         tls.log(f"SSL_connect error to {client.relay}: {why}")
         tls.report("validation-failure", f"handshake: {why}", _local_ip(connection))
-        if tls.policy.mandatory:
+        if not _may_retry_plain(tls, config):
             raise TransientFailure("4.7.5", "Cannot start TLS: handshake failure",
                                    client.relay) from None
         raise _PlaintextRetry("4.7.5", "Cannot start TLS: handshake failure",
@@ -474,6 +474,13 @@ async def _handshake(connection: Connection, config: Config) -> None:
         tls.report(audit.result or "success", audit.detail, _local_ip(connection))
     if check.failure:
         raise TransientFailure("4.7.5", check.failure, client.relay)
+
+
+def _may_retry_plain(tls: _TlsJob, config: Config) -> bool:
+    """Whether a failed TLS start may be followed by the same server in plaintext: only at an
+    opportunistic level, and never in wrapper mode (a port-465 server is spoken to in TLS or
+    not at all, as Postfix; "may" from MTA-STS testing or DANE's fallback included)."""
+    return not tls.policy.mandatory and not config.smtp_tls_wrappermode
 
 
 def _buffered(reader: asyncio.StreamReader) -> int:
