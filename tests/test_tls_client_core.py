@@ -218,6 +218,10 @@ def test_policy_table_keys_are_next_hops_as_postfix_writes_them(tmp_path):
     ("*.example.com", "mx.example.com", True),
     ("*.example.com", "a.mx.example.com", False),
     ("*.example.com", ".example.com", True),
+    # a wildcard needs two labels after it (OpenSSL's rule): "*.com" covers nothing
+    ("*.com", "example.com", False),
+    ("*.com", ".com", False),
+    ("*.", "example", False),
 ])
 def test_certificate_name_matching(name, pattern, matches):
     assert name_matches(name, pattern) is matches

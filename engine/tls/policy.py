@@ -83,7 +83,10 @@ def policy_lookup_keys(nexthop: str) -> list[str]:
 
 
 def name_matches(name: str, pattern: str) -> bool:
-    """Certificate name (maybe "*.example.com") against one wanted name or ".domain"."""
+    """Certificate name (maybe "*.example.com") against one wanted name or ".domain". A
+    wildcard with fewer than two labels after it ("*.com") matches nothing, as OpenSSL."""
+    if name.startswith("*.") and "." not in name[2:].strip("."):
+        return False
     if pattern.startswith("."):
         base = pattern[1:]
         if name.startswith("*."):  # a wildcard covers names one label below its base
