@@ -42,7 +42,7 @@ def https(sts_site):
     yield start
     for one in servers:
         one.close()
-    sts_fetch.CACHE._entries.clear()
+    sts_fetch.CACHE.clear()
 
 
 def signed_zone(port, *extra):

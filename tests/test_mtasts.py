@@ -73,7 +73,7 @@ def policy_server(certs):
     yield start
     for one in servers:
         one.close()
-    sts_fetch.CACHE._entries.clear()
+    sts_fetch.CACHE.clear()
 
 
 def policy(mode, mx="mx.tern.test"):
@@ -122,11 +122,36 @@ def test_enforce_with_a_non_matching_mx_defers_and_testing_delivers(dns_server, 
     result, _, _ = send(server.port, **settings)
     assert isinstance(result, TransientFailure)
     assert result.text == "MX host mx.tern.test does not match the MTA-STS policy of example.net"
-    sts_fetch.CACHE._entries.clear()
+    sts_fetch.CACHE.clear()
     https.policy = policy("testing", mx="*.example.org")
     result, log, _ = send(server.port, **settings)
     assert_sent(result)
     assert "MTA-STS testing: MX host mx.tern.test does not match" in log
+
+
+def test_a_failed_fetch_is_not_repeated_for_every_message(dns_server, server, policy_server,
+                                                         certs, monkeypatch):
+    """A broken policy server is asked once per policy id and FAILURE_HOLD, not once per
+    message; the fetches share one TLS context (one CA bundle load per process)."""
+    made = []
+    real = ssl.create_default_context
+    monkeypatch.setattr(sts_fetch, "_CONTEXTS", {})
+    monkeypatch.setattr(sts_fetch.ssl, "create_default_context",
+                        lambda *a, **k: made.append(k) or real(*a, **k))
+    dns = dns_server(RECORDS, zones=("example.net.", "tern.test."))
+    https = policy_server(b"not a policy")
+    settings = dict(dns_servers=[f"{dns[0]}:{dns[1]}"], smtp_mta_sts_enable=True,
+                    smtp_mta_sts_CAfile=str(certs.ca), smtp_mta_sts_https_port=https.port,
+                    _host="example.net", _mx=True)
+    for _ in range(3):
+        result, _, _ = send(server.port, **settings)
+        assert_sent(result)  # no policy: opportunistic delivery
+    assert https.requests == 1
+    sts_fetch.CACHE.clear()  # the hold is over: fetched again, with the same context
+    https.policy = policy("enforce")
+    send(server.port, **settings)
+    assert https.requests == 2
+    assert [k.get("cafile") for k in made] == [str(certs.ca)]
 
 
 def test_policy_behind_an_untrusted_https_certificate_is_ignored(dns_server, server,
@@ -177,14 +202,14 @@ def test_tlsrpt_records_sts_sessions_and_fetch_failures(dns_server, server, poli
     assert failure.reason == ("server certificate verification failed: num=19:self-signed"
                               " certificate in certificate chain")
     # the policy server's certificate is not trusted: sts-webpki-invalid, then no policy
-    sts_fetch.CACHE._entries.clear()
+    sts_fetch.CACHE.clear()
     result, _, _ = send(server.port, queue_directory=tmp_path / "webpki", **settings)
     assert_sent(result)
     (fetch,) = recorded(tmp_path / "webpki")
     assert (fetch.policy_type, fetch.result) == ("sts", "sts-webpki-invalid")
     assert "CERTIFICATE_VERIFY_FAILED" in fetch.reason
     # a policy file that is not one: sts-policy-invalid
-    sts_fetch.CACHE._entries.clear()
+    sts_fetch.CACHE.clear()
     https.policy = b"version: STSv2\r\n"
     result, _, _ = send(server.port, smtp_mta_sts_CAfile=str(certs.ca),
                         queue_directory=tmp_path / "invalid", **settings)
@@ -221,7 +246,7 @@ def test_tlsrpt_in_testing_mode_reports_what_enforce_would_find(dns_server, serv
                         smtp_tls_CAfile=str(certs.ca), **settings)
     assert_sent(result)
     assert [r.result for r in recorded(tmp_path / "trusted")] == ["success"]
-    sts_fetch.CACHE._entries.clear()
+    sts_fetch.CACHE.clear()
     https.policy = policy("testing", mx="*.example.org")
     result, _, _ = send(server.port, queue_directory=tmp_path / "mx", smtp_tls_CAfile=str(certs.ca),
                         **settings)
@@ -370,6 +395,7 @@ def test_a_cached_session_never_carries_mail_under_a_policy_that_appeared_since(
                                       NextHop("smtp", "example.net", server.port, True))
             outcomes.append(await deliver(request, config, Resolver(config), cache, maillog))
             https.policy = policy("enforce")
+            sts_fetch.CACHE.clear()  # as when the failed fetch's hold is over
         await cache.close()
         return outcomes
 

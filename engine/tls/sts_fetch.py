@@ -50,7 +50,7 @@ async def fetch(config, addresses, domain: str) -> bytes:
     close is refused: the stream does not tell a TLS close_notify from a cut TCP connection,
     so a truncated policy would look complete (§3.3 wants it whole or not at all)."""
     host = f"mta-sts.{domain}"
-    context = ssl.create_default_context(cafile=config.smtp_mta_sts_CAfile or None)
+    context = _context(config.smtp_mta_sts_CAfile)
     last: Exception = StsError(f"no address for {host}")
     for address in addresses:
         try:
@@ -73,6 +73,20 @@ async def fetch(config, addresses, domain: str) -> bytes:
     if isinstance(last, ssl.SSLCertVerificationError):
         error.kind = "sts-webpki-invalid"
     raise error
+
+
+_CONTEXTS: dict[str, ssl.SSLContext] = {}
+
+
+def _context(cafile: str) -> ssl.SSLContext:
+    """One verifying client context per CA file for the process (loading the system's CA
+    bundle for every fetch costs milliseconds of CPU)."""
+    context = _CONTEXTS.get(cafile)
+    if context is None:
+        if len(_CONTEXTS) > 16:  # a process has one setting; tests make many
+            _CONTEXTS.clear()
+        context = _CONTEXTS[cafile] = ssl.create_default_context(cafile=cafile or None)
+    return context
 
 
 async def _response(reader: asyncio.StreamReader) -> bytes:
@@ -137,6 +151,8 @@ async def sts_policy(config, dns_resolver, resolver, domain: str,
         return cached
     if policy_id is None:
         return CACHE.get(domain, now)  # §5.1: a valid cached policy outlives a missing record
+    if CACHE.recently_failed(domain, policy_id, now):
+        return CACHE.get(domain, now)  # reported when it failed; not fetched again so soon
     kind = "sts-policy-fetch-error"
     try:
         addresses = await resolver.addresses(f"mta-sts.{domain}")
@@ -146,6 +162,7 @@ async def sts_policy(config, dns_resolver, resolver, domain: str,
     except (StsError, DeliveryError) as error:
         if failures is not None:
             failures.append((getattr(error, "kind", None) or kind, str(error)))
+        CACHE.failed(domain, policy_id, now)
         return CACHE.get(domain, now)
     CACHE.put(domain, policy, now)
     return policy
