@@ -8,6 +8,7 @@ import io
 import socket
 import ssl
 import threading
+import time
 import uuid
 
 import pytest
@@ -152,6 +153,32 @@ def test_a_failed_fetch_is_not_repeated_for_every_message(dns_server, server, po
     send(server.port, **settings)
     assert https.requests == 2
     assert [k.get("cafile") for k in made] == [str(certs.ca)]
+
+
+def test_a_policy_near_its_end_is_refreshed_in_the_background(dns_server, policy_server, certs):
+    """§5.1: the cached policy still answers at once; a new fetch extends its life."""
+    dns = dns_server(RECORDS, zones=("example.net.", "tern.test."))
+    https = policy_server(policy("enforce"))
+    config = Config(myhostname="client.tern.test", dns_servers=(f"{dns[0]}:{dns[1]}",),
+                    smtp_mta_sts_CAfile=str(certs.ca), smtp_mta_sts_https_port=https.port)
+
+    async def run():
+        resolver = Resolver(config)
+        first = await sts_fetch.sts_policy(config, resolver.dnssec, resolver, "example.net")
+        cached, _ = sts_fetch.CACHE._entries["example.net"]
+        sts_fetch.CACHE._entries["example.net"] = (cached, time.monotonic() + 10)  # near its end
+        second = await sts_fetch.sts_policy(config, resolver.dnssec, resolver, "example.net")
+        requests_before_refresh = https.requests
+        await sts_fetch._REFRESHING["example.net"]
+        _, expires = sts_fetch.CACHE._entries["example.net"]
+        return first, second, requests_before_refresh, expires - time.monotonic()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        first, second, before, remaining = runner.run(run())
+    assert first == second and first.mode == "enforce"
+    assert before == 1 and https.requests == 2
+    assert remaining > 86400 - 60  # max_age 86400 from the refresh
+    assert sts_fetch._REFRESHING == {}
 
 
 def test_policy_behind_an_untrusted_https_certificate_is_ignored(dns_server, server,

@@ -109,3 +109,15 @@ def test_cache_of_failures_is_bounded():
         cache.failed(f"d{n}.test", "id", now=1000.0)
     assert len(cache._failures) == 3
     assert cache.recently_failed("d9.test", "id", 1001.0)  # the newest is kept
+
+
+def test_refresh_is_due_when_half_the_max_age_or_a_day_remains():
+    cache = PolicyCache()
+    cache.put("short.test", StsPolicy("enforce", ("mx.test",), 100, "id1"), now=1000.0)
+    assert not cache.refresh_due("short.test", 1049.0)
+    assert cache.refresh_due("short.test", 1051.0)
+    year = 31557600
+    cache.put("long.test", StsPolicy("enforce", ("mx.test",), year, "id1"), now=0.0)
+    assert not cache.refresh_due("long.test", year - PolicyCache.REFRESH_MARGIN - 1)
+    assert cache.refresh_due("long.test", year - PolicyCache.REFRESH_MARGIN + 1)
+    assert not cache.refresh_due("unknown.test", 0.0)

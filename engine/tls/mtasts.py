@@ -125,9 +125,11 @@ class PolicyCache:
 
     Also the fetches that failed, by domain and TXT id, for FAILURE_HOLD seconds: a domain
     whose policy server is down or broken is not fetched again (up to a minute's timeout) for
-    every message meanwhile; a new id is fetched at once. At most MAX_FAILURES are kept."""
+    every message meanwhile; a new id is fetched at once. At most MAX_FAILURES are kept.
+    ``refresh_due`` says when a cached policy should be fetched again before it expires."""
 
     FAILURE_HOLD = 300.0
+    REFRESH_MARGIN = 86400.0  # a cached policy is fetched again when less than this remains
     MAX_FAILURES = 10000
 
     def __init__(self) -> None:
@@ -164,6 +166,15 @@ class PolicyCache:
         if txt_id is not None and txt_id != policy.policy_id:
             return None
         return policy
+
+    def refresh_due(self, domain: str, now: float) -> bool:
+        """Whether the cached policy of ``domain`` nears its end: less than half its max_age,
+        or than REFRESH_MARGIN seconds, remain."""
+        entry = self._entries.get(domain.lower())
+        if entry is None:
+            return False
+        policy, expires = entry
+        return expires - now < min(policy.max_age / 2, self.REFRESH_MARGIN)
 
     def put(self, domain: str, policy: StsPolicy, now: float) -> None:
         self._entries[domain.lower()] = (policy, now + policy.max_age)

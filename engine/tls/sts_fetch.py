@@ -143,26 +143,61 @@ async def sts_policy(config, dns_resolver, resolver, domain: str,
     """The domain's policy: the cached one while valid and its id unchanged, else fetched.
     A failed fetch of an announced policy goes to ``failures`` as (TLS-RPT result type,
     why): "sts-webpki-invalid" (the HTTPS certificate), "sts-policy-invalid" (the file),
-    else "sts-policy-fetch-error"."""
+    else "sts-policy-fetch-error". A cached policy near its end is fetched again in the
+    background (§5.1: refreshed before it expires, so that a policy in force never lapses
+    while its domain is written to)."""
     now = time.monotonic()
     policy_id = await txt_id(dns_resolver, domain)
     cached = CACHE.get(domain, now, policy_id)
     if cached is not None:
+        if policy_id is not None and CACHE.refresh_due(domain, now):
+            _refresh_later(config, resolver, domain, policy_id)
         return cached
     if policy_id is None:
         return CACHE.get(domain, now)  # §5.1: a valid cached policy outlives a missing record
     if CACHE.recently_failed(domain, policy_id, now):
         return CACHE.get(domain, now)  # reported when it failed; not fetched again so soon
-    kind = "sts-policy-fetch-error"
     try:
-        addresses = await resolver.addresses(f"mta-sts.{domain}")
-        body = await fetch(config, addresses, domain)
-        kind = "sts-policy-invalid"
-        policy = parse_policy(body, policy_id)
+        return await _fetch_policy(config, resolver, domain, policy_id, now)
     except (StsError, DeliveryError) as error:
         if failures is not None:
-            failures.append((getattr(error, "kind", None) or kind, str(error)))
+            failures.append((getattr(error, "kind", None) or "sts-policy-fetch-error",
+                             str(error)))
         CACHE.failed(domain, policy_id, now)
         return CACHE.get(domain, now)
+
+
+async def _fetch_policy(config, resolver, domain: str, policy_id: str, now: float) -> StsPolicy:
+    """Fetch, parse and cache ``domain``'s policy. Raises StsError (``kind``: the TLS-RPT
+    result type) or DeliveryError (the policy host did not resolve)."""
+    addresses = await resolver.addresses(f"mta-sts.{domain}")
+    body = await fetch(config, addresses, domain)
+    try:
+        policy = parse_policy(body, policy_id)
+    except StsError as error:
+        error.kind = "sts-policy-invalid"
+        raise
     CACHE.put(domain, policy, now)
     return policy
+
+
+_REFRESHING: dict[str, asyncio.Task] = {}
+MAX_REFRESHING = 64  # background refreshes at once; more wait for a later message
+
+
+def _refresh_later(config, resolver, domain: str, policy_id: str) -> None:
+    """Start one background refresh of ``domain``'s policy (none when one runs already or
+    MAX_REFRESHING do). A failure leaves the cached policy in force until it expires."""
+    key = domain.lower()
+    if key in _REFRESHING or len(_REFRESHING) >= MAX_REFRESHING:
+        return
+
+    async def refresh() -> None:
+        try:
+            await _fetch_policy(config, resolver, domain, policy_id, time.monotonic())
+        except (StsError, DeliveryError):
+            pass
+        finally:
+            _REFRESHING.pop(key, None)
+
+    _REFRESHING[key] = asyncio.get_running_loop().create_task(refresh())
