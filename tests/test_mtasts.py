@@ -304,6 +304,7 @@ class RawPolicyServer:
     def _serve(self):
         raw, _ = self.listener.accept()
         raw.settimeout(10)
+        tls = None
         try:
             tls = self.context.wrap_socket(raw, server_side=True)
             tls.recv(4096)
@@ -311,11 +312,13 @@ class RawPolicyServer:
             if self.keep_open:
                 while tls.recv(4096):
                     pass
-            raw = socket.socket(fileno=tls.detach())
+            raw = socket.socket(fileno=tls.detach())  # no close_notify: a cut connection
             raw.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         finally:
+            if tls is not None:
+                tls.close()  # nothing left to close once detached
             raw.close()
 
     def close(self):

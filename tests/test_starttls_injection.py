@@ -61,25 +61,33 @@ class InjectingServer:
         conn, _ = self.listener.accept()
         conn.settimeout(10)
         with conn:
-            conn.sendall(HEAD + self.tail)
-            lines = conn.makefile("rb")
-            self.seen += [lines.readline(), lines.readline()]  # EHLO, STARTTLS
             try:
+                conn.sendall(HEAD + self.tail)
+                with conn.makefile("rb") as lines:
+                    self.seen += [lines.readline(), lines.readline()]  # EHLO, STARTTLS
                 tls = self.context.wrap_socket(conn, server_side=True)
-                for _ in range(20):
-                    line = tls.recv(4096)
-                    if not line:
-                        break
-                    self.seen.append(b"TLS: " + line)
-                    if line.startswith(b"EHLO"):
-                        tls.sendall(b"250 real\r\n")
-                    elif line.startswith(b"QUIT"):
-                        tls.sendall(b"221 bye\r\n")
-                        break
-                    else:
-                        tls.sendall(b"550 5.1.1 the real server refuses\r\n")
             except (OSError, ssl.SSLError):
-                pass  # the client hung up before or during the handshake
+                return  # the client hung up before or during the handshake (as it must)
+            with tls:
+                self._dialogue(tls)
+
+    def _dialogue(self, tls) -> None:
+        """Only reached when the client wrongly went on: the real server under TLS."""
+        try:
+            for _ in range(20):
+                line = tls.recv(4096)
+                if not line:
+                    break
+                self.seen.append(b"TLS: " + line)
+                if line.startswith(b"EHLO"):
+                    tls.sendall(b"250 real\r\n")
+                elif line.startswith(b"QUIT"):
+                    tls.sendall(b"221 bye\r\n")
+                    break
+                else:
+                    tls.sendall(b"550 5.1.1 the real server refuses\r\n")
+        except (OSError, ssl.SSLError):
+            pass
 
     def close(self) -> None:
         self.thread.join(10)
