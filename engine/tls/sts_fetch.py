@@ -7,6 +7,7 @@ Any failure is "no policy" unless a cached one is still valid (§5.1)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 
@@ -62,8 +63,10 @@ async def fetch(config, addresses, domain: str) -> bytes:
                     writer.write(f"GET /.well-known/mta-sts.txt HTTP/1.1\r\nHost: {host}\r\n"
                                  "Connection: close\r\n\r\n".encode())
                     return await _response(reader)
-                finally:
-                    writer.close()
+                finally:  # the policy is read (or refused): no close_notify exchange to wait
+                    writer.transport.abort()  # for with a server that keeps the connection
+                    with contextlib.suppress(OSError, ssl.SSLError):
+                        await writer.wait_closed()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
             last = StsError("truncated response" if isinstance(exc, asyncio.IncompleteReadError)
                             else "response header too large")
