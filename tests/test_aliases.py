@@ -9,6 +9,7 @@ import pytest
 from engine.config import Config
 from engine.delivery import aliases
 from engine.delivery.aliases import AliasTable, Expander, Rights, Target, split_values
+from engine.delivery.local import _privs as local_privs
 from engine.delivery.mailbox import MailboxError
 from engine.tables import TableError
 
@@ -37,6 +38,15 @@ def users(tmp_path):
         home.mkdir(parents=True)
         table[name] = entry(name, os.getuid(), home)
     return table
+
+
+def traversable(path):
+    """Let other users reach files under ``path`` (pytest's directories are 0700): a
+    .forward or include file is opened with its user's rights."""
+    for directory in (path, *path.parents):
+        if str(directory) in ("/", "/tmp"):
+            break
+        directory.chmod(0o755)
 
 
 def expander(tmp_path, users, text="", **settings):
@@ -149,15 +159,20 @@ def test_owner_alias_becomes_the_sender(tmp_path, users):
 
 
 def test_commands_and_files_of_a_root_owned_alias_file_get_default_privs(tmp_path, users):
+    """The table owner's rights (root's for a root-owned table); uid and gid 0 become
+    default_privs' when a command runs or a file is written (local(8)'s command.c, file.c)."""
     text = 'run: "|/bin/true"\nsave: /var/tmp/saved, /var/tmp/box/\n'
     ex = expander(tmp_path, users, text, default_privs="daemon")
     (command,) = ex.expand("run@mx.test").targets
-    owner = os.stat(tmp_path / "aliases").st_uid
-    who = pwd.getpwnam("daemon") if owner == 0 else pwd.getpwuid(owner)
+    owner = pwd.getpwuid(os.stat(tmp_path / "aliases").st_uid)
     assert (command.kind, command.value, command.rights.uid, command.rights.name) == (
-        "command", "/bin/true", who.pw_uid, who.pw_name)
+        "command", "/bin/true", owner.pw_uid, owner.pw_name)
     assert [(t.kind, t.value, t.rights.uid) for t in ex.expand("save@mx.test").targets] == [
-        ("file", "/var/tmp/saved", who.pw_uid), ("file", "/var/tmp/box/", who.pw_uid)]
+        ("file", "/var/tmp/saved", owner.pw_uid), ("file", "/var/tmp/box/", owner.pw_uid)]
+    who = pwd.getpwnam("daemon") if owner.pw_uid == 0 else owner
+    privs = local_privs(command.rights, ex.config)
+    assert (privs.uid, privs.name) == (who.pw_uid, who.pw_name)
+    assert local_privs(Rights(1234, 0, "u", "/"), ex.config).gid == pwd.getpwnam("daemon").pw_gid
 
 
 @pytest.mark.skipif(not ROOT, reason="needs root to give the file to another owner")
@@ -251,6 +266,7 @@ def test_world_writable_or_odd_forward_files_are_ignored(tmp_path, users):
 @pytest.mark.skipif(not ROOT, reason="needs root to give the file to another owner")
 def test_forward_owned_by_someone_else_is_ignored(tmp_path, users):
     path = forward(users, "bob", "x@elsewhere.test\n")
+    traversable(tmp_path)
     os.chown(path, 12345, 12345)
     assert kinds(expander(tmp_path, users).expand("bob@mx.test")) == [("mailbox", "bob")]
     users["bob"] = entry("bob", 12345, users["bob"].pw_dir)
@@ -262,3 +278,37 @@ def test_alias_then_the_users_forward(tmp_path, users):
     forward(users, "carol", "c@elsewhere.test\n")
     result = expander(tmp_path, users, "team: bob, carol\n").expand("team@mx.test")
     assert kinds(result) == [("mailbox", "bob"), ("forward", "c@elsewhere.test")]
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to read as another user")
+def test_forward_and_include_files_are_read_with_the_users_rights(tmp_path, users):
+    """A user's .forward naming a root-only file: opened as the user, it is refused (its text
+    would otherwise come back as addresses, and in a bounce)."""
+    secret = tmp_path / "secret"
+    secret.write_text("topsecret@leak.test\n")
+    secret.chmod(0o600)
+    traversable(tmp_path)
+    users["bob"] = entry("bob", 12345, users["bob"].pw_dir)
+    os.chown(forward(users, "bob", f":include:{secret}\n"), 12345, 12345)
+    result = expander(tmp_path, users).expand("bob@mx.test")
+    assert kinds(result) == []
+    assert failures(result) == [(str(secret), "5.3.5", f"unable to lookup include file "
+                                                       f"{secret}: Permission denied")]
+    os.chown(secret, 12345, 12345)  # the user's own file: read
+    assert kinds(expander(tmp_path, users).expand("bob@mx.test")) == [
+        ("forward", "topsecret@leak.test")]
+
+
+def test_an_extension_never_leaves_the_home_directory(tmp_path, users):
+    """``user+etc/secret``: .forward+etc a link to another directory, whose root-owned file
+    would be read as a .forward; an extension with "/" or a leading "." names no file."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "secret").write_text("x@leak.test\n")
+    os.symlink(elsewhere, os.path.join(users["bob"].pw_dir, ".forward+etc"))
+    forward(users, "bob", "carol\n", suffix="+..hidden")
+    ex = expander(tmp_path, users)
+    assert kinds(ex.expand("bob+etc/secret@mx.test")) == [("mailbox", "bob")]
+    assert kinds(ex.expand("bob+..hidden@mx.test")) == [("mailbox", "bob")]
+    forward(users, "bob", "dave\n", suffix="+ok")
+    assert kinds(ex.expand("bob+ok@mx.test")) == [("mailbox", "dave")]

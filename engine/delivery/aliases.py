@@ -17,9 +17,12 @@ Postfix's rules kept here:
   ``duplicate_filter_limit`` remembered destinations;
 - commands and files only where ``allow_mail_to_commands`` / ``allow_mail_to_files`` name the
   source ("alias", "forward", "include"), else 5.7.1;
-- rights: an alias table owned by root runs commands and writes files as ``default_privs``,
-  one owned by someone else as that owner; a .forward as its user; an include file not owned
-  by root as its owner;
+- rights: an alias table owned by root gives root's (commands and files then run as
+  ``default_privs``: engine.delivery.local replaces uid and gid 0), one owned by someone else
+  its owner's; a .forward its user's; an include file listed with root's rights its owner's,
+  else the rights stay (a user cannot borrow someone else's by including their file);
+- .forward and include files are opened with the current rights, never as root for a user
+  (engine.delivery.userfile);
 - a .forward file is used only when it is a regular file, owned by the user or root, and not
   world-writable (otherwise it is ignored, as local(8) ignores it with a warning);
 - an ``owner-NAME`` alias becomes the envelope sender of what NAME expands to.
@@ -38,6 +41,7 @@ from dataclasses import dataclass, field
 from engine.config import Config
 from engine.delivery import split_local
 from engine.delivery.mailbox import MailboxError
+from engine.delivery.userfile import read_as
 from engine.tables import Table, TableError, open_table
 from engine.tables.text import read_source
 
@@ -237,12 +241,12 @@ class Expander:
         return False
 
     def _table_rights(self, table: Table, state: "_State", address: str) -> Rights | bool:
-        """A root-owned table's commands and files run as default_privs; another owner's as
-        that owner (local(8)'s DELIVERY RIGHTS)."""
+        """The table owner's rights (local(8)'s DELIVERY RIGHTS): root for a root-owned table,
+        whose commands and files then run as default_privs (engine.delivery.local replaces
+        uid and gid 0), and whose include files are opened as root."""
         owner = getattr(table, "owner", 0)
         try:
-            entry = (pwd.getpwnam(self.config.default_privs) if owner == 0
-                     else pwd.getpwuid(owner))
+            entry = pwd.getpwuid(owner)
         except KeyError:
             state.fail(address, MailboxError("4.3.0", "cannot find alias database owner"))
             return False
@@ -250,13 +254,12 @@ class Expander:
 
     def _forward(self, address: str, user: pwd.struct_passwd, extension: str,
                  state: "_State", level: int) -> bool:
-        """Expand the user's .forward file (the first of forward_path that exists)."""
-        path = self._forward_file(user, extension)
-        if path is None or not state.first(("forward-file", path)):
+        """Expand the user's .forward file (the first of forward_path that opens), read with
+        the user's rights (engine.delivery.userfile)."""
+        found = self._forward_file(user, extension, state)
+        if found is None:
             return False
-        text = _read_checked(path, user.pw_uid)
-        if text is None:
-            return False
+        path, text = found
         items = split_values(text)
         if not items:
             return False
@@ -277,16 +280,34 @@ class Expander:
                        exp_from=user.pw_name, source="forward", parent=address)
         return True
 
-    def _forward_file(self, user: pwd.struct_passwd, extension: str) -> str | None:
+    def _forward_file(self, user: pwd.struct_passwd, extension: str,
+                      state: "_State") -> tuple[str, str] | None:
+        """The path and text of the first forward_path file that opens as the user (no
+        symbolic link as its last component), when it is a regular file owned by the user or
+        root and not world-writable (local(8) ignores it otherwise). An extension that could
+        leave the directory ("/", a leading ".") or holds a character outside
+        forward_expansion_filter skips the templates that use it."""
         values = {"home": user.pw_dir, "user": user.pw_name, "extension": extension,
                   "recipient_delimiter": self.config.recipient_delimiter[:1],
                   "local": user.pw_name}
         for template in self.config.forward_path:
-            if "${extension}" in template and not extension:
-                continue  # .forward+ext only for an address with an extension
+            uses = "${extension}" in template or "$extension" in template
+            if uses and not (extension and _safe_extension(extension)):
+                continue  # .forward+ext only for an address with a usable extension
             path = _MACRO.sub(lambda m: values.get(m.group(1) or m.group(2), ""), template)
-            if path.startswith("/") and os.path.lexists(path):
-                return path
+            if not path.startswith("/"):
+                continue
+            if not state.first(("forward-file", path)):
+                return None
+            try:
+                found = read_as(path, user.pw_uid, user.pw_gid, follow=False,
+                                limit=INCLUDE_LIMIT)
+            except OSError:
+                continue  # missing, a symbolic link, unreadable to the user: the next one
+            if (found.text is None or found.uid not in (0, user.pw_uid)
+                    or found.mode & stat.S_IWOTH):
+                return None
+            return path, found.text
         return None
 
     # -- one destination ---------------------------------------------------------------------
@@ -315,32 +336,35 @@ class Expander:
 
     def _include(self, path: str, state: "_State", *, level: int, rights: Rights,
                  exp_from: str, parent: str) -> None:
-        """An ``:include:`` file: its destinations with its owner's rights (unless root's)."""
+        """An ``:include:`` file, opened with the current rights: its destinations, with its
+        owner's rights when the current ones are root's (include.c)."""
         if level > MAX_LEVEL:
             state.fail(path, MailboxError("5.4.6", f"alias database loop for {parent}"))
             return
         if not path.startswith("/"):
             state.fail(path, MailboxError("5.3.5", f"include file {path}: not an absolute path"))
             return
-        try:
-            info = os.stat(path)
+        try:  # opened with the current rights, never as root for a user (include.c)
+            found = read_as(path, rights.uid, rights.gid, follow=True, limit=INCLUDE_LIMIT)
         except OSError as exc:
             state.fail(path, MailboxError(
                 "5.3.5", f"unable to lookup include file {path}: {exc.strerror}"))
             return
-        if not stat.S_ISREG(info.st_mode):
+        if found.text is None:
             state.fail(path, MailboxError("5.3.5", f"not a regular include file: {path}"))
             return
-        if info.st_uid != 0:
-            try:
-                rights = _rights(pwd.getpwuid(info.st_uid))
-            except KeyError:
-                state.fail(path, MailboxError("4.3.0", f"cannot find owner of {path}"))
-                return
-        text = _read(path)
-        if text is None:
-            state.fail(path, MailboxError("4.3.0", f"cannot open include file {path}"))
+        if found.mode & stat.S_IWOTH:  # include.c: bounced, with its wording
+            state.fail(path, MailboxError("5.3.5", "mail system configuration error"))
             return
+        # include.c: a root-owned alias's include file gets its owner's rights; a user's
+        # include (from a .forward or a user-owned alias) keeps the user's own
+        if rights.uid == 0 and found.uid != 0:
+            try:
+                rights = _rights(pwd.getpwuid(found.uid))
+            except KeyError:
+                state.fail(path, MailboxError("4.3.5", "mail system configuration error"))
+                return
+        text = found.text
         for item in split_values(text):
             self._item(item, state, level=level + 1, rights=rights, exp_from=exp_from,
                        source="include", parent=parent)
@@ -388,21 +412,13 @@ def _rights(entry: pwd.struct_passwd) -> Rights:
     return Rights(entry.pw_uid, entry.pw_gid, entry.pw_name, entry.pw_dir or "/")
 
 
-def _read_checked(path: str, uid: int) -> str | None:
-    """A .forward file's text, when it is a regular file owned by ``uid`` or root and not
-    world-writable (local(8) ignores it otherwise)."""
-    try:
-        info = os.lstat(path)
-    except OSError:
-        return None
-    if not stat.S_ISREG(info.st_mode) or info.st_uid not in (0, uid) or info.st_mode & 0o002:
-        return None
-    return _read(path)
+def _safe_extension(extension: str) -> bool:
+    """Whether an address extension may name a .forward file: no "/" or leading "." (it
+    would leave the home directory or name a hidden file), only forward_expansion_filter's
+    characters (Postfix's default)."""
+    return (not extension.startswith(".") and "/" not in extension and ".." not in extension
+            and all(c in _FORWARD_FILTER for c in extension))
 
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path, "rb") as source:
-            return source.read(INCLUDE_LIMIT).decode("utf-8", "replace")
-    except OSError:
-        return None
+_FORWARD_FILTER = frozenset("1234567890!@%-_=+:,./abcdefghijklmnopqrstuvwxyz"
+                            "ABCDEFGHIJKLMNOPQRSTUVWXYZ")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from engine.cleanup import RecipientRequest
 from engine.config import Config
 from engine.delivery import DeliveryOutcome, DeliveryRequest, RecipientResult, split_local
-from engine.delivery.aliases import Expander, Target
+from engine.delivery.aliases import Expander, Rights, Target
 from engine.delivery.mailbox import (
     MailboxError,
     Privileges,
@@ -284,7 +284,7 @@ async def _deliver_target(target: Target, recipient: str, request: DeliveryReque
     if target.kind == "mailbox":
         mailbox = user_mailbox(pwd.getpwnam(target.value), config)
         return await _to_mailbox(mailbox, request.sender, recipient, body, config)
-    rights = target.rights
+    rights = _privs(target.rights, config)
     head = (f"Return-Path: <{request.sender}>\nX-Original-To: {recipient}\n"
             f"Delivered-To: {recipient}\n").encode()
     if target.kind == "file":  # local(8): an mbox file, or a Maildir for a name ending in "/"
@@ -296,11 +296,27 @@ async def _deliver_target(target: Target, recipient: str, request: DeliveryReque
     return await _command(target, recipient, request, head + body, config)
 
 
+def _privs(rights: Rights, config: Config) -> Rights:
+    """Root's rights never run a command or write a file: uid 0 becomes default_privs' uid,
+    gid 0 its gid (local(8)'s command.c and file.c), so a root-owned alias or root's own
+    .forward runs as default_privs."""
+    if rights.uid and rights.gid:
+        return rights
+    try:
+        privs = pwd.getpwnam(config.default_privs)
+    except KeyError:
+        raise MailboxError("4.3.5", "mail system configuration error") from None
+    if rights.uid == 0:
+        return Rights(privs.pw_uid, rights.gid or privs.pw_gid, privs.pw_name,
+                      privs.pw_dir or "/")
+    return Rights(rights.uid, privs.pw_gid, rights.name, rights.home)
+
+
 async def _command(target: Target, recipient: str, request: DeliveryRequest, data: bytes,
                    config: Config) -> str:
     """``|command``: /bin/sh -c, its rights' uid and gid (when Tern is root), in their home,
     the message (after a "From " line) on its input; sysexits decide, as pipe(8)."""
-    rights = target.rights
+    rights = _privs(target.rights, config)
     local, extension, domain = split_local(recipient, config.recipient_delimiter)
     env = {"PATH": "/usr/bin:/bin", "SHELL": "/bin/sh", "LANG": "C", "HOME": rights.home,
            "USER": rights.name, "LOGNAME": rights.name, "SENDER": request.sender,
