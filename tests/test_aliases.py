@@ -312,3 +312,38 @@ def test_an_extension_never_leaves_the_home_directory(tmp_path, users):
     assert kinds(ex.expand("bob+..hidden@mx.test")) == [("mailbox", "bob")]
     forward(users, "bob", "dave\n", suffix="+ok")
     assert kinds(ex.expand("bob+ok@mx.test")) == [("mailbox", "dave")]
+
+
+def test_each_include_file_is_read_once_and_all_reads_are_bounded(tmp_path, users, monkeypatch):
+    """include.c's been_here: the same file (with the same rights) listed 200 times is read
+    once; and all .forward and include files of one recipient share one byte budget."""
+    reads = []
+    real = aliases.read_as
+    monkeypatch.setattr(aliases, "read_as", lambda path, *a, **k: reads.append(path) or
+                        real(path, *a, **k))
+    members = tmp_path / "members"
+    members.write_text("bob\n")
+    text = "list: " + ", ".join([f":include:{members}"] * 200) + "\n"
+    result = expander(tmp_path, users, text).expand("list@mx.test")
+    assert (kinds(result), failures(result)) == ([("mailbox", "bob")], [])
+    assert reads.count(str(members)) == 1
+    (tmp_path / "more").write_text("carol\n")
+    monkeypatch.setattr(aliases, "EXPANSION_BYTES", len("bob\n"))
+    aliases.alias_tables.cache_clear()
+    result = expander(tmp_path, users, f"list: :include:{members}, :include:{tmp_path}/more\n"
+                      ).expand("list@mx.test")
+    assert kinds(result) == [("mailbox", "bob")]
+    assert failures(result) == [(f"{tmp_path}/more", "5.3.5", f"include file {tmp_path}/more: "
+                                 "more than 4 bytes of include files")]
+
+
+def test_a_fifo_include_or_forward_never_blocks(tmp_path, users):
+    """Opened non-blocking and checked on the open descriptor: a FIFO is refused at once
+    (a blocking open would wait for a writer forever)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    result = expander(tmp_path, users, f"list: :include:{fifo}\n").expand("list@mx.test")
+    assert failures(result) == [(str(fifo), "5.3.5", f"not a regular include file: {fifo}")]
+    aliases.alias_tables.cache_clear()
+    os.mkfifo(os.path.join(users["bob"].pw_dir, ".forward"))
+    assert kinds(expander(tmp_path, users).expand("bob@mx.test")) == [("mailbox", "bob")]

@@ -10,6 +10,7 @@ import shutil
 import smtplib
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -275,3 +276,15 @@ def test_dev_null_alias_discards_without_a_dotlock(world):
     (result,) = deliver(config, ["devnull@mx.test"])
     assert (result.status, result.reply) == ("sent", "delivered to file: /dev/null")
     assert not os.path.exists("/dev/null.lock")
+
+
+def test_expansion_runs_off_the_event_loop(world, monkeypatch):
+    """Alias expansion reads files (through forked children): never in the loop's thread."""
+    threads = []
+    real = aliases_module.Expander.expand
+    monkeypatch.setattr(aliases_module.Expander, "expand",
+                        lambda self, r: threads.append(threading.get_ident()) or real(self, r))
+    config = setup(world, f"box: {world}/out/box\n")
+    (result,) = deliver(config, ["box@mx.test"])
+    assert result.status == "sent"
+    assert threads and threading.get_ident() not in threads

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from engine.config import Config
 from engine.delivery import split_local
 from engine.delivery.mailbox import MailboxError
-from engine.delivery.userfile import read_as
+from engine.delivery.userfile import UserFile, read_as
 from engine.tables import Table, TableError, open_table
 from engine.tables.text import read_source
 
@@ -50,6 +50,7 @@ MAX_LEVEL = 100  # local(8): "alias database loop" beyond this nesting
 # an alias graph that fans out at every level long before MAX_LEVEL stops it
 EXPANSION_LIMIT = 1000
 INCLUDE_LIMIT = 1 << 20  # bytes read from one .forward or :include: file
+EXPANSION_BYTES = 4 << 20  # bytes read from all .forward and include files of one recipient
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,8 @@ class Expander:
         """Where ``recipient`` goes (the queue manager routed it to local: its domain is not
         checked again, an expanded address's is). Raises MailboxError when the recipient
         itself is unknown (5.1.1)."""
-        state = _State(Expansion(), set(), self.config.duplicate_filter_limit)
+        state = _State(Expansion(), set(), self.config.duplicate_filter_limit,
+                       budget=EXPANSION_BYTES)
         self._address(recipient, state, level=0, exp_from="", source="", parent="", top=True)
         return state.result
 
@@ -301,7 +303,8 @@ class Expander:
                 return None
             try:
                 found = read_as(path, user.pw_uid, user.pw_gid, follow=False,
-                                limit=INCLUDE_LIMIT)
+                                limit=min(INCLUDE_LIMIT, state.budget))
+                state.spend(found)
             except OSError:
                 continue  # missing, a symbolic link, unreadable to the user: the next one
             if (found.text is None or found.uid not in (0, user.pw_uid)
@@ -344,8 +347,16 @@ class Expander:
         if not path.startswith("/"):
             state.fail(path, MailboxError("5.3.5", f"include file {path}: not an absolute path"))
             return
+        if not state.first(("include", rights.uid, path)):
+            return  # include.c's been_here: each (rights, file) once per recipient
+        if not state.budget:
+            state.fail(path, MailboxError("5.3.5", f"include file {path}: more than "
+                                          f"{EXPANSION_BYTES} bytes of include files"))
+            return
         try:  # opened with the current rights, never as root for a user (include.c)
-            found = read_as(path, rights.uid, rights.gid, follow=True, limit=INCLUDE_LIMIT)
+            found = read_as(path, rights.uid, rights.gid, follow=True,
+                            limit=min(INCLUDE_LIMIT, state.budget))
+            state.spend(found)
         except OSError as exc:
             state.fail(path, MailboxError(
                 "5.3.5", f"unable to lookup include file {path}: {exc.strerror}"))
@@ -383,6 +394,10 @@ class _State:
     seen: set
     limit: int
     steps: int = 0
+    budget: int = EXPANSION_BYTES  # bytes of .forward and include files still to read
+
+    def spend(self, found: UserFile) -> None:
+        self.budget = max(0, self.budget - len((found.text or "").encode()))
 
     def step(self, what: str) -> bool:
         """Count one destination examined; False (and one failure) past EXPANSION_LIMIT."""

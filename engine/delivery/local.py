@@ -237,8 +237,8 @@ async def _deliver_local(recipient: str, request: DeliveryRequest, body: bytes,
                          config: Config, inject: Inject | None) -> str:
     """The recipient's expansion (aliases, .forward), every destination delivered; the
     reply of the one result, or MailboxError summing up what failed."""
-    try:
-        expansion = Expander(config).expand(recipient)
+    try:  # off the loop: it reads .forward and include files (engine.delivery.userfile)
+        expansion = await in_thread(Expander(config).expand, recipient)
     except TableError:
         raise MailboxError("4.3.0", "alias database unavailable") from None
     replies: list[str] = []

@@ -38,10 +38,12 @@ def _executor() -> concurrent.futures.ThreadPoolExecutor:
     return _pool
 
 
-async def in_thread(write, *args) -> None:
-    """``write(*args)`` in a mailbox thread, as Tern's own user."""
-    await asyncio.get_running_loop().run_in_executor(_executor(),
-                                                     functools.partial(write, *args))
+async def in_thread(work, *args):
+    """``work(*args)`` in a mailbox thread, as Tern's own user: a write, or an alias
+    expansion (which reads .forward and include files through forked children); its
+    result."""
+    return await asyncio.get_running_loop().run_in_executor(_executor(),
+                                                            functools.partial(work, *args))
 
 
 async def as_user(uid: int, gid: int, time_limit: float, write, *args, privileges=None,
