@@ -1,6 +1,7 @@
 """engine.delivery.aliases: aliases(5) files, .forward and :include: expansion as Postfix's
 local(8) does it, with real files in tmp_path and a passwd stand-in."""
 
+import json
 import os
 import pwd
 
@@ -347,3 +348,54 @@ def test_a_fifo_include_or_forward_never_blocks(tmp_path, users):
     aliases.alias_tables.cache_clear()
     os.mkfifo(os.path.join(users["bob"].pw_dir, ".forward"))
     assert kinds(expander(tmp_path, users).expand("bob@mx.test")) == [("mailbox", "bob")]
+
+
+def expand_as(uid, ex, recipient):
+    """``ex.expand(recipient)`` in a forked child running as ``uid`` (Tern not root): its
+    kinds, failures and warnings."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_fd)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            result = ex.expand(recipient)
+            os.write(write_fd, json.dumps([kinds(result), failures(result),
+                                           result.warnings]).encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    return [[tuple(x) for x in part] if i < 2 else part
+            for i, part in enumerate(json.loads(data))]
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to run a child as another user")
+def test_without_root_other_users_forward_and_include_files_are_refused(tmp_path, users):
+    """Tern not root cannot take a user's rights: a .forward or include file that is not
+    its own (or root's) is ignored with a warning / bounced, never run as Tern's user."""
+    tern = pwd.getpwnam("nobody").pw_uid
+    traversable(tmp_path)
+    users["bob"] = entry("bob", 12345, users["bob"].pw_dir)
+    path = forward(users, "bob", '"|/bin/true", x@elsewhere.test\n')
+    os.chown(path, 12345, 12345)
+    members = tmp_path / "members"
+    members.write_text("carol\n")
+    os.chown(members, 12345, 12345)
+    ex = expander(tmp_path, users, f"list: :include:{members}\n",
+                  allow_mail_to_commands=("forward",))
+    assert expand_as(tern, ex, "bob@mx.test") == [
+        [("mailbox", "bob")], [],
+        [f"file {path} has owner uid 12345, and Tern, not root, cannot take its rights"]]
+    assert expand_as(tern, ex, "list@mx.test") == [
+        [], [(str(members), "5.3.5", "mail system configuration error")],
+        [f":include: file {members} has owner uid 12345, and Tern, not root, cannot take "
+         "its rights"]]
+    users["bob"] = entry("bob", tern, users["bob"].pw_dir)
+    os.chown(path, tern, tern)  # Tern's own user's .forward: used
+    assert expand_as(tern, ex, "bob@mx.test")[0] == [("command", "/bin/true"),
+                                                     ("forward", "x@elsewhere.test")]

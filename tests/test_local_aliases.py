@@ -288,3 +288,18 @@ def test_expansion_runs_off_the_event_loop(world, monkeypatch):
     (result,) = deliver(config, ["box@mx.test"])
     assert result.status == "sent"
     assert threads and threading.get_ident() not in threads
+
+
+def test_an_ignored_forward_file_is_a_warning_of_the_outcome(world, user):  # noqa: F811
+    """local(8) warns of a .forward it ignores; qmgr logs the outcome's warnings."""
+    name, uid, gid, home = user
+    forward = home / ".forward"
+    forward.write_text("someone@elsewhere.test\n")
+    os.chown(forward, uid, gid)
+    forward.chmod(0o666)
+    config = setup(world, "", home_mailbox="Maildir/")
+    request = DeliveryRequest("4Qa1", "a@example.org", [f"{name}@mx.test"], CONTENT,
+                              NextHop("local", "mx.test", mx_lookup=False), smtputf8=False)
+    outcome = asyncio.run(local_agent.deliver(request, config))
+    assert [r.reply for r in outcome.results] == ["delivered to maildir"]
+    assert outcome.warnings == [f"file {forward} is world writable"]

@@ -86,6 +86,7 @@ class Expansion:
     targets: list[Target] = field(default_factory=list)
     failures: list[tuple[str, MailboxError]] = field(default_factory=list)
     sender: str | None = None
+    warnings: list[str] = field(default_factory=list)  # for the maillog (ignored files)
 
 
 class AliasTable(Table):
@@ -307,8 +308,9 @@ class Expander:
                 state.spend(found)
             except OSError:
                 continue  # missing, a symbolic link, unreadable to the user: the next one
-            if (found.text is None or found.uid not in (0, user.pw_uid)
-                    or found.mode & stat.S_IWOTH):
+            problem = _forward_problem(found, user.pw_uid)
+            if problem:  # local(8) ignores it, with a warning
+                state.result.warnings.append(f"file {path} {problem}")
                 return None
             return path, found.text
         return None
@@ -364,7 +366,11 @@ class Expander:
         if found.text is None:
             state.fail(path, MailboxError("5.3.5", f"not a regular include file: {path}"))
             return
-        if found.mode & stat.S_IWOTH:  # include.c: bounced, with its wording
+        if found.mode & stat.S_IWOTH or not _own_file(found):  # include.c: bounced
+            state.result.warnings.append(
+                f":include: file {path} is world writable" if found.mode & stat.S_IWOTH
+                else f":include: file {path} has owner uid {found.uid}, and Tern, not root, "
+                     "cannot take its rights")
             state.fail(path, MailboxError("5.3.5", "mail system configuration error"))
             return
         # include.c: a root-owned alias's include file gets its owner's rights; a user's
@@ -425,6 +431,29 @@ def _classes(value: tuple[str, ...]) -> frozenset[str]:
 
 def _rights(entry: pwd.struct_passwd) -> Rights:
     return Rights(entry.pw_uid, entry.pw_gid, entry.pw_name, entry.pw_dir or "/")
+
+
+def _own_file(found: UserFile) -> bool:
+    """Whether Tern may act on a file's text: as root always (it takes the file's rights);
+    otherwise only for its own or root's files, as everything then runs as Tern's own user
+    (a user's .forward command must never get Tern's identity)."""
+    euid = os.geteuid()
+    return euid == 0 or found.uid in (0, euid)
+
+
+def _forward_problem(found: UserFile, uid: int) -> str:
+    """Why a .forward file is ignored ("" when it is used): not a regular file, an owner
+    other than the user or root, world-writable (local(8)'s checks), or not Tern's own
+    when Tern is not root."""
+    if found.text is None:
+        return "is not a regular file"
+    if found.uid not in (0, uid):
+        return f"has bad owner uid {found.uid}"
+    if found.mode & stat.S_IWOTH:
+        return "is world writable"
+    if not _own_file(found):
+        return (f"has owner uid {found.uid}, and Tern, not root, cannot take its rights")
+    return ""
 
 
 def _safe_extension(extension: str) -> bool:

@@ -207,6 +207,7 @@ async def deliver(request: DeliveryRequest, config: Config, virtual: bool = Fals
     body = unix_lines(request.content)
     delivered_to = _delivered_to(body)
     results = []
+    warnings: list[str] = []
     for recipient in request.recipients:
         try:
             if recipient.lower() in delivered_to:  # local(8)'s loop check
@@ -215,13 +216,14 @@ async def deliver(request: DeliveryRequest, config: Config, virtual: bool = Fals
                 mailbox = await virtual_mailbox(recipient, config)
                 reply = await _to_mailbox(mailbox, request.sender, recipient, body, config)
             else:
-                reply = await _deliver_local(recipient, request, body, config, inject)
+                reply = await _deliver_local(recipient, request, body, config, inject,
+                                             warnings)
         except MailboxError as exc:
             status = "deferred" if exc.transient else "bounced"
             results.append(RecipientResult(recipient, status, exc.dsn, exc.text, relay))
             continue
         results.append(RecipientResult(recipient, "sent", "2.0.0", reply, relay))
-    return DeliveryOutcome(results)
+    return DeliveryOutcome(results, warnings=warnings)
 
 
 async def _to_mailbox(mailbox: Mailbox, sender: str, recipient: str, body: bytes,
@@ -234,13 +236,15 @@ async def _to_mailbox(mailbox: Mailbox, sender: str, recipient: str, body: bytes
 
 
 async def _deliver_local(recipient: str, request: DeliveryRequest, body: bytes,
-                         config: Config, inject: Inject | None) -> str:
+                         config: Config, inject: Inject | None, warnings: list[str]) -> str:
     """The recipient's expansion (aliases, .forward), every destination delivered; the
-    reply of the one result, or MailboxError summing up what failed."""
+    reply of the one result, or MailboxError summing up what failed. What the expansion
+    warns of goes to ``warnings``."""
     try:  # off the loop: it reads .forward and include files (engine.delivery.userfile)
         expansion = await in_thread(Expander(config).expand, recipient)
     except TableError:
         raise MailboxError("4.3.0", "alias database unavailable") from None
+    warnings += expansion.warnings
     replies: list[str] = []
     failures = [(what, error) for what, error in expansion.failures]
     forwards = [t.value for t in expansion.targets if t.kind == "forward"]
