@@ -303,3 +303,20 @@ def test_an_ignored_forward_file_is_a_warning_of_the_outcome(world, user):  # no
     outcome = asyncio.run(local_agent.deliver(request, config))
     assert [r.reply for r in outcome.results] == ["delivered to maildir"]
     assert outcome.warnings == [f"file {forward} is world writable"]
+
+
+@root_only
+def test_roots_forward_runs_commands_and_files_as_default_privs(world):
+    """uid 0 (root's .forward, a root-owned alias) becomes default_privs' uid and gid 0 its
+    gid when a command runs or a file is written (local(8)'s command.c, file.c)."""
+    rootfwd = world / "rootfwd"
+    rootfwd.write_text(f'"|id -u > {world}/out/who; id -g >> {world}/out/who", '
+                       f'{world}/out/file\n')
+    config = setup(world, "", forward_path=(str(rootfwd),),
+                   allow_mail_to_files=("alias", "forward"))
+    (result,) = deliver(config, ["root@mx.test"])
+    assert result.status == "sent", result.reply
+    assert (world / "out" / "who").read_text().split() == [str(PRIVS.pw_uid),
+                                                           str(PRIVS.pw_gid)]
+    info = (world / "out" / "file").stat()
+    assert (info.st_uid, info.st_gid) == (PRIVS.pw_uid, PRIVS.pw_gid)
