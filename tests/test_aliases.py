@@ -399,3 +399,26 @@ def test_without_root_other_users_forward_and_include_files_are_refused(tmp_path
     os.chown(path, tern, tern)  # Tern's own user's .forward: used
     assert expand_as(tern, ex, "bob@mx.test")[0] == [("command", "/bin/true"),
                                                      ("forward", "x@elsewhere.test")]
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to give files to other owners")
+def test_include_rights_come_from_the_open_file_and_only_replace_roots(tmp_path, users):
+    """include.c: the owner's rights only when the current ones are root's (a root-owned
+    alias); a user's .forward including someone else's file keeps the user's rights; a
+    world-writable include file bounces 5.3.5."""
+    traversable(tmp_path)
+    nobody = pwd.getpwnam("nobody")
+    members = tmp_path / "members"
+    members.write_text('"|/bin/true"\n')
+    os.chown(members, nobody.pw_uid, nobody.pw_gid)
+    ex = expander(tmp_path, users, f"list: :include:{members}\n",
+                  allow_mail_to_commands=("alias", "forward", "include"))
+    (command,) = ex.expand("list@mx.test").targets
+    assert command.rights.uid == nobody.pw_uid  # the root-owned alias: the file's owner
+    users["bob"] = entry("bob", 12345, users["bob"].pw_dir)
+    os.chown(forward(users, "bob", f":include:{members}\n"), 12345, 12345)
+    (command,) = ex.expand("bob@mx.test").targets
+    assert command.rights.uid == 12345  # bob's .forward: bob's rights, not the file owner's
+    members.chmod(0o666)
+    assert failures(ex.expand("list@mx.test")) == [
+        (str(members), "5.3.5", "mail system configuration error")]
