@@ -422,3 +422,17 @@ def test_include_rights_come_from_the_open_file_and_only_replace_roots(tmp_path,
     members.chmod(0o666)
     assert failures(ex.expand("list@mx.test")) == [
         (str(members), "5.3.5", "mail system configuration error")]
+
+
+def test_a_forward_naming_no_destination_leaves_the_mailbox(tmp_path, users):
+    """dotforward.c: no address in the .forward (here an include file without one) means
+    the user's own mailbox, not a message delivered nowhere; a .forward whose destinations
+    were all delivered already still counts as naming them."""
+    empty = tmp_path / "empty"
+    empty.write_text("# nobody yet\n")
+    forward(users, "bob", f":include:{empty}\n")
+    assert kinds(expander(tmp_path, users).expand("bob@mx.test")) == [("mailbox", "bob")]
+    forward(users, "carol", "dave\n")
+    aliases.alias_tables.cache_clear()
+    assert kinds(expander(tmp_path, users, "team: dave, carol\n").expand("team@mx.test")) == [
+        ("mailbox", "dave")]

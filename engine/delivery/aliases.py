@@ -198,8 +198,8 @@ class Expander:
             return
         local, extension, domain = split_local(address, self.config.recipient_delimiter)
         if not top and domain and domain not in self.config.local_domains:
-            if state.first(("forward", address.lower())):
-                state.result.targets.append(Target("forward", address, None, source, parent))
+            state.add(("forward", address.lower()),
+                      Target("forward", address, None, source, parent))
             return
         name = local.lower()
         full = address.rpartition("@")[0].lower() if "@" in address else address.lower()
@@ -215,9 +215,8 @@ class Expander:
             return
         if self._forward(address, user, extension, state, level):
             return
-        if state.first(("mailbox", user.pw_name)):
-            state.result.targets.append(Target("mailbox", user.pw_name, _rights(user),
-                                               source, parent))
+        state.add(("mailbox", user.pw_name),
+                  Target("mailbox", user.pw_name, _rights(user), source, parent))
 
     def _alias(self, address: str, full: str, name: str, extension: str, state: "_State",
                level: int) -> bool:
@@ -267,6 +266,7 @@ class Expander:
         if not items:
             return False
         rights = _rights(user)
+        decided = state.decided
         for item in items:
             if item.startswith("\\"):  # "\user": the mailbox, no further expansion
                 target = item[1:].strip()
@@ -275,13 +275,14 @@ class Expander:
                 except KeyError:
                     state.fail(item, MailboxError("5.1.1", f'unknown user: "{target}"'))
                     continue
-                if state.first(("mailbox", entry.pw_name)):
-                    state.result.targets.append(Target("mailbox", entry.pw_name,
-                                                       _rights(entry), "forward", address))
+                state.add(("mailbox", entry.pw_name),
+                          Target("mailbox", entry.pw_name, _rights(entry), "forward", address))
                 continue
             self._item(item, state, level=level + 1, rights=rights,
                        exp_from=user.pw_name, source="forward", parent=address)
-        return True
+        # dotforward.c: a .forward that named no destination at all (an empty include
+        # file) leaves the mail to the user's mailbox, never nowhere
+        return state.decided > decided
 
     def _forward_file(self, user: pwd.struct_passwd, extension: str,
                       state: "_State") -> tuple[str, str] | None:
@@ -324,14 +325,15 @@ class Expander:
         if item.startswith("|"):
             if source not in self.commands:
                 state.fail(item, MailboxError("5.7.1", "mail to command is restricted"))
-            elif state.first(("command", item[1:].strip(), rights.uid)):
-                state.result.targets.append(Target("command", item[1:].strip(), rights,
-                                                   source, parent))
+            else:
+                state.add(("command", item[1:].strip(), rights.uid),
+                          Target("command", item[1:].strip(), rights, source, parent))
         elif item.startswith("/"):
             if source not in self.files:
                 state.fail(item, MailboxError("5.7.1", "mail to file is restricted"))
-            elif state.first(("file", os.path.normpath(item) + ("/" * item.endswith("/")))):
-                state.result.targets.append(Target("file", item, rights, source, parent))
+            else:
+                state.add(("file", os.path.normpath(item) + ("/" * item.endswith("/"))),
+                          Target("file", item, rights, source, parent))
         elif item.lower().startswith(":include:"):
             self._include(item[9:].strip(), state, level=level, rights=rights,
                           exp_from=exp_from, parent=parent)
@@ -400,6 +402,7 @@ class _State:
     seen: set
     limit: int
     steps: int = 0
+    decided: int = 0  # destinations decided (kept, duplicate or failed)
     budget: int = EXPANSION_BYTES  # bytes of .forward and include files still to read
 
     def spend(self, found: UserFile) -> None:
@@ -421,7 +424,14 @@ class _State:
             self.seen.add(key)
         return True
 
+    def add(self, key: tuple, target: Target) -> None:
+        """One destination decided: kept when new (a duplicate is delivered once)."""
+        self.decided += 1
+        if self.first(key):
+            self.result.targets.append(target)
+
     def fail(self, what: str, error: MailboxError) -> None:
+        self.decided += 1
         self.result.failures.append((what, error))
 
 
