@@ -150,8 +150,20 @@ def test_duplicates_are_delivered_once_up_to_the_filter_limit(tmp_path, users):
     text = "team: bob, bob@mx.test, BOB, x@remote.test, X@remote.test, /tmp/f, /tmp/f\n"
     assert kinds(expander(tmp_path, users, text).expand("team@mx.test")) == [
         ("mailbox", "bob"), ("forward", "x@remote.test"), ("file", "/tmp/f")]
-    unfiltered = expander(tmp_path, users, text, duplicate_filter_limit=0)
-    assert len(unfiltered.expand("team@mx.test").targets) == 7
+    unlimited = expander(tmp_path, users, text, duplicate_filter_limit=0)  # been_here: 0 = no limit
+    assert len(unlimited.expand("team@mx.test").targets) == 3
+    one = expander(tmp_path, users, text, duplicate_filter_limit=1)  # only bob remembered
+    assert len(one.expand("team@mx.test").targets) == 5
+
+
+def test_forward_files_are_read_once_whatever_the_filter_limit(tmp_path, users):
+    """bob's .forward names carol, carol's names bob: the second visit of bob's .forward is
+    his mailbox, also when the duplicate filter remembers almost nothing."""
+    forward(users, "bob", "carol\n")
+    forward(users, "carol", "bob\n")
+    for limit in (1000, 1, 0):
+        result = expander(tmp_path, users, duplicate_filter_limit=limit).expand("bob@mx.test")
+        assert (kinds(result), failures(result)) == ([("mailbox", "bob")], []), limit
 
 
 def test_owner_alias_becomes_the_sender(tmp_path, users):

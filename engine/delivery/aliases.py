@@ -14,7 +14,8 @@ Postfix's rules kept here:
 - nesting deeper than 100 levels bounces 5.4.6 ("alias database loop"), as local(8); more
   than 1000 destinations examined for one recipient defers the rest (4.3.0);
 - a destination met twice (same mailbox, file, command or address) is delivered once, up to
-  ``duplicate_filter_limit`` remembered destinations;
+  ``duplicate_filter_limit`` remembered destinations (0: no limit); a .forward or include
+  file is read once whatever the limit;
 - commands and files only where ``allow_mail_to_commands`` / ``allow_mail_to_files`` name the
   source ("alias", "forward", "include"), else 5.7.1;
 - rights: an alias table owned by root gives root's (commands and files then run as
@@ -301,7 +302,7 @@ class Expander:
             path = _MACRO.sub(lambda m: values.get(m.group(1) or m.group(2), ""), template)
             if not path.startswith("/"):
                 continue
-            if not state.first(("forward-file", path)):
+            if not state.once(("forward-file", path)):
                 return None
             try:
                 found = read_as(path, user.pw_uid, user.pw_gid, follow=False,
@@ -351,7 +352,7 @@ class Expander:
         if not path.startswith("/"):
             state.fail(path, MailboxError("5.3.5", f"include file {path}: not an absolute path"))
             return
-        if not state.first(("include", rights.uid, path)):
+        if not state.once(("include", rights.uid, path)):
             return  # include.c's been_here: each (rights, file) once per recipient
         if not state.budget:
             state.fail(path, MailboxError("5.3.5", f"include file {path}: more than "
@@ -402,6 +403,7 @@ class _State:
     seen: set
     limit: int
     steps: int = 0
+    files: set = field(default_factory=set)  # .forward and include files already read
     decided: int = 0  # destinations decided (kept, duplicate or failed)
     budget: int = EXPANSION_BYTES  # bytes of .forward and include files still to read
 
@@ -417,11 +419,21 @@ class _State:
         return self.steps <= EXPANSION_LIMIT
 
     def first(self, key: tuple) -> bool:
-        """Whether ``key`` is new (Postfix's duplicate filter, bounded by its limit)."""
+        """Whether ``key`` is new (Postfix's duplicate filter, bounded by its limit; 0 is no
+        limit, as been_here's)."""
         if key in self.seen:
             return False
-        if len(self.seen) < self.limit:
+        if not self.limit or len(self.seen) < self.limit:
             self.seen.add(key)
+        return True
+
+    def once(self, key: tuple) -> bool:
+        """Whether a .forward or include file is met for the first time: always remembered,
+        whatever duplicate_filter_limit says (a .forward naming itself, or an include file
+        listed many times, is read once)."""
+        if key in self.files:
+            return False
+        self.files.add(key)
         return True
 
     def add(self, key: tuple, target: Target) -> None:
