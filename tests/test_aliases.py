@@ -137,13 +137,28 @@ def test_alias_loop_bounces_5_4_6(tmp_path, users):
 
 
 def test_fan_out_is_bounded(tmp_path, users):
-    """Ten-fold at each of six levels: a million paths, far from the nesting limit; the
-    expansion limit ends it after EXPANSION_LIMIT destinations, with one 4.3.0 failure."""
+    """Ten-fold at each of six levels: a million paths to one mailbox, far from the nesting
+    limit; the work bound ends it and the recipient bounces whole (a retry would expand it
+    the same way)."""
     text = "".join(f"l{i}: {', '.join([f'l{i + 1}'] * 10)}\n" for i in range(6)) + "l6: bob\n"
-    result = expander(tmp_path, users, text).expand("l0@mx.test")
-    assert kinds(result) == [("mailbox", "bob")]
-    assert [(dsn, text) for _, dsn, text in failures(result)] == [
-        ("4.3.0", f"unreasonable alias expansion size (more than {aliases.EXPANSION_LIMIT})")]
+    with pytest.raises(MailboxError) as error:
+        expander(tmp_path, users, text).expand("l0@mx.test")
+    assert (error.value.dsn, error.value.text) == (
+        "5.3.5", "unreasonable alias expansion size for l0@mx.test (more than "
+                 f"{aliases.EXPANSION_LIMIT} destinations)")
+
+
+def test_the_expansion_limit_counts_final_destinations(tmp_path, users):
+    """EXPANSION_LIMIT destinations pass (an address is one, not one per step); one more
+    bounces the recipient before anything is delivered."""
+    limit = aliases.EXPANSION_LIMIT
+    many = ", ".join(f"m{i}@remote.test" for i in range(limit))
+    result = expander(tmp_path, users, f"list: {many}\n").expand("list@mx.test")
+    assert (len(result.targets), result.failures) == (limit, [])
+    aliases.alias_tables.cache_clear()
+    with pytest.raises(MailboxError) as error:
+        expander(tmp_path, users, f"list: {many}, one@more.test\n").expand("list@mx.test")
+    assert error.value.dsn == "5.3.5"
 
 
 def test_duplicates_are_delivered_once_up_to_the_filter_limit(tmp_path, users):

@@ -12,7 +12,9 @@ Postfix's rules kept here:
 - an alias that names itself (``user: user, |cmd``) means the user's own mailbox, not the alias
   again; ``\\user`` in a .forward file is the mailbox without any expansion;
 - nesting deeper than 100 levels bounces 5.4.6 ("alias database loop"), as local(8); more
-  than 1000 destinations examined for one recipient defers the rest (4.3.0);
+  than 1000 final destinations for one recipient (or 10000 addresses examined to find them)
+  bounce the recipient whole, 5.3.5, before anything is delivered (a retry would expand it the
+  same way: deferring would repeat the deliveries that worked at every retry);
 - a destination met twice (same mailbox, file, command or address) is delivered once, up to
   ``duplicate_filter_limit`` remembered destinations (0: no limit); a .forward or include
   file is read once whatever the limit;
@@ -47,9 +49,11 @@ from engine.tables import Table, TableError, open_table
 from engine.tables.text import read_source
 
 MAX_LEVEL = 100  # local(8): "alias database loop" beyond this nesting
-# destinations examined for one recipient (as Postfix's virtual_alias_expansion_limit): bounds
-# an alias graph that fans out at every level long before MAX_LEVEL stops it
+# final destinations of one recipient (as Postfix's virtual_alias_expansion_limit), and the
+# addresses and items examined to find them: bound an alias graph that fans out at every
+# level long before MAX_LEVEL stops it
 EXPANSION_LIMIT = 1000
+VISIT_LIMIT = 10 * EXPANSION_LIMIT
 INCLUDE_LIMIT = 1 << 20  # bytes read from one .forward or :include: file
 EXPANSION_BYTES = 4 << 20  # bytes read from all .forward and include files of one recipient
 
@@ -182,10 +186,13 @@ class Expander:
     def expand(self, recipient: str) -> Expansion:
         """Where ``recipient`` goes (the queue manager routed it to local: its domain is not
         checked again, an expanded address's is). Raises MailboxError when the recipient
-        itself is unknown (5.1.1)."""
+        itself is unknown (5.1.1) or expands too far (5.3.5)."""
         state = _State(Expansion(), set(), self.config.duplicate_filter_limit,
                        budget=EXPANSION_BYTES)
         self._address(recipient, state, level=0, exp_from="", source="", parent="", top=True)
+        if state.over:  # the same tables expand the same way at every retry: bounced
+            raise MailboxError("5.3.5", f"unreasonable alias expansion size for {recipient} "
+                                        f"(more than {EXPANSION_LIMIT} destinations)")
         return state.result
 
     # -- one address ------------------------------------------------------------------------
@@ -405,18 +412,19 @@ class _State:
     steps: int = 0
     files: set = field(default_factory=set)  # .forward and include files already read
     decided: int = 0  # destinations decided (kept, duplicate or failed)
+    over: bool = False  # past EXPANSION_LIMIT or VISIT_LIMIT: the recipient bounces
     budget: int = EXPANSION_BYTES  # bytes of .forward and include files still to read
 
     def spend(self, found: UserFile) -> None:
         self.budget = max(0, self.budget - len((found.text or "").encode()))
 
     def step(self, what: str) -> bool:
-        """Count one destination examined; False (and one failure) past EXPANSION_LIMIT."""
+        """Count one address or item examined (not a destination: a bound on the work of an
+        alias graph whose paths end at the same few destinations); False once over."""
         self.steps += 1
-        if self.steps == EXPANSION_LIMIT + 1:
-            self.fail(what, MailboxError(
-                "4.3.0", f"unreasonable alias expansion size (more than {EXPANSION_LIMIT})"))
-        return self.steps <= EXPANSION_LIMIT
+        if self.steps > VISIT_LIMIT:
+            self.over = True
+        return not self.over
 
     def first(self, key: tuple) -> bool:
         """Whether ``key`` is new (Postfix's duplicate filter, bounded by its limit; 0 is no
@@ -441,10 +449,17 @@ class _State:
         self.decided += 1
         if self.first(key):
             self.result.targets.append(target)
+            self._count()
 
     def fail(self, what: str, error: MailboxError) -> None:
         self.decided += 1
         self.result.failures.append((what, error))
+        self._count()
+
+    def _count(self) -> None:
+        """The final destinations (kept or failed) are at most EXPANSION_LIMIT."""
+        if len(self.result.targets) + len(self.result.failures) > EXPANSION_LIMIT:
+            self.over = True
 
 
 def _classes(value: tuple[str, ...]) -> frozenset[str]:
