@@ -320,3 +320,28 @@ def test_roots_forward_runs_commands_and_files_as_default_privs(world):
                                                            str(PRIVS.pw_gid)]
     info = (world / "out" / "file").stat()
     assert (info.st_uid, info.st_gid) == (PRIVS.pw_uid, PRIVS.pw_gid)
+
+
+def test_command_environment_values_are_censored(world):
+    """command.c: characters outside command_expansion_filter become "_" in every exported
+    value (a sender like ``"$(reboot)"@x`` reaches a script as plain text)."""
+    out = world / "out"
+    config = setup(world, f'env: "|env > {out}/env"\n')
+    (result,) = deliver(config, ["env@mx.test"], sender='"a$(id);b`x`"@example.org')
+    assert result.status == "sent", result.reply
+    env = dict(line.split("=", 1) for line in (out / "env").read_text().splitlines())
+    assert env["SENDER"] == "_a__id__b_x__@example.org"
+
+
+def test_an_executable_file_destination_bounces(world):
+    """local(8)'s deliver_file never appends mail to an executable file."""
+    program = world / "out" / "program"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    if ROOT:
+        os.chown(program, PRIVS.pw_uid, PRIVS.pw_gid)
+    config = setup(world, f"prog: {program}\n")
+    (result,) = deliver(config, ["prog@mx.test"])
+    assert (result.status, result.dsn) == ("bounced", "5.7.1")
+    assert result.reply.endswith(f"destination file {program} is executable")
+    assert program.read_text() == "#!/bin/sh\n"

@@ -326,6 +326,8 @@ async def _command(target: Target, recipient: str, request: DeliveryRequest, dat
            "USER": rights.name, "LOGNAME": rights.name, "SENDER": request.sender,
            "RECIPIENT": recipient, "ORIGINAL_RECIPIENT": recipient, "LOCAL": local,
            "EXTENSION": extension, "DOMAIN": domain}
+    # command.c: every exported value censored through command_expansion_filter
+    env = {name: _censor(value) for name, value in env.items()}
     identity: dict = {"cwd": rights.home if os.path.isdir(rights.home) else "/"}
     if os.geteuid() == 0:
         identity.update(user=rights.uid, group=rights.gid)
@@ -347,6 +349,17 @@ async def _command(target: Target, recipient: str, request: DeliveryRequest, dat
         raise MailboxError("4.3.0", f"Command died with signal {-status}: {command}{tail}")
     dsn, text = SYSEXITS.get(status, ("5.3.0", f"Command died with status {status}"))
     raise MailboxError(dsn, f"{text}: {command}{tail}")
+
+
+# Postfix's command_expansion_filter default: what a value exported to a command may hold
+_COMMAND_FILTER = frozenset("1234567890!@%-_=+:,./abcdefghijklmnopqrstuvwxyz"
+                            "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _censor(value: str) -> str:
+    """Each character outside the filter becomes "_" (a sender address can hold shell
+    metacharacters and line ends, which a careless script would run)."""
+    return "".join(c if c in _COMMAND_FILTER else "_" for c in value)
 
 
 async def _forward(addresses: list[str], recipient: str, owner: str | None,
