@@ -463,3 +463,17 @@ def test_a_forward_naming_no_destination_leaves_the_mailbox(tmp_path, users):
     aliases.alias_tables.cache_clear()
     assert kinds(expander(tmp_path, users, "team: dave, carol\n").expand("team@mx.test")) == [
         ("mailbox", "dave")]
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to read as another user")
+def test_file_reads_share_one_time_limit_and_defer_past_it(tmp_path, users, monkeypatch):
+    """A user can stop the child reading its file: all reads of one recipient share
+    EXPANSION_TIME; past it the recipient defers (no .forward, no mailbox copy now)."""
+    traversable(tmp_path)
+    users["bob"] = entry("bob", 12345, users["bob"].pw_dir)
+    path = forward(users, "bob", "carol\n")
+    os.chown(path, 12345, 12345)
+    monkeypatch.setattr(aliases, "EXPANSION_TIME", 0.0)
+    result = expander(tmp_path, users).expand("bob@mx.test")
+    assert (kinds(result), failures(result)) == (
+        [], [(path, "4.3.0", f"file {path}: read timed out")])

@@ -38,6 +38,7 @@ import os
 import pwd
 import re
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -56,6 +57,7 @@ EXPANSION_LIMIT = 1000
 VISIT_LIMIT = 10 * EXPANSION_LIMIT
 INCLUDE_LIMIT = 1 << 20  # bytes read from one .forward or :include: file
 EXPANSION_BYTES = 4 << 20  # bytes read from all .forward and include files of one recipient
+EXPANSION_TIME = 30.0  # seconds for all file reads of one recipient (a user can stop a reader)
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,7 @@ class Expander:
         checked again, an expanded address's is). Raises MailboxError when the recipient
         itself is unknown (5.1.1) or expands too far (5.3.5)."""
         state = _State(Expansion(), set(), self.config.duplicate_filter_limit,
-                       budget=EXPANSION_BYTES)
+                       budget=EXPANSION_BYTES, deadline=time.monotonic() + EXPANSION_TIME)
         self._address(recipient, state, level=0, exp_from="", source="", parent="", top=True)
         if state.over:  # the same tables expand the same way at every retry: bounced
             raise MailboxError("5.3.5", f"unreasonable alias expansion size for {recipient} "
@@ -270,6 +272,8 @@ class Expander:
         if found is None:
             return False
         path, text = found
+        if text is None:
+            return True  # a read that timed out: the recipient defers
         items = split_values(text)
         if not items:
             return False
@@ -293,7 +297,7 @@ class Expander:
         return state.decided > decided
 
     def _forward_file(self, user: pwd.struct_passwd, extension: str,
-                      state: "_State") -> tuple[str, str] | None:
+                      state: "_State") -> tuple[str, str | None] | None:
         """The path and text of the first forward_path file that opens as the user (no
         symbolic link as its last component), when it is a regular file owned by the user or
         root and not world-writable (local(8) ignores it otherwise). An extension that could
@@ -313,8 +317,12 @@ class Expander:
                 return None
             try:
                 found = read_as(path, user.pw_uid, user.pw_gid, follow=False,
-                                limit=min(INCLUDE_LIMIT, state.budget))
+                                limit=min(INCLUDE_LIMIT, state.budget),
+                                time_limit=state.left())
                 state.spend(found)
+            except TimeoutError:  # retried later: neither the .forward nor the mailbox now
+                state.fail(path, MailboxError("4.3.0", f"file {path}: read timed out"))
+                return path, None
             except OSError:
                 continue  # missing, a symbolic link, unreadable to the user: the next one
             problem = _forward_problem(found, user.pw_uid)
@@ -367,8 +375,11 @@ class Expander:
             return
         try:  # opened with the current rights, never as root for a user (include.c)
             found = read_as(path, rights.uid, rights.gid, follow=True,
-                            limit=min(INCLUDE_LIMIT, state.budget))
+                            limit=min(INCLUDE_LIMIT, state.budget), time_limit=state.left())
             state.spend(found)
+        except TimeoutError:
+            state.fail(path, MailboxError("4.3.0", f"include file {path}: read timed out"))
+            return
         except OSError as exc:
             state.fail(path, MailboxError(
                 "5.3.5", f"unable to lookup include file {path}: {exc.strerror}"))
@@ -414,6 +425,11 @@ class _State:
     decided: int = 0  # destinations decided (kept, duplicate or failed)
     over: bool = False  # past EXPANSION_LIMIT or VISIT_LIMIT: the recipient bounces
     budget: int = EXPANSION_BYTES  # bytes of .forward and include files still to read
+
+    deadline: float = 0.0  # time.monotonic() past which no file is read
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
 
     def spend(self, found: UserFile) -> None:
         self.budget = max(0, self.budget - len((found.text or "").encode()))

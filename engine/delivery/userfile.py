@@ -11,6 +11,7 @@ has a time limit; past it, it is killed and reaped.
 """
 
 import contextlib
+import errno
 import os
 import select
 import signal
@@ -36,14 +37,17 @@ def read_as(path: str, uid: int, gid: int, *, follow: bool, limit: int,
             time_limit: float = READ_TIME_LIMIT) -> UserFile:
     """Open ``path`` as ``uid``/``gid`` (``follow``: a symbolic link as the last component is
     followed; a .forward's is not), fstat it and read up to ``limit`` bytes of a regular file.
-    Raises OSError (the open's or stat's error, or ETIMEDOUT)."""
+    Raises OSError (the open's or stat's error; TimeoutError past ``time_limit``)."""
     if os.geteuid() != 0 or uid == 0:
         return _open_read(path, follow, limit)  # already this identity: nothing to drop
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns
         try:
-            os.close(read_fd)
+            # only the report pipe: a copy of another descriptor (a client's connection)
+            # would stay open as long as this child, which the user may stop
+            os.closerange(3, write_fd)
+            os.closerange(write_fd + 1, os.sysconf("SC_OPEN_MAX"))
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)
@@ -67,7 +71,7 @@ def read_as(path: str, uid: int, gid: int, *, follow: bool, limit: int,
                 os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     if report is None:
-        raise OSError(110, os.strerror(110), path)  # ETIMEDOUT
+        raise TimeoutError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT), path)
     head, _, data = report.partition(b"\n")
     fields = head.split()
     if fields[:1] != [b"OK"] or len(fields) != 4:
