@@ -4,9 +4,11 @@ real ``tern serve`` whose chain is leaf (mx.tern.test) + test CA."""
 
 import asyncio
 import hashlib
+import subprocess
 
 import pytest
 import test_tls_client
+import tls_certs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from test_tls_client import assert_sent, send
@@ -17,6 +19,7 @@ from engine.delivery import TransientFailure
 from engine.dns import Resolver
 from engine.tls.dane import Tlsa, verify_chain
 from engine.tls.tlsrpt_store import ResultStore, today
+from engine.tls.trust import TrustStore
 
 ZONE = "tern.test."
 # test_tls_client's module fixtures (tern serve with the test CA's chain, its smtp-sink, CAs)
@@ -245,6 +248,143 @@ def test_verify_chain_rules(certs, other_ca):
     forged = [der(leaf), der(other_root)]
     ta_other = Tlsa(2, 0, 1, hashlib.sha256(der(other_root)).digest())
     assert verify_chain((ta_other,), forged, ["mx.tern.test"]) is not None
+
+
+@pytest.fixture(scope="module")
+def intermediate_chain(tmp_path_factory):
+    """root → intermediate CA → leaf mx.tern.test; ``files`` holds the leaf and the intermediate
+    only (a server that does not send its root, as most do)."""
+    directory = tmp_path_factory.mktemp("intermediate")
+    root_key, inter_key, leaf_key = tls_certs._key(), tls_certs._key(), tls_certs._key()
+    root = tls_certs._certificate("Tern Root", root_key, "Tern Root", root_key, ca=True)
+    inter = tls_certs._certificate("Tern Intermediate", inter_key, "Tern Root", root_key, ca=True)
+    leaf = tls_certs._certificate("mx.tern.test", leaf_key, "Tern Intermediate", inter_key,
+                                  sans=("mx.tern.test",))
+    cert, key = directory / "chain.pem", directory / "leaf.key"
+    cert.write_bytes(tls_certs._pem_cert(leaf) + tls_certs._pem_cert(inter))
+    key.write_bytes(tls_certs._pem_key(leaf_key))
+    return root, inter, leaf, cert, key
+
+
+@pytest.mark.parametrize("selector, mtype", [(0, 1), (1, 2)])
+def test_dane_ta_may_be_an_intermediate_ca(intermediate_chain, selector, mtype):
+    """RFC 7671 §5.2.2: a DANE-TA record may name an intermediate CA; the chain then ends there
+    (not at a self-signed root), whether or not the server also sends the root."""
+    root, inter, leaf, _, _ = intermediate_chain
+    data = der(inter) if selector == 0 else spki(inter)
+    digest = {1: hashlib.sha256, 2: hashlib.sha512}[mtype](data).digest()
+    record = Tlsa(2, selector, mtype, digest)
+    for chain in ([der(leaf), der(inter)], [der(leaf), der(inter), der(root)]):
+        assert verify_chain((record,), chain, ["mx.tern.test"]) is None
+        assert "name does not match" in verify_chain((record,), chain, ["mx.example.org"])
+
+
+def test_dane_ta_full_record_of_a_root_the_server_left_out(intermediate_chain):
+    """RFC 7671 §5.2.2: a "2 0 0" record carries the whole TA certificate, so the server need not
+    send it; a digest record for a TA that is not in the chain still matches nothing."""
+    root, inter, leaf, _, _ = intermediate_chain
+    chain = [der(leaf), der(inter)]
+    assert verify_chain((Tlsa(2, 0, 0, der(root)),), chain, ["mx.tern.test"]) is None
+    digest = Tlsa(2, 0, 1, hashlib.sha256(der(root)).digest())
+    assert "no TLSA record matches" in verify_chain((digest,), chain, ["mx.tern.test"])
+    garbage = Tlsa(2, 0, 0, b"not a certificate")
+    assert "no TLSA record matches" in verify_chain((garbage,), chain, ["mx.tern.test"])
+
+
+@pytest.fixture(scope="module")
+def intermediate_server(tmp_path_factory, certs, sink, intermediate_chain):
+    *_, cert, key = intermediate_chain
+    server = test_tls_client.start_tls_server(
+        tmp_path_factory.mktemp("tern-inter"), certs, sink, smtpd_tls_cert_file=str(cert),
+        smtpd_tls_key_file=str(key))
+    yield server
+    server.stop()
+
+
+def test_dane_ta_on_the_intermediate_end_to_end(dnssec_server, intermediate_server,
+                                                intermediate_chain):
+    _, inter, _, _, _ = intermediate_chain
+    port = intermediate_server.port
+    dns = dnssec_server(tlsa("mx", port, 2, 1, 2, spki(inter)), zone=ZONE)
+    result, log, _ = dane_send(dns, port, "mx", level="dane-only")
+    assert_sent(result)
+    assert "Verified TLS connection established to mx.tern.test[127.0.0.1]:" in log
+
+
+def openssl(*args, stdin: bytes | None = None) -> bytes:
+    return subprocess.run(["openssl", *args], input=stdin, capture_output=True,
+                          check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def odd_keys(tmp_path_factory):
+    """Self-signed certificates (DER) whose keys ``cryptography`` cannot load or re-encodes:
+    SM2 (a curve it does not support) and RSA-PSS (its SPKI names id-RSASSA-PSS), each with
+    the SPKI as OpenSSL (and so ldns-dane, hash-slinger…) gives it."""
+    directory = tmp_path_factory.mktemp("odd")
+    out = {}
+    for name, keygen in (("sm2", ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:SM2"]),
+                         ("pss", ["-algorithm", "RSA-PSS", "-pkeyopt", "rsa_keygen_bits:2048"])):
+        key = directory / f"{name}.key"
+        try:
+            openssl("genpkey", *keygen, "-out", str(key))
+        except subprocess.CalledProcessError:
+            pytest.skip(f"this openssl cannot make {name} keys")
+        cert = openssl("req", "-new", "-x509", "-key", str(key), "-subj", f"/CN={name}.tern.test",
+                       "-days", "30", "-outform", "DER")
+        spki_bytes = openssl("pkey", "-in", str(key), "-pubout", "-outform", "DER")
+        out[name] = (cert, spki_bytes)
+    return out
+
+
+def test_spki_selector_digests_the_key_as_the_certificate_encodes_it(odd_keys):
+    for name, (cert, key) in odd_keys.items():
+        record = Tlsa(3, 1, 1, hashlib.sha256(key).digest())
+        assert verify_chain((record,), [cert], [f"{name}.tern.test"]) is None, name
+
+
+def test_certificates_that_do_not_parse_match_nothing_and_raise_nothing(certs, odd_keys):
+    """A chain certificate with a key no library here can use (SM2), or whose DER is broken,
+    is a TLSA mismatch like any other (never an exception out of the delivery agent)."""
+    leaf, ca = load(certs.default_cert)
+    sm2, _ = odd_keys["sm2"]
+    other = Tlsa(2, 1, 1, b"\x01" * 32)
+    broken = der(ca)[:40]
+    for chain in ([der(leaf), sm2, der(ca)], [der(leaf), broken], [broken]):
+        assert "no TLSA record matches" in verify_chain((other,), chain, ["mx.tern.test"])
+    ta = Tlsa(2, 1, 1, hashlib.sha256(spki(ca)).digest())
+    assert verify_chain((ta,), [der(leaf), sm2, der(ca)], ["mx.tern.test"]) is None
+    store = TrustStore([str(certs.ca)], [])
+    assert store.verify([der(leaf), der(ca)]) is None
+    assert store.verify([der(leaf), broken]) == "num=0:certificate in chain does not parse"
+
+
+@pytest.fixture(scope="module")
+def sm2_chain_server(tmp_path_factory, certs, sink, odd_keys):
+    """tern serve whose chain is its leaf, an SM2 certificate, then the CA."""
+    directory = tmp_path_factory.mktemp("sm2-chain")
+    leaf, ca = load(certs.default_cert)
+    sm2 = x509.load_der_x509_certificate(odd_keys["sm2"][0])
+    chain = directory / "chain.pem"
+    chain.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM)
+                               for c in (leaf, sm2, ca)))
+    server = test_tls_client.start_tls_server(directory, certs, sink,
+                                              smtpd_tls_cert_file=str(chain))
+    yield server
+    server.stop()
+
+
+def test_odd_chain_certificate_end_to_end(dnssec_server, sm2_chain_server, certs, other_ca):
+    port = sm2_chain_server.port
+    ca = load(certs.ca)[0]
+    dns = dnssec_server([*tlsa("mx", port, 2, 1, 1, spki(ca)),
+                         *tlsa("wrong", port, 2, 1, 1, spki(load(other_ca.ca)[0]))], zone=ZONE)
+    result, log, _ = dane_send(dns, port, "mx", level="dane-only")
+    assert_sent(result)
+    assert "Verified TLS connection established to mx.tern.test[127.0.0.1]:" in log
+    result, log, _ = dane_send(dns, port, "wrong", level="dane-only")
+    assert isinstance(result, TransientFailure)
+    assert (result.dsn, result.text) == ("4.7.5", "Server certificate not verified")
 
 
 # ---- TLS-RPT (RFC 8460 §4.3.2.1): what DANE deliveries record ---------------------------------

@@ -90,3 +90,34 @@ def test_cache_honours_max_age_and_id():
     assert cache.get("example.com", 1050.0, txt_id="id2") is None  # changed: fetch again
     assert cache.get("example.com", 1100.0) is None  # expired
     assert cache.get("example.com", 1000.0) is None  # and forgotten
+
+
+def test_cache_holds_a_failed_fetch_for_a_while_and_forgets_it_for_a_new_id():
+    cache = PolicyCache()
+    cache.failed("Example.COM", "id1", now=1000.0)
+    assert cache.recently_failed("example.com", "id1", 1000.0 + PolicyCache.FAILURE_HOLD - 1)
+    assert not cache.recently_failed("example.com", "id2", 1001.0)  # a new policy: fetch it
+    assert not cache.recently_failed("example.com", "id1", 1000.0 + PolicyCache.FAILURE_HOLD)
+    cache.put("example.com", StsPolicy("enforce", ("mx.test",), 100, "id1"), now=1001.0)
+    assert not cache.recently_failed("example.com", "id1", 1002.0)  # fetched since
+
+
+def test_cache_of_failures_is_bounded():
+    cache = PolicyCache()
+    cache.MAX_FAILURES = 3
+    for n in range(10):
+        cache.failed(f"d{n}.test", "id", now=1000.0)
+    assert len(cache._failures) == 3
+    assert cache.recently_failed("d9.test", "id", 1001.0)  # the newest is kept
+
+
+def test_refresh_is_due_when_half_the_max_age_or_a_day_remains():
+    cache = PolicyCache()
+    cache.put("short.test", StsPolicy("enforce", ("mx.test",), 100, "id1"), now=1000.0)
+    assert not cache.refresh_due("short.test", 1049.0)
+    assert cache.refresh_due("short.test", 1051.0)
+    year = 31557600
+    cache.put("long.test", StsPolicy("enforce", ("mx.test",), year, "id1"), now=0.0)
+    assert not cache.refresh_due("long.test", year - PolicyCache.REFRESH_MARGIN - 1)
+    assert cache.refresh_due("long.test", year - PolicyCache.REFRESH_MARGIN + 1)
+    assert not cache.refresh_due("unknown.test", 0.0)

@@ -23,6 +23,7 @@ from engine.dns import Resolver
 from engine.log import Maillog
 from engine.tls.tlsrpt_store import ResultStore, today
 
+HOP = "[127.0.0.1]:{port}"  # the next hop as written: smtp_tls_policy_maps's key for send()
 ESTABLISHED = "TLS connection established to 127.0.0.1[127.0.0.1]:{port}: TLSv1.3 with cipher TLS_"
 
 
@@ -61,11 +62,13 @@ def tls13_server(tmp_path_factory, certs, sink):
 
 def send(port, *, tmp_path=None, policy_entries=None, _host="127.0.0.1", _mx=False,
          **settings):
-    """deliver() one message to 127.0.0.1:port; returns (outcome or the TransientFailure,
+    """deliver() one message to 127.0.0.1:port (``policy_entries`` keys may name "{port}",
+    see HOP); returns (outcome or the TransientFailure,
     the maillog text, the marker in the message)."""
     if policy_entries is not None:
         table = tmp_path / "tls_policy"
-        table.write_text("".join(f"{key} {value}\n" for key, value in policy_entries.items()))
+        table.write_text("".join(f"{key.format(port=port)} {value}\n"
+                                 for key, value in policy_entries.items()))
         settings["smtp_tls_policy_maps"] = f"texthash:{table}"
     config = Config(myhostname="client.tern.test", smtp_connect_timeout=5.0,
                     smtp_starttls_timeout=10.0, **settings)
@@ -154,7 +157,7 @@ def test_encrypt_delivers_over_tls(server, sink):
 
 def test_verify_with_a_matching_name_logs_verified(server, sink, certs, tmp_path):
     result, log, marker = send(server.port, tmp_path=tmp_path, smtp_tls_CAfile=str(certs.ca),
-                               policy_entries={"127.0.0.1": "verify match=mx.tern.test"})
+                               policy_entries={HOP: "verify match=mx.tern.test"})
     assert_sent(result)
     assert received_over_tls(sink, marker)
     assert "Verified " + ESTABLISHED.format(port=server.port) in log
@@ -172,7 +175,7 @@ def test_secure_with_a_name_mismatch_is_trusted_but_defers(server, certs):
 
 def test_secure_with_parent_domain_match(server, certs, tmp_path):
     result, log, _ = send(server.port, tmp_path=tmp_path, smtp_tls_CAfile=str(certs.ca),
-                          policy_entries={"127.0.0.1": "secure match=.tern.test"})
+                          policy_entries={HOP: "secure match=.tern.test"})
     assert_sent(result)
     assert "Verified " + ESTABLISHED.format(port=server.port) in log
 
@@ -196,7 +199,7 @@ def leaf_fingerprint(certs, digest="sha256") -> str:
 @pytest.mark.parametrize("digest", ["sha256", "sha512"])
 def test_fingerprint_match_is_verified(server, certs, tmp_path, digest):
     result, log, _ = send(server.port, tmp_path=tmp_path, smtp_tls_fingerprint_digest=digest,
-                          policy_entries={"127.0.0.1": "fingerprint match="
+                          policy_entries={HOP: "fingerprint match="
                                           + leaf_fingerprint(certs, digest)})
     assert_sent(result)
     assert "Verified " + ESTABLISHED.format(port=server.port) in log
@@ -204,7 +207,7 @@ def test_fingerprint_match_is_verified(server, certs, tmp_path, digest):
 
 def test_fingerprint_mismatch_defers(server, other_ca, tmp_path):
     result, log, _ = send(server.port, tmp_path=tmp_path,
-                          policy_entries={"127.0.0.1": "fingerprint match="
+                          policy_entries={HOP: "fingerprint match="
                                           + leaf_fingerprint(other_ca)})
     assert isinstance(result, TransientFailure)
     assert (result.dsn, result.text) == ("4.7.5", "Server certificate not verified")
@@ -214,15 +217,20 @@ def test_fingerprint_mismatch_defers(server, other_ca, tmp_path):
 # ---- policy table, wrapper mode --------------------------------------------------------------
 
 
-def test_policy_table_entry_of_a_parent_domain_overrides_the_default(sink, tmp_path):
-    """The next hop 127.0.0.1 finds ".0.1" (Postfix's parent-domain keys)."""
+def test_policy_table_entry_of_the_next_hop_as_written_overrides_the_default(sink, tmp_path):
+    """Postfix looks up "[127.0.0.1]:PORT" as the transport or relayhost writes it; the bare
+    host and parent-domain keys are only for a domain next hop (MX lookup, default port)."""
     result, _, _ = send(sink.port, tmp_path=tmp_path, smtp_tls_security_level="may",
-                        policy_entries={".0.1": "encrypt"})
+                        policy_entries={HOP: "encrypt"})
     assert isinstance(result, TransientFailure) and result.dsn == "4.7.4"
+    result, _, _ = send(sink.port, tmp_path=tmp_path, smtp_tls_security_level="may",
+                        policy_entries={"127.0.0.1": "encrypt", ".0.1": "encrypt",
+                                        "[127.0.0.1]": "encrypt"})
+    assert_sent(result)
 
 
 def test_policy_table_entry_that_cannot_be_applied_defers(sink, tmp_path):
-    result, _, _ = send(sink.port, tmp_path=tmp_path, policy_entries={"127.0.0.1": "danger"})
+    result, _, _ = send(sink.port, tmp_path=tmp_path, policy_entries={HOP: "danger"})
     assert isinstance(result, TransientFailure)
     assert result.dsn == "4.7.5"
     assert result.text.startswith("TLS policy lookup for 127.0.0.1: unsupported TLS security")
@@ -240,6 +248,18 @@ def test_wrappermode_to_a_plaintext_server_fails(sink):
     result, log, _ = send(sink.port, smtp_tls_wrappermode=True, smtp_helo_timeout=3.0)
     assert isinstance(result, TransientFailure)
     assert result.text == "Cannot start TLS: handshake failure"
+
+
+def test_wrappermode_never_falls_back_to_plaintext(dns_server, sink):
+    """At "dane" without DNSSEC the level is "may", whose failed handshake Postfix follows with
+    plaintext; in wrapper mode (port 465) there is no plaintext to fall back to."""
+    dns = dns_server(["example.net. 60 IN MX 10 mx.tern.test.", "mx.tern.test. 60 IN A 127.0.0.1"],
+                     zones=("example.net.", "tern.test."))
+    result, log, _ = send(sink.port, smtp_tls_wrappermode=True, smtp_tls_security_level="dane",
+                          dns_servers=[f"{dns[0]}:{dns[1]}"], smtp_helo_timeout=3.0,
+                          _host="example.net", _mx=True)
+    assert isinstance(result, TransientFailure), result
+    assert (result.dsn, result.text) == ("4.7.5", "Cannot start TLS: handshake failure")
 
 
 # ---- Postfix's trust words: Trusted, Untrusted, Verified, Anonymous --------------------------
@@ -317,7 +337,7 @@ def test_expired_chain_is_untrusted(expired_server, certs, tmp_path):
     assert_sent(result)
     assert "Untrusted " + ESTABLISHED.format(port=port) in log
     result, log, _ = send(port, tmp_path=tmp_path, smtp_tls_CAfile=str(certs.ca),
-                          policy_entries={"127.0.0.1": "verify match=mx.tern.test"})
+                          policy_entries={HOP: "verify match=mx.tern.test"})
     assert isinstance(result, TransientFailure)
     assert result.text == "Server certificate not trusted"
     assert (f"server certificate verification failed for 127.0.0.1[127.0.0.1]:{port}:"

@@ -2,6 +2,9 @@
 
 import pytest
 
+from engine.config import Config
+from engine.delivery import NextHop
+from engine.delivery.route import nexthop_as_written
 from engine.smtp.client import (
     Client,
     Closed,
@@ -13,6 +16,7 @@ from engine.smtp.client import (
     StartTls,
     TransactionDone,
 )
+from engine.tls.client import PolicyFinder
 from engine.tls.policy import (
     PolicyError,
     TlsPolicy,
@@ -80,6 +84,22 @@ def test_bytes_behind_the_220_are_thrown_away():
     writes, events, _ = converse([GREETING, EHLO_TLS, injected, EHLO_AFTER, *DELIVERY],
                                  starttls="may")
     assert events[1] == Ready(True, {"PIPELINING": "", "8BITMIME": ""})
+
+
+@pytest.mark.parametrize(("reply", "pending"), [
+    (b"220 2.0.0 Ready to start TLS\r\n", False),
+    (b"220 2.0.0 Ready to start TLS\r\n250 forged\r\n", True),
+    (b"220 2.0.0 Ready to start TLS\r\n25", True),  # even a partial line
+])
+def test_pending_input_tells_the_adapter_of_bytes_behind_the_220(reply, pending):
+    """What the adapter checks before the handshake (it then refuses the session)."""
+    client = Client("client.example", peer=PEER, relay=PEER + ":25", starttls="require")
+    for chunk in (GREETING, EHLO_TLS, reply):
+        while not isinstance(client.next_event(), NeedData | StartTls):
+            pass
+        client.receive_data(chunk)
+    assert isinstance(client.next_event(), StartTls)
+    assert client.pending_input is pending
 
 
 def test_none_never_sends_starttls():
@@ -163,6 +183,33 @@ def test_lookup_keys_walk_up_the_parent_domains():
     assert policy_lookup_keys("mx.Example.COM.") == ["mx.example.com", ".example.com", ".com"]
 
 
+def test_lookup_keys_of_a_next_hop_in_brackets_or_with_a_port_are_only_itself():
+    assert policy_lookup_keys("[Relay.Example.com]:587") == ["[relay.example.com]:587"]
+    assert policy_lookup_keys("[relay.example.com]") == ["[relay.example.com]"]
+    assert policy_lookup_keys("example.com:2525") == ["example.com:2525"]
+    assert policy_lookup_keys("[ipv6:2001:db8::1]") == ["[ipv6:2001:db8::1]"]
+
+
+def test_policy_table_keys_are_next_hops_as_postfix_writes_them(tmp_path):
+    """smtp_tls_policy_maps (texthash) looked up with route.nexthop_as_written, as Postfix."""
+    table = tmp_path / "tls_policy"
+    table.write_text("[relay.example.com]:587 secure match=relay.example.com\n"
+                     "relay.example.com encrypt\n"
+                     ".example.com may\n"
+                     "[mx.example.net] verify\n")
+    finder = PolicyFinder(Config(smtp_tls_policy_maps=f"texthash:{table}"))
+
+    def level(host, port, mx):
+        return finder.policy(nexthop_as_written(NextHop("smtp", host, port, mx))).level
+
+    assert level("relay.example.com", 587, False) == "secure"  # relayhost = [relay…]:587
+    assert level("relay.example.com", 25, False) == "none"  # [relay.example.com]: no entry
+    assert level("relay.example.com", 25, True) == "encrypt"  # the domain itself
+    assert level("other.example.com", 25, True) == "may"  # a parent domain
+    assert level("other.example.com", 2525, True) == "none"  # with a port: only as written
+    assert level("mx.example.net", 25, False) == "verify"
+
+
 @pytest.mark.parametrize("name, pattern, matches", [
     ("mx.example.com", "mx.example.com", True),
     ("mx.example.com", "example.com", False),
@@ -171,6 +218,10 @@ def test_lookup_keys_walk_up_the_parent_domains():
     ("*.example.com", "mx.example.com", True),
     ("*.example.com", "a.mx.example.com", False),
     ("*.example.com", ".example.com", True),
+    # a wildcard needs two labels after it (OpenSSL's rule): "*.com" covers nothing
+    ("*.com", "example.com", False),
+    ("*.com", ".com", False),
+    ("*.", "example", False),
 ])
 def test_certificate_name_matching(name, pattern, matches):
     assert name_matches(name, pattern) is matches

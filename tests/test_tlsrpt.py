@@ -3,6 +3,7 @@ the mail (§5.3) end to end from a real ``tern serve`` into Postfix's smtp-sink
 (``tern tls-report``), and the HTTPS POST (§5.4) to a local HTTPS server."""
 
 import asyncio
+import dataclasses
 import datetime
 import email
 import email.policy
@@ -22,7 +23,7 @@ from engine.config import Config
 from engine.log import Maillog
 from engine.tls import tlsrpt
 from engine.tls.tlsrpt import SessionResult, build_reports, parse_record, report_message
-from engine.tls.tlsrpt_send import send_reports
+from engine.tls.tlsrpt_send import daily, send_reports
 from engine.tls.tlsrpt_store import ResultStore
 
 DAY = "2026-11-20"
@@ -270,7 +271,8 @@ def test_https_report_is_posted_gzipped(dns_server, report_server, certs, tmp_pa
     assert store.days() == []  # the day is done
 
 
-def test_https_report_to_an_untrusted_server_is_not_sent(dns_server, report_server, tmp_path):
+def test_https_report_to_an_untrusted_server_is_kept_for_the_next_run(dns_server, report_server,
+                                                                      certs, tmp_path):
     https = report_server()
     dns = dns_server([f'_smtp._tls.example.net. 60 IN TXT "v=TLSRPTv1; '
                       f'rua=https://mx.tern.test:{https.port}/"',
@@ -278,10 +280,20 @@ def test_https_report_to_an_untrusted_server_is_not_sent(dns_server, report_serv
     other = make_certs(tmp_path / "other")
     config = Config(queue_directory=tmp_path, dns_servers=(f"{dns[0]}:{dns[1]}",),
                     dns_timeout=2.0, smtp_tlsrpt_enable=True, tlsrpt_CAfile=str(other.ca))
-    ResultStore(tmp_path).record(result("success"))
+    store = ResultStore(tmp_path)
+    store.record(result("success"))
+    store.record(result("success", domain="no-record.test"))  # no _smtp._tls record
     sent, log = send_day(config)
     assert sent == [] and https.posts == []
     assert "CERTIFICATE_VERIFY_FAILED" in log
+    # not marked sent: example.net's results wait for the next run (the other's are done)
+    assert store.days() == [DAY]
+    assert [r.policy_domain for r in store.read(DAY)] == ["example.net"]
+    sent, _ = send_day(dataclasses.replace(config, tlsrpt_CAfile=str(certs.ca)))
+    assert sent == [f"example.net https://mx.tern.test:{https.port}/"]
+    report = json.loads(gzip.decompress(https.posts[0][2]))
+    assert report["policies"][0]["summary"]["total-successful-session-count"] == 1
+    assert store.days() == []
 
 
 # ---- delivery of the reports: mail into Tern's own queue (§5.3), end to end -----------------
@@ -351,3 +363,27 @@ def test_tls_report_needs_tlsrpt_enabled(tern):
     done = server.tern("tls-report", "--day", "yesterday", "-c", str(server.config_file))
     assert done.returncode == 1
     assert '"day" must be a date, YYYY-MM-DD' in done.stderr
+
+
+def test_daily_run_gives_up_a_day_whose_reports_were_kept_too_long(tmp_path):
+    """Kept results are retried at the next daily runs, not forever: a day older than
+    RETRY_DAYS is marked sent with a warning (no lookup, no report)."""
+    config = Config(myhostname="out.tern.test", queue_directory=tmp_path, smtp_tlsrpt_enable=True,
+                    dns_servers=("127.0.0.1:9",), dns_timeout=0.5)
+    store = ResultStore(tmp_path)
+    store.keep("2020-01-01", [result("success")])
+    stream = io.StringIO()
+    maillog = Maillog("mx.tern.test", stream=stream)
+
+    async def one_run():
+        task = asyncio.create_task(daily(config, None, maillog))
+        for _ in range(200):  # until the run is done and the loop sleeps towards midnight
+            await asyncio.sleep(0.01)
+            if not store.days():
+                break
+        task.cancel()
+
+    asyncio.run(one_run())
+    maillog.flush()
+    assert store.days() == []
+    assert "warning: reports of 2020-01-01 not sent, given up" in stream.getvalue()

@@ -18,6 +18,15 @@ VIRTUAL_TRANSPORT = "virtual"
 DEFAULT_PORTS = {"smtp": 25, "lmtp": 24}
 
 
+def nexthop_as_written(hop: NextHop) -> str:
+    """The next hop as relayhost or transport_maps write it (Postfix's lookup key in
+    smtp_sasl_password_maps and smtp_tls_policy_maps): ``[host]`` without MX lookup,
+    ``:port`` when it is not the transport's default."""
+    host = hop.host if hop.mx_lookup else f"[{hop.host}]"
+    default = DEFAULT_PORTS.get(hop.transport, 25)
+    return host if hop.port in (default, 0) else f"{host}:{hop.port}"
+
+
 # The same few next hops (relayhost, transport_maps values) are parsed for every message.
 _parsed_nexthop = functools.lru_cache(maxsize=1024)(parse_transport_nexthop)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from engine.config import Config
 from engine.delivery import NextHop
-from engine.delivery.route import DEFAULT_PORTS
+from engine.delivery.route import nexthop_as_written
 from engine.smtp.sasl_client import SaslLogin, allows_plaintext
 from engine.tables import Table, open_table
 
@@ -35,14 +35,6 @@ def _table(config: Config) -> Table:
         entry = (config, open_table(config.smtp_sasl_password_maps))
         _TABLES[id(config)] = entry
     return entry[1]
-
-
-def nexthop_as_written(hop: NextHop) -> str:
-    """The next hop as relayhost or transport_maps write it (Postfix's lookup key):
-    ``[host]`` without MX lookup, ``:port`` when it is not the transport's default."""
-    host = hop.host if hop.mx_lookup else f"[{hop.host}]"
-    default = DEFAULT_PORTS.get(hop.transport, 25)
-    return host if hop.port in (default, 0) else f"{host}:{hop.port}"
 
 
 @dataclass(frozen=True)

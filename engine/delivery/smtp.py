@@ -34,6 +34,7 @@ from engine.delivery import (
 )
 from engine.delivery.connections import Connection, ConnectionCache
 from engine.delivery.myself import Myself
+from engine.delivery.route import nexthop_as_written
 from engine.dns import Resolver
 from engine.log import Maillog
 from engine.smtp.client import (
@@ -143,7 +144,22 @@ async def _deliver(
         smtputf8=request.smtputf8,
     )
     auth = await sasl.for_delivery(config, request.sender)
-    cache_key = auth.cache_key(hop.destination)
+    try:
+        policy = (finder or _policy_finder(config)).policy(nexthop_as_written(hop))
+    except PolicyError as exc:  # never deliver with less TLS than the administrator wrote
+        raise TransientFailure("4.7.5", f"TLS policy lookup for {hop.host}: {exc}") from None
+    rpt = reporter(config, hop.host)  # TLS-RPT (RFC 8460): None unless smtp_tlsrpt_enable
+    # RFC 8461: only for MX delivery, and never weakening a stronger local policy. At "dane",
+    # too: it applies to every MX host that DANE does not cover (§2: DANE first).
+    sts = None
+    if config.smtp_mta_sts_enable and hop.mx_lookup and policy.level in ("none", "may", "dane"):
+        sts_failures: list[tuple[str, str]] = []
+        sts = await sts_policy(config, resolver.dnssec, resolver, hop.host, sts_failures)
+        if rpt is not None:
+            rpt.sts = sts
+            for result, why in sts_failures:
+                rpt.record(result, reason=why, policy_type="sts")
+    cache_key = _cache_key(auth.cache_key(hop.destination), policy, sts)
     if connections is not None:
         while (cached := connections.take(cache_key)) is not None:
             try:
@@ -151,11 +167,6 @@ async def _deliver(
                                        cache_key)
             except _DeadSession:
                 continue  # nothing was sent: try the next cached one, then a new connection
-    try:
-        policy = (finder or _policy_finder(config)).policy(hop.host)
-    except PolicyError as exc:  # never deliver with less TLS than the administrator wrote
-        raise TransientFailure("4.7.5", f"TLS policy lookup for {hop.host}: {exc}") from None
-    rpt = reporter(config, hop.host)  # TLS-RPT (RFC 8460): None unless smtp_tlsrpt_enable
     hosts = [hop.host]
     if hop.mx_lookup:  # DNSSEC status only when DANE needs it (RFC 7672 §2.2.1: secure MX)
         mx = await resolver.mx_lookup(hop.host, dnssec=policy.level in DANE)
@@ -167,14 +178,6 @@ async def _deliver(
                 if rpt is not None:
                     _record_dane_failure(rpt, hop.host, exc)
                 raise
-    sts = None  # RFC 8461: only for MX delivery, and never weakening a stronger local policy
-    if config.smtp_mta_sts_enable and hop.mx_lookup and policy.level in ("none", "may"):
-        sts_failures: list[tuple[str, str]] = []
-        sts = await sts_policy(config, resolver.dnssec, resolver, hop.host, sts_failures)
-        if rpt is not None:
-            rpt.sts = sts
-            for result, why in sts_failures:
-                rpt.record(result, reason=why, policy_type="sts")
     failures: list[DeliveryError] = []
     servers: list[tuple[str, str]] = []  # (host, address), at most smtp_mx_address_limit
     address_limit = config.smtp_mx_address_limit
@@ -182,25 +185,22 @@ async def _deliver(
         if address_limit and len(servers) >= address_limit:
             break
         host_policy = policy
-        if sts is not None and sts.mode != "none":
-            if not sts.mx_allowed(host):
-                text = f"MX host {host} does not match the MTA-STS policy of {hop.host}"
-                if rpt is not None:
-                    rpt.record("validation-failure", host=host, reason="mx-mismatch")
-                if sts.mode == "enforce":
-                    failures.append(TransientFailure("4.7.5", text))
-                    continue
-                if maillog is not None:
-                    maillog.line("smtp", f"{request.queue_id}: MTA-STS testing: {text}")
-            # enforce: a valid certificate for the MX name (§4.2); testing: opportunistic
-            host_policy = TlsPolicy("verify", ("hostname",), webpki=True) \
-                if sts.mode == "enforce" else TlsPolicy("may")
         try:
+            if sts is not None and sts.mode != "none" and policy.level not in DANE:
+                host_policy = _sts_host_policy(sts, host, TlsPolicy("may"), hop, rpt, maillog,
+                                               request.queue_id)
             found = await resolver.address_lookup(host, dnssec=host_policy.level in DANE)
             addresses = found.items
             dnssec = resolver.dnssec if host_policy.level in DANE else None  # made on need
             host_policy = await resolve_dane(host_policy, dnssec, host, hop.port,
                                              secure=found.secure)
+            if sts is not None and sts.mode != "none" and host_policy.level not in DANE \
+                    and policy.level in DANE:  # DANE does not cover this host: MTA-STS does
+                host_policy = _sts_host_policy(sts, host, host_policy, hop, rpt, maillog,
+                                               request.queue_id)
+        except _StsRefused as exc:
+            failures.append(exc)
+            continue
         except DeliveryError as exc:
             failures.append(exc)
             if rpt is not None and host_policy.level in DANE:
@@ -217,7 +217,7 @@ async def _deliver(
     for index, (host, address, host_policy) in enumerate(servers):
         try:
             outcome = await _session(config, host, address, host_policy, envelope, started,
-                                     connections, hop, maillog, auth, rpt)
+                                     connections, hop, maillog, auth, rpt, cache_key)
         except DeliveryError as exc:  # no session: not counted against smtp_mx_session_limit
             failures.append(exc)
             continue
@@ -241,12 +241,13 @@ async def _session(config: Config, host: str, address: str, policy: TlsPolicy,
                    envelope: Envelope, started: float, connections: ConnectionCache | None,
                    hop: NextHop, maillog: Maillog | None,
                    auth: sasl.DeliveryAuth | None = None,
-                   rpt: Reporter | None = None) -> DeliveryOutcome:
+                   rpt: Reporter | None = None, cache_key: str | None = None) -> DeliveryOutcome:
     """One server's session under its TLS policy; at "may", a failed handshake is followed by
     the same server in plaintext, as Postfix. With ``auth``, its credentials for this server;
-    with ``rpt``, the TLS outcome is recorded (TLS-RPT)."""
+    with ``rpt``, the TLS outcome is recorded (TLS-RPT); ``cache_key``: where the session
+    goes afterwards (default: the destination, and the sender's SASL name)."""
     login = await auth.login(host, hop) if auth is not None else None
-    key = auth.cache_key(hop.destination) if auth is not None else None
+    key = cache_key or (auth.cache_key(hop.destination) if auth is not None else None)
     tls = _TlsJob(policy, host, hop.host, maillog, rpt, address)
     try:
         connection = await _connect(config, host, address, hop.port, tls, login)
@@ -260,6 +261,39 @@ async def _session(config: Config, host: str, address: str, policy: TlsPolicy,
     plain = _TlsJob(TlsPolicy("none"), host, hop.host, maillog)
     connection = await _connect(config, host, address, hop.port, plain, login)
     return await _transact(connection, envelope, config, started, connections, hop, key)
+
+
+class _StsRefused(TransientFailure):
+    """MTA-STS enforce: the MX host is not in the policy's mx list."""
+
+
+def _sts_host_policy(sts, host: str, fallback: TlsPolicy, hop: NextHop, rpt: Reporter | None,
+                     maillog: Maillog | None, queue_id: str) -> TlsPolicy:
+    """The TLS policy MTA-STS gives MX ``host``: enforce wants a valid certificate for the MX
+    name (RFC 8461 §4.2), testing leaves ``fallback`` (opportunistic, or what DANE left) and
+    logs. Raises _StsRefused for a host outside the policy's mx patterns under enforce."""
+    if not sts.mx_allowed(host):
+        text = f"MX host {host} does not match the MTA-STS policy of {hop.host}"
+        if rpt is not None:
+            rpt.record("validation-failure", host=host, reason="mx-mismatch")
+        if sts.mode == "enforce":
+            raise _StsRefused("4.7.5", text)
+        if maillog is not None:
+            maillog.line("smtp", f"{queue_id}: MTA-STS testing: {text}")
+    if sts.mode == "enforce":
+        return TlsPolicy("verify", ("hostname",), webpki=True)
+    return fallback
+
+
+def _cache_key(key: str, policy: TlsPolicy, sts) -> str:
+    """The connection cache key under the destination's TLS policy, as Postfix's TLS-aware
+    connection cache: a session opened under one policy (say plaintext, before an MTA-STS
+    policy appeared) never carries mail that another policy now governs."""
+    if policy.level != "none":
+        key += f"\0tls={policy.level}:{','.join(policy.match)}"
+    if sts is not None and sts.mode != "none":
+        key += f"\0sts={sts.mode}:{sts.policy_id}"
+    return key
 
 
 def _next_server_may_take(result: RecipientResult) -> bool:
@@ -358,7 +392,7 @@ async def _connect(config: Config, host: str, address: str, port: int,
     # Postfix's smtp_bind_address / smtp_bind_address6: the source address of this family
     bind = config.smtp_bind_address6 if ":" in address else config.smtp_bind_address
     policy = tls.policy if tls is not None else TlsPolicy("none")
-    wrapped = config.smtp_tls_wrappermode and policy.level != "none"
+    wrapped = config.smtp_tls_wrappermode and tls is not None  # TLS or nothing (never plain)
     try:
         async with asyncio.timeout(config.smtp_connect_timeout):
             reader, writer = await asyncio.open_connection(
@@ -398,7 +432,19 @@ async def _handshake(connection: Connection, config: Config) -> None:
     checked against the policy. Raises TransientFailure (or _PlaintextRetry at "may")."""
     tls: _TlsJob = connection.tls
     client = connection.client
+    early = client.pending_input or bool(_buffered(connection.reader))
+    if early and not client.tls_active:
+        # Plaintext behind STARTTLS's 220 would be read as replies under TLS (response
+        # injection, the CVE-2011-0411 class): end the session, never drop it silently.
+        # No await between this check and start_tls, which stops reading the plaintext.
+        why = "unexpected data after STARTTLS reply"
+        tls.log(f"warning: {client.relay} sent {why}: possible response injection")
+        tls.report("validation-failure", why, _local_ip(connection))
+        failure = _PlaintextRetry if _may_retry_plain(tls, config) else TransientFailure
+        raise failure("4.7.5", f"Cannot start TLS: {why}", client.relay)
     try:
+        if early:  # wrapper mode, and the server spoke first in plaintext: no TLS server
+            raise ssl.SSLError("plaintext data before the TLS handshake")
         async with asyncio.timeout(config.smtp_starttls_timeout):
             await connection.writer.start_tls(client_context(config, tls.policy),
                                               server_hostname=None)
@@ -407,7 +453,7 @@ async def _handshake(connection: Connection, config: Config) -> None:
             getattr(exc, "reason", None) or str(exc) or type(exc).__name__)
         tls.log(f"SSL_connect error to {client.relay}: {why}")
         tls.report("validation-failure", f"handshake: {why}", _local_ip(connection))
-        if tls.policy.mandatory:
+        if not _may_retry_plain(tls, config):
             raise TransientFailure("4.7.5", "Cannot start TLS: handshake failure",
                                    client.relay) from None
         raise _PlaintextRetry("4.7.5", "Cannot start TLS: handshake failure",
@@ -428,6 +474,18 @@ async def _handshake(connection: Connection, config: Config) -> None:
         tls.report(audit.result or "success", audit.detail, _local_ip(connection))
     if check.failure:
         raise TransientFailure("4.7.5", check.failure, client.relay)
+
+
+def _may_retry_plain(tls: _TlsJob, config: Config) -> bool:
+    """Whether a failed TLS start may be followed by the same server in plaintext: only at an
+    opportunistic level, and never in wrapper mode (a port-465 server is spoken to in TLS or
+    not at all, as Postfix; "may" from MTA-STS testing or DANE's fallback included)."""
+    return not tls.policy.mandatory and not config.smtp_tls_wrappermode
+
+
+def _buffered(reader: asyncio.StreamReader) -> int:
+    """Bytes the StreamReader holds that nobody has read (asyncio has no public accessor)."""
+    return len(reader._buffer)
 
 
 def _local_ip(connection: Connection) -> str:

@@ -114,6 +114,11 @@ class ReplyBuffer:
     def feed(self, data: bytes) -> None:
         self._reader.feed(data)
 
+    @property
+    def pending(self) -> bool:
+        """Whether bytes were received that no complete reply has consumed yet."""
+        return bool(len(self._reader) or self._lines)
+
     def read_reply(self) -> Reply | None:
         """The next complete reply, or None while incomplete. Raises RemoteProtocolError."""
         reader = self._reader
@@ -436,10 +441,18 @@ class Client:
                 f"conversation with {self.peer} timed out while {self._doing()}"
             )
 
+    @property
+    def pending_input(self) -> bool:
+        """Whether the server sent bytes beyond the last reply read. After StartTls this must be
+        False before the handshake: bytes behind STARTTLS's 220 came in plaintext, and the
+        adapter fails the session rather than take them for TLS-protected replies."""
+        return self._replies.pending
+
     def tls_started(self) -> None:
         """The adapter finished the TLS handshake after StartTls: forget what the server said
-        in plaintext (its extensions, and any bytes it sent behind the 220: RFC 3207 §4.2 and
-        the CVE-2011-0411 class) and say EHLO again."""
+        in plaintext (its extensions: RFC 3207 §4.2) and say EHLO again. Bytes behind the 220
+        (the CVE-2011-0411 class) are dropped here too, though the adapter already refused the
+        session when ``pending_input`` said there were any."""
         self.tls_active = True
         self.esmtp = False
         self.extensions = {}

@@ -57,8 +57,9 @@ _VERSIONS = {
 
 
 class PolicyFinder:
-    """The policy for a next-hop domain: the first smtp_tls_policy_maps entry among its lookup
-    keys, else ``smtp_tls_security_level`` (Postfix's default: none). With
+    """The policy for a next hop as written (route.nexthop_as_written): the first
+    smtp_tls_policy_maps entry among its lookup keys (policy.policy_lookup_keys), else
+    ``smtp_tls_security_level`` (Postfix's default: none). With
     ``smtp_tls_wrappermode`` the session is TLS from the first byte, so a weaker level than
     encrypt becomes encrypt (Postfix insists on the same)."""
 

@@ -10,9 +10,11 @@ a trusted path, as with Postfix.
 Usable records are DANE-TA(2) and DANE-EE(3) with selector 0 (the full certificate) or 1 (the
 SubjectPublicKeyInfo), matching type 0 (exact), 1 (SHA-256) or 2 (SHA-512); PKIX-TA(0) and
 PKIX-EE(1) are not used for SMTP (RFC 7672 §3.1.3). DANE-EE matches the leaf alone, without a
-name or date check (§3.1.1). DANE-TA matches a certificate the server sent in its chain; the leaf
-must then chain up to it (checked with pyOpenSSL's X509Store, the TA as the only trusted
-certificate) and carry the TLSA base name or the next-hop domain (§3.2.2). The peer's chain comes
+name or date check (§3.1.1). DANE-TA matches a certificate the server sent in its chain (a root
+or an intermediate CA), or is the certificate of a full "2 0 0" record the server left out (RFC
+7671 §5.2.2); the leaf must then chain up to it (checked with pyOpenSSL's X509Store, the TA as the
+only trusted certificate, partial chains allowed) and carry the TLSA base name or the next-hop
+domain (§3.2.2). The peer's chain comes
 from the TLS object (see engine.tls's docstring for how with Python 3.11).
 """
 
@@ -26,7 +28,6 @@ import dns.exception
 import dns.flags
 import dns.resolver
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 
 from engine.delivery import TransientFailure
@@ -85,15 +86,52 @@ async def lookup_tlsa(resolver: dns.asyncresolver.Resolver, host: str, port: int
     return TlsaAnswer(name, secure, tuple(r for r in records if r.usable), len(records))
 
 
+def _element(der: bytes, at: int) -> tuple[int, int, int]:
+    """The DER element starting at ``at``: (tag, where its contents start, where it ends).
+    Raises ValueError when it does not fit in ``der``."""
+    if at + 2 > len(der):
+        raise ValueError("truncated DER")
+    tag, first, at = der[at], der[at + 1], at + 2
+    if first < 0x80:
+        length = first
+    else:
+        count = first & 0x7F
+        if not 0 < count <= 4 or at + count > len(der):
+            raise ValueError("bad DER length")
+        length, at = int.from_bytes(der[at:at + count], "big"), at + count
+    if at + length > len(der):
+        raise ValueError("truncated DER")
+    return tag, at, at + length
+
+
+def spki_der(cert: bytes) -> bytes:
+    """The certificate's SubjectPublicKeyInfo exactly as encoded in it (what TLSA selector 1
+    digests), found by walking the DER (RFC 5280 §4.1: the seventh field of tbsCertificate,
+    the sixth without the optional version) rather than by decoding the key: a key algorithm
+    that no library here supports (SM2, GOST…) still has its bytes. Raises ValueError."""
+    _, tbs, _ = _element(cert, 0)  # Certificate ::= SEQUENCE { tbsCertificate, … }
+    tag, at, _ = _element(cert, tbs)
+    if tag != 0x30:
+        raise ValueError("no tbsCertificate")
+    if _element(cert, at)[0] == 0xA0:  # [0] EXPLICIT version
+        at = _element(cert, at)[2]
+    for _ in range(5):  # serialNumber, signature, issuer, validity, subject
+        at = _element(cert, at)[2]
+    tag, _, end = _element(cert, at)
+    if tag != 0x30:
+        raise ValueError("no subjectPublicKeyInfo")
+    return cert[at:end]
+
+
 def _selected(der: bytes, selector: int) -> bytes:
-    if selector == 0:
-        return der
-    return x509.load_der_x509_certificate(der).public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return der if selector == 0 else spki_der(der)
 
 
 def record_matches(record: Tlsa, der: bytes) -> bool:
-    data = _selected(der, record.selector)
+    try:
+        data = _selected(der, record.selector)
+    except ValueError:
+        return False  # not a certificate: it matches nothing
     algorithm = MATCHING[record.mtype]
     if algorithm is not None:
         data = hashlib.new(algorithm, data).digest()
@@ -101,29 +139,37 @@ def record_matches(record: Tlsa, der: bytes) -> bool:
 
 
 def _chains_to(leaf: bytes, anchor: bytes, intermediates: list[bytes]) -> bool:
+    """Whether ``leaf`` chains up to ``anchor`` through ``intermediates``. The anchor may be an
+    intermediate CA (RFC 7671 §5.2.2): PARTIAL_CHAIN lets a trusted certificate that is not
+    self-signed end the chain, as OpenSSL's own DANE code does."""
     store = crypto.X509Store()
-    store.add_cert(crypto.X509.from_cryptography(x509.load_der_x509_certificate(anchor)))
-    chain = [crypto.X509.from_cryptography(x509.load_der_x509_certificate(der))
-             for der in intermediates]
-    context = crypto.X509StoreContext(
-        store, crypto.X509.from_cryptography(x509.load_der_x509_certificate(leaf)), chain)
+    store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
     try:
+        store.add_cert(crypto.X509.from_cryptography(x509.load_der_x509_certificate(anchor)))
+        chain = [crypto.X509.from_cryptography(x509.load_der_x509_certificate(der))
+                 for der in intermediates]
+        context = crypto.X509StoreContext(
+            store, crypto.X509.from_cryptography(x509.load_der_x509_certificate(leaf)), chain)
         context.verify_certificate()
-    except crypto.X509StoreContextError:
-        return False
+    except (crypto.X509StoreContextError, crypto.Error, ValueError):
+        return False  # no chain, or a certificate (or a "2 0 0" record) that does not parse
     return True
 
 
 def leaf_names(der: bytes) -> list[str]:
-    """The leaf's DNS names: subjectAltName DNS entries, else the subject's common name."""
-    cert = x509.load_der_x509_certificate(der)
+    """The leaf's DNS names: subjectAltName DNS entries, else the subject's common name.
+    Empty for a certificate that does not parse (it then matches no name)."""
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        names = san.value.get_values_for_type(x509.DNSName)
-    except x509.ExtensionNotFound:
-        names = []
-    if not names:
-        names = [str(a.value) for a in cert.subject if a.oid == x509.NameOID.COMMON_NAME]
+        cert = x509.load_der_x509_certificate(der)
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            names = san.value.get_values_for_type(x509.DNSName)
+        except x509.ExtensionNotFound:
+            names = []
+        if not names:
+            names = [str(a.value) for a in cert.subject if a.oid == x509.NameOID.COMMON_NAME]
+    except ValueError:
+        return []
     return [name.lower() for name in names]
 
 
@@ -140,8 +186,13 @@ def verify_chain(records: tuple[Tlsa, ...], chain: list[bytes],
     for record in records:
         if record.usage != 2:
             continue
-        for index, der in enumerate(chain[1:], start=1):
-            if record_matches(record, der) and _chains_to(leaf, der, chain[1:index]):
+        candidates = [(der, chain[1:index]) for index, der in enumerate(chain[1:], start=1)
+                      if record_matches(record, der)]
+        if not candidates and record.selector == 0 and record.mtype == 0:
+            # RFC 7671 §5.2.2: a full "2 0 0" record may stand for a TA the server left out
+            candidates = [(record.data, chain[1:])]
+        for der, intermediates in candidates:
+            if _chains_to(leaf, der, intermediates):
                 anchored = True
                 if any(name_matches(n, w) for n in leaf_names(leaf) for w in wanted):
                     return None

@@ -121,10 +121,37 @@ def mx_matches(pattern: str, host: str) -> bool:
 
 class PolicyCache:
     """Policies per domain, kept until their max_age runs out (§5.1). A fresh TXT id that
-    differs from the cached policy's says the policy changed: fetch again (§3.3)."""
+    differs from the cached policy's says the policy changed: fetch again (§3.3).
+
+    Also the fetches that failed, by domain and TXT id, for FAILURE_HOLD seconds: a domain
+    whose policy server is down or broken is not fetched again (up to a minute's timeout) for
+    every message meanwhile; a new id is fetched at once. At most MAX_FAILURES are kept.
+    ``refresh_due`` says when a cached policy should be fetched again before it expires."""
+
+    FAILURE_HOLD = 300.0
+    REFRESH_MARGIN = 86400.0  # a cached policy is fetched again when less than this remains
+    MAX_FAILURES = 10000
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[StsPolicy, float]] = {}
+        self._failures: dict[str, tuple[str, float]] = {}  # domain → (TXT id, retry at)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._failures.clear()
+
+    def failed(self, domain: str, txt_id: str, now: float) -> None:
+        """The fetch of ``domain``'s policy ``txt_id`` failed at ``now``."""
+        if len(self._failures) >= self.MAX_FAILURES:
+            self._failures = {d: f for d, f in self._failures.items() if f[1] > now}
+            if len(self._failures) >= self.MAX_FAILURES:
+                self._failures.pop(next(iter(self._failures)))
+        self._failures[domain.lower()] = (txt_id, now + self.FAILURE_HOLD)
+
+    def recently_failed(self, domain: str, txt_id: str, now: float) -> bool:
+        """Whether the fetch of this policy id failed less than FAILURE_HOLD seconds ago."""
+        entry = self._failures.get(domain.lower())
+        return entry is not None and entry[0] == txt_id and now < entry[1]
 
     def get(self, domain: str, now: float, txt_id: str | None = None) -> StsPolicy | None:
         """The cached policy, or None when there is none, it expired, or ``txt_id`` (the id in
@@ -140,5 +167,15 @@ class PolicyCache:
             return None
         return policy
 
+    def refresh_due(self, domain: str, now: float) -> bool:
+        """Whether the cached policy of ``domain`` nears its end: less than half its max_age,
+        or than REFRESH_MARGIN seconds, remain."""
+        entry = self._entries.get(domain.lower())
+        if entry is None:
+            return False
+        policy, expires = entry
+        return expires - now < min(policy.max_age / 2, self.REFRESH_MARGIN)
+
     def put(self, domain: str, policy: StsPolicy, now: float) -> None:
         self._entries[domain.lower()] = (policy, now + policy.max_age)
+        self._failures.pop(domain.lower(), None)

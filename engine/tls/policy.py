@@ -71,14 +71,22 @@ def _normal_fingerprint(text: str) -> str:
 
 
 def policy_lookup_keys(nexthop: str) -> list[str]:
-    """Postfix's smtp_tls_policy_maps keys: the next-hop domain, then each parent domain with a
-    leading dot (mx.example.com → .example.com → .com)."""
-    labels = nexthop.lower().strip("[]").rstrip(".").split(".")
+    """Postfix's smtp_tls_policy_maps keys for a next hop as written (route.nexthop_as_written):
+    a domain (MX lookup, default port) and then each parent domain with a leading dot
+    (example.com → .com); a next hop in brackets or with a port ("[relay.example]:587")
+    only as it is."""
+    nexthop = nexthop.lower()
+    if nexthop.startswith("[") or ":" in nexthop:
+        return [nexthop]
+    labels = nexthop.rstrip(".").split(".")
     return [".".join(labels)] + ["." + ".".join(labels[i:]) for i in range(1, len(labels))]
 
 
 def name_matches(name: str, pattern: str) -> bool:
-    """Certificate name (maybe "*.example.com") against one wanted name or ".domain"."""
+    """Certificate name (maybe "*.example.com") against one wanted name or ".domain". A
+    wildcard with fewer than two labels after it ("*.com") matches nothing, as OpenSSL."""
+    if name.startswith("*.") and "." not in name[2:].strip("."):
+        return False
     if pattern.startswith("."):
         base = pattern[1:]
         if name.startswith("*."):  # a wildcard covers names one label below its base

@@ -33,12 +33,12 @@ class Reporter:
                       if policy is not None and policy.mode == "testing" else None)
 
     def _policy(self, host: str, policy: TlsPolicy | None) -> tuple[str, tuple, tuple]:
-        if self._sts is not None and self._sts.mode != "none":
-            return "sts", self._sts.lines(), self._sts.mx
         if policy is not None and policy.level in ("dane", "dane-only"):
             records = tuple(f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}"
                             for r in policy.tlsa)
-            return "tlsa", records, (host,)
+            return "tlsa", records, (host,)  # DANE first: MTA-STS covers the other hosts
+        if self._sts is not None and self._sts.mode != "none":
+            return "sts", self._sts.lines(), self._sts.mx
         return "no-policy-found", (), ()
 
     def record(self, result: str, *, host: str = "", policy: TlsPolicy | None = None,

@@ -27,6 +27,14 @@ HTTPS_TIMEOUT = 60.0
 RESPONSE_LIMIT = 65536
 
 
+RETRY_DAYS = 3  # a day's report that no URI took is tried again at this many daily runs
+
+
+def _days_ago(days: int) -> str:
+    then = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=days)
+    return then.strftime("%Y-%m-%d")
+
+
 class ReportError(Exception):
     """A report could not be handed over (HTTPS refused, unreachable)."""
 
@@ -84,7 +92,8 @@ def _address(uri: str) -> str:
 
 async def send_reports(config, cleanup, maillog, day: str, *,
                        resolver: Resolver | None = None) -> list[str]:
-    """Send ``day``'s reports (see the module docstring) and mark its results sent. Returns
+    """Send ``day``'s reports (see the module docstring) and mark its results sent, except
+    those of a domain whose report no URI took: they stay for the next run. Returns
     one line per report handed over: "DOMAIN mailto:ADDRESS QUEUEID" or "DOMAIN URI"."""
     store = ResultStore(config.queue_directory)
     files = store.files(day)
@@ -99,8 +108,11 @@ async def send_reports(config, cleanup, maillog, day: str, *,
     submitter = config.myhostname
     sender = config.tlsrpt_sender_address or f"postmaster@{domain_of_ours}"
     sent = []
+    undelivered = set()  # domains whose report no URI took: their results wait for a retry
     for domain, report in reports.items():
         rua = await rua_for(txt, domain)
+        if rua:
+            undelivered.add(domain)
         for uri in rua or ():
             try:
                 if uri.lower().startswith("mailto:"):
@@ -117,7 +129,11 @@ async def send_reports(config, cleanup, maillog, day: str, *,
                 maillog.line("tlsrpt", f"warning: report for {domain} to {uri}: {error}")
                 continue
             maillog.line("tlsrpt", f"report for {domain} of {day} sent to {uri}")
+            undelivered.discard(domain)
+    kept = [r for r in store.read(day) if r.policy_domain in undelivered] if undelivered else []
     store.mark_sent(files)
+    if kept:  # only these go again at the next run: the others' reports are not repeated
+        store.keep(day, kept)
     return sent
 
 
@@ -127,7 +143,10 @@ async def daily(config, cleanup, maillog) -> None:
     store = ResultStore(config.queue_directory)
     while True:
         for day in store.days():
-            if day < today():
+            if day < _days_ago(RETRY_DAYS):  # a report nobody took for days: give it up
+                maillog.line("tlsrpt", f"warning: reports of {day} not sent, given up")
+                store.mark_sent(store.files(day))
+            elif day < today():
                 try:
                     await send_reports(config, cleanup, maillog, day)
                 except Exception as error:  # noqa: BLE001 - retried at the next run

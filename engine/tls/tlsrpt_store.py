@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from pathlib import Path
 
 from engine.tls.tlsrpt import SessionResult
@@ -55,6 +56,13 @@ class ResultStore:
                 except (ValueError, TypeError):
                     continue  # a torn last line after a crash
         return results
+
+    def keep(self, day: str, results: list[SessionResult]) -> None:
+        """Store ``results`` of ``day`` again, in a file of their own (after mark_sent of the
+        files they came from), for the next attempt at the day's reports."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.directory / f"{day}.retry-{os.getpid()}-{time.monotonic_ns()}.jsonl"
+        path.write_text("".join(r.to_json() + "\n" for r in results), encoding="utf-8")
 
     def mark_sent(self, paths: list[Path]) -> None:
         for path in paths:

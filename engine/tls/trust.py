@@ -51,8 +51,11 @@ class TrustStore:
             return "num=20:unable to get local issuer certificate"
         if not chain:
             return "no certificate"
-        certs = [crypto.X509.from_cryptography(x509.load_der_x509_certificate(der))
-                 for der in chain]
+        try:
+            certs = [crypto.X509.from_cryptography(x509.load_der_x509_certificate(der))
+                     for der in chain]
+        except ValueError:  # what OpenSSL took in the handshake, the stricter parser refuses
+            return "num=0:certificate in chain does not parse"
         context = crypto.X509StoreContext(self._store, certs[0], certs[1:])
         try:
             context.verify_certificate()
