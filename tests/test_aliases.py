@@ -1,6 +1,7 @@
 """engine.delivery.aliases: aliases(5) files, .forward and :include: expansion as Postfix's
 local(8) does it, with real files in tmp_path and a passwd stand-in."""
 
+import json
 import os
 import pwd
 
@@ -9,6 +10,7 @@ import pytest
 from engine.config import Config
 from engine.delivery import aliases
 from engine.delivery.aliases import AliasTable, Expander, Rights, Target, split_values
+from engine.delivery.local import _privs as local_privs
 from engine.delivery.mailbox import MailboxError
 from engine.tables import TableError
 
@@ -37,6 +39,15 @@ def users(tmp_path):
         home.mkdir(parents=True)
         table[name] = entry(name, os.getuid(), home)
     return table
+
+
+def traversable(path):
+    """Let other users reach files under ``path`` (pytest's directories are 0700): a
+    .forward or include file is opened with its user's rights."""
+    for directory in (path, *path.parents):
+        if str(directory) in ("/", "/tmp"):
+            break
+        directory.chmod(0o755)
 
 
 def expander(tmp_path, users, text="", **settings):
@@ -126,21 +137,48 @@ def test_alias_loop_bounces_5_4_6(tmp_path, users):
 
 
 def test_fan_out_is_bounded(tmp_path, users):
-    """Ten-fold at each of six levels: a million paths, far from the nesting limit; the
-    expansion limit ends it after EXPANSION_LIMIT destinations, with one 4.3.0 failure."""
+    """Ten-fold at each of six levels: a million paths to one mailbox, far from the nesting
+    limit; the work bound ends it and the recipient bounces whole (a retry would expand it
+    the same way)."""
     text = "".join(f"l{i}: {', '.join([f'l{i + 1}'] * 10)}\n" for i in range(6)) + "l6: bob\n"
-    result = expander(tmp_path, users, text).expand("l0@mx.test")
-    assert kinds(result) == [("mailbox", "bob")]
-    assert [(dsn, text) for _, dsn, text in failures(result)] == [
-        ("4.3.0", f"unreasonable alias expansion size (more than {aliases.EXPANSION_LIMIT})")]
+    with pytest.raises(MailboxError) as error:
+        expander(tmp_path, users, text).expand("l0@mx.test")
+    assert (error.value.dsn, error.value.text) == (
+        "5.3.5", "unreasonable alias expansion size for l0@mx.test (more than "
+                 f"{aliases.EXPANSION_LIMIT} destinations)")
+
+
+def test_the_expansion_limit_counts_final_destinations(tmp_path, users):
+    """EXPANSION_LIMIT destinations pass (an address is one, not one per step); one more
+    bounces the recipient before anything is delivered."""
+    limit = aliases.EXPANSION_LIMIT
+    many = ", ".join(f"m{i}@remote.test" for i in range(limit))
+    result = expander(tmp_path, users, f"list: {many}\n").expand("list@mx.test")
+    assert (len(result.targets), result.failures) == (limit, [])
+    aliases.alias_tables.cache_clear()
+    with pytest.raises(MailboxError) as error:
+        expander(tmp_path, users, f"list: {many}, one@more.test\n").expand("list@mx.test")
+    assert error.value.dsn == "5.3.5"
 
 
 def test_duplicates_are_delivered_once_up_to_the_filter_limit(tmp_path, users):
     text = "team: bob, bob@mx.test, BOB, x@remote.test, X@remote.test, /tmp/f, /tmp/f\n"
     assert kinds(expander(tmp_path, users, text).expand("team@mx.test")) == [
         ("mailbox", "bob"), ("forward", "x@remote.test"), ("file", "/tmp/f")]
-    unfiltered = expander(tmp_path, users, text, duplicate_filter_limit=0)
-    assert len(unfiltered.expand("team@mx.test").targets) == 7
+    unlimited = expander(tmp_path, users, text, duplicate_filter_limit=0)  # been_here: 0 = no limit
+    assert len(unlimited.expand("team@mx.test").targets) == 3
+    one = expander(tmp_path, users, text, duplicate_filter_limit=1)  # only bob remembered
+    assert len(one.expand("team@mx.test").targets) == 5
+
+
+def test_forward_files_are_read_once_whatever_the_filter_limit(tmp_path, users):
+    """bob's .forward names carol, carol's names bob: the second visit of bob's .forward is
+    his mailbox, also when the duplicate filter remembers almost nothing."""
+    forward(users, "bob", "carol\n")
+    forward(users, "carol", "bob\n")
+    for limit in (1000, 1, 0):
+        result = expander(tmp_path, users, duplicate_filter_limit=limit).expand("bob@mx.test")
+        assert (kinds(result), failures(result)) == ([("mailbox", "bob")], []), limit
 
 
 def test_owner_alias_becomes_the_sender(tmp_path, users):
@@ -149,15 +187,20 @@ def test_owner_alias_becomes_the_sender(tmp_path, users):
 
 
 def test_commands_and_files_of_a_root_owned_alias_file_get_default_privs(tmp_path, users):
+    """The table owner's rights (root's for a root-owned table); uid and gid 0 become
+    default_privs' when a command runs or a file is written (local(8)'s command.c, file.c)."""
     text = 'run: "|/bin/true"\nsave: /var/tmp/saved, /var/tmp/box/\n'
     ex = expander(tmp_path, users, text, default_privs="daemon")
     (command,) = ex.expand("run@mx.test").targets
-    owner = os.stat(tmp_path / "aliases").st_uid
-    who = pwd.getpwnam("daemon") if owner == 0 else pwd.getpwuid(owner)
+    owner = pwd.getpwuid(os.stat(tmp_path / "aliases").st_uid)
     assert (command.kind, command.value, command.rights.uid, command.rights.name) == (
-        "command", "/bin/true", who.pw_uid, who.pw_name)
+        "command", "/bin/true", owner.pw_uid, owner.pw_name)
     assert [(t.kind, t.value, t.rights.uid) for t in ex.expand("save@mx.test").targets] == [
-        ("file", "/var/tmp/saved", who.pw_uid), ("file", "/var/tmp/box/", who.pw_uid)]
+        ("file", "/var/tmp/saved", owner.pw_uid), ("file", "/var/tmp/box/", owner.pw_uid)]
+    who = pwd.getpwnam("daemon") if owner.pw_uid == 0 else owner
+    privs = local_privs(command.rights, ex.config)
+    assert (privs.uid, privs.name) == (who.pw_uid, who.pw_name)
+    assert local_privs(Rights(1234, 0, "u", "/"), ex.config).gid == pwd.getpwnam("daemon").pw_gid
 
 
 @pytest.mark.skipif(not ROOT, reason="needs root to give the file to another owner")
@@ -251,6 +294,7 @@ def test_world_writable_or_odd_forward_files_are_ignored(tmp_path, users):
 @pytest.mark.skipif(not ROOT, reason="needs root to give the file to another owner")
 def test_forward_owned_by_someone_else_is_ignored(tmp_path, users):
     path = forward(users, "bob", "x@elsewhere.test\n")
+    traversable(tmp_path)
     os.chown(path, 12345, 12345)
     assert kinds(expander(tmp_path, users).expand("bob@mx.test")) == [("mailbox", "bob")]
     users["bob"] = entry("bob", 12345, users["bob"].pw_dir)
@@ -262,3 +306,174 @@ def test_alias_then_the_users_forward(tmp_path, users):
     forward(users, "carol", "c@elsewhere.test\n")
     result = expander(tmp_path, users, "team: bob, carol\n").expand("team@mx.test")
     assert kinds(result) == [("mailbox", "bob"), ("forward", "c@elsewhere.test")]
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to read as another user")
+def test_forward_and_include_files_are_read_with_the_users_rights(tmp_path, users):
+    """A user's .forward naming a root-only file: opened as the user, it is refused (its text
+    would otherwise come back as addresses, and in a bounce)."""
+    secret = tmp_path / "secret"
+    secret.write_text("topsecret@leak.test\n")
+    secret.chmod(0o600)
+    traversable(tmp_path)
+    users["bob"] = entry("bob", 12345, users["bob"].pw_dir)
+    os.chown(forward(users, "bob", f":include:{secret}\n"), 12345, 12345)
+    result = expander(tmp_path, users).expand("bob@mx.test")
+    assert kinds(result) == []
+    assert failures(result) == [(str(secret), "5.3.5", f"unable to lookup include file "
+                                                       f"{secret}: Permission denied")]
+    os.chown(secret, 12345, 12345)  # the user's own file: read
+    assert kinds(expander(tmp_path, users).expand("bob@mx.test")) == [
+        ("forward", "topsecret@leak.test")]
+
+
+def test_an_extension_never_leaves_the_home_directory(tmp_path, users):
+    """``user+etc/secret``: .forward+etc a link to another directory, whose root-owned file
+    would be read as a .forward; an extension with "/" or a leading "." names no file."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "secret").write_text("x@leak.test\n")
+    os.symlink(elsewhere, os.path.join(users["bob"].pw_dir, ".forward+etc"))
+    forward(users, "bob", "carol\n", suffix="+..hidden")
+    ex = expander(tmp_path, users)
+    assert kinds(ex.expand("bob+etc/secret@mx.test")) == [("mailbox", "bob")]
+    assert kinds(ex.expand("bob+..hidden@mx.test")) == [("mailbox", "bob")]
+    forward(users, "bob", "dave\n", suffix="+ok")
+    assert kinds(ex.expand("bob+ok@mx.test")) == [("mailbox", "dave")]
+
+
+def test_each_include_file_is_read_once_and_all_reads_are_bounded(tmp_path, users, monkeypatch):
+    """include.c's been_here: the same file (with the same rights) listed 200 times is read
+    once; and all .forward and include files of one recipient share one byte budget."""
+    reads = []
+    real = aliases.read_as
+    monkeypatch.setattr(aliases, "read_as", lambda path, *a, **k: reads.append(path) or
+                        real(path, *a, **k))
+    members = tmp_path / "members"
+    members.write_text("bob\n")
+    text = "list: " + ", ".join([f":include:{members}"] * 200) + "\n"
+    result = expander(tmp_path, users, text).expand("list@mx.test")
+    assert (kinds(result), failures(result)) == ([("mailbox", "bob")], [])
+    assert reads.count(str(members)) == 1
+    (tmp_path / "more").write_text("carol\n")
+    monkeypatch.setattr(aliases, "EXPANSION_BYTES", len("bob\n"))
+    aliases.alias_tables.cache_clear()
+    result = expander(tmp_path, users, f"list: :include:{members}, :include:{tmp_path}/more\n"
+                      ).expand("list@mx.test")
+    assert kinds(result) == [("mailbox", "bob")]
+    assert failures(result) == [(f"{tmp_path}/more", "5.3.5", f"include file {tmp_path}/more: "
+                                 "more than 4 bytes of include files")]
+
+
+def test_a_fifo_include_or_forward_never_blocks(tmp_path, users):
+    """Opened non-blocking and checked on the open descriptor: a FIFO is refused at once
+    (a blocking open would wait for a writer forever)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    result = expander(tmp_path, users, f"list: :include:{fifo}\n").expand("list@mx.test")
+    assert failures(result) == [(str(fifo), "5.3.5", f"not a regular include file: {fifo}")]
+    aliases.alias_tables.cache_clear()
+    os.mkfifo(os.path.join(users["bob"].pw_dir, ".forward"))
+    assert kinds(expander(tmp_path, users).expand("bob@mx.test")) == [("mailbox", "bob")]
+
+
+def expand_as(uid, ex, recipient):
+    """``ex.expand(recipient)`` in a forked child running as ``uid`` (Tern not root): its
+    kinds, failures and warnings."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_fd)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            result = ex.expand(recipient)
+            os.write(write_fd, json.dumps([kinds(result), failures(result),
+                                           result.warnings]).encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    return [[tuple(x) for x in part] if i < 2 else part
+            for i, part in enumerate(json.loads(data))]
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to run a child as another user")
+def test_without_root_other_users_forward_and_include_files_are_refused(tmp_path, users):
+    """Tern not root cannot take a user's rights: a .forward or include file that is not
+    its own (or root's) is ignored with a warning / bounced, never run as Tern's user."""
+    tern = pwd.getpwnam("nobody").pw_uid
+    traversable(tmp_path)
+    users["bob"] = entry("bob", 12345, users["bob"].pw_dir)
+    path = forward(users, "bob", '"|/bin/true", x@elsewhere.test\n')
+    os.chown(path, 12345, 12345)
+    members = tmp_path / "members"
+    members.write_text("carol\n")
+    os.chown(members, 12345, 12345)
+    ex = expander(tmp_path, users, f"list: :include:{members}\n",
+                  allow_mail_to_commands=("forward",))
+    assert expand_as(tern, ex, "bob@mx.test") == [
+        [("mailbox", "bob")], [],
+        [f"file {path} has owner uid 12345, and Tern, not root, cannot take its rights"]]
+    assert expand_as(tern, ex, "list@mx.test") == [
+        [], [(str(members), "5.3.5", "mail system configuration error")],
+        [f":include: file {members} has owner uid 12345, and Tern, not root, cannot take "
+         "its rights"]]
+    users["bob"] = entry("bob", tern, users["bob"].pw_dir)
+    os.chown(path, tern, tern)  # Tern's own user's .forward: used
+    assert expand_as(tern, ex, "bob@mx.test")[0] == [("command", "/bin/true"),
+                                                     ("forward", "x@elsewhere.test")]
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to give files to other owners")
+def test_include_rights_come_from_the_open_file_and_only_replace_roots(tmp_path, users):
+    """include.c: the owner's rights only when the current ones are root's (a root-owned
+    alias); a user's .forward including someone else's file keeps the user's rights; a
+    world-writable include file bounces 5.3.5."""
+    traversable(tmp_path)
+    nobody = pwd.getpwnam("nobody")
+    members = tmp_path / "members"
+    members.write_text('"|/bin/true"\n')
+    os.chown(members, nobody.pw_uid, nobody.pw_gid)
+    ex = expander(tmp_path, users, f"list: :include:{members}\n",
+                  allow_mail_to_commands=("alias", "forward", "include"))
+    (command,) = ex.expand("list@mx.test").targets
+    assert command.rights.uid == nobody.pw_uid  # the root-owned alias: the file's owner
+    users["bob"] = entry("bob", 12345, users["bob"].pw_dir)
+    os.chown(forward(users, "bob", f":include:{members}\n"), 12345, 12345)
+    (command,) = ex.expand("bob@mx.test").targets
+    assert command.rights.uid == 12345  # bob's .forward: bob's rights, not the file owner's
+    members.chmod(0o666)
+    assert failures(ex.expand("list@mx.test")) == [
+        (str(members), "5.3.5", "mail system configuration error")]
+
+
+def test_a_forward_naming_no_destination_leaves_the_mailbox(tmp_path, users):
+    """dotforward.c: no address in the .forward (here an include file without one) means
+    the user's own mailbox, not a message delivered nowhere; a .forward whose destinations
+    were all delivered already still counts as naming them."""
+    empty = tmp_path / "empty"
+    empty.write_text("# nobody yet\n")
+    forward(users, "bob", f":include:{empty}\n")
+    assert kinds(expander(tmp_path, users).expand("bob@mx.test")) == [("mailbox", "bob")]
+    forward(users, "carol", "dave\n")
+    aliases.alias_tables.cache_clear()
+    assert kinds(expander(tmp_path, users, "team: dave, carol\n").expand("team@mx.test")) == [
+        ("mailbox", "dave")]
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to read as another user")
+def test_file_reads_share_one_time_limit_and_defer_past_it(tmp_path, users, monkeypatch):
+    """A user can stop the child reading its file: all reads of one recipient share
+    EXPANSION_TIME; past it the recipient defers (no .forward, no mailbox copy now)."""
+    traversable(tmp_path)
+    users["bob"] = entry("bob", 12345, users["bob"].pw_dir)
+    path = forward(users, "bob", "carol\n")
+    os.chown(path, 12345, 12345)
+    monkeypatch.setattr(aliases, "EXPANSION_TIME", 0.0)
+    result = expander(tmp_path, users).expand("bob@mx.test")
+    assert (kinds(result), failures(result)) == (
+        [], [(path, "4.3.0", f"file {path}: read timed out")])

@@ -582,3 +582,35 @@ def test_maildir_file_and_its_new_directory_entry_are_synced(tmp_path, monkeypat
     path = mailbox.deliver_maildir(str(tmp_path / "Maildir"), b"Subject: s\n\nbody\n")
     assert Path(path).parent == tmp_path / "Maildir" / "new"
     assert synced == [False, True]  # the file, then the directory holding its new name
+
+
+@root_only
+def test_a_killed_writers_undo_never_acts_as_root_in_the_users_directory(user, world,
+                                                                         monkeypatch):
+    """The user stops its own writer child and swaps ~/Mail for a link to a root-owned
+    directory: the undo (lock removal, truncation) runs with the user's identity, so the
+    root-owned file named like the dotlock there stays."""
+    from engine.delivery import mailbox
+
+    name, uid, gid, home = user
+    (home / "Mail").mkdir()
+    os.chown(home / "Mail", uid, gid)
+    victim = world / "victim"
+    victim.mkdir()
+    (victim / "inbox.lock").write_text("root's\n")
+    marker = home / "child"
+
+    def hang_and_swap(fd, data):  # in the child, as the user: what the user could do
+        os.write(fd, data[: len(data) // 2])
+        os.rename(home / "Mail", home / "Mail.old")
+        os.symlink(victim, home / "Mail")
+        Path(marker).write_text(str(os.getpid()))
+        time.sleep(20)
+
+    monkeypatch.setattr(mailbox, "_write_all", hang_and_swap)
+    monkeypatch.setattr(local_agent, "WRITE_TIME_LIMIT", 1.0)
+    config = Config(home_mailbox="Mail/inbox", deliver_lock_attempts=1)
+    (result,) = run(local_agent.deliver(request([f"{name}@example.test"]), config)).results
+    assert (result.status, result.dsn) == ("deferred", "4.2.0")
+    assert marker.exists()
+    assert (victim / "inbox.lock").read_text() == "root's\n"

@@ -156,6 +156,18 @@ def test_command_not_reading_its_input_still_decides(world):
     assert result.status == "sent"
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_command_output_is_kept_bounded_and_the_rest_drained(loop):
+    """50 MB of output: only the first OUTPUT_LIMIT bytes are kept (memory does not grow
+    with what a command prints), the rest is read and dropped, and its exit status still
+    decides."""
+    argv = ["/bin/sh", "-c", "cat >/dev/null; head -c 50000000 /dev/zero | tr '\\0' x; exit 3"]
+    runner = asyncio.run if loop == "asyncio" else uvloop.run
+    status, output = runner(pipe_agent.run_command(argv, b"message\n" * 1000,
+                                                   {"PATH": "/usr/bin:/bin"}, {}, 60.0))
+    assert (status, output) == (3, b"x" * pipe_agent.OUTPUT_LIMIT)
+
+
 def test_time_limit_defers_and_kills_the_command(world):
     marker = world / "alive"
     with pytest.raises(TransientFailure) as caught:

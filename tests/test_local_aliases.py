@@ -10,6 +10,7 @@ import shutil
 import smtplib
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -275,3 +276,72 @@ def test_dev_null_alias_discards_without_a_dotlock(world):
     (result,) = deliver(config, ["devnull@mx.test"])
     assert (result.status, result.reply) == ("sent", "delivered to file: /dev/null")
     assert not os.path.exists("/dev/null.lock")
+
+
+def test_expansion_runs_off_the_event_loop(world, monkeypatch):
+    """Alias expansion reads files (through forked children): never in the loop's thread."""
+    threads = []
+    real = aliases_module.Expander.expand
+    monkeypatch.setattr(aliases_module.Expander, "expand",
+                        lambda self, r: threads.append(threading.get_ident()) or real(self, r))
+    config = setup(world, f"box: {world}/out/box\n")
+    (result,) = deliver(config, ["box@mx.test"])
+    assert result.status == "sent"
+    assert threads and threading.get_ident() not in threads
+
+
+def test_an_ignored_forward_file_is_a_warning_of_the_outcome(world, user):  # noqa: F811
+    """local(8) warns of a .forward it ignores; qmgr logs the outcome's warnings."""
+    name, uid, gid, home = user
+    forward = home / ".forward"
+    forward.write_text("someone@elsewhere.test\n")
+    os.chown(forward, uid, gid)
+    forward.chmod(0o666)
+    config = setup(world, "", home_mailbox="Maildir/")
+    request = DeliveryRequest("4Qa1", "a@example.org", [f"{name}@mx.test"], CONTENT,
+                              NextHop("local", "mx.test", mx_lookup=False), smtputf8=False)
+    outcome = asyncio.run(local_agent.deliver(request, config))
+    assert [r.reply for r in outcome.results] == ["delivered to maildir"]
+    assert outcome.warnings == [f"file {forward} is world writable"]
+
+
+@root_only
+def test_roots_forward_runs_commands_and_files_as_default_privs(world):
+    """uid 0 (root's .forward, a root-owned alias) becomes default_privs' uid and gid 0 its
+    gid when a command runs or a file is written (local(8)'s command.c, file.c)."""
+    rootfwd = world / "rootfwd"
+    rootfwd.write_text(f'"|id -u > {world}/out/who; id -g >> {world}/out/who", '
+                       f'{world}/out/file\n')
+    config = setup(world, "", forward_path=(str(rootfwd),),
+                   allow_mail_to_files=("alias", "forward"))
+    (result,) = deliver(config, ["root@mx.test"])
+    assert result.status == "sent", result.reply
+    assert (world / "out" / "who").read_text().split() == [str(PRIVS.pw_uid),
+                                                           str(PRIVS.pw_gid)]
+    info = (world / "out" / "file").stat()
+    assert (info.st_uid, info.st_gid) == (PRIVS.pw_uid, PRIVS.pw_gid)
+
+
+def test_command_environment_values_are_censored(world):
+    """command.c: characters outside command_expansion_filter become "_" in every exported
+    value (a sender like ``"$(reboot)"@x`` reaches a script as plain text)."""
+    out = world / "out"
+    config = setup(world, f'env: "|env > {out}/env"\n')
+    (result,) = deliver(config, ["env@mx.test"], sender='"a$(id);b`x`"@example.org')
+    assert result.status == "sent", result.reply
+    env = dict(line.split("=", 1) for line in (out / "env").read_text().splitlines())
+    assert env["SENDER"] == "_a__id__b_x__@example.org"
+
+
+def test_an_executable_file_destination_bounces(world):
+    """local(8)'s deliver_file never appends mail to an executable file."""
+    program = world / "out" / "program"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    if ROOT:
+        os.chown(program, PRIVS.pw_uid, PRIVS.pw_gid)
+    config = setup(world, f"prog: {program}\n")
+    (result,) = deliver(config, ["prog@mx.test"])
+    assert (result.status, result.dsn) == ("bounced", "5.7.1")
+    assert result.reply.endswith(f"destination file {program} is executable")
+    assert program.read_text() == "#!/bin/sh\n"

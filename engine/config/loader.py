@@ -664,7 +664,7 @@ _INT_MINIMUM = {
     "smtp_mx_address_limit": 0,  # 0 = no limit (Postfix)
     "smtp_mx_session_limit": 0,  # 0 = no limit (Postfix)
     "worker_count": 0,  # 0 = one per core
-    "duplicate_filter_limit": 0,  # 0 = no duplicate filter (Postfix)
+    "duplicate_filter_limit": 0,  # 0 = no limit (Postfix's been_here)
     "smtpd_client_auth_failure_limit": 0,  # 0 = no limit
     "smtpd_client_connection_count_limit": 0,  # 0 = off (Postfix)
     "smtpd_client_connection_rate_limit": 0,

@@ -116,7 +116,7 @@ class Config:
     allow_mail_to_files: tuple[str, ...] = ("alias", "forward")
     default_privs: str = "nobody"  # rights of commands and files of root-owned aliases
     command_time_limit: float = 1000.0  # a |command's run time
-    duplicate_filter_limit: int = 1000  # destinations remembered per recipient's expansion
+    duplicate_filter_limit: int = 1000  # destinations remembered per recipient's expansion (0: all)
     # pipe(8) transports, Postfix's master.cf entries: name -> {argv, user, time_limit}
     pipe_transports: dict[str, "PipeTransport"] = field(default_factory=dict)
     listen: tuple[Listener, ...] = (Listener(),)

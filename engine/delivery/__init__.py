@@ -93,6 +93,9 @@ class DeliveryOutcome:
     # The server offered DSN, so the request's DSN parameters went with the transaction and the
     # next hop now owes the notices: no "relayed" success notice from here (RFC 3461 §5.2.1).
     dsn_passed: bool = False
+    # warnings the agent met on the way (local(8): an ignored .forward file), logged by qmgr
+    # as "warning: QUEUEID: text" under the agent's service name
+    warnings: list[str] = field(default_factory=list)
 
 
 def split_local(address: str, delimiter: str) -> tuple[str, str, str]:

@@ -12,14 +12,20 @@ Postfix's rules kept here:
 - an alias that names itself (``user: user, |cmd``) means the user's own mailbox, not the alias
   again; ``\\user`` in a .forward file is the mailbox without any expansion;
 - nesting deeper than 100 levels bounces 5.4.6 ("alias database loop"), as local(8); more
-  than 1000 destinations examined for one recipient defers the rest (4.3.0);
+  than 1000 final destinations for one recipient (or 10000 addresses examined to find them)
+  bounce the recipient whole, 5.3.5, before anything is delivered (a retry would expand it the
+  same way: deferring would repeat the deliveries that worked at every retry);
 - a destination met twice (same mailbox, file, command or address) is delivered once, up to
-  ``duplicate_filter_limit`` remembered destinations;
+  ``duplicate_filter_limit`` remembered destinations (0: no limit); a .forward or include
+  file is read once whatever the limit;
 - commands and files only where ``allow_mail_to_commands`` / ``allow_mail_to_files`` name the
   source ("alias", "forward", "include"), else 5.7.1;
-- rights: an alias table owned by root runs commands and writes files as ``default_privs``,
-  one owned by someone else as that owner; a .forward as its user; an include file not owned
-  by root as its owner;
+- rights: an alias table owned by root gives root's (commands and files then run as
+  ``default_privs``: engine.delivery.local replaces uid and gid 0), one owned by someone else
+  its owner's; a .forward its user's; an include file listed with root's rights its owner's,
+  else the rights stay (a user cannot borrow someone else's by including their file);
+- .forward and include files are opened with the current rights, never as root for a user
+  (engine.delivery.userfile);
 - a .forward file is used only when it is a regular file, owned by the user or root, and not
   world-writable (otherwise it is ignored, as local(8) ignores it with a warning);
 - an ``owner-NAME`` alias becomes the envelope sender of what NAME expands to.
@@ -32,20 +38,26 @@ import os
 import pwd
 import re
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.config import Config
 from engine.delivery import split_local
 from engine.delivery.mailbox import MailboxError
+from engine.delivery.userfile import UserFile, read_as
 from engine.tables import Table, TableError, open_table
 from engine.tables.text import read_source
 
 MAX_LEVEL = 100  # local(8): "alias database loop" beyond this nesting
-# destinations examined for one recipient (as Postfix's virtual_alias_expansion_limit): bounds
-# an alias graph that fans out at every level long before MAX_LEVEL stops it
+# final destinations of one recipient (as Postfix's virtual_alias_expansion_limit), and the
+# addresses and items examined to find them: bound an alias graph that fans out at every
+# level long before MAX_LEVEL stops it
 EXPANSION_LIMIT = 1000
+VISIT_LIMIT = 10 * EXPANSION_LIMIT
 INCLUDE_LIMIT = 1 << 20  # bytes read from one .forward or :include: file
+EXPANSION_BYTES = 4 << 20  # bytes read from all .forward and include files of one recipient
+EXPANSION_TIME = 30.0  # seconds for all file reads of one recipient (a user can stop a reader)
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,7 @@ class Expansion:
     targets: list[Target] = field(default_factory=list)
     failures: list[tuple[str, MailboxError]] = field(default_factory=list)
     sender: str | None = None
+    warnings: list[str] = field(default_factory=list)  # for the maillog (ignored files)
 
 
 class AliasTable(Table):
@@ -175,9 +188,13 @@ class Expander:
     def expand(self, recipient: str) -> Expansion:
         """Where ``recipient`` goes (the queue manager routed it to local: its domain is not
         checked again, an expanded address's is). Raises MailboxError when the recipient
-        itself is unknown (5.1.1)."""
-        state = _State(Expansion(), set(), self.config.duplicate_filter_limit)
+        itself is unknown (5.1.1) or expands too far (5.3.5)."""
+        state = _State(Expansion(), set(), self.config.duplicate_filter_limit,
+                       budget=EXPANSION_BYTES, deadline=time.monotonic() + EXPANSION_TIME)
         self._address(recipient, state, level=0, exp_from="", source="", parent="", top=True)
+        if state.over:  # the same tables expand the same way at every retry: bounced
+            raise MailboxError("5.3.5", f"unreasonable alias expansion size for {recipient} "
+                                        f"(more than {EXPANSION_LIMIT} destinations)")
         return state.result
 
     # -- one address ------------------------------------------------------------------------
@@ -191,8 +208,8 @@ class Expander:
             return
         local, extension, domain = split_local(address, self.config.recipient_delimiter)
         if not top and domain and domain not in self.config.local_domains:
-            if state.first(("forward", address.lower())):
-                state.result.targets.append(Target("forward", address, None, source, parent))
+            state.add(("forward", address.lower()),
+                      Target("forward", address, None, source, parent))
             return
         name = local.lower()
         full = address.rpartition("@")[0].lower() if "@" in address else address.lower()
@@ -208,9 +225,8 @@ class Expander:
             return
         if self._forward(address, user, extension, state, level):
             return
-        if state.first(("mailbox", user.pw_name)):
-            state.result.targets.append(Target("mailbox", user.pw_name, _rights(user),
-                                               source, parent))
+        state.add(("mailbox", user.pw_name),
+                  Target("mailbox", user.pw_name, _rights(user), source, parent))
 
     def _alias(self, address: str, full: str, name: str, extension: str, state: "_State",
                level: int) -> bool:
@@ -237,12 +253,12 @@ class Expander:
         return False
 
     def _table_rights(self, table: Table, state: "_State", address: str) -> Rights | bool:
-        """A root-owned table's commands and files run as default_privs; another owner's as
-        that owner (local(8)'s DELIVERY RIGHTS)."""
+        """The table owner's rights (local(8)'s DELIVERY RIGHTS): root for a root-owned table,
+        whose commands and files then run as default_privs (engine.delivery.local replaces
+        uid and gid 0), and whose include files are opened as root."""
         owner = getattr(table, "owner", 0)
         try:
-            entry = (pwd.getpwnam(self.config.default_privs) if owner == 0
-                     else pwd.getpwuid(owner))
+            entry = pwd.getpwuid(owner)
         except KeyError:
             state.fail(address, MailboxError("4.3.0", "cannot find alias database owner"))
             return False
@@ -250,17 +266,19 @@ class Expander:
 
     def _forward(self, address: str, user: pwd.struct_passwd, extension: str,
                  state: "_State", level: int) -> bool:
-        """Expand the user's .forward file (the first of forward_path that exists)."""
-        path = self._forward_file(user, extension)
-        if path is None or not state.first(("forward-file", path)):
+        """Expand the user's .forward file (the first of forward_path that opens), read with
+        the user's rights (engine.delivery.userfile)."""
+        found = self._forward_file(user, extension, state)
+        if found is None:
             return False
-        text = _read_checked(path, user.pw_uid)
+        path, text = found
         if text is None:
-            return False
+            return True  # a read that timed out: the recipient defers
         items = split_values(text)
         if not items:
             return False
         rights = _rights(user)
+        decided = state.decided
         for item in items:
             if item.startswith("\\"):  # "\user": the mailbox, no further expansion
                 target = item[1:].strip()
@@ -269,24 +287,49 @@ class Expander:
                 except KeyError:
                     state.fail(item, MailboxError("5.1.1", f'unknown user: "{target}"'))
                     continue
-                if state.first(("mailbox", entry.pw_name)):
-                    state.result.targets.append(Target("mailbox", entry.pw_name,
-                                                       _rights(entry), "forward", address))
+                state.add(("mailbox", entry.pw_name),
+                          Target("mailbox", entry.pw_name, _rights(entry), "forward", address))
                 continue
             self._item(item, state, level=level + 1, rights=rights,
                        exp_from=user.pw_name, source="forward", parent=address)
-        return True
+        # dotforward.c: a .forward that named no destination at all (an empty include
+        # file) leaves the mail to the user's mailbox, never nowhere
+        return state.decided > decided
 
-    def _forward_file(self, user: pwd.struct_passwd, extension: str) -> str | None:
+    def _forward_file(self, user: pwd.struct_passwd, extension: str,
+                      state: "_State") -> tuple[str, str | None] | None:
+        """The path and text of the first forward_path file that opens as the user (no
+        symbolic link as its last component), when it is a regular file owned by the user or
+        root and not world-writable (local(8) ignores it otherwise). An extension that could
+        leave the directory ("/", a leading ".") or holds a character outside
+        forward_expansion_filter skips the templates that use it."""
         values = {"home": user.pw_dir, "user": user.pw_name, "extension": extension,
                   "recipient_delimiter": self.config.recipient_delimiter[:1],
                   "local": user.pw_name}
         for template in self.config.forward_path:
-            if "${extension}" in template and not extension:
-                continue  # .forward+ext only for an address with an extension
+            uses = "${extension}" in template or "$extension" in template
+            if uses and not (extension and _safe_extension(extension)):
+                continue  # .forward+ext only for an address with a usable extension
             path = _MACRO.sub(lambda m: values.get(m.group(1) or m.group(2), ""), template)
-            if path.startswith("/") and os.path.lexists(path):
-                return path
+            if not path.startswith("/"):
+                continue
+            if not state.once(("forward-file", path)):
+                return None
+            try:
+                found = read_as(path, user.pw_uid, user.pw_gid, follow=False,
+                                limit=min(INCLUDE_LIMIT, state.budget),
+                                time_limit=state.left())
+                state.spend(found)
+            except TimeoutError:  # retried later: neither the .forward nor the mailbox now
+                state.fail(path, MailboxError("4.3.0", f"file {path}: read timed out"))
+                return path, None
+            except OSError:
+                continue  # missing, a symbolic link, unreadable to the user: the next one
+            problem = _forward_problem(found, user.pw_uid)
+            if problem:  # local(8) ignores it, with a warning
+                state.result.warnings.append(f"file {path} {problem}")
+                return None
+            return path, found.text
         return None
 
     # -- one destination ---------------------------------------------------------------------
@@ -298,14 +341,15 @@ class Expander:
         if item.startswith("|"):
             if source not in self.commands:
                 state.fail(item, MailboxError("5.7.1", "mail to command is restricted"))
-            elif state.first(("command", item[1:].strip(), rights.uid)):
-                state.result.targets.append(Target("command", item[1:].strip(), rights,
-                                                   source, parent))
+            else:
+                state.add(("command", item[1:].strip(), rights.uid),
+                          Target("command", item[1:].strip(), rights, source, parent))
         elif item.startswith("/"):
             if source not in self.files:
                 state.fail(item, MailboxError("5.7.1", "mail to file is restricted"))
-            elif state.first(("file", os.path.normpath(item) + ("/" * item.endswith("/")))):
-                state.result.targets.append(Target("file", item, rights, source, parent))
+            else:
+                state.add(("file", os.path.normpath(item) + ("/" * item.endswith("/"))),
+                          Target("file", item, rights, source, parent))
         elif item.lower().startswith(":include:"):
             self._include(item[9:].strip(), state, level=level, rights=rights,
                           exp_from=exp_from, parent=parent)
@@ -315,32 +359,50 @@ class Expander:
 
     def _include(self, path: str, state: "_State", *, level: int, rights: Rights,
                  exp_from: str, parent: str) -> None:
-        """An ``:include:`` file: its destinations with its owner's rights (unless root's)."""
+        """An ``:include:`` file, opened with the current rights: its destinations, with its
+        owner's rights when the current ones are root's (include.c)."""
         if level > MAX_LEVEL:
             state.fail(path, MailboxError("5.4.6", f"alias database loop for {parent}"))
             return
         if not path.startswith("/"):
             state.fail(path, MailboxError("5.3.5", f"include file {path}: not an absolute path"))
             return
-        try:
-            info = os.stat(path)
+        if not state.once(("include", rights.uid, path)):
+            return  # include.c's been_here: each (rights, file) once per recipient
+        if not state.budget:
+            state.fail(path, MailboxError("5.3.5", f"include file {path}: more than "
+                                          f"{EXPANSION_BYTES} bytes of include files"))
+            return
+        try:  # opened with the current rights, never as root for a user (include.c)
+            found = read_as(path, rights.uid, rights.gid, follow=True,
+                            limit=min(INCLUDE_LIMIT, state.budget), time_limit=state.left())
+            state.spend(found)
+        except TimeoutError:
+            state.fail(path, MailboxError("4.3.0", f"include file {path}: read timed out"))
+            return
         except OSError as exc:
             state.fail(path, MailboxError(
                 "5.3.5", f"unable to lookup include file {path}: {exc.strerror}"))
             return
-        if not stat.S_ISREG(info.st_mode):
+        if found.text is None:
             state.fail(path, MailboxError("5.3.5", f"not a regular include file: {path}"))
             return
-        if info.st_uid != 0:
-            try:
-                rights = _rights(pwd.getpwuid(info.st_uid))
-            except KeyError:
-                state.fail(path, MailboxError("4.3.0", f"cannot find owner of {path}"))
-                return
-        text = _read(path)
-        if text is None:
-            state.fail(path, MailboxError("4.3.0", f"cannot open include file {path}"))
+        if found.mode & stat.S_IWOTH or not _own_file(found):  # include.c: bounced
+            state.result.warnings.append(
+                f":include: file {path} is world writable" if found.mode & stat.S_IWOTH
+                else f":include: file {path} has owner uid {found.uid}, and Tern, not root, "
+                     "cannot take its rights")
+            state.fail(path, MailboxError("5.3.5", "mail system configuration error"))
             return
+        # include.c: a root-owned alias's include file gets its owner's rights; a user's
+        # include (from a .forward or a user-owned alias) keeps the user's own
+        if rights.uid == 0 and found.uid != 0:
+            try:
+                rights = _rights(pwd.getpwuid(found.uid))
+            except KeyError:
+                state.fail(path, MailboxError("4.3.5", "mail system configuration error"))
+                return
+        text = found.text
         for item in split_values(text):
             self._item(item, state, level=level + 1, rights=rights, exp_from=exp_from,
                        source="include", parent=parent)
@@ -359,25 +421,61 @@ class _State:
     seen: set
     limit: int
     steps: int = 0
+    files: set = field(default_factory=set)  # .forward and include files already read
+    decided: int = 0  # destinations decided (kept, duplicate or failed)
+    over: bool = False  # past EXPANSION_LIMIT or VISIT_LIMIT: the recipient bounces
+    budget: int = EXPANSION_BYTES  # bytes of .forward and include files still to read
+
+    deadline: float = 0.0  # time.monotonic() past which no file is read
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def spend(self, found: UserFile) -> None:
+        self.budget = max(0, self.budget - len((found.text or "").encode()))
 
     def step(self, what: str) -> bool:
-        """Count one destination examined; False (and one failure) past EXPANSION_LIMIT."""
+        """Count one address or item examined (not a destination: a bound on the work of an
+        alias graph whose paths end at the same few destinations); False once over."""
         self.steps += 1
-        if self.steps == EXPANSION_LIMIT + 1:
-            self.fail(what, MailboxError(
-                "4.3.0", f"unreasonable alias expansion size (more than {EXPANSION_LIMIT})"))
-        return self.steps <= EXPANSION_LIMIT
+        if self.steps > VISIT_LIMIT:
+            self.over = True
+        return not self.over
 
     def first(self, key: tuple) -> bool:
-        """Whether ``key`` is new (Postfix's duplicate filter, bounded by its limit)."""
+        """Whether ``key`` is new (Postfix's duplicate filter, bounded by its limit; 0 is no
+        limit, as been_here's)."""
         if key in self.seen:
             return False
-        if len(self.seen) < self.limit:
+        if not self.limit or len(self.seen) < self.limit:
             self.seen.add(key)
         return True
 
+    def once(self, key: tuple) -> bool:
+        """Whether a .forward or include file is met for the first time: always remembered,
+        whatever duplicate_filter_limit says (a .forward naming itself, or an include file
+        listed many times, is read once)."""
+        if key in self.files:
+            return False
+        self.files.add(key)
+        return True
+
+    def add(self, key: tuple, target: Target) -> None:
+        """One destination decided: kept when new (a duplicate is delivered once)."""
+        self.decided += 1
+        if self.first(key):
+            self.result.targets.append(target)
+            self._count()
+
     def fail(self, what: str, error: MailboxError) -> None:
+        self.decided += 1
         self.result.failures.append((what, error))
+        self._count()
+
+    def _count(self) -> None:
+        """The final destinations (kept or failed) are at most EXPANSION_LIMIT."""
+        if len(self.result.targets) + len(self.result.failures) > EXPANSION_LIMIT:
+            self.over = True
 
 
 def _classes(value: tuple[str, ...]) -> frozenset[str]:
@@ -388,21 +486,36 @@ def _rights(entry: pwd.struct_passwd) -> Rights:
     return Rights(entry.pw_uid, entry.pw_gid, entry.pw_name, entry.pw_dir or "/")
 
 
-def _read_checked(path: str, uid: int) -> str | None:
-    """A .forward file's text, when it is a regular file owned by ``uid`` or root and not
-    world-writable (local(8) ignores it otherwise)."""
-    try:
-        info = os.lstat(path)
-    except OSError:
-        return None
-    if not stat.S_ISREG(info.st_mode) or info.st_uid not in (0, uid) or info.st_mode & 0o002:
-        return None
-    return _read(path)
+def _own_file(found: UserFile) -> bool:
+    """Whether Tern may act on a file's text: as root always (it takes the file's rights);
+    otherwise only for its own or root's files, as everything then runs as Tern's own user
+    (a user's .forward command must never get Tern's identity)."""
+    euid = os.geteuid()
+    return euid == 0 or found.uid in (0, euid)
 
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path, "rb") as source:
-            return source.read(INCLUDE_LIMIT).decode("utf-8", "replace")
-    except OSError:
-        return None
+def _forward_problem(found: UserFile, uid: int) -> str:
+    """Why a .forward file is ignored ("" when it is used): not a regular file, an owner
+    other than the user or root, world-writable (local(8)'s checks), or not Tern's own
+    when Tern is not root."""
+    if found.text is None:
+        return "is not a regular file"
+    if found.uid not in (0, uid):
+        return f"has bad owner uid {found.uid}"
+    if found.mode & stat.S_IWOTH:
+        return "is world writable"
+    if not _own_file(found):
+        return (f"has owner uid {found.uid}, and Tern, not root, cannot take its rights")
+    return ""
+
+
+def _safe_extension(extension: str) -> bool:
+    """Whether an address extension may name a .forward file: no "/" or leading "." (it
+    would leave the home directory or name a hidden file), only forward_expansion_filter's
+    characters (Postfix's default)."""
+    return (not extension.startswith(".") and "/" not in extension and ".." not in extension
+            and all(c in _FORWARD_FILTER for c in extension))
+
+
+_FORWARD_FILTER = frozenset("1234567890!@%-_=+:,./abcdefghijklmnopqrstuvwxyz"
+                            "ABCDEFGHIJKLMNOPQRSTUVWXYZ")

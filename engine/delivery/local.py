@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from engine.cleanup import RecipientRequest
 from engine.config import Config
 from engine.delivery import DeliveryOutcome, DeliveryRequest, RecipientResult, split_local
-from engine.delivery.aliases import Expander, Target
+from engine.delivery.aliases import Expander, Rights, Target
 from engine.delivery.mailbox import (
     MailboxError,
     Privileges,
@@ -207,6 +207,7 @@ async def deliver(request: DeliveryRequest, config: Config, virtual: bool = Fals
     body = unix_lines(request.content)
     delivered_to = _delivered_to(body)
     results = []
+    warnings: list[str] = []
     for recipient in request.recipients:
         try:
             if recipient.lower() in delivered_to:  # local(8)'s loop check
@@ -215,13 +216,14 @@ async def deliver(request: DeliveryRequest, config: Config, virtual: bool = Fals
                 mailbox = await virtual_mailbox(recipient, config)
                 reply = await _to_mailbox(mailbox, request.sender, recipient, body, config)
             else:
-                reply = await _deliver_local(recipient, request, body, config, inject)
+                reply = await _deliver_local(recipient, request, body, config, inject,
+                                             warnings)
         except MailboxError as exc:
             status = "deferred" if exc.transient else "bounced"
             results.append(RecipientResult(recipient, status, exc.dsn, exc.text, relay))
             continue
         results.append(RecipientResult(recipient, "sent", "2.0.0", reply, relay))
-    return DeliveryOutcome(results)
+    return DeliveryOutcome(results, warnings=warnings)
 
 
 async def _to_mailbox(mailbox: Mailbox, sender: str, recipient: str, body: bytes,
@@ -234,13 +236,15 @@ async def _to_mailbox(mailbox: Mailbox, sender: str, recipient: str, body: bytes
 
 
 async def _deliver_local(recipient: str, request: DeliveryRequest, body: bytes,
-                         config: Config, inject: Inject | None) -> str:
+                         config: Config, inject: Inject | None, warnings: list[str]) -> str:
     """The recipient's expansion (aliases, .forward), every destination delivered; the
-    reply of the one result, or MailboxError summing up what failed."""
-    try:
-        expansion = Expander(config).expand(recipient)
+    reply of the one result, or MailboxError summing up what failed. What the expansion
+    warns of goes to ``warnings``."""
+    try:  # off the loop: it reads .forward and include files (engine.delivery.userfile)
+        expansion = await in_thread(Expander(config).expand, recipient)
     except TableError:
         raise MailboxError("4.3.0", "alias database unavailable") from None
+    warnings += expansion.warnings
     replies: list[str] = []
     failures = [(what, error) for what, error in expansion.failures]
     forwards = [t.value for t in expansion.targets if t.kind == "forward"]
@@ -284,7 +288,7 @@ async def _deliver_target(target: Target, recipient: str, request: DeliveryReque
     if target.kind == "mailbox":
         mailbox = user_mailbox(pwd.getpwnam(target.value), config)
         return await _to_mailbox(mailbox, request.sender, recipient, body, config)
-    rights = target.rights
+    rights = _privs(target.rights, config)
     head = (f"Return-Path: <{request.sender}>\nX-Original-To: {recipient}\n"
             f"Delivered-To: {recipient}\n").encode()
     if target.kind == "file":  # local(8): an mbox file, or a Maildir for a name ending in "/"
@@ -296,16 +300,34 @@ async def _deliver_target(target: Target, recipient: str, request: DeliveryReque
     return await _command(target, recipient, request, head + body, config)
 
 
+def _privs(rights: Rights, config: Config) -> Rights:
+    """Root's rights never run a command or write a file: uid 0 becomes default_privs' uid,
+    gid 0 its gid (local(8)'s command.c and file.c), so a root-owned alias or root's own
+    .forward runs as default_privs."""
+    if rights.uid and rights.gid:
+        return rights
+    try:
+        privs = pwd.getpwnam(config.default_privs)
+    except KeyError:
+        raise MailboxError("4.3.5", "mail system configuration error") from None
+    if rights.uid == 0:
+        return Rights(privs.pw_uid, rights.gid or privs.pw_gid, privs.pw_name,
+                      privs.pw_dir or "/")
+    return Rights(rights.uid, privs.pw_gid, rights.name, rights.home)
+
+
 async def _command(target: Target, recipient: str, request: DeliveryRequest, data: bytes,
                    config: Config) -> str:
     """``|command``: /bin/sh -c, its rights' uid and gid (when Tern is root), in their home,
     the message (after a "From " line) on its input; sysexits decide, as pipe(8)."""
-    rights = target.rights
+    rights = _privs(target.rights, config)
     local, extension, domain = split_local(recipient, config.recipient_delimiter)
     env = {"PATH": "/usr/bin:/bin", "SHELL": "/bin/sh", "LANG": "C", "HOME": rights.home,
            "USER": rights.name, "LOGNAME": rights.name, "SENDER": request.sender,
            "RECIPIENT": recipient, "ORIGINAL_RECIPIENT": recipient, "LOCAL": local,
            "EXTENSION": extension, "DOMAIN": domain}
+    # command.c: every exported value censored through command_expansion_filter
+    env = {name: _censor(value) for name, value in env.items()}
     identity: dict = {"cwd": rights.home if os.path.isdir(rights.home) else "/"}
     if os.geteuid() == 0:
         identity.update(user=rights.uid, group=rights.gid)
@@ -327,6 +349,17 @@ async def _command(target: Target, recipient: str, request: DeliveryRequest, dat
         raise MailboxError("4.3.0", f"Command died with signal {-status}: {command}{tail}")
     dsn, text = SYSEXITS.get(status, ("5.3.0", f"Command died with status {status}"))
     raise MailboxError(dsn, f"{text}: {command}{tail}")
+
+
+# Postfix's command_expansion_filter default: what a value exported to a command may hold
+_COMMAND_FILTER = frozenset("1234567890!@%-_=+:,./abcdefghijklmnopqrstuvwxyz"
+                            "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _censor(value: str) -> str:
+    """Each character outside the filter becomes "_" (a sender address can hold shell
+    metacharacters and line ends, which a careless script would run)."""
+    return "".join(c if c in _COMMAND_FILTER else "_" for c in value)
 
 
 async def _forward(addresses: list[str], recipient: str, owner: str | None,

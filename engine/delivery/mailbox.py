@@ -185,7 +185,7 @@ def open_mbox(path: str, owner: int | None = None, chown: tuple[int, int] | None
     defers: another local user may have created it first to read the mail. With ``chown``, a
     file this call creates is given to that uid/gid (only one it created: O_EXCL). Not
     ``regular_only``: a file destination of an alias (local(8)'s deliver_file), where a device
-    such as /dev/null is fine."""
+    such as /dev/null is fine, and an executable file bounces (5.7.1)."""
     flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         if chown is None:
@@ -212,6 +212,9 @@ def open_mbox(path: str, owner: int | None = None, chown: tuple[int, int] | None
         info = os.fstat(fd)
         if regular_only and not stat.S_ISREG(info.st_mode):
             raise MailboxError("5.2.0", f"destination {path} is not a regular file")
+        if not regular_only and stat.S_ISREG(info.st_mode) and info.st_mode & stat.S_IXUSR:
+            # local(8)'s deliver_file: never append mail to a program someone may run
+            raise MailboxError("5.7.1", f"destination file {path} is executable")
         if info.st_nlink != 1:
             raise MailboxError("5.2.0", f"cannot open file {path}: file has {info.st_nlink} "
                                         f"hard links")

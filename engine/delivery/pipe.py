@@ -226,7 +226,8 @@ async def run_command(argv: list[str], data: bytes, env: dict[str, str], identit
                       time_limit: float) -> tuple[int | None, bytes]:
     """Run ``argv`` in its own session with ``data`` on its standard input; ``identity``:
     user and group ids, and cwd ({} = Tern's own identity). Returns (exit status, negative for
-    a signal, or None when ``time_limit`` killed it and all it started; its output). Raises
+    a signal, or None when ``time_limit`` killed it and all it started; the first
+    OUTPUT_LIMIT bytes of its output). Raises
     OSError when it cannot start. Shared by pipe(8) and local(8)'s |command.
     The identity is taken in the child before exec (no supplementary groups), by a
     preexec_fn of plain system calls: uvloop's subprocess has no user/group arguments."""
@@ -236,22 +237,46 @@ async def run_command(argv: list[str], data: bytes, env: dict[str, str], identit
     process = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT, start_new_session=True, env=env, **options)
+    feeder = asyncio.ensure_future(_feed(process, data))
     try:
         async with asyncio.timeout(time_limit):
-            try:
-                output, _ = await process.communicate(data)
-            except BrokenPipeError:  # the command did not read it all: its exit status decides
-                output = await process.stdout.read(OUTPUT_LIMIT) if process.stdout else b""
-                await process.wait()
+            output = await _kept_output(process)
+            await feeder
+            await process.wait()
     except TimeoutError:
         return None, b""
     finally:
+        feeder.cancel()
         # timed out, cancelled (the queue manager stopping) or failed: the command and what
         # it started must not outlive the delivery; killed, then reaped
         if process.returncode is None:
             _kill_group(process)
             await asyncio.shield(process.wait())
     return process.returncode, output
+
+
+async def _feed(process: asyncio.subprocess.Process, data: bytes) -> None:
+    """The message to the command's input; a command that does not read it all is no
+    error (its exit status decides)."""
+    try:
+        process.stdin.write(data)
+        await process.stdin.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            process.stdin.close()
+
+
+async def _kept_output(process: asyncio.subprocess.Process) -> bytes:
+    """The command's output until it closes it: the first OUTPUT_LIMIT bytes kept (they go
+    into the reason text), the rest read and dropped, so memory stays bounded whatever it
+    writes."""
+    kept = bytearray()
+    while chunk := await process.stdout.read(65536):
+        if len(kept) < OUTPUT_LIMIT:
+            kept += chunk[:OUTPUT_LIMIT - len(kept)]
+    return bytes(kept)
 
 
 def _become(uid: int, gid: int) -> None:

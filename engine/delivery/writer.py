@@ -9,8 +9,9 @@ MAILBOX_THREADS of their own, and a child is waited for through a pidfd the loop
 
 A child that outlives its time limit, or whose delivery is cancelled (the queue manager
 stopping), is killed with SIGKILL and reaped before the caller goes on; for an mbox, what it
-left is undone then: the file truncated back to its size before the message, and its dotlock
-removed (the child reports both steps through its pipe as it takes them).
+left is undone then, by a new child with the same identity (never as root on a path the user
+controls): the file truncated back to its size before the message, and its dotlock removed
+(the child reports both steps through its pipe as it takes them).
 """
 
 import asyncio
@@ -22,10 +23,11 @@ import functools
 import os
 import signal
 
-from engine.delivery.mailbox import MailboxError
+from engine.delivery.mailbox import SAME_PRIVILEGES, MailboxError, Privileges
 
 MAILBOX_THREADS = 8  # threads for mailbox writes made as Tern itself
 REPORT_LIMIT = 4000  # bytes of a child's error report
+UNDO_TIME_LIMIT = 10.0  # seconds for the child undoing a killed writer's steps
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -38,10 +40,12 @@ def _executor() -> concurrent.futures.ThreadPoolExecutor:
     return _pool
 
 
-async def in_thread(write, *args) -> None:
-    """``write(*args)`` in a mailbox thread, as Tern's own user."""
-    await asyncio.get_running_loop().run_in_executor(_executor(),
-                                                     functools.partial(write, *args))
+async def in_thread(work, *args):
+    """``work(*args)`` in a mailbox thread, as Tern's own user: a write, or an alias
+    expansion (which reads .forward and include files through forked children); its
+    result."""
+    return await asyncio.get_running_loop().run_in_executor(_executor(),
+                                                            functools.partial(work, *args))
 
 
 async def as_user(uid: int, gid: int, time_limit: float, write, *args, privileges=None,
@@ -61,12 +65,7 @@ async def as_user(uid: int, gid: int, time_limit: float, write, *args, privilege
             # another child's pipe) would keep it open while this child lives
             os.closerange(3, write_fd)
             os.closerange(write_fd + 1, os.sysconf("SC_OPEN_MAX"))
-            if privileges is not None:
-                privileges.enter()
-            else:
-                os.setgroups([])
-                os.setgid(gid)
-                os.setuid(uid)
+            _become(uid, gid, privileges)
             os.umask(0o077)
             if mbox is None:
                 write(*args)
@@ -95,7 +94,8 @@ async def as_user(uid: int, gid: int, time_limit: float, write, *args, privilege
                 os.kill(pid, signal.SIGKILL)
                 killed = await asyncio.shield(_exit_status(pid))
                 if killed == -signal.SIGKILL and mbox is not None:
-                    undo_mbox(mbox, _drain(read_fd))
+                    await asyncio.shield(_undo_as(uid, gid, privileges, mbox,
+                                                  _drain(read_fd)))
             else:
                 report = _drain(read_fd)
         finally:
@@ -105,6 +105,41 @@ async def as_user(uid: int, gid: int, time_limit: float, write, *args, privilege
         if not text or dsn[:1] not in "45":
             dsn, text = "4.3.0", f"mailbox writer failed with status {status}"
         raise MailboxError(dsn, text)
+
+
+def _become(uid: int, gid: int, privileges) -> None:
+    """In a child: the writer's identity (``privileges.enter()``, or ``uid``/``gid`` with no
+    supplementary groups)."""
+    if privileges is not None:
+        privileges.enter()
+    else:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+
+
+async def _undo_as(uid: int, gid: int, privileges, path: str, report: bytes) -> None:
+    """undo_mbox in a new child with the killed writer's identity: ``path`` is the user's
+    to change (a home mailbox's directory swapped for a link while the writer was stopped),
+    so root never truncates or unlinks there. Killed past UNDO_TIME_LIMIT (the user may stop
+    this child too: what it leaves is the user's own mailbox lock)."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        try:
+            os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+            _become(uid, gid, privileges)
+            undo_mbox(path, report, privileges or SAME_PRIVILEGES)
+        finally:
+            os._exit(0)
+    try:
+        async with asyncio.timeout(UNDO_TIME_LIMIT):
+            await _exit_status(pid)
+            return
+    except TimeoutError:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    await _exit_status(pid)
 
 
 async def _exit_status(pid: int) -> int:
@@ -142,15 +177,17 @@ def _drain(read_fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def undo_mbox(path: str, report: bytes) -> None:
-    """After a killed mbox child: truncate the file back to the size it reported before
-    writing (the same file: device and inode match; under its fcntl lock, so another writer's
-    later message is never cut), then remove the dotlock it reported taking. Steps it
-    reported finished (its message "written", the lock "unlocked") are left alone."""
+def undo_mbox(path: str, report: bytes, privileges: Privileges = SAME_PRIVILEGES) -> None:
+    """After a killed mbox child, in a child with its identity (_undo_as): truncate the file
+    back to the size it reported before writing (the same file: device and inode match;
+    under its fcntl lock, so another writer's later message is never cut; as ``privileges``
+    write), then remove the dotlock it reported taking (as they lock). Steps it reported
+    finished (its message "written", the lock "unlocked") are left alone."""
     steps = report.partition(b"E ")[0].split(b"\n")
     if b"locked" not in steps or b"unlocked" in steps:
         return  # the dotlock was never, or is no longer, its own
     writing = [step.split() for step in steps if step.startswith(b"writing ")]
+    privileges.writing()
     if writing and b"written" not in steps:
         size, dev, ino = map(int, writing[-1][1:4])
         with contextlib.suppress(OSError):
@@ -162,5 +199,6 @@ def undo_mbox(path: str, report: bytes) -> None:
                     os.ftruncate(fd, size)
             finally:
                 os.close(fd)  # and its lock
-    with contextlib.suppress(FileNotFoundError):
+    privileges.locking()
+    with contextlib.suppress(OSError):
         os.unlink(path + ".lock")

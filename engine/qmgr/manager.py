@@ -265,6 +265,9 @@ class QueueManager(QueueOperations):
                 retry_after=self.config.minimal_backoff_time)
         try:
             outcome = attempt.outcome
+            for warning in outcome.warnings:
+                self.maillog.line(service_name(job.nexthop.transport, self.config),
+                                  f"warning: {job.queue_id}: {warning}")
             self._record(envelope, outcome.results,
                          service_name(job.nexthop.transport, self.config),
                          self._delays(envelope, job.activated, started, outcome),
