@@ -477,3 +477,36 @@ def test_file_reads_share_one_time_limit_and_defer_past_it(tmp_path, users, monk
     result = expander(tmp_path, users).expand("bob@mx.test")
     assert (kinds(result), failures(result)) == (
         [], [(path, "4.3.0", f"file {path}: read timed out")])
+
+
+def test_a_file_over_the_byte_limit_fails_whole_never_cut(tmp_path, users, monkeypatch):
+    """An include or .forward file longer than INCLUDE_LIMIT (or than what is left of the
+    recipient's byte budget) is never parsed cut: ``alice@example.com`` at the cut would be
+    forwarded to ``alice@exampl``. An include bounces 5.3.5, a .forward defers 4.3.0 (the
+    mailbox does not get it either); another user's files cannot choose where it is cut."""
+    monkeypatch.setattr(aliases, "INCLUDE_LIMIT", 64)
+    big = tmp_path / "big"
+    big.write_text("#" * (64 - 13) + "\nalice@example.com\n")
+    result = expander(tmp_path, users, f"list: :include:{big}\n").expand("list@mx.test")
+    assert (kinds(result), failures(result)) == (
+        [], [(str(big), "5.3.5", f"include file {big}: more than 64 bytes")])
+    path = forward(users, "bob", "#" * 60 + "\ncarol@example.com\n")
+    result = expander(tmp_path, users).expand("bob@mx.test")
+    assert (kinds(result), failures(result)) == (
+        [], [(path, "4.3.0", f"file {path}: more than 64 bytes")])
+    # carol's include files use up the budget but for 12 bytes: dave's .forward is not
+    # read as "dave@example" (nor as empty, which would mean his mailbox)
+    monkeypatch.setattr(aliases, "EXPANSION_BYTES", 64 + 12)
+    pad = tmp_path / "pad"
+    pad.write_text("#" * (64 - len(f":include:{pad}\n") - 1) + "\n")
+    forward(users, "carol", f":include:{pad}\n")
+    dave = forward(users, "dave", "dave@example.com\n")
+    aliases.alias_tables.cache_clear()
+    result = expander(tmp_path, users, "staff: carol, dave\n").expand("staff@mx.test")
+    assert (kinds(result), failures(result)) == (
+        [("mailbox", "carol")],
+        [(dave, "4.3.0", f"file {dave}: more than the 12 bytes left of 76 bytes of "
+                         ".forward and include files")])
+    os.truncate(dave, 0)  # an empty .forward still fits a used-up budget: the mailbox
+    assert kinds(expander(tmp_path, users, "staff: carol, dave\n").expand("staff@mx.test")
+                 ) == [("mailbox", "carol"), ("mailbox", "dave")]

@@ -33,6 +33,7 @@ Trusts the administrator's alias files; a .forward or include file is the user's
 only ever parsed into destinations, never run here.
 """
 
+import errno
 import functools
 import os
 import pwd
@@ -273,7 +274,7 @@ class Expander:
             return False
         path, text = found
         if text is None:
-            return True  # a read that timed out: the recipient defers
+            return True  # a read that timed out or a file too large: the recipient defers
         items = split_values(text)
         if not items:
             return False
@@ -315,15 +316,18 @@ class Expander:
                 continue
             if not state.once(("forward-file", path)):
                 return None
+            limit = min(INCLUDE_LIMIT, state.budget)
             try:
-                found = read_as(path, user.pw_uid, user.pw_gid, follow=False,
-                                limit=min(INCLUDE_LIMIT, state.budget),
+                found = read_as(path, user.pw_uid, user.pw_gid, follow=False, limit=limit,
                                 time_limit=state.left())
                 state.spend(found)
             except TimeoutError:  # retried later: neither the .forward nor the mailbox now
                 state.fail(path, MailboxError("4.3.0", f"file {path}: read timed out"))
                 return path, None
-            except OSError:
+            except OSError as exc:
+                if exc.errno == errno.EFBIG:  # never a cut .forward parsed as complete
+                    state.fail(path, MailboxError("4.3.0", f"file {path}: {_too_large(limit)}"))
+                    return path, None
                 continue  # missing, a symbolic link, unreadable to the user: the next one
             problem = _forward_problem(found, user.pw_uid)
             if problem:  # local(8) ignores it, with a warning
@@ -373,14 +377,19 @@ class Expander:
             state.fail(path, MailboxError("5.3.5", f"include file {path}: more than "
                                           f"{EXPANSION_BYTES} bytes of include files"))
             return
+        limit = min(INCLUDE_LIMIT, state.budget)
         try:  # opened with the current rights, never as root for a user (include.c)
-            found = read_as(path, rights.uid, rights.gid, follow=True,
-                            limit=min(INCLUDE_LIMIT, state.budget), time_limit=state.left())
+            found = read_as(path, rights.uid, rights.gid, follow=True, limit=limit,
+                            time_limit=state.left())
             state.spend(found)
         except TimeoutError:
             state.fail(path, MailboxError("4.3.0", f"include file {path}: read timed out"))
             return
         except OSError as exc:
+            if exc.errno == errno.EFBIG:  # never a cut list parsed as complete: bounced
+                state.fail(path, MailboxError(
+                    "5.3.5", f"include file {path}: {_too_large(limit)}"))
+                return
             state.fail(path, MailboxError(
                 "5.3.5", f"unable to lookup include file {path}: {exc.strerror}"))
             return
@@ -476,6 +485,15 @@ class _State:
         """The final destinations (kept or failed) are at most EXPANSION_LIMIT."""
         if len(self.result.targets) + len(self.result.failures) > EXPANSION_LIMIT:
             self.over = True
+
+
+def _too_large(limit: int) -> str:
+    """Why a .forward or include file is not used: longer than one file may be, or than
+    what is left of the recipient's byte budget (EXPANSION_BYTES)."""
+    if limit >= INCLUDE_LIMIT:
+        return f"more than {INCLUDE_LIMIT} bytes"
+    return (f"more than the {limit} bytes left of {EXPANSION_BYTES} bytes of .forward and "
+            "include files")
 
 
 def _classes(value: tuple[str, ...]) -> frozenset[str]:

@@ -6,8 +6,9 @@ picks the .forward name), so the open happens with the rights' uid and gid and n
 supplementary groups, in a forked child when Tern is root and the rights are someone else's
 (Tern's own identity never changes). The open is non-blocking (a FIFO swapped in for the file
 cannot stall the caller), the opened descriptor is what is checked (fstat: no race between a
-check and the open), only a regular file is read, and at most ``limit`` bytes of it. The child
-has a time limit; past it, it is killed and reaped.
+check and the open), only a regular file is read, and only whole: one longer than ``limit``
+bytes is an error (EFBIG), never a cut text parsed as if complete. The child has a time limit;
+past it, it is killed and reaped.
 """
 
 import contextlib
@@ -36,8 +37,9 @@ class UserFile:
 def read_as(path: str, uid: int, gid: int, *, follow: bool, limit: int,
             time_limit: float = READ_TIME_LIMIT) -> UserFile:
     """Open ``path`` as ``uid``/``gid`` (``follow``: a symbolic link as the last component is
-    followed; a .forward's is not), fstat it and read up to ``limit`` bytes of a regular file.
-    Raises OSError (the open's or stat's error; TimeoutError past ``time_limit``)."""
+    followed; a .forward's is not), fstat it and read a regular file of at most ``limit`` bytes.
+    Raises OSError (the open's or stat's error; EFBIG for a longer file; TimeoutError past
+    ``time_limit``)."""
     if os.geteuid() != 0 or uid == 0:
         return _open_read(path, follow, limit)  # already this identity: nothing to drop
     read_fd, write_fd = os.pipe()
@@ -88,11 +90,13 @@ def _open_read(path: str, follow: bool, limit: int, raw: bool = False) -> UserFi
         info = os.fstat(fd)
         data = None
         if stat.S_ISREG(info.st_mode):
-            chunks, left = [], limit
+            chunks, left = [], limit + 1  # one byte more: a file that does not fit is seen
             while left > 0 and (chunk := os.read(fd, min(left, 65536))):
                 chunks.append(chunk)
                 left -= len(chunk)
             data = b"".join(chunks)
+            if len(data) > limit:
+                raise OSError(errno.EFBIG, os.strerror(errno.EFBIG), path)
     finally:
         os.close(fd)
     text = data if raw or data is None else data.decode("utf-8", "replace")
