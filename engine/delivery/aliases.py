@@ -15,6 +15,9 @@ Postfix's rules kept here:
   than 1000 final destinations for one recipient (or 10000 addresses examined to find them)
   bounce the recipient whole, 5.3.5, before anything is delivered (a retry would expand it the
   same way: deferring would repeat the deliveries that worked at every retry);
+- a temporary failure (a file read that timed out, a .forward that cannot be read for a
+  reason other than its absence) stops the expansion and defers the recipient whole, nothing
+  delivered (engine.delivery.local), for the same reason;
 - a destination met twice (same mailbox, file, command or address) is delivered once, up to
   ``duplicate_filter_limit`` remembered destinations (0: no limit); a .forward or include
   file is read once whatever the limit;
@@ -433,6 +436,7 @@ class _State:
     files: set = field(default_factory=set)  # .forward and include files already read
     decided: int = 0  # destinations decided (kept, duplicate or failed)
     over: bool = False  # past EXPANSION_LIMIT or VISIT_LIMIT: the recipient bounces
+    halted: bool = False  # a temporary failure (a read timed out): the recipient defers whole
     budget: int = EXPANSION_BYTES  # bytes of .forward and include files still to read
 
     deadline: float = 0.0  # time.monotonic() past which no file is read
@@ -449,7 +453,7 @@ class _State:
         self.steps += 1
         if self.steps > VISIT_LIMIT:
             self.over = True
-        return not self.over
+        return not (self.over or self.halted)
 
     def first(self, key: tuple) -> bool:
         """Whether ``key`` is new (Postfix's duplicate filter, bounded by its limit; 0 is no
@@ -477,6 +481,9 @@ class _State:
             self._count()
 
     def fail(self, what: str, error: MailboxError) -> None:
+        """A destination that failed; a temporary failure stops the expansion (nothing of
+        this recipient is delivered before a retry: no more files to read or time to wait)."""
+        self.halted = self.halted or error.transient
         self.decided += 1
         self.result.failures.append((what, error))
         self._count()
