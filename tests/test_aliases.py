@@ -510,3 +510,57 @@ def test_a_file_over_the_byte_limit_fails_whole_never_cut(tmp_path, users, monke
     os.truncate(dave, 0)  # an empty .forward still fits a used-up budget: the mailbox
     assert kinds(expander(tmp_path, users, "staff: carol, dave\n").expand("staff@mx.test")
                  ) == [("mailbox", "carol"), ("mailbox", "dave")]
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to read as another user (in a child)")
+def test_a_failure_of_the_reading_machinery_defers_and_is_never_no_forward(
+        tmp_path, users, monkeypatch):
+    """A fork that fails (EAGAIN), no pipe (EMFILE) or a reading child that dies without a
+    report (EIO) is no answer about the .forward: taken as "no .forward" the mail would go
+    to the mailbox, skipping the user's forward. The recipient defers 4.3.0, an include
+    defers too, and a failed fork leaves no pipe end open. Only an absent file (ENOENT,
+    ENOTDIR, ELOOP, EACCES) moves on to the next forward_path file."""
+    traversable(tmp_path)
+    users["bob"] = entry("bob", 12345, users["bob"].pw_dir)
+    path = forward(users, "bob", "carol\n")
+    os.chown(path, 12345, 12345)
+    ex = expander(tmp_path, users)
+    assert kinds(ex.expand("bob@mx.test")) == [("mailbox", "carol")]
+
+    def no_fork():
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    def no_pipe():
+        raise OSError(24, "Too many open files")
+
+    def dies(groups):  # in the child: it exits before any report
+        raise PermissionError(1, "Operation not permitted")
+
+    before = open_fds()
+    for name, fake, why in (("fork", no_fork, "Resource temporarily unavailable"),
+                            ("pipe", no_pipe, "Too many open files"),
+                            ("setgroups", dies, os.strerror(5))):
+        with monkeypatch.context() as patch:
+            patch.setattr(os, name, fake)
+            result = ex.expand("bob@mx.test")
+        assert (kinds(result), failures(result)) == ([], [(path, "4.3.0", f"file {path}: {why}")])
+    assert open_fds() == before
+    members = tmp_path / "members"
+    members.write_text("dave\n")
+    os.chown(members, 12345, 12345)
+    os.chown(forward(users, "bob", f":include:{members}\n"), 12345, 12345)
+    real_fork, forks = os.fork, []
+
+    def second_fails():  # the .forward is read, its include file's fork fails
+        forks.append(1)
+        return no_fork() if len(forks) > 1 else real_fork()
+
+    monkeypatch.setattr(os, "fork", second_fails)
+    result = ex.expand("bob@mx.test")
+    assert (kinds(result), failures(result)) == ([], [
+        (str(members), "4.3.0",
+         f"unable to lookup include file {members}: Resource temporarily unavailable")])

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from engine.config import Config
 from engine.delivery import split_local
 from engine.delivery.mailbox import MailboxError
-from engine.delivery.userfile import UserFile, read_as
+from engine.delivery.userfile import ABSENT, UserFile, read_as
 from engine.tables import Table, TableError, open_table
 from engine.tables.text import read_source
 
@@ -277,7 +277,7 @@ class Expander:
             return False
         path, text = found
         if text is None:
-            return True  # a read that timed out or a file too large: the recipient defers
+            return True  # a read that failed or timed out, a file too large: it defers
         items = split_values(text)
         if not items:
             return False
@@ -328,10 +328,13 @@ class Expander:
                 state.fail(path, MailboxError("4.3.0", f"file {path}: read timed out"))
                 return path, None
             except OSError as exc:
-                if exc.errno == errno.EFBIG:  # never a cut .forward parsed as complete
-                    state.fail(path, MailboxError("4.3.0", f"file {path}: {_too_large(limit)}"))
-                    return path, None
-                continue  # missing, a symbolic link, unreadable to the user: the next one
+                if exc.errno in ABSENT:
+                    continue  # missing, a symbolic link, unreadable to the user: the next one
+                # too large (never parsed cut), or the reading failed (no fork, no pipe, a
+                # child that died): retried later, never taken as "no .forward"
+                why = _too_large(limit) if exc.errno == errno.EFBIG else exc.strerror
+                state.fail(path, MailboxError("4.3.0", f"file {path}: {why}"))
+                return path, None
             problem = _forward_problem(found, user.pw_uid)
             if problem:  # local(8) ignores it, with a warning
                 state.result.warnings.append(f"file {path} {problem}")
@@ -393,8 +396,10 @@ class Expander:
                 state.fail(path, MailboxError(
                     "5.3.5", f"include file {path}: {_too_large(limit)}"))
                 return
+            # no such file for these rights bounces; the reading failing defers
             state.fail(path, MailboxError(
-                "5.3.5", f"unable to lookup include file {path}: {exc.strerror}"))
+                "5.3.5" if exc.errno in ABSENT else "4.3.0",
+                f"unable to lookup include file {path}: {exc.strerror}"))
             return
         if found.text is None:
             state.fail(path, MailboxError("5.3.5", f"not a regular include file: {path}"))

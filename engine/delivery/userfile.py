@@ -20,6 +20,9 @@ import stat
 import time
 from dataclasses import dataclass
 
+# what an open reports for a file that is not there for this user (a missing file or
+# directory, a symbolic link refused, no permission): any other error is a failure to read
+ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES, errno.ENAMETOOLONG})
 READ_TIME_LIMIT = 10.0  # seconds for a child to open and read one file
 _HEADER = 64  # bytes of the child's "OK uid mode" or "E errno" line, at most
 
@@ -39,11 +42,17 @@ def read_as(path: str, uid: int, gid: int, *, follow: bool, limit: int,
     """Open ``path`` as ``uid``/``gid`` (``follow``: a symbolic link as the last component is
     followed; a .forward's is not), fstat it and read a regular file of at most ``limit`` bytes.
     Raises OSError (the open's or stat's error; EFBIG for a longer file; TimeoutError past
-    ``time_limit``)."""
+    ``time_limit``; the reading machinery's own: a failed pipe or fork, EIO for a child that
+    died without a report). Only the open's errors in ABSENT mean there is no such file."""
     if os.geteuid() != 0 or uid == 0:
         return _open_read(path, follow, limit)  # already this identity: nothing to drop
     read_fd, write_fd = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except BaseException:  # EAGAIN, ENOMEM: no child, and no pipe left open
+        os.close(read_fd)
+        os.close(write_fd)
+        raise
     if pid == 0:  # the child: never returns
         try:
             # only the report pipe: a copy of another descriptor (a client's connection)
