@@ -238,20 +238,27 @@ async def run_command(argv: list[str], data: bytes, env: dict[str, str], identit
         *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT, start_new_session=True, env=env, **options)
     feeder = asyncio.ensure_future(_feed(process, data))
+    finished = False
     try:
         async with asyncio.timeout(time_limit):
             output = await _kept_output(process)
             await feeder
             await process.wait()
+            finished = True
     except TimeoutError:
         return None, b""
     finally:
         feeder.cancel()
-        # timed out, cancelled (the queue manager stopping) or failed: the command and what
-        # it started must not outlive the delivery; killed, then reaped
-        if process.returncode is None:
+        if not finished:
+            # timed out, cancelled (the queue manager stopping) or failed: the command and
+            # what it started must not outlive the delivery, even when the shell itself has
+            # exited and left a child holding its output: the group killed, the shell
+            # reaped, the pipes closed (none left to a closed loop)
             _kill_group(process)
             await asyncio.shield(process.wait())
+            transport = getattr(process, "_transport", None)
+            if transport is not None:
+                transport.close()
     return process.returncode, output
 
 
