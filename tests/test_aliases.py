@@ -8,7 +8,7 @@ import pwd
 import pytest
 
 from engine.config import Config
-from engine.delivery import aliases
+from engine.delivery import aliases, userfile
 from engine.delivery.aliases import AliasTable, Expander, Rights, Target, split_values
 from engine.delivery.local import _privs as local_privs
 from engine.delivery.mailbox import MailboxError
@@ -564,3 +564,21 @@ def test_a_failure_of_the_reading_machinery_defers_and_is_never_no_forward(
     assert (kinds(result), failures(result)) == ([], [
         (str(members), "4.3.0",
          f"unable to lookup include file {members}: Resource temporarily unavailable")])
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to read as another user (in a child)")
+def test_no_time_left_is_a_timeout_without_a_fork(tmp_path, monkeypatch):
+    """With the recipient's time used up, a read fails as a timeout at once: no child is
+    forked only to be killed (200 reads, 200 forks, before)."""
+    path = tmp_path / "file"
+    path.write_text("x\n")
+    traversable(tmp_path)
+    forks = []
+    real = os.fork
+    monkeypatch.setattr(os, "fork", lambda: forks.append(1) or real())
+    for limit in (0.0, -1.0):
+        with pytest.raises(TimeoutError):
+            userfile.read_as(str(path), 12345, 12345, follow=True, limit=100, time_limit=limit)
+    assert forks == []
+    assert userfile.read_as(str(path), 12345, 12345, follow=True, limit=100).text == "x\n"
+    assert forks == [1]

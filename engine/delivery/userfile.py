@@ -44,6 +44,8 @@ def read_as(path: str, uid: int, gid: int, *, follow: bool, limit: int,
     Raises OSError (the open's or stat's error; EFBIG for a longer file; TimeoutError past
     ``time_limit``; the reading machinery's own: a failed pipe or fork, EIO for a child that
     died without a report). Only the open's errors in ABSENT mean there is no such file."""
+    if time_limit <= 0:  # no time left: no child forked only to be killed at once
+        raise TimeoutError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT), path)
     if os.geteuid() != 0 or uid == 0:
         return _open_read(path, follow, limit)  # already this identity: nothing to drop
     read_fd, write_fd = os.pipe()
