@@ -1,6 +1,7 @@
 """engine.delivery.aliases: aliases(5) files, .forward and :include: expansion as Postfix's
 local(8) does it, with real files in tmp_path and a passwd stand-in."""
 
+import gc
 import json
 import os
 import pwd
@@ -582,3 +583,23 @@ def test_no_time_left_is_a_timeout_without_a_fork(tmp_path, monkeypatch):
     assert forks == []
     assert userfile.read_as(str(path), 12345, 12345, follow=True, limit=100).text == "x\n"
     assert forks == [1]
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to read as another user (in a child)")
+def test_the_reading_child_runs_no_garbage_collection(tmp_path, monkeypatch):
+    """The forked reader is a copy of a threaded process: the collector is off in it before
+    anything else (a finalizer could wait for a lock held by a thread that is not there)."""
+    path = tmp_path / "file"
+    path.write_text("x\n")
+    traversable(tmp_path)
+    seen = tmp_path / "gc"
+    real = os.setgroups
+
+    def setgroups(groups):  # runs in the child, as its first system call
+        seen.write_text(str(gc.isenabled()))
+        real(groups)
+
+    monkeypatch.setattr(os, "setgroups", setgroups)
+    assert userfile.read_as(str(path), 12345, 12345, follow=True, limit=100).text == "x\n"
+    assert seen.read_text() == "False"
+    assert gc.isenabled()  # the caller's collector untouched

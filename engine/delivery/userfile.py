@@ -13,6 +13,7 @@ past it, it is killed and reaped.
 
 import contextlib
 import errno
+import gc
 import os
 import select
 import signal
@@ -57,6 +58,9 @@ def read_as(path: str, uid: int, gid: int, *, follow: bool, limit: int,
         raise
     if pid == 0:  # the child: never returns
         try:
+            # a copy of a threaded process: a finalizer run by the collector here could wait
+            # for a lock some other (absent) thread held at the fork
+            gc.disable()
             # only the report pipe: a copy of another descriptor (a client's connection)
             # would stay open as long as this child, which the user may stop
             os.closerange(3, write_fd)
