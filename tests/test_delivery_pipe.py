@@ -216,6 +216,28 @@ def test_time_limit_kills_the_group_even_when_the_shell_has_exited(world, loop, 
             or issubclass(w.category, ResourceWarning)] == []
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a command as another user")
+def test_the_working_directory_is_entered_with_the_commands_rights(world):
+    """The cwd is entered after the identity is taken: a directory only root can reach is
+    not the command's cwd ("/" instead, as Postfix's command.c); one the user can reach is."""
+    nobody = pwd.getpwnam("nobody")
+    private = world / "private"
+    private.mkdir(mode=0o700)
+    reachable = world / "open"
+    reachable.mkdir(mode=0o755)
+
+    def cwd_of(directory):
+        identity = {"user": nobody.pw_uid, "group": nobody.pw_gid, "cwd": str(directory)}
+        status, output = asyncio.run(pipe_agent.run_command(
+            ["/bin/sh", "-c", "pwd"], b"", {"PATH": "/usr/bin:/bin"}, identity, 10.0))
+        assert status == 0
+        return output.decode().strip()
+
+    assert cwd_of(private) == "/"
+    assert cwd_of(reachable) == str(reachable)
+    assert cwd_of(world / "missing") == "/"
+
+
 def test_cancelled_delivery_kills_and_reaps_the_command_group(world):
     """The delivery task cancelled (the queue manager stopping): the command and what it
     started are killed, and the command reaped, before the cancellation goes on."""

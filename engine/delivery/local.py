@@ -335,7 +335,7 @@ async def _command(target: Target, recipient: str, request: DeliveryRequest, dat
            "EXTENSION": extension, "DOMAIN": domain}
     # command.c: every exported value censored through command_expansion_filter
     env = {name: _censor(value) for name, value in env.items()}
-    identity: dict = {"cwd": rights.home if os.path.isdir(rights.home) else "/"}
+    identity: dict = {"cwd": rights.home}  # entered with the rights (run_command), or "/"
     if os.geteuid() == 0:
         identity.update(user=rights.uid, group=rights.gid)
     stamp = time.asctime()
