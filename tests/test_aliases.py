@@ -1,6 +1,7 @@
 """engine.delivery.aliases: aliases(5) files, .forward and :include: expansion as Postfix's
 local(8) does it, with real files in tmp_path and a passwd stand-in."""
 
+import gc
 import json
 import os
 import pwd
@@ -8,7 +9,7 @@ import pwd
 import pytest
 
 from engine.config import Config
-from engine.delivery import aliases
+from engine.delivery import aliases, userfile
 from engine.delivery.aliases import AliasTable, Expander, Rights, Target, split_values
 from engine.delivery.local import _privs as local_privs
 from engine.delivery.mailbox import MailboxError
@@ -477,3 +478,128 @@ def test_file_reads_share_one_time_limit_and_defer_past_it(tmp_path, users, monk
     result = expander(tmp_path, users).expand("bob@mx.test")
     assert (kinds(result), failures(result)) == (
         [], [(path, "4.3.0", f"file {path}: read timed out")])
+
+
+def test_a_file_over_the_byte_limit_fails_whole_never_cut(tmp_path, users, monkeypatch):
+    """An include or .forward file longer than INCLUDE_LIMIT (or than what is left of the
+    recipient's byte budget) is never parsed cut: ``alice@example.com`` at the cut would be
+    forwarded to ``alice@exampl``. An include bounces 5.3.5, a .forward defers 4.3.0 (the
+    mailbox does not get it either); another user's files cannot choose where it is cut."""
+    monkeypatch.setattr(aliases, "INCLUDE_LIMIT", 64)
+    big = tmp_path / "big"
+    big.write_text("#" * (64 - 13) + "\nalice@example.com\n")
+    result = expander(tmp_path, users, f"list: :include:{big}\n").expand("list@mx.test")
+    assert (kinds(result), failures(result)) == (
+        [], [(str(big), "5.3.5", f"include file {big}: more than 64 bytes")])
+    path = forward(users, "bob", "#" * 60 + "\ncarol@example.com\n")
+    result = expander(tmp_path, users).expand("bob@mx.test")
+    assert (kinds(result), failures(result)) == (
+        [], [(path, "4.3.0", f"file {path}: more than 64 bytes")])
+    # carol's include files use up the budget but for 12 bytes: dave's .forward is not
+    # read as "dave@example" (nor as empty, which would mean his mailbox)
+    monkeypatch.setattr(aliases, "EXPANSION_BYTES", 64 + 12)
+    pad = tmp_path / "pad"
+    pad.write_text("#" * (64 - len(f":include:{pad}\n") - 1) + "\n")
+    forward(users, "carol", f":include:{pad}\n")
+    dave = forward(users, "dave", "dave@example.com\n")
+    aliases.alias_tables.cache_clear()
+    result = expander(tmp_path, users, "staff: carol, dave\n").expand("staff@mx.test")
+    assert (kinds(result), failures(result)) == (
+        [("mailbox", "carol")],
+        [(dave, "4.3.0", f"file {dave}: more than the 12 bytes left of 76 bytes of "
+                         ".forward and include files")])
+    os.truncate(dave, 0)  # an empty .forward still fits a used-up budget: the mailbox
+    assert kinds(expander(tmp_path, users, "staff: carol, dave\n").expand("staff@mx.test")
+                 ) == [("mailbox", "carol"), ("mailbox", "dave")]
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to read as another user (in a child)")
+def test_a_failure_of_the_reading_machinery_defers_and_is_never_no_forward(
+        tmp_path, users, monkeypatch):
+    """A fork that fails (EAGAIN), no pipe (EMFILE) or a reading child that dies without a
+    report (EIO) is no answer about the .forward: taken as "no .forward" the mail would go
+    to the mailbox, skipping the user's forward. The recipient defers 4.3.0, an include
+    defers too, and a failed fork leaves no pipe end open. Only an absent file (ENOENT,
+    ENOTDIR, ELOOP, EACCES) moves on to the next forward_path file."""
+    traversable(tmp_path)
+    users["bob"] = entry("bob", 12345, users["bob"].pw_dir)
+    path = forward(users, "bob", "carol\n")
+    os.chown(path, 12345, 12345)
+    ex = expander(tmp_path, users)
+    assert kinds(ex.expand("bob@mx.test")) == [("mailbox", "carol")]
+
+    def no_fork():
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    def no_pipe():
+        raise OSError(24, "Too many open files")
+
+    def dies(groups):  # in the child: it exits before any report
+        raise PermissionError(1, "Operation not permitted")
+
+    before = open_fds()
+    for name, fake, why in (("fork", no_fork, "Resource temporarily unavailable"),
+                            ("pipe", no_pipe, "Too many open files"),
+                            ("setgroups", dies, os.strerror(5))):
+        with monkeypatch.context() as patch:
+            patch.setattr(os, name, fake)
+            result = ex.expand("bob@mx.test")
+        assert (kinds(result), failures(result)) == ([], [(path, "4.3.0", f"file {path}: {why}")])
+    assert open_fds() == before
+    members = tmp_path / "members"
+    members.write_text("dave\n")
+    os.chown(members, 12345, 12345)
+    os.chown(forward(users, "bob", f":include:{members}\n"), 12345, 12345)
+    real_fork, forks = os.fork, []
+
+    def second_fails():  # the .forward is read, its include file's fork fails
+        forks.append(1)
+        return no_fork() if len(forks) > 1 else real_fork()
+
+    monkeypatch.setattr(os, "fork", second_fails)
+    result = ex.expand("bob@mx.test")
+    assert (kinds(result), failures(result)) == ([], [
+        (str(members), "4.3.0",
+         f"unable to lookup include file {members}: Resource temporarily unavailable")])
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to read as another user (in a child)")
+def test_no_time_left_is_a_timeout_without_a_fork(tmp_path, monkeypatch):
+    """With the recipient's time used up, a read fails as a timeout at once: no child is
+    forked only to be killed (200 reads, 200 forks, before)."""
+    path = tmp_path / "file"
+    path.write_text("x\n")
+    traversable(tmp_path)
+    forks = []
+    real = os.fork
+    monkeypatch.setattr(os, "fork", lambda: forks.append(1) or real())
+    for limit in (0.0, -1.0):
+        with pytest.raises(TimeoutError):
+            userfile.read_as(str(path), 12345, 12345, follow=True, limit=100, time_limit=limit)
+    assert forks == []
+    assert userfile.read_as(str(path), 12345, 12345, follow=True, limit=100).text == "x\n"
+    assert forks == [1]
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to read as another user (in a child)")
+def test_the_reading_child_runs_no_garbage_collection(tmp_path, monkeypatch):
+    """The forked reader is a copy of a threaded process: the collector is off in it before
+    anything else (a finalizer could wait for a lock held by a thread that is not there)."""
+    path = tmp_path / "file"
+    path.write_text("x\n")
+    traversable(tmp_path)
+    seen = tmp_path / "gc"
+    real = os.setgroups
+
+    def setgroups(groups):  # runs in the child, as its first system call
+        seen.write_text(str(gc.isenabled()))
+        real(groups)
+
+    monkeypatch.setattr(os, "setgroups", setgroups)
+    assert userfile.read_as(str(path), 12345, 12345, follow=True, limit=100).text == "x\n"
+    assert seen.read_text() == "False"
+    assert gc.isenabled()  # the caller's collector untouched

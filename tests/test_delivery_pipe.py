@@ -2,11 +2,14 @@
 and the user the command runs as."""
 
 import asyncio
+import gc
 import os
 import pwd
 import shutil
+import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -189,6 +192,50 @@ def ended(pid: int) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_time_limit_kills_the_group_even_when_the_shell_has_exited(world, loop, monkeypatch):
+    """``echo hi; sleep 30 & exit 0``: the shell is gone when the limit fires but its child
+    holds the output open; the whole group is still killed and the pipes closed, with nothing
+    left to a closed loop (no "Event loop is closed" when they are collected)."""
+    marker = world / "sleeper"
+    argv = ["/bin/sh", "-c", f"sleep 30 & echo $! > {marker}; echo hi; exit 0"]
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    runner = asyncio.run if loop == "asyncio" else uvloop.run
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status, _ = runner(pipe_agent.run_command(argv, b"x\n", {"PATH": "/usr/bin:/bin"}, {},
+                                                  0.5))
+        gc.collect()
+    assert status is None
+    assert ended(int(marker.read_text())), "the shell's child survived the time limit"
+    assert [str(u.exc_value) for u in unraisable] == []
+    assert [str(w.message) for w in caught if "closed" in str(w.message)
+            or issubclass(w.category, ResourceWarning)] == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a command as another user")
+def test_the_working_directory_is_entered_with_the_commands_rights(world):
+    """The cwd is entered after the identity is taken: a directory only root can reach is
+    not the command's cwd ("/" instead, as Postfix's command.c); one the user can reach is."""
+    nobody = pwd.getpwnam("nobody")
+    private = world / "private"
+    private.mkdir(mode=0o700)
+    reachable = world / "open"
+    reachable.mkdir(mode=0o755)
+
+    def cwd_of(directory):
+        identity = {"user": nobody.pw_uid, "group": nobody.pw_gid, "cwd": str(directory)}
+        status, output = asyncio.run(pipe_agent.run_command(
+            ["/bin/sh", "-c", "pwd"], b"", {"PATH": "/usr/bin:/bin"}, identity, 10.0))
+        assert status == 0
+        return output.decode().strip()
+
+    assert cwd_of(private) == "/"
+    assert cwd_of(reachable) == str(reachable)
+    assert cwd_of(world / "missing") == "/"
 
 
 def test_cancelled_delivery_kills_and_reaps_the_command_group(world):

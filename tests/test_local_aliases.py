@@ -176,6 +176,36 @@ def test_a_failed_destination_bounces_the_recipient_after_the_others(world):
     assert (alone.status, alone.dsn) == ("bounced", "5.1.1")
 
 
+def test_a_temporary_expansion_failure_defers_the_recipient_delivering_nothing(
+        world, monkeypatch):
+    """A file read that times out (a user stopping their reader) defers the recipient: the
+    other destinations are not delivered now (each retry would deliver them again), and the
+    expansion stops there (no more reads)."""
+    out = world / "out"
+    slow, later = world / "slow", world / "later"
+    slow.write_text("x@remote.test\n")
+    later.write_text("y@remote.test\n")
+    reads = []
+    real = aliases_module.read_as
+
+    def read_as(path, *args, **kwargs):
+        reads.append(path)
+        if path == str(slow):
+            raise TimeoutError(110, "timed out", path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(aliases_module, "read_as", read_as)
+    config = setup(world, f"staff: {out}/copy.mbox, :include:{slow}, :include:{later}\n")
+    inject = Inject()
+    for _ in range(2):  # each retry the same: nothing delivered, deferred
+        (result,) = deliver(config, ["staff@mx.test"], inject=inject)
+        assert (result.status, result.dsn, result.reply) == (
+            "deferred", "4.3.0",
+            f"{slow} (expanded from <staff@mx.test>): include file {slow}: read timed out")
+    assert not (out / "copy.mbox").exists() and not inject.calls
+    assert reads == [str(slow)] * 2
+
+
 def test_an_unreadable_alias_file_defers(world):
     config = setup(world, "ok: x@remote.test\n")
     (world / "aliases").write_text("broken line\n")

@@ -15,6 +15,9 @@ Postfix's rules kept here:
   than 1000 final destinations for one recipient (or 10000 addresses examined to find them)
   bounce the recipient whole, 5.3.5, before anything is delivered (a retry would expand it the
   same way: deferring would repeat the deliveries that worked at every retry);
+- a temporary failure (a file read that timed out, a .forward that cannot be read for a
+  reason other than its absence) stops the expansion and defers the recipient whole, nothing
+  delivered (engine.delivery.local), for the same reason;
 - a destination met twice (same mailbox, file, command or address) is delivered once, up to
   ``duplicate_filter_limit`` remembered destinations (0: no limit); a .forward or include
   file is read once whatever the limit;
@@ -33,6 +36,7 @@ Trusts the administrator's alias files; a .forward or include file is the user's
 only ever parsed into destinations, never run here.
 """
 
+import errno
 import functools
 import os
 import pwd
@@ -45,7 +49,7 @@ from dataclasses import dataclass, field
 from engine.config import Config
 from engine.delivery import split_local
 from engine.delivery.mailbox import MailboxError
-from engine.delivery.userfile import UserFile, read_as
+from engine.delivery.userfile import ABSENT, UserFile, read_as
 from engine.tables import Table, TableError, open_table
 from engine.tables.text import read_source
 
@@ -273,7 +277,7 @@ class Expander:
             return False
         path, text = found
         if text is None:
-            return True  # a read that timed out: the recipient defers
+            return True  # a read that failed or timed out, a file too large: it defers
         items = split_values(text)
         if not items:
             return False
@@ -315,16 +319,22 @@ class Expander:
                 continue
             if not state.once(("forward-file", path)):
                 return None
+            limit = min(INCLUDE_LIMIT, state.budget)
             try:
-                found = read_as(path, user.pw_uid, user.pw_gid, follow=False,
-                                limit=min(INCLUDE_LIMIT, state.budget),
+                found = read_as(path, user.pw_uid, user.pw_gid, follow=False, limit=limit,
                                 time_limit=state.left())
                 state.spend(found)
             except TimeoutError:  # retried later: neither the .forward nor the mailbox now
                 state.fail(path, MailboxError("4.3.0", f"file {path}: read timed out"))
                 return path, None
-            except OSError:
-                continue  # missing, a symbolic link, unreadable to the user: the next one
+            except OSError as exc:
+                if exc.errno in ABSENT:
+                    continue  # missing, a symbolic link, unreadable to the user: the next one
+                # too large (never parsed cut), or the reading failed (no fork, no pipe, a
+                # child that died): retried later, never taken as "no .forward"
+                why = _too_large(limit) if exc.errno == errno.EFBIG else exc.strerror
+                state.fail(path, MailboxError("4.3.0", f"file {path}: {why}"))
+                return path, None
             problem = _forward_problem(found, user.pw_uid)
             if problem:  # local(8) ignores it, with a warning
                 state.result.warnings.append(f"file {path} {problem}")
@@ -373,16 +383,23 @@ class Expander:
             state.fail(path, MailboxError("5.3.5", f"include file {path}: more than "
                                           f"{EXPANSION_BYTES} bytes of include files"))
             return
+        limit = min(INCLUDE_LIMIT, state.budget)
         try:  # opened with the current rights, never as root for a user (include.c)
-            found = read_as(path, rights.uid, rights.gid, follow=True,
-                            limit=min(INCLUDE_LIMIT, state.budget), time_limit=state.left())
+            found = read_as(path, rights.uid, rights.gid, follow=True, limit=limit,
+                            time_limit=state.left())
             state.spend(found)
         except TimeoutError:
             state.fail(path, MailboxError("4.3.0", f"include file {path}: read timed out"))
             return
         except OSError as exc:
+            if exc.errno == errno.EFBIG:  # never a cut list parsed as complete: bounced
+                state.fail(path, MailboxError(
+                    "5.3.5", f"include file {path}: {_too_large(limit)}"))
+                return
+            # no such file for these rights bounces; the reading failing defers
             state.fail(path, MailboxError(
-                "5.3.5", f"unable to lookup include file {path}: {exc.strerror}"))
+                "5.3.5" if exc.errno in ABSENT else "4.3.0",
+                f"unable to lookup include file {path}: {exc.strerror}"))
             return
         if found.text is None:
             state.fail(path, MailboxError("5.3.5", f"not a regular include file: {path}"))
@@ -424,6 +441,7 @@ class _State:
     files: set = field(default_factory=set)  # .forward and include files already read
     decided: int = 0  # destinations decided (kept, duplicate or failed)
     over: bool = False  # past EXPANSION_LIMIT or VISIT_LIMIT: the recipient bounces
+    halted: bool = False  # a temporary failure (a read timed out): the recipient defers whole
     budget: int = EXPANSION_BYTES  # bytes of .forward and include files still to read
 
     deadline: float = 0.0  # time.monotonic() past which no file is read
@@ -440,7 +458,7 @@ class _State:
         self.steps += 1
         if self.steps > VISIT_LIMIT:
             self.over = True
-        return not self.over
+        return not (self.over or self.halted)
 
     def first(self, key: tuple) -> bool:
         """Whether ``key`` is new (Postfix's duplicate filter, bounded by its limit; 0 is no
@@ -468,6 +486,9 @@ class _State:
             self._count()
 
     def fail(self, what: str, error: MailboxError) -> None:
+        """A destination that failed; a temporary failure stops the expansion (nothing of
+        this recipient is delivered before a retry: no more files to read or time to wait)."""
+        self.halted = self.halted or error.transient
         self.decided += 1
         self.result.failures.append((what, error))
         self._count()
@@ -476,6 +497,15 @@ class _State:
         """The final destinations (kept or failed) are at most EXPANSION_LIMIT."""
         if len(self.result.targets) + len(self.result.failures) > EXPANSION_LIMIT:
             self.over = True
+
+
+def _too_large(limit: int) -> str:
+    """Why a .forward or include file is not used: longer than one file may be, or than
+    what is left of the recipient's byte budget (EXPANSION_BYTES)."""
+    if limit >= INCLUDE_LIMIT:
+        return f"more than {INCLUDE_LIMIT} bytes"
+    return (f"more than the {limit} bytes left of {EXPANSION_BYTES} bytes of .forward and "
+            "include files")
 
 
 def _classes(value: tuple[str, ...]) -> frozenset[str]:

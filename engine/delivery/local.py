@@ -245,6 +245,9 @@ async def _deliver_local(recipient: str, request: DeliveryRequest, body: bytes,
     except TableError:
         raise MailboxError("4.3.0", "alias database unavailable") from None
     warnings += expansion.warnings
+    deferred = [(what, error) for what, error in expansion.failures if error.transient]
+    if deferred:  # nothing delivered now: a retry expands again and would deliver the
+        raise _failed(deferred, expansion.targets, recipient, config)  # rest once more
     replies: list[str] = []
     failures = [(what, error) for what, error in expansion.failures]
     forwards = [t.value for t in expansion.targets if t.kind == "forward"]
@@ -262,15 +265,19 @@ async def _deliver_local(recipient: str, request: DeliveryRequest, body: bytes,
         except MailboxError as exc:
             failures.append((", ".join(forwards), exc))
     if failures:
-        deferred = [(w, e) for w, e in failures if e.transient]
-        dsn = (deferred or failures)[0][1].dsn
-        if len(failures) == 1 and _unaliased(expansion.targets, failures[0][0], recipient,
-                                             config):
-            raise MailboxError(dsn, failures[0][1].text)  # as Postfix: no "expanded from"
-
-        raise MailboxError(dsn, "; ".join(f"{what} (expanded from <{recipient}>): {error.text}"
-                                          for what, error in failures))
+        raise _failed(failures, expansion.targets, recipient, config)
     return "; ".join(replies)
+
+
+def _failed(failures: list[tuple[str, MailboxError]], targets: list[Target], recipient: str,
+            config: Config) -> MailboxError:
+    """One error summing up what failed: deferred if anything was temporary."""
+    deferred = [(w, e) for w, e in failures if e.transient]
+    dsn = (deferred or failures)[0][1].dsn
+    if len(failures) == 1 and _unaliased(targets, failures[0][0], recipient, config):
+        return MailboxError(dsn, failures[0][1].text)  # as Postfix: no "expanded from"
+    return MailboxError(dsn, "; ".join(f"{what} (expanded from <{recipient}>): {error.text}"
+                                       for what, error in failures))
 
 
 def _unaliased(targets: list[Target], failed: str, recipient: str, config: Config) -> bool:
@@ -328,7 +335,7 @@ async def _command(target: Target, recipient: str, request: DeliveryRequest, dat
            "EXTENSION": extension, "DOMAIN": domain}
     # command.c: every exported value censored through command_expansion_filter
     env = {name: _censor(value) for name, value in env.items()}
-    identity: dict = {"cwd": rights.home if os.path.isdir(rights.home) else "/"}
+    identity: dict = {"cwd": rights.home}  # entered with the rights (run_command), or "/"
     if os.geteuid() == 0:
         identity.update(user=rights.uid, group=rights.gid)
     stamp = time.asctime()

@@ -230,28 +230,40 @@ async def run_command(argv: list[str], data: bytes, env: dict[str, str], identit
     OUTPUT_LIMIT bytes of its output). Raises
     OSError when it cannot start. Shared by pipe(8) and local(8)'s |command.
     The identity is taken in the child before exec (no supplementary groups), by a
-    preexec_fn of plain system calls: uvloop's subprocess has no user/group arguments."""
-    options = {"cwd": identity["cwd"]} if "cwd" in identity else {}
+    preexec_fn of plain system calls: uvloop's subprocess has no user/group arguments. The
+    cwd is entered with that identity, after it is taken (subprocess's cwd= would enter it
+    as root), or "/" when it cannot be, as Postfix's command.c."""
+    options: dict = {}
     if "user" in identity:
-        options["preexec_fn"] = functools.partial(_become, identity["user"], identity["group"])
+        options["preexec_fn"] = functools.partial(_become, identity["user"], identity["group"],
+                                                  identity.get("cwd", "/"))
+    elif "cwd" in identity:
+        options["cwd"] = identity["cwd"] if os.path.isdir(identity["cwd"]) else "/"
     process = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT, start_new_session=True, env=env, **options)
     feeder = asyncio.ensure_future(_feed(process, data))
+    finished = False
     try:
         async with asyncio.timeout(time_limit):
             output = await _kept_output(process)
             await feeder
             await process.wait()
+            finished = True
     except TimeoutError:
         return None, b""
     finally:
         feeder.cancel()
-        # timed out, cancelled (the queue manager stopping) or failed: the command and what
-        # it started must not outlive the delivery; killed, then reaped
-        if process.returncode is None:
+        if not finished:
+            # timed out, cancelled (the queue manager stopping) or failed: the command and
+            # what it started must not outlive the delivery, even when the shell itself has
+            # exited and left a child holding its output: the group killed, the shell
+            # reaped, the pipes closed (none left to a closed loop)
             _kill_group(process)
             await asyncio.shield(process.wait())
+            transport = getattr(process, "_transport", None)
+            if transport is not None:
+                transport.close()
     return process.returncode, output
 
 
@@ -279,11 +291,16 @@ async def _kept_output(process: asyncio.subprocess.Process) -> bytes:
     return bytes(kept)
 
 
-def _become(uid: int, gid: int) -> None:
-    """In the child, before exec: drop to ``uid``/``gid`` with no supplementary groups."""
+def _become(uid: int, gid: int, cwd: str = "/") -> None:
+    """In the child, before exec: drop to ``uid``/``gid`` with no supplementary groups, then
+    enter ``cwd`` with those rights ("/" when they cannot reach it)."""
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
+    try:
+        os.chdir(cwd)
+    except OSError:
+        os.chdir("/")
 
 
 def _kill_group(process: asyncio.subprocess.Process) -> None:

@@ -6,12 +6,14 @@ picks the .forward name), so the open happens with the rights' uid and gid and n
 supplementary groups, in a forked child when Tern is root and the rights are someone else's
 (Tern's own identity never changes). The open is non-blocking (a FIFO swapped in for the file
 cannot stall the caller), the opened descriptor is what is checked (fstat: no race between a
-check and the open), only a regular file is read, and at most ``limit`` bytes of it. The child
-has a time limit; past it, it is killed and reaped.
+check and the open), only a regular file is read, and only whole: one longer than ``limit``
+bytes is an error (EFBIG), never a cut text parsed as if complete. The child has a time limit;
+past it, it is killed and reaped.
 """
 
 import contextlib
 import errno
+import gc
 import os
 import select
 import signal
@@ -19,6 +21,9 @@ import stat
 import time
 from dataclasses import dataclass
 
+# what an open reports for a file that is not there for this user (a missing file or
+# directory, a symbolic link refused, no permission): any other error is a failure to read
+ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES, errno.ENAMETOOLONG})
 READ_TIME_LIMIT = 10.0  # seconds for a child to open and read one file
 _HEADER = 64  # bytes of the child's "OK uid mode" or "E errno" line, at most
 
@@ -36,14 +41,26 @@ class UserFile:
 def read_as(path: str, uid: int, gid: int, *, follow: bool, limit: int,
             time_limit: float = READ_TIME_LIMIT) -> UserFile:
     """Open ``path`` as ``uid``/``gid`` (``follow``: a symbolic link as the last component is
-    followed; a .forward's is not), fstat it and read up to ``limit`` bytes of a regular file.
-    Raises OSError (the open's or stat's error; TimeoutError past ``time_limit``)."""
+    followed; a .forward's is not), fstat it and read a regular file of at most ``limit`` bytes.
+    Raises OSError (the open's or stat's error; EFBIG for a longer file; TimeoutError past
+    ``time_limit``; the reading machinery's own: a failed pipe or fork, EIO for a child that
+    died without a report). Only the open's errors in ABSENT mean there is no such file."""
+    if time_limit <= 0:  # no time left: no child forked only to be killed at once
+        raise TimeoutError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT), path)
     if os.geteuid() != 0 or uid == 0:
         return _open_read(path, follow, limit)  # already this identity: nothing to drop
     read_fd, write_fd = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except BaseException:  # EAGAIN, ENOMEM: no child, and no pipe left open
+        os.close(read_fd)
+        os.close(write_fd)
+        raise
     if pid == 0:  # the child: never returns
         try:
+            # a copy of a threaded process: a finalizer run by the collector here could wait
+            # for a lock some other (absent) thread held at the fork
+            gc.disable()
             # only the report pipe: a copy of another descriptor (a client's connection)
             # would stay open as long as this child, which the user may stop
             os.closerange(3, write_fd)
@@ -88,11 +105,13 @@ def _open_read(path: str, follow: bool, limit: int, raw: bool = False) -> UserFi
         info = os.fstat(fd)
         data = None
         if stat.S_ISREG(info.st_mode):
-            chunks, left = [], limit
+            chunks, left = [], limit + 1  # one byte more: a file that does not fit is seen
             while left > 0 and (chunk := os.read(fd, min(left, 65536))):
                 chunks.append(chunk)
                 left -= len(chunk)
             data = b"".join(chunks)
+            if len(data) > limit:
+                raise OSError(errno.EFBIG, os.strerror(errno.EFBIG), path)
     finally:
         os.close(fd)
     text = data if raw or data is None else data.decode("utf-8", "replace")
