@@ -497,16 +497,20 @@ def test_a_file_over_the_byte_limit_fails_whole_never_cut(tmp_path, users, monke
         [], [(path, "4.3.0", f"file {path}: more than 64 bytes")])
     # carol's include files use up the budget but for 12 bytes: dave's .forward is not
     # read as "dave@example" (nor as empty, which would mean his mailbox)
-    monkeypatch.setattr(aliases, "EXPANSION_BYTES", 64 + 12)
+    # (sizes from the paths' lengths: the temporary directory's name varies)
+    monkeypatch.setattr(aliases, "INCLUDE_LIMIT", 4096)
     pad = tmp_path / "pad"
-    pad.write_text("#" * (64 - len(f":include:{pad}\n") - 1) + "\n")
-    forward(users, "carol", f":include:{pad}\n")
+    pad.write_text("#" * 20 + "\n")
+    carol_forward = f":include:{pad}\n"
+    budget = len(carol_forward) + 21 + 12
+    monkeypatch.setattr(aliases, "EXPANSION_BYTES", budget)
+    forward(users, "carol", carol_forward)
     dave = forward(users, "dave", "dave@example.com\n")
     aliases.alias_tables.cache_clear()
     result = expander(tmp_path, users, "staff: carol, dave\n").expand("staff@mx.test")
     assert (kinds(result), failures(result)) == (
         [("mailbox", "carol")],
-        [(dave, "4.3.0", f"file {dave}: more than the 12 bytes left of 76 bytes of "
+        [(dave, "4.3.0", f"file {dave}: more than the 12 bytes left of {budget} bytes of "
                          ".forward and include files")])
     os.truncate(dave, 0)  # an empty .forward still fits a used-up budget: the mailbox
     assert kinds(expander(tmp_path, users, "staff: carol, dave\n").expand("staff@mx.test")
