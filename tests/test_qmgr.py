@@ -96,6 +96,33 @@ def test_new_mail_is_attempted_at_once_and_removed_when_sent():
     assert log.rstrip().endswith("Q1: removed")
 
 
+def test_an_agents_warnings_are_logged_with_the_queue_id():
+    """An agent's warnings (local(8): a .forward file it ignored) reach the maillog as
+    Postfix's "warning: QUEUEID: ..." lines of that agent's service, before the result."""
+    async def scenario():
+        spool = MemorySpool()
+
+        async def agent(request):
+            outcome = sent(request)
+            outcome.warnings.append("ignoring /home/bob/.forward: owned by uid 1001")
+            return outcome
+
+        qmgr, log = manager(spool, agent)
+        await qmgr.start()
+        env = envelope("Q1")
+        await enqueue(spool, env)
+        qmgr.notify_new(env)
+        await until(lambda: spool.envelopes() == [])
+        await qmgr.stop()
+        return log.getvalue()
+
+    log = asyncio.run(scenario())
+    warning = re.search(r" tern/smtp\[\d+\]: warning: Q1: ignoring /home/bob/\.forward: "
+                        r"owned by uid 1001\n", log)
+    assert warning is not None, log
+    assert warning.start() < log.index("Q1: to=<r@example.net>")
+
+
 def test_concurrency_per_destination_is_limited():
     async def scenario():
         spool = MemorySpool()
