@@ -4,7 +4,8 @@ Mixed into engine.smtpd.session.SmtpdProtocol; the sans-I/O core (engine.smtp.se
 decoded the SASL exchange, this checks the credentials against ctx.authenticator in an
 executor and counts failures per client address in the worker's anvil
 (smtpd_client_auth_failure_limit). Never logs a password or the client's base64.
-Uses ``ctx``, ``session``, ``origin``, ``_anvil_client``, ``_sasl_method``, ``_closed_by_us``.
+Uses ``ctx``, ``session``, ``origin``, ``_anvil_client``, ``_sasl_method``, ``_closed_by_us``;
+calls the adapter's ``_pause``, ``_resume``, ``_pump``, ``_log``.
 """
 
 import asyncio

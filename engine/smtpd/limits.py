@@ -4,7 +4,7 @@ Mixed into engine.smtpd.session.SmtpdProtocol: the worker's smtpd_connection_lim
 and the per-client concurrency, connection-rate, message-rate and recipient-rate limits
 counted in the worker's Anvil. Trusts only the client address the session began with.
 Uses ``ctx``, ``session``, ``origin``, ``transport`` and sets ``_anvil_client`` (given back
-by ``_end``) and ``_refused``.
+by ``_end``) and ``_refused``; calls the adapter's ``_log``.
 """
 
 from engine.policy.relay import address_in

@@ -7,7 +7,7 @@ client is (for the session) or who it was up-stream (for one message). Trusts XC
 XFORWARD only from smtpd_authorized_xclient_hosts / smtpd_authorized_xforward_hosts.
 Uses ``ctx``, ``session``, ``origin``, ``checks``, ``transport``, ``_proxy_header``,
 ``_proxy_timer``, ``_after_header``, ``_xforward``, ``_sasl_method``, ``_refused``,
-``_last_activity``.
+``_last_activity``; calls the adapter's ``_begin_session``, ``_peer_ip``, ``_pump``, ``_log``.
 """
 
 import time

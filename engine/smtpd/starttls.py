@@ -4,7 +4,8 @@ Mixed into engine.smtpd.session.SmtpdProtocol; engine.tls says how TLS is layere
 socket handed to the loop's TLS by engine.tls.handoff). A failed or cut handshake ends the
 session, never continues it in plaintext. Uses ``ctx``, ``session``, ``origin``,
 ``transport`` (replaced by the TLS one), ``_handshake``, ``_after_header``, ``_sasl_method``,
-``_paused_by``, ``_closed_by_us``, ``_last_activity``.
+``_paused_by``, ``_closed_by_us``, ``_last_activity``; calls the adapter's ``_flush``,
+``_end``, ``data_received``, ``_log``.
 """
 
 import asyncio
