@@ -4,14 +4,15 @@ Bytes in → ServerSession → events answered here (relay control, cleanup, spo
 out in one write per batch, so a pipelined batch is answered in order and in one packet. The
 ``250 … queued as`` reply is sent only after the spool has committed and synced the message.
 Talks to untrusted clients; everything it learns from them passes through the sans-I/O core.
-On a ``proxy_protocol`` listener the PROXY header (engine.smtpd.proxy) comes first and names the
-client every later decision and log line is about; XCLIENT and XFORWARD from authorized hosts
-change who the client is (for the session), or who it was up-stream (for one message).
+This module keeps the core adapter: connection lifecycle, the event pump, the transaction
+events, timers and log lines. Each other concern is a mixin in its own module, state staying
+on the one SmtpdProtocol object: engine.smtpd.proxied (PROXY header, XCLIENT, XFORWARD),
+engine.smtpd.auth (AUTH), engine.smtpd.starttls (STARTTLS, smtps) and engine.smtpd.limits
+(connection limits and anvil rates).
 """
 
 import asyncio
 import fcntl
-import functools
 import ssl
 import struct
 import termios
@@ -27,12 +28,12 @@ from engine.policy.relay import address_in
 from engine.policy.restrictions import CONFIG_ERROR, Facts, Policy, SessionChecks
 from engine.smtp import replies, server
 from engine.smtp.replies import Reply
-from engine.smtp.xclient import XFORWARD_CLIENT_ATTRIBUTES
-from engine.smtpd import proxy
 from engine.smtpd.anvil import Anvil
+from engine.smtpd.auth import AuthMixin
+from engine.smtpd.limits import LimitsMixin
+from engine.smtpd.proxied import ProxiedMixin
+from engine.smtpd.starttls import StartTlsMixin
 from engine.spool import SpoolFull
-from engine.tls.handoff import Handshaken, TlsHandoff
-from engine.tls.server import describe as describe_tls
 
 
 @dataclass
@@ -91,7 +92,9 @@ class Transaction:
     builder: MessageBuilder | None = None
 
 
-class SmtpdProtocol(asyncio.Protocol):
+class SmtpdProtocol(ProxiedMixin, AuthMixin, StartTlsMixin, LimitsMixin, asyncio.Protocol):
+    """One SMTP connection: the core adapter here, each concern in its mixin's module."""
+
     def __init__(self, context: SmtpdContext) -> None:
         self.ctx = context
         self.transport: asyncio.Transport | None = None
@@ -169,58 +172,11 @@ class SmtpdProtocol(asyncio.Protocol):
             return
         self._flush()
 
-    def _anvil_connect(self, client_ip: str) -> Reply | None:
-        """Postfix's per-client connection limits (anvil): the 421 for a client over its
-        concurrency or connection rate limit, else None. smtpd_client_event_limit_exceptions
-        are not counted at all, as Postfix's smtpd does not tell anvil about them; nor are
-        the hosts that may send XCLIENT (as Postfix: the address counted at connect must be
-        the one given back at disconnect, and every client behind such a proxy would otherwise
-        share the proxy's count and limits)."""
-        config = self.ctx.config
-        if self.session.xclient_allowed or address_in(client_ip, config.event_limit_exceptions):
-            return None
-        self._anvil_client = client_ip
-        sessions, rate = self.ctx.anvil.connect(client_ip)
-        count_limit = config.smtpd_client_connection_count_limit
-        rate_limit = config.smtpd_client_connection_rate_limit
-        if count_limit and sessions > count_limit:
-            what, count = "Connection concurrency", sessions
-        elif rate_limit and rate > rate_limit:
-            what, count = "Connection rate", rate
-        else:
-            return None
-        self._log(f"warning: {what} limit exceeded: {count} from {self.origin.client} "
-                  f"for service {self.ctx.listener.service}")
-        return Reply(421, f"4.7.0 {config.myhostname} Error: too many connections "
-                          f"from {client_ip}")
-
-    def _over_rate(self, event: str, limit: int, what: str) -> bool:
-        """Count a MAIL or RCPT with anvil; True (and the warning logged) when over ``limit``.
-        Postfix counts them whether or not they are accepted."""
-        if not limit or self._anvil_client is None:
-            return False
-        count = self.ctx.anvil.count(event, self._anvil_client)
-        if count <= limit:
-            return False
-        self._log(f"warning: {what} rate limit exceeded: {count} from {self.origin.client} "
-                  f"for service {self.ctx.listener.service}")
-        return True
-
     def _synchronization_error(self) -> None:
         self._pregreet = False
         self._closed_by_us = True
         self.session.synchronization_error()
         self._pump()
-
-    def _refuse(self, limit: int) -> None:
-        """The worker already serves ``limit`` sessions: 421 instead of the greeting, then close.
-
-        As Postfix's smtpd answers a client anvil refuses; the sessions being served go on."""
-        self._refused = True
-        self._log(f"warning: connection limit {limit} reached: refusing {self.origin.client}")
-        self.transport.write(Reply(421, f"4.7.0 {self.ctx.config.myhostname} "
-                                        "Error: too many connections").encode())
-        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self._proxy_header is not None:
@@ -306,116 +262,6 @@ class SmtpdProtocol(asyncio.Protocol):
             if self._anvil_client is not None:
                 self.ctx.anvil.disconnect(self._anvil_client)
                 self._anvil_client = None
-
-    # -- the PROXY protocol header ------------------------------------------------------------
-
-    def _proxy_received(self, data: bytes, *, final: bool = False) -> None:
-        """Bytes while the header is incomplete (held: at most proxy.MAX_HEADER). Once it is
-        parsed the session begins, and what followed the header in the same read is the
-        client's: its first SMTP bytes, sent before our greeting (which _begin_session judges
-        as Postfix does), or on smtps its TLS handshake's."""
-        buffer = self._proxy_header
-        room = proxy.MAX_HEADER - len(buffer)  # a full buffer always decides: never more
-        buffer += data[:room]
-        try:
-            header = proxy.parse(buffer, final=final)
-        except proxy.ProxyError as error:
-            shown = server.escape_command(bytes(buffer[:200]))
-            self._proxy_failed(f"{error}: {shown}" if buffer else "EOF")
-            return
-        if header is None:
-            return
-        rest = bytes(buffer[header.length:]) + data[room:]
-        self._proxy_header = None
-        self._proxy_timer.cancel()
-        self._proxy_timer = None
-        smtps = self.ctx.listener.service == "smtps"
-        if smtps:
-            self._after_header = rest  # taken by _start_tls
-        elif rest:
-            self._last_activity = time.monotonic()
-            self.session.receive_data(rest)
-        # LOCAL / UNKNOWN: a connection of the proxy's own (a health check), not proxied
-        self._begin_session(header.client[0] if header.client else self._peer_ip())
-        self._after_header = b""
-        if rest and not smtps and not (self._refused or self.session.closed):
-            self._pump()  # smtpd_forbid_unauth_pipelining = no: answered after the greeting
-
-    def _proxy_failed(self, reason: str) -> None:
-        """No valid header in time: we cannot tell who the client is or what it may do, so
-        as Postfix: a warning, 421 instead of the greeting, and hang up."""
-        self._proxy_header = None
-        self._proxy_timer.cancel()  # (a no-op when it is what called): no second refusal
-        self._proxy_timer = None
-        self._refused = True
-        self.origin.client_ip = self._peer_ip()
-        self._log(f"warning: haproxy read: {reason}")
-        self._log(f"connect from {self.origin.client}")
-        self.transport.write(replies.local_error(self.ctx.config.myhostname).encode())
-        self.transport.close()
-        self._log(f"disconnect from {self.origin.client} commands=0")
-
-    # -- XCLIENT and XFORWARD -----------------------------------------------------------------
-
-    def _authorize_x_commands(self) -> None:
-        """Who may use XCLIENT / XFORWARD: decided once per connection, from the address the
-        session began with (the socket's, or the PROXY header's), as Postfix does. Never from
-        an address XCLIENT supplied: that would let an XCLIENT host name itself into
-        smtpd_authorized_xforward_hosts, and lock a proxy out after its first XCLIENT."""
-        config, client_ip, session = self.ctx.config, self.origin.client_ip, self.session
-        xclient = config.smtpd_authorized_xclient_hosts  # empty by default: nothing to parse
-        xforward = config.smtpd_authorized_xforward_hosts
-        session.xclient_allowed = bool(xclient) and address_in(client_ip, xclient)
-        session.xforward_allowed = bool(xforward) and address_in(client_ip, xforward)
-
-    def _on_xclient(self, event: server.Xclient) -> None:
-        """The client is now who XCLIENT says: every later decision (mynetworks, limits,
-        restrictions) and log line is about it, as in Postfix; who may send XCLIENT and
-        XFORWARD stays as decided at connect (_authorize_x_commands)."""
-        origin, attributes = self.origin, event.attributes
-        if "NAME" in attributes:
-            origin.client_name = attributes["NAME"] or "unknown"
-        if "ADDR" in attributes:
-            origin.client_ip = attributes["ADDR"] or "unknown"
-        # LOGIN: as if authenticated (Postfix's sasl_method=XCLIENT); without it the new
-        # client is not logged in, whoever the proxy itself authenticated as
-        origin.sasl_username = attributes.get("LOGIN") or ""
-        self._sasl_method = "XCLIENT" if origin.sasl_username else ""
-        origin.helo = attributes.get("HELO")
-        origin.esmtp = attributes.get("PROTO") == "ESMTP"
-        self.checks.forget_client()
-        self._xforward = None
-        self.session.accept()
-
-    def _on_xforward(self, event: server.Xforward) -> None:
-        """Remembered for the next transaction only; attributes not given stay unavailable."""
-        if self._xforward is None:
-            self._xforward = {}
-        self._xforward.update(event.attributes)
-        self.session.accept()
-
-    def _message_origin(self) -> Origin:
-        """Who the message came from: the session's client, or — once XFORWARD named any client
-        attribute — the up-stream client alone, never a mix of both (XFORWARD_README note 4)."""
-        forwarded = self._xforward
-        if not forwarded or not XFORWARD_CLIENT_ATTRIBUTES.intersection(forwarded):
-            return self.origin
-        return Origin(client_name=forwarded.get("NAME") or "unknown",
-                      client_ip=forwarded.get("ADDR") or "unknown",
-                      helo=forwarded.get("HELO"),
-                      local_protocol=forwarded.get("PROTO") or "unknown")
-
-    def _forwarded_log(self) -> str:
-        """Postfix's additions to the ``client=`` line: ``, orig_queue_id=…, orig_client=…``."""
-        forwarded = self._xforward
-        if not forwarded:
-            return ""
-        parts = ""
-        if forwarded.get("IDENT"):
-            parts += f", orig_queue_id={forwarded['IDENT']}"
-        if XFORWARD_CLIENT_ATTRIBUTES.intersection(forwarded):
-            parts += f", orig_client={self._message_origin().client}"
-        return parts
 
     # -- the event pump ----------------------------------------------------------------------
 
@@ -631,145 +477,6 @@ class SmtpdProtocol(asyncio.Protocol):
             self.session.accept(reply)
         self._resume("commit")
         self._pump()
-
-    # -- AUTH ---------------------------------------------------------------------------------
-
-    def _on_auth(self, event: server.Auth) -> None:
-        """Check the password off the event loop (a bcrypt or argon2 check takes tens of ms);
-        the core holds later pipelined commands until the answer, as for a spool commit."""
-        limit, client = self.ctx.config.smtpd_client_auth_failure_limit, self._anvil_client
-        if limit and client is not None and self.ctx.anvil.peek("auth_failure", client) >= limit:
-            self._over_auth_failure_limit(limit, reject=True)
-            return
-        self._pause("auth")
-        future = asyncio.get_running_loop().run_in_executor(
-            None, self.ctx.authenticator.authenticate, event.username, event.password)
-        future.add_done_callback(functools.partial(self._answer_auth, event.mechanism))
-
-    def _answer_auth(self, mechanism: str, future: asyncio.Future) -> None:
-        self._resume("auth")
-        authenticator = self.ctx.authenticator
-        if (error := authenticator.take_reload_error()) is not None:
-            self._log(f"warning: smtpd_sasl_password_file: {error}; keeping the previous table")
-        if self.session.closed:  # shut down meanwhile: only let the core report the close
-            self.session.reject(replies.AUTH_FAILED)
-        elif (username := self._auth_result(future)) is not None:
-            self.origin.sasl_username, self._sasl_method = username, mechanism
-            self.session.accept()
-        else:
-            self.session.reject(replies.AUTH_FAILED)
-            self._auth_failed(mechanism, "authentication failure")
-        self._pump()
-
-    def _auth_result(self, future: asyncio.Future) -> str | None:
-        try:
-            return future.result()
-        except Exception as error:  # noqa: BLE001 - a broken hash is a failure, not a crash
-            self._log(f"warning: {self.origin.client}: password check failed: "
-                      f"{type(error).__name__}")
-            return None
-
-    def _on_auth_refused(self, event: server.AuthRefused) -> None:
-        """The core already answered; log it, and count a 535 as a failure."""
-        if event.reply.code == 535:
-            self._auth_failed(event.mechanism, event.reason)
-        else:
-            self._log(f"warning: {self.origin.client}: SASL {event.mechanism} authentication "
-                      f"{event.reason}")
-
-    def _auth_failed(self, mechanism: str, reason: str) -> None:
-        """Postfix's warning (never the password nor the client's base64), and the failure
-        counted per client address in the worker's anvil (not for the anvil exceptions,
-        smtpd_client_event_limit_exceptions): at the limit, 421 and disconnect."""
-        self._log(f"warning: {self.origin.client}: SASL {mechanism} authentication failed: "
-                  f"{reason}")
-        limit, client = self.ctx.config.smtpd_client_auth_failure_limit, self._anvil_client
-        if limit and client is not None and self.ctx.anvil.count("auth_failure", client) >= limit:
-            self._over_auth_failure_limit(limit, reject=False)
-
-    def _over_auth_failure_limit(self, limit: int, *, reject: bool) -> None:
-        """421 and disconnect: after the failure that reached the limit, or at an AUTH from a
-        client address already over it (until anvil's time unit ends)."""
-        self._log(f"warning: Authentication failure limit exceeded: {limit} from "
-                  f"{self.origin.client} for service {self.ctx.listener.service}")
-        reply = replies.too_many_auth_failures(self.ctx.config.myhostname)
-        self._closed_by_us = True
-        if reject:
-            self.session.reject(reply)
-        elif not self.session.closed:  # (smtpd_hard_error_limit may have said 421 already)
-            self.session.send_reply(reply)
-    # -- TLS: STARTTLS and smtps (engine.tls says how it is layered) -------------------------
-
-    def _on_starttls(self, event: server.StartTls) -> None:
-        if self.ctx.tls is None:
-            self.session.reject(replies.TLS_UNAVAILABLE)
-            return
-        self.session.accept()  # 220, and the plaintext pipelined behind STARTTLS is gone
-        self._flush()
-        self._start_tls()
-
-    def _start_tls(self) -> None:
-        """Hand the socket to the loop's TLS (engine.tls.handoff keeps any early ClientHello
-        bytes for it); no protocol callback reaches us until the handshake is done, and
-        smtpd_timeout still covers a stalled handshake."""
-        handoff = TlsHandoff(self.transport, self._after_header)  # bytes behind a PROXY header
-        self._after_header = b""
-        self._handshake = asyncio.get_running_loop().create_task(self._run_handshake(handoff))
-
-    async def _run_handshake(self, handoff: TlsHandoff) -> None:
-        """The handshake, then the session goes on over TLS; whatever fails on the way ends
-        the session (_end), so that no slot or anvil count outlives the connection. A cut
-        connection may come back from start_tls as None (asyncio) or as a transport without
-        an SSL object (uvloop): a failure too. close_with cancels this task (and ends the
-        session itself) when smtpd_timeout or a shutdown comes first."""
-        try:
-            done = await handoff.start(self.ctx.tls, timeout=self.ctx.config.smtpd_timeout)
-            transport = done.transport
-            if (transport is None or transport.is_closing()
-                    or transport.get_extra_info("ssl_object") is None):
-                raise ConnectionResetError("connection closed during the TLS handshake")
-        except Exception as error:  # noqa: BLE001 - every failure ends the session the same way
-            self._handshake = None
-            self._tls_failed(handoff.transport, error)
-            return
-        self._handshake = None
-        try:
-            self._tls_started(done)
-        except Exception as error:  # noqa: BLE001 - a bug here must not leak the session
-            self._log(f"warning: {self.origin.client}: TLS session setup failed: {error!r}")
-            done.transport.abort()
-            self._end()
-
-    def _tls_started(self, done: Handshaken) -> None:
-        """The handshake succeeded: the session goes on over ``done.transport``."""
-        self.transport = transport = done.transport  # from now on every write is encrypted
-        transport.set_protocol(self)
-        self.origin.tls = describe_tls(transport.get_extra_info("ssl_object"))
-        self.origin.helo, self.origin.esmtp = None, False  # the client says EHLO again
-        self.origin.sasl_username, self._sasl_method = "", ""  # and AUTH, if it had
-        self._log(f"Anonymous TLS connection established from {self.origin.client}: "
-                  f"{self.origin.tls}")
-        self._last_activity = time.monotonic()
-        self.session.tls_started()
-        if self._paused_by:
-            transport.pause_reading()
-        self._flush()  # smtps: the greeting
-        if done.data:
-            self.data_received(done.data)
-        if done.ended:
-            self._end()
-
-    def _tls_failed(self, plain: asyncio.Transport, error: Exception) -> None:
-        """Postfix's "SSL_accept error from client[ip]: …" and "lost connection after
-        STARTTLS"; the connection is closed, not continued in plaintext."""
-        if not self._closed_by_us:
-            reason = getattr(error, "reason", None)  # OpenSSL's, e.g. "NO_SHARED_CIPHER"
-            reason = reason.lower().replace("_", " ") if reason else str(error)
-            if isinstance(error, ConnectionError | EOFError) or "eof" in reason or not reason:
-                reason = "lost connection"
-            self._log(f"SSL_accept error from {self.origin.client}: {reason}")
-        plain.abort()
-        self._end()
 
     def _on_reset(self, event: server.Reset) -> None:
         self.txn = None
