@@ -107,3 +107,21 @@ def test_only_the_deferred_recipients_go_to_the_next_mx(dns_server, smtp_sink, t
     ]
     (message,) = backup.messages()
     assert message.recipients == ("c@y.test",)
+
+
+def test_a_session_lost_before_the_content_hands_the_recipients_to_the_next_mx(
+    dns_server, smtp_sink
+):
+    """mail1 and mail2 drop the connection on DATA (smtp-sink -q): nothing of the message went,
+    so, as Postfix, the recipients go on to the next MX host in the same delivery."""
+    good = smtp_sink(host="127.0.0.1")
+    smtp_sink("-q", "DATA", host="127.0.0.2", port=good.port)
+    smtp_sink("-q", "DATA", host="127.0.0.3", port=good.port)
+    config = mx_config(dns_server, smtp_mx_session_limit=0)
+    outcome = run(deliver(request_to("mx.test", good.port, mx_lookup=True), config,
+                          Resolver(config)))
+    assert {(r.status, r.relay) for r in outcome.results} == {
+        ("sent", f"mail3.mx.test[127.0.0.1]:{good.port}")
+    }
+    (message,) = good.messages()
+    assert message.recipients == tuple(RECIPIENTS)

@@ -551,6 +551,27 @@ def test_lost_connection_after_rcpt_defers_open_recipients():
     assert [r[1] for r in results[1:]] == ["deferred", "bounced"]
 
 
+def next_mx_of(events):
+    (done,) = [e for e in events if isinstance(e, TransactionDone)]
+    return {r.recipient: r.next_mx for r in done.results if r.status == "deferred"}
+
+
+def test_a_session_lost_before_the_content_lets_another_mx_take_the_recipients():
+    """Lost before 354 (nothing of the message sent): the open recipients may go to the next
+    MX host (the one the server deferred with 450 goes there by its own "host ... said")."""
+    _, events, _ = converse([GREETING, EHLO_PIPELINING, b"250 2.1.0 Ok\r\n" + RCPT_MIX])
+    assert next_mx_of(events) == {"a@y.test": True, "b@y.test": False}
+
+
+@pytest.mark.parametrize("stage", [Stage.BODY, Stage.DOT])
+def test_a_session_lost_once_the_content_went_keeps_the_recipients(stage):
+    """From the body on, the end of data may have reached the server: no other MX host gets
+    the recipients in this delivery (a duplicate otherwise)."""
+    replies = b"250 2.1.0 Ok\r\n" + b"250 2.1.5 Ok\r\n" * 3 + b"354 go\r\n"
+    _, events, _ = converse([GREETING, EHLO_PIPELINING, replies], timeout_at=stage)
+    assert set(next_mx_of(events).values()) == {False}
+
+
 def test_timeout_after_dot_says_message_may_be_sent_twice():
     replies = b"250 2.1.0 Ok\r\n" + b"250 2.1.5 Ok\r\n" * 3 + b"354 go\r\n"
     writes, events, _ = converse([GREETING, EHLO_PIPELINING, replies], timeout_at=Stage.DOT)

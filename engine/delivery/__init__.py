@@ -59,6 +59,9 @@ class RecipientResult:
     dsn: str
     reply: str
     relay: str = "none"
+    # deferred when the session broke before any of the message went: another MX host of the
+    # same delivery may take it (Postfix keeps such recipients for the next host)
+    next_mx: bool = field(default=False, compare=False)
 
 
 @dataclass

@@ -298,9 +298,10 @@ def _cache_key(key: str, policy: TlsPolicy, sts) -> str:
 
 def _next_server_may_take(result: RecipientResult) -> bool:
     """Whether another MX host may get ``result``'s recipient in the same delivery: a server
-    deferred it with a 4xx reply. A lost connection or a timeout (4.4.2) is not retried there:
-    after the end of data the message may have been taken already."""
-    return result.status == "deferred" and result.reply.startswith("host ")
+    deferred it with a 4xx reply, or the session was lost or timed out before any of the
+    message was sent (RecipientResult.next_mx). Lost from the body on, it is not: the end of
+    data may have been taken already."""
+    return result.status == "deferred" and (result.next_mx or result.reply.startswith("host "))
 
 
 class _DeadSession(TransientFailure):

@@ -409,6 +409,8 @@ class Client:
                 event = self._events.popleft()
                 if isinstance(event, Send | NeedData):
                     self._stage = event.stage
+                    if event.stage in _CONTENT and isinstance(event, Send):
+                        self._content_went = True
                 return event
             if self.phase is Phase.CLOSED:
                 return Closed()
@@ -768,6 +770,7 @@ class Client:
         self._results: list[RecipientResult | None] = [None] * count
         self._accepted: list[int] = []
         self._mail_replied = False
+        self._content_went = False  # a body, "." or BDAT write was handed to the adapter
         self._mail_ok = False
         self._pipelined = False
         self._rcpt_sent = 0
@@ -909,10 +912,12 @@ class Client:
         elif self._reuse_failed():
             self._events.append(ReuseFailed(text))
         elif self.phase is Phase.TRANSACTION:
+            unsent = not self._content_went  # nothing of the message was handed out to go
             for index, result in enumerate(self._results):
                 if result is None:
                     self._results[index] = RecipientResult(
-                        self._env.recipients[index], "deferred", "4.4.2", text, self.relay
+                        self._env.recipients[index], "deferred", "4.4.2", text, self.relay,
+                        next_mx=unsent,
                     )
             self._finish_transaction()
         self._close()
@@ -926,6 +931,11 @@ class Client:
         self.phase = Phase.CLOSED
         self._expect.clear()
         self._events = deque(e for e in self._events if not isinstance(e, Send | NeedData))
+
+
+# Writes that carry the message: once one went out, the end of data may have reached the
+# server, so a session lost after it must not hand the recipients to another MX host.
+_CONTENT = frozenset({Stage.BODY, Stage.DOT, Stage.BDAT})
 
 
 def _extensions(reply: Reply) -> dict[str, str]:
