@@ -136,7 +136,7 @@ def test_a_failed_fetch_is_not_repeated_for_every_message(dns_server, server, po
     message; the fetches share one TLS context (one CA bundle load per process)."""
     made = []
     real = ssl.create_default_context
-    monkeypatch.setattr(sts_fetch, "_CONTEXTS", {})
+    sts_fetch.verifying_context.cache_clear()
     monkeypatch.setattr(sts_fetch.ssl, "create_default_context",
                         lambda *a, **k: made.append(k) or real(*a, **k))
     dns = dns_server(RECORDS, zones=("example.net.", "tern.test."))

@@ -40,7 +40,6 @@ import errno
 import functools
 import os
 import pwd
-import re
 import stat
 import time
 from collections.abc import Callable
@@ -49,6 +48,7 @@ from dataclasses import dataclass, field
 from engine.config import Config
 from engine.delivery import split_local
 from engine.delivery.mailbox import MailboxError
+from engine.delivery.pipe import MACRO
 from engine.delivery.userfile import ABSENT, UserFile, read_as
 from engine.tables import Table, TableError, open_table
 from engine.tables.text import read_source
@@ -314,7 +314,7 @@ class Expander:
             uses = "${extension}" in template or "$extension" in template
             if uses and not (extension and _safe_extension(extension)):
                 continue  # .forward+ext only for an address with a usable extension
-            path = _MACRO.sub(lambda m: values.get(m.group(1) or m.group(2), ""), template)
+            path = MACRO.sub(lambda m: values.get(m.group(1) or m.group(2), ""), template)
             if not path.startswith("/"):
                 continue
             if not state.once(("forward-file", path)):
@@ -429,7 +429,6 @@ class Expander:
         return address if "@" in address else f"{address}@{self.config.myhostname}"
 
 
-_MACRO = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 
 
 @dataclass

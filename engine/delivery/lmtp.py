@@ -11,15 +11,14 @@ program reading two sets of parameter names). One session per delivery, closed w
 
 import asyncio
 import dataclasses
-import os
 import time
 
 from engine.config import Config
+from engine.config.derived import per_config
 from engine.delivery import (
     DeliveryError,
     DeliveryOutcome,
     DeliveryRequest,
-    TransientFailure,
 )
 from engine.delivery import smtp as smtp_agent
 from engine.delivery.connections import Connection
@@ -38,21 +37,12 @@ LMTP_TIMEOUTS = {
     "smtp_rset_timeout": "lmtp_rset_timeout",
 }
 
-_VIEWS: dict[int, tuple[Config, Config]] = {}
-
-
+@per_config
 def lmtp_view(config: Config) -> Config:
     """``config`` with its smtp_*_timeout fields holding the lmtp_* values (one per Config
     object: a process has one, so this costs one copy)."""
-    entry = _VIEWS.get(id(config))
-    if entry is None or entry[0] is not config:
-        if len(_VIEWS) > 16:  # tests make many Configs
-            _VIEWS.clear()
-        view = dataclasses.replace(
-            config, **{smtp: getattr(config, lmtp) for smtp, lmtp in LMTP_TIMEOUTS.items()})
-        entry = (config, view)
-        _VIEWS[id(config)] = entry
-    return entry[1]
+    return dataclasses.replace(
+        config, **{smtp: getattr(config, lmtp) for smtp, lmtp in LMTP_TIMEOUTS.items()})
 
 
 async def deliver(request: DeliveryRequest, config: Config, resolver: Resolver
@@ -102,26 +92,14 @@ def _connect_timeout(config: Config) -> float | None:
 async def _connect_tcp(config: Config, host: str, address: str, port: int) -> Connection:
     peer = f"{host}[{address}]"
     relay = f"{peer}:{port}"
-    try:
-        async with asyncio.timeout(_connect_timeout(config)):
-            reader, writer = await asyncio.open_connection(address, port)
-    except TimeoutError:
-        raise TransientFailure("4.4.1", f"connect to {relay}: Connection timed out") from None
-    except OSError as exc:
-        why = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise TransientFailure("4.4.1", f"connect to {relay}: {why}") from None
+    reader, writer = await smtp_agent.connected(asyncio.open_connection(address, port), relay,
+                                                _connect_timeout(config))
     return Connection(_client(config, peer, relay), reader, writer)
 
 
 async def _connect_unix(config: Config, path: str) -> Connection:
     """As Postfix names a UNIX-domain peer: ``myhostname[/path]``."""
     peer = f"{config.myhostname}[{path}]"
-    try:
-        async with asyncio.timeout(_connect_timeout(config)):
-            reader, writer = await asyncio.open_unix_connection(path)
-    except TimeoutError:
-        raise TransientFailure("4.4.1", f"connect to {path}: Connection timed out") from None
-    except OSError as exc:
-        why = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise TransientFailure("4.4.1", f"connect to {path}: {why}") from None
+    reader, writer = await smtp_agent.connected(asyncio.open_unix_connection(path), path,
+                                                _connect_timeout(config))
     return Connection(_client(config, peer, peer), reader, writer)

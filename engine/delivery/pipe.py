@@ -34,11 +34,11 @@ from engine.delivery import (
 from engine.delivery.mailbox import mbox_quote
 
 OUTPUT_LIMIT = 2048  # bytes of command output kept for the reason text
-_MACRO = re.compile(r"\$\{(\w+)\}|\$(\w+)")
-RECIPIENT_MACROS = frozenset({"recipient", "original_recipient", "user", "extension", "mailbox",
+MACRO = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+RECIPIENTMACROS = frozenset({"recipient", "original_recipient", "user", "extension", "mailbox",
                               "domain"})
-MESSAGE_MACROS = frozenset({"sender", "nexthop", "size", "queue_id"})
-MACROS = RECIPIENT_MACROS | MESSAGE_MACROS
+MESSAGEMACROS = frozenset({"sender", "nexthop", "size", "queue_id"})
+MACROS = RECIPIENTMACROS | MESSAGEMACROS
 
 # Command output that starts with an enhanced status code ("5.1.1 no such user"): after a
 # non-zero exit, that status and the text after it are the result (Postfix's pipe(8)). Only
@@ -74,7 +74,7 @@ FLAGS = "BDFORhu.>"
 
 def unknown_macros(argv: tuple[str, ...]) -> set[str]:
     """Macro names in ``argv`` that pipe does not know (the configuration refuses them)."""
-    return {a or b for arg in argv for a, b in _MACRO.findall(arg)} - MACROS
+    return {a or b for arg in argv for a, b in MACRO.findall(arg)} - MACROS
 
 
 def _fold(address: str, flags: str) -> str:
@@ -102,11 +102,11 @@ def expand_argv(argv: tuple[str, ...], request: DeliveryRequest, delimiter: str,
                               "domain": domain})
     out: list[str] = []
     for arg in argv:
-        names = {a or b for a, b in _MACRO.findall(arg)}
-        values = per_recipient if names & RECIPIENT_MACROS else [{}]
+        names = {a or b for a, b in MACRO.findall(arg)}
+        values = per_recipient if names & RECIPIENTMACROS else [{}]
         for extra in values:
             table = {**common, **extra}
-            out.append(_MACRO.sub(lambda m, t=table: t.get(m.group(1) or m.group(2), ""), arg))
+            out.append(MACRO.sub(lambda m, t=table: t.get(m.group(1) or m.group(2), ""), arg))
     return out
 
 

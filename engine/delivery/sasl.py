@@ -17,24 +17,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.config import Config
+from engine.config.derived import per_config
 from engine.delivery import NextHop
 from engine.delivery.route import nexthop_as_written
 from engine.smtp.sasl_client import SaslLogin, allows_plaintext
 from engine.tables import Table, open_table
 
-_TABLES: dict[int, tuple[Config, Table]] = {}
 
-
+@per_config
 def _table(config: Config) -> Table:
     """One opened smtp_sasl_password_maps per Config object (load_config opened it once
     already, so a broken file stopped start-up)."""
-    entry = _TABLES.get(id(config))
-    if entry is None or entry[0] is not config:
-        if len(_TABLES) > 16:  # a process has one Config per transport; tests make many
-            _TABLES.clear()
-        entry = (config, open_table(config.smtp_sasl_password_maps))
-        _TABLES[id(config)] = entry
-    return entry[1]
+    return open_table(config.smtp_sasl_password_maps)
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,11 @@ import dataclasses
 import os
 import ssl
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from engine.config import Config
+from engine.config.derived import per_config
 from engine.delivery import (
     DeliveryError,
     DeliveryOutcome,
@@ -209,7 +211,7 @@ async def _deliver(
         servers += [(host, address, host_policy) for address in addresses]
     if address_limit:
         del servers[address_limit:]
-    servers = _without_myself(servers, hosts, hop, myself or Myself(config))
+    servers = _without_myself(servers, hosts, hop, myself or _myself(config))
     final: dict[str, RecipientResult] = {}
     outcome: DeliveryOutcome | None = None
     sessions = 0
@@ -334,19 +336,14 @@ class _TlsJob:
                             sending_ip=sending_ip, reason=reason)
 
 
-_FINDERS: dict[int, tuple[object, PolicyFinder]] = {}
+_myself = per_config(Myself)  # for callers without build_agents' one (it resolves listeners)
 
 
+@per_config
 def _policy_finder(config: Config) -> PolicyFinder:
     """One PolicyFinder (with its opened smtp_tls_policy_maps) per Config object, for callers
     without the one their transport was built with (build_agents binds one per transport)."""
-    entry = _FINDERS.get(id(config))
-    if entry is None or entry[0] is not config:
-        if len(_FINDERS) > 16:  # a process has one Config; tests make many
-            _FINDERS.clear()
-        entry = (config, PolicyFinder(config))
-        _FINDERS[id(config)] = entry
-    return entry[1]
+    return PolicyFinder(config)
 
 
 def _without_myself(servers: list, hosts: list[str], hop: NextHop, myself: Myself) -> list:
@@ -384,6 +381,21 @@ def _no_server_took_it(failures: list[DeliveryError], destination: str) -> Deliv
     return TransientFailure("4" + reason.dsn[1:], reason.text, reason.relay)
 
 
+async def connected(opening: Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
+                    where: str, timeout: float | None
+                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The streams ``opening`` gives within ``timeout``; failing that, Postfix's "connect to
+    WHERE: why" as a TransientFailure with no relay (no session: Postfix logs relay=none)."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await opening
+    except TimeoutError:
+        raise TransientFailure("4.4.1", f"connect to {where}: Connection timed out") from None
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise TransientFailure("4.4.1", f"connect to {where}: {why}") from None
+
+
 async def _connect(config: Config, host: str, address: str, port: int,
                    tls: _TlsJob | None = None, login: SaslLogin | None = None) -> Connection:
     """A TCP connection to ``address`` with a new client core (no SMTP bytes exchanged yet; in
@@ -394,16 +406,9 @@ async def _connect(config: Config, host: str, address: str, port: int,
     bind = config.smtp_bind_address6 if ":" in address else config.smtp_bind_address
     policy = tls.policy if tls is not None else TlsPolicy("none")
     wrapped = config.smtp_tls_wrappermode and tls is not None  # TLS or nothing (never plain)
-    try:
-        async with asyncio.timeout(config.smtp_connect_timeout):
-            reader, writer = await asyncio.open_connection(
-                address, port, local_addr=(bind, 0) if bind else None
-            )
-    except TimeoutError:  # no session: Postfix logs relay=none
-        raise TransientFailure("4.4.1", f"connect to {relay}: Connection timed out") from None
-    except OSError as exc:
-        why = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise TransientFailure("4.4.1", f"connect to {relay}: {why}") from None
+    reader, writer = await connected(
+        asyncio.open_connection(address, port, local_addr=(bind, 0) if bind else None),
+        relay, config.smtp_connect_timeout)
     starttls = "none" if wrapped or policy.level == "none" else (
         "require" if policy.mandatory else "may")
     client = Client(

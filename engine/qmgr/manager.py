@@ -265,11 +265,10 @@ class QueueManager(QueueOperations):
                 retry_after=self.config.minimal_backoff_time)
         try:
             outcome = attempt.outcome
+            service = service_name(job.nexthop.transport, self.config)
             for warning in outcome.warnings:
-                self.maillog.line(service_name(job.nexthop.transport, self.config),
-                                  f"warning: {job.queue_id}: {warning}")
-            self._record(envelope, outcome.results,
-                         service_name(job.nexthop.transport, self.config),
+                self.maillog.line(service, f"warning: {job.queue_id}: {warning}")
+            self._record(envelope, outcome.results, service,
                          self._delays(envelope, job.activated, started, outcome),
                          conn_use=outcome.conn_use)
             if outcome.dsn_passed:  # the next hop took the DSN duty: no "relayed" notice

@@ -31,7 +31,6 @@ from cryptography import x509
 from OpenSSL import crypto
 
 from engine.delivery import TransientFailure
-from engine.dns import make_resolver
 from engine.tls.policy import name_matches
 
 USAGES = {2: "DANE-TA", 3: "DANE-EE"}
@@ -63,12 +62,6 @@ class TlsaAnswer:
     secure: bool
     records: tuple[Tlsa, ...]
     found: int
-
-
-def dnssec_resolver(config) -> dns.asyncresolver.Resolver:
-    """A resolver for the configured servers that asks for DNSSEC (DO, and AD in the query),
-    so that the validating resolver reports what it validated."""
-    return make_resolver(config, dnssec=True)
 
 
 async def lookup_tlsa(resolver: dns.asyncresolver.Resolver, host: str, port: int) -> TlsaAnswer:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ssl
 import time
 
@@ -51,7 +52,7 @@ async def fetch(config, addresses, domain: str) -> bytes:
     close is refused: the stream does not tell a TLS close_notify from a cut TCP connection,
     so a truncated policy would look complete (§3.3 wants it whole or not at all)."""
     host = f"mta-sts.{domain}"
-    context = _context(config.smtp_mta_sts_CAfile)
+    context = verifying_context(config.smtp_mta_sts_CAfile)
     last: Exception = StsError(f"no address for {host}")
     for address in addresses:
         try:
@@ -78,18 +79,13 @@ async def fetch(config, addresses, domain: str) -> bytes:
     raise error
 
 
-_CONTEXTS: dict[str, ssl.SSLContext] = {}
 
 
-def _context(cafile: str) -> ssl.SSLContext:
+@functools.lru_cache(maxsize=16)  # a process has one setting; tests make many
+def verifying_context(cafile: str) -> ssl.SSLContext:
     """One verifying client context per CA file for the process (loading the system's CA
     bundle for every fetch costs milliseconds of CPU)."""
-    context = _CONTEXTS.get(cafile)
-    if context is None:
-        if len(_CONTEXTS) > 16:  # a process has one setting; tests make many
-            _CONTEXTS.clear()
-        context = _CONTEXTS[cafile] = ssl.create_default_context(cafile=cafile or None)
-    return context
+    return ssl.create_default_context(cafile=cafile or None)
 
 
 async def _response(reader: asyncio.StreamReader) -> bytes:

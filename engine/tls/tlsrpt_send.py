@@ -21,6 +21,7 @@ import dns.resolver
 
 from engine.dns import Resolver, make_resolver
 from engine.tls import tlsrpt
+from engine.tls.sts_fetch import verifying_context
 from engine.tls.tlsrpt_store import ResultStore, today
 
 HTTPS_TIMEOUT = 60.0
@@ -55,7 +56,7 @@ async def post(config, resolver: Resolver, uri: str, body: bytes) -> int:
     parts = urlsplit(uri)
     host, port = parts.hostname or "", parts.port or 443
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    context = ssl.create_default_context(cafile=config.tlsrpt_CAfile or None)
+    context = verifying_context(config.tlsrpt_CAfile)
     request = (f"POST {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
                f"Content-Type: {tlsrpt.MEDIA_TYPE}\r\nContent-Length: {len(body)}\r\n"
                "Connection: close\r\n\r\n").encode() + body
@@ -98,8 +99,9 @@ async def send_reports(config, cleanup, maillog, day: str, *,
     store = ResultStore(config.queue_directory)
     files = store.files(day)
     domain_of_ours = config.effective_mydomain
+    results = store.read(day)
     reports = tlsrpt.build_reports(
-        store.read(day), day=day,
+        results, day=day,
         organization=config.tlsrpt_organization_name or domain_of_ours,
         contact=config.tlsrpt_contact_info or f"postmaster@{domain_of_ours}",
         report_id=f"{day}.{uuid.uuid4().hex}")
@@ -130,7 +132,7 @@ async def send_reports(config, cleanup, maillog, day: str, *,
                 continue
             maillog.line("tlsrpt", f"report for {domain} of {day} sent to {uri}")
             undelivered.discard(domain)
-    kept = [r for r in store.read(day) if r.policy_domain in undelivered] if undelivered else []
+    kept = [r for r in results if r.policy_domain in undelivered] if undelivered else []
     store.mark_sent(files)
     if kept:  # only these go again at the next run: the others' reports are not repeated
         store.keep(day, kept)
