@@ -5,6 +5,7 @@ for one next hop and reports a result per recipient. The class of a failure is t
 decision: a transient one defers, a permanent one bounces (as slimta's relay errors).
 """
 
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
@@ -99,6 +100,10 @@ class DeliveryOutcome:
     # warnings the agent met on the way (local(8): an ignored .forward file), logged by qmgr
     # as "warning: QUEUEID: text" under the agent's service name
     warnings: list[str] = field(default_factory=list)
+
+
+# ${name} / $name in pipe(8) argv templates and local(8)'s forward_path
+MACRO = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 
 
 def split_local(address: str, delimiter: str) -> tuple[str, str, str]:

@@ -46,9 +46,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.config import Config
-from engine.delivery import split_local
+from engine.delivery import MACRO, split_local
 from engine.delivery.mailbox import MailboxError
-from engine.delivery.pipe import MACRO
 from engine.delivery.userfile import ABSENT, UserFile, read_as
 from engine.tables import Table, TableError, open_table
 from engine.tables.text import read_source

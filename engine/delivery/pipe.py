@@ -25,6 +25,7 @@ import time
 from engine.config import Config
 from engine.config.settings import PipeTransport
 from engine.delivery import (
+    MACRO,
     DeliveryOutcome,
     DeliveryRequest,
     RecipientResult,
@@ -34,11 +35,10 @@ from engine.delivery import (
 from engine.delivery.mailbox import mbox_quote
 
 OUTPUT_LIMIT = 2048  # bytes of command output kept for the reason text
-MACRO = re.compile(r"\$\{(\w+)\}|\$(\w+)")
-RECIPIENTMACROS = frozenset({"recipient", "original_recipient", "user", "extension", "mailbox",
+RECIPIENT_MACROS = frozenset({"recipient", "original_recipient", "user", "extension", "mailbox",
                               "domain"})
-MESSAGEMACROS = frozenset({"sender", "nexthop", "size", "queue_id"})
-MACROS = RECIPIENTMACROS | MESSAGEMACROS
+MESSAGE_MACROS = frozenset({"sender", "nexthop", "size", "queue_id"})
+MACROS = RECIPIENT_MACROS | MESSAGE_MACROS
 
 # Command output that starts with an enhanced status code ("5.1.1 no such user"): after a
 # non-zero exit, that status and the text after it are the result (Postfix's pipe(8)). Only
@@ -103,7 +103,7 @@ def expand_argv(argv: tuple[str, ...], request: DeliveryRequest, delimiter: str,
     out: list[str] = []
     for arg in argv:
         names = {a or b for a, b in MACRO.findall(arg)}
-        values = per_recipient if names & RECIPIENTMACROS else [{}]
+        values = per_recipient if names & RECIPIENT_MACROS else [{}]
         for extra in values:
             table = {**common, **extra}
             out.append(MACRO.sub(lambda m, t=table: t.get(m.group(1) or m.group(2), ""), arg))
